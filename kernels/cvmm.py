@@ -1,0 +1,117 @@
+"""The one CVMM entry point: each token times the matrices of its selected experts.
+
+  y[n, s] = x[n, s // (K // M)] @ w[expert_index[n, s]]            -> [N, K, O]
+  with gates:  out[n] = sum_s gates[n, s] * y[n, s]                -> [N, O]
+
+σ-MoE uses it twice per layer with one :class:`Routing`: up (M = 1, no gates, then
+ReLU) and down (M = K, gates: the weighted sum over the K experts is fused). SwitchHead
+uses it for V (M = 1, slots are head × expert) and O (M = heads, gates).
+
+Implementations are interchangeable and chosen per call with ``impl``:
+  "reference"  the defining gather-everything version (tests only)
+  "xla"        pure JAX over expert-aligned tiles (CPU, fallback)
+  "triton"     Triton kernel through jax-triton (CUDA sm80+)
+  "mosaic"     Pallas on the Mosaic GPU backend (Hopper, sm90)
+  "auto"       the fastest available for the default backend
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from kernels.routing import Routing
+
+# name -> (module, function). A module also defines ``is_available() -> bool``.
+_IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
+    "reference": ("kernels.cvmm_reference", "cvmm_reference"),
+    "xla": ("kernels.cvmm_xla", "cvmm_xla"),
+    "triton": ("kernels.cvmm_triton", "cvmm_triton"),
+    "mosaic": ("kernels.cvmm_mosaic", "cvmm_mosaic"),
+}
+# Preference order of "auto" on GPUs; on any other backend "auto" is "xla".
+_AUTO_GPU_ORDER = ("mosaic", "triton", "xla")
+IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS) + ("auto",)
+
+
+def _module(name: str):
+  mod_name, _ = _IMPLEMENTATIONS[name]
+  try:
+    return importlib.import_module(mod_name)
+  except ImportError:
+    return None
+
+
+def is_available(name: str) -> bool:
+  """Whether implementation ``name`` can run on the default backend here."""
+  if name == "auto":
+    return True
+  if name not in _IMPLEMENTATIONS:
+    raise ValueError(f"unknown CVMM implementation {name!r}; choose one of {IMPLEMENTATIONS}")
+  mod = _module(name)
+  return mod is not None and bool(mod.is_available())
+
+
+def available_implementations() -> tuple[str, ...]:
+  return tuple(n for n in _IMPLEMENTATIONS if is_available(n))
+
+
+def resolve(impl: str) -> str:
+  """The concrete implementation that ``impl`` names here ("auto" resolved)."""
+  if impl != "auto":
+    if not is_available(impl):
+      raise RuntimeError(
+          f"CVMM implementation {impl!r} is not available on backend "
+          f"{jax.default_backend()!r}; available: {available_implementations()}")
+    return impl
+  if jax.default_backend() == "gpu":
+    for name in _AUTO_GPU_ORDER:
+      if is_available(name):
+        return name
+  return "xla"
+
+
+def _get(impl: str) -> Callable:
+  name = resolve(impl)
+  mod_name, fn_name = _IMPLEMENTATIONS[name]
+  return getattr(importlib.import_module(mod_name), fn_name)
+
+
+def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None = None,
+         *, impl: str = "auto") -> jax.Array:
+  """Multiplies every (token, slot) by its expert's matrix; see the module docstring.
+
+  Args:
+    x: [N, M, I] or [N, I] (M = 1). M must divide K.
+    routing: from :func:`kernels.make_routing` on the [N, K] expert indices.
+    w: [E, I, O] expert matrices.
+    gates: optional [N, K] weights of the slots; if given the slots are summed.
+    impl: implementation name (see module docstring).
+
+  Returns:
+    [N, K, O] without gates, [N, O] with gates; dtype of x (float32 accumulation).
+  """
+  if x.ndim == 2:
+    x = x[:, None, :]
+  if x.ndim != 3:
+    raise ValueError(f"x must be [N, M, I] or [N, I], got shape {x.shape}")
+  n, m, i = x.shape
+  if w.ndim != 3:
+    raise ValueError(f"w must be [E, I, O], got shape {w.shape}")
+  e, wi, _ = w.shape
+  if n != routing.n_tokens:
+    raise ValueError(f"x has {n} tokens but routing has {routing.n_tokens}")
+  if routing.k % m:
+    raise ValueError(f"x rows per token {m=} must divide the slots per token k={routing.k}")
+  if wi != i:
+    raise ValueError(f"x width {i} does not match w's input width {wi} (w shape {w.shape})")
+  if e != routing.n_experts:
+    raise ValueError(f"w has {e} experts but routing was made for {routing.n_experts}")
+  if gates is not None and gates.shape != (n, routing.k):
+    raise ValueError(f"gates must be [N, K] = {(n, routing.k)}, got {gates.shape}")
+  if n == 0:
+    shape = (0, w.shape[2]) if gates is not None else (0, routing.k, w.shape[2])
+    return jnp.zeros(shape, x.dtype)
+  return _get(impl)(x, routing, w, gates)

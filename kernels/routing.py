@@ -1,0 +1,79 @@
+"""Routing metadata for CVMM: token-expert pairs sorted by expert.
+
+Legend (used in every file of ``kernels/``):
+  N  tokens (rows of the flattened batch)
+  K  slots per token: the number of experts each token selected (top-k)
+  M  input rows per token (1: every slot reads the same row; K: slot s reads row s;
+     any divisor of K: slot s reads row s // (K // M))
+  P  pairs, N * K
+  E  experts
+  I  input width (contraction), O output width
+
+A :class:`Routing` is computed once per layer from the selected expert indices and
+reused by every projection that shares the selection (σ-MoE up and down, the backward
+pass), so the sort runs once.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Routing:
+  """Token-expert pairs sorted by expert.
+
+  Attributes:
+    expert_index: [N, K] int32, the selected expert of every (token, slot).
+    order: [P] int32, ``order[p]`` is the pair index ``n * K + s`` at sorted position p.
+      Pairs of one expert are contiguous and keep their original relative order.
+    group_sizes: [E] int32, pairs per expert.
+    group_offsets: [E + 1] int32, exclusive prefix sum of ``group_sizes``.
+    n_experts: E (static).
+  """
+
+  expert_index: jax.Array
+  order: jax.Array
+  group_sizes: jax.Array
+  group_offsets: jax.Array
+  n_experts: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def n_tokens(self) -> int:
+    return self.expert_index.shape[0]
+
+  @property
+  def k(self) -> int:
+    return self.expert_index.shape[1]
+
+  @property
+  def n_pairs(self) -> int:
+    return self.order.shape[0]
+
+  def sorted_expert(self) -> jax.Array:
+    """[P] int32: the expert of each sorted position."""
+    return self.expert_index.reshape(-1)[self.order]
+
+  def sorted_token(self) -> jax.Array:
+    """[P] int32: the token (row of N) of each sorted position."""
+    return self.order // self.k
+
+
+def make_routing(expert_index: jax.Array, n_experts: int) -> Routing:
+  """Sorts the (token, slot) pairs of ``expert_index`` [N, K] by expert."""
+  if expert_index.ndim != 2:
+    raise ValueError(f"expert_index must be [N, K], got shape {expert_index.shape}")
+  if not jnp.issubdtype(expert_index.dtype, jnp.integer):
+    raise TypeError(f"expert_index must be integer, got {expert_index.dtype}")
+  if n_experts < 1:
+    raise ValueError(f"{n_experts=} must be at least 1")
+  expert_index = expert_index.astype(jnp.int32)
+  flat = expert_index.reshape(-1)                                   # [P]
+  order = jnp.argsort(flat, stable=True).astype(jnp.int32)          # [P]
+  group_sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)   # [E]
+  group_offsets = jnp.concatenate(
+      [jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes, dtype=jnp.int32)])  # [E+1]
+  return Routing(expert_index, order, group_sizes, group_offsets, n_experts)
