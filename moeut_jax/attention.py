@@ -1,0 +1,162 @@
+"""SwitchHead attention with RoPE (SPEC §3): expert-mixed V and O projections per head.
+
+With ``n_experts > 1`` each head picks ``k`` of its ``n_experts`` value experts (from
+k_src) and output experts (from q_src) by sigmoid top-k. With ``n_experts == 1`` it is
+plain RoPE attention whose heads are scaled by a learned sigmoid gate.
+Keys are cached already rotated (at their absolute positions), so cached decoding
+equals the full forward.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kernels import cvmm, make_routing
+from moeut_jax import initializers as init
+from moeut_jax.rope import apply_rope, rotary_width
+from moeut_jax.routing import sigmoid_topk
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocked: jax.Array | None,
+                  causal_only: bool) -> jax.Array:
+  """softmax(q k^T) v per head, no extra scaling (q and k arrive pre-scaled).
+
+  q [B, T, H, Dh]; k, v [B, S, H, Dh]; blocked [B|1, 1, T, S] (True = masked) or None.
+  Softmax statistics in float32. A query whose every key is blocked gets zeros.
+  On GPUs in 16-bit with a plain causal mask, cuDNN's fused attention is used.
+  """
+  if (causal_only and jax.default_backend() == "gpu"
+      and q.dtype in (jnp.bfloat16, jnp.float16)):
+    return jax.nn.dot_product_attention(q, k, v, scale=1.0, is_causal=True)
+  logits = jnp.einsum("BTHK,BSHK->BHTS", q, k, preferred_element_type=jnp.float32)
+  if blocked is not None:
+    logits = jnp.where(blocked, jnp.finfo(jnp.float32).min, logits)
+  probs = jax.nn.softmax(logits, axis=-1)                             # [B, H, T, S]
+  if blocked is not None:
+    probs = jnp.where(jnp.all(blocked, axis=-1, keepdims=True), 0.0, probs)
+  out = jnp.einsum("BHTS,BSHK->BTHK", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.astype(q.dtype)
+
+
+class SwitchHeadRope(nn.Module):
+  """Parameters (Ea = n_experts > 1): q, k [D, H, Dh]; v [H*Ea, D, Dh]; o [H*Ea, Dh, D];
+  sel_v, sel_o [D, H*Ea]. (Ea = 1): q, k, v [D, H, Dh]; o [H, Dh, D]; sel_o [D, H].
+  Expert index of head h, expert e: h * Ea + e (the original's layout)."""
+  d_model: int
+  n_heads: int
+  d_head: int
+  n_experts: int
+  k: int
+  n_layers: int
+  expert_dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  cvmm_impl: str = "auto"
+
+  def _params(self):
+    d, h, dh, ea = self.d_model, self.n_heads, self.d_head, self.n_experts
+    scale = init.layer_scale(self.n_layers)
+    p = {}
+    p["q"] = self.param("q", init.normal(scale / d ** 0.5), (d, h, dh), self.param_dtype)
+    p["k"] = self.param("k", init.normal(scale / d ** 0.5), (d, h, dh), self.param_dtype)
+    sel = init.normalized_router(scale / d ** 0.5, 0, True)
+    if ea > 1:
+      p["v"] = self.param("v", init.normal(scale / d ** 0.5), (h * ea, d, dh), self.param_dtype)
+      p["o"] = self.param("o", init.normal(scale / (h * dh) ** 0.5), (h * ea, dh, d),
+                          self.param_dtype)
+      p["sel_v"] = self.param("sel_v", sel, (d, h * ea), self.param_dtype)
+      p["sel_o"] = self.param("sel_o", sel, (d, h * ea), self.param_dtype)
+    else:
+      p["v"] = self.param("v", init.normal(scale / d ** 0.5), (d, h, dh), self.param_dtype)
+      p["o"] = self.param("o", init.normal(scale / (h * dh) ** 0.5), (h, dh, d),
+                          self.param_dtype)
+      p["sel_o"] = self.param("sel_o", sel, (d, h), self.param_dtype)
+    return p
+
+  def _select(self, src, sel, train):
+    """Router of one projection: logits [B, T, H, Ea] f32, gates/index [B, T, H, k]."""
+    b, t, _ = src.shape
+    logits = jnp.einsum("BTD,DE->BTE", src.astype(jnp.float32), sel.astype(jnp.float32),
+                        precision=_HIGHEST).reshape(b, t, self.n_heads, self.n_experts)
+    drop = None
+    if train and self.expert_dropout > 0:
+      drop = jax.random.bernoulli(self.make_rng("dropout"), self.expert_dropout, logits.shape)
+    gates, index = sigmoid_topk(logits, self.k, drop)
+    expert = index + (jnp.arange(self.n_heads, dtype=jnp.int32) * self.n_experts)[:, None]
+    routing = make_routing(expert.reshape(b * t, self.n_heads * self.k),
+                           self.n_heads * self.n_experts)
+    return logits, gates, routing
+
+  @nn.compact
+  def __call__(self, q_src, k_src, v_src, *, positions, blocked, causal_only,
+               cache=None, train: bool = False):
+    """One attention application.
+
+    Args:
+      q_src, k_src: [B, T, D] (LN1(x)); v_src: [B, T, D] (raw x).
+      positions: [T] absolute positions of the new tokens.
+      blocked, causal_only: see :func:`dot_attention`.
+      cache: None, or (k [B, C, H, Dh], v [B, C, H, Dh], offset, fixed): earlier keys and
+        values. ``fixed`` (static): a fixed-capacity buffer written at ``offset``;
+        otherwise the new keys are appended.
+      train: expert dropout.
+
+    Returns:
+      (out [B, T, D], (k_all, v_all) the keys/values to cache, router logits for the
+      regulariser: (lo, lv) [B, T, H, Ea] f32, or None when Ea == 1).
+    """
+    p = self._params()
+    b, t, d = q_src.shape
+    h, dh, n = self.n_heads, self.d_head, b * t
+    cd = self.dtype
+    qk_scale = dh ** -0.25
+    q = jnp.einsum("BTD,DHK->BTHK", q_src.astype(cd), p["q"].astype(cd)) * qk_scale
+    k = jnp.einsum("BTD,DHK->BTHK", k_src.astype(cd), p["k"].astype(cd)) * qk_scale
+    n_rot = rotary_width(dh)
+    q = apply_rope(q, positions, n_rot)
+    k = apply_rope(k, positions, n_rot)
+
+    if self.n_experts > 1:
+      lv, gv, rv = self._select(k_src, p["sel_v"], train)
+      lo, go, ro = self._select(q_src, p["sel_o"], train)
+      vv = cvmm(v_src.reshape(n, d).astype(cd), rv, p["v"].astype(cd),
+                impl=self.cvmm_impl)                                  # [N, H*ka, Dh]
+      v = jnp.einsum("NHKD,NHK->NHD", vv.reshape(n, h, self.k, dh), gv.reshape(n, h, self.k),
+                     preferred_element_type=jnp.float32)
+      v = v.reshape(b, t, h, dh).astype(cd)                           # [B, T, H, Dh]
+      reg_logits = (lo, lv)
+    else:
+      v = jnp.einsum("BTD,DHK->BTHK", v_src.astype(cd), p["v"].astype(cd))
+      reg_logits = None
+
+    if cache is None:
+      k_all, v_all = k, v
+    else:
+      ck, cv, offset, fixed = cache
+      if fixed:
+        start = (jnp.int32(0), jnp.asarray(offset, jnp.int32), jnp.int32(0), jnp.int32(0))
+        k_all = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+      else:
+        k_all = jnp.concatenate([ck, k.astype(ck.dtype)], axis=1)
+        v_all = jnp.concatenate([cv, v.astype(cv.dtype)], axis=1)
+
+    att = dot_attention(q, k_all.astype(cd), v_all.astype(cd), blocked,
+                        causal_only and cache is None)                # [B, T, H, Dh]
+
+    if self.n_experts > 1:
+      out = cvmm(att.reshape(n, h, dh), ro, p["o"].astype(cd), go.reshape(n, h * self.k),
+                 impl=self.cvmm_impl)                                 # [N, D]
+      out = out.reshape(b, t, d)
+    else:
+      gate = jax.nn.sigmoid(jnp.einsum("BTD,DH->BTH", q_src.astype(jnp.float32),
+                                       p["sel_o"].astype(jnp.float32), precision=_HIGHEST))
+      att = (att.astype(jnp.float32) * gate[..., None]).astype(cd)
+      out = jnp.einsum("BTHK,HKD->BTD", att, p["o"].astype(cd))
+    return out, (k_all, v_all), reg_logits

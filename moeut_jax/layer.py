@@ -1,0 +1,86 @@
+"""One MoEUT layer (SPEC §1, peri-layernorm) and the group of G layers that repeats."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moeut_jax.attention import SwitchHeadRope
+from moeut_jax.routing import entropy_accumulate
+from moeut_jax.sigma_moe import SigmaMoE
+
+
+class MoEUTLayer(nn.Module):
+  """x += Dropout(Att(q=k=LN1(x), v=x));  x += SigmaMoE(x, sel=LN2(x)). Residual in float32."""
+  d_model: int
+  n_layers: int
+  n_heads: int
+  d_head: int
+  ff_n_experts: int
+  att_n_experts: int
+  ff_k: int
+  att_k: int
+  ff_expert_size: int
+  ff_expert_dropout: float
+  att_expert_dropout: float
+  dropout: float
+  dtype: Any
+  param_dtype: Any
+  cvmm_impl: str
+
+  @nn.compact
+  def __call__(self, x, *, positions, blocked, causal_only, cache, train):
+    ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32,
+                                   param_dtype=self.param_dtype, name=name)
+    xn = ln("ln1")(x)
+    att, kv, att_logits = SwitchHeadRope(
+        self.d_model, self.n_heads, self.d_head, self.att_n_experts, self.att_k,
+        self.n_layers, self.att_expert_dropout, self.dtype, self.param_dtype, self.cvmm_impl,
+        name="attention")(xn, xn, x, positions=positions, blocked=blocked,
+                          causal_only=causal_only, cache=cache, train=train)
+    att = nn.Dropout(self.dropout)(att, deterministic=not train)
+    x = x + att.astype(x.dtype)
+    ffn, ffn_logits = SigmaMoE(
+        self.d_model, self.ff_n_experts, self.ff_expert_size, self.ff_k, self.n_layers,
+        self.ff_expert_dropout, self.dtype, self.param_dtype, self.cvmm_impl,
+        name="ffn")(x, ln("ln2")(x), train)
+    x = x + ffn.astype(x.dtype)
+    return x, kv, (ffn_logits, att_logits)
+
+
+class LayerGroup(nn.Module):
+  """The G distinct layers, applied once; ``nn.scan`` repeats it R times with shared params.
+
+  carry: (x [B, T, D] f32, reg accumulators or None);  xs: this repeat's cache or None.
+  ys: this repeat's keys/values to cache, or None.
+  """
+  layer_kwargs: dict
+  group_size: int
+  train: bool
+  causal_only: bool
+  fixed_cache: bool
+  return_cache: bool
+
+  @nn.compact
+  def __call__(self, carry, cache, positions, blocked, offset):
+    x, acc = carry
+    new_k, new_v = [], []
+    acc = None if acc is None else {name: list(a) for name, a in acc.items()}
+    for g in range(self.group_size):
+      layer_cache = None if cache is None else (cache[0][g], cache[1][g], offset,
+                                                self.fixed_cache)
+      x, (k, v), (ffn_logits, att_logits) = MoEUTLayer(**self.layer_kwargs, name=f"layer_{g}")(
+          x, positions=positions, blocked=blocked, causal_only=self.causal_only,
+          cache=layer_cache, train=self.train)
+      new_k.append(k)
+      new_v.append(v)
+      if acc is not None:
+        acc["ffn"][g] = entropy_accumulate(acc["ffn"][g], ffn_logits)
+        if att_logits is not None:
+          acc["att_o"][g] = entropy_accumulate(acc["att_o"][g], att_logits[0])
+          acc["att_v"][g] = entropy_accumulate(acc["att_v"][g], att_logits[1])
+    acc = None if acc is None else {name: tuple(a) for name, a in acc.items()}
+    ys = (tuple(new_k), tuple(new_v)) if self.return_cache else None
+    return (x, acc), ys

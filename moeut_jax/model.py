@@ -1,0 +1,261 @@
+"""MoEUT and MoEUTLM: the original's public API in Flax linen.
+
+Dimension legend (used across moeut_jax/):
+  B batch, T query length, S key length (cached + new, or a fixed cache's capacity),
+  D d_model, H n_heads, Dh d_head, Ea att_n_experts, ka att_k, Ef ff_n_experts, kf ff_k,
+  Es ff_expert_size, G group_size, R = n_layers / G repeats, V vocabulary, N = B * T tokens.
+
+The G distinct layers form one ``LayerGroup`` that ``nn.scan`` applies R times with its
+parameters broadcast: stored once, shared by every repeat, so parameters and compile
+time do not grow with depth. The entropy regulariser is carried through the scan as a
+running log-sum-exp, over time and repeats (SPEC §5).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from moeut_jax import initializers as init
+from moeut_jax.kv_cache import KVCache
+from moeut_jax.layer import LayerGroup
+from moeut_jax.masks import AttentionMask, blocked_keys
+from moeut_jax.routing import entropy_init, entropy_loss
+from kernels import IMPLEMENTATIONS
+
+
+@flax.struct.dataclass
+class MoEUTOutput:
+  outputs: jax.Array                  # [B, T, D] (MoEUT) or [B, T, V] logits (MoEUTLM)
+  reg_loss: jax.Array                 # float32 scalar; 0 when train=False
+  cache: Optional[KVCache] = None     # the updated cache when one was passed
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def validate_config(m) -> None:
+  """Clear errors for inconsistent hyper-parameters (shared by MoEUT and MoEUTLM)."""
+  for name in ("d_model", "n_layers", "n_heads", "ff_n_experts", "att_n_experts", "group_size",
+               "ff_k", "att_k", "ff_expert_size"):
+    if getattr(m, name) < 1:
+      raise ValueError(f"{name}={getattr(m, name)} must be a positive integer")
+  if m.n_layers % m.group_size:
+    raise ValueError(f"n_layers={m.n_layers} must be divisible by group_size={m.group_size} "
+                     "(the original silently drops the remainder)")
+  if m.d_head is None and m.d_model % m.n_heads:
+    raise ValueError(f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}; "
+                     "pass d_head explicitly")
+  if m.d_head is not None and m.d_head < 1:
+    raise ValueError(f"d_head={m.d_head} must be a positive integer")
+  if m.ff_k > m.ff_n_experts:
+    raise ValueError(f"ff_k={m.ff_k} cannot exceed ff_n_experts={m.ff_n_experts}")
+  if m.att_k > m.att_n_experts:
+    raise ValueError(f"att_k={m.att_k} cannot exceed att_n_experts={m.att_n_experts}")
+  for name in ("dropout", "ff_expert_dropout", "att_expert_dropout"):
+    if not 0.0 <= getattr(m, name) < 1.0:
+      raise ValueError(f"{name}={getattr(m, name)} must be in [0, 1)")
+  if m.attention is not None:
+    raise ValueError("attention=: only the built-in SwitchHeadRope is supported; "
+                     "use att_n_experts=1 for plain RoPE attention with an output gate")
+  if m.cvmm_impl not in IMPLEMENTATIONS:
+    raise ValueError(f"cvmm_impl={m.cvmm_impl!r} must be one of {IMPLEMENTATIONS}")
+
+
+class MoEUT(nn.Module):
+  """The MoEUT stack: inputs and outputs [B, T, D]. Arguments as in the original."""
+  d_model: int
+  n_layers: int
+  n_heads: int
+  ff_n_experts: int
+  att_n_experts: int
+  d_head: Optional[int] = None
+  group_size: int = 2
+  ff_k: int = 8
+  att_k: int = 2
+  ff_expert_dropout: float = 0.0
+  att_expert_dropout: float = 0.0
+  ff_expert_size: int = 128
+  dropout: float = 0.0
+  entropy_reg: float = 0.01
+  att_entropy_reg: float = 0.001
+  attention: Any = None               # the original's SwitchHeadRope; no other is offered
+  dtype: Any = jnp.float32            # compute dtype (e.g. jnp.bfloat16)
+  param_dtype: Any = jnp.float32
+  cvmm_impl: str = "auto"             # see kernels.cvmm
+
+  def __post_init__(self):
+    validate_config(self)
+    super().__post_init__()
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_head if self.d_head is not None else self.d_model // self.n_heads
+
+  @property
+  def repeats(self) -> int:
+    return self.n_layers // self.group_size
+
+  def init_cache(self, batch_size: int, capacity: int, dtype=None) -> KVCache:
+    """A fixed-capacity cache for jitted decoding of up to ``capacity`` positions."""
+    if capacity < 1 or batch_size < 1:
+      raise ValueError(f"{batch_size=} and {capacity=} must be positive")
+    return KVCache.empty(group_size=self.group_size, repeats=self.repeats, batch=batch_size,
+                         n_heads=self.n_heads, d_head=self.head_dim, capacity=capacity,
+                         fixed=True, dtype=dtype or self.dtype)
+
+  def _layer_kwargs(self) -> dict:
+    return dict(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
+                d_head=self.head_dim, ff_n_experts=self.ff_n_experts,
+                att_n_experts=self.att_n_experts, ff_k=self.ff_k, att_k=self.att_k,
+                ff_expert_size=self.ff_expert_size, ff_expert_dropout=self.ff_expert_dropout,
+                att_expert_dropout=self.att_expert_dropout, dropout=self.dropout,
+                dtype=self.dtype, param_dtype=self.param_dtype, cvmm_impl=self.cvmm_impl)
+
+  def _start_cache(self, kv_cache, batch: int):
+    if kv_cache is None or isinstance(kv_cache, KVCache):
+      return kv_cache
+    if isinstance(kv_cache, dict) and not kv_cache:
+      return KVCache.empty(group_size=self.group_size, repeats=self.repeats, batch=batch,
+                           n_heads=self.n_heads, d_head=self.head_dim, dtype=self.dtype)
+    raise TypeError("kv_cache must be None, {} (start a cache) or the KVCache of a previous "
+                    f"output (out.cache); got {type(kv_cache).__name__}")
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: AttentionMask | None = None, kv_cache=None,
+               train: bool = False, *, causal: bool = False) -> MoEUTOutput:
+    """Runs the stack.
+
+    Args:
+      x: [B, T, D] inputs.
+      mask: an AttentionMask, or None: no masking (causal when ``causal``).
+      kv_cache: None (no cache returned), ``{}`` to start a cache, or ``out.cache`` of the
+        previous call, or ``init_cache(...)`` for a fixed-capacity cache.
+      train: enables dropout, expert dropout and the entropy regulariser (needs a
+        'dropout' rng when a dropout rate is positive).
+      causal: block later keys when ``mask`` is None (MoEUTLM's default).
+    """
+    if x.ndim != 3 or x.shape[-1] != self.d_model:
+      raise ValueError(f"x must be [B, T, d_model={self.d_model}], got shape {x.shape}")
+    b, t, _ = x.shape
+    cache = self._start_cache(kv_cache, b)
+    if cache is not None and cache.k[0].shape[1] != b:
+      raise ValueError(f"the KV cache holds batch {cache.k[0].shape[1]} but x has batch {b}")
+    if cache is None:
+      offset, n_keys, valid = 0, t, None
+    elif cache.fixed:
+      offset, n_keys = cache.length, cache.capacity
+      valid = offset + t
+      if _is_concrete(offset) and int(offset) + t > n_keys:
+        raise ValueError(f"KV cache overflow: {int(offset)} cached + {t} new positions exceed "
+                         f"its capacity {n_keys}")
+    else:
+      offset, n_keys, valid = cache.capacity, cache.capacity + t, None
+
+    is_causal = causal and mask is None
+    blocked = blocked_keys(mask, causal=is_causal, batch=b, q_len=t, n_keys=n_keys,
+                           offset=offset, valid_keys=valid)
+    positions = offset + jnp.arange(t, dtype=jnp.int32)
+
+    g, r, h, ea = self.group_size, self.repeats, self.n_heads, self.att_n_experts
+    acc = None
+    if train:
+      acc = {"ffn": tuple(entropy_init((b, self.ff_n_experts)) for _ in range(g))}
+      if ea > 1:
+        acc["att_o"] = tuple(entropy_init((b, h, ea)) for _ in range(g))
+        acc["att_v"] = tuple(entropy_init((b, h, ea)) for _ in range(g))
+
+    scanned = nn.scan(LayerGroup, variable_broadcast="params",
+                      split_rngs={"params": False, "dropout": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=r)
+    group = scanned(self._layer_kwargs(), g, train, is_causal and cache is None,
+                    cache is not None and cache.fixed, cache is not None, name="layers")
+    xs = None if cache is None else (cache.k, cache.v)
+    (h_out, acc), new_kv = group((x.astype(jnp.float32), acc), xs, positions, blocked, offset)
+
+    reg = jnp.zeros((), jnp.float32)
+    if train:
+      steps = t * r
+      reg += self.entropy_reg * sum(entropy_loss(a, steps) for a in acc["ffn"])
+      if ea > 1:
+        reg += self.att_entropy_reg * sum(
+            entropy_loss(o, steps) + entropy_loss(v, steps)
+            for o, v in zip(acc["att_o"], acc["att_v"]))
+
+    new_cache = None
+    if cache is not None:
+      length = offset + t
+      new_cache = KVCache(k=new_kv[0], v=new_kv[1], length=jnp.asarray(length, jnp.int32),
+                          fixed=cache.fixed)
+      if cache.fixed and not _is_concrete(offset):    # overflow under jit: make it loud
+        h_out = jnp.where(length > n_keys, jnp.nan, h_out)
+    return MoEUTOutput(h_out, reg, new_cache)
+
+
+class MoEUTLM(nn.Module):
+  """Token embedding -> MoEUT -> LayerNorm -> linear head with bias (no weight tying)."""
+  n_tokens: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  ff_n_experts: int
+  att_n_experts: int
+  d_head: Optional[int] = None
+  group_size: int = 2
+  ff_k: int = 8
+  att_k: int = 2
+  ff_expert_dropout: float = 0.0
+  att_expert_dropout: float = 0.0
+  ff_expert_size: int = 128
+  dropout: float = 0.0
+  entropy_reg: float = 0.01
+  att_entropy_reg: float = 0.001
+  attention: Any = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  cvmm_impl: str = "auto"
+
+  def __post_init__(self):
+    if self.n_tokens < 1:
+      raise ValueError(f"n_tokens={self.n_tokens} must be a positive integer")
+    validate_config(self)
+    super().__post_init__()
+
+  def _stack_kwargs(self) -> dict:
+    fields = {f.name for f in dataclasses.fields(MoEUT)} - {"parent", "name"}
+    return {name: getattr(self, name) for name in fields}
+
+  def init_cache(self, batch_size: int, capacity: int, dtype=None) -> KVCache:
+    """A fixed-capacity cache for jitted decoding of up to ``capacity`` positions."""
+    return MoEUT(**self._stack_kwargs()).init_cache(batch_size, capacity, dtype)
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, mask: AttentionMask | None = None, kv_cache=None,
+               train: bool = False) -> MoEUTOutput:
+    """tokens [B, T] int -> logits [B, T, V] (compute dtype). mask None = causal."""
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+    if _is_concrete(tokens) and tokens.size:
+      lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+      if lo < 0 or hi >= self.n_tokens:
+        raise ValueError(f"token ids must be in [0, n_tokens={self.n_tokens}), got min {lo} "
+                         f"and max {hi}")
+    d = self.d_model
+    embedding = self.param("embedding", init.normal(d ** -0.5), (self.n_tokens, d),
+                           self.param_dtype)
+    h = jnp.take(embedding, tokens, axis=0).astype(jnp.float32)      # [B, T, D]
+    out = MoEUT(**self._stack_kwargs(), name="transformer")(h, mask, kv_cache, train,
+                                                            causal=True)
+    hn = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=self.param_dtype,
+                      name="out_norm")(out.outputs)
+    logits = nn.Dense(self.n_tokens, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=init.uniform(d ** -0.5), bias_init=init.uniform(d ** -0.5),
+                      name="lm_head")(hn.astype(self.dtype))         # [B, T, V]
+    return out.replace(outputs=logits)

@@ -1,0 +1,57 @@
+"""σ-MoE feed-forward block (SPEC §2): sigmoid-gated top-k experts of ReLU MLPs."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kernels import cvmm, make_routing
+from moeut_jax import initializers as init
+from moeut_jax.routing import sigmoid_topk
+
+
+class SigmaMoE(nn.Module):
+  """out = sum_j w_j * relu(x @ keys[i_j]) @ values[i_j], i, w = top-k(sigmoid(sel @ expert_sel)).
+
+  Parameters: keys [Ef, D, Es], values [Ef, Es, D], expert_sel [D, Ef] (the original's
+  ``expert_sel`` transposed). Returns (out [B, T, D] in ``dtype``, router logits
+  [B, T, Ef] float32, kept for the entropy regulariser).
+  """
+  d_model: int
+  n_experts: int
+  expert_size: int
+  k: int
+  n_layers: int
+  expert_dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  cvmm_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, sel_input: jax.Array, train: bool = False):
+    d, e, es = self.d_model, self.n_experts, self.expert_size
+    scale = init.layer_scale(self.n_layers)
+    keys = self.param("keys", init.normal(scale / d ** 0.5), (e, d, es), self.param_dtype)
+    values = self.param("values", init.normal(scale / (e * es) ** 0.5), (e, es, d),
+                        self.param_dtype)
+    expert_sel = self.param("expert_sel", init.normalized_router(scale / d ** 0.5, 0, False),
+                            (d, e), self.param_dtype)
+
+    b, t, _ = x.shape
+    logits = jnp.einsum("BTD,DE->BTE", sel_input.astype(jnp.float32),
+                        expert_sel.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)           # [B, T, Ef]
+    drop = None
+    if train and self.expert_dropout > 0:
+      drop = jax.random.bernoulli(self.make_rng("dropout"), self.expert_dropout, logits.shape)
+    gates, index = sigmoid_topk(logits, self.k, drop)                 # [B, T, kf] each
+
+    routing = make_routing(index.reshape(b * t, self.k), e)
+    xf = x.reshape(b * t, d).astype(self.dtype)                       # [N, D]
+    u = cvmm(xf, routing, keys.astype(self.dtype), impl=self.cvmm_impl)            # [N, kf, Es]
+    u = jax.nn.relu(u)
+    out = cvmm(u, routing, values.astype(self.dtype), gates.reshape(b * t, self.k),
+               impl=self.cvmm_impl)                                   # [N, D]
+    return out.reshape(b, t, d), logits
