@@ -39,6 +39,18 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def _head_dim(m) -> int:
+  return m.d_head if m.d_head is not None else m.d_model // m.n_heads
+
+
+def _fixed_cache(m, batch_size: int, capacity: int, dtype) -> KVCache:
+  if capacity < 1 or batch_size < 1:
+    raise ValueError(f"{batch_size=} and {capacity=} must be positive")
+  return KVCache.empty(group_size=m.group_size, repeats=m.n_layers // m.group_size,
+                       batch=batch_size, n_heads=m.n_heads, d_head=_head_dim(m),
+                       capacity=capacity, fixed=True, dtype=dtype or m.dtype)
+
+
 def validate_config(m) -> None:
   """Clear errors for inconsistent hyper-parameters (shared by MoEUT and MoEUTLM)."""
   for name in ("d_model", "n_layers", "n_heads", "ff_n_experts", "att_n_experts", "group_size",
@@ -95,7 +107,7 @@ class MoEUT(nn.Module):
 
   @property
   def head_dim(self) -> int:
-    return self.d_head if self.d_head is not None else self.d_model // self.n_heads
+    return _head_dim(self)
 
   @property
   def repeats(self) -> int:
@@ -103,11 +115,7 @@ class MoEUT(nn.Module):
 
   def init_cache(self, batch_size: int, capacity: int, dtype=None) -> KVCache:
     """A fixed-capacity cache for jitted decoding of up to ``capacity`` positions."""
-    if capacity < 1 or batch_size < 1:
-      raise ValueError(f"{batch_size=} and {capacity=} must be positive")
-    return KVCache.empty(group_size=self.group_size, repeats=self.repeats, batch=batch_size,
-                         n_heads=self.n_heads, d_head=self.head_dim, capacity=capacity,
-                         fixed=True, dtype=dtype or self.dtype)
+    return _fixed_cache(self, batch_size, capacity, dtype)
 
   def _layer_kwargs(self) -> dict:
     return dict(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
@@ -232,7 +240,7 @@ class MoEUTLM(nn.Module):
 
   def init_cache(self, batch_size: int, capacity: int, dtype=None) -> KVCache:
     """A fixed-capacity cache for jitted decoding of up to ``capacity`` positions."""
-    return MoEUT(**self._stack_kwargs()).init_cache(batch_size, capacity, dtype)
+    return _fixed_cache(self, batch_size, capacity, dtype)
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: AttentionMask | None = None, kv_cache=None,
