@@ -1,0 +1,194 @@
+"""Parity with the PyTorch reference of SPEC (tests/torch_reference.py), float32 on both sides.
+
+Weights are made by the reference, carried over with moeut_jax.convert, and the logits,
+the training-mode reg_loss and the gradient of cross-entropy + reg_loss for every
+parameter are compared by relative error ||a - b|| / ||b||.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import torch_reference as ref
+from moeut_jax import AttentionMask, MoEUT, MoEUTLM
+from moeut_jax.convert import from_torch_state_dict, to_torch_state_dict
+
+# Bounds of the issue: one table per quantity.
+TOL = {"logits": 1e-5, "reg_loss": 1e-5, "grad": 1e-4, "cache": 1e-5}
+
+V, B, T = 50, 2, 12
+BASE = dict(d_model=32, n_layers=4, n_heads=2, ff_n_experts=8, att_n_experts=4, d_head=16,
+            group_size=2, ff_k=3, att_k=2, ff_expert_size=16)
+CASES = {
+    "switchhead_G2": BASE,
+    "gated_Ea1": dict(BASE, att_n_experts=1, att_k=1),
+    "G3_six_layers": dict(BASE, n_layers=6, group_size=3),
+    "odd_rotary": dict(BASE, d_head=10, n_heads=3),                 # n_rot 5 -> 4, as MoEUT_44M
+}
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def make_pair(cfg, lm=True, seed=0):
+  torch.manual_seed(seed)
+  tm = ref.MoEUTLM(V, **cfg) if lm else ref.MoEUT(**cfg)
+  params = from_torch_state_dict(tm.state_dict())
+  jm = MoEUTLM(V, **cfg) if lm else MoEUT(**cfg)
+  return tm, jm, {"params": jax.tree_util.tree_map(jnp.asarray, params)}
+
+
+def tokens(seed=1, b=B, t=T):
+  return np.random.default_rng(seed).integers(0, V, (b, t)).astype(np.int64)
+
+
+def masks(kind, t=T):
+  """(torch mask, jax mask) of one kind; None means the default."""
+  rng = np.random.default_rng(7)
+  if kind == "default":
+    return None, None
+  if kind == "none":
+    return ref.AttentionMask(None, None), AttentionMask(None, None)
+  if kind == "padding":
+    pad = np.zeros((B, t), bool)
+    pad[0, -3:] = True
+    pad[1, :2] = True
+    return (ref.AttentionMask(torch.from_numpy(pad), None),
+            AttentionMask(jnp.asarray(pad), None))
+  if kind == "custom_position":
+    pm = rng.random((t, t)) < 0.3
+    pm[3, :] = True                                                  # a fully masked row
+    return (ref.AttentionMask(None, torch.from_numpy(pm)),
+            AttentionMask(None, jnp.asarray(pm)))
+  raise ValueError(kind)
+
+
+def jax_loss(model, variables, toks, mask, train=True):
+  def f(params):
+    out = model.apply({"params": params}, jnp.asarray(toks[:, :-1]), mask, train=train)
+    logp = jax.nn.log_softmax(out.outputs.astype(jnp.float32), axis=-1)
+    ce = -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(toks[:, 1:])[..., None], -1))
+    return ce + out.reg_loss, (out.outputs, out.reg_loss)
+  return jax.jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
+
+
+def torch_loss(tm, toks, mask):
+  tm.train()
+  tm.zero_grad()
+  out = tm(torch.from_numpy(toks[:, :-1]), mask)
+  ce = torch.nn.functional.cross_entropy(out.outputs.reshape(-1, V),
+                                         torch.from_numpy(toks[:, 1:]).reshape(-1))
+  (ce + out.reg_loss).backward()
+  grads = {k: p.grad.detach().numpy() for k, p in tm.named_parameters()}
+  return out.outputs.detach().numpy(), float(out.reg_loss.detach()), grads
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_eval_logits(case):
+  tm, jm, variables = make_pair(CASES[case])
+  toks = tokens()
+  tm.eval()
+  with torch.no_grad():
+    want = tm(torch.from_numpy(toks)).outputs.numpy()
+  out = jax.jit(jm.apply)(variables, jnp.asarray(toks))
+  assert float(out.reg_loss) == 0.0
+  assert rel_err(out.outputs, want) <= TOL["logits"]
+
+
+@pytest.mark.parametrize("mask_kind", ["default", "none", "padding", "custom_position"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_train_logits_reg_loss_and_grads(case, mask_kind):
+  if case == "odd_rotary" and mask_kind != "default":
+    pytest.skip("masks are covered by the other cases")
+  tm, jm, variables = make_pair(CASES[case])
+  toks = tokens(b=B, t=T + 1)
+  tmask, jmask = masks(mask_kind)
+  want_logits, want_reg, want_grads = torch_loss(tm, toks, tmask)
+  (_, (logits, reg)), grads = jax_loss(jm, variables, toks, jmask)
+  assert not np.isnan(np.asarray(logits)).any()
+  assert rel_err(logits, want_logits) <= TOL["logits"]
+  assert want_reg < 0
+  assert rel_err(reg, want_reg) <= TOL["reg_loss"]
+  got = to_torch_state_dict(grads)
+  assert set(got) == set(want_grads)
+  errors = {k: rel_err(got[k], want_grads[k]) for k in want_grads}
+  worst = max(errors, key=errors.get)
+  assert errors[worst] <= TOL["grad"], (worst, errors[worst])
+
+
+def test_bare_moeut_parity():
+  cfg = CASES["switchhead_G2"]
+  tm, jm, variables = make_pair(cfg, lm=False)
+  x = np.random.default_rng(3).standard_normal((B, T, cfg["d_model"])).astype(np.float32)
+  tm.train()
+  out_t = tm(torch.from_numpy(x))
+  out_j = jm.apply(variables, jnp.asarray(x), train=True)
+  assert rel_err(out_j.outputs, out_t.outputs.detach().numpy()) <= TOL["logits"]
+  assert rel_err(out_j.reg_loss, float(out_t.reg_loss)) <= TOL["reg_loss"]
+
+
+@pytest.mark.parametrize("case", ["switchhead_G2", "gated_Ea1"])
+def test_cached_decoding_matches_reference_and_full_forward(case):
+  tm, jm, variables = make_pair(CASES[case])
+  toks = tokens()
+  tm.eval()
+  with torch.no_grad():
+    full_t = tm(torch.from_numpy(toks)).outputs.numpy()
+  full_j = jm.apply(variables, jnp.asarray(toks)).outputs
+  # growing cache (the original's protocol), in chunks 5, 1, rest
+  cache_t, cache_j, parts_t, parts_j = {}, {}, [], []
+  for lo, hi in [(0, 5), (5, 6), (6, T)]:
+    with torch.no_grad():
+      o = tm(torch.from_numpy(toks[:, lo:hi]), kv_cache=cache_t)
+    cache_t = o.cache
+    parts_t.append(o.outputs.numpy())
+    oj = jm.apply(variables, jnp.asarray(toks[:, lo:hi]), kv_cache=cache_j)
+    cache_j = oj.cache
+    parts_j.append(np.asarray(oj.outputs))
+  inc_t, inc_j = np.concatenate(parts_t, 1), np.concatenate(parts_j, 1)
+  assert rel_err(inc_t, full_t) <= TOL["cache"]
+  assert rel_err(inc_j, full_t) <= TOL["cache"]
+  assert rel_err(full_j, full_t) <= TOL["logits"]
+  # the cached values agree with the reference's cache (values are not rotated either side)
+  g = jm.group_size
+  for layer in range(jm.n_layers):
+    _, v = cache_j.layer(layer, g)                                   # [B, S, H, Dh]
+    assert rel_err(np.transpose(np.asarray(v), (0, 2, 1, 3)),
+                   cache_t[layer]["v"].numpy()) <= TOL["cache"]
+
+
+def test_fixed_capacity_cache_token_by_token_equals_full_forward():
+  tm, jm, variables = make_pair(CASES["switchhead_G2"])
+  toks = tokens()
+  tm.eval()
+  with torch.no_grad():
+    full_t = tm(torch.from_numpy(toks)).outputs.numpy()
+  step = jax.jit(lambda c, x: jm.apply(variables, x, kv_cache=c))
+  cache = jm.init_cache(B, T + 4)
+  outs = []
+  for i in range(T):
+    o = step(cache, jnp.asarray(toks[:, i:i + 1]))
+    cache = o.cache
+    outs.append(np.asarray(o.outputs))
+  assert int(cache.length) == T
+  assert rel_err(np.concatenate(outs, 1), full_t) <= TOL["cache"]
+
+
+def test_round_trip_is_exact():
+  for cfg in CASES.values():
+    tm, jm, variables = make_pair(cfg)
+    sd = to_torch_state_dict(variables["params"])
+    want = tm.state_dict()
+    assert set(sd) == set(want)
+    for k, v in want.items():
+      assert np.array_equal(sd[k], v.numpy()), k
+    tm.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    back = from_torch_state_dict(sd, model=jm)
+    leaves_a = jax.tree_util.tree_leaves_with_path(variables["params"])
+    leaves_b = dict(jax.tree_util.tree_leaves_with_path(back))
+    assert len(leaves_a) == len(leaves_b)
+    for path, a in leaves_a:
+      assert np.array_equal(np.asarray(a), leaves_b[path]), path
