@@ -1,0 +1,158 @@
+"""The model's own contract: sizes, errors, precision, caches and generation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import profiles
+import torch_reference as ref
+from moeut_jax import AttentionMask, MoEUT, MoEUTLM, generate
+
+SMALL = dict(d_model=32, n_layers=4, n_heads=2, ff_n_experts=8, att_n_experts=4, d_head=16,
+             group_size=2, ff_k=3, att_k=2, ff_expert_size=16)
+V = 40
+
+
+def n_params(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.fixture(scope="module")
+def small():
+  model = MoEUTLM(V, **SMALL)
+  toks = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 10)), jnp.int32)
+  return model, model.init(jax.random.PRNGKey(0), toks), toks
+
+
+@pytest.mark.parametrize("name", profiles.PAPER_PROFILES)
+def test_profile_parameter_counts_match_the_reference(name):
+  shapes = jax.eval_shape(MoEUTLM(8000, **profiles.get(name)).init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 4), jnp.int32))
+  with torch.device("meta"):
+    want = sum(p.numel() for p in ref.MoEUTLM(8000, **profiles.get(name)).parameters())
+  assert n_params(shapes) == want
+
+
+def test_published_counts():
+  count = lambda n: n_params(jax.eval_shape(MoEUTLM(8000, **profiles.get(n)).init,
+                                            jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
+  assert count("MoEUT_244M") == 243_326_784
+  assert count("MoEUT_1B") == 1_040_319_296
+
+
+def test_parameters_stored_once_per_distinct_layer():
+  model = MoEUTLM(V, **dict(SMALL, n_layers=8))                     # R = 4 repeats of G = 2
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+  assert sorted(params["params"]["transformer"]["layers"]) == ["layer_0", "layer_1"]
+  shallow = jax.eval_shape(MoEUTLM(V, **SMALL).init, jax.random.PRNGKey(0),
+                           jnp.zeros((1, 4), jnp.int32))
+  assert n_params(params) == n_params(shallow)
+
+
+def test_moeut_44m_with_odd_rotary_width_runs():
+  model = MoEUTLM(100, **profiles.MoEUT_44M)
+  toks = jnp.arange(6, dtype=jnp.int32)[None]
+  variables = model.init(jax.random.PRNGKey(0), toks)
+  out = model.apply(variables, toks)
+  assert out.outputs.shape == (1, 6, 100)
+  assert bool(jnp.all(jnp.isfinite(out.outputs)))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(SMALL, n_layers=5), "n_layers=5 must be divisible by group_size=2"),
+    (dict(SMALL, d_model=30, n_heads=4, d_head=None), "d_model=30 is not divisible by n_heads=4"),
+    (dict(SMALL, ff_k=9), "ff_k=9 cannot exceed ff_n_experts=8"),
+    (dict(SMALL, att_k=5), "att_k=5 cannot exceed att_n_experts=4"),
+    (dict(SMALL, dropout=1.5), "dropout=1.5 must be in"),
+    (dict(SMALL, cvmm_impl="cuda"), "cvmm_impl='cuda' must be one of"),
+])
+def test_bad_configs_raise_clear_errors(kwargs, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    MoEUTLM(V, **kwargs)
+
+
+def test_bad_inputs_raise_clear_errors(small):
+  model, variables, toks = small
+  with pytest.raises(ValueError, match=r"token ids must be in \[0, n_tokens=40\), got min 0 "
+                                       r"and max 40"):
+    model.apply(variables, toks.at[0, 0].set(V))
+  with pytest.raises(ValueError, match="token ids must be in"):
+    model.apply(variables, toks.at[0, 0].set(-1))
+  with pytest.raises(ValueError, match=r"position_mask must be \[T, T\] or \[T, S\]"):
+    model.apply(variables, toks, AttentionMask(None, jnp.zeros((3, 3), bool)))
+  with pytest.raises(ValueError, match=r"src_length_mask must be \[B, S\] = \(2, 10\)"):
+    model.apply(variables, toks, AttentionMask(jnp.zeros((2, 7), bool), None))
+  with pytest.raises(TypeError, match="kv_cache must be None, {}"):
+    model.apply(variables, toks, kv_cache={"0": 1})
+  with pytest.raises(ValueError, match=r"x must be \[B, T, d_model=32\]"):
+    MoEUT(**SMALL).init(jax.random.PRNGKey(0), jnp.zeros((2, 3, 31)))
+
+
+def test_fixed_cache_overflow(small):
+  model, variables, toks = small
+  cache = model.init_cache(2, 12)
+  out = model.apply(variables, toks, kv_cache=cache)                # 10 of 12 positions
+  with pytest.raises(ValueError, match="KV cache overflow: 10 cached \\+ 3 new positions "
+                                       "exceed its capacity 12"):
+    model.apply(variables, toks[:, :3], kv_cache=out.cache)
+  # Under jit the length is not known while tracing: the overflowing output is NaN, loudly.
+  step = jax.jit(lambda c, x: model.apply(variables, x, kv_cache=c).outputs)
+  assert bool(jnp.all(jnp.isnan(step(out.cache, toks[:, :3]))))
+  assert bool(jnp.all(jnp.isfinite(step(out.cache, toks[:, :2]))))
+
+
+def test_bf16_compute_with_float32_params(small):
+  model, variables, toks = small
+  fast = MoEUTLM(V, **SMALL, dtype=jnp.bfloat16)
+  out32 = model.apply(variables, toks, train=True)
+  out16 = fast.apply(variables, toks, train=True)
+  assert out16.outputs.dtype == jnp.bfloat16
+  assert out16.reg_loss.dtype == jnp.float32
+  err = jnp.linalg.norm(out16.outputs.astype(jnp.float32) - out32.outputs) / jnp.linalg.norm(
+      out32.outputs)
+  assert float(err) < 2e-2
+  grads = jax.grad(lambda p: fast.apply({"params": p}, toks, train=True).outputs.astype(
+      jnp.float32).mean())(variables["params"])
+  leaves = jax.tree_util.tree_leaves(grads)
+  assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+
+
+def test_dropout_is_active_only_in_training(small):
+  _, variables, toks = small
+  model = MoEUTLM(V, **dict(SMALL, dropout=0.5, ff_expert_dropout=0.3, att_expert_dropout=0.3))
+  e1 = model.apply(variables, toks).outputs
+  e2 = model.apply(variables, toks).outputs
+  assert bool(jnp.array_equal(e1, e2))
+  t1 = model.apply(variables, toks, train=True, rngs={"dropout": jax.random.PRNGKey(1)}).outputs
+  t2 = model.apply(variables, toks, train=True, rngs={"dropout": jax.random.PRNGKey(2)}).outputs
+  assert not bool(jnp.allclose(t1, t2))
+  assert not bool(jnp.allclose(t1, e1))
+
+
+def test_fully_masked_rows_give_zeros_not_nan(small):
+  model, variables, toks = small
+  blocked = jnp.zeros((2, 10), bool).at[1].set(True)              # every key of row 1
+  out = model.apply(variables, toks, AttentionMask(blocked, None))
+  assert bool(jnp.all(jnp.isfinite(out.outputs)))
+
+
+def test_generate_greedy_agrees_with_full_forward(small):
+  model, variables, toks = small
+  seq = generate(model, variables, toks[:, :4], 6)
+  assert seq.shape == (2, 10) and bool(jnp.array_equal(seq[:, :4], toks[:, :4]))
+  logits = model.apply(variables, seq).outputs
+  assert bool(jnp.array_equal(jnp.argmax(logits[:, 3:-1], -1), seq[:, 4:]))
+
+
+def test_generate_top_k_sampling(small):
+  model, variables, toks = small
+  seq = generate(model, variables, toks[:, :4], 5, temperature=1.0, top_k=2,
+                 rng=jax.random.PRNGKey(0))
+  logits = model.apply(variables, seq).outputs[:, 3:-1]            # [B, 5, V]
+  top2 = jax.lax.top_k(logits, 2)[1]
+  assert bool(jnp.all(jnp.any(top2 == seq[:, 4:, None], axis=-1)))
+  with pytest.raises(ValueError, match="needs rng"):
+    generate(model, variables, toks[:, :4], 3, temperature=0.7)
+  with pytest.raises(ValueError, match="prompt token ids must be in"):
+    generate(model, variables, toks[:, :4] + V, 3)
