@@ -5,6 +5,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def sample_logits(logits: jax.Array, rng, temperature: float, top_k: int | None) -> jax.Array:
@@ -65,7 +66,7 @@ def generate(model, variables, prompt: jax.Array, max_new_tokens: int, *,
     raise ValueError(f"{top_k=} must be in [1, n_tokens={model.n_tokens}]")
   if temperature > 0 and rng is None:
     raise ValueError("sampling (temperature > 0) needs rng=jax.random.PRNGKey(...)")
-  lo, hi = int(jnp.min(prompt)), int(jnp.max(prompt))
+  lo, hi = int(np.min(np.asarray(prompt))), int(np.max(np.asarray(prompt)))
   if lo < 0 or hi >= model.n_tokens:
     raise ValueError(f"prompt token ids must be in [0, {model.n_tokens}), got {lo}..{hi}")
   prompt = prompt.astype(jnp.int32)

@@ -19,6 +19,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moeut_jax import initializers as init
 from moeut_jax.kv_cache import KVCache
@@ -251,7 +252,8 @@ class MoEUTLM(nn.Module):
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise TypeError(f"tokens must be integers, got {tokens.dtype}")
     if _is_concrete(tokens) and tokens.size:
-      lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+      host = np.asarray(tokens)
+      lo, hi = int(host.min()), int(host.max())
       if lo < 0 or hi >= self.n_tokens:
         raise ValueError(f"token ids must be in [0, n_tokens={self.n_tokens}), got min {lo} "
                          f"and max {hi}")

@@ -156,3 +156,9 @@ def test_generate_top_k_sampling(small):
     generate(model, variables, toks[:, :4], 3, temperature=0.7)
   with pytest.raises(ValueError, match="prompt token ids must be in"):
     generate(model, variables, toks[:, :4] + V, 3)
+
+
+def test_tokens_captured_as_constants_under_jit(small):
+  model, variables, toks = small
+  out = jax.jit(lambda p: model.apply({"params": p}, toks).outputs)(variables["params"])
+  assert bool(jnp.allclose(out, model.apply(variables, toks).outputs, atol=1e-5))
