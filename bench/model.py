@@ -1,0 +1,78 @@
+"""Training-step throughput of MoEUTLM: forward + backward + AdamW update, bf16 compute.
+
+  python bench/model.py --profile MoEUT_244M --batch 16 --seq 1024 --impl auto xla
+
+Prints one row per CVMM implementation: step time (median of --steps after warm-up)
+and tokens/s. Random tokens, vocabulary 8000.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import profiles
+from kernels import resolve
+from moeut_jax import MoEUTLM
+
+
+def step_time(profile: str, batch: int, seq: int, impl: str, steps: int) -> float:
+  model = MoEUTLM(8000, **profiles.get(profile), dtype=jnp.bfloat16, cvmm_impl=impl)
+  toks = jax.random.randint(jax.random.PRNGKey(0), (batch, seq + 1), 0, 8000)
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), toks[:, :-1])["params"]
+  opt = optax.adamw(2.5e-4, weight_decay=0.01)
+  state = opt.init(params)
+
+  @jax.jit
+  def train_step(params, state, toks):
+    def loss_fn(p):
+      out = model.apply({"params": p}, toks[:, :-1], train=True)
+      ce = optax.softmax_cross_entropy_with_integer_labels(
+          out.outputs.astype(jnp.float32), toks[:, 1:]).mean()
+      return ce + out.reg_loss
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  params, state, loss = train_step(params, state, toks)
+  jax.block_until_ready(loss)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    params, state, loss = train_step(params, state, toks)
+    jax.block_until_ready(loss)
+    times.append(time.perf_counter() - t0)
+  if not np.isfinite(float(loss)):
+    raise RuntimeError(f"non-finite loss {float(loss)} with impl={impl}")
+  return float(np.median(times))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--profile", default="MoEUT_244M", choices=profiles.ALL_PROFILES)
+  ap.add_argument("--batch", type=int, default=16)
+  ap.add_argument("--seq", type=int, default=1024)
+  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--impl", nargs="+", default=["auto"])
+  args = ap.parse_args()
+  print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {args.profile}, "
+        f"batch {args.batch} x {args.seq}")
+  print(f"{'impl':>10} {'resolved':>10} {'step ms':>10} {'tokens/s':>12}")
+  for impl in args.impl:
+    try:
+      t = step_time(args.profile, args.batch, args.seq, impl, args.steps)
+      print(f"{impl:>10} {resolve(impl):>10} {t * 1e3:10.1f} {args.batch * args.seq / t:12.0f}")
+    except Exception as e:  # report and go on with the next implementation
+      print(f"{impl:>10} failed: {type(e).__name__}: {str(e)[:300]}")
+
+
+if __name__ == "__main__":
+  main()
