@@ -22,8 +22,8 @@ MODEL_FIELDS = ("d_model", "n_layers", "n_heads", "ff_n_experts", "ff_expert_siz
 PROFILE_RECIPES: dict[str, dict[str, Any]] = {
     "MoEUT_44M": dict(warmup_steps=0, grad_clip=0.1),
     # Not from the paper: a demo that shows the loss fall within minutes on a 2-core CPU.
-    "MoEUT_tiny": dict(steps=300, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=30,
-                       grad_clip=1.0, checkpoint_every=100, eval_every=150, eval_batches=8,
+    "MoEUT_tiny": dict(steps=150, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=15,
+                       grad_clip=1.0, checkpoint_every=75, eval_every=75, eval_batches=4,
                        log_every=10, vocab_size=4000, tokenizer_train_chars=4_000_000),
 }
 
@@ -39,7 +39,8 @@ class Config:
     return dataclasses.field(default=default, metadata=dict(help=help, **kw))
 
   # --- Model -------------------------------------------------------------------------------
-  profile: str = _f("MoEUT_tiny", f"model profile: one of {', '.join(profiles.ALL_PROFILES)}")
+  profile: str = _f("MoEUT_tiny", "model profile from profiles.py",
+                    choices=profiles.ALL_PROFILES)
   d_model: Optional[int] = _f(None, "override the profile's d_model", group="model")
   n_layers: Optional[int] = _f(None, "override the profile's n_layers", group="model")
   n_heads: Optional[int] = _f(None, "override the profile's n_heads", group="model")
@@ -85,7 +86,8 @@ class Config:
   seq_len: int = _f(1024, "tokens per sequence")
   lr: float = _f(2.5e-4, "peak learning rate")
   min_lr_ratio: float = _f(0.1, "final learning rate of the cosine decay, as a fraction of --lr")
-  warmup_steps: int = _f(4000, "linear warm-up steps")
+  warmup_steps: int = _f(4000, "linear warm-up steps (unless given, steps // 10 when the "
+                         "default would not fit in --steps)")
   b1: float = _f(0.9, "AdamW beta1")
   b2: float = _f(0.999, "AdamW beta2")
   eps: float = _f(1e-8, "AdamW epsilon")
@@ -103,7 +105,7 @@ class Config:
   progress_bar: bool = _f(True, "show a progress bar")
   stop_at_step: Optional[int] = _f(None, "stop (with a checkpoint) after this step, keeping the "
                                    "schedule of --steps; resume later with the same --workdir")
-  sample_prompt: str = _f("def ", "prompt of the sample printed at the end of training")
+  sample_prompt: str = _f("def", "prompt of the sample printed at the end of training")
   sample_tokens: int = _f(64, "tokens generated at the end of training; 0 = no sample")
   temperature: float = _f(0.8, "sampling temperature; 0 = greedy")
   top_k: Optional[int] = _f(40, "sample from the top-k tokens only; 0 = all")
@@ -129,6 +131,11 @@ class Config:
       raise ValueError(f"unknown config fields {unknown}")
     values = dict(PROFILE_RECIPES.get(profile, {}))
     values.update(overrides)
+    if "warmup_steps" not in overrides and "steps" in overrides:
+      # A short run (say --steps 10) keeps a default warm-up only if it fits.
+      warmup = values.get("warmup_steps", cls.warmup_steps)
+      if warmup >= values["steps"]:
+        values["warmup_steps"] = values["steps"] // 10
     values["profile"] = profile
     if "data" in values:
       values["data"] = tuple(values["data"])

@@ -76,8 +76,8 @@ def make_train_step(model, tx: optax.GradientTransformation,
     grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), grads, params)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
-    metrics = dict(loss=jnp.mean(ce), reg_loss=jnp.mean(reg), grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params), lr=schedule(state["step"]))
+    metrics = dict(loss=jnp.mean(ce), reg_loss=jnp.mean(reg), grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params), lr=schedule(state["step"]))
     new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1,
                      rng=state["rng"])
     return new_state, metrics

@@ -46,7 +46,8 @@ def train_tokenizer(texts: Sequence[str], path: str, vocab_size: int,
         minloglevel=2)
   except RuntimeError as e:  # e.g. "Vocabulary size is too high"
     raise TokenizerError(f"training a SentencePiece tokenizer with vocab_size={vocab_size} "
-                         f"failed: {e}") from e
+                         f"failed (it needs 256 byte pieces, 3 special pieces and one per "
+                         f"distinct character): {e}") from e
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
     f.write(buf.getvalue())

@@ -1,0 +1,319 @@
+"""End-to-end tests of train.py's pipeline on a very small model (CPU).
+
+Compiling the model dominates; a persistent compilation cache (module fixture) lets runs with
+identical shapes share their executables, including the 8-device subprocess.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from moeut_jax.training import (CheckpointError, Config, DataError, NonFiniteLossError,
+                                TokenizerError, TrainingError, evaluate_checkpoint,
+                                sample_from_checkpoint, train_and_evaluate)
+from moeut_jax.training import metrics as metrics_lib, optim
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINI = dict(d_model=32, n_layers=2, group_size=1, n_heads=2, ff_n_experts=4, ff_expert_size=16,
+            att_n_experts=2, d_head=16, ff_k=2, att_k=1)
+QUIET = dict(progress_bar=False, sample_tokens=0, async_checkpoint=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  cache = str(tmp_path_factory.mktemp("xla_cache"))
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update(names[0], cache)
+  jax.config.update(names[1], 0.0)
+  jax.config.update(names[2], 0)
+  yield cache
+  for n, v in old.items():
+    jax.config.update(n, v)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+  """A folder of real text: a few modules of Python's standard library."""
+  d = tmp_path_factory.mktemp("corpus")
+  stdlib = sysconfig.get_paths()["stdlib"]
+  for name in ("textwrap.py", "argparse.py", "string.py", "bisect.py", "heapq.py"):
+    with open(os.path.join(stdlib, name)) as f, open(d / (name + ".txt"), "w") as g:
+      g.write(f.read())
+  return str(d)
+
+
+def tiny_config(corpus, **kw) -> Config:
+  base = dict(MINI, data=(corpus,), vocab_size=512, tokenizer_train_chars=400_000, steps=24,
+              batch_size=8, seq_len=32, lr=1e-2, warmup_steps=2, grad_clip=1.0,
+              checkpoint_every=12, eval_every=24, eval_batches=2, log_every=4, **QUIET)
+  base.update(kw)
+  return Config.for_profile("MoEUT_tiny", **base)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(corpus, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  config = tiny_config(corpus, sample_tokens=6, temperature=0.0)
+  return config, workdir, train_and_evaluate(config, workdir, log=lambda *_: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training works.
+
+def test_loss_decreases_and_outputs_are_written(tiny_run):
+  config, workdir, out = tiny_run
+  losses = [out["train_losses"][s] for s in sorted(out["train_losses"])]
+  assert len(losses) == config.steps // config.log_every
+  assert losses[-1] < losses[0] - 1.0, losses
+  assert math.isfinite(out["valid"]["loss"])
+  assert out["valid"]["perplexity"] < config.vocab_size
+  assert out["sample"].startswith("def")
+  records = metrics_lib.read_jsonl(workdir)
+  assert [r["step"] for r in records if r["split"] == "train"] == sorted(out["train_losses"])
+  assert any(r["split"] == "valid" for r in records)
+  assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+  assert os.path.getsize(os.path.join(workdir, metrics_lib.PNG)) > 1000
+  steps = sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints"))
+                 if p.isdigit())
+  assert steps == [12, 24]
+
+
+def test_eval_and_sample_commands_reproduce_the_run(tiny_run):
+  config, workdir, out = tiny_run
+  ev = evaluate_checkpoint(workdir, max_batches=config.eval_batches)
+  assert ev["step"] == config.steps
+  assert ev["loss"] == pytest.approx(out["valid"]["loss"], rel=1e-6)
+  text = sample_from_checkpoint(workdir, config.sample_prompt, config.sample_tokens,
+                                temperature=0.0, top_k=None, seed=config.seed)
+  assert text == out["sample"]
+  other = evaluate_checkpoint(workdir, data=[os.path.join(config.data[0], "heapq.py.txt")])
+  assert math.isfinite(other["loss"]) and other["tokens"] > 100
+
+
+def test_stop_and_resume_equals_uninterrupted_run_bitwise(corpus, tmp_path):
+  # Dropout and gradient accumulation make the RNG and the micro-batch layout matter.
+  config = tiny_config(corpus, steps=6, log_every=1, checkpoint_every=2, grad_accum=2,
+                       dropout=0.1, eval_every=100)
+  whole = train_and_evaluate(config, str(tmp_path / "whole"), log=lambda *_: None)
+  first = train_and_evaluate(config.replace(stop_at_step=3), str(tmp_path / "split"),
+                             log=lambda *_: None)
+  assert first["stopped_early"] and first["step"] == 3
+  second = train_and_evaluate(config, str(tmp_path / "split"), log=lambda *_: None)
+  assert second["start_step"] == 3 and second["step"] == 6
+  resumed = {**first["train_losses"], **second["train_losses"]}
+  assert sorted(resumed) == list(range(1, 7))
+  assert resumed == whole["train_losses"]  # Exact float equality.
+  assert second["valid"]["loss"] == whole["valid"]["loss"]
+  # The metrics file of the resumed run has each step once.
+  steps = [r["step"] for r in metrics_lib.read_jsonl(str(tmp_path / "split"), "train")]
+  assert steps == list(range(1, 7))
+
+
+EIGHT_DEVICES = textwrap.dedent("""
+    import json, sys
+    import jax
+    sys.path.insert(0, {root!r})
+    assert len(jax.devices()) == 8, jax.devices()
+    from moeut_jax.training import Config, TrainingError, train_and_evaluate
+    config = Config.from_dict(json.loads({config!r}))
+    try:  # 12 sequences do not divide over 8 devices.
+      train_and_evaluate(config.replace(batch_size=12), {bad_workdir!r}, log=lambda *_: None)
+      print("NO ERROR")
+    except TrainingError as e:
+      print("ERROR:", e)
+    import os
+    print("CHECKPOINTS:", os.listdir(os.path.join({bad_workdir!r}, "checkpoints")))
+    out = train_and_evaluate(config, {workdir!r}, log=lambda *_: None)
+    print("LOSSES:", json.dumps(out["train_losses"]))
+    print("VALID:", out["valid"]["loss"])
+""")
+
+
+def test_eight_cpu_devices_match_one_device(tiny_run, compilation_cache, tmp_path):
+  config, _, out = tiny_run
+  script = EIGHT_DEVICES.format(root=ROOT, config=json.dumps(config.to_dict()),
+                                workdir=str(tmp_path / "eight"),
+                                bad_workdir=str(tmp_path / "bad"))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=compilation_cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                        text=True, timeout=400, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = dict(l.split(": ", 1) for l in proc.stdout.splitlines() if ": " in l)
+  assert "do not divide over 8 devices" in lines["ERROR"]
+  assert lines["CHECKPOINTS"] == "[]"
+  eight = {int(k): v for k, v in json.loads(lines["LOSSES"]).items()}
+  assert sorted(eight) == sorted(out["train_losses"])
+  for step, loss in out["train_losses"].items():
+    assert eight[step] == pytest.approx(loss, rel=2e-4, abs=2e-4), step
+  assert float(lines["VALID"]) == pytest.approx(out["valid"]["loss"], rel=2e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear messages, nothing lost.
+
+def test_missing_data(tmp_path):
+  with pytest.raises(DataError, match="does not exist"):
+    train_and_evaluate(Config.for_profile(data=[str(tmp_path / "nope.txt")], **QUIET),
+                       str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("content", ["", "{}\n", '{"text": ""}\n'])
+def test_empty_data(tmp_path, content):
+  name = "data.jsonl" if content else "data.txt"
+  (tmp_path / name).write_text(content)
+  expected = "no field 'text'" if content == "{}\n" else "empty"
+  with pytest.raises(DataError, match=expected):
+    train_and_evaluate(Config.for_profile(data=[str(tmp_path / name)], **QUIET),
+                       str(tmp_path / "run"))
+
+
+def test_empty_folder(tmp_path):
+  (tmp_path / "d").mkdir()
+  with pytest.raises(DataError, match="no usable files"):
+    train_and_evaluate(Config.for_profile(data=[str(tmp_path / "d")], **QUIET),
+                       str(tmp_path / "run"))
+
+
+def test_too_little_data(tmp_path):
+  np.save(tmp_path / "a.npy", np.arange(100, dtype=np.uint16))
+  with pytest.raises(DataError, match="has only 100 tokens: too few for seq_len=128"):
+    train_and_evaluate(Config.for_profile(data=[str(tmp_path / "a.npy")], **QUIET),
+                       str(tmp_path / "run"))
+
+
+def test_tokenizer_vocabulary_must_match_the_model(tiny_run, tmp_path):
+  config, workdir, _ = tiny_run
+  tok = os.path.join(workdir, "data", "tokenizer.model")  # 512 pieces
+  with pytest.raises(TokenizerError, match="has 512 pieces but --vocab-size has n_tokens=600"):
+    train_and_evaluate(config.replace(tokenizer=tok, vocab_size=600), str(tmp_path / "run"))
+  tokens = np.arange(1000, dtype=np.uint16) % 600
+  np.save(tmp_path / "tokens.npy", tokens)
+  with pytest.raises(TokenizerError, match="token id 599, outside the model's vocabulary"):
+    train_and_evaluate(config.replace(data=(str(tmp_path / "tokens.npy"),)),
+                       str(tmp_path / "run2"))
+
+
+def _hash_tree(path: str) -> dict[str, str]:
+  out = {}
+  for p in sorted(glob.glob(os.path.join(path, "**"), recursive=True)):
+    if os.path.isfile(p):
+      with open(p, "rb") as f:
+        out[os.path.relpath(p, path)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def test_incompatible_checkpoint_is_refused_and_kept(tiny_run):
+  config, workdir, _ = tiny_run
+  before = _hash_tree(os.path.join(workdir, "checkpoints"))
+  with pytest.raises(CheckpointError, match=r"d_model: 32 \(checkpoint\) != 48 \(now\)"):
+    train_and_evaluate(config.replace(d_model=48, steps=30), workdir)
+  with pytest.raises(CheckpointError, match="seq_len: 32"):
+    train_and_evaluate(config.replace(seq_len=64, steps=30), workdir)
+  assert _hash_tree(os.path.join(workdir, "checkpoints")) == before
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(tiny_run, tmp_path):
+  config, workdir, _ = tiny_run
+  import shutil  # pylint: disable=import-outside-toplevel
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  data_files = [p for p in glob.glob(os.path.join(copy, "checkpoints", "24", "state", "**"),
+                                     recursive=True)
+                if os.path.isfile(p) and "/d/" in p]
+  assert data_files
+  for p in data_files:
+    with open(p, "r+b") as f:
+      f.truncate(7)
+  before = _hash_tree(os.path.join(copy, "checkpoints"))
+  with pytest.raises(CheckpointError, match=r"cannot restore checkpoint .*24.*earlier one \(12\)"):
+    train_and_evaluate(config.replace(steps=30), copy)
+  assert _hash_tree(os.path.join(copy, "checkpoints")) == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path,
+                                                                  monkeypatch):
+  real = optim.make_optimizer
+
+  def poisoned(config):  # The 4th update (count 3) turns the parameters into NaN.
+    def update(updates, state, params=None):
+      del params
+      scale = jax.numpy.where(state == 3, jax.numpy.nan, 1.0)
+      return jax.tree.map(lambda u: u * scale, updates), state + 1
+    poison = optax.GradientTransformation(lambda _: jax.numpy.zeros([], jax.numpy.int32),
+                                          update)
+    return optax.chain(real(config), poison)
+
+  monkeypatch.setattr(optim, "make_optimizer", poisoned)
+  workdir = str(tmp_path / "run")
+  config = tiny_config(corpus, steps=8, checkpoint_every=2, log_every=100, eval_every=100)
+  with pytest.raises(NonFiniteLossError, match=r"non-finite param_norm at step 4 .*step 2\)"):
+    train_and_evaluate(config, workdir, log=lambda *_: None)
+  steps = sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints"))
+                 if p.isdigit())
+  assert steps == [2]
+
+
+def test_settings_are_validated():
+  with pytest.raises(ValueError, match="batch_size=10 is not divisible by grad_accum=4"):
+    Config.for_profile(batch_size=10, grad_accum=4)
+  with pytest.raises(ValueError, match="warmup_steps=50"):
+    Config.for_profile(steps=50, warmup_steps=50)
+  with pytest.raises(ValueError, match="unknown profile 'MoEUT_2T'"):
+    Config.for_profile("MoEUT_2T")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+def _cli(*args, cwd):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_cli_help_lists_the_flags(tmp_path):
+  proc = _cli("--help", cwd=tmp_path)
+  assert proc.returncode == 0
+  for flag in ("--profile", "--data", "--workdir", "--steps", "--batch-size", "--seq-len",
+               "--lr", "--seed", "--d-model", "--grad-accum", "eval", "sample"):
+    assert flag in proc.stdout, flag
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path):
+  proc = _cli("--data", str(tmp_path / "missing"), "--workdir", str(tmp_path / "w"),
+              cwd=tmp_path)
+  assert proc.returncode == 1
+  assert "error: data path" in proc.stderr and "does not exist" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  proc = _cli("--batch-size", "10", "--grad-accum", "4", cwd=tmp_path)
+  assert proc.returncode == 2 and "not divisible by grad_accum=4" in proc.stderr
+
+
+def test_cli_flags_override_the_profile_recipe(tmp_path):
+  sys.path.insert(0, ROOT)
+  import train  # pylint: disable=import-outside-toplevel
+  args = train.make_parser().parse_args(["--steps", "7", "--d-model", "64",
+                                         "--workdir", str(tmp_path)])
+  config = train.config_from_args(args)
+  assert config.steps == 7 and config.d_model == 64
+  assert config.seq_len == 128  # MoEUT_tiny's recipe
+  assert config.model_kwargs()["d_model"] == 64
+  paper = train.config_from_args(train.make_parser().parse_args(
+      ["--profile", "MoEUT_244M", "--workdir", str(tmp_path)]))
+  assert (paper.lr, paper.warmup_steps, paper.batch_size, paper.seq_len) == (2.5e-4, 4000, 64,
+                                                                             1024)
