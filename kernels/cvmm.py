@@ -11,6 +11,8 @@ Implementations are interchangeable and chosen per call with ``impl``:
   "reference"  the defining gather-everything version (tests only)
   "xla"        pure JAX over expert-aligned tiles (CPU, fallback)
   "triton"     Triton kernel through jax-triton (CUDA sm80+)
+  "triton_unfused"  the same kernels, but sums over slots go through a stored
+               [N*K, O] intermediate (faster at wide outputs; not chosen by "auto")
   "mosaic"     Pallas on the Mosaic GPU backend (Hopper, sm90)
   "auto"       the fastest available for the default backend
 """
@@ -29,10 +31,14 @@ _IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "reference": ("kernels.cvmm_reference", "cvmm_reference"),
     "xla": ("kernels.cvmm_xla", "cvmm_xla"),
     "triton": ("kernels.cvmm_triton", "cvmm_triton"),
+    # Triton without the fused sum: per-pair rows are stored and summed by XLA.
+    "triton_unfused": ("kernels.cvmm_triton", "cvmm_triton_unfused"),
     "mosaic": ("kernels.cvmm_mosaic", "cvmm_mosaic"),
 }
-# Preference order of "auto" on GPUs; on any other backend "auto" is "xla".
-_AUTO_GPU_ORDER = ("mosaic", "triton", "xla")
+# Preference order of "auto" on GPUs, fastest measured first (H200, 2026-11-28,
+# bench/RESULTS.md: Triton beats the Mosaic path on every projection and profile
+# measured); on any other backend "auto" is "xla".
+_AUTO_GPU_ORDER = ("triton", "mosaic", "xla")
 IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS) + ("auto",)
 
 

@@ -61,6 +61,17 @@ class Routing:
     """[P] int32: the token (row of N) of each sorted position."""
     return self.order // self.k
 
+  def tiles(self, block_m: int) -> jax.Array:
+    """[3, Z] int32 expert-aligned tiles of at most ``block_m`` sorted positions.
+
+    Row 0 is each tile's expert, rows 1 and 2 its first and end sorted position
+    (start == end for the unused tiles at the end). Z = min(P, (P + E*(block_m-1)) //
+    block_m) is a static bound on sum_e ceil(group_sizes[e] / block_m). The GPU
+    kernels launch one program per tile (and output block); being a pure function
+    of the routing, XLA computes it once per jit for all calls with the same block.
+    """
+    return expert_tiles(self.group_sizes, self.group_offsets, self.n_pairs, block_m)
+
 
 def make_routing(expert_index: jax.Array, n_experts: int) -> Routing:
   """Sorts the (token, slot) pairs of ``expert_index`` [N, K] by expert."""
@@ -77,3 +88,22 @@ def make_routing(expert_index: jax.Array, n_experts: int) -> Routing:
   group_offsets = jnp.concatenate(
       [jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes, dtype=jnp.int32)])  # [E+1]
   return Routing(expert_index, order, group_sizes, group_offsets, n_experts)
+
+
+def expert_tiles(group_sizes: jax.Array, group_offsets: jax.Array, n_pairs: int,
+                 block_m: int) -> jax.Array:
+  """See :meth:`Routing.tiles`."""
+  e = group_sizes.shape[0]
+  z = max(1, min(n_pairs, (n_pairs + e * (block_m - 1)) // block_m))
+  per_expert = (group_sizes + block_m - 1) // block_m                     # [E]
+  tile_off = jnp.cumsum(per_expert, dtype=jnp.int32)                      # [E] inclusive
+  zi = jnp.arange(z, dtype=jnp.int32)                                     # [Z]
+  tile_e = jnp.searchsorted(tile_off, zi, side="right").astype(jnp.int32)  # [Z]
+  used = tile_e < e
+  tile_e = jnp.minimum(tile_e, e - 1)
+  local = zi - (tile_off[tile_e] - per_expert[tile_e])                    # [Z] tile within expert
+  start = group_offsets[tile_e] + local * block_m
+  end = jnp.minimum(start + block_m, group_offsets[tile_e + 1])
+  start = jnp.where(used, start, 0)
+  end = jnp.where(used, end, 0)
+  return jnp.stack([tile_e, start, end]).astype(jnp.int32)                # [3, Z]

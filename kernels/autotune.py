@@ -1,0 +1,209 @@
+"""Tile sizes for the CVMM kernels: a self-validating config and a cached autotuner.
+
+Block sizes are not hard-coded: each kernel offers a short list of candidate
+:class:`TileConfig`s for a shape, and :class:`Autotuner` times them on the device the
+first time that (device, kernel, shape, dtype) is seen. The winner is cached in memory
+and, when ``CVMM_AUTOTUNE_CACHE`` names a JSON file (or a path is given), on disk, so
+a later process starts from the measured choice.
+
+Environment:
+  CVMM_AUTOTUNE        "1" (default) times candidates; "0" takes the first valid
+                       candidate (the heuristic choice) without timing.
+  CVMM_AUTOTUNE_CACHE  JSON file read at start and rewritten after every new choice.
+
+The multiprocessor count, used to size split-K and persistent grids, is read from the
+device (:func:`multiprocessor_count`), never assumed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import threading
+import time
+from typing import Callable, Iterable, Sequence
+
+import jax
+
+
+def _is_pow2(v: int) -> bool:
+  return v > 0 and v & (v - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+  """Tile sizes and launch shape of one CVMM kernel.
+
+  block_m: rows of sorted pairs per program (Triton, Mosaic), or rows of the
+    contraction per step (weight gradient: block_k is then the row step).
+  block_n: output columns per program.
+  block_k: contraction step.
+  num_warps: warps per program (Triton); the Mosaic kernels run one warpgroup (4).
+  num_stages: software pipeline depth (Triton ``num_stages``, Mosaic
+    ``max_concurrent_steps``).
+  splits: independent row chunks per expert (weight gradient only: split-K over
+    the ragged rows, partial results summed afterwards); 1 elsewhere.
+  """
+
+  block_m: int
+  block_n: int
+  block_k: int
+  num_warps: int = 4
+  num_stages: int = 3
+  splits: int = 1
+
+  def __post_init__(self):
+    for name in ("block_m", "block_n", "block_k"):
+      v = getattr(self, name)
+      if not _is_pow2(v) or v < 16:
+        raise ValueError(f"{name}={v} must be a power of two >= 16 (tensor-core tiles)")
+    if self.num_warps not in (1, 2, 4, 8, 16):
+      raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
+    if not 1 <= self.num_stages <= 8:
+      raise ValueError(f"num_stages={self.num_stages} must be in [1, 8]")
+    if self.splits < 1:
+      raise ValueError(f"splits={self.splits} must be >= 1")
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: dict) -> "TileConfig":
+    return cls(**d)
+
+
+def next_pow2(v: int) -> int:
+  return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  return f"{d.platform}:{d.device_kind}"
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count() -> int:
+  """Streaming multiprocessors of the default GPU (CPU cores on the CPU backend)."""
+  d = jax.devices()[0]
+  if d.platform == "gpu":
+    n = getattr(d, "core_count", None)
+    if n:
+      return int(n)
+    try:  # jaxlib without core_count: ask the CUDA driver through Triton
+      from triton.runtime import driver
+      return int(driver.active.utils.get_device_properties(
+          d.local_hardware_id)["multiprocessor_count"])
+    except ImportError as err:
+      raise RuntimeError("cannot read the multiprocessor count of the GPU") from err
+  return os.cpu_count() or 1
+
+
+def compile_now(fn: Callable, *args):
+  """``jax.jit(fn)`` compiled for ``args`` (concrete arrays), callable eagerly.
+
+  Autotuning runs while an outer function is being traced: the candidate inputs are
+  made under ``jax.ensure_compile_time_eval()`` (so they are concrete), but the kernel
+  itself must be traced outside that context (Pallas kernels need their own tracing);
+  a compiled executable then runs eagerly even inside the outer trace.
+  """
+  return jax.jit(fn).trace(*args).lower().compile()
+
+
+def time_call(fn: Callable[[], object], *, warmup: int = 1,
+              reps: int = int(os.environ.get("CVMM_AUTOTUNE_REPS", "5"))) -> float:
+  """Median wall time in seconds of ``fn()`` (which must return jax arrays), synced."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+class Autotuner:
+  """Chooses a :class:`TileConfig` per (device, kernel, shape, dtype), timing once."""
+
+  def __init__(self, cache_file: str | None = None):
+    self.cache_file = cache_file if cache_file is not None else os.environ.get(
+        "CVMM_AUTOTUNE_CACHE")
+    self._lock = threading.Lock()
+    self._mem: dict[str, TileConfig] = {}
+    self.log: list[str] = []
+    if self.cache_file and os.path.exists(self.cache_file):
+      with open(self.cache_file) as f:
+        for k, v in json.load(f).items():
+          self._mem[k] = TileConfig.from_json(v)
+
+  @staticmethod
+  def key(kernel: str, shape: Sequence[int], dtype) -> str:
+    dt = jax.numpy.dtype(dtype).name
+    return f"{device_name()}|{kernel}|{'x'.join(map(str, shape))}|{dt}"
+
+  @property
+  def enabled(self) -> bool:
+    return os.environ.get("CVMM_AUTOTUNE", "1") != "0"
+
+  def cached(self, kernel: str, shape: Sequence[int], dtype) -> TileConfig | None:
+    return self._mem.get(self.key(kernel, shape, dtype))
+
+  def choose(self, kernel: str, shape: Sequence[int], dtype,
+             candidates: Iterable[TileConfig],
+             bench: Callable[[TileConfig], float] | None) -> TileConfig:
+    """The cached choice, else the fastest candidate by ``bench`` (seconds), cached.
+
+    Candidates come in heuristic order; without ``bench`` or with autotuning off the
+    first is returned (and not written to the file: it was not measured).
+    """
+    k = self.key(kernel, shape, dtype)
+    with self._lock:
+      if k in self._mem:
+        return self._mem[k]
+    candidates = list(dict.fromkeys(candidates))
+    if not candidates:
+      raise ValueError(f"no tile candidates for {k}")
+    if bench is None or not self.enabled or len(candidates) == 1:
+      return candidates[0]
+    timed = []
+    for c in candidates:
+      try:
+        t = bench(c)
+      except Exception as err:  # a candidate that does not compile (e.g. shared memory)
+        self.log.append(f"{k} {c}: failed ({type(err).__name__}: {str(err)[:120]})")
+        continue
+      self.log.append(f"{k} {c}: {t * 1e3:.3f} ms")
+      timed.append((t, c))
+    if not timed:
+      raise RuntimeError(f"every tile candidate failed for {k}; see Autotuner.log")
+    best = min(timed, key=lambda tc: tc[0])[1]
+    with self._lock:
+      self._mem[k] = best
+      self._save()
+    return best
+
+  def _save(self):
+    if not self.cache_file:
+      return
+    data = {}
+    if os.path.exists(self.cache_file):
+      with open(self.cache_file) as f:
+        data = json.load(f)
+    data.update({k: v.to_json() for k, v in self._mem.items()})
+    tmp = self.cache_file + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, self.cache_file)
+
+
+_TUNER: Autotuner | None = None
+
+
+def tuner() -> Autotuner:
+  """The process-wide autotuner (created on first use, reading CVMM_AUTOTUNE_CACHE)."""
+  global _TUNER
+  if _TUNER is None:
+    _TUNER = Autotuner()
+  return _TUNER

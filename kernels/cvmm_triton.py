@@ -1,0 +1,519 @@
+"""CVMM as Triton kernels called through jax-triton: forward and every gradient.
+
+Two kernels do all the work (legend in :mod:`kernels.routing`):
+
+``_rows_kernel``: one program per (expert-aligned tile of sorted pairs, block of output
+  columns). It gathers the tile's input rows by index, multiplies them by the tile's
+  expert matrix and writes each result row to an output row chosen by index:
+
+      out[orow(p)] (+)= scale[p] * (a[arow(p)] @ W[e(p)])      for the pairs p of the tile
+
+  Row maps are ``row(p) = (p // K) * R + (p % K) // (K // R)`` with R in {1, M, K} rows
+  per token, so one kernel serves
+    forward            a = x  (R = M),   out = y [P, O]       (R = K), stored
+    forward, gated     a = x  (R = M),   out = [N, O]         (R = 1), scale = gates, atomic add
+    dx                 a = dy (R = K),   W^T, out = dx (R = M), atomic when K // M > 1
+    dx, gated          a = dout (R = 1), W^T, scale = gates, out = dx (R = M), plus
+                       dgates[p] = <dout[n] @ W^T, x[arow(p)]> from the same product,
+                       written as one partial per column block and summed afterwards.
+  With gates the weighted sum over the K slots is fused: each program adds its
+  gate-weighted rows into the float32 [N, O] output with relaxed atomics, so the
+  [P, O] intermediate is never written.
+
+``_dw_kernel``: the ragged contraction dW[e] = sum over e's pairs of a[arow(p)]^T
+  (scale[p] * b[brow(p)]). One program per (expert, split, block of I, block of O); it
+  walks its share of the expert's rows. ``splits`` > 1 divides an expert's rows over
+  several programs (to fill the multiprocessors when E * blocks is small); their
+  float32 partials are summed afterwards. Experts without pairs write zeros.
+
+float32 inputs use ``input_precision="ieee"`` (true float32, not tf32); bf16/fp16
+accumulate in float32.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import autotune
+from kernels.autotune import TileConfig
+from kernels.routing import Routing
+
+if os.environ.get("CVMM_TRITON_INTERPRET", "0") == "1":
+  # Triton's interpreter must be chosen before triton is first imported.
+  os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+  import triton
+  import triton.language as tl
+  _jit = triton.jit
+except ImportError:  # CPU-only installs: the module imports, is_available() is False
+  triton = None
+
+  class tl:  # noqa: N801  (stand-in so the kernel signatures below parse)
+    constexpr = int
+
+  def _jit(fn):
+    return fn
+
+
+def _jax_triton():
+  import jax_triton  # noqa: PLC0415  (needs a CUDA jaxlib; absent on CPU)
+  return jax_triton
+
+
+def is_available() -> bool:
+  if triton is None or jax.default_backend() != "gpu":
+    return False
+  try:
+    _jax_triton()
+  except ImportError:
+    return False
+  return True
+
+
+# --------------------------------------------------------------------------- kernels
+
+@_jit
+def _rows_kernel(
+    a_ptr,        # [Ra, I]  rows read by the pairs
+    w_ptr,        # expert matrices: element (e, i, o) at e*SW_E + i*SW_I + o*SW_O
+    order_ptr,    # [P] int32 pair index at each sorted position
+    tiles_ptr,    # [3, Z] int32 expert, start, end of each tile
+    scale_ptr,    # [P] per-pair scale (gates), indexed by pair; unused if not HAS_SCALE
+    c_ptr,        # [Rc, O] rows dotted with the product for dgates; unused if not DGATE
+    out_ptr,      # [Ro, O]  (float32 when ATOMIC)
+    dg_ptr,       # [P, cdiv(O, BN)] float32 dgates partials; unused if not DGATE
+    Z: tl.constexpr, I: tl.constexpr, O: tl.constexpr, K: tl.constexpr,
+    A_R: tl.constexpr, O_R: tl.constexpr, C_R: tl.constexpr,
+    SW_E: tl.constexpr, SW_I: tl.constexpr, SW_O: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr, DGATE: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+  n_nb: tl.constexpr = (O + BN - 1) // BN
+  pid = tl.program_id(0)
+  tile = pid // n_nb
+  nb = pid % n_nb
+  e = tl.load(tiles_ptr + tile)
+  start = tl.load(tiles_ptr + Z + tile)
+  end = tl.load(tiles_ptr + 2 * Z + tile)
+  if start < end:
+    rows = start + tl.arange(0, BM)                                # [BM] sorted positions
+    rmask = rows < end
+    pair = tl.load(order_ptr + rows, mask=rmask, other=0)          # [BM]
+    tok = pair // K
+    slot = pair % K
+    a_row = (tok * A_R + slot // (K // A_R)).to(tl.int64)          # [BM]
+    cols = nb * BN + tl.arange(0, BN)                              # [BN]
+    cmask = cols < O
+    w_base = w_ptr + e.to(tl.int64) * SW_E
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in tl.range(0, I, BK):
+      ks = k0 + tl.arange(0, BK)
+      kmask = ks < I
+      a = tl.load(a_ptr + a_row[:, None] * I + ks[None, :],
+                  mask=rmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK]
+      b = tl.load(w_base + ks[:, None] * SW_I + cols[None, :] * SW_O,
+                  mask=kmask[:, None] & cmask[None, :], other=0.0)  # [BK, BN]
+      if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+      else:
+        acc = tl.dot(a, b, acc)
+    if DGATE:
+      c_row = (tok * C_R + slot // (K // C_R)).to(tl.int64)
+      c = tl.load(c_ptr + c_row[:, None] * O + cols[None, :],
+                  mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+      part = tl.sum(acc * c, axis=1)                               # [BM]
+      tl.store(dg_ptr + pair.to(tl.int64) * n_nb + nb, part, mask=rmask)
+    if HAS_SCALE:
+      s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+      acc = acc * s[:, None]
+    o_row = (tok * O_R + slot // (K // O_R)).to(tl.int64)
+    o_ptrs = out_ptr + o_row[:, None] * O + cols[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    if ATOMIC:
+      tl.atomic_add(o_ptrs, acc, mask=omask, sem="relaxed")
+    else:
+      tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@_jit
+def _dw_kernel(
+    a_ptr,        # [Ra, I] rows, contracted over the expert's pairs
+    b_ptr,        # [Rb, O] rows
+    order_ptr,    # [P] int32
+    offs_ptr,     # [E + 1] int32 group offsets
+    scale_ptr,    # [P] per-pair scale of b's rows; unused if not HAS_SCALE
+    out_ptr,      # [S, E, I, O]
+    E: tl.constexpr, I: tl.constexpr, O: tl.constexpr, K: tl.constexpr,
+    A_R: tl.constexpr, B_R: tl.constexpr, S: tl.constexpr,
+    BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
+):
+  n_ib: tl.constexpr = (I + BI - 1) // BI
+  n_ob: tl.constexpr = (O + BO - 1) // BO
+  pid = tl.program_id(0)
+  ob = pid % n_ob
+  t = pid // n_ob
+  ib = t % n_ib
+  t = t // n_ib
+  split = t % S
+  e = t // S
+  g0 = tl.load(offs_ptr + e)
+  g1 = tl.load(offs_ptr + e + 1)
+  chunk = ((g1 - g0 + S - 1) // S + BK - 1) // BK * BK
+  lo = g0 + split * chunk
+  hi = lo + chunk
+  hi = tl.where(hi < g1, hi, g1)
+  ii = ib * BI + tl.arange(0, BI)
+  oo = ob * BO + tl.arange(0, BO)
+  imask = ii < I
+  omask = oo < O
+  acc = tl.zeros((BI, BO), dtype=tl.float32)
+  for r0 in tl.range(lo, hi, BK):
+    rows = r0 + tl.arange(0, BK)
+    rmask = rows < hi
+    pair = tl.load(order_ptr + rows, mask=rmask, other=0)
+    tok = pair // K
+    slot = pair % K
+    a_row = (tok * A_R + slot // (K // A_R)).to(tl.int64)
+    b_row = (tok * B_R + slot // (K // B_R)).to(tl.int64)
+    a = tl.load(a_ptr + a_row[None, :] * I + ii[:, None],
+                mask=imask[:, None] & rmask[None, :], other=0.0)    # [BI, BK]
+    b = tl.load(b_ptr + b_row[:, None] * O + oo[None, :],
+                mask=rmask[:, None] & omask[None, :], other=0.0)    # [BK, BO]
+    if HAS_SCALE:
+      s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+      b = (b.to(tl.float32) * s[:, None]).to(a.dtype)
+    if IEEE:
+      acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+      acc = tl.dot(a, b, acc)
+  o_ptrs = (out_ptr + ((split * E + e).to(tl.int64) * I + ii[:, None]) * O + oo[None, :])
+  tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=imask[:, None] & omask[None, :])
+
+
+# ------------------------------------------------------------------ launching
+
+def _interpret() -> bool:
+  """CVMM_TRITON_INTERPRET=1 runs the kernels in Triton's CPU interpreter (tests)."""
+  return os.environ.get("CVMM_TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _fix_interpreter_index():
+  """Triton 3.6's interpreter turns scalars into 1-element arrays and converts them to
+  loop bounds with int(), which NumPy >= 2.4 refuses; take the element explicitly."""
+  import triton.runtime.interpreter as interp  # noqa: PLC0415
+  orig = interp._patch_lang_tensor
+
+  def patched(tensor, scope):
+    orig(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+  interp._patch_lang_tensor = patched
+
+
+def _to_torch(a: np.ndarray):
+  import torch  # noqa: PLC0415  (interpreter only)
+  if a.dtype == jnp.bfloat16:
+    return torch.from_numpy(np.array(a).view(np.int16)).view(torch.bfloat16)
+  return torch.from_numpy(np.array(a))
+
+
+def _from_torch(t) -> np.ndarray:
+  import torch  # noqa: PLC0415
+  if t.dtype == torch.bfloat16:
+    return t.view(torch.int16).numpy().view(jnp.bfloat16)
+  return t.numpy()
+
+
+def _launch(kernel, args, out_shapes, grid: int, cfg: TileConfig, zeroed=(), **meta):
+  """jax_triton.triton_call on GPUs; a host callback into Triton's interpreter in tests."""
+  if not _interpret():
+    jt = _jax_triton()
+    return jt.triton_call(*args, kernel=kernel, out_shape=out_shapes, grid=(grid,),
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                          zeroed_outputs=tuple(zeroed), **meta)
+
+  from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415
+  if not isinstance(kernel, InterpretedFunction):
+    raise RuntimeError("CVMM_TRITON_INTERPRET=1 must be set before triton is imported")
+  fn = kernel
+  _fix_interpreter_index()
+
+  def host(*arrays):
+    import torch  # noqa: PLC0415
+    ins = [_to_torch(np.asarray(a)) for a in arrays]
+    outs = [_to_torch(np.zeros(s.shape, s.dtype)) if i in zeroed else
+            _to_torch(np.full(s.shape, np.nan, s.dtype)) for i, s in enumerate(out_shapes)]
+    fn[(grid,)](*ins, *outs, **meta)
+    return tuple(_from_torch(o) for o in outs)
+
+  return list(jax.pure_callback(host, tuple(out_shapes), *args))
+
+
+_DUMMY_F32 = lambda: jnp.zeros((1,), jnp.float32)  # noqa: E731
+
+
+def _row_count(n: int, k: int, r: int) -> int:
+  return n * r
+
+
+def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
+                out_rows: int, transpose_w: bool = False, scale: jax.Array | None = None,
+                dgate_rows: jax.Array | None = None, c_rows: int = 1,
+                fuse_sum: bool = True, cfg: TileConfig | None = None):
+  """out[orow(p)] (+)= scale[p] * a[arow(p)] @ W_e, see the module docstring.
+
+  a: [N * a_rows, I]; w: [E, I, O] (or [E, O, I] used transposed); scale: [P] or None;
+  dgate_rows: [N * c_rows, O] rows dotted with the unscaled product, or None.
+  Returns (out [N * out_rows, O], dgates [P] float32 or None). out is float32 when
+  several pairs meet in one output row (out_rows < K), else a's dtype. With
+  ``fuse_sum=False`` such rows are not added atomically: every pair's scaled row is
+  stored ([P, O] in a's dtype) and XLA sums them (faster at wide outputs, but the
+  intermediate is written).
+  """
+  if out_rows < routing.k and not fuse_sum:
+    out, dg = rows_matmul(a, w, routing, a_rows=a_rows, out_rows=routing.k,
+                          transpose_w=transpose_w, scale=scale, dgate_rows=dgate_rows,
+                          c_rows=c_rows, cfg=cfg)                        # [P, O]
+    n, k = routing.n_tokens, routing.k
+    out = out.reshape(n, out_rows, k // out_rows, -1).astype(jnp.float32).sum(axis=2)
+    return out.reshape(n * out_rows, -1), dg
+  n, k, p = routing.n_tokens, routing.k, routing.n_pairs
+  e = w.shape[0]
+  if transpose_w:
+    _, o, i = w.shape
+    sw = (i * o, 1, i)          # W^T[e][i', o'] = w[e, o', i']
+  else:
+    _, i, o = w.shape
+    sw = (i * o, o, 1)
+  assert a.shape == (n * a_rows, i), (a.shape, n, a_rows, i)
+  if cfg is None:
+    cfg = choose_rows_config(n, k, e, i, o, a.dtype, a_rows, out_rows, scale is not None)
+  atomic = out_rows < k
+  out_dtype = jnp.float32 if atomic else a.dtype
+  tiles = routing.tiles(cfg.block_m)                                 # [3, Z]
+  z = tiles.shape[1]
+  n_nb = -(-o // cfg.block_n)
+  dgate = dgate_rows is not None
+  out_shapes = [jax.ShapeDtypeStruct((n * out_rows, o), out_dtype),
+                jax.ShapeDtypeStruct((p, n_nb) if dgate else (1,), jnp.float32)]
+  args = [a, w, routing.order, tiles,
+          scale if scale is not None else _DUMMY_F32(),
+          dgate_rows if dgate else _DUMMY_F32()]
+  out, dg = _launch(
+      _rows_kernel, args, out_shapes, z * n_nb, cfg, zeroed=(0,) if atomic else (),
+      Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, C_R=c_rows,
+      SW_E=sw[0], SW_I=sw[1], SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
+      HAS_SCALE=scale is not None, ATOMIC=atomic, DGATE=dgate,
+      IEEE=a.dtype == jnp.float32)
+  return out, (dg.sum(axis=1) if dgate else None)
+
+
+def expert_gram(a: jax.Array, b: jax.Array, routing: Routing, *, a_rows: int, b_rows: int,
+                scale: jax.Array | None = None, out_dtype=None,
+                cfg: TileConfig | None = None) -> jax.Array:
+  """dW[e] = sum_{p of e} a[arow(p)]^T (scale[p] b[brow(p)]) -> [E, I, O]."""
+  n, k, e = routing.n_tokens, routing.k, routing.n_experts
+  i, o = a.shape[1], b.shape[1]
+  out_dtype = out_dtype or a.dtype
+  if cfg is None:
+    cfg = choose_dw_config(routing.n_pairs, k, e, i, o, a.dtype, a_rows, b_rows,
+                           scale is not None)
+  s = cfg.splits
+  grid = e * s * -(-i // cfg.block_m) * -(-o // cfg.block_n)
+  part_dtype = jnp.float32 if s > 1 else out_dtype
+  out_shapes = [jax.ShapeDtypeStruct((s, e, i, o), part_dtype)]
+  args = [a, b, routing.order, routing.group_offsets,
+          scale if scale is not None else _DUMMY_F32()]
+  (out,) = _launch(
+      _dw_kernel, args, out_shapes, grid, cfg,
+      E=e, I=i, O=o, K=k, A_R=a_rows, B_R=b_rows, S=s,
+      BI=cfg.block_m, BO=cfg.block_n, BK=cfg.block_k,
+      HAS_SCALE=scale is not None, IEEE=a.dtype == jnp.float32)
+  return (out.sum(axis=0) if s > 1 else out[0]).astype(out_dtype)
+
+
+# ------------------------------------------------------------------ tile choice
+
+def _rows_candidates(i: int, o: int, dtype) -> list[TileConfig]:
+  bn_max = max(16, autotune.next_pow2(o))
+  bk_max = max(16, autotune.next_pow2(i))
+  if jnp.dtype(dtype).itemsize >= 4:
+    raw = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 4, 3)]
+  else:
+    raw = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+           (64, 128, 64, 4, 4), (128, 256, 64, 8, 3)]
+  out = []
+  for bm, bn, bk, w, st in raw:
+    out.append(TileConfig(bm, min(bn, bn_max), min(bk, bk_max), w, st))
+  return list(dict.fromkeys(out))
+
+
+def _dw_candidates(p: int, e: int, i: int, o: int, dtype) -> list[TileConfig]:
+  bi_max = max(16, autotune.next_pow2(i))
+  bo_max = max(16, autotune.next_pow2(o))
+  if jnp.dtype(dtype).itemsize >= 4:
+    raw = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]
+  else:
+    raw = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4),
+           (128, 64, 64, 4, 4)]
+  sms = autotune.multiprocessor_count()
+  out = []
+  for bi, bo, bk, w, st in raw:
+    bi, bo = min(bi, bi_max), min(bo, bo_max)
+    blocks = e * -(-i // bi) * -(-o // bo)
+    mean_rows = max(1, p // e)
+    # Split an expert's rows until about two programs per multiprocessor, keeping
+    # at least a few steps of bk rows per program.
+    splits = max(1, min(-(-2 * sms // blocks), mean_rows // (4 * bk), 32))
+    out.append(TileConfig(bi, bo, bk, w, st, splits))
+  return list(dict.fromkeys(out))
+
+
+def _synthetic_routing(n: int, k: int, e: int, seed: int = 0) -> Routing:
+  """Random top-k of random logits: roughly balanced groups, like a trained router."""
+  from kernels.routing import make_routing  # noqa: PLC0415
+  logits = jax.random.normal(jax.random.key(seed), (n, e))
+  _, idx = jax.lax.top_k(logits, min(k, e))
+  if k > e:
+    idx = jnp.tile(idx, (1, -(-k // e)))[:, :k]
+  return make_routing(idx, e)
+
+
+def _bench_or_none(make):
+  if _interpret() or not is_available():
+    return None
+  return make
+
+
+def choose_rows_config(n, k, e, i, o, dtype, a_rows, out_rows, has_scale) -> TileConfig:
+  shape = (n, k, e, i, o, a_rows, out_rows, int(has_scale))
+
+  def bench(cfg):
+    with jax.ensure_compile_time_eval():
+      r = _synthetic_routing(n, k, e)
+      a = jax.random.normal(jax.random.key(1), (n * a_rows, i), dtype)
+      w = jax.random.normal(jax.random.key(2), (e, i, o), dtype)
+      sc = jax.random.uniform(jax.random.key(3), (n * k,), jnp.float32) if has_scale else None
+    f = autotune.compile_now(
+        lambda a, w, r, sc: rows_matmul(a, w, r, a_rows=a_rows, out_rows=out_rows,
+                                        scale=sc, cfg=cfg)[0], a, w, r, sc)
+    return autotune.time_call(lambda: f(a, w, r, sc))
+
+  return autotune.tuner().choose("triton_rows", shape, dtype, _rows_candidates(i, o, dtype),
+                                 _bench_or_none(bench))
+
+
+def choose_dw_config(p, k, e, i, o, dtype, a_rows, b_rows, has_scale) -> TileConfig:
+  n = p // k
+  shape = (n, k, e, i, o, a_rows, b_rows, int(has_scale))
+
+  def bench(cfg):
+    with jax.ensure_compile_time_eval():
+      r = _synthetic_routing(n, k, e)
+      a = jax.random.normal(jax.random.key(1), (n * a_rows, i), dtype)
+      b = jax.random.normal(jax.random.key(2), (n * b_rows, o), dtype)
+      sc = jax.random.uniform(jax.random.key(3), (p,), jnp.float32) if has_scale else None
+    f = autotune.compile_now(
+        lambda a, b, r, sc: expert_gram(a, b, r, a_rows=a_rows, b_rows=b_rows,
+                                        scale=sc, cfg=cfg), a, b, r, sc)
+    return autotune.time_call(lambda: f(a, b, r, sc))
+
+  return autotune.tuner().choose("triton_dw", shape, dtype, _dw_candidates(p, e, i, o, dtype),
+                                 _bench_or_none(bench))
+
+
+# ------------------------------------------------------------------ public op
+
+def cvmm_triton(x: jax.Array, routing: Routing, w: jax.Array,
+                gates: jax.Array | None = None, *, fuse_sum: bool = True) -> jax.Array:
+  """See :func:`kernels.cvmm`. x [N, M, I], w [E, I, O], gates [N, K] or None.
+
+  fuse_sum: add the rows that share an output row (the gated sum over slots; in the
+    backward pass the slots that read one x row) with float32 atomics inside the kernel
+    (True: no [P, O] intermediate), or store per-pair rows and sum them in XLA (False).
+  """
+  w = w.astype(x.dtype) if w.dtype != x.dtype else w
+  plain, gated = _ops(fuse_sum)
+  if gates is None:
+    return plain(x, w, routing)
+  return gated(x, w, gates, routing)
+
+
+def cvmm_triton_unfused(x, routing, w, gates=None):
+  """:func:`cvmm_triton` with ``fuse_sum=False`` (for benchmarks and comparison)."""
+  return cvmm_triton(x, routing, w, gates, fuse_sum=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _ops(fuse: bool):
+  """The two custom_vjp ops (without and with gates) for one reduction strategy."""
+
+  # Without gates: y [N, K, O].
+  @jax.custom_vjp
+  def plain(x, w, routing):
+    return _fwd(x, w, routing)[0]
+
+  def _fwd(x, w, routing):
+    n, m, i = x.shape
+    k = routing.k
+    y, _ = rows_matmul(x.reshape(n * m, i), w, routing, a_rows=m, out_rows=k)   # [P, O]
+    return y.reshape(n, k, w.shape[2]), (x, w, routing)
+
+  def _bwd(res, dy):
+    x, w, routing = res
+    n, m, i = x.shape
+    k = routing.k
+    dy2 = dy.astype(x.dtype).reshape(n * k, w.shape[2])                      # [P, O]
+    dx, _ = rows_matmul(dy2, w, routing, a_rows=k, out_rows=m, transpose_w=True,
+                        fuse_sum=fuse)                                       # [N*M, I]
+    dw = expert_gram(x.reshape(n * m, i), dy2, routing, a_rows=m, b_rows=k,
+                     out_dtype=w.dtype)                                      # [E, I, O]
+    return dx.reshape(n, m, i).astype(x.dtype), dw, None
+
+  plain.defvjp(_fwd, _bwd)
+
+  # With gates: out [N, O] = sum_s gates[n, s] y[n, s].
+  @jax.custom_vjp
+  def gated(x, w, gates, routing):
+    return _fwd_gated(x, w, gates, routing)[0]
+
+  def _fwd_gated(x, w, gates, routing):
+    n, m, i = x.shape
+    out, _ = rows_matmul(x.reshape(n * m, i), w, routing, a_rows=m, out_rows=1,
+                         scale=gates.reshape(-1), fuse_sum=fuse)             # [N, O] f32
+    return out.astype(x.dtype), (x, w, gates, routing)
+
+  def _bwd_gated(res, dout):
+    x, w, gates, routing = res
+    n, m, i = x.shape
+    x2 = x.reshape(n * m, i)
+    dout = dout.astype(x.dtype)                                              # [N, O]
+    g = gates.reshape(-1)
+    dx, dg = rows_matmul(dout, w, routing, a_rows=1, out_rows=m, transpose_w=True,
+                         scale=g, dgate_rows=x2, c_rows=m, fuse_sum=fuse)    # [N*M, I], [P]
+    dw = expert_gram(x2, dout, routing, a_rows=m, b_rows=1, scale=g, out_dtype=w.dtype)
+    return (dx.reshape(n, m, i).astype(x.dtype), dw,
+            dg.reshape(n, routing.k).astype(gates.dtype), None)
+
+  gated.defvjp(_fwd_gated, _bwd_gated)
+  return plain, gated
+
+
+# ------------------------------------------------------------------ benchmark entry
+
+def main():
+  """Times forward and forward+backward on the MoEUT_244M σ-MoE shapes."""
+  from bench.cvmm import main as bench_main  # noqa: PLC0415
+  bench_main(["--impls", "triton", "--profiles", "MoEUT_244M"])
+
+
+if __name__ == "__main__":
+  main()

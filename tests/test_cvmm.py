@@ -1,0 +1,191 @@
+"""CVMM on the CPU: the pure-JAX tiled implementation against the reference, forward and
+every gradient, plus the Triton kernels' logic in Triton's CPU interpreter."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import cvmm, make_routing
+from kernels.autotune import Autotuner, TileConfig
+from kernels.cvmm_reference import cvmm_reference
+
+# Largest allowed ||out - ref|| / ||ref|| per input dtype (reference: float32, HIGHEST).
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+# (name, N, K, M, E, I, O, routing kind)
+CASES = [
+    ("basic", 60, 4, 1, 8, 32, 24, "random"),
+    ("m_eq_k", 50, 4, 4, 8, 24, 32, "random"),
+    ("m_divisor", 37, 6, 3, 5, 20, 12, "random"),
+    ("m_divisor_2", 41, 4, 2, 6, 16, 16, "random"),
+    ("k1", 45, 1, 1, 6, 16, 20, "random"),
+    ("one_expert", 30, 2, 2, 1, 16, 16, "random"),
+    ("empty_experts", 6, 2, 1, 40, 16, 16, "random"),
+    ("all_one_expert", 33, 3, 1, 7, 16, 24, "one"),
+    ("odd_sizes", 53, 5, 1, 9, 17, 13, "random"),
+    ("one_token", 1, 3, 1, 4, 8, 8, "random"),
+]
+
+
+def _routing(kind, n, k, e, key):
+  if kind == "one":
+    idx = jnp.full((n, k), e // 2, jnp.int32)
+  elif k <= e:
+    _, idx = jax.lax.top_k(jax.random.normal(key, (n, e)), k)
+  else:
+    idx = jax.random.randint(key, (n, k), 0, e)
+  return make_routing(idx, e)
+
+
+def _rel(a, b):
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _outputs(fn, x, w, g, r, ct):
+  def loss(x, w, g):
+    return jnp.sum(fn(x, r, w, g).astype(jnp.float32) * ct)
+
+  argn = (0, 1, 2) if g is not None else (0, 1)
+  return (fn(x, r, w, g),) + tuple(jax.grad(loss, argnums=argn)(x, w, g))
+
+
+def _inputs(case, dtype, gated):
+  _, n, k, m, e, i, o, kind = case
+  ks = jax.random.split(jax.random.key(zlib.crc32(repr(case).encode())), 5)
+  r = _routing(kind, n, k, e, ks[0])
+  x = jax.random.normal(ks[1], (n, m, i)).astype(dtype)
+  w = (jax.random.normal(ks[2], (e, i, o)) * i ** -0.5).astype(dtype)
+  g = jax.random.uniform(ks[3], (n, k)).astype(dtype) if gated else None
+  ct = jax.random.normal(ks[4], (n, o) if gated else (n, k, o))
+  return x, w, g, r, ct
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_xla_matches_reference(case, dtype, gated):
+  x, w, g, r, ct = _inputs(case, dtype, gated)
+  got = _outputs(jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, impl="xla")), x, w, g, r, ct)
+  up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+  ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
+  for name, a, b in zip(["out", "dx", "dw", "dgates"], got, ref):
+    assert a.dtype == dtype, (name, a.dtype)
+    assert a.shape == b.shape, (name, a.shape, b.shape)
+    err = _rel(a, b)
+    assert err <= TOL[dtype], f"xla {case[0]} {name}: rel err {err:.2e} > {TOL[dtype]:.0e}"
+
+
+def test_reference_definition():
+  """y[n, s] = x[n, s // (K // M)] @ w[expert_index[n, s]], written out by loops."""
+  x, w, g, r, _ = _inputs(CASES[2], jnp.float32, True)
+  n, m, _ = x.shape
+  k = r.k
+  ei = np.asarray(r.expert_index)
+  y = np.zeros((n, k, w.shape[2]), np.float64)
+  for t in range(n):
+    for s in range(k):
+      y[t, s] = np.asarray(x, np.float64)[t, s // (k // m)] @ np.asarray(w, np.float64)[ei[t, s]]
+  assert _rel(cvmm_reference(x, r, w), y) < 1e-6
+  out = np.einsum("NK,NKO->NO", np.asarray(g, np.float64), y)
+  assert _rel(cvmm_reference(x, r, w, g), out) < 1e-6
+
+
+def test_routing_tiles_cover_every_pair_once():
+  r = _routing("random", 37, 3, 11, jax.random.key(3))
+  for bm in (16, 64):
+    tiles = np.asarray(r.tiles(bm))
+    sizes = np.asarray(r.group_sizes)
+    covered = np.zeros(r.n_pairs, int)
+    for e, s, t in tiles.T:
+      assert 0 <= t - s <= bm
+      if t > s:
+        offs = np.asarray(r.group_offsets)
+        assert offs[e] <= s and t <= offs[e + 1], (e, s, t)
+        covered[s:t] += 1
+    assert np.all(covered == 1) and sizes.sum() == r.n_pairs
+
+
+def test_tile_config_validates():
+  TileConfig(64, 128, 32, 4, 3)
+  for bad in [dict(block_m=48), dict(block_n=8), dict(num_warps=3), dict(num_stages=0),
+              dict(splits=0)]:
+    kw = dict(block_m=64, block_n=64, block_k=32) | bad
+    with pytest.raises(ValueError):
+      TileConfig(**kw)
+
+
+def test_autotuner_caches_choice(tmp_path):
+  path = str(tmp_path / "tune.json")
+  calls = []
+
+  def bench(cfg):
+    calls.append(cfg)
+    return 1.0 / cfg.block_n            # wider is "faster"
+
+  cands = [TileConfig(64, 64, 32), TileConfig(64, 128, 32)]
+  t = Autotuner(path)
+  assert t.choose("k", (1, 2), jnp.bfloat16, cands, bench) == cands[1]
+  assert len(calls) == 2
+  assert t.choose("k", (1, 2), jnp.bfloat16, cands, bench) == cands[1]
+  assert len(calls) == 2                 # cached in memory
+  assert Autotuner(path).cached("k", (1, 2), jnp.bfloat16) == cands[1]   # and on disk
+  assert t.choose("k", (1, 2), jnp.bfloat16, cands, None) == cands[1]
+
+
+def test_gpu_impls_unavailable_on_cpu():
+  from kernels import is_available, resolve
+  if jax.default_backend() == "gpu":
+    pytest.skip("runs on the CPU backend only")
+  assert not is_available("triton") and not is_available("mosaic")
+  assert resolve("auto") == "xla"
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from kernels import make_routing
+    from kernels.cvmm_reference import cvmm_reference
+    from kernels.cvmm_triton import cvmm_triton
+    cases = [(23, 4, 1, 5, 40, 24, False, True), (19, 4, 4, 5, 24, 40, True, True),
+             (21, 4, 2, 3, 40, 24, True, False), (9, 1, 1, 1, 16, 16, True, True)]
+    for n, k, m, e, i, o, gated, fuse in cases:
+      ks = jax.random.split(jax.random.key(n), 5)
+      r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)
+      x = jax.random.normal(ks[1], (n, m, i))
+      w = jax.random.normal(ks[2], (e, i, o)) / np.sqrt(i)
+      g = jax.random.uniform(ks[3], (n, k)) if gated else None
+      ct = jax.random.normal(ks[4], (n, o) if gated else (n, k, o))
+      def outs(fn):
+        loss = lambda x, w, g: jnp.sum(fn(x, r, w, g) * ct)
+        argn = (0, 1, 2) if gated else (0, 1)
+        return (fn(x, r, w, g),) + tuple(jax.grad(loss, argnums=argn)(x, w, g))
+      got = outs(lambda x, r, w, g: cvmm_triton(x, r, w, g, fuse_sum=fuse))
+      ref = outs(cvmm_reference)
+      for a, b in zip(got, ref):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        err = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert err <= 1e-5, (n, k, m, e, i, o, gated, fuse, err)
+    print("interpreter ok")
+""")
+
+
+@pytest.mark.slow
+def test_triton_kernels_in_interpreter():
+  """The Triton kernels and their custom_vjp, float32, run by Triton's CPU interpreter."""
+  pytest.importorskip("triton")
+  pytest.importorskip("torch")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, CVMM_TRITON_INTERPRET="1", JAX_PLATFORMS="cpu",
+             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  res = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stderr[-3000:]
