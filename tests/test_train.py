@@ -58,7 +58,7 @@ def corpus(tmp_path_factory) -> str:
 
 def tiny_config(corpus, **kw) -> Config:
   base = dict(MINI, data=(corpus,), vocab_size=512, tokenizer_train_chars=400_000, steps=24,
-              batch_size=8, seq_len=32, lr=1e-2, warmup_steps=2, grad_clip=1.0,
+              batch_size=16, seq_len=32, lr=1e-2, warmup_steps=2, grad_clip=1.0,
               checkpoint_every=12, eval_every=24, eval_batches=2, log_every=4, **QUIET)
   base.update(kw)
   return Config.for_profile("MoEUT_tiny", **base)
@@ -66,8 +66,12 @@ def tiny_config(corpus, **kw) -> Config:
 
 @pytest.fixture(scope="module")
 def tiny_run(corpus, tmp_path_factory):
+  """One uninterrupted run that the other tests compare with (and reuse the executables of).
+
+  Dropout and gradient accumulation make the RNG and the micro-batch layout matter."""
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
-  config = tiny_config(corpus, sample_tokens=6, temperature=0.0)
+  config = tiny_config(corpus, sample_tokens=6, temperature=0.0, log_every=1, grad_accum=2,
+                       dropout=0.1)
   return config, workdir, train_and_evaluate(config, workdir, log=lambda *_: None)
 
 
@@ -77,8 +81,8 @@ def tiny_run(corpus, tmp_path_factory):
 def test_loss_decreases_and_outputs_are_written(tiny_run):
   config, workdir, out = tiny_run
   losses = [out["train_losses"][s] for s in sorted(out["train_losses"])]
-  assert len(losses) == config.steps // config.log_every
-  assert losses[-1] < losses[0] - 1.0, losses
+  assert len(losses) == config.steps
+  assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 1.0, losses
   assert math.isfinite(out["valid"]["loss"])
   assert out["valid"]["perplexity"] < config.vocab_size
   assert out["sample"].startswith("def")
@@ -104,23 +108,21 @@ def test_eval_and_sample_commands_reproduce_the_run(tiny_run):
   assert math.isfinite(other["loss"]) and other["tokens"] > 100
 
 
-def test_stop_and_resume_equals_uninterrupted_run_bitwise(corpus, tmp_path):
-  # Dropout and gradient accumulation make the RNG and the micro-batch layout matter.
-  config = tiny_config(corpus, steps=6, log_every=1, checkpoint_every=2, grad_accum=2,
-                       dropout=0.1, eval_every=100)
-  whole = train_and_evaluate(config, str(tmp_path / "whole"), log=lambda *_: None)
-  first = train_and_evaluate(config.replace(stop_at_step=3), str(tmp_path / "split"),
-                             log=lambda *_: None)
-  assert first["stopped_early"] and first["step"] == 3
-  second = train_and_evaluate(config, str(tmp_path / "split"), log=lambda *_: None)
-  assert second["start_step"] == 3 and second["step"] == 6
+def test_stop_and_resume_equals_uninterrupted_run_bitwise(tiny_run, tmp_path):
+  config, _, whole = tiny_run
+  workdir = str(tmp_path / "split")
+  first = train_and_evaluate(config.replace(stop_at_step=10), workdir, log=lambda *_: None)
+  assert first["stopped_early"] and first["step"] == 10
+  second = train_and_evaluate(config, workdir, log=lambda *_: None)
+  assert second["start_step"] == 10 and second["step"] == config.steps
   resumed = {**first["train_losses"], **second["train_losses"]}
-  assert sorted(resumed) == list(range(1, 7))
+  assert sorted(resumed) == list(range(1, config.steps + 1))
   assert resumed == whole["train_losses"]  # Exact float equality.
   assert second["valid"]["loss"] == whole["valid"]["loss"]
+  assert second["sample"] == whole["sample"]
   # The metrics file of the resumed run has each step once.
-  steps = [r["step"] for r in metrics_lib.read_jsonl(str(tmp_path / "split"), "train")]
-  assert steps == list(range(1, 7))
+  steps = [r["step"] for r in metrics_lib.read_jsonl(workdir, "train")]
+  assert steps == list(range(1, config.steps + 1))
 
 
 EIGHT_DEVICES = textwrap.dedent("""
@@ -145,6 +147,7 @@ EIGHT_DEVICES = textwrap.dedent("""
 
 def test_eight_cpu_devices_match_one_device(tiny_run, compilation_cache, tmp_path):
   config, _, out = tiny_run
+  config = config.replace(sample_tokens=0)  # Sampling is tested elsewhere.
   script = EIGHT_DEVICES.format(root=ROOT, config=json.dumps(config.to_dict()),
                                 workdir=str(tmp_path / "eight"),
                                 bad_workdir=str(tmp_path / "bad"))
@@ -261,7 +264,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
 
   monkeypatch.setattr(optim, "make_optimizer", poisoned)
   workdir = str(tmp_path / "run")
-  config = tiny_config(corpus, steps=8, checkpoint_every=2, log_every=100, eval_every=100)
+  config = tiny_config(corpus, steps=8, checkpoint_every=2, log_every=100, eval_every=100,
+                       grad_accum=2, dropout=0.1)
   with pytest.raises(NonFiniteLossError, match=r"non-finite param_norm at step 4 .*step 2\)"):
     train_and_evaluate(config, workdir, log=lambda *_: None)
   steps = sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints"))
