@@ -299,6 +299,8 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   atomic = out_rows < k
   out_dtype = jnp.float32 if atomic else a.dtype
   tiles = routing.tiles(cfg.block_m)                                 # [3, Z]
+  if atomic and _tile_order() == "token":
+    tiles = _token_ordered(tiles, routing)
   z = tiles.shape[1]
   n_nb = -(-o // cfg.block_n)
   dgate = dgate_rows is not None
@@ -314,6 +316,28 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
       HAS_SCALE=scale is not None, ATOMIC=atomic, DGATE=dgate,
       IEEE=a.dtype == jnp.float32)
   return out, (dg.sum(axis=1) if dgate else None)
+
+
+def _tile_order() -> str:
+  """CVMM_TILE_ORDER: "token" (default) launches the tiles of atomic-sum kernels by
+  first token; "expert" keeps the expert order."""
+  return os.environ.get("CVMM_TILE_ORDER", "token")
+
+
+def _token_ordered(tiles: jax.Array, routing: Routing) -> jax.Array:
+  """Tiles [3, Z] reordered by the first token they hold (unused tiles last).
+
+  Within an expert the sorted pairs keep token order, so a tile of BM pairs covers a
+  band of about BM * E / K tokens. Launched in expert order, the tiles running at one
+  time add into rows spread over all N tokens, and the float32 atomics of the fused
+  sum miss L2 (the [N, O] float32 output is several times its size). Launched by
+  first token, the programs in flight touch one band of rows, which stays in L2. The
+  cost is that consecutive programs use different experts' weights.
+  """
+  start, end = tiles[1], tiles[2]
+  first_tok = routing.order[jnp.minimum(start, routing.n_pairs - 1)] // routing.k
+  key = jnp.where(end > start, first_tok, routing.n_tokens)         # [Z]
+  return tiles[:, jnp.argsort(key, stable=True)]
 
 
 def expert_gram(a: jax.Array, b: jax.Array, routing: Routing, *, a_rows: int, b_rows: int,

@@ -56,7 +56,8 @@ def _outputs(fn, x, w, g, r, ct):
     return jnp.sum(fn(x, r, w, g).astype(jnp.float32) * ct)
 
   argn = (0, 1, 2) if g is not None else (0, 1)
-  return (fn(x, r, w, g),) + tuple(jax.grad(loss, argnums=argn)(x, w, g))
+  y = jax.jit(lambda x, w, g: fn(x, r, w, g))(x, w, g)
+  return (y,) + tuple(jax.jit(jax.grad(loss, argnums=argn))(x, w, g))
 
 
 def _inputs(case, dtype, gated):
