@@ -190,3 +190,23 @@ def test_triton_kernels_in_interpreter():
   res = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, cwd=root,
                        capture_output=True, text=True, timeout=900)
   assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_mosaic_lowers_for_cuda(gated):
+  """The Pallas Mosaic GPU kernels, forward and backward, lower to CUDA on any host."""
+  pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+  from kernels.cvmm_mosaic import cvmm_mosaic
+  n, k, m, e, i, o = 64, 4, (4 if gated else 1), 5, 100, 72
+  r = _routing("random", n, k, e, jax.random.key(0))
+  x = jnp.ones((n, m, i), jnp.bfloat16)
+  w = jnp.ones((e, i, o), jnp.bfloat16)
+  g = jnp.ones((n, k), jnp.bfloat16) if gated else None
+
+  def loss(x, w, g):
+    return jnp.sum(cvmm_mosaic(x, r, w, g).astype(jnp.float32))
+
+  argn = (0, 1, 2) if gated else (0, 1)
+  lowered = jax.jit(jax.grad(loss, argnums=argn)).trace(x, w, g).lower(
+      lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
