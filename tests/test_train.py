@@ -321,3 +321,19 @@ def test_cli_flags_override_the_profile_recipe(tmp_path):
       ["--profile", "MoEUT_244M", "--workdir", str(tmp_path)]))
   assert (paper.lr, paper.warmup_steps, paper.batch_size, paper.seq_len) == (2.5e-4, 4000, 64,
                                                                              1024)
+
+
+def test_cli_eval_and_sample_commands(tiny_run, compilation_cache, tmp_path):
+  config, workdir, out = tiny_run
+  cache = ("--jax-cache", compilation_cache)
+  proc = _cli("eval", "--workdir", workdir, "--max-batches", str(config.eval_batches), *cache,
+              cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"step {config.steps}: loss {out['valid']['loss']:.4f}" in proc.stdout
+  proc = _cli("sample", "--workdir", workdir, "--prompt", config.sample_prompt,
+              "--max-new-tokens", str(config.sample_tokens), "--temperature", "0", *cache,
+              cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.rstrip("\n") == out["sample"].rstrip("\n")
+  proc = _cli("eval", "--workdir", str(tmp_path / "nothing"), *cache, cwd=tmp_path)
+  assert proc.returncode == 1 and "no checkpoints" in proc.stderr

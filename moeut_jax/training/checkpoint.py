@@ -25,9 +25,10 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f"no checkpoints in {workdir!r} (expected {self.directory})")
+    # (orbax's own read_only option logs warnings; this class simply never saves then.)
+    self._read_only = read_only
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                           enable_async_checkpointing=async_save,
-                                           read_only=read_only)
+                                           enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def steps(self) -> list[int]:
@@ -41,6 +42,8 @@ class Checkpointer:
     return os.path.join(self.directory, str(step))
 
   def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+    if self._read_only:
+      raise CheckpointError(f"this checkpointer of {self.directory} is read-only")
     if step in self.steps():
       raise CheckpointError(f"refusing to overwrite the existing checkpoint {self.path(step)}")
     meta = dict(meta, format=FORMAT_VERSION, step=step)
