@@ -28,7 +28,7 @@ def _flag(name: str) -> str:
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
   """One flag per Config field; unset flags keep the profile's recipe or the paper's default."""
-  from moeut_jax.training.config import Config, PROFILE_RECIPES  # pylint: disable=import-outside-toplevel
+  from moeut_jax.training.config import MODEL_FIELDS, Config, PROFILE_RECIPES  # pylint: disable=import-outside-toplevel
   hints = typing.get_type_hints(Config)
   groups = {g: parser.add_argument_group(g) for g in ("model", "run")}
   for field in dataclasses.fields(Config):
@@ -37,12 +37,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     kind = hints[field.name]
     recipe = {p: r[field.name] for p, r in PROFILE_RECIPES.items() if field.name in r}
     default = field.default
-    if field.name in ("d_model",) or meta.get("group") == "model":
+    if field.name in MODEL_FIELDS:
       shown = "from the profile"
     elif recipe:
       shown = f"{default!r}; " + ", ".join(f"{p}: {v!r}" for p, v in recipe.items())
     else:
-      shown = repr(default)
+      shown = "unset" if default in (None, ()) else repr(default)
     kw = dict(dest=field.name, default=argparse.SUPPRESS, help=f"{meta['help']} ({shown})")
     if "choices" in meta:
       kw["choices"] = meta["choices"]

@@ -31,12 +31,14 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 
 
+def _f(default, help, **kw):  # pylint: disable=redefined-builtin
+  """A field whose metadata (help, choices, group) becomes its command-line flag."""
+  return dataclasses.field(default=default, metadata=dict(help=help, **kw))
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """All settings of a run. ``help`` metadata becomes the command-line help."""
-
-  def _f(default, help, **kw):  # pylint: disable=no-self-argument
-    return dataclasses.field(default=default, metadata=dict(help=help, **kw))
+  """All settings of a run (defaults: the paper's recipe)."""
 
   # --- Model -------------------------------------------------------------------------------
   profile: str = _f("MoEUT_tiny", "model profile from profiles.py",
@@ -53,10 +55,12 @@ class Config:
   group_size: Optional[int] = _f(None, "override the profile's group_size", group="model")
   ff_k: Optional[int] = _f(None, "override the profile's ff_k", group="model")
   att_k: Optional[int] = _f(None, "override the profile's att_k", group="model")
-  dropout: Optional[float] = _f(None, "dropout rate (unset: the model's default, 0 in the paper)")
+  dropout: Optional[float] = _f(None, "dropout rate (unset: the model's default, 0 in the paper)",
+                                group="model")
   entropy_reg: Optional[float] = _f(None, "weight of the entropy regulariser (unset: the "
-                                    "model's default)")
-  cvmm_impl: str = _f("auto", "CVMM implementation: auto, xla, triton, mosaic, reference")
+                                    "model's default)", group="model")
+  cvmm_impl: str = _f("auto", "CVMM implementation: auto, xla, triton, mosaic, reference",
+                      group="model")
   compute_dtype: str = _f("auto", "compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU "
                           "(bf16 is emulated and slow on CPUs)", choices=COMPUTE_DTYPES)
   param_dtype: str = _f("float32", "dtype of parameters and optimizer state",
@@ -117,8 +121,6 @@ class Config:
                                           "multi-task SLURM/Open MPI environment is set)")
   num_processes: Optional[int] = _f(None, "number of processes (multi-host)")
   process_id: Optional[int] = _f(None, "index of this process (multi-host)")
-
-  del _f
 
   # -------------------------------------------------------------------------------------------
   @classmethod
