@@ -337,3 +337,24 @@ def test_cli_eval_and_sample_commands(tiny_run, compilation_cache, tmp_path):
   assert proc.stdout.rstrip("\n") == out["sample"].rstrip("\n")
   proc = _cli("eval", "--workdir", str(tmp_path / "nothing"), *cache, cwd=tmp_path)
   assert proc.returncode == 1 and "no checkpoints" in proc.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes_exactly(tiny_run, tmp_path, monkeypatch):
+  import signal  # pylint: disable=import-outside-toplevel
+  config, _, whole = tiny_run
+  real_advance = metrics_lib.MetricsLogger.advance
+  calls = []
+
+  def advance(self, n=1):  # A scheduler's SIGTERM arriving during step 5.
+    calls.append(n)
+    if len(calls) == 5:
+      os.kill(os.getpid(), signal.SIGTERM)
+    real_advance(self, n)
+
+  monkeypatch.setattr(metrics_lib.MetricsLogger, "advance", advance)
+  workdir = str(tmp_path / "run")
+  first = train_and_evaluate(config, workdir, log=lambda *_: None)
+  assert first["stopped_early"] and first["step"] == 5
+  monkeypatch.setattr(metrics_lib.MetricsLogger, "advance", real_advance)
+  second = train_and_evaluate(config, workdir, log=lambda *_: None)
+  assert {**first["train_losses"], **second["train_losses"]} == whole["train_losses"]
