@@ -52,7 +52,7 @@ def step_time(profile: str, batch: int, seq: int, impl: str, steps: int) -> floa
     times.append(time.perf_counter() - t0)
   if not np.isfinite(float(loss)):
     raise RuntimeError(f"non-finite loss {float(loss)} with impl={impl}")
-  return float(np.median(times))
+  return float(np.median(times)), float(loss)
 
 
 def main():
@@ -65,13 +65,14 @@ def main():
   args = ap.parse_args()
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {args.profile}, "
         f"batch {args.batch} x {args.seq}")
-  print(f"{'impl':>10} {'resolved':>10} {'step ms':>10} {'tokens/s':>12}")
+  print(f"{'impl':>14} {'resolved':>14} {'step ms':>10} {'tokens/s':>12} {'last loss':>10}")
   for impl in args.impl:
     try:
-      t = step_time(args.profile, args.batch, args.seq, impl, args.steps)
-      print(f"{impl:>10} {resolve(impl):>10} {t * 1e3:10.1f} {args.batch * args.seq / t:12.0f}")
+      t, loss = step_time(args.profile, args.batch, args.seq, impl, args.steps)
+      print(f"{impl:>14} {resolve(impl):>14} {t * 1e3:10.1f} {args.batch * args.seq / t:12.0f} "
+            f"{loss:10.4f}", flush=True)
     except Exception as e:  # report and go on with the next implementation
-      print(f"{impl:>10} failed: {type(e).__name__}: {str(e)[:300]}")
+      print(f"{impl:>14} failed: {type(e).__name__}: {str(e)[:300]}")
 
 
 if __name__ == "__main__":
