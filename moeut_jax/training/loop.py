@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -20,13 +22,16 @@ from moeut_jax.training import step as step_lib
 from moeut_jax.training.config import Config, resume_differences
 from moeut_jax.training.errors import CheckpointError, NonFiniteLossError, TokenizerError
 
+# Metrics that must stay finite; the first non-finite one stops the run.
+_WATCHED = ("loss", "grad_norm", "param_norm")
+
 
 def train_and_evaluate(config: Config, workdir: str, log=print) -> dict[str, Any]:
   """Trains (or resumes) the run in ``workdir``; returns a summary.
 
   The summary has ``start_step``, ``step`` (the last completed step), ``train_losses`` of this
-  invocation ({step: loss} at logging steps), ``valid`` (loss, perplexity, tokens),
-  ``sample`` (text or None) and ``stopped_early``.
+  invocation ({step: mean loss since the previous logging step}), ``valid`` (loss,
+  perplexity, tokens), ``sample`` (text or None) and ``stopped_early``.
   """
   sharding_lib.maybe_initialize_distributed(config)
   is_main = jax.process_index() == 0
@@ -39,30 +44,94 @@ def train_and_evaluate(config: Config, workdir: str, log=print) -> dict[str, Any
     ckpt.close()
 
 
-def _run(config: Config, workdir: str, ckpt, is_main: bool, say) -> dict[str, Any]:
-  # ---- What we resume from, checked before anything is read or written.
-  latest = ckpt.latest_step()
-  data_state = None
-  if latest is not None:
-    meta, data_state = ckpt.restore_meta(latest)
-    diffs = resume_differences(meta["config"], config)
-    if diffs:
-      raise CheckpointError(f"the checkpoint {ckpt.path(latest)} was written with other "
-                            f"settings:\n  " + "\n  ".join(diffs) + "\nuse the same settings to "
-                            f"resume, or a new --workdir. Nothing was overwritten")
+@dataclasses.dataclass
+class _Resume:
+  step: Optional[int] = None      # None: a fresh run
+  data_state: Optional[dict] = None
+  n_tokens: Optional[int] = None
 
-  # Process 0 tokenizes (into the shared workdir); the others wait and read its cache.
+
+def _check_resume(config: Config, ckpt) -> _Resume:
+  """What the workdir resumes from, checked before anything is read or written."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    return _Resume()
+  meta, data_state = ckpt.restore_meta(latest)
+  diffs = resume_differences(meta["config"], config)
+  if diffs:
+    raise CheckpointError(f"the checkpoint {ckpt.path(latest)} was written with other "
+                          f"settings:\n  " + "\n  ".join(diffs) + "\nuse the same settings to "
+                          f"resume, or a new --workdir. Nothing was overwritten")
+  return _Resume(latest, data_state, meta["n_tokens"])
+
+
+def _prepare_data(config: Config, workdir: str, resume: _Resume, is_main: bool, say,
+                  ckpt) -> data_lib.Data:
+  """Process 0 tokenizes into the (shared) workdir; the others wait and read its cache."""
+  data = None
   if is_main:
-    data = data_lib.prepare(config, workdir, has_checkpoint=latest is not None, log=say)
+    data = data_lib.prepare(config, workdir, has_checkpoint=resume.step is not None, log=say)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("moeut_jax.training: data prepared")
   if not is_main:
     data = data_lib.prepare(config, workdir, is_main=False, has_checkpoint=True, log=say)
-  if latest is not None and meta["n_tokens"] != data.vocab_size:
-    raise TokenizerError(f"the model in {ckpt.path(latest)} has n_tokens={meta['n_tokens']} "
-                         f"but the tokenizer/data has {data.vocab_size}")
+  if resume.n_tokens is not None and resume.n_tokens != data.vocab_size:
+    raise TokenizerError(f"the model in {ckpt.path(resume.step)} has n_tokens="
+                         f"{resume.n_tokens} but the tokenizer/data has {data.vocab_size}")
+  return data
 
-  # ---- Model, optimizer, shardings, state.
+
+def _initial_state(model, tx, config: Config, shardings, abstract, resume: _Resume, ckpt):
+  if resume.step is None:
+    init = jax.jit(lambda: step_lib.init_state(model, tx, config), out_shardings=shardings)
+    # The initialiser runs once: on CPUs, compiling it unoptimised saves ~10 s of compile time.
+    fast = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    return init.lower().compile(compiler_options=fast)()
+  state = ckpt.restore_state(resume.step, abstract)
+  if int(state["step"]) != resume.step:
+    raise CheckpointError(f"checkpoint {ckpt.path(resume.step)} holds step "
+                          f"{int(state['step'])}")
+  return state
+
+
+class _PendingMetrics:
+  """Device metrics of recent steps, fetched only when logged (keeps the device busy)."""
+
+  def __init__(self, tokens_per_step: int):
+    self._pending: list[tuple[int, dict]] = []
+    self._tokens_per_step = tokens_per_step
+    self._t = time.perf_counter()
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._pending.append((step, metrics))
+
+  def flush(self, ckpt, last_saved: Optional[int]) -> Optional[dict[str, float]]:
+    """Mean loss and last values since the previous flush; raises on a non-finite value."""
+    if not self._pending:
+      return None
+    values = jax.device_get([m for _, m in self._pending])
+    for (s, _), v in zip(self._pending, values):
+      bad = [k for k in _WATCHED if not math.isfinite(float(v[k]))]
+      if bad:
+        where = (f"the last good checkpoint is {ckpt.path(last_saved)} (step {last_saved})"
+                 if last_saved is not None else "no checkpoint had been written yet")
+        raise NonFiniteLossError(
+            f"non-finite {', '.join(bad)} at step {s} (loss={float(v['loss'])}, "
+            f"grad_norm={float(v['grad_norm'])}); training stopped and nothing after step "
+            f"{last_saved or 0} was saved: {where}. Try a lower --lr or stronger --grad-clip")
+    now = time.perf_counter()
+    record = {k: float(values[-1][k]) for k in values[-1]}
+    record["loss"] = float(np.mean([float(v["loss"]) for v in values]))
+    record["tokens_per_s"] = (self._tokens_per_step * len(values) / max(now - self._t, 1e-9))
+    self._t = now
+    self._pending.clear()
+    return record
+
+
+def _run(config: Config, workdir: str, ckpt, is_main: bool, say) -> dict[str, Any]:
+  resume = _check_resume(config, ckpt)
+  data = _prepare_data(config, workdir, resume, is_main, say, ckpt)
+
   model = step_lib.build_model(config, data.vocab_size)
   tx, schedule = optim.make_optimizer(config), optim.learning_rate(config)
   mesh = sharding_lib.make_mesh()
@@ -70,34 +139,28 @@ def _run(config: Config, workdir: str, ckpt, is_main: bool, say) -> dict[str, An
                                f"--batch-size {config.batch_size} / --grad-accum "
                                f"{config.grad_accum}")
   abstract, shardings = restore.abstract_state(model, tx, config, mesh)
-  if latest is None:
-    init = jax.jit(lambda: step_lib.init_state(model, tx, config), out_shardings=shardings)
-    # The initialiser runs once: on CPUs, compiling it unoptimised saves ~10 s of compile time.
-    fast = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    state, start = init.lower().compile(compiler_options=fast)(), 0
-  else:
-    state, start = ckpt.restore_state(latest, abstract), latest
-    if int(state["step"]) != latest:
-      raise CheckpointError(f"checkpoint {ckpt.path(latest)} holds step {int(state['step'])}")
+  state = _initial_state(model, tx, config, shardings, abstract, resume, ckpt)
+  start = resume.step or 0
   if is_main:
     _write_json(os.path.join(workdir, restore.CONFIG_JSON), config.to_dict())
-
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
   say(f"{config.profile}: {n_params / 1e6:.2f} M parameters, vocabulary {data.vocab_size}, "
       f"compute {np.dtype(step_lib.compute_dtype(config)).name}, "
       f"{len(jax.devices())} {jax.default_backend()} device(s); {data.description}: "
       f"{len(data.train):,} training tokens")
-  say(f"Resuming from {ckpt.path(latest)}" if latest is not None else
+  say(f"Resuming from {ckpt.path(resume.step)}" if resume.step is not None else
       f"Training {config.steps} steps of {config.batch_size} x {config.seq_len} tokens")
 
   it = data_lib.train_iterator(data.train, config, jax.process_index(), jax.process_count())
-  if data_state is not None:
-    it.set_state(data_state)
+  if resume.data_state is not None:
+    it.set_state(resume.data_state)
   batch_sharding = sharding_lib.train_batch_sharding(mesh)
   train_step = jax.jit(step_lib.make_train_step(model, tx, schedule),
                        in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, None), donate_argnums=0)
   eval_step = jax.jit(step_lib.make_eval_step(model))
+  logger = metrics_lib.MetricsLogger(workdir, config.steps, start, is_main, config.progress_bar,
+                                     log=say)
 
   def run_eval(step):
     out = evaluate_lib.evaluate(eval_step, state["params"], data.valid, config.seq_len,
@@ -108,72 +171,39 @@ def _run(config: Config, workdir: str, ckpt, is_main: bool, say) -> dict[str, An
     return out
 
   end = min(config.steps, config.stop_at_step or config.steps)
-  logger = metrics_lib.MetricsLogger(workdir, config.steps, start, is_main, config.progress_bar,
-                                     log=say)
-  pending: list[tuple[int, dict]] = []
+  pending = _PendingMetrics(config.batch_size * config.seq_len)
   train_losses: dict[int, float] = {}
-  valid = None
-  last_saved = latest
-  tokens_per_step = config.batch_size * config.seq_len
-  t_last, steps_since = time.perf_counter(), 0
-
-  def flush(step):
-    """Fetches the metrics of the steps since the last flush; stops on a non-finite value."""
-    nonlocal t_last, steps_since
-    values = jax.device_get([m for _, m in pending])
-    for (s, _), v in zip(pending, values):
-      bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(float(v[k]))]
-      if bad:
-        where = (f"the last good checkpoint is {ckpt.path(last_saved)} (step {last_saved})"
-                 if last_saved is not None else "no checkpoint had been written yet")
-        raise NonFiniteLossError(
-            f"non-finite {', '.join(bad)} at step {s} (loss={float(v['loss'])}, "
-            f"grad_norm={float(v['grad_norm'])}); training stopped and nothing after step "
-            f"{last_saved or 0} was saved: {where}. Try a lower --lr or stronger --grad-clip")
-    if not pending:
-      return
-    now = time.perf_counter()
-    record = {k: float(np.mean([float(v[k]) for v in values])) if k == "loss"
-              else float(values[-1][k]) for k in values[-1]}
-    record["tokens_per_s"] = tokens_per_step * steps_since / max(now - t_last, 1e-9)
-    t_last, steps_since = now, 0
-    logger.write(step, "train", record)
-    train_losses[step] = record["loss"]
-    pending.clear()
-
-  stop_signal = []
-  stopped_early = False
+  valid, last_saved, stop_signal, stopped_by_signal = None, resume.step, [], False
   with _catch_stop_signals(stop_signal):
     try:
       for step in range(start + 1, end + 1):  # ``step`` = updates done after this one
         batch = sharding_lib.global_array(next(it), batch_sharding, config.micro_batch_size, 1)
-        state, m = train_step(state, batch)
-        pending.append((step, m))
-        steps_since += 1
+        state, metrics = train_step(state, batch)
+        pending.add(step, metrics)
         logger.advance()
-        last = step == end
-        stop = bool(stop_signal) and not last
-        save = last or stop or step % config.checkpoint_every == 0
+        stopped_by_signal = bool(stop_signal) and step < end
+        save = step == end or stopped_by_signal or step % config.checkpoint_every == 0
         if save or step % config.log_every == 0:
-          flush(step)
+          record = pending.flush(ckpt, last_saved)
+          logger.write(step, "train", record)
+          train_losses[step] = record["loss"]
         if step % config.eval_every == 0 or step == config.steps:
           valid = run_eval(step)
         if save:
-          ckpt.save(step, state, it.get_state(), dict(config=config.to_dict(),
-                                                      n_tokens=data.vocab_size))
+          ckpt.save(step, state, it.get_state(),
+                    dict(config=config.to_dict(), n_tokens=data.vocab_size))
           last_saved = step
-        if stop:
-          logger.message(f"Stopped by signal after step {step}; checkpoint "
+        if stopped_by_signal:
+          logger.message(f"Stopped by a signal after step {step}; checkpoint "
                          f"{ckpt.path(step)} written. Run the same command to resume.")
-          stopped_early = True
           break
     finally:
       ckpt.wait()
       logger.close()
 
-  stopped_early = stopped_early or end < config.steps
-  if latest is not None and latest >= config.steps and is_main:
-    say(f"The checkpoint in {workdir} is already at step {latest} of {config.steps}")
+  stopped_early = stopped_by_signal or end < config.steps
+  if resume.step is not None and resume.step >= config.steps:
+    say(f"The checkpoint in {workdir} is already at step {resume.step} of {config.steps}")
   if valid is None and not stopped_early:
     valid = run_eval(int(state["step"]))
   text = None
@@ -181,6 +211,12 @@ def _run(config: Config, workdir: str, ckpt, is_main: bool, say) -> dict[str, An
     text = sample_lib.sample(model, state["params"], data.tokenizer, config.sample_prompt,
                              config.sample_tokens, config.temperature, config.top_k,
                              config.seed)
+  _report(workdir, config, valid, text, is_main, say)
+  return dict(start_step=start, step=int(state["step"]), train_losses=train_losses,
+              valid=valid, sample=text, stopped_early=stopped_early)
+
+
+def _report(workdir, config, valid, text, is_main, say) -> None:
   png = metrics_lib.plot_losses(workdir) if is_main else None
   if valid is not None:
     say(f"Held-out loss {valid['loss']:.4f}, perplexity {valid['perplexity']:.2f}")
@@ -189,14 +225,14 @@ def _run(config: Config, workdir: str, ckpt, is_main: bool, say) -> dict[str, An
   if png:
     say(f"Metrics: {os.path.join(workdir, metrics_lib.JSONL)}, TensorBoard: "
         f"{os.path.join(workdir, 'tensorboard')}, loss curve: {png}")
-  return dict(start_step=start, step=int(state["step"]), train_losses=train_losses,
-              valid=valid, sample=text, stopped_early=stopped_early)
 
 
 @contextlib.contextmanager
 def _catch_stop_signals(flag: list):
-  """SIGTERM / first Ctrl-C: finish the current step, save, stop. A second Ctrl-C interrupts."""
-  if _not_main_thread():
+  """SIGTERM / first Ctrl-C: finish the current step, save, stop. A second Ctrl-C interrupts.
+
+  Multi-host: every process must receive the signal (schedulers send it to all tasks)."""
+  if threading.current_thread() is not threading.main_thread():
     yield
     return
   previous = {}
@@ -213,11 +249,6 @@ def _catch_stop_signals(flag: list):
   finally:
     for sig, h in previous.items():
       signal.signal(sig, h)
-
-
-def _not_main_thread() -> bool:
-  import threading  # pylint: disable=import-outside-toplevel
-  return threading.current_thread() is not threading.main_thread()
 
 
 def _write_json(path: str, value: Any) -> None:
