@@ -11,8 +11,6 @@ import sys
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [root, os.path.join(root, "tests")]
 
-import numpy as np  # noqa: E402
-
 import test_parity as tp  # noqa: E402
 from moeut_jax.convert import to_torch_state_dict  # noqa: E402
 

@@ -247,7 +247,6 @@ def _launch(kernel, args, out_shapes, grid: int, cfg: TileConfig, zeroed=(), **m
   _fix_interpreter_index()
 
   def host(*arrays):
-    import torch  # noqa: PLC0415
     ins = [_to_torch(np.asarray(a)) for a in arrays]
     outs = [_to_torch(np.zeros(s.shape, s.dtype)) if i in zeroed else
             _to_torch(np.full(s.shape, np.nan, s.dtype)) for i, s in enumerate(out_shapes)]
@@ -344,7 +343,7 @@ def expert_gram(a: jax.Array, b: jax.Array, routing: Routing, *, a_rows: int, b_
                 scale: jax.Array | None = None, out_dtype=None,
                 cfg: TileConfig | None = None) -> jax.Array:
   """dW[e] = sum_{p of e} a[arow(p)]^T (scale[p] b[brow(p)]) -> [E, I, O]."""
-  n, k, e = routing.n_tokens, routing.k, routing.n_experts
+  k, e = routing.k, routing.n_experts
   i, o = a.shape[1], b.shape[1]
   out_dtype = out_dtype or a.dtype
   if cfg is None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from moeut_jax.attention import SwitchHeadRope

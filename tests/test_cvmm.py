@@ -6,19 +6,17 @@ import os
 import subprocess
 import sys
 import textwrap
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import cvmm, make_routing
+from kernels import cvmm
 from kernels.autotune import Autotuner, TileConfig
 from kernels.cvmm_reference import cvmm_reference
-
-# Largest allowed ||out - ref|| / ||ref|| per input dtype (reference: float32, HIGHEST).
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+from cvmm_cases import TOL, inputs as _inputs, outputs as _outputs, rel_err as _rel
+from cvmm_cases import routing_of_kind as _routing
 
 # (name, N, K, M, E, I, O, routing kind)
 CASES = [
@@ -33,42 +31,6 @@ CASES = [
     ("odd_sizes", 53, 5, 1, 9, 17, 13, "random"),
     ("one_token", 1, 3, 1, 4, 8, 8, "random"),
 ]
-
-
-def _routing(kind, n, k, e, key):
-  if kind == "one":
-    idx = jnp.full((n, k), e // 2, jnp.int32)
-  elif k <= e:
-    _, idx = jax.lax.top_k(jax.random.normal(key, (n, e)), k)
-  else:
-    idx = jax.random.randint(key, (n, k), 0, e)
-  return make_routing(idx, e)
-
-
-def _rel(a, b):
-  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def _outputs(fn, x, w, g, r, ct):
-  def loss(x, w, g):
-    return jnp.sum(fn(x, r, w, g).astype(jnp.float32) * ct)
-
-  argn = (0, 1, 2) if g is not None else (0, 1)
-  y = jax.jit(lambda x, w, g: fn(x, r, w, g))(x, w, g)
-  return (y,) + tuple(jax.jit(jax.grad(loss, argnums=argn))(x, w, g))
-
-
-def _inputs(case, dtype, gated):
-  _, n, k, m, e, i, o, kind = case
-  ks = jax.random.split(jax.random.key(zlib.crc32(repr(case).encode())), 5)
-  r = _routing(kind, n, k, e, ks[0])
-  x = jax.random.normal(ks[1], (n, m, i)).astype(dtype)
-  w = (jax.random.normal(ks[2], (e, i, o)) * i ** -0.5).astype(dtype)
-  g = jax.random.uniform(ks[3], (n, k)).astype(dtype) if gated else None
-  ct = jax.random.normal(ks[4], (n, o) if gated else (n, k, o))
-  return x, w, g, r, ct
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])

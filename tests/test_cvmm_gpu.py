@@ -5,21 +5,18 @@ when JAX has no GPU backend.
 """
 from __future__ import annotations
 
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import cvmm, is_available, make_routing
+from kernels import cvmm, is_available
 from kernels.cvmm_reference import cvmm_reference
+from cvmm_cases import TOL, inputs as _inputs, outputs as _outputs, rel_err as _rel
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")]
-
-# Largest allowed ||out - ref|| / ||ref|| per input dtype (reference: float32, HIGHEST).
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 # (name, N, K, M, E, I, O, routing kind)
 CASES = [
@@ -35,32 +32,6 @@ CASES = [
 ]
 
 
-def _routing(kind, n, k, e, key):
-  if kind == "one":
-    idx = jnp.full((n, k), e // 2, jnp.int32)
-  elif k <= e:
-    _, idx = jax.lax.top_k(jax.random.normal(key, (n, e)), k)
-  else:
-    idx = jax.random.randint(key, (n, k), 0, e)
-  return make_routing(idx, e)
-
-
-def _rel(a, b):
-  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def _outputs(fn, x, w, g, r, ct):
-  """Forward output and the gradients of <out, ct> w.r.t. x, w (and gates)."""
-  def loss(x, w, g):
-    y = fn(x, r, w, g)
-    return jnp.sum(y.astype(jnp.float32) * ct)
-
-  argn = (0, 1, 2) if g is not None else (0, 1)
-  return (fn(x, r, w, g),) + tuple(jax.jit(jax.grad(loss, argnums=argn))(x, w, g))
-
-
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -68,14 +39,7 @@ def _outputs(fn, x, w, g, r, ct):
 def test_gpu_impl_matches_reference(impl, case, dtype, gated):
   if not is_available(impl):
     pytest.skip(f"{impl} not available on this GPU")
-  _, n, k, m, e, i, o, kind = case
-  key = jax.random.key(zlib.crc32(repr(case).encode()))
-  ks = jax.random.split(key, 5)
-  r = _routing(kind, n, k, e, ks[0])
-  x = jax.random.normal(ks[1], (n, m, i)).astype(dtype)
-  w = (jax.random.normal(ks[2], (e, i, o)) * i ** -0.5).astype(dtype)
-  g = jax.random.uniform(ks[3], (n, k)).astype(dtype) if gated else None
-  ct = jax.random.normal(ks[4], (n, o) if gated else (n, k, o))
+  x, w, g, r, ct = _inputs(case, dtype, gated)
 
   fn = jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, impl=impl))
   if impl == "mosaic" and dtype == jnp.float32:

@@ -1,0 +1,54 @@
+"""Shared helpers of the CVMM tests (CPU and GPU): routing kinds, inputs, outputs, errors."""
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import make_routing
+
+# Largest allowed ||out - ref|| / ||ref|| per input dtype (reference: float32, HIGHEST).
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def routing_of_kind(kind, n, k, e, key):
+  """"one": every pair on expert e // 2; "random": top-k of random logits (or random
+  indices with repeats when k > e)."""
+  if kind == "one":
+    idx = jnp.full((n, k), e // 2, jnp.int32)
+  elif k <= e:
+    _, idx = jax.lax.top_k(jax.random.normal(key, (n, e)), k)
+  else:
+    idx = jax.random.randint(key, (n, k), 0, e)
+  return make_routing(idx, e)
+
+
+def rel_err(a, b):
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def outputs(fn, x, w, g, r, ct):
+  """Forward output and the gradients of <out, ct> w.r.t. x, w (and gates)."""
+  def loss(x, w, g):
+    return jnp.sum(fn(x, r, w, g).astype(jnp.float32) * ct)
+
+  argn = (0, 1, 2) if g is not None else (0, 1)
+  y = jax.jit(lambda x, w, g: fn(x, r, w, g))(x, w, g)
+  return (y,) + tuple(jax.jit(jax.grad(loss, argnums=argn))(x, w, g))
+
+
+def inputs(case, dtype, gated):
+  """x [N, M, I], w [E, I, O], gates [N, K] or None, routing, cotangent of one case
+  (name, N, K, M, E, I, O, routing kind); seeded by the case itself."""
+  _, n, k, m, e, i, o, kind = case
+  ks = jax.random.split(jax.random.key(zlib.crc32(repr(case).encode())), 5)
+  r = routing_of_kind(kind, n, k, e, ks[0])
+  x = jax.random.normal(ks[1], (n, m, i)).astype(dtype)
+  w = (jax.random.normal(ks[2], (e, i, o)) * i ** -0.5).astype(dtype)
+  g = jax.random.uniform(ks[3], (n, k)).astype(dtype) if gated else None
+  ct = jax.random.normal(ks[4], (n, o) if gated else (n, k, o))
+  return x, w, g, r, ct
