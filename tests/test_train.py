@@ -17,13 +17,12 @@ import textwrap
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from moeut_jax.training import (CheckpointError, Config, DataError, NonFiniteLossError,
                                 TokenizerError, TrainingError, evaluate_checkpoint,
                                 sample_from_checkpoint, train_and_evaluate)
-from moeut_jax.training import metrics as metrics_lib, optim
+from moeut_jax.training import checkpoint as checkpoint_lib, metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINI = dict(d_model=32, n_layers=2, group_size=1, n_heads=2, ff_n_experts=4, ff_expert_size=16,
@@ -249,28 +248,28 @@ def test_corrupt_checkpoint_is_reported_and_kept(tiny_run, tmp_path):
   assert _hash_tree(os.path.join(copy, "checkpoints")) == before
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path,
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path,
                                                                   monkeypatch):
-  real = optim.make_optimizer
-
-  def poisoned(config):  # The 4th update (count 3) turns the parameters into NaN.
-    def update(updates, state, params=None):
-      del params
-      scale = jax.numpy.where(state == 3, jax.numpy.nan, 1.0)
-      return jax.tree.map(lambda u: u * scale, updates), state + 1
-    poison = optax.GradientTransformation(lambda _: jax.numpy.zeros([], jax.numpy.int32),
-                                          update)
-    return optax.chain(real(config), poison)
-
-  monkeypatch.setattr(optim, "make_optimizer", poisoned)
+  config, _, _ = tiny_run
   workdir = str(tmp_path / "run")
-  config = tiny_config(corpus, steps=8, checkpoint_every=2, log_every=100, eval_every=100,
-                       grad_accum=2, dropout=0.1)
-  with pytest.raises(NonFiniteLossError, match=r"non-finite param_norm at step 4 .*step 2\)"):
-    train_and_evaluate(config, workdir, log=lambda *_: None)
+  first = train_and_evaluate(config.replace(stop_at_step=4, checkpoint_every=2), workdir,
+                             log=lambda *_: None)
+  assert first["step"] == 4
+  real_restore = checkpoint_lib.Checkpointer.restore_state
+
+  def poisoned_restore(self, step, abstract):  # One NaN weight (of the unused <unk> token).
+    state = real_restore(self, step, abstract)
+    emb = state["params"]["embedding"]
+    state["params"]["embedding"] = emb.at[0, 0].set(np.nan)
+    return state
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "restore_state", poisoned_restore)
+  with pytest.raises(NonFiniteLossError,
+                     match=r"non-finite param_norm at step 5 .*last good checkpoint is .*4 \(step 4\)"):
+    train_and_evaluate(config.replace(checkpoint_every=2), workdir, log=lambda *_: None)
   steps = sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints"))
                  if p.isdigit())
-  assert steps == [2]
+  assert steps == [2, 4]  # Nothing after the last good step was written.
 
 
 def test_settings_are_validated():
