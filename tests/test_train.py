@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from moeut_jax.training import (CheckpointError, Config, DataError, NonFiniteLossError,
-                                TokenizerError, TrainingError, evaluate_checkpoint,
+                                TokenizerError, evaluate_checkpoint,
                                 sample_from_checkpoint, train_and_evaluate)
 from moeut_jax.training import checkpoint as checkpoint_lib, metrics as metrics_lib
 

@@ -123,3 +123,18 @@ def test_learning_rate_schedule():
 ])
 def test_fsdp_spec(shape, n, expected):
   assert tuple(sharding_lib.fsdp_spec(shape, n)) == expected
+
+
+def test_metrics_without_tensorboardx_keep_the_jsonl(tmp_path, monkeypatch):
+  import json
+  import sys
+  from moeut_jax.training import metrics as metrics_lib
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)          # import raises ImportError
+  said = []
+  logger = metrics_lib.MetricsLogger(str(tmp_path), 10, 0, True, False, log=said.append)
+  logger.write(1, "train", {"loss": 2.5, "tokens_per_s": 10.0})
+  logger.close()
+  assert any("tensorboardX is not installed" in s for s in said)
+  records = [json.loads(line) for line in open(tmp_path / metrics_lib.JSONL)]
+  assert records == [{"step": 1, "split": "train", "loss": 2.5, "tokens_per_s": 10.0}]
+  assert not (tmp_path / "tensorboard").exists()

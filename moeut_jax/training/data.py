@@ -216,7 +216,7 @@ def prepare(config: Config, workdir: str, *, is_main: bool = True,
   tok = None
   if config.tokenizer:
     tok = tokenizer_lib.Tokenizer(config.tokenizer)
-    tokenizer_lib.check_vocab(tok, config.vocab_size, f"--vocab-size")
+    tokenizer_lib.check_vocab(tok, config.vocab_size, "--vocab-size")
 
   if kind == "tokens":
     stream = TokenStream([_load_token_file(f, config.token_dtype) for f in files])

@@ -5,7 +5,6 @@ import math
 from typing import Callable, Optional, Sequence
 
 import jax
-import numpy as np
 
 from moeut_jax.training import data as data_lib, restore, sharding as sharding_lib
 from moeut_jax.training import step as step_lib

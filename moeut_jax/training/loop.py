@@ -60,8 +60,8 @@ def _check_resume(config: Config, ckpt) -> _Resume:
   diffs = resume_differences(meta["config"], config)
   if diffs:
     raise CheckpointError(f"the checkpoint {ckpt.path(latest)} was written with other "
-                          f"settings:\n  " + "\n  ".join(diffs) + "\nuse the same settings to "
-                          f"resume, or a new --workdir. Nothing was overwritten")
+                          "settings:\n  " + "\n  ".join(diffs) + "\nuse the same settings to "
+                          "resume, or a new --workdir. Nothing was overwritten")
   return _Resume(latest, data_state, meta["n_tokens"])
 
 
@@ -223,8 +223,10 @@ def _report(workdir, config, valid, text, is_main, say) -> None:
   if text is not None:
     say(f"Sample ({config.sample_tokens} tokens, temperature {config.temperature}):\n{text}")
   if png:
-    say(f"Metrics: {os.path.join(workdir, metrics_lib.JSONL)}, TensorBoard: "
-        f"{os.path.join(workdir, 'tensorboard')}, loss curve: {png}")
+    tb = os.path.join(workdir, "tensorboard")
+    tb = tb if os.path.isdir(tb) else "off (tensorboardX missing)"
+    say(f"Metrics: {os.path.join(workdir, metrics_lib.JSONL)}, TensorBoard: {tb}, "
+        f"loss curve: {png}")
 
 
 @contextlib.contextmanager

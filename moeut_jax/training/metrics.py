@@ -25,9 +25,16 @@ class MetricsLogger:
     if not enabled:
       return
     _truncate_jsonl(self._path, start_step)
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                             purge_step=start_step + 1 if start_step else None)
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      # Some images (e.g. the GPU machine's) lack it; the JSON Lines metrics still cover
+      # everything, so say so once instead of failing after the data is prepared.
+      log("TensorBoard event files are off: tensorboardX is not installed "
+          "(pip install tensorboardX); metrics go to " + self._path)
+    else:
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=start_step + 1 if start_step else None)
     if progress_bar:
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                             dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
@@ -50,8 +57,9 @@ class MetricsLogger:
     record = dict(step=step, split=split, **values)
     with open(self._path, "a") as f:
       f.write(json.dumps(record) + "\n")
-    for k, v in values.items():
-      self._tb.add_scalar(f"{split}/{k}", v, step)
+    if self._tb is not None:
+      for k, v in values.items():
+        self._tb.add_scalar(f"{split}/{k}", v, step)
     if split == "train":
       if self._bar is not None:
         self._bar.set_postfix(loss=f"{values['loss']:.3f}",
