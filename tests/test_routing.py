@@ -1,0 +1,108 @@
+"""The pure pieces one by one against the PyTorch reference: expert choice, the entropy
+regulariser accumulated over repeats, RoPE, masks; and the CVMM routing metadata."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import torch_reference as ref
+from kernels import make_routing
+from moeut_jax.masks import AttentionMask, blocked_keys
+from moeut_jax.rope import apply_rope, rotary_width
+from moeut_jax.routing import entropy_accumulate, entropy_init, entropy_loss, sigmoid_topk
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.mark.parametrize("shape, k", [((3, 7, 12), 4), ((2, 5, 3, 6), 2), ((4, 9), 1),
+                                      ((2, 3, 5), 5)])
+def test_sigmoid_topk_matches_reference(shape, k):
+  logits = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+  gates, idx = sigmoid_topk(jnp.asarray(logits), k)
+  want_idx, want_gates = ref.sigmoid_topk(torch.from_numpy(logits), k)
+  # The same set of experts per row with the same weights, whatever their order.
+  order = np.argsort(np.asarray(idx), -1)
+  want_order = np.argsort(want_idx.numpy(), -1)
+  np.testing.assert_array_equal(np.take_along_axis(np.asarray(idx), order, -1),
+                                np.take_along_axis(want_idx.numpy(), want_order, -1))
+  assert rel_err(np.take_along_axis(np.asarray(gates), order, -1),
+                 np.take_along_axis(want_gates.numpy(), want_order, -1)) <= 1e-7
+
+
+def test_sigmoid_topk_drop_mask_excludes_choice_but_keeps_sigmoid_weights():
+  logits = jnp.asarray([[3.0, 2.0, 1.0, 0.0]])
+  drop = jnp.asarray([[True, False, False, False]])
+  gates, idx = sigmoid_topk(logits, 2, drop)
+  assert sorted(np.asarray(idx)[0].tolist()) == [1, 2]
+  np.testing.assert_allclose(np.sort(np.asarray(gates)[0]),
+                             np.sort(1 / (1 + np.exp(-np.asarray([2.0, 1.0])))), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 8), (3, 4, 2, 6)])
+def test_entropy_over_repeats_matches_reference_on_concatenated_time(shape):
+  """Accumulating R applications equals the reference's loss on logits concatenated in time."""
+  rng = np.random.default_rng(1)
+  reps = [rng.standard_normal(shape).astype(np.float32) * 3 for _ in range(3)]
+  acc = entropy_init(shape[:1] + shape[2:])
+  for logits in reps:
+    acc = entropy_accumulate(acc, jnp.asarray(logits))
+  got = entropy_loss(acc, shape[1] * len(reps))
+  want = ref.usage_entropy_loss(torch.from_numpy(np.concatenate(reps, axis=1)))
+  assert rel_err(got, want.numpy()) <= 1e-6
+  assert float(got) < 0
+
+
+@pytest.mark.parametrize("d_head, want", [(82, 40), (128, 64), (10, 4), (3, 0), (2, 0)])
+def test_rotary_width(d_head, want):
+  assert rotary_width(d_head) == want
+
+
+@pytest.mark.parametrize("d_head", [16, 10, 82])
+def test_rope_matches_reference(d_head):
+  x = np.random.default_rng(2).standard_normal((2, 7, 3, d_head)).astype(np.float32)
+  positions = np.arange(5, 12)
+  n_rot = rotary_width(d_head)
+  got = apply_rope(jnp.asarray(x), jnp.asarray(positions), n_rot)
+  xt = torch.from_numpy(x).transpose(1, 2)                           # [B, H, T, Dh]
+  rotated = ref.apply_rope(xt[..., :n_rot], torch.from_numpy(positions))
+  want = torch.cat([rotated, xt[..., n_rot:]], -1).transpose(1, 2).numpy()
+  assert rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("offset", [0, 3])
+def test_masks_match_reference(offset):
+  b, t = 2, 4
+  s = offset + t
+  rng = np.random.default_rng(3)
+  pad = rng.random((b, s)) < 0.3
+  pos = rng.random((t, t)) < 0.4
+  got = blocked_keys(AttentionMask(jnp.asarray(pad), jnp.asarray(pos)), causal=False,
+                     batch=b, q_len=t, n_keys=s, offset=offset)
+  want = ref.attention_bool_mask(ref.AttentionMask(torch.from_numpy(pad), torch.from_numpy(pos)),
+                                 b, t, s)
+  np.testing.assert_array_equal(np.broadcast_to(np.asarray(got)[:, 0], (b, t, s)),
+                                np.broadcast_to(want.numpy().reshape(b, t, s), (b, t, s)))
+  causal = blocked_keys(None, causal=True, batch=b, q_len=t, n_keys=s, offset=offset)
+  np.testing.assert_array_equal(np.asarray(causal)[0, 0],
+                                np.arange(s)[None, :] > (offset + np.arange(t))[:, None])
+  assert blocked_keys(AttentionMask(None, None), causal=False, batch=b, q_len=t, n_keys=s,
+                      offset=offset) is None
+
+
+def test_make_routing_sorts_pairs_by_expert():
+  idx = np.random.default_rng(4).integers(0, 6, (11, 3)).astype(np.int32)
+  idx[:, 0] = 2                                                      # a popular expert
+  r = make_routing(jnp.asarray(idx), 7)                              # expert 6 gets nothing
+  order = np.asarray(r.order)
+  flat = idx.reshape(-1)
+  assert sorted(order.tolist()) == list(range(idx.size))
+  assert np.all(np.diff(flat[order]) >= 0)
+  np.testing.assert_array_equal(np.asarray(r.group_sizes), np.bincount(flat, minlength=7))
+  np.testing.assert_array_equal(np.asarray(r.group_offsets),
+                                np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=7))]))
+  np.testing.assert_array_equal(np.asarray(r.sorted_token()), order // 3)
+  with pytest.raises(ValueError, match=r"expert_index must be \[N, K\]"):
+    make_routing(jnp.zeros((4,), jnp.int32), 3)
