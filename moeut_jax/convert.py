@@ -268,3 +268,59 @@ def to_torch_state_dict(params: Mapping) -> dict[str, np.ndarray]:
     sd["out_norm.weight"] = arr(params["out_norm"]["scale"])
     sd["out_norm.bias"] = arr(params["out_norm"]["bias"])
   return sd
+
+
+def kv_cache_to_torch(cache, group_size: int) -> dict[int, dict[str, np.ndarray]]:
+  """Our KVCache -> the original's cache: {absolute layer: {"k", "v"}}, each [B, H, S, Dh],
+  keys scaled but NOT rotated (the original rotates them at every use). Only the filled
+  positions of a fixed-capacity cache are exported."""
+  from moeut_jax.rope import apply_rope, rotary_width
+  import jax.numpy as jnp
+  length = int(cache.length)
+  if len(cache.k) != group_size:
+    raise ConversionError(f"the cache holds {len(cache.k)} distinct layers, not "
+                          f"group_size={group_size}")
+  repeats, d_head = cache.k[0].shape[0], cache.k[0].shape[-1]
+  positions = jnp.arange(length, dtype=jnp.int32)
+  out = {}
+  for index in range(repeats * group_size):
+    k, v = cache.layer(index, group_size)                             # [B, S, H, Dh]
+    k = apply_rope(k[:, :length].astype(jnp.float32), -positions, rotary_width(d_head))
+    out[index] = {"k": np.transpose(np.asarray(k), (0, 2, 1, 3)),
+                  "v": np.transpose(np.asarray(v[:, :length], np.float32), (0, 2, 1, 3))}
+  return out
+
+
+def kv_cache_from_torch(cache: Mapping[int, Mapping[str, Any]], group_size: int, dtype=None):
+  """The original's cache (see :func:`kv_cache_to_torch`) -> a growing KVCache that our
+  model continues from; keys are rotated at their absolute positions."""
+  import jax.numpy as jnp
+  from moeut_jax.kv_cache import KVCache
+  from moeut_jax.rope import apply_rope, rotary_width
+  layers = sorted(int(i) for i in cache)
+  if not layers or layers != list(range(len(layers))) or len(layers) % group_size:
+    raise ConversionError(f"cache layers {layers} are not 0..n_layers-1 with n_layers a "
+                          f"multiple of group_size={group_size}")
+  repeats = len(layers) // group_size
+  ks, vs = [[None] * repeats for _ in range(group_size)], [[None] * repeats
+                                                           for _ in range(group_size)]
+  shape = None
+  for index in layers:
+    entry = cache[index] if index in cache else cache[str(index)]
+    for name in ("k", "v"):
+      if name not in entry:
+        raise ConversionError(f"cache[{index}]: missing {name!r}")
+    k, v = _to_numpy(entry["k"], f"cache[{index}].k"), _to_numpy(entry["v"], f"cache[{index}].v")
+    if k.ndim != 4 or k.shape != v.shape or (shape is not None and k.shape != shape):
+      raise ConversionError(f"cache[{index}]: k {k.shape} and v {v.shape} must both be "
+                            f"[B, H, S, Dh]{'' if shape is None else f' = {shape}'}")
+    shape = k.shape
+    r, g = divmod(index, group_size)
+    ks[g][r], vs[g][r] = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)   # [B, S, H, Dh]
+  b, h, s, dh = shape
+  dtype = dtype or jnp.float32
+  positions = jnp.arange(s, dtype=jnp.int32)
+  rot = lambda k: apply_rope(jnp.asarray(k, jnp.float32), positions, rotary_width(dh))
+  k = tuple(jnp.stack([rot(x) for x in per_g]).astype(dtype) for per_g in ks)
+  v = tuple(jnp.stack([jnp.asarray(x) for x in per_g]).astype(dtype) for per_g in vs)
+  return KVCache(k=k, v=v, length=jnp.asarray(s, jnp.int32), fixed=False)

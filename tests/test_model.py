@@ -162,3 +162,16 @@ def test_tokens_captured_as_constants_under_jit(small):
   model, variables, toks = small
   out = jax.jit(lambda p: model.apply({"params": p}, toks).outputs)(variables["params"])
   assert bool(jnp.allclose(out, model.apply(variables, toks).outputs, atol=1e-5))
+
+
+def test_kv_cache_from_torch_rejects_bad_caches():
+  from moeut_jax.convert import ConversionError, kv_cache_from_torch
+  kv = {"k": np.zeros((1, 2, 3, 4), np.float32), "v": np.zeros((1, 2, 3, 4), np.float32)}
+  with pytest.raises(ConversionError, match=r"cache\[1\]: missing 'v'"):
+    kv_cache_from_torch({0: kv, 1: {"k": kv["k"]}}, 2)
+  with pytest.raises(ConversionError, match="not 0..n_layers-1"):
+    kv_cache_from_torch({0: kv, 1: kv, 2: kv}, 2)
+  with pytest.raises(ConversionError, match=r"cache\[1\]: k \(1, 2, 5, 4\)"):
+    kv_cache_from_torch({0: kv, 1: {"k": np.zeros((1, 2, 5, 4)), "v": kv["v"]}}, 2)
+  cache = kv_cache_from_torch({0: kv, 1: kv}, 2)
+  assert cache.k[0].shape == (1, 1, 3, 2, 4) and int(cache.length) == 3

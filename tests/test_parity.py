@@ -12,7 +12,8 @@ import torch
 
 import torch_reference as ref
 from moeut_jax import AttentionMask, MoEUT, MoEUTLM
-from moeut_jax.convert import from_torch_state_dict, to_torch_state_dict
+from moeut_jax.convert import (from_torch_state_dict, kv_cache_from_torch, kv_cache_to_torch,
+                               to_torch_state_dict)
 
 # Bounds of the issue: one table per quantity.
 TOL = {"logits": 1e-5, "reg_loss": 1e-5, "grad": 1e-4, "cache": 1e-5}
@@ -155,12 +156,19 @@ def test_cached_decoding_matches_reference_and_full_forward(case):
   assert rel_err(inc_t, full_t) <= TOL["cache"]
   assert rel_err(inc_j, full_t) <= TOL["cache"]
   assert rel_err(full_j, full_t) <= TOL["logits"]
-  # the cached values agree with the reference's cache (values are not rotated either side)
-  g = jm.group_size
+  # Our cache exported in the original's format equals the reference's cache ...
+  exported = kv_cache_to_torch(cache_j, jm.group_size)
+  assert sorted(exported) == sorted(cache_t) == list(range(jm.n_layers))
   for layer in range(jm.n_layers):
-    _, v = cache_j.layer(layer, g)                                   # [B, S, H, Dh]
-    assert rel_err(np.transpose(np.asarray(v), (0, 2, 1, 3)),
-                   cache_t[layer]["v"].numpy()) <= TOL["cache"]
+    for name in ("k", "v"):
+      assert rel_err(exported[layer][name], cache_t[layer][name].numpy()) <= TOL["cache"]
+  # ... and the reference's cache imported continues decoding like the full forward.
+  half = T // 2
+  with torch.no_grad():
+    first = tm(torch.from_numpy(toks[:, :half]), kv_cache={})
+  imported = kv_cache_from_torch(first.cache, jm.group_size)
+  rest = jm.apply(variables, jnp.asarray(toks[:, half:]), kv_cache=imported).outputs
+  assert rel_err(rest, full_t[:, half:]) <= TOL["cache"]
 
 
 def test_fixed_capacity_cache_token_by_token_equals_full_forward():
