@@ -3,7 +3,7 @@
 The sorted pairs are laid out so that each expert's group starts on a tile boundary of
 ``tile`` rows (groups padded with zero rows). Every tile then belongs to exactly one
 expert, and the whole product is one batched matmul ``[Z, T, I] @ [Z, I, O]`` over
-Z tiles, Z <= min(P // T + E, P), a static bound. Padding costs at most E*T rows; the
+Z tiles, the static bound of :meth:`Routing.tiles`. Padding costs at most E*T rows; the
 tile height follows the mean group size so that this stays about P. XLA differentiates
 it (the weight gradient is a scatter-add of per-tile products into the experts).
 """
@@ -41,7 +41,8 @@ def cvmm_xla(x: jax.Array, routing: Routing, w: jax.Array,
   e, _, o = w.shape
   k, p = routing.k, routing.n_pairs
   t = _tile_rows(p, e)
-  z = min(p // t + e, p)                                             # static tile count
+  tile_expert = routing.tiles(t)[0]                                  # [Z]; unused tiles: any
+  z = tile_expert.shape[0]                                           # static tile count
 
   sizes = routing.group_sizes
   padded = (sizes + t - 1) // t * t                                  # [E]
@@ -49,8 +50,6 @@ def cvmm_xla(x: jax.Array, routing: Routing, w: jax.Array,
   sorted_e = routing.sorted_expert()                                 # [P]
   rank = jnp.arange(p, dtype=jnp.int32) - routing.group_offsets[sorted_e]
   dest = poff[sorted_e] + rank                                       # [P] row in the tiles
-  tile_expert = jnp.searchsorted(poff[1:], jnp.arange(z, dtype=jnp.int32) * t, side="right")
-  tile_expert = jnp.minimum(tile_expert, e - 1)                      # [Z]; unused tiles: any
 
   xs = x.reshape(n * m, i)[_pair_rows(routing, m)]                   # [P, I]
   x_tiles = jnp.zeros((z * t, i), x.dtype).at[dest].set(xs, unique_indices=True)
