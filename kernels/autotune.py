@@ -45,6 +45,9 @@ class TileConfig:
     ``max_concurrent_steps``).
   splits: independent row chunks per expert (weight gradient only: split-K over
     the ragged rows, partial results summed afterwards); 1 elsewhere.
+  loop_n: one program per row tile walks all output column blocks, keeping its
+    gathered input rows on chip (Triton row kernels when the contraction fits one
+    block_k); False launches one program per (row tile, column block).
   """
 
   block_m: int
@@ -53,6 +56,7 @@ class TileConfig:
   num_warps: int = 4
   num_stages: int = 3
   splits: int = 1
+  loop_n: bool = False
 
   def __post_init__(self):
     for name in ("block_m", "block_n", "block_k"):

@@ -78,6 +78,68 @@ def is_available() -> bool:
 # --------------------------------------------------------------------------- kernels
 
 @_jit
+def _red_v2(addr, v0, v1, mask):
+  """red.global.add.v2.f32 (sm90): adds two adjacent floats in one reduction."""
+  return tl.inline_asm_elementwise(
+      "{ .reg .pred p; setp.ne.b32 p, $4, 0; mov.b32 $0, 0; "
+      "@p red.global.gpu.relaxed.add.v2.f32 [$1], {$2, $3}; }",
+      "=r,l,f,f,r", [addr, v0, v1, mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
+      pack=1)
+
+
+@_jit
+def _red_v4(addr, v0, v1, v2, v3, mask):
+  """red.global.add.v4.f32 (sm90): adds four adjacent floats in one reduction."""
+  return tl.inline_asm_elementwise(
+      "{ .reg .pred p; setp.ne.b32 p, $6, 0; mov.b32 $0, 0; "
+      "@p red.global.gpu.relaxed.add.v4.f32 [$1], {$2, $3, $4, $5}; }",
+      "=r,l,f,f,f,f,r", [addr, v0, v1, v2, v3, mask.to(tl.int32)], dtype=tl.int32,
+      is_pure=False, pack=1)
+
+
+@_jit
+def _rows_epilogue(acc, nb, pair, tok, slot, rmask, scale_ptr, c_ptr, out_ptr, dg_ptr,
+                   O: tl.constexpr, K: tl.constexpr, O_R: tl.constexpr,
+                   C_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr, DGATE: tl.constexpr,
+                   RED: tl.constexpr):
+  """Writes (or adds) one [BM, BN] block of products: dgates partial, scale, store."""
+  n_nb: tl.constexpr = (O + BN - 1) // BN
+  cols = nb * BN + tl.arange(0, BN)                                # [BN]
+  cmask = cols < O
+  if DGATE:
+    c_row = (tok * C_R + slot // (K // C_R)).to(tl.int64)
+    c = tl.load(c_ptr + c_row[:, None] * O + cols[None, :],
+                mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    part = tl.sum(acc * c, axis=1)                                 # [BM]
+    tl.store(dg_ptr + pair.to(tl.int64) * n_nb + nb, part, mask=rmask)
+  if HAS_SCALE:
+    s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+    acc = acc * s[:, None]
+  o_row = (tok * O_R + slot // (K // O_R)).to(tl.int64)            # [BM]
+  if not ATOMIC:
+    tl.store(out_ptr + o_row[:, None] * O + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+  elif RED == 4:
+    # Vector reductions: 4 adjacent columns per instruction (O % 4 == 0, so a group
+    # is wholly inside or outside the matrix and 16-byte aligned).
+    h0, h1 = tl.split(tl.reshape(acc, (BM, BN // 4, 2, 2)))
+    v0, v2 = tl.split(h0)
+    v1, v3 = tl.split(h1)
+    c4 = nb * BN + tl.arange(0, BN // 4) * 4
+    _red_v4((out_ptr + o_row[:, None] * O + c4[None, :]).to(tl.int64), v0, v1, v2, v3,
+            rmask[:, None] & (c4 < O)[None, :])
+  elif RED == 2:
+    v0, v1 = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
+    c2 = nb * BN + tl.arange(0, BN // 2) * 2
+    _red_v2((out_ptr + o_row[:, None] * O + c2[None, :]).to(tl.int64), v0, v1,
+            rmask[:, None] & (c2 < O)[None, :])
+  else:
+    tl.atomic_add(out_ptr + o_row[:, None] * O + cols[None, :], acc,
+                  mask=rmask[:, None] & cmask[None, :], sem="relaxed")
+
+
+@_jit
 def _rows_kernel(
     a_ptr,        # [Ra, I]  rows read by the pairs
     w_ptr,        # expert matrices: element (e, i, o) at e*SW_E + i*SW_I + o*SW_O
@@ -92,12 +154,14 @@ def _rows_kernel(
     SW_E: tl.constexpr, SW_I: tl.constexpr, SW_O: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr, DGATE: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, LOOP_N: tl.constexpr, RED: tl.constexpr,
 ):
   n_nb: tl.constexpr = (O + BN - 1) // BN
   pid = tl.program_id(0)
-  tile = pid // n_nb
-  nb = pid % n_nb
+  if LOOP_N:   # one program per tile walks every column block; a is loaded once
+    tile = pid
+  else:        # one program per (tile, column block)
+    tile = pid // n_nb
   e = tl.load(tiles_ptr + tile)
   start = tl.load(tiles_ptr + Z + tile)
   end = tl.load(tiles_ptr + 2 * Z + tile)
@@ -108,37 +172,42 @@ def _rows_kernel(
     tok = pair // K
     slot = pair % K
     a_row = (tok * A_R + slot // (K // A_R)).to(tl.int64)          # [BM]
-    cols = nb * BN + tl.arange(0, BN)                              # [BN]
-    cmask = cols < O
     w_base = w_ptr + e.to(tl.int64) * SW_E
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in tl.range(0, I, BK):
-      ks = k0 + tl.arange(0, BK)
+    if LOOP_N:
+      # The whole contraction fits one block (I <= BK): keep a in registers and
+      # stream the expert's matrix one column block at a time.
+      ks = tl.arange(0, BK)
       kmask = ks < I
       a = tl.load(a_ptr + a_row[:, None] * I + ks[None, :],
                   mask=rmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK]
-      b = tl.load(w_base + ks[:, None] * SW_I + cols[None, :] * SW_O,
-                  mask=kmask[:, None] & cmask[None, :], other=0.0)  # [BK, BN]
-      if IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-      else:
-        acc = tl.dot(a, b, acc)
-    if DGATE:
-      c_row = (tok * C_R + slot // (K // C_R)).to(tl.int64)
-      c = tl.load(c_ptr + c_row[:, None] * O + cols[None, :],
-                  mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-      part = tl.sum(acc * c, axis=1)                               # [BM]
-      tl.store(dg_ptr + pair.to(tl.int64) * n_nb + nb, part, mask=rmask)
-    if HAS_SCALE:
-      s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
-      acc = acc * s[:, None]
-    o_row = (tok * O_R + slot // (K // O_R)).to(tl.int64)
-    o_ptrs = out_ptr + o_row[:, None] * O + cols[None, :]
-    omask = rmask[:, None] & cmask[None, :]
-    if ATOMIC:
-      tl.atomic_add(o_ptrs, acc, mask=omask, sem="relaxed")
+      for nb in tl.range(0, n_nb):
+        cols = nb * BN + tl.arange(0, BN)
+        b = tl.load(w_base + ks[:, None] * SW_I + cols[None, :] * SW_O,
+                    mask=kmask[:, None] & (cols < O)[None, :], other=0.0)  # [BK, BN]
+        if IEEE:
+          acc = tl.dot(a, b, input_precision="ieee")
+        else:
+          acc = tl.dot(a, b)
+        _rows_epilogue(acc, nb, pair, tok, slot, rmask, scale_ptr, c_ptr, out_ptr, dg_ptr,
+                       O, K, O_R, C_R, BM, BN, HAS_SCALE, ATOMIC, DGATE, RED)
     else:
-      tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+      nb = pid % n_nb
+      cols = nb * BN + tl.arange(0, BN)                            # [BN]
+      cmask = cols < O
+      acc = tl.zeros((BM, BN), dtype=tl.float32)
+      for k0 in tl.range(0, I, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < I
+        a = tl.load(a_ptr + a_row[:, None] * I + ks[None, :],
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK]
+        b = tl.load(w_base + ks[:, None] * SW_I + cols[None, :] * SW_O,
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)  # [BK, BN]
+        if IEEE:
+          acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+          acc = tl.dot(a, b, acc)
+      _rows_epilogue(acc, nb, pair, tok, slot, rmask, scale_ptr, c_ptr, out_ptr, dg_ptr,
+                     O, K, O_R, C_R, BM, BN, HAS_SCALE, ATOMIC, DGATE, RED)
 
 
 @_jit
@@ -302,6 +371,7 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
     tiles = _token_ordered(tiles, routing)
   z = tiles.shape[1]
   n_nb = -(-o // cfg.block_n)
+  loop_n = cfg.loop_n and i <= cfg.block_k
   dgate = dgate_rows is not None
   out_shapes = [jax.ShapeDtypeStruct((n * out_rows, o), out_dtype),
                 jax.ShapeDtypeStruct((p, n_nb) if dgate else (1,), jnp.float32)]
@@ -309,12 +379,34 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
           scale if scale is not None else _DUMMY_F32(),
           dgate_rows if dgate else _DUMMY_F32()]
   out, dg = _launch(
-      _rows_kernel, args, out_shapes, z * n_nb, cfg, zeroed=(0,) if atomic else (),
+      _rows_kernel, args, out_shapes, z if loop_n else z * n_nb, cfg,
+      zeroed=(0,) if atomic else (),
       Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, C_R=c_rows,
       SW_E=sw[0], SW_I=sw[1], SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
       HAS_SCALE=scale is not None, ATOMIC=atomic, DGATE=dgate,
-      IEEE=a.dtype == jnp.float32)
+      IEEE=a.dtype == jnp.float32, LOOP_N=loop_n, RED=_red_width(o) if atomic else 1)
   return out, (dg.sum(axis=1) if dgate else None)
+
+
+def _red_width(o: int) -> int:
+  """Floats per atomic reduction instruction of the fused sums.
+
+  Hopper (sm90+) has vector reductions (``red.global.add.v2/v4.f32``): one
+  instruction, and one L2 transaction, adds 2 or 4 adjacent floats. Elsewhere (and in
+  Triton's interpreter) scalar ``tl.atomic_add``. CVMM_RED_VEC=1/2/4 overrides
+  (benchmarks). The width must divide O so that a vector never straddles a row end.
+  """
+  env = os.environ.get("CVMM_RED_VEC")
+  if _interpret():
+    return 1
+  if env:
+    width = int(env)
+  else:
+    cc = getattr(jax.devices()[0], "compute_capability", "0.0")
+    width = 4 if float(cc) >= 9.0 else 1
+  while width > 1 and o % width:
+    width //= 2
+  return width
 
 
 def _tile_order() -> str:
@@ -376,6 +468,14 @@ def _rows_candidates(i: int, o: int, dtype) -> list[TileConfig]:
   out = []
   for bm, bn, bk, w, st in raw:
     out.append(TileConfig(bm, min(bn, bn_max), min(bk, bk_max), w, st))
+  if i <= 256 and o > 128 and jnp.dtype(dtype).itemsize < 4:
+    # Narrow contraction, wide output (σ-MoE down, SwitchHead O, their dx): a program
+    # keeps its gathered rows and walks every column block (ahead of the list: the
+    # heuristic choice when autotuning is off).
+    looped = [TileConfig(bm, min(bn, bn_max), bk_max, w, st, loop_n=True)
+              for bm, bn, w, st in ((128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3),
+                                    (64, 256, 8, 2), (128, 256, 8, 2))]
+    out = looped + out
   return list(dict.fromkeys(out))
 
 

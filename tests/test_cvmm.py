@@ -137,6 +137,29 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         err = np.linalg.norm(a - b) / np.linalg.norm(b)
         assert err <= 1e-5, (n, k, m, e, i, o, gated, fuse, err)
+    # One program per row tile walking every column block (loop_n), with the fused
+    # gated sum and with the dgates epilogue; 40 columns = 3 blocks of 16, masked.
+    from kernels.autotune import TileConfig
+    from kernels.cvmm_triton import rows_matmul
+    n, k, e, i, o = 21, 4, 3, 24, 40
+    ks = jax.random.split(jax.random.key(7), 6)
+    r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)
+    w = jax.random.normal(ks[1], (e, i, o)) / np.sqrt(i)
+    g = jax.random.uniform(ks[2], (n * k,))
+    we = w[r.expert_index.reshape(-1)]                                  # [P, I, O]
+    cfg = TileConfig(16, 16, 32, 4, 1, loop_n=True)
+    a = jax.random.normal(ks[3], (n * k, i))
+    out, _ = rows_matmul(a, w, r, a_rows=k, out_rows=1, scale=g, cfg=cfg)
+    y = jnp.einsum("PI,PIO->PO", a, we, precision="highest")
+    ref = (y * g[:, None]).reshape(n, k, o).sum(1)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= 1e-5
+    a1 = jax.random.normal(ks[4], (n, i))
+    c = jax.random.normal(ks[5], (n * k, o))
+    out, dg = rows_matmul(a1, w, r, a_rows=1, out_rows=k, scale=g, dgate_rows=c, c_rows=k,
+                          cfg=cfg)
+    y = jnp.einsum("PI,PIO->PO", jnp.repeat(a1, k, axis=0), we, precision="highest")
+    for got, want in ((out, y * g[:, None]), (dg, jnp.sum(y * c, axis=1))):
+      assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
     print("interpreter ok")
 """)
 

@@ -1,0 +1,162 @@
+"""Times each Triton CVMM kernel of one layer on its own, for every tile candidate.
+
+  python -m bench.cvmm_kernels --profile MoEUT_244M
+  python -m bench.cvmm_kernels --kernels down_fwd,up_dx --red 1,2,4
+
+The σ-MoE pair (up, ReLU, gated down) runs six kernels, forward and backward:
+  up_fwd    y[p] = x[n] @ keys[e]                 rows, I = D, O = Es, stored
+  down_fwd  out[n] += g[p] h[p] @ values[e]       rows, I = Es, O = D, fused sum (atomic)
+  down_dh   dh[p] = g[p] dout[n] @ values[e]^T    rows, I = D, O = Es, + dgates
+  down_dw   dvalues[e] = sum_p h[p]^T g[p] dout[n]         ragged contraction
+  up_dx     dx[n] += dy[p] @ keys[e]^T            rows, I = Es, O = D, fused sum (atomic)
+  up_dw     dkeys[e] = sum_p x[n]^T dy[p]                  ragged contraction
+and SwitchHead's O projection forward (o_fwd, fused sum over heads × experts).
+Each kernel is timed with every tile candidate the autotuner would consider; fused
+sums also with 1, 2 and 4 floats per reduction instruction (CVMM_RED_VEC) and in
+expert order (CVMM_TILE_ORDER). "dense %" compares with one dense matmul of the
+same FLOPs timed in the same run. Prints a table per kernel; ``--json`` saves all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+import profiles
+from bench.cvmm import _time, projections
+from kernels import cvmm_triton as ct
+
+
+def _dense_ms(p, i, o, dtype):
+  a = jax.random.normal(jax.random.key(0), (p, i)).astype(dtype)
+  b = jax.random.normal(jax.random.key(1), (i, o)).astype(dtype)
+  return _time(jax.jit(lambda a, b: a @ b), a, b) * 1e3
+
+
+def kernels(prof: dict, n: int, dtype):
+  """name -> (fn(cfg) -> output, (P, I, O) of the equal-FLOPs dense matmul, kind)."""
+  pr = projections(prof, n, dtype)
+  up, down, o_ = pr["up"], pr["down"], pr["O"]
+  r = up["r"]
+  k, d, es = r.k, prof["d_model"], prof["ff_expert_size"]
+  p = r.n_pairs
+  keys, values = up["w"], down["w"]
+  x = up["x"]                                                   # [N, D]
+  h = down["x"].reshape(n * k, es)                              # [P, Es]
+  g = down["g"].reshape(-1)
+  dout = jax.random.normal(jax.random.key(5), (n, d)).astype(dtype)
+  dy = jax.random.normal(jax.random.key(6), (p, es)).astype(dtype)
+  ro = o_["r"]
+  att = o_["x"].reshape(-1, o_["x"].shape[-1])                  # [N*H, Dh]
+  rm = ct.rows_matmul
+  return {
+      "up_fwd": (lambda c: rm(x, keys, r, a_rows=1, out_rows=k, cfg=c)[0],
+                 (p, d, es), "rows"),
+      "down_fwd": (lambda c: rm(h, values, r, a_rows=k, out_rows=1, scale=g, cfg=c)[0],
+                   (p, es, d), "atomic"),
+      "down_dh": (lambda c: rm(dout, values, r, a_rows=1, out_rows=k, transpose_w=True,
+                               scale=g, dgate_rows=h, c_rows=k, cfg=c),
+                  (p, d, es), "rows"),
+      "down_dw": (lambda c: ct.expert_gram(h, dout, r, a_rows=k, b_rows=1, scale=g, cfg=c),
+                  (p, es, d), "dw"),
+      "up_dx": (lambda c: rm(dy, keys, r, a_rows=k, out_rows=1, transpose_w=True, cfg=c)[0],
+                (p, es, d), "atomic"),
+      "up_dw": (lambda c: ct.expert_gram(x, dy, r, a_rows=1, b_rows=k, cfg=c),
+                (p, d, es), "dw"),
+      "o_fwd": (lambda c: rm(att, o_["w"], ro, a_rows=att.shape[0] // n, out_rows=1,
+                             scale=o_["g"].reshape(-1), cfg=c)[0],
+                (ro.n_pairs, o_["w"].shape[1], d), "atomic"),
+  }
+
+
+def candidates(kind, p, i, o, e, dtype):
+  if kind == "dw":
+    return ct._dw_candidates(p, e, i, o, dtype)
+  return ct._rows_candidates(i, o, dtype)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--profile", default="MoEUT_244M")
+  ap.add_argument("--tokens", type=int, default=64 * 1024)
+  ap.add_argument("--kernels", default="")
+  ap.add_argument("--red", default="4,2,1")
+  ap.add_argument("--json", default="")
+  a = ap.parse_args(argv)
+  dtype = jnp.bfloat16
+  prof = profiles.get(a.profile)
+  ks = kernels(prof, a.tokens, dtype)
+  names = [s for s in a.kernels.split(",") if s] or list(ks)
+  reds = [int(s) for s in a.red.split(",")]
+  print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {a.profile}, "
+        f"{a.tokens} tokens", flush=True)
+  rows = []
+  for name in names:
+    fn, (p, i, o), kind = ks[name]
+    e = prof["att_n_experts"] * prof["n_heads"] if name == "o_fwd" else prof["ff_n_experts"]
+    dense = _dense_ms(p, i, o, dtype)
+    flops = 2 * p * i * o
+    print(f"## {name}: P={p} I={i} O={o}  dense {dense:.3f} ms "
+          f"({flops / dense / 1e9:.0f} TFLOP/s)", flush=True)
+    variants = []
+    for cfg in candidates(kind, p, i, o, e, dtype):
+      variants.append((cfg, {"CVMM_RED_VEC": str(reds[0])} if kind == "atomic" else {}))
+    done = []
+    for cfg, env in variants:
+      done.append(_run(name, fn, cfg, env, dense, flops))
+    if kind == "atomic":
+      ok = [d for d in done if "ms" in d]
+      if ok:
+        best = min(ok, key=lambda d: d["ms"])["cfg"]
+        for red in reds[1:]:
+          done.append(_run(name, fn, best, {"CVMM_RED_VEC": str(red)}, dense, flops))
+        done.append(_run(name, fn, best, {"CVMM_RED_VEC": str(reds[0]),
+                                          "CVMM_TILE_ORDER": "expert"}, dense, flops))
+    rows += done
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(rows, f, indent=1, default=lambda c: c.to_json())
+  return rows
+
+
+def _run(name, fn, cfg, env, dense, flops):
+  old = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  row = dict(kernel=name, cfg=cfg, env=env, dense_ms=dense)
+  try:
+    f = jax.jit(lambda: fn(cfg))
+    row["ms"] = _time(f) * 1e3
+    print(f"{name:9s} {_fmt(cfg):34s} {_env(env):18s} {row['ms']:7.3f} ms "
+          f"{dense / row['ms']:5.0%} of dense  {flops / row['ms'] / 1e9:5.0f} TFLOP/s",
+          flush=True)
+  except Exception as err:  # a candidate that does not compile: report, go on
+    row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+    print(f"{name:9s} {_fmt(cfg):34s} {_env(env):18s} FAILED {row['error']}", flush=True)
+  finally:
+    for k, v in old.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+  return row
+
+
+def _fmt(c):
+  s = f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
+  if c.splits > 1:
+    s += f" S{c.splits}"
+  if c.loop_n:
+    s += " loopN"
+  return s
+
+
+def _env(env):
+  return " ".join(f"{k.split('_')[-1].lower()}={v}" for k, v in env.items())
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
