@@ -121,3 +121,49 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
     shape = (0, w.shape[2]) if gates is not None else (0, routing.k, w.shape[2])
     return jnp.zeros(shape, x.dtype)
   return _get(impl)(x, routing, w, gates)
+
+
+def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array,
+              gates: jax.Array, *, impl: str = "auto") -> jax.Array:
+  """The σ-MoE expert MLP: ``cvmm(relu(cvmm(x, routing, w_up)), routing, w_down, gates)``.
+
+  out[n] = sum_s gates[n, s] * relu(x[n] @ w_up[e]) @ w_down[e], e = expert of (n, s).
+  With ``impl`` "triton" (or "auto" resolving to it) one fused kernel does both
+  products per tile, forward and backward, keeping the [tile, H] middle on chip;
+  every other implementation composes two :func:`cvmm` calls. Same numerics either
+  way: the middle is rounded to x's dtype after the ReLU.
+
+  Args:
+    x: [N, D]. routing: over [N, K]. w_up: [E, D, H]. w_down: [E, H, O]. gates: [N, K].
+  Returns:
+    [N, O] in x's dtype.
+  """
+  if x.ndim != 2:
+    raise ValueError(f"x must be [N, D], got shape {x.shape}")
+  if w_up.ndim != 3 or w_down.ndim != 3:
+    raise ValueError(f"w_up and w_down must be [E, D, H] and [E, H, O], got "
+                     f"{w_up.shape} and {w_down.shape}")
+  if w_up.shape[0] != w_down.shape[0] or w_up.shape[2] != w_down.shape[1]:
+    raise ValueError(f"w_up {w_up.shape} and w_down {w_down.shape} do not chain "
+                     "([E, D, H] then [E, H, O])")
+  name = resolve(impl)
+  if name == "triton" and x.shape[0] > 0:
+    from kernels import cvmm_triton  # noqa: PLC0415
+    if cvmm_triton.pair_supported(x, w_up):
+      _check_pair(x, routing, w_up, gates)
+      return cvmm_triton.cvmm_triton_pair(x, routing, w_up, w_down, gates)
+  u = jax.nn.relu(cvmm(x, routing, w_up, impl=name))                # [N, K, H]
+  return cvmm(u, routing, w_down, gates, impl=name)                 # [N, O]
+
+
+def _check_pair(x, routing, w_up, gates):
+  n, d = x.shape
+  if n != routing.n_tokens:
+    raise ValueError(f"x has {n} tokens but routing has {routing.n_tokens}")
+  if w_up.shape[1] != d:
+    raise ValueError(f"x width {d} does not match w_up's input width {w_up.shape[1]}")
+  if w_up.shape[0] != routing.n_experts:
+    raise ValueError(f"w has {w_up.shape[0]} experts but routing was made for "
+                     f"{routing.n_experts}")
+  if gates.shape != (n, routing.k):
+    raise ValueError(f"gates must be [N, K] = {(n, routing.k)}, got {gates.shape}")

@@ -266,6 +266,115 @@ def _dw_kernel(
   tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=imask[:, None] & omask[None, :])
 
 
+@_jit
+def _pair_body(
+    a_ptr,        # [N, D] fwd: x; bwd: dout
+    w1_ptr,       # first matrices, element (e, d, h) at e*S1_E + d*S1_D + h*S1_H
+    w2_ptr,       # second matrices, element (e, h, o) at e*S2_E + h*S2_H + o*S2_O
+    order_ptr,    # [P] int32 pair index at each sorted position
+    tiles_ptr,    # [3, Z] int32 expert, start, end of each tile
+    gates_ptr,    # [P] gates, indexed by pair
+    h_ptr,        # [P, H] fwd: output relu(x @ keys); bwd: input (the saved forward h)
+    du_ptr,       # [P, H] bwd output: gates * (dout @ values^T) * (h > 0); unused in fwd
+    dg_ptr,       # [P] float32 bwd output: dgates; unused in fwd
+    out_ptr,      # [N, O] float32, summed into with atomics (zeroed by the caller)
+    Z: tl.constexpr, D: tl.constexpr, H: tl.constexpr, O: tl.constexpr, K: tl.constexpr,
+    S1_E: tl.constexpr, S1_D: tl.constexpr, S1_H: tl.constexpr,
+    S2_E: tl.constexpr, S2_H: tl.constexpr, S2_O: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
+    BWD: tl.constexpr, IEEE: tl.constexpr, RED: tl.constexpr,
+):
+  """The σ-MoE pair for one expert-aligned tile, the middle [BM, H] kept on chip.
+
+  fwd: h = relu(x[n] @ keys[e]) (stored for the backward pass);
+       out[n] += g[p] * h @ values[e]                          (out: the layer output)
+  bwd: t = dout[n] @ values[e]^T; dgates[p] = <t, h[p]>; du = g[p] * t * (h[p] > 0)
+       (stored for dkeys); out[n] += du @ keys[e]^T            (out: dx)
+  """
+  tile = tl.program_id(0)
+  e = tl.load(tiles_ptr + tile)
+  start = tl.load(tiles_ptr + Z + tile)
+  end = tl.load(tiles_ptr + 2 * Z + tile)
+  if start < end:
+    rows = start + tl.arange(0, BM)
+    rmask = rows < end
+    pair = tl.load(order_ptr + rows, mask=rmask, other=0)          # [BM]
+    tok = pair // K
+    slot = pair % K
+    a_row = tok.to(tl.int64)
+    hs = tl.arange(0, BH)
+    hmask = hs < H
+    w1 = w1_ptr + e.to(tl.int64) * S1_E
+    acc = tl.zeros((BM, BH), dtype=tl.float32)
+    for k0 in tl.range(0, D, BK):
+      ks = k0 + tl.arange(0, BK)
+      kmask = ks < D
+      a = tl.load(a_ptr + a_row[:, None] * D + ks[None, :],
+                  mask=rmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK]
+      b = tl.load(w1 + ks[:, None] * S1_D + hs[None, :] * S1_H,
+                  mask=kmask[:, None] & hmask[None, :], other=0.0)  # [BK, BH]
+      if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+      else:
+        acc = tl.dot(a, b, acc)
+    pmask = rmask[:, None] & hmask[None, :]
+    mid_ptrs = pair.to(tl.int64)[:, None] * H + hs[None, :]          # [BM, BH]
+    g = tl.load(gates_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+    if BWD:
+      hv = tl.load(h_ptr + mid_ptrs, mask=pmask, other=0.0)
+      tl.store(dg_ptr + pair, tl.sum(acc * hv.to(tl.float32), axis=1), mask=rmask)
+      mid = tl.where(hv > 0, acc * g[:, None], 0.0).to(hv.dtype)
+      tl.store(du_ptr + mid_ptrs, mid, mask=pmask)
+    else:
+      mid = tl.maximum(acc, 0.0).to(h_ptr.dtype.element_ty)
+      tl.store(h_ptr + mid_ptrs, mid, mask=pmask)
+    w2 = w2_ptr + e.to(tl.int64) * S2_E
+    n_nb: tl.constexpr = (O + BN - 1) // BN
+    for nb in tl.range(0, n_nb):
+      cols = nb * BN + tl.arange(0, BN)
+      b2 = tl.load(w2 + hs[:, None] * S2_H + cols[None, :] * S2_O,
+                   mask=hmask[:, None] & (cols < O)[None, :], other=0.0)  # [BH, BN]
+      if IEEE:
+        y = tl.dot(mid, b2, input_precision="ieee")
+      else:
+        y = tl.dot(mid, b2)
+      # fwd: scaled by the gates here; bwd: du already carries them.
+      _rows_epilogue(y, nb, pair, tok, slot, rmask, gates_ptr, gates_ptr, out_ptr, dg_ptr,
+                     O, K, 1, 1, BM, BN, not BWD, True, False, RED)
+
+
+_PAIR_META = ("Z", "D", "H", "O", "K", "S1_E", "S1_D", "S1_H", "S2_E", "S2_H", "S2_O",
+              "BM", "BN", "BK", "BH", "IEEE", "RED")
+
+
+@_jit
+def _pair_fwd_kernel(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr,  # inputs
+                     out_ptr, h_ptr,                                           # outputs
+                     Z: tl.constexpr, D: tl.constexpr, H: tl.constexpr, O: tl.constexpr,
+                     K: tl.constexpr, S1_E: tl.constexpr, S1_D: tl.constexpr,
+                     S1_H: tl.constexpr, S2_E: tl.constexpr, S2_H: tl.constexpr,
+                     S2_O: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr, BH: tl.constexpr, IEEE: tl.constexpr,
+                     RED: tl.constexpr):
+  _pair_body(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, h_ptr, h_ptr, out_ptr,
+             out_ptr, Z, D, H, O, K, S1_E, S1_D, S1_H, S2_E, S2_H, S2_O, BM, BN, BK, BH,
+             False, IEEE, RED)
+
+
+@_jit
+def _pair_bwd_kernel(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, h_ptr,  # in
+                     out_ptr, du_ptr, dg_ptr,                                      # out
+                     Z: tl.constexpr, D: tl.constexpr, H: tl.constexpr, O: tl.constexpr,
+                     K: tl.constexpr, S1_E: tl.constexpr, S1_D: tl.constexpr,
+                     S1_H: tl.constexpr, S2_E: tl.constexpr, S2_H: tl.constexpr,
+                     S2_O: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr, BH: tl.constexpr, IEEE: tl.constexpr,
+                     RED: tl.constexpr):
+  _pair_body(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, h_ptr, du_ptr, dg_ptr,
+             out_ptr, Z, D, H, O, K, S1_E, S1_D, S1_H, S2_E, S2_H, S2_O, BM, BN, BK, BH,
+             True, IEEE, RED)
+
+
 # ------------------------------------------------------------------ launching
 
 def _interpret() -> bool:
@@ -455,6 +564,53 @@ def expert_gram(a: jax.Array, b: jax.Array, routing: Routing, *, a_rows: int, b_
   return (out.sum(axis=0) if s > 1 else out[0]).astype(out_dtype)
 
 
+def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
+              routing: Routing, *, h: jax.Array | None = None,
+              cfg: TileConfig | None = None):
+  """One launch of the fused pair kernel (:func:`_pair_body`).
+
+  Forward (``h`` None): a = x [N, D], w1 = keys [E, D, H], w2 = values [E, H, O].
+    Returns (out [N, O] float32, h [P, H] in x's dtype).
+  Backward (``h`` = the forward's h): a = dout [N, O], w1 = values, w2 = keys (both
+    used transposed). Returns (dx [N, D] float32, du [P, H], dgates [P] float32).
+  """
+  n, k, p = routing.n_tokens, routing.k, routing.n_pairs
+  bwd = h is not None
+  e = w1.shape[0]
+  if bwd:
+    _, hh, d = w1.shape                                  # values [E, H, D_out]
+    _, o, _ = w2.shape                                   # keys [E, D_in, H]
+    s1 = (hh * d, 1, d)                                  # values^T: (d, h) at h*d + d
+    s2 = (o * hh, 1, hh)                                 # keys^T: (h, o) at o*H + h
+  else:
+    _, d, hh = w1.shape
+    _, _, o = w2.shape
+    s1 = (d * hh, hh, 1)
+    s2 = (hh * o, o, 1)
+  assert a.shape == (n, d), (a.shape, n, d)
+  if cfg is None:
+    cfg = choose_pair_config(n, k, e, d, hh, o, a.dtype, bwd)
+  tiles = _token_ordered(routing.tiles(cfg.block_m), routing)       # [3, Z]
+  z = tiles.shape[1]
+  args = [a, w1, w2, routing.order, tiles, gates.reshape(-1)]
+  out_shapes = [jax.ShapeDtypeStruct((n, o), jnp.float32)]             # out (summed)
+  if bwd:
+    args.append(h)
+    out_shapes += [jax.ShapeDtypeStruct((p, hh), a.dtype),              # du
+                   jax.ShapeDtypeStruct((p,), jnp.float32)]             # dgates
+    names = ("out", "du", "dg")
+  else:
+    out_shapes += [jax.ShapeDtypeStruct((p, hh), a.dtype)]              # h
+    names = ("out", "h")
+  meta = dict(Z=z, D=d, H=hh, O=o, K=k, S1_E=s1[0], S1_D=s1[1], S1_H=s1[2],
+              S2_E=s2[0], S2_H=s2[1], S2_O=s2[2], BM=cfg.block_m, BN=cfg.block_n,
+              BK=cfg.block_k, BH=max(16, autotune.next_pow2(hh)),
+              IEEE=a.dtype == jnp.float32, RED=_red_width(o))
+  kernel = _pair_bwd_kernel if bwd else _pair_fwd_kernel
+  outs = _launch(kernel, args, out_shapes, z, cfg, zeroed=(0,), **meta)
+  return dict(zip(names, outs))
+
+
 # ------------------------------------------------------------------ tile choice
 
 def _rows_candidates(i: int, o: int, dtype) -> list[TileConfig]:
@@ -498,6 +654,18 @@ def _dw_candidates(p: int, e: int, i: int, o: int, dtype) -> list[TileConfig]:
     splits = max(1, min(-(-2 * sms // blocks), mean_rows // (4 * bk), 32))
     out.append(TileConfig(bi, bo, bk, w, st, splits))
   return list(dict.fromkeys(out))
+
+
+def _pair_candidates(d: int, h: int, o: int, dtype) -> list[TileConfig]:
+  bn_max = max(16, autotune.next_pow2(o))
+  bk_max = max(16, autotune.next_pow2(d))
+  if jnp.dtype(dtype).itemsize >= 4:
+    raw = [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]
+  else:
+    raw = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3),
+           (128, 128, 64, 8, 2), (128, 256, 64, 8, 2), (64, 64, 64, 4, 4)]
+  return list(dict.fromkeys(TileConfig(bm, min(bn, bn_max), min(bk, bk_max), w, st)
+                            for bm, bn, bk, w, st in raw))
 
 
 def _synthetic_routing(n: int, k: int, e: int, seed: int = 0) -> Routing:
@@ -551,6 +719,31 @@ def choose_dw_config(p, k, e, i, o, dtype, a_rows, b_rows, has_scale) -> TileCon
 
   return autotune.tuner().choose("triton_dw", shape, dtype, _dw_candidates(p, e, i, o, dtype),
                                  _bench_or_none(bench))
+
+
+def choose_pair_config(n, k, e, d, h, o, dtype, bwd) -> TileConfig:
+  shape = (n, k, e, d, h, o, int(bwd))
+
+  def bench(cfg):
+    with jax.ensure_compile_time_eval():
+      r = _synthetic_routing(n, k, e)
+      a = jax.random.normal(jax.random.key(1), (n, d), dtype)
+      if bwd:
+        w1 = jax.random.normal(jax.random.key(2), (e, h, d), dtype)
+        w2 = jax.random.normal(jax.random.key(3), (e, o, h), dtype)
+        hv = jax.random.normal(jax.random.key(5), (n * k, h), dtype)
+      else:
+        w1 = jax.random.normal(jax.random.key(2), (e, d, h), dtype)
+        w2 = jax.random.normal(jax.random.key(3), (e, h, o), dtype)
+        hv = None
+      g = jax.random.uniform(jax.random.key(4), (n, k), jnp.float32).astype(dtype)
+    f = autotune.compile_now(
+        lambda a, w1, w2, g, r, hv: pair_rows(a, w1, w2, g, r, h=hv, cfg=cfg)["out"],
+        a, w1, w2, g, r, hv)
+    return autotune.time_call(lambda: f(a, w1, w2, g, r, hv))
+
+  return autotune.tuner().choose("triton_pair", shape, dtype,
+                                 _pair_candidates(d, h, o, dtype), _bench_or_none(bench))
 
 
 # ------------------------------------------------------------------ public op
@@ -628,6 +821,51 @@ def _ops(fuse: bool):
 
   gated.defvjp(_fwd_gated, _bwd_gated)
   return plain, gated
+
+
+# Widest middle (expert size) the fused pair keeps on chip: [BM, H] float32
+# accumulators plus the [BM, H] operand of the second product.
+PAIR_MAX_HIDDEN = 256
+
+
+def pair_supported(x: jax.Array, w_up: jax.Array) -> bool:
+  """Whether :func:`cvmm_triton_pair` fuses this shape (else compose two cvmm calls)."""
+  return x.ndim == 2 and w_up.shape[2] <= PAIR_MAX_HIDDEN
+
+
+@jax.custom_vjp
+def cvmm_triton_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array,
+                     gates: jax.Array) -> jax.Array:
+  """out[n] = sum_s gates[n, s] relu(x[n] @ w_up[e]) @ w_down[e], e = expert of (n, s).
+
+  x [N, D], w_up [E, D, H], w_down [E, H, O], gates [N, K] -> [N, O] in x's dtype.
+  Two fused kernels: the forward keeps each tile's relu(x @ w_up) on chip for the
+  second product (and stores it once, [P, H], for the backward pass); the backward
+  computes du = g * (dout @ w_down^T) * (h > 0) and dgates per tile and adds
+  du @ w_up^T into dx the same way. The weight gradients are ragged contractions.
+  """
+  return _pair_fwd(x, routing, w_up, w_down, gates)[0]
+
+
+def _pair_fwd(x, routing, w_up, w_down, gates):
+  w_up, w_down = w_up.astype(x.dtype), w_down.astype(x.dtype)
+  r = pair_rows(x, w_up, w_down, gates, routing)
+  return r["out"].astype(x.dtype), (x, w_up, w_down, gates, routing, r["h"])
+
+
+def _pair_bwd(res, dout):
+  x, w_up, w_down, gates, routing, h = res
+  k = routing.k
+  dout = dout.astype(x.dtype)
+  r = pair_rows(dout, w_down, w_up, gates, routing, h=h)
+  dw_down = expert_gram(h, dout, routing, a_rows=k, b_rows=1, scale=gates.reshape(-1),
+                        out_dtype=w_down.dtype)                           # [E, H, O]
+  dw_up = expert_gram(x, r["du"], routing, a_rows=1, b_rows=k, out_dtype=w_up.dtype)
+  return (r["out"].astype(x.dtype), None, dw_up, dw_down,
+          r["dg"].reshape(gates.shape).astype(gates.dtype))
+
+
+cvmm_triton_pair.defvjp(_pair_fwd, _pair_bwd)
 
 
 # ------------------------------------------------------------------ benchmark entry

@@ -160,6 +160,27 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     y = jnp.einsum("PI,PIO->PO", jnp.repeat(a1, k, axis=0), we, precision="highest")
     for got, want in ((out, y * g[:, None]), (dg, jnp.sum(y * c, axis=1))):
       assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
+    # The fused σ-MoE pair (forward and backward kernels) against two reference CVMMs.
+    from kernels.cvmm_triton import cvmm_triton_pair
+    for n, k, e, d, h, o in ((21, 4, 5, 24, 16, 40), (13, 2, 1, 70, 24, 20)):
+      ks = jax.random.split(jax.random.key(n), 6)
+      r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)
+      x = jax.random.normal(ks[1], (n, d))
+      wu = jax.random.normal(ks[2], (e, d, h)) / np.sqrt(d)
+      wd = jax.random.normal(ks[3], (e, h, o)) / np.sqrt(h)
+      g = jax.random.uniform(ks[4], (n, k))
+      ct = jax.random.normal(ks[5], (n, o))
+      ref_fn = lambda x, wu, wd, g: cvmm_reference(
+          jax.nn.relu(cvmm_reference(x[:, None], r, wu)), r, wd, g)
+      got_fn = lambda x, wu, wd, g: cvmm_triton_pair(x, r, wu, wd, g)
+      for fn_pair in ((got_fn, ref_fn),):
+        outs = [(f(x, wu, wd, g),) + tuple(jax.grad(lambda *a: jnp.sum(f(*a) * ct),
+                                                    argnums=(0, 1, 2, 3))(x, wu, wd, g))
+                for f in fn_pair]
+        for a, b in zip(*outs):
+          a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+          err = np.linalg.norm(a - b) / np.linalg.norm(b)
+          assert err <= 1e-5, ("pair", n, k, e, d, h, o, err)
     print("interpreter ok")
 """)
 
