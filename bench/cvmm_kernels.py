@@ -10,7 +10,9 @@ The σ-MoE pair (up, ReLU, gated down) runs six kernels, forward and backward:
   down_dw   dvalues[e] = sum_p h[p]^T g[p] dout[n]         ragged contraction
   up_dx     dx[n] += dy[p] @ keys[e]^T            rows, I = Es, O = D, fused sum (atomic)
   up_dw     dkeys[e] = sum_p x[n]^T dy[p]                  ragged contraction
-and SwitchHead's O projection forward (o_fwd, fused sum over heads × experts).
+and SwitchHead's O projection forward (o_fwd, fused sum over heads × experts); the
+fused pair kernels do up_fwd + down_fwd (pair_fwd) and down_dh + up_dx (pair_bwd) in
+one launch each ("dense" there: one matmul with the FLOPs of both products).
 Each kernel is timed with every tile candidate the autotuner would consider; fused
 sums also with 1, 2 and 4 floats per reduction instruction (CVMM_RED_VEC) and in
 expert order (CVMM_TILE_ORDER). "dense %" compares with one dense matmul of the
@@ -53,7 +55,12 @@ def kernels(prof: dict, n: int, dtype):
   ro = o_["r"]
   att = o_["x"].reshape(-1, o_["x"].shape[-1])                  # [N*H, Dh]
   rm = ct.rows_matmul
+  hv = jax.nn.relu(h)
   return {
+      "pair_fwd": (lambda c: ct.pair_rows(x, keys, values, down["g"], r, cfg=c)["out"],
+                   (p, d + d, es), "pair"),
+      "pair_bwd": (lambda c: ct.pair_rows(dout, values, keys, down["g"], r, h=hv, cfg=c),
+                   (p, d + d, es), "pair"),
       "up_fwd": (lambda c: rm(x, keys, r, a_rows=1, out_rows=k, cfg=c)[0],
                  (p, d, es), "rows"),
       "down_fwd": (lambda c: rm(h, values, r, a_rows=k, out_rows=1, scale=g, cfg=c)[0],
@@ -76,6 +83,8 @@ def kernels(prof: dict, n: int, dtype):
 def candidates(kind, p, i, o, e, dtype):
   if kind == "dw":
     return ct._dw_candidates(p, e, i, o, dtype)
+  if kind == "pair":
+    return ct._pair_candidates(i // 2, o, i // 2, dtype)
   return ct._rows_candidates(i, o, dtype)
 
 
@@ -104,11 +113,12 @@ def main(argv=None):
           f"({flops / dense / 1e9:.0f} TFLOP/s)", flush=True)
     variants = []
     for cfg in candidates(kind, p, i, o, e, dtype):
-      variants.append((cfg, {"CVMM_RED_VEC": str(reds[0])} if kind == "atomic" else {}))
+      variants.append((cfg, {"CVMM_RED_VEC": str(reds[0])} if kind in ("atomic", "pair")
+                           else {}))
     done = []
     for cfg, env in variants:
       done.append(_run(name, fn, cfg, env, dense, flops))
-    if kind == "atomic":
+    if kind in ("atomic", "pair"):
       ok = [d for d in done if "ms" in d]
       if ok:
         best = min(ok, key=lambda d: d["ms"])["cfg"]
