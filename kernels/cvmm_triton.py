@@ -619,7 +619,9 @@ def _rows_candidates(i: int, o: int, dtype) -> list[TileConfig]:
   if jnp.dtype(dtype).itemsize >= 4:
     raw = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 4, 3)]
   else:
-    raw = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+    # First: the fastest at MoEUT_244M on an H200 (bench/RESULTS.md), the choice when
+    # autotuning is off.
+    raw = [(128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
            (64, 128, 64, 4, 4), (128, 256, 64, 8, 3)]
   out = []
   for bm, bn, bk, w, st in raw:
@@ -629,7 +631,7 @@ def _rows_candidates(i: int, o: int, dtype) -> list[TileConfig]:
     # keeps its gathered rows and walks every column block (ahead of the list: the
     # heuristic choice when autotuning is off).
     looped = [TileConfig(bm, min(bn, bn_max), bk_max, w, st, loop_n=True)
-              for bm, bn, w, st in ((128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3),
+              for bm, bn, w, st in ((128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3),
                                     (64, 256, 8, 2), (128, 256, 8, 2))]
     out = looped + out
   return list(dict.fromkeys(out))
