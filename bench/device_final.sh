@@ -16,5 +16,5 @@ timeout ${BENCH1_TIMEOUT:-100} python3 -m bench.cvmm --profiles MoEUT_244M --imp
 CVMM_AUTOTUNE=0 timeout ${BENCH2_TIMEOUT:-250} python3 -m bench.cvmm \
   --profiles MoEUT_44M,MoEUT_126M,MoEUT_318M,MoEUT_727M,MoEUT_1B --impls triton --pair \
   --json $OUT/bench_profiles.json 2>&1 | tee $OUT/bench_profiles.log | grep -v "^|"
-timeout ${MODEL_TIMEOUT:-110} python3 bench/model.py --profile MoEUT_244M --batch 16 --seq 1024 \
+CVMM_AUTOTUNE=0 timeout ${MODEL_TIMEOUT:-110} python3 bench/model.py --profile MoEUT_244M --batch 16 --seq 1024 \
   --steps 5 --impl auto 2>&1 | tee $OUT/model.log
