@@ -216,3 +216,33 @@ def test_mosaic_lowers_for_cuda(gated):
   lowered = jax.jit(jax.grad(loss, argnums=argn)).trace(x, w, g).lower(
       lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_cvmm_pair_composes_two_cvmms():
+  """cvmm_pair off the fused path (xla here) equals relu(cvmm) then gated cvmm of the
+  reference, forward and every gradient, float32; bad shapes are refused."""
+  from kernels import cvmm_pair, make_routing
+  from kernels.cvmm_reference import cvmm_reference
+  n, k, e, d, h, o = 37, 3, 6, 20, 12, 28
+  ks = jax.random.split(jax.random.key(3), 6)
+  _, idx = jax.lax.top_k(jax.random.normal(ks[0], (n, e)), k)
+  r = make_routing(idx, e)
+  x = jax.random.normal(ks[1], (n, d))
+  wu = jax.random.normal(ks[2], (e, d, h)) / np.sqrt(d)
+  wd = jax.random.normal(ks[3], (e, h, o)) / np.sqrt(h)
+  g = jax.random.uniform(ks[4], (n, k))
+  ct = jax.random.normal(ks[5], (n, o))
+
+  def outs(fn):
+    loss = lambda *a: jnp.sum(fn(*a) * ct)  # noqa: E731
+    return (fn(x, wu, wd, g),) + jax.grad(loss, argnums=(0, 1, 2, 3))(x, wu, wd, g)
+
+  got = outs(lambda x, wu, wd, g: cvmm_pair(x, r, wu, wd, g, impl="xla"))
+  ref = outs(lambda x, wu, wd, g: cvmm_reference(
+      jax.nn.relu(cvmm_reference(x[:, None], r, wu)), r, wd, g))
+  for a, b in zip(got, ref):
+    assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) <= 1e-5
+  with pytest.raises(ValueError, match="do not chain"):
+    cvmm_pair(x, r, wu, jnp.zeros((e, h + 1, o)), g, impl="xla")
+  with pytest.raises(ValueError, match=r"x must be \[N, D\]"):
+    cvmm_pair(x[:, None], r, wu, wd, g, impl="xla")
