@@ -15,6 +15,9 @@ Implementations are interchangeable and chosen per call with ``impl``:
                [N*K, O] intermediate (faster at wide outputs; not chosen by "auto")
   "mosaic"     Pallas on the Mosaic GPU backend (Hopper, sm90)
   "auto"       the fastest available for the default backend
+
+:func:`cvmm_pair` is the σ-MoE MLP (up, ReLU, gated down) as one op: with "triton" it
+runs fused kernels that keep each tile's middle on chip; otherwise two cvmm calls.
 """
 from __future__ import annotations
 
