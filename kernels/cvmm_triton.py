@@ -437,10 +437,6 @@ def _launch(kernel, args, out_shapes, grid: int, cfg: TileConfig, zeroed=(), **m
 _DUMMY_F32 = lambda: jnp.zeros((1,), jnp.float32)  # noqa: E731
 
 
-def _row_count(n: int, k: int, r: int) -> int:
-  return n * r
-
-
 def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
                 out_rows: int, transpose_w: bool = False, scale: jax.Array | None = None,
                 dgate_rows: jax.Array | None = None, c_rows: int = 1,
@@ -501,9 +497,11 @@ def _red_width(o: int) -> int:
   """Floats per atomic reduction instruction of the fused sums.
 
   Hopper (sm90+) has vector reductions (``red.global.add.v2/v4.f32``): one
-  instruction, and one L2 transaction, adds 2 or 4 adjacent floats. Elsewhere (and in
-  Triton's interpreter) scalar ``tl.atomic_add``. CVMM_RED_VEC=1/2/4 overrides
-  (benchmarks). The width must divide O so that a vector never straddles a row end.
+  instruction adds 2 or 4 adjacent floats. Elsewhere (and in Triton's interpreter)
+  scalar ``tl.atomic_add``. On the H200, v4 and scalar measured the same (the L2's
+  per-element reduction rate is the limit; v2 was slower, bench/RESULTS.md); the
+  benchmarks there ran with v4. CVMM_RED_VEC=1/2/4 overrides. The width must divide
+  O so that a vector never straddles a row end.
   """
   env = os.environ.get("CVMM_RED_VEC")
   if _interpret():
