@@ -98,6 +98,34 @@ def _red_v4(addr, v0, v1, v2, v3, mask):
 
 
 @_jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+  """a @ b (+ acc, may be None) in float32: true float32 products when IEEE, else the
+  tensor-core default for the inputs' dtype."""
+  if IEEE:
+    return tl.dot(a, b, acc, input_precision="ieee")
+  else:
+    return tl.dot(a, b, acc)
+
+
+@_jit
+def _gathered_matmul(a_ptr, a_row, rmask, w_base, cols, cmask, I: tl.constexpr,
+                     SW_I: tl.constexpr, SW_O: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+  """[BM, BN] float32 = a[a_row] @ W[:, cols], W's element (i, o) at w_base + i*SW_I +
+  o*SW_O, contracting the I columns BK at a time (rows gathered by index)."""
+  acc = tl.zeros((BM, BN), dtype=tl.float32)
+  for k0 in tl.range(0, I, BK):
+    ks = k0 + tl.arange(0, BK)
+    kmask = ks < I
+    a = tl.load(a_ptr + a_row[:, None] * I + ks[None, :],
+                mask=rmask[:, None] & kmask[None, :], other=0.0)    # [BM, BK]
+    b = tl.load(w_base + ks[:, None] * SW_I + cols[None, :] * SW_O,
+                mask=kmask[:, None] & cmask[None, :], other=0.0)    # [BK, BN]
+    acc = _mma(a, b, acc, IEEE)
+  return acc
+
+
+@_jit
 def _rows_epilogue(acc, nb, pair, tok, slot, rmask, scale_ptr, c_ptr, out_ptr, dg_ptr,
                    O: tl.constexpr, K: tl.constexpr, O_R: tl.constexpr,
                    C_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -184,28 +212,14 @@ def _rows_kernel(
         cols = nb * BN + tl.arange(0, BN)
         b = tl.load(w_base + ks[:, None] * SW_I + cols[None, :] * SW_O,
                     mask=kmask[:, None] & (cols < O)[None, :], other=0.0)  # [BK, BN]
-        if IEEE:
-          acc = tl.dot(a, b, input_precision="ieee")
-        else:
-          acc = tl.dot(a, b)
+        acc = _mma(a, b, None, IEEE)
         _rows_epilogue(acc, nb, pair, tok, slot, rmask, scale_ptr, c_ptr, out_ptr, dg_ptr,
                        O, K, O_R, C_R, BM, BN, HAS_SCALE, ATOMIC, DGATE, RED)
     else:
       nb = pid % n_nb
       cols = nb * BN + tl.arange(0, BN)                            # [BN]
-      cmask = cols < O
-      acc = tl.zeros((BM, BN), dtype=tl.float32)
-      for k0 in tl.range(0, I, BK):
-        ks = k0 + tl.arange(0, BK)
-        kmask = ks < I
-        a = tl.load(a_ptr + a_row[:, None] * I + ks[None, :],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK]
-        b = tl.load(w_base + ks[:, None] * SW_I + cols[None, :] * SW_O,
-                    mask=kmask[:, None] & cmask[None, :], other=0.0)  # [BK, BN]
-        if IEEE:
-          acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-          acc = tl.dot(a, b, acc)
+      acc = _gathered_matmul(a_ptr, a_row, rmask, w_base, cols, cols < O, I, SW_I, SW_O,
+                             BM, BN, BK, IEEE)                      # [BM, BN]
       _rows_epilogue(acc, nb, pair, tok, slot, rmask, scale_ptr, c_ptr, out_ptr, dg_ptr,
                      O, K, O_R, C_R, BM, BN, HAS_SCALE, ATOMIC, DGATE, RED)
 
@@ -258,10 +272,7 @@ def _dw_kernel(
     if HAS_SCALE:
       s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
       b = (b.to(tl.float32) * s[:, None]).to(a.dtype)
-    if IEEE:
-      acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-      acc = tl.dot(a, b, acc)
+    acc = _mma(a, b, acc, IEEE)
   o_ptrs = (out_ptr + ((split * E + e).to(tl.int64) * I + ii[:, None]) * O + oo[None, :])
   tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=imask[:, None] & omask[None, :])
 
@@ -304,19 +315,8 @@ def _pair_body(
     a_row = tok.to(tl.int64)
     hs = tl.arange(0, BH)
     hmask = hs < H
-    w1 = w1_ptr + e.to(tl.int64) * S1_E
-    acc = tl.zeros((BM, BH), dtype=tl.float32)
-    for k0 in tl.range(0, D, BK):
-      ks = k0 + tl.arange(0, BK)
-      kmask = ks < D
-      a = tl.load(a_ptr + a_row[:, None] * D + ks[None, :],
-                  mask=rmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK]
-      b = tl.load(w1 + ks[:, None] * S1_D + hs[None, :] * S1_H,
-                  mask=kmask[:, None] & hmask[None, :], other=0.0)  # [BK, BH]
-      if IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-      else:
-        acc = tl.dot(a, b, acc)
+    acc = _gathered_matmul(a_ptr, a_row, rmask, w1_ptr + e.to(tl.int64) * S1_E, hs, hmask,
+                           D, S1_D, S1_H, BM, BH, BK, IEEE)         # [BM, BH]
     pmask = rmask[:, None] & hmask[None, :]
     mid_ptrs = pair.to(tl.int64)[:, None] * H + hs[None, :]          # [BM, BH]
     g = tl.load(gates_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
@@ -334,10 +334,7 @@ def _pair_body(
       cols = nb * BN + tl.arange(0, BN)
       b2 = tl.load(w2 + hs[:, None] * S2_H + cols[None, :] * S2_O,
                    mask=hmask[:, None] & (cols < O)[None, :], other=0.0)  # [BH, BN]
-      if IEEE:
-        y = tl.dot(mid, b2, input_precision="ieee")
-      else:
-        y = tl.dot(mid, b2)
+      y = _mma(mid, b2, None, IEEE)
       # fwd: scaled by the gates here; bwd: du already carries them.
       _rows_epilogue(y, nb, pair, tok, slot, rmask, gates_ptr, gates_ptr, out_ptr, dg_ptr,
                      O, K, 1, 1, BM, BN, not BWD, True, False, RED)
