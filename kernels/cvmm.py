@@ -106,6 +106,16 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
     x = x[:, None, :]
   if x.ndim != 3:
     raise ValueError(f"x must be [N, M, I] or [N, I], got shape {x.shape}")
+  _check(x, routing, w, gates)
+  n = x.shape[0]
+  if n == 0:
+    shape = (0, w.shape[2]) if gates is not None else (0, routing.k, w.shape[2])
+    return jnp.zeros(shape, x.dtype)
+  return _get(impl)(x, routing, w, gates)
+
+
+def _check(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None):
+  """Shape checks of one CVMM: x [N, M, I], w [E, I, O], gates [N, K] or None."""
   n, m, i = x.shape
   if w.ndim != 3:
     raise ValueError(f"w must be [E, I, O], got shape {w.shape}")
@@ -120,10 +130,6 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
     raise ValueError(f"w has {e} experts but routing was made for {routing.n_experts}")
   if gates is not None and gates.shape != (n, routing.k):
     raise ValueError(f"gates must be [N, K] = {(n, routing.k)}, got {gates.shape}")
-  if n == 0:
-    shape = (0, w.shape[2]) if gates is not None else (0, routing.k, w.shape[2])
-    return jnp.zeros(shape, x.dtype)
-  return _get(impl)(x, routing, w, gates)
 
 
 def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array,
@@ -153,20 +159,7 @@ def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array
   if name == "triton" and x.shape[0] > 0:
     from kernels import cvmm_triton  # noqa: PLC0415
     if cvmm_triton.pair_supported(x, w_up):
-      _check_pair(x, routing, w_up, gates)
+      _check(x[:, None], routing, w_up, gates)
       return cvmm_triton.cvmm_triton_pair(x, routing, w_up, w_down, gates)
   u = jax.nn.relu(cvmm(x, routing, w_up, impl=name))                # [N, K, H]
   return cvmm(u, routing, w_down, gates, impl=name)                 # [N, O]
-
-
-def _check_pair(x, routing, w_up, gates):
-  n, d = x.shape
-  if n != routing.n_tokens:
-    raise ValueError(f"x has {n} tokens but routing has {routing.n_tokens}")
-  if w_up.shape[1] != d:
-    raise ValueError(f"x width {d} does not match w_up's input width {w_up.shape[1]}")
-  if w_up.shape[0] != routing.n_experts:
-    raise ValueError(f"w has {w_up.shape[0]} experts but routing was made for "
-                     f"{routing.n_experts}")
-  if gates.shape != (n, routing.k):
-    raise ValueError(f"gates must be [N, K] = {(n, routing.k)}, got {gates.shape}")

@@ -34,3 +34,10 @@ def cvmm_reference(x: jax.Array, routing: Routing, w: jax.Array,
   out = jnp.einsum("NK,NKO->NO", gates.astype(jnp.float32), y,
                    precision=jax.lax.Precision.HIGHEST)              # [N, O]
   return out.astype(x.dtype)
+
+
+def cvmm_pair_reference(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array,
+                        gates: jax.Array) -> jax.Array:
+  """The σ-MoE pair by its definition: gated CVMM of relu(CVMM(x [N, D], w_up))."""
+  u = jax.nn.relu(cvmm_reference(x[:, None], routing, w_up))              # [N, K, H]
+  return cvmm_reference(u, routing, w_down, gates)                        # [N, O]

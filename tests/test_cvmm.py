@@ -161,6 +161,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     for got, want in ((out, y * g[:, None]), (dg, jnp.sum(y * c, axis=1))):
       assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
     # The fused σ-MoE pair (forward and backward kernels) against two reference CVMMs.
+    from kernels.cvmm_reference import cvmm_pair_reference
     from kernels.cvmm_triton import cvmm_triton_pair
     for n, k, e, d, h, o in ((21, 4, 5, 24, 16, 40), (13, 2, 1, 70, 24, 20)):
       ks = jax.random.split(jax.random.key(n), 6)
@@ -170,8 +171,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
       wd = jax.random.normal(ks[3], (e, h, o)) / np.sqrt(h)
       g = jax.random.uniform(ks[4], (n, k))
       ct = jax.random.normal(ks[5], (n, o))
-      ref_fn = lambda x, wu, wd, g: cvmm_reference(
-          jax.nn.relu(cvmm_reference(x[:, None], r, wu)), r, wd, g)
+      ref_fn = lambda x, wu, wd, g: cvmm_pair_reference(x, r, wu, wd, g)
       got_fn = lambda x, wu, wd, g: cvmm_triton_pair(x, r, wu, wd, g)
       for fn_pair in ((got_fn, ref_fn),):
         outs = [(f(x, wu, wd, g),) + tuple(jax.grad(lambda *a: jnp.sum(f(*a) * ct),
@@ -222,7 +222,7 @@ def test_cvmm_pair_composes_two_cvmms():
   """cvmm_pair off the fused path (xla here) equals relu(cvmm) then gated cvmm of the
   reference, forward and every gradient, float32; bad shapes are refused."""
   from kernels import cvmm_pair, make_routing
-  from kernels.cvmm_reference import cvmm_reference
+  from kernels.cvmm_reference import cvmm_pair_reference
   n, k, e, d, h, o = 37, 3, 6, 20, 12, 28
   ks = jax.random.split(jax.random.key(3), 6)
   _, idx = jax.lax.top_k(jax.random.normal(ks[0], (n, e)), k)
@@ -238,8 +238,7 @@ def test_cvmm_pair_composes_two_cvmms():
     return (fn(x, wu, wd, g),) + jax.grad(loss, argnums=(0, 1, 2, 3))(x, wu, wd, g)
 
   got = outs(lambda x, wu, wd, g: cvmm_pair(x, r, wu, wd, g, impl="xla"))
-  ref = outs(lambda x, wu, wd, g: cvmm_reference(
-      jax.nn.relu(cvmm_reference(x[:, None], r, wu)), r, wd, g))
+  ref = outs(lambda x, wu, wd, g: cvmm_pair_reference(x, r, wu, wd, g))
   for a, b in zip(got, ref):
     assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) <= 1e-5
   with pytest.raises(ValueError, match="do not chain"):
