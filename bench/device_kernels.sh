@@ -6,6 +6,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1
 export CVMM_AUTOTUNE_CACHE=$OUT/autotune.json
+# SEED=1 starts the autotuner from bench/autotune_cache.json (only new shapes or
+# dropped entries are timed); otherwise from an empty cache.
+[ -n "$SEED" ] && cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 if [ "${KERNELS_ARGS-x}" != "" ]; then
   timeout ${KERNELS_TIMEOUT:-300} python3 -m bench.cvmm_kernels ${KERNELS_ARGS} \

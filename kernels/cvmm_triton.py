@@ -126,12 +126,22 @@ def _gathered_matmul(a_ptr, a_row, rmask, w_base, cols, cmask, I: tl.constexpr,
 
 
 @_jit
-def _rows_epilogue(acc, nb, pair, tok, slot, rmask, scale_ptr, c_ptr, out_ptr, dg_ptr,
+def _row_scale(scale_ptr, pair, rmask, HAS_SCALE: tl.constexpr):
+  """[BM] float32 per-pair scale (gates) of a tile's rows; ones without a scale."""
+  if HAS_SCALE:
+    return tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+  else:
+    return tl.full(pair.shape, 1.0, tl.float32)
+
+
+@_jit
+def _rows_epilogue(acc, nb, pair, tok, slot, rmask, s, c_ptr, out_ptr, dg_ptr,
                    O: tl.constexpr, K: tl.constexpr, O_R: tl.constexpr,
                    C_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr, DGATE: tl.constexpr,
                    RED: tl.constexpr):
-  """Writes (or adds) one [BM, BN] block of products: dgates partial, scale, store."""
+  """Writes (or adds) one [BM, BN] block of products: dgates partial, scale (s, [BM],
+  loaded once per tile by the caller), store."""
   n_nb: tl.constexpr = (O + BN - 1) // BN
   cols = nb * BN + tl.arange(0, BN)                                # [BN]
   cmask = cols < O
@@ -142,7 +152,6 @@ def _rows_epilogue(acc, nb, pair, tok, slot, rmask, scale_ptr, c_ptr, out_ptr, d
     part = tl.sum(acc * c, axis=1)                                 # [BM]
     tl.store(dg_ptr + pair.to(tl.int64) * n_nb + nb, part, mask=rmask)
   if HAS_SCALE:
-    s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
     acc = acc * s[:, None]
   o_row = (tok * O_R + slot // (K // O_R)).to(tl.int64)            # [BM]
   if not ATOMIC:
@@ -200,6 +209,7 @@ def _rows_kernel(
     tok = pair // K
     slot = pair % K
     a_row = (tok * A_R + slot // (K // A_R)).to(tl.int64)          # [BM]
+    sc = _row_scale(scale_ptr, pair, rmask, HAS_SCALE)             # [BM]
     w_base = w_ptr + e.to(tl.int64) * SW_E
     if LOOP_N:
       # The whole contraction fits one block (I <= BK): keep a in registers and
@@ -213,14 +223,14 @@ def _rows_kernel(
         b = tl.load(w_base + ks[:, None] * SW_I + cols[None, :] * SW_O,
                     mask=kmask[:, None] & (cols < O)[None, :], other=0.0)  # [BK, BN]
         acc = _mma(a, b, None, IEEE)
-        _rows_epilogue(acc, nb, pair, tok, slot, rmask, scale_ptr, c_ptr, out_ptr, dg_ptr,
+        _rows_epilogue(acc, nb, pair, tok, slot, rmask, sc, c_ptr, out_ptr, dg_ptr,
                        O, K, O_R, C_R, BM, BN, HAS_SCALE, ATOMIC, DGATE, RED)
     else:
       nb = pid % n_nb
       cols = nb * BN + tl.arange(0, BN)                            # [BN]
       acc = _gathered_matmul(a_ptr, a_row, rmask, w_base, cols, cols < O, I, SW_I, SW_O,
                              BM, BN, BK, IEEE)                      # [BM, BN]
-      _rows_epilogue(acc, nb, pair, tok, slot, rmask, scale_ptr, c_ptr, out_ptr, dg_ptr,
+      _rows_epilogue(acc, nb, pair, tok, slot, rmask, sc, c_ptr, out_ptr, dg_ptr,
                      O, K, O_R, C_R, BM, BN, HAS_SCALE, ATOMIC, DGATE, RED)
 
 
@@ -336,7 +346,7 @@ def _pair_body(
                    mask=hmask[:, None] & (cols < O)[None, :], other=0.0)  # [BH, BN]
       y = _mma(mid, b2, None, IEEE)
       # fwd: scaled by the gates here; bwd: du already carries them.
-      _rows_epilogue(y, nb, pair, tok, slot, rmask, gates_ptr, gates_ptr, out_ptr, dg_ptr,
+      _rows_epilogue(y, nb, pair, tok, slot, rmask, g, gates_ptr, out_ptr, dg_ptr,
                      O, K, 1, 1, BM, BN, not BWD, True, False, RED)
 
 
@@ -659,8 +669,14 @@ def _pair_candidates(d: int, h: int, o: int, dtype) -> list[TileConfig]:
   if jnp.dtype(dtype).itemsize >= 4:
     raw = [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]
   else:
-    raw = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3),
-           (128, 128, 64, 8, 2), (128, 256, 64, 8, 2), (64, 64, 64, 4, 4)]
+    # First: the fastest forward at MoEUT_244M on an H200 (bench/RESULTS.md, third
+    # session): 256-row tiles read each expert's two matrices half as often as 128.
+    raw = [(256, 32, 64, 8, 4), (256, 64, 64, 8, 4), (128, 128, 64, 8, 4),
+           (128, 128, 64, 8, 3), (256, 32, 32, 8, 6), (128, 64, 64, 8, 3),
+           (64, 128, 64, 4, 3)]
+    # A [BM, H] float32 middle of more than 256 x 128 spills registers.
+    bh = max(16, autotune.next_pow2(h))
+    raw = [c for c in raw if c[0] * bh <= 256 * 128]
   return list(dict.fromkeys(TileConfig(bm, min(bn, bn_max), min(bk, bk_max), w, st)
                             for bm, bn, bk, w, st in raw))
 
