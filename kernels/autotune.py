@@ -116,15 +116,21 @@ def compile_now(fn: Callable, *args):
 
 
 def time_call(fn: Callable[[], object], *, warmup: int = 1,
-              reps: int = int(os.environ.get("CVMM_AUTOTUNE_REPS", "5"))) -> float:
-  """Median wall time in seconds of ``fn()`` (which must return jax arrays), synced."""
+              reps: int = int(os.environ.get("CVMM_AUTOTUNE_REPS", "5")),
+              calls: int = int(os.environ.get("CVMM_AUTOTUNE_CALLS", "5"))) -> float:
+  """Median over ``reps`` rounds of the wall time in seconds per call of ``fn()`` (which
+  must return jax arrays), each round ``calls`` back-to-back calls and one sync: the
+  host's dispatch and sync latency is shared by the calls instead of added to each
+  (with one call per round it made millisecond kernels look 0.5 ms slower and noisy
+  enough to rank the candidates wrongly)."""
   for _ in range(warmup):
     jax.block_until_ready(fn())
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
+    outs = [fn() for _ in range(calls)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - t0) / calls)
   return statistics.median(times)
 
 

@@ -669,9 +669,10 @@ def _pair_candidates(d: int, h: int, o: int, dtype) -> list[TileConfig]:
   if jnp.dtype(dtype).itemsize >= 4:
     raw = [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]
   else:
-    # First: the fastest forward at MoEUT_244M on an H200 (bench/RESULTS.md, third
-    # session): 256-row tiles read each expert's two matrices half as often as 128.
-    raw = [(256, 32, 64, 8, 4), (256, 64, 64, 8, 4), (128, 128, 64, 8, 4),
+    # First: the fastest forward and backward at MoEUT_244M on an H200
+    # (bench/RESULTS.md, third session): 256-row tiles read each expert's two
+    # matrices half as often as 128-row tiles.
+    raw = [(256, 64, 64, 8, 4), (256, 32, 64, 8, 4), (128, 128, 64, 8, 4),
            (128, 128, 64, 8, 3), (256, 32, 32, 8, 6), (128, 64, 64, 8, 3),
            (64, 128, 64, 4, 3)]
     # A [BM, H] float32 middle of more than 256 x 128 spills registers.

@@ -105,6 +105,27 @@ def test_autotuner_caches_choice(tmp_path):
   assert t.choose("k", (1, 2), jnp.bfloat16, cands, None) == cands[1]
 
 
+def test_time_call_amortizes_sync_over_back_to_back_calls(monkeypatch):
+  from kernels import autotune
+  clock = [0.0]
+  n_calls = [0]
+  monkeypatch.setattr(autotune.time, "perf_counter", lambda: clock[0])
+
+  def fn():                              # each call "takes" 2 ms
+    n_calls[0] += 1
+    clock[0] += 2e-3
+    return jnp.zeros(())
+
+  def sync(outs):                        # one sync per round "costs" 0.5 ms
+    clock[0] += 5e-4
+    return outs
+
+  monkeypatch.setattr(autotune.jax, "block_until_ready", sync)
+  t = autotune.time_call(fn, warmup=1, reps=3, calls=5)
+  assert n_calls[0] == 1 + 3 * 5
+  assert abs(t - (2e-3 + 5e-4 / 5)) < 1e-12
+
+
 def test_gpu_impls_unavailable_on_cpu():
   from kernels import is_available, resolve
   if jax.default_backend() == "gpu":
