@@ -105,3 +105,40 @@ def test_fused_pair_matches_reference(case, dtype):
     assert np.all(np.isfinite(np.asarray(a, np.float32))), name
     err = _rel(a, b)
     assert err <= TOL[dtype], f"pair {case[0]} {name}: rel err {err:.2e} > {TOL[dtype]:.0e}"
+
+
+def _row_candidate_cases():
+  """Every tile candidate of the row kernel at a narrow-contraction shape (loop_n,
+  column groups, per-block programs), bf16."""
+  if jax.default_backend() != "gpu":
+    return []
+  from kernels.cvmm_triton import _rows_candidates  # noqa: PLC0415
+  return _rows_candidates(128, 200, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
+@pytest.mark.parametrize("cfg", _row_candidate_cases(), ids=str)
+def test_row_kernel_candidates_match_reference(cfg, transpose):
+  """rows_matmul with each tile candidate: gated sum over slots (out [N, O], float32
+  atomics) against an einsum of the same bf16 inputs in float32. O = 200 leaves a
+  partly masked last column block, and column groups that do not divide the blocks."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  from kernels import make_routing  # noqa: PLC0415
+  from kernels.cvmm_triton import rows_matmul  # noqa: PLC0415
+  n, k, e, i, o = 300, 4, 8, 128, 200
+  ks = jax.random.split(jax.random.key(3), 4)
+  r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)
+  a = jax.random.normal(ks[1], (n * k, i)).astype(jnp.bfloat16)
+  w = (jax.random.normal(ks[2], (e, i, o)) * i ** -0.5).astype(jnp.bfloat16)
+  g = jax.random.uniform(ks[3], (n * k,))
+  w_arg = jnp.swapaxes(w, 1, 2) if transpose else w
+  out, _ = jax.jit(lambda a, w_, g: rows_matmul(a, w_, r, a_rows=k, out_rows=1,
+                                                transpose_w=transpose, scale=g,
+                                                cfg=cfg))(a, w_arg, g)
+  we = w[r.expert_index.reshape(-1)].astype(jnp.float32)               # [P, I, O]
+  y = jnp.einsum("PI,PIO->PO", a.astype(jnp.float32), we, precision="highest")
+  ref = (y * g[:, None]).reshape(n, k, o).sum(1)
+  err = _rel(out, ref)
+  assert out.dtype == jnp.float32
+  assert err <= 1e-5, f"{cfg}: rel err {err:.2e}"
