@@ -58,16 +58,12 @@ def tiles(order, sizes, n, k, bm, how):
 
 
 def parse_cfg(s):
-  """'128x64w4s3' -> (BM, BN, warps, stages, groups=1); '128x64w4s3g2': 2 column
-  groups; '128x128x64w8s3' -> (BM, BN, warps, stages, BK) (the pair kernel's step
-  over D)."""
+  """'128x64w4s3' -> (BM, BN, warps, stages); '128x128x64w8s3' -> (BM, BN, warps,
+  stages, BK) (the pair kernel's step over D)."""
   mn, rest = s.split("w")
   dims = [int(v) for v in mn.split("x")]
-  rest, _, g = rest.partition("g")
   w, st = (int(v) for v in rest.split("s"))
-  if len(dims) > 2:
-    return (dims[0], dims[1], w, st, dims[2])
-  return (dims[0], dims[1], w, st, int(g or 1))
+  return (dims[0], dims[1], w, st) + tuple(dims[2:])
 
 
 def main(argv=None):
@@ -128,16 +124,13 @@ def main(argv=None):
     t = tcache[(how, bm)]
     z = t.shape[1]
 
-    groups = cfg[4]
-
     def run():
       out.zero_()
-      ct._rows_kernel[(z * groups,)](
+      ct._rows_kernel[(z,)](
           h, w_arg, order, t, gates, dummy, out, dummy,
           Z=z, I=es, O=d, K=k, A_R=k, O_R=1, C_R=1,
           SW_E=sw[0], SW_I=sw[1], SW_O=sw[2], BM=bm, BN=bn, BK=es,
           HAS_SCALE=True, ATOMIC=True, DGATE=False, IEEE=False, LOOP_N=True, RED=4,
-          GROUPS=groups,
           num_warps=warps, num_stages=stages)
     return run
 

@@ -43,10 +43,8 @@ class TileConfig:
   num_warps: warps per program (Triton); the Mosaic kernels run one warpgroup (4).
   num_stages: software pipeline depth (Triton ``num_stages``, Mosaic
     ``max_concurrent_steps``).
-  splits: independent row chunks per expert (weight gradient: split-K over the
-    ragged rows, partial results summed afterwards); with ``loop_n``, the number of
-    column groups launched one after another (each program walks one group's column
-    blocks); 1 elsewhere.
+  splits: independent row chunks per expert (weight gradient only: split-K over
+    the ragged rows, partial results summed afterwards); 1 elsewhere.
   loop_n: one program per row tile walks all output column blocks, keeping its
     gathered input rows on chip (Triton row kernels when the contraction fits one
     block_k); False launches one program per (row tile, column block).

@@ -192,14 +192,11 @@ def _rows_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr, DGATE: tl.constexpr,
     IEEE: tl.constexpr, LOOP_N: tl.constexpr, RED: tl.constexpr,
-    GROUPS: tl.constexpr = 1,
 ):
   n_nb: tl.constexpr = (O + BN - 1) // BN
-  nb_g: tl.constexpr = (n_nb + GROUPS - 1) // GROUPS              # column blocks per group
   pid = tl.program_id(0)
-  if LOOP_N:   # one program per (column group, tile) walks the group's column blocks;
-    tile = pid % Z     # groups run one after another (the rows in flight span fewer
-    grp = pid // Z     # output columns, so more of them stay in L2)
+  if LOOP_N:   # one program per tile walks every column block; a is loaded once
+    tile = pid
   else:        # one program per (tile, column block)
     tile = pid // n_nb
   e = tl.load(tiles_ptr + tile)
@@ -221,7 +218,7 @@ def _rows_kernel(
       kmask = ks < I
       a = tl.load(a_ptr + a_row[:, None] * I + ks[None, :],
                   mask=rmask[:, None] & kmask[None, :], other=0.0)  # [BM, BK]
-      for nb in tl.range(grp * nb_g, tl.minimum(grp * nb_g + nb_g, n_nb)):
+      for nb in tl.range(0, n_nb):
         cols = nb * BN + tl.arange(0, BN)
         b = tl.load(w_base + ks[:, None] * SW_I + cols[None, :] * SW_O,
                     mask=kmask[:, None] & (cols < O)[None, :], other=0.0)  # [BK, BN]
@@ -493,15 +490,13 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   args = [a, w, routing.order, tiles,
           scale if scale is not None else _DUMMY_F32(),
           dgate_rows if dgate else _DUMMY_F32()]
-  groups = max(1, min(cfg.splits, n_nb)) if loop_n else 1
   out, dg = _launch(
-      _rows_kernel, args, out_shapes, z * groups if loop_n else z * n_nb, cfg,
+      _rows_kernel, args, out_shapes, z if loop_n else z * n_nb, cfg,
       zeroed=(0,) if atomic else (),
       Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, C_R=c_rows,
       SW_E=sw[0], SW_I=sw[1], SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
       HAS_SCALE=scale is not None, ATOMIC=atomic, DGATE=dgate,
-      IEEE=a.dtype == jnp.float32, LOOP_N=loop_n, RED=_red_width(o) if atomic else 1,
-      GROUPS=groups)
+      IEEE=a.dtype == jnp.float32, LOOP_N=loop_n, RED=_red_width(o) if atomic else 1)
   return out, (dg.sum(axis=1) if dgate else None)
 
 
@@ -640,12 +635,9 @@ def _rows_candidates(i: int, o: int, dtype) -> list[TileConfig]:
     # Narrow contraction, wide output (σ-MoE down, SwitchHead O, their dx): a program
     # keeps its gathered rows and walks every column block (ahead of the list: the
     # heuristic choice when autotuning is off).
-    # splits > 1: column groups one after another (TileConfig.splits).
-    looped = [TileConfig(bm, min(bn, bn_max), bk_max, w, st, g, loop_n=True)
-              for bm, bn, w, st, g in ((128, 64, 4, 3, 1), (128, 64, 4, 3, 2),
-                                       (128, 64, 4, 3, 4), (128, 128, 8, 3, 1),
-                                       (64, 128, 4, 3, 1), (64, 256, 8, 2, 1),
-                                       (128, 256, 8, 2, 1))]
+    looped = [TileConfig(bm, min(bn, bn_max), bk_max, w, st, loop_n=True)
+              for bm, bn, w, st in ((128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3),
+                                    (64, 256, 8, 2), (128, 256, 8, 2))]
     out = looped + out
   return list(dict.fromkeys(out))
 

@@ -108,8 +108,8 @@ def test_fused_pair_matches_reference(case, dtype):
 
 
 def _row_candidate_cases():
-  """Every tile candidate of the row kernel at a narrow-contraction shape (loop_n,
-  column groups, per-block programs), bf16."""
+  """Every tile candidate of the row kernel at a narrow-contraction shape (loop_n and
+  one program per column block), bf16."""
   if jax.default_backend() != "gpu":
     return []
   from kernels.cvmm_triton import _rows_candidates  # noqa: PLC0415
@@ -121,7 +121,7 @@ def _row_candidate_cases():
 def test_row_kernel_candidates_match_reference(cfg, transpose):
   """rows_matmul with each tile candidate: gated sum over slots (out [N, O], float32
   atomics) against an einsum of the same bf16 inputs in float32. O = 200 leaves a
-  partly masked last column block, and column groups that do not divide the blocks."""
+  partly masked last column block."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
   from kernels import make_routing  # noqa: PLC0415
