@@ -9,7 +9,11 @@ orders, next to a dense bf16 matmul with the same FLOPs:
   win<W>     by band of W tokens, then expert: a band's output rows stay in L2 while
              each expert's matrix is read once per band
 
+``--wt`` uses the matrices transposed (the up-projection dx kernel); ``--pair`` times
+the fused σ-MoE pair forward (``_pair_fwd_kernel``) instead, tiles BMxBNxBK.
+
   python3 -m bench.down_probe [--tokens 65536 --experts 387 --k 16 --es 128 --d 1024]
+  python3 -m bench.down_probe --pair --orders token --cfgs 256x64x64w8s4,128x128x64w8s3
   python3 -m bench.down_probe --once token:128x64w4s3,win8192:128x64w4s3   (for ncu)
 
 Needs torch and triton; run on the GPU machine.
