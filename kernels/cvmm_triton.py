@@ -280,7 +280,7 @@ def _dw_kernel(
     b = tl.load(b_ptr + b_row[:, None] * O + oo[None, :],
                 mask=rmask[:, None] & omask[None, :], other=0.0)    # [BK, BO]
     if HAS_SCALE:
-      s = tl.load(scale_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+      s = _row_scale(scale_ptr, pair, rmask, True)
       b = (b.to(tl.float32) * s[:, None]).to(a.dtype)
     acc = _mma(a, b, acc, IEEE)
   o_ptrs = (out_ptr + ((split * E + e).to(tl.int64) * I + ii[:, None]) * O + oo[None, :])
@@ -329,7 +329,7 @@ def _pair_body(
                            D, S1_D, S1_H, BM, BH, BK, IEEE)         # [BM, BH]
     pmask = rmask[:, None] & hmask[None, :]
     mid_ptrs = pair.to(tl.int64)[:, None] * H + hs[None, :]          # [BM, BH]
-    g = tl.load(gates_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
+    g = _row_scale(gates_ptr, pair, rmask, True)                     # [BM]
     if BWD:
       hv = tl.load(h_ptr + mid_ptrs, mask=pmask, other=0.0)
       tl.store(dg_ptr + pair, tl.sum(acc * hv.to(tl.float32), axis=1), mask=rmask)
@@ -348,10 +348,6 @@ def _pair_body(
       # fwd: scaled by the gates here; bwd: du already carries them.
       _rows_epilogue(y, nb, pair, tok, slot, rmask, g, gates_ptr, out_ptr, dg_ptr,
                      O, K, 1, 1, BM, BN, not BWD, True, False, RED)
-
-
-_PAIR_META = ("Z", "D", "H", "O", "K", "S1_E", "S1_D", "S1_H", "S2_E", "S2_H", "S2_O",
-              "BM", "BN", "BK", "BH", "IEEE", "RED")
 
 
 @_jit
