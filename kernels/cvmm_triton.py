@@ -843,7 +843,6 @@ def pair_supported(x: jax.Array, w_up: jax.Array) -> bool:
   return x.ndim == 2 and w_up.shape[2] <= PAIR_MAX_HIDDEN
 
 
-@jax.custom_vjp
 def cvmm_triton_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array,
                      gates: jax.Array) -> jax.Array:
   """out[n] = sum_s gates[n, s] relu(x[n] @ w_up[e]) @ w_down[e], e = expert of (n, s).
@@ -853,12 +852,18 @@ def cvmm_triton_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: ja
   second product (and stores it once, [P, H], for the backward pass); the backward
   computes du = g * (dout @ w_down^T) * (h > 0) and dgates per tile and adds
   du @ w_up^T into dx the same way. The weight gradients are ragged contractions.
+  The weights are cast to x's dtype outside the custom VJP, so their gradients come
+  back in the weights' own dtype (as for :func:`cvmm_triton`).
   """
+  return _pair_op(x, routing, w_up.astype(x.dtype), w_down.astype(x.dtype), gates)
+
+
+@jax.custom_vjp
+def _pair_op(x, routing, w_up, w_down, gates):
   return _pair_fwd(x, routing, w_up, w_down, gates)[0]
 
 
 def _pair_fwd(x, routing, w_up, w_down, gates):
-  w_up, w_down = w_up.astype(x.dtype), w_down.astype(x.dtype)
   r = pair_rows(x, w_up, w_down, gates, routing)
   return r["out"].astype(x.dtype), (x, w_up, w_down, gates, routing, r["h"])
 
@@ -875,7 +880,7 @@ def _pair_bwd(res, dout):
           r["dg"].reshape(gates.shape).astype(gates.dtype))
 
 
-cvmm_triton_pair.defvjp(_pair_fwd, _pair_bwd)
+_pair_op.defvjp(_pair_fwd, _pair_bwd)
 
 
 # ------------------------------------------------------------------ benchmark entry

@@ -202,6 +202,17 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
           a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
           err = np.linalg.norm(a - b) / np.linalg.norm(b)
           assert err <= 1e-5, ("pair", n, k, e, d, h, o, err)
+    # bf16 weights with float32 x: computed in float32, gradients in each input's dtype.
+    wu16, wd16 = wu.astype(jnp.bfloat16), wd.astype(jnp.bfloat16)
+    grads = jax.grad(lambda *a: jnp.sum(cvmm_triton_pair(a[0], r, *a[1:]) * ct),
+                     argnums=(0, 1, 2, 3))(x, wu16, wd16, g)
+    want = jax.grad(lambda *a: jnp.sum(ref_fn(*a) * ct), argnums=(0, 1, 2, 3))(
+        x, wu16.astype(jnp.float32), wd16.astype(jnp.float32), g)
+    for a, b, primal in zip(grads, want, (x, wu16, wd16, g)):
+      assert a.dtype == primal.dtype, ("pair dtype", a.dtype, primal.dtype)
+      tol = 1e-5 if primal.dtype == jnp.float32 else 1e-2     # bf16: its rounding
+      err = np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+      assert err <= tol * np.linalg.norm(np.asarray(b, np.float64)), ("pair mixed", err)
     print("interpreter ok")
 """)
 
