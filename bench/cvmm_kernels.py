@@ -14,9 +14,11 @@ and SwitchHead's O projection forward (o_fwd, fused sum over heads × experts); 
 fused pair kernels do up_fwd + down_fwd (pair_fwd) and down_dh + up_dx (pair_bwd) in
 one launch each ("dense" there: one matmul with the FLOPs of both products).
 Each kernel is timed with every tile candidate the autotuner would consider; fused
-sums also with 1, 2 and 4 floats per reduction instruction (CVMM_RED_VEC) and in
-expert order (CVMM_TILE_ORDER). "dense %" compares with one dense matmul of the
-same FLOPs timed in the same run. Prints a table per kernel; ``--json`` saves all.
+sums also with 1, 2 and 4 floats per reduction instruction (CVMM_RED_VEC), in expert
+order (CVMM_TILE_ORDER), and with ``--sums float32,bfloat16`` the three fastest
+tilings once more with bf16 sums (CVMM_SUM_DTYPE). "dense %" compares with one dense
+matmul of the same FLOPs timed in the same run. Prints a table per kernel; ``--json``
+saves all.
 """
 from __future__ import annotations
 
@@ -94,6 +96,10 @@ def main(argv=None):
   ap.add_argument("--tokens", type=int, default=64 * 1024)
   ap.add_argument("--kernels", default="")
   ap.add_argument("--red", default="4,2,1")
+  ap.add_argument("--max-cands", type=int, default=0,
+                  help="time only the first N tile candidates (0: all)")
+  ap.add_argument("--sums", default="float32",
+                  help="float32 and/or bfloat16: dtypes of the fused sums to time")
   ap.add_argument("--json", default="")
   a = ap.parse_args(argv)
   dtype = jnp.bfloat16
@@ -112,7 +118,7 @@ def main(argv=None):
     print(f"## {name}: P={p} I={i} O={o}  dense {dense:.3f} ms "
           f"({flops / dense / 1e9:.0f} TFLOP/s)", flush=True)
     variants = []
-    for cfg in candidates(kind, p, i, o, e, dtype):
+    for cfg in candidates(kind, p, i, o, e, dtype)[:a.max_cands or None]:
       variants.append((cfg, {"CVMM_RED_VEC": str(reds[0])} if kind in ("atomic", "pair")
                            else {}))
     done = []
@@ -126,6 +132,10 @@ def main(argv=None):
           done.append(_run(name, fn, best, {"CVMM_RED_VEC": str(red)}, dense, flops))
         done.append(_run(name, fn, best, {"CVMM_RED_VEC": str(reds[0]),
                                           "CVMM_TILE_ORDER": "expert"}, dense, flops))
+        if "bfloat16" in a.sums.split(","):
+          for d in sorted(ok, key=lambda d: d["ms"])[:3]:
+            done.append(_run(name, fn, d["cfg"], {"CVMM_SUM_DTYPE": "bfloat16"}, dense,
+                             flops))
     rows += done
   if a.json:
     with open(a.json, "w") as f:
@@ -165,7 +175,8 @@ def _fmt(c):
 
 
 def _env(env):
-  return " ".join(f"{k.split('_')[-1].lower()}={v}" for k, v in env.items())
+  return " ".join(f"{k.split('_')[-1].lower()}={v}" for k, v in env.items()).replace(
+      "dtype=bfloat16", "sum=bf16")
 
 
 if __name__ == "__main__":

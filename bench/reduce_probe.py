@@ -6,6 +6,7 @@ real access pattern (random top-K routing, expert-sorted tiles of BM rows), no m
 in several ways, and prints one table (G adds/s, and GB/s of float32 data):
 
   v4        red.global.add.v4.f32 into the gathered rows (what the CVMM kernels do)
+  bf16      red.global.add.noftz.v4.bf16x2 into a bf16 output (CVMM_SUM_DTYPE=bfloat16)
   scalar    tl.atomic_add (relaxed), one float per reduction
   store     plain stores to the same rows (no reduction: a bound on the scatter)
   tma_row   one TMA bulk-tensor reduction (cp.reduce.async.bulk.tensor) per row
@@ -26,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.cvmm_triton import _red_v4
+from kernels.cvmm_triton import _red_bf16_v8, _red_v4
 
 
 @triton.jit
@@ -62,7 +63,13 @@ def _probe_kernel(out_ptr, tok_ptr, start_ptr, end_ptr, N_OUT, D: tl.constexpr,
           desc.atomic_add([t, n0], row_val)
   else:
     for n0 in tl.static_range(0, D, BN):
-      if MODE == 0:  # 4-wide vector reductions
+      if MODE == 4:  # 8 bf16 per reduction
+        c8 = n0 + tl.arange(0, BN // 8) * 8
+        v = (r[:, None] + c8[None, :]).to(tl.float32) * 1e-3 + z
+        _red_bf16_v8((out_ptr + tok[:, None] * D + c8[None, :]).to(tl.int64), v, v + 1.0,
+                     v + 2.0, v + 3.0, v + 4.0, v + 5.0, v + 6.0, v + 7.0,
+                     m[:, None] & (c8[None, :] < D))
+      elif MODE == 0:  # 4-wide vector reductions
         c4 = n0 + tl.arange(0, BN // 4) * 4
         v = (r[:, None] + c4[None, :]).to(tl.float32) * 1e-3 + z
         _red_v4((out_ptr + tok[:, None] * D + c4[None, :]).to(tl.int64), v, v + 1.0,
@@ -77,7 +84,7 @@ def _probe_kernel(out_ptr, tok_ptr, start_ptr, end_ptr, N_OUT, D: tl.constexpr,
           tl.store(p, v, mask=m[:, None])
 
 
-MODES = {"v4": 0, "scalar": 1, "store": 2, "tma_row": 3}
+MODES = {"v4": 0, "scalar": 1, "store": 2, "tma_row": 3, "bf16": 4}
 
 
 def tiles(n, e, k, bm, order, seed=0):
@@ -121,6 +128,7 @@ def main(argv=None):
       size, dtype=torch.int8, device="cuda"))
   n, d = a.tokens, a.d
   out = torch.zeros(n, d, device="cuda", dtype=torch.float32)
+  out_bf16 = torch.zeros(n, d, device="cuda", dtype=torch.bfloat16)
   data = {o: tiles(n, a.experts, a.k, a.bm, o) for o in ("token", "expert")}
   adds = n * a.k * d
   print(f"# {torch.cuda.get_device_name()}, N={n} E={a.experts} K={a.k} D={d} "
@@ -136,9 +144,9 @@ def main(argv=None):
     contig = "contig" in parts
     for bn, warps in ((128, 4), (256, 8)) if not a.once else ((128, 4),):
       def run():
-        _probe_kernel[(st.numel(),)](out, tok, st, en, n, D=d, BM=a.bm, BN=bn,
-                                     MODE=mode, WIN=win, CONTIG=contig,
-                                     num_warps=warps)
+        _probe_kernel[(st.numel(),)](out_bf16 if mode == 4 else out, tok, st, en, n,
+                                     D=d, BM=a.bm, BN=bn, MODE=mode, WIN=win,
+                                     CONTIG=contig, num_warps=warps)
       try:
         if a.once:
           run()

@@ -98,6 +98,19 @@ def _red_v4(addr, v0, v1, v2, v3, mask):
 
 
 @_jit
+def _red_bf16_v8(addr, v0, v1, v2, v3, v4, v5, v6, v7, mask):
+  """red.global.add.noftz.v4.bf16x2 (sm90): rounds eight adjacent floats to bf16 and
+  adds them to a bf16 row in one reduction (the opt-in bf16 sums)."""
+  return tl.inline_asm_elementwise(
+      "{ .reg .pred p; .reg .b32 a, b, c, d; setp.ne.b32 p, $10, 0; mov.b32 $0, 0; "
+      "cvt.rn.bf16x2.f32 a, $3, $2; cvt.rn.bf16x2.f32 b, $5, $4; "
+      "cvt.rn.bf16x2.f32 c, $7, $6; cvt.rn.bf16x2.f32 d, $9, $8; "
+      "@p red.global.gpu.relaxed.add.noftz.v4.bf16x2 [$1], {a, b, c, d}; }",
+      "=r,l,f,f,f,f,f,f,f,f,r", [addr, v0, v1, v2, v3, v4, v5, v6, v7, mask.to(tl.int32)],
+      dtype=tl.int32, is_pure=False, pack=1)
+
+
+@_jit
 def _mma(a, b, acc, IEEE: tl.constexpr):
   """a @ b (+ acc, may be None) in float32: true float32 products when IEEE, else the
   tensor-core default for the inputs' dtype."""
@@ -157,6 +170,19 @@ def _rows_epilogue(acc, nb, pair, tok, slot, rmask, s, c_ptr, out_ptr, dg_ptr,
   if not ATOMIC:
     tl.store(out_ptr + o_row[:, None] * O + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
+  elif RED == 8:
+    # bf16 sums (opt-in): 8 adjacent columns rounded to bf16 per instruction
+    # (O % 8 == 0; out is bf16).
+    t0, t1 = tl.split(tl.reshape(acc, (BM, BN // 8, 2, 2, 2)))     # column bit 0
+    t00, t10 = tl.split(t0)                                         # bit 1
+    t01, t11 = tl.split(t1)
+    v0, v4 = tl.split(t00)                                          # bit 2
+    v2, v6 = tl.split(t10)
+    v1, v5 = tl.split(t01)
+    v3, v7 = tl.split(t11)
+    c8 = nb * BN + tl.arange(0, BN // 8) * 8
+    _red_bf16_v8((out_ptr + o_row[:, None] * O + c8[None, :]).to(tl.int64),
+                 v0, v1, v2, v3, v4, v5, v6, v7, rmask[:, None] & (c8 < O)[None, :])
   elif RED == 4:
     # Vector reductions: 4 adjacent columns per instruction (O % 4 == 0, so a group
     # is wholly inside or outside the matrix and 16-byte aligned).
@@ -473,7 +499,8 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   if cfg is None:
     cfg = choose_rows_config(n, k, e, i, o, a.dtype, a_rows, out_rows, scale is not None)
   atomic = out_rows < k
-  out_dtype = jnp.float32 if atomic else a.dtype
+  red = _red_width(o, a.dtype) if atomic else 1
+  out_dtype = (a.dtype if red == 8 else jnp.float32) if atomic else a.dtype
   tiles = routing.tiles(cfg.block_m)                                 # [3, Z]
   if atomic and _tile_order() == "token":
     tiles = _token_ordered(tiles, routing)
@@ -492,28 +519,53 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
       Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, C_R=c_rows,
       SW_E=sw[0], SW_I=sw[1], SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
       HAS_SCALE=scale is not None, ATOMIC=atomic, DGATE=dgate,
-      IEEE=a.dtype == jnp.float32, LOOP_N=loop_n, RED=_red_width(o) if atomic else 1)
+      IEEE=a.dtype == jnp.float32, LOOP_N=loop_n, RED=red)
   return out, (dg.sum(axis=1) if dgate else None)
 
 
-def _red_width(o: int) -> int:
-  """Floats per atomic reduction instruction of the fused sums.
+def _compute_capability() -> float:
+  return float(getattr(jax.devices()[0], "compute_capability", "0.0"))
+
+
+def bf16_sums(dtype, o: int) -> bool:
+  """Whether the fused sums of a bf16 CVMM add into a bf16 output (opt-in).
+
+  By default the fused sums add float32 rows into a float32 output, cast to the
+  input dtype at the end. ``CVMM_SUM_DTYPE=bfloat16`` makes bf16 calls add rows
+  rounded to bf16 into a bf16 output (``red.global.add.noftz.v4.bf16x2``, Hopper and
+  newer): half the L2 traffic of the reductions and no cast, but each of the K
+  additions into an output element rounds to bf16 (relative error of the sums about
+  3x that of float32 sums rounded once), and the rounding depends on the order in
+  which the tiles add. float32 calls, widths that are not a multiple of 8, older
+  GPUs and Triton's interpreter always sum in float32.
+  """
+  env = os.environ.get("CVMM_SUM_DTYPE", "float32")
+  if env not in ("float32", "bfloat16"):
+    raise ValueError(f"CVMM_SUM_DTYPE={env!r}: expected 'float32' or 'bfloat16'")
+  return (env == "bfloat16" and jnp.dtype(dtype) == jnp.bfloat16 and o % 8 == 0
+          and not _interpret() and _compute_capability() >= 9.0)
+
+
+def _red_width(o: int, dtype=jnp.float32) -> int:
+  """Elements per atomic reduction instruction of the fused sums.
 
   Hopper (sm90+) has vector reductions (``red.global.add.v2/v4.f32``): one
   instruction adds 2 or 4 adjacent floats. Elsewhere (and in Triton's interpreter)
   scalar ``tl.atomic_add``. On the H200, v4 and scalar measured the same (the L2's
   per-element reduction rate is the limit; v2 was slower, bench/RESULTS.md); the
   benchmarks there ran with v4. CVMM_RED_VEC=1/2/4 overrides. The width must divide
-  O so that a vector never straddles a row end.
+  O so that a vector never straddles a row end. 8 means bf16 sums
+  (:func:`bf16_sums`): eight bf16 per instruction.
   """
+  if bf16_sums(dtype, o):
+    return 8
   env = os.environ.get("CVMM_RED_VEC")
   if _interpret():
     return 1
   if env:
     width = int(env)
   else:
-    cc = getattr(jax.devices()[0], "compute_capability", "0.0")
-    width = 4 if float(cc) >= 9.0 else 1
+    width = 4 if _compute_capability() >= 9.0 else 1
   while width > 1 and o % width:
     width //= 2
   return width
@@ -594,7 +646,8 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
   tiles = _token_ordered(routing.tiles(cfg.block_m), routing)       # [3, Z]
   z = tiles.shape[1]
   args = [a, w1, w2, routing.order, tiles, gates.reshape(-1)]
-  out_shapes = [jax.ShapeDtypeStruct((n, o), jnp.float32)]             # out (summed)
+  red = _red_width(o, a.dtype)
+  out_shapes = [jax.ShapeDtypeStruct((n, o), a.dtype if red == 8 else jnp.float32)]  # summed
   if bwd:
     args.append(h)
     out_shapes += [jax.ShapeDtypeStruct((p, hh), a.dtype),              # du
@@ -606,7 +659,7 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
   meta = dict(Z=z, D=d, H=hh, O=o, K=k, S1_E=s1[0], S1_D=s1[1], S1_H=s1[2],
               S2_E=s2[0], S2_H=s2[1], S2_O=s2[2], BM=cfg.block_m, BN=cfg.block_n,
               BK=cfg.block_k, BH=max(16, autotune.next_pow2(hh)),
-              IEEE=a.dtype == jnp.float32, RED=_red_width(o))
+              IEEE=a.dtype == jnp.float32, RED=red)
   kernel = _pair_bwd_kernel if bwd else _pair_fwd_kernel
   outs = _launch(kernel, args, out_shapes, z, cfg, zeroed=(0,), **meta)
   return dict(zip(names, outs))
@@ -694,8 +747,15 @@ def _bench_or_none(make):
   return make
 
 
+def _sum_key(dtype, o: int, atomic: bool = True) -> tuple:
+  """Extra autotune-key element for fused sums in bf16 (none for float32 sums, so the
+  cached float32 choices keep their keys)."""
+  return ("bf16sum",) if atomic and bf16_sums(dtype, o) else ()
+
+
 def choose_rows_config(n, k, e, i, o, dtype, a_rows, out_rows, has_scale) -> TileConfig:
-  shape = (n, k, e, i, o, a_rows, out_rows, int(has_scale))
+  shape = (n, k, e, i, o, a_rows, out_rows, int(has_scale)) + _sum_key(dtype, o,
+                                                                      out_rows < k)
 
   def bench(cfg):
     with jax.ensure_compile_time_eval():
@@ -732,7 +792,7 @@ def choose_dw_config(p, k, e, i, o, dtype, a_rows, b_rows, has_scale) -> TileCon
 
 
 def choose_pair_config(n, k, e, d, h, o, dtype, bwd) -> TileConfig:
-  shape = (n, k, e, d, h, o, int(bwd))
+  shape = (n, k, e, d, h, o, int(bwd)) + _sum_key(dtype, o)
 
   def bench(cfg):
     with jax.ensure_compile_time_eval():

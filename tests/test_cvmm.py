@@ -126,6 +126,28 @@ def test_time_call_amortizes_sync_over_back_to_back_calls(monkeypatch):
   assert abs(t - (2e-3 + 5e-4 / 5)) < 1e-12
 
 
+def test_sum_dtype_option(monkeypatch):
+  """CVMM_SUM_DTYPE: float32 (default) or bfloat16, which only bf16 calls with widths
+  divisible by 8 on sm90+ take; anything else is refused, not silently ignored."""
+  pytest.importorskip("triton")
+  from kernels import cvmm_triton as ct
+  monkeypatch.delenv("CVMM_SUM_DTYPE", raising=False)
+  assert not ct.bf16_sums(jnp.bfloat16, 1024)
+  monkeypatch.setenv("CVMM_SUM_DTYPE", "float16")
+  with pytest.raises(ValueError, match="CVMM_SUM_DTYPE"):
+    ct.bf16_sums(jnp.bfloat16, 1024)
+  monkeypatch.setenv("CVMM_SUM_DTYPE", "bfloat16")
+  monkeypatch.setattr(ct, "_interpret", lambda: False)
+  monkeypatch.setattr(ct, "_compute_capability", lambda: 9.0)
+  assert ct.bf16_sums(jnp.bfloat16, 1024)
+  assert ct._red_width(1024, jnp.bfloat16) == 8
+  assert not ct.bf16_sums(jnp.float32, 1024)        # float32 calls keep float32 sums
+  assert not ct.bf16_sums(jnp.bfloat16, 1020)       # a vector of 8 must not straddle rows
+  assert ct._red_width(1020, jnp.bfloat16) == 4
+  monkeypatch.setattr(ct, "_compute_capability", lambda: 8.0)
+  assert not ct.bf16_sums(jnp.bfloat16, 1024)       # the bf16x2 vector reduction is sm90+
+
+
 def test_gpu_impls_unavailable_on_cpu():
   from kernels import is_available, resolve
   if jax.default_backend() == "gpu":

@@ -1,0 +1,96 @@
+"""Error of the σ-MoE pair's fused sums in float32 and in bf16, at a profile's full shape.
+
+  python -m bench.sum_precision --profile MoEUT_244M [--tokens 65536]
+
+bf16 inputs (weights scaled as at initialisation, softmax-like gates); the reference is
+the same computation on the same values in float32 with float32 matmuls (XLA,
+``precision="highest"``). Prints the relative error ||a - ref|| / ||ref|| of the output
+and of every gradient (dx, dkeys, dvalues, dgates) for:
+  triton       the fused kernels, float32 sums (the default)
+  triton-bf16  the same kernels with CVMM_SUM_DTYPE=bfloat16 (bf16 sums)
+  xla-bf16     XLA in bf16 (float32 accumulation inside each matmul, one rounding of
+               each expert's product before the gated sum, as the PyTorch original)
+and how far two runs of the same call differ (atomics add in a varying order).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import profiles
+from bench.cvmm import projections
+from kernels import cvmm_pair
+
+
+def _rel(a, b):
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _outs(impl, args, r, ct, sum_dtype=None):
+  """(out, dx, dkeys, dvalues, dgates) of the pair, traced with CVMM_SUM_DTYPE set."""
+  old = os.environ.get("CVMM_SUM_DTYPE")
+  if sum_dtype:
+    os.environ["CVMM_SUM_DTYPE"] = sum_dtype
+  try:
+    def f(x, k_, v, g):
+      return cvmm_pair(x, r, k_, v, g, impl=impl)
+
+    loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) * ct)  # noqa: E731
+    out = jax.jit(f)(*args)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args)
+    return (out,) + tuple(grads)
+  finally:
+    if old is None:
+      os.environ.pop("CVMM_SUM_DTYPE", None)
+    else:
+      os.environ["CVMM_SUM_DTYPE"] = old
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--profile", default="MoEUT_244M")
+  ap.add_argument("--tokens", type=int, default=64 * 1024)
+  a = ap.parse_args(argv)
+  prof = profiles.get(a.profile)
+  pr = projections(prof, a.tokens, jnp.bfloat16)
+  up, down = pr["up"], pr["down"]
+  args = (up["x"], up["w"], down["w"], down["g"])
+  r = up["r"]
+  ct = jax.random.normal(jax.random.key(11), (a.tokens, prof["d_model"]))
+  print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {a.profile}, "
+        f"{a.tokens} tokens, bf16 inputs", flush=True)
+  with jax.default_matmul_precision("highest"):
+    ref = _outs("xla", tuple(x.astype(jnp.float32) for x in args), r, ct)
+  names = ["out", "dx", "dkeys", "dvalues", "dgates"]
+  print("| variant | " + " | ".join(names) + " |")
+  print("|---|" + "---:|" * len(names))
+  runs = {}
+  for label, impl, sd in (("triton", "triton", "float32"),
+                          ("triton-bf16", "triton", "bfloat16"),
+                          ("xla-bf16", "xla", None)):
+    try:
+      got = _outs(impl, args, r, ct, sd)
+    except Exception as err:  # report, go on
+      print(f"| {label} | FAILED {type(err).__name__}: {str(err)[:200]} |", flush=True)
+      continue
+    runs[label] = (impl, sd, got)
+    print(f"| {label} | " + " | ".join(f"{_rel(g, f):.2e}" for g, f in zip(got, ref)) + " |",
+          flush=True)
+  for label, (impl, sd, got) in runs.items():
+    if impl == "xla":                     # no atomics: the same every run
+      continue
+    again = _outs(impl, args, r, ct, sd)
+    print(f"| {label}, run 2 vs run 1 | "
+          + " | ".join(f"{_rel(g2, g1):.1e}" for g2, g1 in zip(again, got)) + " |",
+          flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
