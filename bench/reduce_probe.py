@@ -3,7 +3,8 @@
 The gated sum of σ-MoE's down projection adds P = N*K rows of D floats into N output
 rows chosen by index (2^30 adds at MoEUT_244M). This probe does only that, with the
 real access pattern (random top-K routing, expert-sorted tiles of BM rows), no matmul,
-in several ways, and prints one table (G adds/s, and GB/s of float32 data):
+in several ways, and prints one table (G adds/s, and GB/s of added data: 4 bytes per
+add, 2 for bf16):
 
   v4        red.global.add.v4.f32 into the gathered rows (what the CVMM kernels do)
   bf16      red.global.add.noftz.v4.bf16x2 into a bf16 output (CVMM_SUM_DTYPE=bfloat16)
@@ -133,7 +134,7 @@ def main(argv=None):
   adds = n * a.k * d
   print(f"# {torch.cuda.get_device_name()}, N={n} E={a.experts} K={a.k} D={d} "
         f"BM={a.bm}: {adds / 2**30:.2f} Gi adds")
-  print(f"| variant | BN | warps | ms | G adds/s | GB/s (fp32) |")
+  print(f"| variant | BN | warps | ms | G adds/s | GB/s |")
   print(f"|---|---|---|---|---|---|")
   names = [s for s in (a.once or a.variants).split(",") if s]
   for name in names:
@@ -155,7 +156,7 @@ def main(argv=None):
           continue
         ms = triton.testing.do_bench(run, warmup=50, rep=300)
         print(f"| {name} | {bn} | {warps} | {ms:.3f} | {adds / ms / 1e6:.0f} | "
-              f"{adds * 4 / ms / 1e6:.0f} |", flush=True)
+              f"{adds * (2 if mode == 4 else 4) / ms / 1e6:.0f} |", flush=True)
       except Exception as err:  # report a variant that does not compile, go on
         print(f"| {name} | {bn} | {warps} | FAILED {type(err).__name__}: "
               f"{str(err)[:300]} | | |", flush=True)
