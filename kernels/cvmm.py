@@ -18,6 +18,11 @@ Implementations are interchangeable and chosen per call with ``impl``:
 
 :func:`cvmm_pair` is the σ-MoE MLP (up, ReLU, gated down) as one op: with "triton" it
 runs fused kernels that keep each tile's middle on chip; otherwise two cvmm calls.
+
+Sums over slots are float32 rounded once to the output dtype. On Hopper,
+``CVMM_SUM_DTYPE=bfloat16`` (read at trace time) makes the Triton kernels add bf16
+calls' sums in bf16: faster, less accurate, not reproducible run to run
+(:func:`kernels.cvmm_triton.bf16_sums`, bench/RESULTS.md).
 """
 from __future__ import annotations
 

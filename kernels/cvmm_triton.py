@@ -18,7 +18,8 @@ Two kernels do all the work (legend in :mod:`kernels.routing`):
                        written as one partial per column block and summed afterwards.
   With gates the weighted sum over the K slots is fused: each program adds its
   gate-weighted rows into the float32 [N, O] output with relaxed atomics, so the
-  [P, O] intermediate is never written.
+  [P, O] intermediate is never written. (Opt-in, :func:`bf16_sums`: bf16 calls add
+  rows rounded to bf16 into a bf16 output instead.)
 
 ``_dw_kernel``: the ragged contraction dW[e] = sum over e's pairs of a[arow(p)]^T
   (scale[p] * b[brow(p)]). One program per (expert, split, block of I, block of O); it
@@ -324,7 +325,7 @@ def _pair_body(
     h_ptr,        # [P, H] fwd: output relu(x @ keys); bwd: input (the saved forward h)
     du_ptr,       # [P, H] bwd output: gates * (dout @ values^T) * (h > 0); unused in fwd
     dg_ptr,       # [P] float32 bwd output: dgates; unused in fwd
-    out_ptr,      # [N, O] float32, summed into with atomics (zeroed by the caller)
+    out_ptr,      # [N, O] float32 (bf16 when RED == 8), summed into with atomics (zeroed)
     Z: tl.constexpr, D: tl.constexpr, H: tl.constexpr, O: tl.constexpr, K: tl.constexpr,
     S1_E: tl.constexpr, S1_D: tl.constexpr, S1_H: tl.constexpr,
     S2_E: tl.constexpr, S2_H: tl.constexpr, S2_O: tl.constexpr,
@@ -475,7 +476,8 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   a: [N * a_rows, I]; w: [E, I, O] (or [E, O, I] used transposed); scale: [P] or None;
   dgate_rows: [N * c_rows, O] rows dotted with the unscaled product, or None.
   Returns (out [N * out_rows, O], dgates [P] float32 or None). out is float32 when
-  several pairs meet in one output row (out_rows < K), else a's dtype. With
+  several pairs meet in one output row (out_rows < K; bf16 with :func:`bf16_sums`),
+  else a's dtype. With
   ``fuse_sum=False`` such rows are not added atomically: every pair's scaled row is
   stored ([P, O] in a's dtype) and XLA sums them (faster at wide outputs, but the
   intermediate is written).
@@ -623,9 +625,10 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
   """One launch of the fused pair kernel (:func:`_pair_body`).
 
   Forward (``h`` None): a = x [N, D], w1 = keys [E, D, H], w2 = values [E, H, O].
-    Returns (out [N, O] float32, h [P, H] in x's dtype).
+    Returns (out [N, O] float32, or bf16 with :func:`bf16_sums`; h [P, H] in x's dtype).
   Backward (``h`` = the forward's h): a = dout [N, O], w1 = values, w2 = keys (both
-    used transposed). Returns (dx [N, D] float32, du [P, H], dgates [P] float32).
+    used transposed). Returns (dx [N, D] float32 (bf16 with :func:`bf16_sums`), du [P, H],
+    dgates [P] float32).
   """
   n, k, p = routing.n_tokens, routing.k, routing.n_pairs
   bwd = h is not None
