@@ -20,9 +20,11 @@ Implementations are interchangeable and chosen per call with ``impl``:
 runs fused kernels that keep each tile's middle on chip; otherwise two cvmm calls.
 
 Sums over slots are float32 rounded once to the output dtype. On Hopper,
-``CVMM_SUM_DTYPE=bfloat16`` (read at trace time) makes the Triton kernels add bf16
+``sum_dtype="bfloat16"`` (or, when ``sum_dtype`` is None, the environment's
+``CVMM_SUM_DTYPE=bfloat16``, read at trace time) makes the Triton kernels add bf16
 calls' sums in bf16: faster, less accurate, not reproducible run to run
-(:func:`kernels.cvmm_triton.bf16_sums`, bench/RESULTS.md).
+(:func:`kernels.cvmm_triton.bf16_sums`, bench/RESULTS.md). Other implementations and
+float32 calls always sum in float32.
 """
 from __future__ import annotations
 
@@ -93,8 +95,20 @@ def _get(impl: str) -> Callable:
   return getattr(importlib.import_module(mod_name), fn_name)
 
 
+SUM_DTYPES = ("float32", "bfloat16")
+
+
+def _check_sum_dtype(sum_dtype: str | None):
+  if sum_dtype is not None and sum_dtype not in SUM_DTYPES:
+    raise ValueError(f"sum_dtype={sum_dtype!r}: expected one of {SUM_DTYPES} or None")
+
+
+def _triton_name(name: str) -> bool:
+  return name in ("triton", "triton_unfused")
+
+
 def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None = None,
-         *, impl: str = "auto") -> jax.Array:
+         *, impl: str = "auto", sum_dtype: str | None = None) -> jax.Array:
   """Multiplies every (token, slot) by its expert's matrix; see the module docstring.
 
   Args:
@@ -103,10 +117,14 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
     w: [E, I, O] expert matrices.
     gates: optional [N, K] weights of the slots; if given the slots are summed.
     impl: implementation name (see module docstring).
+    sum_dtype: dtype of the sums over slots in the Triton kernels: "float32",
+      "bfloat16" (bf16 inputs on Hopper only; see the module docstring) or None (the
+      environment's CVMM_SUM_DTYPE, default float32).
 
   Returns:
     [N, K, O] without gates, [N, O] with gates; dtype of x (float32 accumulation).
   """
+  _check_sum_dtype(sum_dtype)
   if x.ndim == 2:
     x = x[:, None, :]
   if x.ndim != 3:
@@ -116,7 +134,10 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
   if n == 0:
     shape = (0, w.shape[2]) if gates is not None else (0, routing.k, w.shape[2])
     return jnp.zeros(shape, x.dtype)
-  return _get(impl)(x, routing, w, gates)
+  name = resolve(impl)
+  if _triton_name(name):
+    return _get(name)(x, routing, w, gates, sum_dtype=sum_dtype)
+  return _get(name)(x, routing, w, gates)
 
 
 def _check(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None):
@@ -138,7 +159,8 @@ def _check(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None
 
 
 def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array,
-              gates: jax.Array, *, impl: str = "auto") -> jax.Array:
+              gates: jax.Array, *, impl: str = "auto",
+              sum_dtype: str | None = None) -> jax.Array:
   """The σ-MoE expert MLP: ``cvmm(relu(cvmm(x, routing, w_up)), routing, w_down, gates)``.
 
   out[n] = sum_s gates[n, s] * relu(x[n] @ w_up[e]) @ w_down[e], e = expert of (n, s).
@@ -149,6 +171,7 @@ def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array
 
   Args:
     x: [N, D]. routing: over [N, K]. w_up: [E, D, H]. w_down: [E, H, O]. gates: [N, K].
+    impl, sum_dtype: as for :func:`cvmm`.
   Returns:
     [N, O] in x's dtype.
   """
@@ -160,11 +183,13 @@ def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array
   if w_up.shape[0] != w_down.shape[0] or w_up.shape[2] != w_down.shape[1]:
     raise ValueError(f"w_up {w_up.shape} and w_down {w_down.shape} do not chain "
                      "([E, D, H] then [E, H, O])")
+  _check_sum_dtype(sum_dtype)
   name = resolve(impl)
   if name == "triton" and x.shape[0] > 0:
     from kernels import cvmm_triton  # noqa: PLC0415
     if cvmm_triton.pair_supported(x, w_up):
       _check(x[:, None], routing, w_up, gates)
-      return cvmm_triton.cvmm_triton_pair(x, routing, w_up, w_down, gates)
+      return cvmm_triton.cvmm_triton_pair(x, routing, w_up, w_down, gates,
+                                          sum_dtype=sum_dtype)
   u = jax.nn.relu(cvmm(x, routing, w_up, impl=name))                # [N, K, H]
-  return cvmm(u, routing, w_down, gates, impl=name)                 # [N, O]
+  return cvmm(u, routing, w_down, gates, impl=name, sum_dtype=sum_dtype)  # [N, O]

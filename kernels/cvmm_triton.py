@@ -41,6 +41,7 @@ import numpy as np
 
 from kernels import autotune
 from kernels.autotune import TileConfig
+from kernels.cvmm import SUM_DTYPES
 from kernels.routing import Routing
 
 if os.environ.get("CVMM_TRITON_INTERPRET", "0") == "1":
@@ -470,7 +471,8 @@ _DUMMY_F32 = lambda: jnp.zeros((1,), jnp.float32)  # noqa: E731
 def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
                 out_rows: int, transpose_w: bool = False, scale: jax.Array | None = None,
                 dgate_rows: jax.Array | None = None, c_rows: int = 1,
-                fuse_sum: bool = True, cfg: TileConfig | None = None):
+                fuse_sum: bool = True, cfg: TileConfig | None = None,
+                sum_dtype: str | None = None):
   """out[orow(p)] (+)= scale[p] * a[arow(p)] @ W_e, see the module docstring.
 
   a: [N * a_rows, I]; w: [E, I, O] (or [E, O, I] used transposed); scale: [P] or None;
@@ -480,7 +482,7 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   else a's dtype. With
   ``fuse_sum=False`` such rows are not added atomically: every pair's scaled row is
   stored ([P, O] in a's dtype) and XLA sums them (faster at wide outputs, but the
-  intermediate is written).
+  intermediate is written). sum_dtype: see :func:`bf16_sums`.
   """
   if out_rows < routing.k and not fuse_sum:
     out, dg = rows_matmul(a, w, routing, a_rows=a_rows, out_rows=routing.k,
@@ -499,9 +501,10 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
     sw = (i * o, o, 1)
   assert a.shape == (n * a_rows, i), (a.shape, n, a_rows, i)
   if cfg is None:
-    cfg = choose_rows_config(n, k, e, i, o, a.dtype, a_rows, out_rows, scale is not None)
+    cfg = choose_rows_config(n, k, e, i, o, a.dtype, a_rows, out_rows, scale is not None,
+                             sum_dtype)
   atomic = out_rows < k
-  red = _red_width(o, a.dtype) if atomic else 1
+  red = _red_width(o, a.dtype, sum_dtype) if atomic else 1
   out_dtype = (a.dtype if red == 8 else jnp.float32) if atomic else a.dtype
   tiles = routing.tiles(cfg.block_m)                                 # [3, Z]
   if atomic and _tile_order() == "token":
@@ -529,11 +532,22 @@ def _compute_capability() -> float:
   return float(getattr(jax.devices()[0], "compute_capability", "0.0"))
 
 
-def bf16_sums(dtype, o: int) -> bool:
+def sum_dtype_of(sum_dtype: str | None = None) -> str:
+  """The requested dtype of the fused sums: ``sum_dtype``, else the environment's
+  ``CVMM_SUM_DTYPE``, else "float32". Anything else is refused."""
+  req = sum_dtype if sum_dtype is not None else os.environ.get("CVMM_SUM_DTYPE", "float32")
+  if req not in SUM_DTYPES:
+    src = "sum_dtype" if sum_dtype is not None else "CVMM_SUM_DTYPE"
+    raise ValueError(f"{src}={req!r}: expected one of {SUM_DTYPES}")
+  return req
+
+
+def bf16_sums(dtype, o: int, sum_dtype: str | None = None) -> bool:
   """Whether the fused sums of a bf16 CVMM add into a bf16 output (opt-in).
 
   By default the fused sums add float32 rows into a float32 output, cast to the
-  input dtype at the end. ``CVMM_SUM_DTYPE=bfloat16`` makes bf16 calls add rows
+  input dtype at the end. ``sum_dtype="bfloat16"`` (or, when it is None, the
+  environment's ``CVMM_SUM_DTYPE=bfloat16``) makes bf16 calls add rows
   rounded to bf16 into a bf16 output (``red.global.add.noftz.v4.bf16x2``, Hopper and
   newer): half the L2 traffic of the reductions and no cast, but each of the K
   additions into an output element rounds to bf16 (relative error of the sums about
@@ -541,14 +555,11 @@ def bf16_sums(dtype, o: int) -> bool:
   which the tiles add. float32 calls, widths that are not a multiple of 8, older
   GPUs and Triton's interpreter always sum in float32.
   """
-  env = os.environ.get("CVMM_SUM_DTYPE", "float32")
-  if env not in ("float32", "bfloat16"):
-    raise ValueError(f"CVMM_SUM_DTYPE={env!r}: expected 'float32' or 'bfloat16'")
-  return (env == "bfloat16" and jnp.dtype(dtype) == jnp.bfloat16 and o % 8 == 0
-          and not _interpret() and _compute_capability() >= 9.0)
+  return (sum_dtype_of(sum_dtype) == "bfloat16" and jnp.dtype(dtype) == jnp.bfloat16
+          and o % 8 == 0 and not _interpret() and _compute_capability() >= 9.0)
 
 
-def _red_width(o: int, dtype=jnp.float32) -> int:
+def _red_width(o: int, dtype=jnp.float32, sum_dtype: str | None = None) -> int:
   """Elements per atomic reduction instruction of the fused sums.
 
   Hopper (sm90+) has vector reductions (``red.global.add.v2/v4.f32``): one
@@ -559,7 +570,7 @@ def _red_width(o: int, dtype=jnp.float32) -> int:
   O so that a vector never straddles a row end. 8 means bf16 sums
   (:func:`bf16_sums`): eight bf16 per instruction.
   """
-  if bf16_sums(dtype, o):
+  if bf16_sums(dtype, o, sum_dtype):
     return 8
   env = os.environ.get("CVMM_RED_VEC")
   if _interpret():
@@ -621,7 +632,7 @@ def expert_gram(a: jax.Array, b: jax.Array, routing: Routing, *, a_rows: int, b_
 
 def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
               routing: Routing, *, h: jax.Array | None = None,
-              cfg: TileConfig | None = None):
+              cfg: TileConfig | None = None, sum_dtype: str | None = None):
   """One launch of the fused pair kernel (:func:`_pair_body`).
 
   Forward (``h`` None): a = x [N, D], w1 = keys [E, D, H], w2 = values [E, H, O].
@@ -645,11 +656,11 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
     s2 = (hh * o, o, 1)
   assert a.shape == (n, d), (a.shape, n, d)
   if cfg is None:
-    cfg = choose_pair_config(n, k, e, d, hh, o, a.dtype, bwd)
+    cfg = choose_pair_config(n, k, e, d, hh, o, a.dtype, bwd, sum_dtype)
   tiles = _token_ordered(routing.tiles(cfg.block_m), routing)       # [3, Z]
   z = tiles.shape[1]
   args = [a, w1, w2, routing.order, tiles, gates.reshape(-1)]
-  red = _red_width(o, a.dtype)
+  red = _red_width(o, a.dtype, sum_dtype)
   out_shapes = [jax.ShapeDtypeStruct((n, o), a.dtype if red == 8 else jnp.float32)]  # summed
   if bwd:
     args.append(h)
@@ -750,15 +761,16 @@ def _bench_or_none(make):
   return make
 
 
-def _sum_key(dtype, o: int, atomic: bool = True) -> tuple:
+def _sum_key(dtype, o: int, atomic: bool, sum_dtype: str | None) -> tuple:
   """Extra autotune-key element for fused sums in bf16 (none for float32 sums, so the
   cached float32 choices keep their keys)."""
-  return ("bf16sum",) if atomic and bf16_sums(dtype, o) else ()
+  return ("bf16sum",) if atomic and bf16_sums(dtype, o, sum_dtype) else ()
 
 
-def choose_rows_config(n, k, e, i, o, dtype, a_rows, out_rows, has_scale) -> TileConfig:
-  shape = (n, k, e, i, o, a_rows, out_rows, int(has_scale)) + _sum_key(dtype, o,
-                                                                      out_rows < k)
+def choose_rows_config(n, k, e, i, o, dtype, a_rows, out_rows, has_scale,
+                       sum_dtype: str | None = None) -> TileConfig:
+  shape = (n, k, e, i, o, a_rows, out_rows, int(has_scale)) + _sum_key(
+      dtype, o, out_rows < k, sum_dtype)
 
   def bench(cfg):
     with jax.ensure_compile_time_eval():
@@ -768,7 +780,8 @@ def choose_rows_config(n, k, e, i, o, dtype, a_rows, out_rows, has_scale) -> Til
       sc = jax.random.uniform(jax.random.key(3), (n * k,), jnp.float32) if has_scale else None
     f = autotune.compile_now(
         lambda a, w, r, sc: rows_matmul(a, w, r, a_rows=a_rows, out_rows=out_rows,
-                                        scale=sc, cfg=cfg)[0], a, w, r, sc)
+                                        scale=sc, cfg=cfg, sum_dtype=sum_dtype)[0],
+        a, w, r, sc)
     return autotune.time_call(lambda: f(a, w, r, sc))
 
   return autotune.tuner().choose("triton_rows", shape, dtype, _rows_candidates(i, o, dtype),
@@ -794,8 +807,9 @@ def choose_dw_config(p, k, e, i, o, dtype, a_rows, b_rows, has_scale) -> TileCon
                                  _bench_or_none(bench))
 
 
-def choose_pair_config(n, k, e, d, h, o, dtype, bwd) -> TileConfig:
-  shape = (n, k, e, d, h, o, int(bwd)) + _sum_key(dtype, o)
+def choose_pair_config(n, k, e, d, h, o, dtype, bwd,
+                       sum_dtype: str | None = None) -> TileConfig:
+  shape = (n, k, e, d, h, o, int(bwd)) + _sum_key(dtype, o, True, sum_dtype)
 
   def bench(cfg):
     with jax.ensure_compile_time_eval():
@@ -811,7 +825,8 @@ def choose_pair_config(n, k, e, d, h, o, dtype, bwd) -> TileConfig:
         hv = None
       g = jax.random.uniform(jax.random.key(4), (n, k), jnp.float32).astype(dtype)
     f = autotune.compile_now(
-        lambda a, w1, w2, g, r, hv: pair_rows(a, w1, w2, g, r, h=hv, cfg=cfg)["out"],
+        lambda a, w1, w2, g, r, hv: pair_rows(a, w1, w2, g, r, h=hv, cfg=cfg,
+                                              sum_dtype=sum_dtype)["out"],
         a, w1, w2, g, r, hv)
     return autotune.time_call(lambda: f(a, w1, w2, g, r, hv))
 
@@ -822,28 +837,32 @@ def choose_pair_config(n, k, e, d, h, o, dtype, bwd) -> TileConfig:
 # ------------------------------------------------------------------ public op
 
 def cvmm_triton(x: jax.Array, routing: Routing, w: jax.Array,
-                gates: jax.Array | None = None, *, fuse_sum: bool = True) -> jax.Array:
+                gates: jax.Array | None = None, *, fuse_sum: bool = True,
+                sum_dtype: str | None = None) -> jax.Array:
   """See :func:`kernels.cvmm`. x [N, M, I], w [E, I, O], gates [N, K] or None.
 
   fuse_sum: add the rows that share an output row (the gated sum over slots; in the
     backward pass the slots that read one x row) with float32 atomics inside the kernel
     (True: no [P, O] intermediate), or store per-pair rows and sum them in XLA (False).
+  sum_dtype: "float32", "bfloat16" or None (the environment's CVMM_SUM_DTYPE), see
+    :func:`bf16_sums`; resolved once here, so the backward pass sums the same way.
   """
   w = w.astype(x.dtype) if w.dtype != x.dtype else w
-  plain, gated = _ops(fuse_sum)
+  plain, gated = _ops(fuse_sum, sum_dtype_of(sum_dtype))
   if gates is None:
     return plain(x, w, routing)
   return gated(x, w, gates, routing)
 
 
-def cvmm_triton_unfused(x, routing, w, gates=None):
+def cvmm_triton_unfused(x, routing, w, gates=None, *, sum_dtype=None):
   """:func:`cvmm_triton` with ``fuse_sum=False`` (for benchmarks and comparison)."""
-  return cvmm_triton(x, routing, w, gates, fuse_sum=False)
+  return cvmm_triton(x, routing, w, gates, fuse_sum=False, sum_dtype=sum_dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _ops(fuse: bool):
-  """The two custom_vjp ops (without and with gates) for one reduction strategy."""
+def _ops(fuse: bool, sd: str):
+  """The two custom_vjp ops (without and with gates) for one reduction strategy and
+  sum dtype."""
 
   # Without gates: y [N, K, O].
   @jax.custom_vjp
@@ -862,7 +881,7 @@ def _ops(fuse: bool):
     k = routing.k
     dy2 = dy.astype(x.dtype).reshape(n * k, w.shape[2])                      # [P, O]
     dx, _ = rows_matmul(dy2, w, routing, a_rows=k, out_rows=m, transpose_w=True,
-                        fuse_sum=fuse)                                       # [N*M, I]
+                        fuse_sum=fuse, sum_dtype=sd)                         # [N*M, I]
     dw = expert_gram(x.reshape(n * m, i), dy2, routing, a_rows=m, b_rows=k,
                      out_dtype=w.dtype)                                      # [E, I, O]
     return dx.reshape(n, m, i).astype(x.dtype), dw, None
@@ -877,7 +896,7 @@ def _ops(fuse: bool):
   def _fwd_gated(x, w, gates, routing):
     n, m, i = x.shape
     out, _ = rows_matmul(x.reshape(n * m, i), w, routing, a_rows=m, out_rows=1,
-                         scale=gates.reshape(-1), fuse_sum=fuse)             # [N, O] f32
+                         scale=gates.reshape(-1), fuse_sum=fuse, sum_dtype=sd)  # [N, O]
     return out.astype(x.dtype), (x, w, gates, routing)
 
   def _bwd_gated(res, dout):
@@ -887,7 +906,8 @@ def _ops(fuse: bool):
     dout = dout.astype(x.dtype)                                              # [N, O]
     g = gates.reshape(-1)
     dx, dg = rows_matmul(dout, w, routing, a_rows=1, out_rows=m, transpose_w=True,
-                         scale=g, dgate_rows=x2, c_rows=m, fuse_sum=fuse)    # [N*M, I], [P]
+                         scale=g, dgate_rows=x2, c_rows=m, fuse_sum=fuse,
+                         sum_dtype=sd)                                       # [N*M, I], [P]
     dw = expert_gram(x2, dout, routing, a_rows=m, b_rows=1, scale=g, out_dtype=w.dtype)
     return (dx.reshape(n, m, i).astype(x.dtype), dw,
             dg.reshape(n, routing.k).astype(gates.dtype), None)
@@ -907,7 +927,7 @@ def pair_supported(x: jax.Array, w_up: jax.Array) -> bool:
 
 
 def cvmm_triton_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array,
-                     gates: jax.Array) -> jax.Array:
+                     gates: jax.Array, *, sum_dtype: str | None = None) -> jax.Array:
   """out[n] = sum_s gates[n, s] relu(x[n] @ w_up[e]) @ w_down[e], e = expert of (n, s).
 
   x [N, D], w_up [E, D, H], w_down [E, H, O], gates [N, K] -> [N, O] in x's dtype.
@@ -916,34 +936,41 @@ def cvmm_triton_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: ja
   computes du = g * (dout @ w_down^T) * (h > 0) and dgates per tile and adds
   du @ w_up^T into dx the same way. The weight gradients are ragged contractions.
   The weights are cast to x's dtype outside the custom VJP, so their gradients come
-  back in the weights' own dtype (as for :func:`cvmm_triton`).
+  back in the weights' own dtype (as for :func:`cvmm_triton`). sum_dtype: as for
+  :func:`cvmm_triton` (the output and dx sums).
   """
-  return _pair_op(x, routing, w_up.astype(x.dtype), w_down.astype(x.dtype), gates)
+  op = _pair_op(sum_dtype_of(sum_dtype))
+  return op(x, routing, w_up.astype(x.dtype), w_down.astype(x.dtype), gates)
 
 
-@jax.custom_vjp
-def _pair_op(x, routing, w_up, w_down, gates):
-  return _pair_fwd(x, routing, w_up, w_down, gates)[0]
+@functools.lru_cache(maxsize=None)
+def _pair_op(sd: str):
+  """The fused pair as a custom_vjp op whose sums are in ``sd``."""
+
+  @jax.custom_vjp
+  def op(x, routing, w_up, w_down, gates):
+    return _pair_fwd(x, routing, w_up, w_down, gates, sd)[0]
+
+  op.defvjp(functools.partial(_pair_fwd, sd=sd), functools.partial(_pair_bwd, sd=sd))
+  return op
 
 
-def _pair_fwd(x, routing, w_up, w_down, gates):
-  r = pair_rows(x, w_up, w_down, gates, routing)
+def _pair_fwd(x, routing, w_up, w_down, gates, sd):
+  r = pair_rows(x, w_up, w_down, gates, routing, sum_dtype=sd)
   return r["out"].astype(x.dtype), (x, w_up, w_down, gates, routing, r["h"])
 
 
-def _pair_bwd(res, dout):
+def _pair_bwd(res, dout, sd):
   x, w_up, w_down, gates, routing, h = res
   k = routing.k
   dout = dout.astype(x.dtype)
-  r = pair_rows(dout, w_down, w_up, gates, routing, h=h)
+  r = pair_rows(dout, w_down, w_up, gates, routing, h=h, sum_dtype=sd)
   dw_down = expert_gram(h, dout, routing, a_rows=k, b_rows=1, scale=gates.reshape(-1),
                         out_dtype=w_down.dtype)                           # [E, H, O]
   dw_up = expert_gram(x, r["du"], routing, a_rows=1, b_rows=k, out_dtype=w_up.dtype)
   return (r["out"].astype(x.dtype), None, dw_up, dw_down,
           r["dg"].reshape(gates.shape).astype(gates.dtype))
 
-
-_pair_op.defvjp(_pair_fwd, _pair_bwd)
 
 
 # ------------------------------------------------------------------ benchmark entry

@@ -8,7 +8,7 @@ equals the full forward.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -58,6 +58,7 @@ class SwitchHeadRope(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   cvmm_impl: str = "auto"
+  cvmm_sum_dtype: Optional[str] = None   # sums over experts in the kernels; see kernels.cvmm
 
   def _params(self):
     d, h, dh, ea = self.d_model, self.n_heads, self.d_head, self.n_experts
@@ -126,7 +127,7 @@ class SwitchHeadRope(nn.Module):
       lv, gv, rv = self._select(k_src, p["sel_v"], train)
       lo, go, ro = self._select(q_src, p["sel_o"], train)
       vv = cvmm(v_src.reshape(n, d).astype(cd), rv, p["v"].astype(cd),
-                impl=self.cvmm_impl)                                  # [N, H*ka, Dh]
+                impl=self.cvmm_impl, sum_dtype=self.cvmm_sum_dtype)   # [N, H*ka, Dh]
       v = jnp.einsum("NHKD,NHK->NHD", vv.reshape(n, h, self.k, dh), gv.reshape(n, h, self.k),
                      preferred_element_type=jnp.float32)
       v = v.reshape(b, t, h, dh).astype(cd)                           # [B, T, H, Dh]
@@ -152,7 +153,7 @@ class SwitchHeadRope(nn.Module):
 
     if self.n_experts > 1:
       out = cvmm(att.reshape(n, h, dh), ro, p["o"].astype(cd), go.reshape(n, h * self.k),
-                 impl=self.cvmm_impl)                                 # [N, D]
+                 impl=self.cvmm_impl, sum_dtype=self.cvmm_sum_dtype)  # [N, D]
       out = out.reshape(b, t, d)
     else:
       gate = jax.nn.sigmoid(jnp.einsum("BTD,DH->BTH", q_src.astype(jnp.float32),

@@ -1,7 +1,7 @@
 """One MoEUT layer (SPEC §1, peri-layernorm) and the group of G layers that repeats."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ class MoEUTLayer(nn.Module):
   dtype: Any
   param_dtype: Any
   cvmm_impl: str
+  cvmm_sum_dtype: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, positions, blocked, causal_only, cache, train):
@@ -37,14 +38,14 @@ class MoEUTLayer(nn.Module):
     att, kv, att_logits = SwitchHeadRope(
         self.d_model, self.n_heads, self.d_head, self.att_n_experts, self.att_k,
         self.n_layers, self.att_expert_dropout, self.dtype, self.param_dtype, self.cvmm_impl,
-        name="attention")(xn, xn, x, positions=positions, blocked=blocked,
+        self.cvmm_sum_dtype, name="attention")(xn, xn, x, positions=positions, blocked=blocked,
                           causal_only=causal_only, cache=cache, train=train)
     att = nn.Dropout(self.dropout)(att, deterministic=not train)
     x = x + att.astype(x.dtype)
     ffn, ffn_logits = SigmaMoE(
         self.d_model, self.ff_n_experts, self.ff_expert_size, self.ff_k, self.n_layers,
         self.ff_expert_dropout, self.dtype, self.param_dtype, self.cvmm_impl,
-        name="ffn")(x, ln("ln2")(x), train)
+        self.cvmm_sum_dtype, name="ffn")(x, ln("ln2")(x), train)
     x = x + ffn.astype(x.dtype)
     return x, kv, (ffn_logits, att_logits)
 

@@ -26,7 +26,7 @@ from moeut_jax.kv_cache import KVCache
 from moeut_jax.layer import LayerGroup
 from moeut_jax.masks import AttentionMask, blocked_keys
 from moeut_jax.routing import entropy_init, entropy_loss
-from kernels import IMPLEMENTATIONS
+from kernels import IMPLEMENTATIONS, SUM_DTYPES
 
 
 @flax.struct.dataclass
@@ -78,6 +78,9 @@ def validate_config(m) -> None:
                      "use att_n_experts=1 for plain RoPE attention with an output gate")
   if m.cvmm_impl not in IMPLEMENTATIONS:
     raise ValueError(f"cvmm_impl={m.cvmm_impl!r} must be one of {IMPLEMENTATIONS}")
+  if m.cvmm_sum_dtype not in (None,) + SUM_DTYPES:
+    raise ValueError(f"cvmm_sum_dtype={m.cvmm_sum_dtype!r} must be None or one of "
+                     f"{SUM_DTYPES}")
 
 
 class MoEUT(nn.Module):
@@ -101,6 +104,10 @@ class MoEUT(nn.Module):
   dtype: Any = jnp.float32            # compute dtype (e.g. jnp.bfloat16)
   param_dtype: Any = jnp.float32
   cvmm_impl: str = "auto"             # see kernels.cvmm
+  # dtype of the CVMM kernels' sums over experts: "float32", "bfloat16" (Hopper, bf16
+  # compute: faster, less accurate, not reproducible run to run) or None (the
+  # environment's CVMM_SUM_DTYPE, else float32); see kernels.cvmm
+  cvmm_sum_dtype: Optional[str] = None
 
   def __post_init__(self):
     validate_config(self)
@@ -124,7 +131,8 @@ class MoEUT(nn.Module):
                 att_n_experts=self.att_n_experts, ff_k=self.ff_k, att_k=self.att_k,
                 ff_expert_size=self.ff_expert_size, ff_expert_dropout=self.ff_expert_dropout,
                 att_expert_dropout=self.att_expert_dropout, dropout=self.dropout,
-                dtype=self.dtype, param_dtype=self.param_dtype, cvmm_impl=self.cvmm_impl)
+                dtype=self.dtype, param_dtype=self.param_dtype, cvmm_impl=self.cvmm_impl,
+                cvmm_sum_dtype=self.cvmm_sum_dtype)
 
   def _start_cache(self, kv_cache, batch: int):
     if kv_cache is None or isinstance(kv_cache, KVCache):
@@ -228,6 +236,7 @@ class MoEUTLM(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   cvmm_impl: str = "auto"
+  cvmm_sum_dtype: Optional[str] = None
 
   def __post_init__(self):
     if self.n_tokens < 1:

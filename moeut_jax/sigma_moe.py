@@ -1,7 +1,7 @@
 """σ-MoE feed-forward block (SPEC §2): sigmoid-gated top-k experts of ReLU MLPs."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -28,6 +28,7 @@ class SigmaMoE(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   cvmm_impl: str = "auto"
+  cvmm_sum_dtype: Optional[str] = None   # sums over experts in the kernels; see kernels.cvmm
 
   @nn.compact
   def __call__(self, x: jax.Array, sel_input: jax.Array, train: bool = False):
@@ -52,5 +53,6 @@ class SigmaMoE(nn.Module):
     xf = x.reshape(b * t, d).astype(self.dtype)                       # [N, D]
     # relu(x @ keys) @ values, gated sum over the kf experts (one fused kernel on GPUs)
     out = cvmm_pair(xf, routing, keys.astype(self.dtype), values.astype(self.dtype),
-                    gates.reshape(b * t, self.k), impl=self.cvmm_impl)      # [N, D]
+                    gates.reshape(b * t, self.k), impl=self.cvmm_impl,
+                    sum_dtype=self.cvmm_sum_dtype)                          # [N, D]
     return out.reshape(b, t, d), logits

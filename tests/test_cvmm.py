@@ -126,6 +126,21 @@ def test_time_call_amortizes_sync_over_back_to_back_calls(monkeypatch):
   assert abs(t - (2e-3 + 5e-4 / 5)) < 1e-12
 
 
+def test_sum_dtype_argument_checked_and_float32_off_gpu():
+  """sum_dtype is validated for every implementation; off Hopper/Triton the sums stay
+  float32, so "bfloat16" gives the default's numbers exactly."""
+  from kernels import cvmm_pair
+  case = ("basic", 64, 4, 4, 8, 32, 16, "random")
+  x, w, g, r, _ = _inputs(case, jnp.bfloat16, True)
+  with pytest.raises(ValueError, match="sum_dtype='float16'"):
+    cvmm(x, r, w, g, impl="xla", sum_dtype="float16")
+  with pytest.raises(ValueError, match="sum_dtype='half'"):
+    cvmm_pair(x[:, 0], r, w, jnp.swapaxes(w, 1, 2), g, impl="xla", sum_dtype="half")
+  a = cvmm(x, r, w, g, impl="xla")
+  b = cvmm(x, r, w, g, impl="xla", sum_dtype="bfloat16")
+  np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 def test_sum_dtype_option(monkeypatch):
   """CVMM_SUM_DTYPE: float32 (default) or bfloat16, which only bf16 calls with widths
   divisible by 8 on sm90+ take; anything else is refused, not silently ignored."""
@@ -136,6 +151,7 @@ def test_sum_dtype_option(monkeypatch):
   monkeypatch.setenv("CVMM_SUM_DTYPE", "float16")
   with pytest.raises(ValueError, match="CVMM_SUM_DTYPE"):
     ct.bf16_sums(jnp.bfloat16, 1024)
+  assert not ct.bf16_sums(jnp.bfloat16, 1024, "float32")   # the argument wins
   monkeypatch.setenv("CVMM_SUM_DTYPE", "bfloat16")
   monkeypatch.setattr(ct, "_interpret", lambda: False)
   monkeypatch.setattr(ct, "_compute_capability", lambda: 9.0)
@@ -144,8 +160,11 @@ def test_sum_dtype_option(monkeypatch):
   assert not ct.bf16_sums(jnp.float32, 1024)        # float32 calls keep float32 sums
   assert not ct.bf16_sums(jnp.bfloat16, 1020)       # a vector of 8 must not straddle rows
   assert ct._red_width(1020, jnp.bfloat16) == 4
+  assert not ct.bf16_sums(jnp.bfloat16, 1024, "float32")   # the argument wins
+  monkeypatch.delenv("CVMM_SUM_DTYPE")
+  assert ct.bf16_sums(jnp.bfloat16, 1024, "bfloat16")
   monkeypatch.setattr(ct, "_compute_capability", lambda: 8.0)
-  assert not ct.bf16_sums(jnp.bfloat16, 1024)       # the bf16x2 vector reduction is sm90+
+  assert not ct.bf16_sums(jnp.bfloat16, 1024, "bfloat16")  # bf16x2 vector reductions: sm90+
 
 
 def test_gpu_impls_unavailable_on_cpu():

@@ -147,20 +147,23 @@ def test_row_kernel_candidates_match_reference(cfg, transpose):
 @pytest.mark.parametrize("case", [c for c in CASES if c[6] % 8 == 0 and c[2] > 1],
                          ids=lambda c: c[0])
 def test_bf16_sums_match_reference(case, monkeypatch):
-  """CVMM_SUM_DTYPE=bfloat16: the gated sums (and the backward's sums over slots) add
+  """sum_dtype="bfloat16": the gated sums (and the backward's sums over slots) add
   bf16 rows into a bf16 output. Same tolerance as every bf16 result."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
   from kernels.cvmm_triton import bf16_sums, rows_matmul  # noqa: PLC0415
-  monkeypatch.setenv("CVMM_SUM_DTYPE", "bfloat16")
-  if not bf16_sums(jnp.bfloat16, case[6]):
+  monkeypatch.delenv("CVMM_SUM_DTYPE", raising=False)
+  if not bf16_sums(jnp.bfloat16, case[6], "bfloat16"):
     pytest.skip("bf16 sums need sm90+")
   x, w, g, r, ct = _inputs(case, jnp.bfloat16, True)
   n, m, i = x.shape
-  out, _ = jax.jit(lambda x, w, g: rows_matmul(x.reshape(n * m, i), w, r, a_rows=m,
-                                               out_rows=1, scale=g.reshape(-1)))(x, w, g)
-  assert out.dtype == jnp.bfloat16          # the bf16 sums ran, not the float32 ones
-  got = _outputs(jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, impl="triton")), x, w, g, r, ct)
+  rows = lambda sd: jax.jit(lambda x, w, g: rows_matmul(  # noqa: E731
+      x.reshape(n * m, i), w, r, a_rows=m, out_rows=1, scale=g.reshape(-1),
+      sum_dtype=sd)[0])(x, w, g)
+  assert rows("bfloat16").dtype == jnp.bfloat16   # the bf16 sums ran ...
+  assert rows(None).dtype == jnp.float32          # ... and are not the default
+  got = _outputs(jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, impl="triton",
+                                                 sum_dtype="bfloat16")), x, w, g, r, ct)
   up = lambda a: a.astype(jnp.float32)  # noqa: E731
   ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
   for name, a, b in zip(["out", "dx", "dw", "dgates"], got, ref):
@@ -172,11 +175,18 @@ def test_bf16_sums_match_reference(case, monkeypatch):
 @pytest.mark.parametrize("case", [c for c in PAIR_CASES if c[6] % 8 == 0],
                          ids=lambda c: c[0])
 def test_bf16_sums_fused_pair(case, monkeypatch):
-  """The fused pair with CVMM_SUM_DTYPE=bfloat16 (output and dx summed in bf16)."""
+  """The fused pair with CVMM_SUM_DTYPE=bfloat16 in the environment (output and dx
+  summed in bf16)."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
-  from kernels.cvmm_triton import bf16_sums  # noqa: PLC0415
+  from kernels import make_routing  # noqa: PLC0415
+  from kernels.cvmm_triton import bf16_sums, pair_rows  # noqa: PLC0415
   monkeypatch.setenv("CVMM_SUM_DTYPE", "bfloat16")
   if not bf16_sums(jnp.bfloat16, case[6]):
     pytest.skip("bf16 sums need sm90+")
+  _, n, k, e, d, h, o, _ = case
+  r = make_routing(jax.random.randint(jax.random.key(0), (n, k), 0, e), e)
+  z = lambda *s: jnp.zeros(s, jnp.bfloat16)  # noqa: E731
+  out = jax.jit(lambda: pair_rows(z(n, d), z(e, d, h), z(e, h, o), z(n, k), r)["out"])()
+  assert out.dtype == jnp.bfloat16               # the environment switched the sums
   test_fused_pair_matches_reference(case, jnp.bfloat16)

@@ -66,10 +66,34 @@ def test_moeut_44m_with_odd_rotary_width_runs():
     (dict(SMALL, att_k=5), "att_k=5 cannot exceed att_n_experts=4"),
     (dict(SMALL, dropout=1.5), "dropout=1.5 must be in"),
     (dict(SMALL, cvmm_impl="cuda"), "cvmm_impl='cuda' must be one of"),
+    (dict(SMALL, cvmm_sum_dtype="float16"), "cvmm_sum_dtype='float16' must be None or one of"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
     MoEUTLM(V, **kwargs)
+
+
+def test_cvmm_sum_dtype_reaches_every_cvmm_call(monkeypatch):
+  """cvmm_sum_dtype is passed to the σ-MoE pair and to SwitchHead's V and O calls (on
+  the CPU they sum in float32 whatever it says, so the calls are recorded)."""
+  from moeut_jax import attention, sigma_moe
+  seen = []
+
+  def spy(fn):
+    def wrapped(*args, **kwargs):
+      seen.append((fn.__name__, kwargs.get("sum_dtype")))
+      return fn(*args, **kwargs)
+    return wrapped
+
+  monkeypatch.setattr(sigma_moe, "cvmm_pair", spy(sigma_moe.cvmm_pair))
+  monkeypatch.setattr(attention, "cvmm", spy(attention.cvmm))
+  toks = jnp.arange(6, dtype=jnp.int32)[None]
+  for sd in (None, "bfloat16"):
+    seen.clear()
+    model = MoEUTLM(V, **dict(SMALL, cvmm_sum_dtype=sd))
+    model.apply(model.init(jax.random.PRNGKey(0), toks), toks)
+    assert {name for name, _ in seen} == {"cvmm_pair", "cvmm"}
+    assert all(got == sd for _, got in seen), seen
 
 
 def test_bad_inputs_raise_clear_errors(small):

@@ -61,6 +61,10 @@ class Config:
                                     "model's default)", group="model")
   cvmm_impl: str = _f("auto", "CVMM implementation: auto, xla, triton, mosaic, reference",
                       group="model")
+  cvmm_sum_dtype: str = _f("float32", "dtype of the CVMM kernels' sums over experts; "
+                           "bfloat16 is faster on Hopper but less accurate and not "
+                           "reproducible run to run", choices=("float32", "bfloat16"),
+                           group="model")
   compute_dtype: str = _f("auto", "compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU "
                           "(bf16 is emulated and slow on CPUs)", choices=COMPUTE_DTYPES)
   param_dtype: str = _f("float32", "dtype of parameters and optimizer state",
@@ -182,6 +186,7 @@ class Config:
       if getattr(self, name) is not None:
         kwargs[name] = getattr(self, name)
     kwargs["cvmm_impl"] = self.cvmm_impl
+    kwargs["cvmm_sum_dtype"] = self.cvmm_sum_dtype
     return kwargs
 
   def replace(self, **changes) -> "Config":
