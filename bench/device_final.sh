@@ -2,9 +2,7 @@
 # One device call: CVMM GPU tests, the MoEUT_244M table (autotuned, cache seeded from
 # bench/autotune_cache.json), MoEUTLM training-step throughput, then the other
 # profiles (heuristic tiles: CVMM_AUTOTUNE=0). Logs under $OUT.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1
+source bench/device_setup.sh
 export CVMM_AUTOTUNE_CACHE=$OUT/autotune.json
 cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader

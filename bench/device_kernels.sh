@@ -2,9 +2,7 @@
 # One device call: per-kernel timings (bench/cvmm_kernels.py), then the σ-MoE pair and
 # the four projections with a fresh autotuner cache. Logs under $OUT.
 # Usage (device run): [KERNELS_ARGS="..."] [BENCH_ARGS="..."] bash bench/device_kernels.sh
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1
+source bench/device_setup.sh
 export CVMM_AUTOTUNE_CACHE=$OUT/autotune.json
 # SEED=1 starts the autotuner from bench/autotune_cache.json (only new shapes or
 # dropped entries are timed); otherwise from an empty cache.

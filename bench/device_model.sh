@@ -1,8 +1,6 @@
 #!/bin/bash
 # One device call: the CVMM GPU tests, then MoEUTLM training-step throughput. Logs under $OUT.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1
+source bench/device_setup.sh
 export CVMM_AUTOTUNE_CACHE=$OUT/autotune.json
 cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
 XLA_PYTHON_CLIENT_PREALLOCATE=false CVMM_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-150} \

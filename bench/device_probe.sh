@@ -1,9 +1,8 @@
 #!/bin/bash
 # One device call: the reduction probe (bench/reduce_probe.py), then Nsight Compute on
 # its kernels and on the σ-MoE down-projection kernel. Logs under $OUT.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+source bench/device_setup.sh
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 timeout 150 python3 -m bench.reduce_probe ${PROBE_ARGS} 2>&1 | tee $OUT/probe.log
 NCU="ncu --clock-control none --target-processes all"

@@ -1,9 +1,7 @@
 #!/bin/bash
 # One device call: GPU tests, then benchmarks with autotuning. Logs under $OUT.
 # Usage (device run): [TESTS=1] [BENCH1="args"] [BENCH2="args"] bash bench/device_session.sh
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1
+source bench/device_setup.sh
 export CVMM_AUTOTUNE_CACHE=$OUT/autotune.json
 [ -f bench/autotune_cache.json ] && cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader

@@ -9,9 +9,7 @@
 #                (FRESH=1: autotune from an empty cache instead of bench/autotune_cache.json)
 #   MODEL=1      MoEUT_244M training step (bench/model.py), float32 then bf16 sums
 # Logs under $OUT. Usage (device run): PROBE=1 PREC_TOKENS=65536 ... bash bench/device_sums.sh
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1
+source bench/device_setup.sh
 export CVMM_AUTOTUNE_CACHE=$OUT/autotune.json
 [ -z "$FRESH" ] && cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader

@@ -1,9 +1,7 @@
 #!/bin/bash
 # One device call: train.py end to end on the GPU (tiny profile, stop and resume), then the
 # CVMM GPU tests. Logs under $OUT.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site:$PYTHONPATH PYTHONUNBUFFERED=1
+source bench/device_setup.sh
 export CVMM_AUTOTUNE_CACHE=$OUT/autotune.json
 cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
 W=/tmp/run
