@@ -29,6 +29,7 @@ float32 calls always sum in float32.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Callable
 
 import jax
@@ -98,13 +99,14 @@ def _get(impl: str) -> Callable:
 SUM_DTYPES = ("float32", "bfloat16")
 
 
-def _check_sum_dtype(sum_dtype: str | None):
-  if sum_dtype is not None and sum_dtype not in SUM_DTYPES:
-    raise ValueError(f"sum_dtype={sum_dtype!r}: expected one of {SUM_DTYPES} or None")
-
-
-def _triton_name(name: str) -> bool:
-  return name in ("triton", "triton_unfused")
+def sum_dtype_of(sum_dtype: str | None = None) -> str:
+  """The requested dtype of the kernels' sums over slots: ``sum_dtype``, else the
+  environment's ``CVMM_SUM_DTYPE``, else "float32". Anything else is refused."""
+  req = sum_dtype if sum_dtype is not None else os.environ.get("CVMM_SUM_DTYPE", "float32")
+  if req not in SUM_DTYPES:
+    src = "sum_dtype" if sum_dtype is not None else "CVMM_SUM_DTYPE"
+    raise ValueError(f"{src}={req!r}: expected one of {SUM_DTYPES}")
+  return req
 
 
 def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None = None,
@@ -124,7 +126,7 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
   Returns:
     [N, K, O] without gates, [N, O] with gates; dtype of x (float32 accumulation).
   """
-  _check_sum_dtype(sum_dtype)
+  sum_dtype = sum_dtype_of(sum_dtype)
   if x.ndim == 2:
     x = x[:, None, :]
   if x.ndim != 3:
@@ -135,7 +137,7 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
     shape = (0, w.shape[2]) if gates is not None else (0, routing.k, w.shape[2])
     return jnp.zeros(shape, x.dtype)
   name = resolve(impl)
-  if _triton_name(name):
+  if name in ("triton", "triton_unfused"):
     return _get(name)(x, routing, w, gates, sum_dtype=sum_dtype)
   return _get(name)(x, routing, w, gates)
 
@@ -183,7 +185,7 @@ def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array
   if w_up.shape[0] != w_down.shape[0] or w_up.shape[2] != w_down.shape[1]:
     raise ValueError(f"w_up {w_up.shape} and w_down {w_down.shape} do not chain "
                      "([E, D, H] then [E, H, O])")
-  _check_sum_dtype(sum_dtype)
+  sum_dtype = sum_dtype_of(sum_dtype)
   name = resolve(impl)
   if name == "triton" and x.shape[0] > 0:
     from kernels import cvmm_triton  # noqa: PLC0415

@@ -41,7 +41,7 @@ import numpy as np
 
 from kernels import autotune
 from kernels.autotune import TileConfig
-from kernels.cvmm import SUM_DTYPES
+from kernels.cvmm import sum_dtype_of
 from kernels.routing import Routing
 
 if os.environ.get("CVMM_TRITON_INTERPRET", "0") == "1":
@@ -505,7 +505,7 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
                              sum_dtype)
   atomic = out_rows < k
   red = _red_width(o, a.dtype, sum_dtype) if atomic else 1
-  out_dtype = (a.dtype if red == 8 else jnp.float32) if atomic else a.dtype
+  out_dtype = _summed_dtype(red, a.dtype) if atomic else a.dtype
   tiles = routing.tiles(cfg.block_m)                                 # [3, Z]
   if atomic and _tile_order() == "token":
     tiles = _token_ordered(tiles, routing)
@@ -530,16 +530,6 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
 
 def _compute_capability() -> float:
   return float(getattr(jax.devices()[0], "compute_capability", "0.0"))
-
-
-def sum_dtype_of(sum_dtype: str | None = None) -> str:
-  """The requested dtype of the fused sums: ``sum_dtype``, else the environment's
-  ``CVMM_SUM_DTYPE``, else "float32". Anything else is refused."""
-  req = sum_dtype if sum_dtype is not None else os.environ.get("CVMM_SUM_DTYPE", "float32")
-  if req not in SUM_DTYPES:
-    src = "sum_dtype" if sum_dtype is not None else "CVMM_SUM_DTYPE"
-    raise ValueError(f"{src}={req!r}: expected one of {SUM_DTYPES}")
-  return req
 
 
 def bf16_sums(dtype, o: int, sum_dtype: str | None = None) -> bool:
@@ -582,6 +572,12 @@ def _red_width(o: int, dtype=jnp.float32, sum_dtype: str | None = None) -> int:
   while width > 1 and o % width:
     width //= 2
   return width
+
+
+def _summed_dtype(red: int, dtype):
+  """dtype of an output that the kernel sums into with reductions of width ``red``:
+  bf16 for bf16 sums (width 8, :func:`_red_width`), else float32."""
+  return dtype if red == 8 else jnp.float32
 
 
 def _tile_order() -> str:
@@ -661,7 +657,7 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
   z = tiles.shape[1]
   args = [a, w1, w2, routing.order, tiles, gates.reshape(-1)]
   red = _red_width(o, a.dtype, sum_dtype)
-  out_shapes = [jax.ShapeDtypeStruct((n, o), a.dtype if red == 8 else jnp.float32)]  # summed
+  out_shapes = [jax.ShapeDtypeStruct((n, o), _summed_dtype(red, a.dtype))]  # out (summed)
   if bwd:
     args.append(h)
     out_shapes += [jax.ShapeDtypeStruct((p, hh), a.dtype),              # du

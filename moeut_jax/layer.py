@@ -38,8 +38,9 @@ class MoEUTLayer(nn.Module):
     att, kv, att_logits = SwitchHeadRope(
         self.d_model, self.n_heads, self.d_head, self.att_n_experts, self.att_k,
         self.n_layers, self.att_expert_dropout, self.dtype, self.param_dtype, self.cvmm_impl,
-        self.cvmm_sum_dtype, name="attention")(xn, xn, x, positions=positions, blocked=blocked,
-                          causal_only=causal_only, cache=cache, train=train)
+        self.cvmm_sum_dtype, name="attention")(xn, xn, x, positions=positions,
+                                               blocked=blocked, causal_only=causal_only,
+                                               cache=cache, train=train)
     att = nn.Dropout(self.dropout)(att, deterministic=not train)
     x = x + att.astype(x.dtype)
     ffn, ffn_logits = SigmaMoE(

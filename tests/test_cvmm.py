@@ -126,9 +126,10 @@ def test_time_call_amortizes_sync_over_back_to_back_calls(monkeypatch):
   assert abs(t - (2e-3 + 5e-4 / 5)) < 1e-12
 
 
-def test_sum_dtype_argument_checked_and_float32_off_gpu():
-  """sum_dtype is validated for every implementation; off Hopper/Triton the sums stay
-  float32, so "bfloat16" gives the default's numbers exactly."""
+def test_sum_dtype_argument_checked_and_float32_off_gpu(monkeypatch):
+  """sum_dtype (and CVMM_SUM_DTYPE) is validated for every implementation; off
+  Hopper/Triton the sums stay float32, so "bfloat16" gives the default's numbers
+  exactly."""
   from kernels import cvmm_pair
   case = ("basic", 64, 4, 4, 8, 32, 16, "random")
   x, w, g, r, _ = _inputs(case, jnp.bfloat16, True)
@@ -136,6 +137,10 @@ def test_sum_dtype_argument_checked_and_float32_off_gpu():
     cvmm(x, r, w, g, impl="xla", sum_dtype="float16")
   with pytest.raises(ValueError, match="sum_dtype='half'"):
     cvmm_pair(x[:, 0], r, w, jnp.swapaxes(w, 1, 2), g, impl="xla", sum_dtype="half")
+  monkeypatch.setenv("CVMM_SUM_DTYPE", "fp16")
+  with pytest.raises(ValueError, match="CVMM_SUM_DTYPE='fp16'"):
+    cvmm(x, r, w, g, impl="xla")
+  monkeypatch.delenv("CVMM_SUM_DTYPE")
   a = cvmm(x, r, w, g, impl="xla")
   b = cvmm(x, r, w, g, impl="xla", sum_dtype="bfloat16")
   np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
