@@ -15,7 +15,6 @@ and how far two runs of the same call differ (atomics add in a varying order).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import jax
@@ -34,23 +33,14 @@ def _rel(a, b):
 
 
 def _outs(impl, args, r, ct, sum_dtype=None):
-  """(out, dx, dkeys, dvalues, dgates) of the pair, traced with CVMM_SUM_DTYPE set."""
-  old = os.environ.get("CVMM_SUM_DTYPE")
-  if sum_dtype:
-    os.environ["CVMM_SUM_DTYPE"] = sum_dtype
-  try:
-    def f(x, k_, v, g):
-      return cvmm_pair(x, r, k_, v, g, impl=impl)
+  """(out, dx, dkeys, dvalues, dgates) of the pair with sums in ``sum_dtype``."""
+  def f(x, k_, v, g):
+    return cvmm_pair(x, r, k_, v, g, impl=impl, sum_dtype=sum_dtype)
 
-    loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) * ct)  # noqa: E731
-    out = jax.jit(f)(*args)
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args)
-    return (out,) + tuple(grads)
-  finally:
-    if old is None:
-      os.environ.pop("CVMM_SUM_DTYPE", None)
-    else:
-      os.environ["CVMM_SUM_DTYPE"] = old
+  loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) * ct)  # noqa: E731
+  out = jax.jit(f)(*args)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args)
+  return (out,) + tuple(grads)
 
 
 def main(argv=None):
