@@ -24,8 +24,13 @@ from kernels import resolve
 from moeut_jax import MoEUTLM
 
 
-def step_time(profile: str, batch: int, seq: int, impl: str, steps: int) -> float:
-  model = MoEUTLM(8000, **profiles.get(profile), dtype=jnp.bfloat16, cvmm_impl=impl)
+def make_step(profile: str, batch: int, seq: int, impl: str, **model_kw):
+  """(jitted train_step, params, opt_state, tokens) of MoEUTLM on random tokens.
+
+  train_step(params, state, toks) -> (params, state, loss): forward, backward and the
+  AdamW update, bf16 compute with float32 parameters.
+  """
+  model = MoEUTLM(8000, **profiles.get(profile), dtype=jnp.bfloat16, cvmm_impl=impl, **model_kw)
   toks = jax.random.randint(jax.random.PRNGKey(0), (batch, seq + 1), 0, 8000)
   params = jax.jit(model.init)(jax.random.PRNGKey(1), toks[:, :-1])["params"]
   opt = optax.adamw(2.5e-4, weight_decay=0.01)
@@ -42,6 +47,11 @@ def step_time(profile: str, batch: int, seq: int, impl: str, steps: int) -> floa
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
+  return train_step, params, state, toks
+
+
+def step_time(profile: str, batch: int, seq: int, impl: str, steps: int) -> float:
+  train_step, params, state, toks = make_step(profile, batch, seq, impl)
   params, state, loss = train_step(params, state, toks)
   jax.block_until_ready(loss)
   times = []
