@@ -28,11 +28,17 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocked: jax.Array |
 
   q [B, T, H, Dh]; k, v [B, S, H, Dh]; blocked [B|1, 1, T, S] (True = masked) or None.
   Softmax statistics in float32. A query whose every key is blocked gets zeros.
-  On GPUs in 16-bit with a plain causal mask, cuDNN's fused attention is used.
+  On GPUs in 16-bit with a plain causal mask, cuDNN's fused (flash) attention is used
+  where cuDNN accepts the shapes; otherwise, and everywhere else, XLA's.
   """
   if (causal_only and jax.default_backend() == "gpu"
       and q.dtype in (jnp.bfloat16, jnp.float16)):
-    return jax.nn.dot_product_attention(q, k, v, scale=1.0, is_causal=True)
+    try:  # jax's default implementation is XLA's unfused one: ask for cuDNN by name
+      return jax.nn.dot_product_attention(q, k, v, scale=1.0, is_causal=True,
+                                          implementation="cudnn")
+    except (RuntimeError, ValueError, NotImplementedError):  # no cuDNN, or shapes it refuses
+      return jax.nn.dot_product_attention(q, k, v, scale=1.0, is_causal=True,
+                                          implementation="xla")
   logits = jnp.einsum("BTHK,BSHK->BHTS", q, k, preferred_element_type=jnp.float32)
   if blocked is not None:
     logits = jnp.where(blocked, jnp.finfo(jnp.float32).min, logits)
