@@ -17,9 +17,7 @@ import jax.numpy as jnp
 from kernels import cvmm, make_routing
 from moeut_jax import initializers as init
 from moeut_jax.rope import apply_rope, rotary_width
-from moeut_jax.routing import sigmoid_topk
-
-_HIGHEST = jax.lax.Precision.HIGHEST
+from moeut_jax.routing import router_logits, sigmoid_topk
 
 
 def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocked: jax.Array | None,
@@ -89,8 +87,7 @@ class SwitchHeadRope(nn.Module):
   def _select(self, src, sel, train):
     """Router of one projection: logits [B, T, H, Ea] f32, gates/index [B, T, H, k]."""
     b, t, _ = src.shape
-    logits = jnp.einsum("BTD,DE->BTE", src.astype(jnp.float32), sel.astype(jnp.float32),
-                        precision=_HIGHEST).reshape(b, t, self.n_heads, self.n_experts)
+    logits = router_logits(src, sel, self.dtype).reshape(b, t, self.n_heads, self.n_experts)
     drop = None
     if train and self.expert_dropout > 0:
       drop = jax.random.bernoulli(self.make_rng("dropout"), self.expert_dropout, logits.shape)
@@ -162,8 +159,7 @@ class SwitchHeadRope(nn.Module):
                  impl=self.cvmm_impl, sum_dtype=self.cvmm_sum_dtype)  # [N, D]
       out = out.reshape(b, t, d)
     else:
-      gate = jax.nn.sigmoid(jnp.einsum("BTD,DH->BTH", q_src.astype(jnp.float32),
-                                       p["sel_o"].astype(jnp.float32), precision=_HIGHEST))
+      gate = jax.nn.sigmoid(router_logits(q_src, p["sel_o"], cd))      # [B, T, H]
       att = (att.astype(jnp.float32) * gate[..., None]).astype(cd)
       out = jnp.einsum("BTHK,HKD->BTD", att, p["o"].astype(cd))
     return out, (k_all, v_all), reg_logits

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from kernels import cvmm_pair, make_routing
 from moeut_jax import initializers as init
-from moeut_jax.routing import sigmoid_topk
+from moeut_jax.routing import router_logits, sigmoid_topk
 
 
 class SigmaMoE(nn.Module):
@@ -41,9 +41,7 @@ class SigmaMoE(nn.Module):
                             (d, e), self.param_dtype)
 
     b, t, _ = x.shape
-    logits = jnp.einsum("BTD,DE->BTE", sel_input.astype(jnp.float32),
-                        expert_sel.astype(jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST)           # [B, T, Ef]
+    logits = router_logits(sel_input, expert_sel, self.dtype)         # [B, T, Ef] f32
     drop = None
     if train and self.expert_dropout > 0:
       drop = jax.random.bernoulli(self.make_rng("dropout"), self.expert_dropout, logits.shape)

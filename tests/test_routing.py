@@ -1,5 +1,6 @@
 """The pure pieces one by one against the PyTorch reference: expert choice, the entropy
 regulariser accumulated over repeats, RoPE, masks; and the CVMM routing metadata."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import torch_reference as ref
 from kernels import make_routing
 from moeut_jax.masks import AttentionMask, blocked_keys
 from moeut_jax.rope import apply_rope, rotary_width
-from moeut_jax.routing import entropy_accumulate, entropy_init, entropy_loss, sigmoid_topk
+from moeut_jax.routing import (entropy_accumulate, entropy_init, entropy_loss, router_logits,
+                               sigmoid_topk)
 
 
 def rel_err(a, b) -> float:
@@ -106,3 +108,36 @@ def test_make_routing_sorts_pairs_by_expert():
   np.testing.assert_array_equal(np.asarray(r.sorted_token()), order // 3)
   with pytest.raises(ValueError, match=r"expert_index must be \[N, K\]"):
     make_routing(jnp.zeros((4,), jnp.int32), 3)
+
+
+def _rel64(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("shape", [(3, 50, 96, 37), (2, 1024, 256, 387)],
+                         ids=["small", "unaligned_experts"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_router_logits_and_gradients_are_float32_accurate(dtype, shape):
+  """Logits and both gradients against float64, for float32 compute (one HIGHEST product)
+  and 16-bit compute (three bf16 products): relative error <= 1e-5. One bf16 product,
+  or TF32, would be off by about 1e-3. Also run on the GPU machine: XLA there must not
+  simplify the bf16 split away."""
+  b, t, d, e = shape
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((b, t, d)).astype(np.float32)
+  w = (rng.standard_normal((d, e)) / 10).astype(np.float32)
+  g = rng.standard_normal((b, t, e)).astype(np.float32)
+
+  def value_and_grads(x, w, g):
+    y, vjp = jax.vjp(lambda x, w: router_logits(x, w, dtype), x, w)
+    return (y,) + vjp(g)
+  y, dx, dw = jax.jit(value_and_grads)(jnp.asarray(x), jnp.asarray(w), jnp.asarray(g))
+  x64, w64, g64 = x.astype(np.float64), w.astype(np.float64), g.astype(np.float64)
+  assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+  assert _rel64(y, x64 @ w64) <= 1e-5
+  assert _rel64(dx, g64 @ w64.T) <= 1e-5
+  assert _rel64(dw, np.einsum("btd,bte->de", x64, g64)) <= 1e-5
+  # the same choice of experts as float64
+  np.testing.assert_array_equal(np.argsort(-np.asarray(y), -1)[..., :5],
+                                np.argsort(-(x64 @ w64), -1)[..., :5])
