@@ -12,6 +12,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kernels.topk import topk_indices
+
 
 def _split_bf16(a: jax.Array):
   """a (float32) = hi + lo + r with hi, lo bf16 and |r| <= 2^-16 |a| (about).
@@ -110,8 +112,8 @@ def sigmoid_topk(logits: jax.Array, k: int, drop_mask: jax.Array | None = None):
   """
   gate = jax.nn.sigmoid(logits)
   choice = gate if drop_mask is None else jnp.where(drop_mask, -jnp.inf, gate)
-  _, index = jax.lax.top_k(jax.lax.stop_gradient(choice), k)
-  return jnp.take_along_axis(gate, index, axis=-1), index.astype(jnp.int32)
+  index = topk_indices(jax.lax.stop_gradient(choice), k)             # lax.top_k's order
+  return jnp.take_along_axis(gate, index, axis=-1), index
 
 
 def entropy_init(shape) -> jax.Array:
