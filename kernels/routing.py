@@ -73,6 +73,9 @@ class Routing:
     return expert_tiles(self.group_sizes, self.group_offsets, self.n_pairs, block_m)
 
 
+_PACKED_KEY_LIMIT = 2 ** 31       # expert * P + pair must fit an int32
+
+
 def make_routing(expert_index: jax.Array, n_experts: int) -> Routing:
   """Sorts the (token, slot) pairs of ``expert_index`` [N, K] by expert."""
   if expert_index.ndim != 2:
@@ -83,10 +86,23 @@ def make_routing(expert_index: jax.Array, n_experts: int) -> Routing:
     raise ValueError(f"{n_experts=} must be at least 1")
   expert_index = expert_index.astype(jnp.int32)
   flat = expert_index.reshape(-1)                                   # [P]
-  order = jnp.argsort(flat, stable=True).astype(jnp.int32)          # [P]
-  group_sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)   # [E]
-  group_offsets = jnp.concatenate(
-      [jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes, dtype=jnp.int32)])  # [E+1]
+  p = flat.shape[0]
+  if n_experts * p < _PACKED_KEY_LIMIT:
+    # One int32 key per pair, expert * P + pair: unique, so a plain (keys-only) sort
+    # gives the stable order, and each expert's first position is a binary search.
+    # Faster on GPUs than an argsort (a key-value sort) plus a bincount, whose
+    # scatter-add contends on few bins.
+    keys = jnp.sort(flat * p + jnp.arange(p, dtype=jnp.int32))     # [P]
+    order = keys % p
+    bounds = jnp.arange(n_experts + 1, dtype=jnp.int32) * p         # [E+1]
+    group_offsets = jnp.searchsorted(keys, bounds, side="left",
+                                     method="scan_unrolled").astype(jnp.int32)
+    group_sizes = jnp.diff(group_offsets)                           # [E]
+  else:
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)        # [P]
+    group_sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)   # [E]
+    group_offsets = jnp.concatenate(
+        [jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes, dtype=jnp.int32)])  # [E+1]
   return Routing(expert_index, order, group_sizes, group_offsets, n_experts)
 
 

@@ -94,14 +94,19 @@ def test_masks_match_reference(offset):
                       offset=offset) is None
 
 
-def test_make_routing_sorts_pairs_by_expert():
+@pytest.mark.parametrize("packed", [True, False], ids=["packed_keys", "argsort"])
+def test_make_routing_sorts_pairs_by_expert(packed, monkeypatch):
+  import kernels.routing
+  if not packed:  # the path for E * P >= 2^31
+    monkeypatch.setattr(kernels.routing, "_PACKED_KEY_LIMIT", 0)
   idx = np.random.default_rng(4).integers(0, 6, (11, 3)).astype(np.int32)
   idx[:, 0] = 2                                                      # a popular expert
+  idx[0, 1] = 0                                                      # expert 0 used once
   r = make_routing(jnp.asarray(idx), 7)                              # expert 6 gets nothing
   order = np.asarray(r.order)
   flat = idx.reshape(-1)
-  assert sorted(order.tolist()) == list(range(idx.size))
-  assert np.all(np.diff(flat[order]) >= 0)
+  np.testing.assert_array_equal(order, np.argsort(flat, kind="stable"))
+  assert order.dtype == np.int32 and r.group_sizes.dtype == r.group_offsets.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(r.group_sizes), np.bincount(flat, minlength=7))
   np.testing.assert_array_equal(np.asarray(r.group_offsets),
                                 np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=7))]))
