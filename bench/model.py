@@ -50,10 +50,13 @@ def make_step(profile: str, batch: int, seq: int, impl: str, **model_kw):
   return train_step, params, state, toks
 
 
-def step_time(profile: str, batch: int, seq: int, impl: str, steps: int) -> float:
-  train_step, params, state, toks = make_step(profile, batch, seq, impl)
+def step_time(profile: str, batch: int, seq: int, impl: str, steps: int, **model_kw):
+  """(median step seconds, last loss, seconds of the first call: compile + one step)."""
+  train_step, params, state, toks = make_step(profile, batch, seq, impl, **model_kw)
+  t0 = time.perf_counter()
   params, state, loss = train_step(params, state, toks)
   jax.block_until_ready(loss)
+  first = time.perf_counter() - t0
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
@@ -62,7 +65,7 @@ def step_time(profile: str, batch: int, seq: int, impl: str, steps: int) -> floa
     times.append(time.perf_counter() - t0)
   if not np.isfinite(float(loss)):
     raise RuntimeError(f"non-finite loss {float(loss)} with impl={impl}")
-  return float(np.median(times)), float(loss)
+  return float(np.median(times)), float(loss), first
 
 
 def main():
@@ -72,15 +75,19 @@ def main():
   ap.add_argument("--seq", type=int, default=1024)
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--impl", nargs="+", default=["auto"])
+  ap.add_argument("--scan-unroll", type=int, default=None,
+                  help="MoEUTLM(scan_unroll=...); default None: unrolled on GPUs")
   args = ap.parse_args()
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {args.profile}, "
-        f"batch {args.batch} x {args.seq}")
-  print(f"{'impl':>14} {'resolved':>14} {'step ms':>10} {'tokens/s':>12} {'last loss':>10}")
+        f"batch {args.batch} x {args.seq}, scan_unroll {args.scan_unroll}")
+  print(f"{'impl':>14} {'resolved':>14} {'step ms':>10} {'tokens/s':>12} {'last loss':>10} "
+        f"{'first call s':>13}")
   for impl in args.impl:
     try:
-      t, loss = step_time(args.profile, args.batch, args.seq, impl, args.steps)
+      t, loss, first = step_time(args.profile, args.batch, args.seq, impl, args.steps,
+                                 scan_unroll=args.scan_unroll)
       print(f"{impl:>14} {resolve(impl):>14} {t * 1e3:10.1f} {args.batch * args.seq / t:12.0f} "
-            f"{loss:10.4f}", flush=True)
+            f"{loss:10.4f} {first:13.1f}", flush=True)
     except Exception as e:  # report and go on with the next implementation
       print(f"{impl:>14} failed: {type(e).__name__}: {str(e)[:300]}")
 

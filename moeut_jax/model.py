@@ -52,6 +52,14 @@ def _fixed_cache(m, batch_size: int, capacity: int, dtype) -> KVCache:
                        capacity=capacity, fixed=True, dtype=dtype or m.dtype)
 
 
+def _effective_scan_unroll(m) -> int:
+  """scan_unroll resolved: None is R (no loop) on GPUs and 1 elsewhere; at most R."""
+  r = m.n_layers // m.group_size
+  if m.scan_unroll is None:
+    return r if jax.default_backend() == "gpu" else 1
+  return min(m.scan_unroll, r)
+
+
 def validate_config(m) -> None:
   """Clear errors for inconsistent hyper-parameters (shared by MoEUT and MoEUTLM)."""
   for name in ("d_model", "n_layers", "n_heads", "ff_n_experts", "att_n_experts", "group_size",
@@ -78,6 +86,9 @@ def validate_config(m) -> None:
                      "use att_n_experts=1 for plain RoPE attention with an output gate")
   if m.cvmm_impl not in IMPLEMENTATIONS:
     raise ValueError(f"cvmm_impl={m.cvmm_impl!r} must be one of {IMPLEMENTATIONS}")
+  if m.scan_unroll is not None and (not isinstance(m.scan_unroll, (int, np.integer))
+                                    or isinstance(m.scan_unroll, bool) or m.scan_unroll < 1):
+    raise ValueError(f"scan_unroll={m.scan_unroll!r} must be None or a positive integer")
   if m.cvmm_sum_dtype not in (None,) + SUM_DTYPES:
     raise ValueError(f"cvmm_sum_dtype={m.cvmm_sum_dtype!r} must be None or one of "
                      f"{SUM_DTYPES}")
@@ -108,6 +119,11 @@ class MoEUT(nn.Module):
   # compute: faster, less accurate, not reproducible run to run) or None (the
   # environment's CVMM_SUM_DTYPE, else float32); see kernels.cvmm
   cvmm_sum_dtype: Optional[str] = None
+  # repeats of the layer group per iteration of the scan over repeats: 1 keeps one
+  # compiled copy of the group (fastest compile); R = n_layers / group_size or more
+  # unrolls it fully (no loop; MoEUT_244M on an H200: 1.33x faster training steps, 2x
+  # the compile time). None: fully unrolled on GPUs, 1 elsewhere. Numerics are the same.
+  scan_unroll: Optional[int] = None
 
   def __post_init__(self):
     validate_config(self)
@@ -120,6 +136,9 @@ class MoEUT(nn.Module):
   @property
   def repeats(self) -> int:
     return self.n_layers // self.group_size
+
+  def effective_scan_unroll(self) -> int:
+    return _effective_scan_unroll(self)
 
   def init_cache(self, batch_size: int, capacity: int, dtype=None) -> KVCache:
     """A fixed-capacity cache for jitted decoding of up to ``capacity`` positions."""
@@ -189,7 +208,8 @@ class MoEUT(nn.Module):
 
     scanned = nn.scan(LayerGroup, variable_broadcast="params",
                       split_rngs={"params": False, "dropout": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=r)
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=r,
+                      unroll=self.effective_scan_unroll())
     group = scanned(self._layer_kwargs(), g, train, is_causal and cache is None,
                     cache is not None and cache.fixed, cache is not None, name="layers")
     xs = None if cache is None else (cache.k, cache.v)
@@ -237,6 +257,7 @@ class MoEUTLM(nn.Module):
   param_dtype: Any = jnp.float32
   cvmm_impl: str = "auto"
   cvmm_sum_dtype: Optional[str] = None
+  scan_unroll: Optional[int] = None
 
   def __post_init__(self):
     if self.n_tokens < 1:
@@ -247,6 +268,9 @@ class MoEUTLM(nn.Module):
   def _stack_kwargs(self) -> dict:
     fields = {f.name for f in dataclasses.fields(MoEUT)} - {"parent", "name"}
     return {name: getattr(self, name) for name in fields}
+
+  def effective_scan_unroll(self) -> int:
+    return _effective_scan_unroll(self)
 
   def init_cache(self, batch_size: int, capacity: int, dtype=None) -> KVCache:
     """A fixed-capacity cache for jitted decoding of up to ``capacity`` positions."""

@@ -67,6 +67,7 @@ def test_moeut_44m_with_odd_rotary_width_runs():
     (dict(SMALL, dropout=1.5), "dropout=1.5 must be in"),
     (dict(SMALL, cvmm_impl="cuda"), "cvmm_impl='cuda' must be one of"),
     (dict(SMALL, cvmm_sum_dtype="float16"), "cvmm_sum_dtype='float16' must be None or one of"),
+    (dict(SMALL, scan_unroll=0), "scan_unroll=0 must be None or a positive integer"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -140,6 +141,30 @@ def test_bf16_compute_with_float32_params(small):
       jnp.float32).mean())(variables["params"])
   leaves = jax.tree_util.tree_leaves(grads)
   assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+
+
+@pytest.mark.parametrize("unroll", [2, 5])
+def test_scan_unroll_changes_nothing_but_the_loop(small, unroll):
+  """scan_unroll=2 (the whole scan: R = 2) and 5 (clamped to R): the same parameters,
+  outputs, regulariser and gradients as the scanned loop."""
+  model, variables, toks = small
+  assert model.effective_scan_unroll() == (2 if jax.default_backend() == "gpu" else 1)
+  model = MoEUTLM(V, **SMALL, scan_unroll=1)
+  unrolled = MoEUTLM(V, **SMALL, scan_unroll=unroll)
+  assert unrolled.effective_scan_unroll() == 2
+  assert jax.tree_util.tree_structure(unrolled.init(jax.random.PRNGKey(0), toks)) == \
+      jax.tree_util.tree_structure(variables)
+
+  def run(m, p):
+    out = m.apply({"params": p}, toks, train=True)
+    return out.outputs.mean() + out.reg_loss, out
+  (l1, o1), g1 = jax.value_and_grad(lambda p: run(model, p), has_aux=True)(variables["params"])
+  (l2, o2), g2 = jax.value_and_grad(lambda p: run(unrolled, p), has_aux=True)(
+      variables["params"])
+  np.testing.assert_allclose(o2.outputs, o1.outputs, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(o2.reg_loss, o1.reg_loss, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(g2), jax.tree_util.tree_leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_dropout_is_active_only_in_training(small):

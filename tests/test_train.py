@@ -320,6 +320,10 @@ def test_cli_flags_override_the_profile_recipe(tmp_path):
   sums = train.config_from_args(train.make_parser().parse_args(
       ["--cvmm-sum-dtype", "bfloat16", "--workdir", str(tmp_path)]))
   assert sums.model_kwargs()["cvmm_sum_dtype"] == "bfloat16"
+  assert config.model_kwargs()["scan_unroll"] is None
+  unrolled = train.config_from_args(train.make_parser().parse_args(
+      ["--scan-unroll", "3", "--workdir", str(tmp_path)]))
+  assert unrolled.model_kwargs()["scan_unroll"] == 3
   with pytest.raises(SystemExit):                    # argparse refuses other dtypes
     train.make_parser().parse_args(["--cvmm-sum-dtype", "float16"])
   paper = train.config_from_args(train.make_parser().parse_args(

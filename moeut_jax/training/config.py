@@ -65,6 +65,9 @@ class Config:
                            "bfloat16 is faster on Hopper but less accurate and not "
                            "reproducible run to run", choices=("float32", "bfloat16"),
                            group="model")
+  scan_unroll: Optional[int] = _f(None, "repeats of the layer group per scan iteration "
+                                  "(unset: all of them on GPUs, a faster step and a "
+                                  "longer compile; 1 elsewhere)", group="model")
   compute_dtype: str = _f("auto", "compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU "
                           "(bf16 is emulated and slow on CPUs)", choices=COMPUTE_DTYPES)
   param_dtype: str = _f("float32", "dtype of parameters and optimizer state",
@@ -187,6 +190,7 @@ class Config:
         kwargs[name] = getattr(self, name)
     kwargs["cvmm_impl"] = self.cvmm_impl
     kwargs["cvmm_sum_dtype"] = self.cvmm_sum_dtype
+    kwargs["scan_unroll"] = self.scan_unroll
     return kwargs
 
   def replace(self, **changes) -> "Config":
