@@ -163,8 +163,10 @@ def test_scan_unroll_changes_nothing_but_the_loop(small, unroll):
       variables["params"])
   np.testing.assert_allclose(o2.outputs, o1.outputs, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(o2.reg_loss, o1.reg_loss, rtol=1e-5)
+  # Per leaf, relative to its norm: on GPUs the CVMM kernels sum over experts with float32
+  # atomics in a varying order, so single small elements differ at the 1e-7 level.
   for a, b in zip(jax.tree_util.tree_leaves(g2), jax.tree_util.tree_leaves(g1)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert np.linalg.norm(np.asarray(a) - np.asarray(b)) <= 1e-5 * np.linalg.norm(b)
 
 
 def test_dropout_is_active_only_in_training(small):
