@@ -42,8 +42,9 @@ def _topk_kernel(x_ptr, idx_ptr, R, E, K: tl.constexpr, BR: tl.constexpr, BE: tl
 
 
 def _kernel_applies(x: jax.Array, k: int) -> bool:
-  return (cvmm_triton.is_available() or cvmm_triton._interpret()) and x.dtype == jnp.float32 \
-      and 1 <= k <= x.shape[-1] <= 4096
+  return ((cvmm_triton.is_available() or cvmm_triton._interpret())
+          and x.dtype == jnp.float32 and 0 < x.size < 2 ** 31  # int32 offsets
+          and 1 <= k <= x.shape[-1] <= 4096)
 
 
 def topk_indices(x: jax.Array, k: int) -> jax.Array:
