@@ -14,37 +14,21 @@ the 31 low ones flipped), and a taken column gets a key below every float's.
 """
 from __future__ import annotations
 
+import os
 import types
 
 import jax
 import jax.numpy as jnp
 
-from kernels import cvmm_triton
-from kernels.cvmm_triton import tl, triton
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
-
-@_jit
-def _topk_kernel(x_ptr, idx_ptr, R, E, K: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr):
-  rows = tl.program_id(0) * BR + tl.arange(0, BR)                     # [BR]
-  cols = tl.arange(0, BE)                                             # [BE]
-  inb = (rows[:, None] < R) & (cols[None, :] < E)
-  x = tl.load(x_ptr + rows[:, None] * E + cols[None, :], mask=inb, other=0.0)
-  bits = x.to(tl.int32, bitcast=True)
-  key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)                  # total order of floats
-  taken = -2147483647 - 1                                             # below every float's key
-  key = tl.where(inb, key, taken)
-  for j in tl.static_range(K):
-    best = tl.max(key, axis=1)                                        # [BR]
-    first = tl.min(tl.where(key == best[:, None], cols[None, :], BE), axis=1)
-    tl.store(idx_ptr + rows * K + j, first, mask=rows < R)
-    key = tl.where(cols[None, :] == first[:, None], taken, key)
-
 
 def _kernel_applies(x: jax.Array, k: int) -> bool:
-  return ((cvmm_triton.is_available() or cvmm_triton._interpret())
-          and x.dtype == jnp.float32 and 0 < x.size < 2 ** 31  # int32 offsets
-          and 1 <= k <= x.shape[-1] <= 4096)
+  if not (x.dtype == jnp.float32 and 0 < x.size < 2 ** 31           # int32 offsets
+          and 1 <= k <= x.shape[-1] <= 4096):
+    return False
+  if jax.default_backend() != "gpu" and os.environ.get("CVMM_TRITON_INTERPRET", "0") != "1":
+    return False                     # no GPU: do not import Triton at all
+  from kernels import cvmm_triton  # noqa: PLC0415
+  return cvmm_triton.is_available() or cvmm_triton._interpret()
 
 
 def topk_indices(x: jax.Array, k: int) -> jax.Array:
@@ -62,6 +46,8 @@ def topk_indices(x: jax.Array, k: int) -> jax.Array:
   br = max(1, min(16, 4096 // be))                                    # 4096 keys per program
   grid = max(1, -(-r // br))
   cfg = types.SimpleNamespace(num_warps=4, num_stages=1)              # what _launch reads
+  from kernels import cvmm_triton  # noqa: PLC0415
+  from kernels.topk_triton import _topk_kernel  # noqa: PLC0415
   (idx,) = cvmm_triton._launch(_topk_kernel, (flat,),
                                [jax.ShapeDtypeStruct((r, k), jnp.int32)], grid, cfg,
                                R=r, E=e, K=k, BR=br, BE=be)
