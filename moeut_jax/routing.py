@@ -1,7 +1,8 @@
 """Expert selection and the entropy regulariser as pure functions (SPEC §2, §3, §5).
 
-Router logits are always float32 (:func:`router_logits`). The regulariser is accumulated as a running
-log-sum-exp over time and repeats, so the scan over repeats never stores the logits:
+Router logits are always float32 (:func:`router_logits`). The regulariser is accumulated
+as a running log-sum-exp over time and repeats, so the scan over repeats never stores the
+logits:
   acc = logaddexp(acc, logsumexp_T(log_softmax_E(s)))      [B, ..., E]
 and at the end  m = acc - log(T * R),  ent = -sum_E exp(m) m,  loss = -mean(ent).
 """
@@ -16,7 +17,7 @@ from kernels.topk import topk_indices
 
 
 def _split_bf16(a: jax.Array):
-  """a (float32) = hi + lo + r with hi, lo bf16 and |r| <= 2^-16 |a| (about).
+  """a (float32) = hi + lo + r with hi, lo bf16, |lo| <= 2^-9 |a| and |r| <= 2^-17 |a|.
 
   hi is a rounded to its top 16 bits by integer arithmetic on the bits (exact in bf16,
   and not a float32 -> bf16 -> float32 round trip, which XLA on GPUs removes as excess
@@ -30,8 +31,9 @@ def _split_bf16(a: jax.Array):
 
 def _dot_bf16x3(a: jax.Array, b: jax.Array, contract_a: int, contract_b: int) -> jax.Array:
   """Float32 product of 2-D float32 arrays a, b contracted over the given axes, from
-  three bf16 products accumulated in float32: ah@bh + ah@bl + al@bh (al@bl is below
-  float32 rounding of the sum). Two matrix products: ah @ [bh | bl], al @ bh."""
+  three bf16 products accumulated in float32: ah@bh + ah@bl + al@bh. What is left out
+  (al@bl and the rounding of lo, each about 2^-18 relative) gives errors of a few 1e-6.
+  Two matrix products: ah @ [bh | bl] and al @ bh."""
   ah, al = _split_bf16(a)
   bh, bl = _split_bf16(b)
   n_out = b.shape[1 - contract_b]
@@ -87,8 +89,8 @@ def router_logits(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
   three bf16 products accumulated in float32 (x = xh + xl, w = wh + wl; xh@wh + xh@wl +
   xl@wh), forward and for both gradients: relative error a few 1e-6 against float64
   (a float32 product's own is about 6e-7), on tensor cores instead of the float32
-  units, which are many times slower on GPUs. Either way the logits are far more exact than the
-  original's bf16 routers, so near-ties in the top-k resolve as in float32.
+  units, which are many times slower on GPUs. Either way the logits are far more exact
+  than the original's bf16 routers, so near-ties in the top-k resolve as in float32.
   """
   x = x.astype(jnp.float32)
   w = w.astype(jnp.float32)

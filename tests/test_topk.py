@@ -21,11 +21,21 @@ import jax, jax.numpy as jnp, numpy as np
 from kernels.topk import topk_indices
 rng = np.random.default_rng(0)
 cases = []
-x = rng.standard_normal((37, 387)).astype(np.float32); cases.append((x, 16))
-x = np.round(rng.standard_normal((20, 50)) * 2).astype(np.float32); cases.append((x, 7))  # many ties
-x = rng.standard_normal((5, 3, 10)).astype(np.float32); x[0, 0, :] = -np.inf; x[1, 1, 3:] = -np.inf; cases.append((x, 4))
-x = rng.standard_normal((9, 12)).astype(np.float32); x[0, 5] = np.nan; x[1, 2] = np.inf; x[2, :] = 0.0; x[2, 3] = -0.0; cases.append((x, 12))
-x = np.round(rng.uniform(0, 1, (64, 40)) * 4) / 4; cases.append((x.astype(np.float32), 2))  # sigmoid-like ties
+x = rng.standard_normal((37, 387)).astype(np.float32)
+cases.append((x, 16))
+x = np.round(rng.standard_normal((20, 50)) * 2).astype(np.float32)       # many ties
+cases.append((x, 7))
+x = rng.standard_normal((5, 3, 10)).astype(np.float32)
+x[0, 0, :] = -np.inf
+x[1, 1, 3:] = -np.inf
+cases.append((x, 4))
+x = rng.standard_normal((9, 12)).astype(np.float32)
+x[0, 5], x[1, 2] = np.nan, np.inf
+x[2, :] = 0.0
+x[2, 3] = -0.0
+cases.append((x, 12))
+x = (np.round(rng.uniform(0, 1, (64, 40)) * 4) / 4).astype(np.float32)  # sigmoid-like ties
+cases.append((x, 2))
 for x, k in cases:
   got = np.asarray(topk_indices(jnp.asarray(x), k))
   want = np.asarray(jax.lax.top_k(jnp.asarray(x), k)[1])
