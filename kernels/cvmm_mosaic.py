@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import autotune
+from kernels.arrays import pad_to
 from kernels.autotune import TileConfig
 from kernels.routing import Routing
 
@@ -93,15 +94,6 @@ def _rows_to_layout(rows: jax.Array, lay: _Layout) -> jax.Array:
   """[P, C] rows in pair order -> [Z*T, C] padded layout (zero padding rows)."""
   ext = jnp.concatenate([rows, jnp.zeros((1, rows.shape[1]), rows.dtype)])   # [P+1, C]
   return ext[lay.src_pair]
-
-
-def _pad_to(a: jax.Array, axis: int, mult: int) -> jax.Array:
-  pad = -a.shape[axis] % mult
-  if not pad:
-    return a
-  widths = [(0, 0)] * a.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(a, widths)
 
 
 # ------------------------------------------------------------------ kernels
@@ -333,8 +325,8 @@ def _forward_rows(x, w, routing):
   o = w.shape[2]
   cfg, ip, op = _plan(routing, i, o, x.dtype)
   lay = _layout(routing, cfg.block_m)
-  xs = _pad_to(_rows_to_layout(_x_rows(x, routing), lay), 1, 64)    # [Z*T, Ip]
-  wp = _pad_to(_pad_to(w, 1, 64), 2, 64)                              # [E, Ip, Op]
+  xs = pad_to(_rows_to_layout(_x_rows(x, routing), lay), 1, 64)    # [Z*T, Ip]
+  wp = pad_to(pad_to(w, 1, 64), 2, 64)                              # [E, Ip, Op]
   y_pad = _tile_matmul(xs, wp, lay.tile_expert, transpose_w=False, cfg=cfg)   # [Z*T, Op]
   y = y_pad[lay.dest, :o]                                             # [P, O]
   return y, (lay, xs, wp)
@@ -345,7 +337,7 @@ def _backward(x, w, routing, lay, xs, wp, dy_rows):
   n, m, i = x.shape
   e, _, o = w.shape
   k = routing.k
-  dys = _pad_to(_rows_to_layout(dy_rows, lay), 1, 64)                # [Z*T, Op]
+  dys = pad_to(_rows_to_layout(dy_rows, lay), 1, 64)                # [Z*T, Op]
   cfg_dx = _choose_mm(xs.shape[0], e, dys.shape[1], xs.shape[1], x.dtype, True, t=lay.t)
   dx_pad = _tile_matmul(dys, wp, lay.tile_expert, transpose_w=True, cfg=cfg_dx)  # [Z*T, Ip]
   dx_rows = dx_pad[lay.dest, :i]                                     # [P, I]

@@ -13,6 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kernels.arrays import pad_to
 from kernels.topk import topk_indices
 
 
@@ -44,15 +45,6 @@ def _dot_bf16x3(a: jax.Array, b: jax.Array, contract_a: int, contract_b: int) ->
   return both[:, :n_out] + (both[:, n_out:] + cross)
 
 
-def _pad_to(a: jax.Array, axis: int, multiple: int) -> jax.Array:
-  pad = -a.shape[axis] % multiple
-  if not pad:
-    return a
-  widths = [(0, 0)] * a.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(a, widths)
-
-
 # The expert axis is padded with zero columns to a multiple of this: unaligned widths
 # (387 experts = 774-byte bf16 rows) push GPU matrix products onto slow paths.
 _E_ALIGN = 16
@@ -65,15 +57,15 @@ def _logits_bf16x3(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _logits_bf16x3_fwd(x, w):
   e = w.shape[1]
-  y = _dot_bf16x3(x, _pad_to(w, 1, _E_ALIGN), 1, 0)[:, :e]             # [N, E]
+  y = _dot_bf16x3(x, pad_to(w, 1, _E_ALIGN), 1, 0)[:, :e]             # [N, E]
   return y, (x, w)
 
 
 def _logits_bf16x3_bwd(res, g):
   x, w = res
   e = w.shape[1]
-  g = _pad_to(g, 1, _E_ALIGN)                                          # [N, Ep]
-  dx = _dot_bf16x3(g, _pad_to(w, 1, _E_ALIGN), 1, 1)                   # [N, D]
+  g = pad_to(g, 1, _E_ALIGN)                                          # [N, Ep]
+  dx = _dot_bf16x3(g, pad_to(w, 1, _E_ALIGN), 1, 1)                   # [N, D]
   dw = _dot_bf16x3(x, g, 0, 0)[:, :e]                                  # [D, E]
   return dx, dw
 
