@@ -1,6 +1,10 @@
-"""Shared helpers of the CVMM tests (CPU and GPU): routing kinds, inputs, outputs, errors."""
+"""Shared helpers of the tests (CPU and GPU): CVMM routing kinds, inputs and outputs, the
+relative error used throughout, and running a script in Triton's CPU interpreter."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zlib
 
 import jax
@@ -26,8 +30,9 @@ def routing_of_kind(kind, n, k, e, key):
 
 
 def rel_err(a, b):
-  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  """||a - b|| / ||b|| in float64 (every float input, bf16 to float64, converts exactly)."""
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
@@ -52,3 +57,14 @@ def inputs(case, dtype, gated):
   g = jax.random.uniform(ks[3], (n, k)).astype(dtype) if gated else None
   ct = jax.random.normal(ks[4], (n, o) if gated else (n, k, o))
   return x, w, g, r, ct
+
+
+def run_in_triton_interpreter(script: str, done: str, timeout: int = 900):
+  """Runs ``script`` in a fresh Python with Triton's interpreter chosen (it must be set
+  before triton is imported) and JAX on the CPU; asserts it exits 0 and prints ``done``."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, CVMM_TRITON_INTERPRET="1", JAX_PLATFORMS="cpu",
+             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  res = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=timeout)
+  assert res.returncode == 0 and done in res.stdout, res.stderr[-3000:]

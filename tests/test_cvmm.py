@@ -2,9 +2,6 @@
 every gradient, plus the Triton kernels' logic in Triton's CPU interpreter."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,7 +13,7 @@ from kernels import cvmm
 from kernels.autotune import Autotuner, TileConfig
 from kernels.cvmm_reference import cvmm_reference
 from cvmm_cases import TOL, inputs as _inputs, outputs as _outputs, rel_err as _rel
-from cvmm_cases import routing_of_kind as _routing
+from cvmm_cases import routing_of_kind as _routing, run_in_triton_interpreter
 
 # (name, N, K, M, E, I, O, routing kind)
 CASES = [
@@ -268,12 +265,7 @@ def test_triton_kernels_in_interpreter():
   """The Triton kernels and their custom_vjp, float32, run by Triton's CPU interpreter."""
   pytest.importorskip("triton")
   pytest.importorskip("torch")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, CVMM_TRITON_INTERPRET="1", JAX_PLATFORMS="cpu",
-             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  res = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=900)
-  assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stderr[-3000:]
+  run_in_triton_interpreter(_INTERPRETER_SCRIPT, "interpreter ok")
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])

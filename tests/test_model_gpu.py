@@ -10,15 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cvmm_cases import rel_err
 from moeut_jax.attention import dot_attention
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")]
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def _masked_reference(q, k, v):
@@ -47,12 +43,12 @@ def test_fused_causal_attention_matches_float32(shape):
   out = jax.jit(fused)(bf(q), bf(k), bf(v))
   assert out.dtype == jnp.bfloat16
   ref = _masked_reference(bf(q), bf(k), bf(v))
-  assert _rel(out, ref) <= 1e-2
+  assert rel_err(out, ref) <= 1e-2
   grads = jax.jit(jax.grad(lambda *a: loss(fused, *a), argnums=(0, 1, 2)))(bf(q), bf(k), bf(v))
   ref_grads = jax.grad(lambda *a: loss(_masked_reference, *a), argnums=(0, 1, 2))(
       bf(q), bf(k), bf(v))
   for name, a, b in zip("qkv", grads, ref_grads):
-    assert _rel(a, b) <= 1e-2, name
+    assert rel_err(a, b) <= 1e-2, name
 
 
 def test_fused_attention_path_is_cudnn():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import torch_reference as ref
+from cvmm_cases import rel_err
 from moeut_jax import AttentionMask, MoEUT, MoEUTLM
 from moeut_jax.convert import (from_torch_state_dict, kv_cache_from_torch, kv_cache_to_torch,
                                to_torch_state_dict)
@@ -27,11 +28,6 @@ CASES = {
     "G3_six_layers": dict(BASE, n_layers=6, group_size=3),
     "odd_rotary": dict(BASE, d_head=10, n_heads=3),                 # n_rot 5 -> 4, as MoEUT_44M
 }
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def make_pair(cfg, lm=True, seed=0):

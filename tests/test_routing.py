@@ -7,16 +7,12 @@ import pytest
 import torch
 
 import torch_reference as ref
+from cvmm_cases import rel_err
 from kernels import make_routing
 from moeut_jax.masks import AttentionMask, blocked_keys
 from moeut_jax.rope import apply_rope, rotary_width
 from moeut_jax.routing import (entropy_accumulate, entropy_init, entropy_loss, router_logits,
                                sigmoid_topk)
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 @pytest.mark.parametrize("shape, k", [((3, 7, 12), 4), ((2, 5, 3, 6), 2), ((4, 9), 1),
@@ -115,11 +111,6 @@ def test_make_routing_sorts_pairs_by_expert(packed, monkeypatch):
     make_routing(jnp.zeros((4,), jnp.int32), 3)
 
 
-def _rel64(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
 @pytest.mark.parametrize("shape", [(3, 50, 96, 37), (2, 1024, 256, 387)],
                          ids=["small", "unaligned_experts"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -140,9 +131,9 @@ def test_router_logits_and_gradients_are_float32_accurate(dtype, shape):
   y, dx, dw = jax.jit(value_and_grads)(jnp.asarray(x), jnp.asarray(w), jnp.asarray(g))
   x64, w64, g64 = x.astype(np.float64), w.astype(np.float64), g.astype(np.float64)
   assert y.dtype == dx.dtype == dw.dtype == jnp.float32
-  assert _rel64(y, x64 @ w64) <= 1e-5
-  assert _rel64(dx, g64 @ w64.T) <= 1e-5
-  assert _rel64(dw, np.einsum("btd,bte->de", x64, g64)) <= 1e-5
+  assert rel_err(y, x64 @ w64) <= 1e-5
+  assert rel_err(dx, g64 @ w64.T) <= 1e-5
+  assert rel_err(dw, np.einsum("btd,bte->de", x64, g64)) <= 1e-5
   # the same choice of experts as float64
   np.testing.assert_array_equal(np.argsort(-np.asarray(y), -1)[..., :5],
                                 np.argsort(-(x64 @ w64), -1)[..., :5])

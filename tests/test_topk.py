@@ -2,9 +2,6 @@
 jax.lax.top_k fallback, against jax.lax.top_k."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -12,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cvmm_cases import run_in_triton_interpreter
 from kernels.topk import topk_indices
 
 # Random rows, rows full of ties, -inf rows (expert dropout), NaN/inf/±0, rows of a
@@ -48,16 +46,11 @@ print("topk ok")
 def test_topk_kernel_in_interpreter_matches_lax_top_k():
   pytest.importorskip("triton")
   pytest.importorskip("torch")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, CVMM_TRITON_INTERPRET="1", JAX_PLATFORMS="cpu",
-             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
   script = _CASES_SCRIPT + textwrap.dedent("""
       from kernels import cvmm_triton
       assert cvmm_triton._interpret()        # the kernel ran, not the fallback
   """)
-  res = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=600)
-  assert res.returncode == 0 and "topk ok" in res.stdout, res.stderr[-3000:]
+  run_in_triton_interpreter(script, "topk ok", timeout=600)
 
 
 def test_topk_fallback_and_checks():
