@@ -1,17 +1,20 @@
 #!/bin/bash
-# One device call: bench/ops.py (attention, routers, top-k, sort), then optionally the
-# CVMM GPU tests (TESTS="-k expression") and a profiled training step
-# (bench/profile_model.py, PROF=1). Logs under $OUT.
+# One device call, each step optional: bench/ops.py (OPS=1, OPS_ARGS), the GPU tests
+# (TESTS="-k expression"), CPU-suite tests run on the GPU backend (CPU_TESTS="paths and
+# options"), a profiled training step (PROF=1, PROF_ARGS; bench/profile_model.py) and
+# training-step timings (MODEL_ARGS, then MODEL2_ARGS; bench/model.py). Logs under $OUT.
 source bench/device_setup.sh
 export CVMM_AUTOTUNE_CACHE=$OUT/autotune.json CVMM_AUTOTUNE=0
 cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
-timeout ${OPS_TIMEOUT:-150} python3 -m bench.ops $OPS_ARGS 2>&1 | tee $OUT/ops.log
+if [ -n "$OPS" ]; then
+  timeout ${OPS_TIMEOUT:-150} python3 -m bench.ops $OPS_ARGS 2>&1 | tee $OUT/ops.log
+fi
 if [ -n "$TESTS" ]; then
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TEST_TIMEOUT:-150} \
     python3 -m pytest tests/ -q -n 8 -p no:cacheprovider -m gpu -k "$TESTS" \
     2>&1 | tee $OUT/gpu_tests.log | tail -4
 fi
-if [ -n "$CPU_TESTS" ]; then  # CPU-suite tests run on the GPU backend
+if [ -n "$CPU_TESTS" ]; then
   timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider $CPU_TESTS \
     2>&1 | tee $OUT/cpu_tests_on_gpu.log | tail -4
 fi
@@ -20,9 +23,9 @@ if [ -n "$PROF" ]; then
     2>&1 | tee $OUT/profile.log
   rm -rf $OUT/prof/trace
 fi
-if [ -n "$MODEL" ]; then
-  timeout ${MODEL_TIMEOUT:-200} python3 bench/model.py $MODEL_ARGS 2>&1 | tee $OUT/model.log
-fi
-if [ -n "$MODEL2" ]; then
-  timeout ${MODEL_TIMEOUT:-200} python3 bench/model.py $MODEL2_ARGS 2>&1 | tee $OUT/model2.log
-fi
+for i in "" 2; do
+  args_var=MODEL${i}_ARGS
+  if [ -n "${!args_var}" ]; then
+    timeout ${MODEL_TIMEOUT:-200} python3 bench/model.py ${!args_var} 2>&1 | tee $OUT/model$i.log
+  fi
+done

@@ -2,7 +2,7 @@
 
   python -m bench.ops --profile MoEUT_244M --batch 16 --seq 1024
 
-Prints one table per piece, forward and forward+backward ms (median of --iters):
+Prints one table per piece, forward and forward+backward ms (median of --iters rounds):
   attention  the attention core softmax(q k^T) v, causal: XLA vs cuDNN (fused), and
              the relative difference of their outputs and gradients;
   router     the σ-MoE and SwitchHead router logits x @ sel in float32: one float32
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,19 +25,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import profiles  # noqa: E402
+from kernels.autotune import time_call  # noqa: E402
 from moeut_jax.routing import router_logits  # noqa: E402
 
 
 def bench(fn, *args, iters=20):
-  """Median wall time (s) of a jitted fn over iters calls after a warm-up."""
+  """(seconds per call of a jitted fn, its output): the autotuner's timer
+  (:func:`kernels.autotune.time_call`), ``iters`` rounds of back-to-back calls."""
   out = fn(*args)
-  jax.block_until_ready(out)
-  ts = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts)), out
+  return time_call(lambda: fn(*args), reps=iters), out
 
 
 def rel(a, b):
@@ -138,15 +133,6 @@ def topk_and_sort(n, e, k, iters):
   ts, _ = bench(jax.jit(lambda i: make_routing(i, e)), idx, iters=iters)
   print(f"make_routing  [{n}, {k}] pairs, {e} experts (order, sizes, offsets): "
         f"{ts * 1e3:.3f} ms")
-  p = n * k
-
-  def packed(i):  # one int32 key per pair: expert * P + pair, sorted without a payload
-    key = i.reshape(-1) * p + jnp.arange(p, dtype=jnp.int32)
-    return jnp.sort(key) % p
-  if e * p < 2 ** 31:
-    tp, order = bench(jax.jit(packed), idx, iters=iters)
-    same = bool(jnp.all(order == make_routing(idx, e).order))
-    print(f"packed-key sort (expert * P + pair): {tp * 1e3:.3f} ms, same order: {same}")
 
 
 def main():
