@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from kernels import cvmm, make_routing
 from moeut_jax import initializers as init
+from moeut_jax.parallel import per_device
 from moeut_jax.rope import apply_rope, rotary_width
 from moeut_jax.routing import router_logits, sigmoid_topk
 
@@ -46,6 +47,15 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocked: jax.Array |
   out = jnp.einsum("BHTS,BSHK->BTHK", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return out.astype(q.dtype)
+
+
+def _route(logits: jax.Array, drop: jax.Array | None, k: int):
+  """Gates [B, T, H, k] and the routing of one SwitchHead projection from its router
+  logits [B, T, H, Ea] (expert of head h, expert e: h * Ea + e)."""
+  b, t, h, ea = logits.shape
+  gates, index = sigmoid_topk(logits, k, drop)
+  expert = index + (jnp.arange(h, dtype=jnp.int32) * ea)[:, None]
+  return gates, make_routing(expert.reshape(b * t, h * k), h * ea)
 
 
 class SwitchHeadRope(nn.Module):
@@ -84,18 +94,15 @@ class SwitchHeadRope(nn.Module):
       p["sel_o"] = self.param("sel_o", sel, (d, h), self.param_dtype)
     return p
 
-  def _select(self, src, sel, train):
-    """Router of one projection: logits [B, T, H, Ea] f32, gates/index [B, T, H, k]."""
+  def _router(self, src, sel, train):
+    """Router logits of one projection [B, T, H, Ea] f32 and its expert-dropout mask
+    (or None)."""
     b, t, _ = src.shape
     logits = router_logits(src, sel, self.dtype).reshape(b, t, self.n_heads, self.n_experts)
     drop = None
     if train and self.expert_dropout > 0:
       drop = jax.random.bernoulli(self.make_rng("dropout"), self.expert_dropout, logits.shape)
-    gates, index = sigmoid_topk(logits, self.k, drop)
-    expert = index + (jnp.arange(self.n_heads, dtype=jnp.int32) * self.n_experts)[:, None]
-    routing = make_routing(expert.reshape(b * t, self.n_heads * self.k),
-                           self.n_heads * self.n_experts)
-    return logits, gates, routing
+    return logits, drop
 
   @nn.compact
   def __call__(self, q_src, k_src, v_src, *, positions, blocked, causal_only,
@@ -117,7 +124,7 @@ class SwitchHeadRope(nn.Module):
     """
     p = self._params()
     b, t, d = q_src.shape
-    h, dh, n = self.n_heads, self.d_head, b * t
+    h, dh = self.n_heads, self.d_head
     cd = self.dtype
     qk_scale = dh ** -0.25
     q = jnp.einsum("BTD,DHK->BTHK", q_src.astype(cd), p["q"].astype(cd)) * qk_scale
@@ -127,13 +134,21 @@ class SwitchHeadRope(nn.Module):
     k = apply_rope(k, positions, n_rot)
 
     if self.n_experts > 1:
-      lv, gv, rv = self._select(k_src, p["sel_v"], train)
-      lo, go, ro = self._select(q_src, p["sel_o"], train)
-      vv = cvmm(v_src.reshape(n, d).astype(cd), rv, p["v"].astype(cd),
-                impl=self.cvmm_impl, sum_dtype=self.cvmm_sum_dtype)   # [N, H*ka, Dh]
-      v = jnp.einsum("NHKD,NHK->NHD", vv.reshape(n, h, self.k, dh), gv.reshape(n, h, self.k),
-                     preferred_element_type=jnp.float32)
-      v = v.reshape(b, t, h, dh).astype(cd)                           # [B, T, H, Dh]
+      lv, drop_v = self._router(k_src, p["sel_v"], train)
+      lo, drop_o = self._router(q_src, p["sel_o"], train)
+
+      def values(lv, drop_v, v_src, w):
+        """Expert-mixed values of the tokens at hand (one device's, under a mesh)."""
+        gv, rv = _route(lv, drop_v, self.k)
+        bl, tl = v_src.shape[:2]
+        nl = bl * tl
+        vv = cvmm(v_src.reshape(nl, d).astype(cd), rv, w, impl=self.cvmm_impl,
+                  sum_dtype=self.cvmm_sum_dtype)                          # [N, H*ka, Dh]
+        v = jnp.einsum("NHKD,NHK->NHD", vv.reshape(nl, h, self.k, dh),
+                       gv.reshape(nl, h, self.k), preferred_element_type=jnp.float32)
+        return v.reshape(bl, tl, h, dh).astype(cd)                        # [B, T, H, Dh]
+
+      v = per_device(values, (lv, drop_v, v_src), (p["v"].astype(cd),))
       reg_logits = (lo, lv)
     else:
       v = jnp.einsum("BTD,DHK->BTHK", v_src.astype(cd), p["v"].astype(cd))
@@ -155,9 +170,15 @@ class SwitchHeadRope(nn.Module):
                         causal_only and cache is None)                # [B, T, H, Dh]
 
     if self.n_experts > 1:
-      out = cvmm(att.reshape(n, h, dh), ro, p["o"].astype(cd), go.reshape(n, h * self.k),
-                 impl=self.cvmm_impl, sum_dtype=self.cvmm_sum_dtype)  # [N, D]
-      out = out.reshape(b, t, d)
+      def output(lo, drop_o, att, w):
+        """Expert-mixed output projection of the tokens at hand (one device's)."""
+        go, ro = _route(lo, drop_o, self.k)
+        bl, tl = att.shape[:2]
+        out = cvmm(att.reshape(bl * tl, h, dh), ro, w, go.reshape(bl * tl, h * self.k),
+                   impl=self.cvmm_impl, sum_dtype=self.cvmm_sum_dtype)    # [N, D]
+        return out.reshape(bl, tl, d)
+
+      out = per_device(output, (lo, drop_o, att), (p["o"].astype(cd),))
     else:
       gate = jax.nn.sigmoid(router_logits(q_src, p["sel_o"], cd))      # [B, T, H]
       att = (att.astype(jnp.float32) * gate[..., None]).astype(cd)

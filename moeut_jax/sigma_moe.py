@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from kernels import cvmm_pair, make_routing
 from moeut_jax import initializers as init
+from moeut_jax.parallel import per_device
 from moeut_jax.routing import router_logits, sigmoid_topk
 
 
@@ -40,17 +41,22 @@ class SigmaMoE(nn.Module):
     expert_sel = self.param("expert_sel", init.normalized_router(scale / d ** 0.5, 0, False),
                             (d, e), self.param_dtype)
 
-    b, t, _ = x.shape
     logits = router_logits(sel_input, expert_sel, self.dtype)         # [B, T, Ef] f32
     drop = None
     if train and self.expert_dropout > 0:
       drop = jax.random.bernoulli(self.make_rng("dropout"), self.expert_dropout, logits.shape)
-    gates, index = sigmoid_topk(logits, self.k, drop)                 # [B, T, kf] each
 
-    routing = make_routing(index.reshape(b * t, self.k), e)
-    xf = x.reshape(b * t, d).astype(self.dtype)                       # [N, D]
-    # relu(x @ keys) @ values, gated sum over the kf experts (one fused kernel on GPUs)
-    out = cvmm_pair(xf, routing, keys.astype(self.dtype), values.astype(self.dtype),
-                    gates.reshape(b * t, self.k), impl=self.cvmm_impl,
-                    sum_dtype=self.cvmm_sum_dtype)                          # [N, D]
-    return out.reshape(b, t, d), logits
+    def experts(logits, drop, x, keys, values):
+      """Routing and the expert MLP for the tokens at hand (one device's, under a mesh)."""
+      b, t, _ = x.shape
+      gates, index = sigmoid_topk(logits, self.k, drop)               # [B, T, kf] each
+      routing = make_routing(index.reshape(b * t, self.k), e)
+      xf = x.reshape(b * t, d).astype(self.dtype)                     # [N, D]
+      # relu(x @ keys) @ values, gated sum over the kf experts (one fused kernel on GPUs)
+      out = cvmm_pair(xf, routing, keys, values, gates.reshape(b * t, self.k),
+                      impl=self.cvmm_impl, sum_dtype=self.cvmm_sum_dtype)   # [N, D]
+      return out.reshape(b, t, d)
+
+    out = per_device(experts, (logits, drop, x),
+                     (keys.astype(self.dtype), values.astype(self.dtype)))
+    return out, logits

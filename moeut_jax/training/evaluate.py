@@ -54,6 +54,7 @@ def evaluate_checkpoint(workdir: str, data: Sequence[str] = (), step: Optional[i
   rows = cfg.micro_batch_size
   sharding_lib.check_divisible(rows, run.mesh, "evaluation")
   eval_step = jax.jit(step_lib.make_eval_step(run.model))
-  out = evaluate(eval_step, run.params, stream, cfg.seq_len, rows, max_batches, run.mesh)
+  with jax.set_mesh(run.mesh):
+    out = evaluate(eval_step, run.params, stream, cfg.seq_len, rows, max_batches, run.mesh)
   out["step"] = run.step
   return out

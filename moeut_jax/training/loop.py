@@ -38,8 +38,12 @@ def train_and_evaluate(config: Config, workdir: str, log=print) -> dict[str, Any
   say = log if is_main else (lambda *_: None)
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints, config.async_checkpoint)
+  mesh = sharding_lib.make_mesh()
   try:
-    return _run(config, workdir, ckpt, is_main, say)
+    # The context mesh lets the model route and run its expert kernels on each
+    # device's share of the batch (moeut_jax.parallel).
+    with jax.set_mesh(mesh):
+      return _run(config, workdir, ckpt, is_main, say, mesh)
   finally:
     ckpt.close()
 
@@ -128,13 +132,12 @@ class _PendingMetrics:
     return record
 
 
-def _run(config: Config, workdir: str, ckpt, is_main: bool, say) -> dict[str, Any]:
+def _run(config: Config, workdir: str, ckpt, is_main: bool, say, mesh) -> dict[str, Any]:
   resume = _check_resume(config, ckpt)
   data = _prepare_data(config, workdir, resume, is_main, say, ckpt)
 
   model = step_lib.build_model(config, data.vocab_size)
   tx, schedule = optim.make_optimizer(config), optim.learning_rate(config)
-  mesh = sharding_lib.make_mesh()
   sharding_lib.check_divisible(config.micro_batch_size, mesh,
                                f"--batch-size {config.batch_size} / --grad-accum "
                                f"{config.grad_accum}")
