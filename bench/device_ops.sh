@@ -1,8 +1,10 @@
 #!/bin/bash
 # One device call, each step optional: bench/ops.py (OPS=1, OPS_ARGS), the GPU tests
 # (TESTS="-k expression"), CPU-suite tests run on the GPU backend (CPU_TESTS="paths and
-# options"), a profiled training step (PROF=1, PROF_ARGS; bench/profile_model.py) and
-# training-step timings (MODEL_ARGS, then MODEL2_ARGS; bench/model.py). Logs under $OUT.
+# options"), a profiled training step (PROF=1, PROF_ARGS; bench/profile_model.py),
+# training-step timings (MODEL_ARGS, MODEL2_ARGS, MODEL3_ARGS; bench/model.py), CVMM
+# kernel timings (KERNELS_ARGS; bench/cvmm_kernels.py) and a train.py run (TRAIN_ARGS,
+# run twice with RESUME_ARGS: the second resumes). Logs under $OUT.
 source bench/device_setup.sh
 export CVMM_AUTOTUNE_CACHE=$OUT/autotune.json CVMM_AUTOTUNE=0
 cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
@@ -23,9 +25,18 @@ if [ -n "$PROF" ]; then
     2>&1 | tee $OUT/profile.log
   rm -rf $OUT/prof/trace
 fi
-for i in "" 2; do
+for i in "" 2 3; do
   args_var=MODEL${i}_ARGS
   if [ -n "${!args_var}" ]; then
     timeout ${MODEL_TIMEOUT:-200} python3 bench/model.py ${!args_var} 2>&1 | tee $OUT/model$i.log
   fi
 done
+if [ -n "$KERNELS_ARGS" ]; then
+  timeout ${KERNELS_TIMEOUT:-200} python3 -m bench.cvmm_kernels $KERNELS_ARGS 2>&1 | tee $OUT/kernels.log
+fi
+if [ -n "$TRAIN_ARGS" ]; then
+  timeout ${TRAIN_TIMEOUT:-240} python3 train.py $TRAIN_ARGS 2>&1 | tee $OUT/train.log
+  if [ -n "$RESUME_ARGS" ]; then
+    timeout ${TRAIN_TIMEOUT:-240} python3 train.py $RESUME_ARGS 2>&1 | tee $OUT/train_resume.log
+  fi
+fi

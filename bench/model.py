@@ -1,13 +1,18 @@
 """Training-step throughput of MoEUTLM: forward + backward + AdamW update, bf16 compute.
 
   python bench/model.py --profile MoEUT_244M --batch 16 --seq 1024 --impl auto xla
+  python bench/model.py --devices 2            # data parallel, as train.py runs it
 
 Prints one row per CVMM implementation: step time (median of --steps after warm-up)
-and tokens/s. Random tokens, vocabulary 8000.
+and tokens/s. Random tokens, vocabulary 8000. With --devices N the batch is --batch
+sequences per device, the parameters and optimizer state are split FSDP-style and the
+step runs under the context mesh, as in train.py; --no-context-mesh leaves the mesh
+out of the context, so that XLA partitions the expert layers by itself (for comparison).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -24,19 +29,30 @@ from kernels import resolve
 from moeut_jax import MoEUTLM
 
 
-def make_step(profile: str, batch: int, seq: int, impl: str, **model_kw):
+def make_step(profile: str, batch: int, seq: int, impl: str, mesh=None, **model_kw):
   """(jitted train_step, params, opt_state, tokens) of MoEUTLM on random tokens.
 
   train_step(params, state, toks) -> (params, state, loss): forward, backward and the
-  AdamW update, bf16 compute with float32 parameters.
+  AdamW update, bf16 compute with float32 parameters. With a ``mesh`` the tokens are
+  split over its "data" axis and the parameters and optimizer state FSDP-style.
   """
   model = MoEUTLM(8000, **profiles.get(profile), dtype=jnp.bfloat16, cvmm_impl=impl, **model_kw)
   toks = jax.random.randint(jax.random.PRNGKey(0), (batch, seq + 1), 0, 8000)
   params = jax.jit(model.init)(jax.random.PRNGKey(1), toks[:, :-1])["params"]
   opt = optax.adamw(2.5e-4, weight_decay=0.01)
   state = opt.init(params)
+  jit = jax.jit
+  if mesh is not None:
+    from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+    from moeut_jax.training.sharding import DATA_AXIS, fsdp_shardings  # noqa: PLC0415
+    p_sh, s_sh = fsdp_shardings(params, mesh), fsdp_shardings(state, mesh)
+    t_sh = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    params, state, toks = (jax.device_put(params, p_sh), jax.device_put(state, s_sh),
+                           jax.device_put(toks, t_sh))
+    jit = lambda f: jax.jit(f, in_shardings=(p_sh, s_sh, t_sh),  # noqa: E731
+                            out_shardings=(p_sh, s_sh, None))
 
-  @jax.jit
+  @jit
   def train_step(params, state, toks):
     def loss_fn(p):
       out = model.apply({"params": p}, toks[:, :-1], train=True)
@@ -50,9 +66,10 @@ def make_step(profile: str, batch: int, seq: int, impl: str, **model_kw):
   return train_step, params, state, toks
 
 
-def step_time(profile: str, batch: int, seq: int, impl: str, steps: int, **model_kw):
+def step_time(profile: str, batch: int, seq: int, impl: str, steps: int, mesh=None,
+              **model_kw):
   """(median step seconds, last loss, seconds of the first call: compile + one step)."""
-  train_step, params, state, toks = make_step(profile, batch, seq, impl, **model_kw)
+  train_step, params, state, toks = make_step(profile, batch, seq, impl, mesh, **model_kw)
   t0 = time.perf_counter()
   params, state, loss = train_step(params, state, toks)
   jax.block_until_ready(loss)
@@ -77,16 +94,34 @@ def main():
   ap.add_argument("--impl", nargs="+", default=["auto"])
   ap.add_argument("--scan-unroll", type=int, default=None,
                   help="MoEUTLM(scan_unroll=...); default None: unrolled on GPUs")
+  ap.add_argument("--devices", type=int, default=1,
+                  help="data-parallel devices; --batch is per device")
+  ap.add_argument("--no-context-mesh", action="store_true",
+                  help="with --devices > 1: jit with shardings but no jax.set_mesh")
   args = ap.parse_args()
-  print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {args.profile}, "
-        f"batch {args.batch} x {args.seq}, scan_unroll {args.scan_unroll}")
-  print(f"{'impl':>14} {'resolved':>14} {'step ms':>10} {'tokens/s':>12} {'last loss':>10} "
-        f"{'first call s':>13}")
+  n_dev = args.devices
+  if not 1 <= n_dev <= len(jax.devices()):
+    ap.error(f"--devices {n_dev}: this machine has {len(jax.devices())}")
+  batch = args.batch * n_dev
+  mesh = None
+  if n_dev > 1:
+    from jax.sharding import Mesh  # noqa: PLC0415
+    from moeut_jax.training.sharding import DATA_AXIS  # noqa: PLC0415
+    mesh = Mesh(np.asarray(jax.devices()[:n_dev]), (DATA_AXIS,))
+  use_mesh = mesh is not None and not args.no_context_mesh
+  print(f"device: {n_dev} x {jax.devices()[0].device_kind}; jax {jax.__version__}; "
+        f"{args.profile}, batch {batch} x {args.seq}"
+        + (f" ({args.batch} per device, context mesh {not args.no_context_mesh})"
+           if n_dev > 1 else "") + f", scan_unroll {args.scan_unroll}")
+  print(f"{'impl':>14} {'resolved':>14} {'step ms':>10} {'tokens/s':>12} {'per device':>11} "
+        f"{'last loss':>10} {'first call s':>13}")
   for impl in args.impl:
     try:
-      t, loss, first = step_time(args.profile, args.batch, args.seq, impl, args.steps,
-                                 scan_unroll=args.scan_unroll)
-      print(f"{impl:>14} {resolve(impl):>14} {t * 1e3:10.1f} {args.batch * args.seq / t:12.0f} "
+      with jax.set_mesh(mesh) if use_mesh else contextlib.nullcontext():
+        t, loss, first = step_time(args.profile, batch, args.seq, impl, args.steps, mesh,
+                                   scan_unroll=args.scan_unroll)
+      tps = batch * args.seq / t
+      print(f"{impl:>14} {resolve(impl):>14} {t * 1e3:10.1f} {tps:12.0f} {tps / n_dev:11.0f} "
             f"{loss:10.4f} {first:13.1f}", flush=True)
     except Exception as e:  # report and go on with the next implementation
       print(f"{impl:>14} failed: {type(e).__name__}: {str(e)[:300]}")
