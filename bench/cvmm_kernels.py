@@ -72,6 +72,9 @@ def kernels(prof: dict, n: int, dtype):
                   (p, d, es), "rows"),
       "down_dw": (lambda c: ct.expert_gram(h, dout, r, a_rows=k, b_rows=1, scale=g, cfg=c),
                   (p, es, d), "dw"),
+      # down_dw without the gate scale: what pre-scaled rows would cost
+      "down_dw_noscale": (lambda c: ct.expert_gram(h, dout, r, a_rows=k, b_rows=1, cfg=c),
+                          (p, es, d), "dw"),
       "up_dx": (lambda c: rm(dy, keys, r, a_rows=k, out_rows=1, transpose_w=True, cfg=c)[0],
                 (p, es, d), "atomic"),
       "up_dw": (lambda c: ct.expert_gram(x, dy, r, a_rows=1, b_rows=k, cfg=c),

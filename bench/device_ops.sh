@@ -3,8 +3,8 @@
 # (TESTS="-k expression"), CPU-suite tests run on the GPU backend (CPU_TESTS="paths and
 # options"), a profiled training step (PROF=1, PROF_ARGS; bench/profile_model.py),
 # training-step timings (MODEL_ARGS, MODEL2_ARGS, MODEL3_ARGS; bench/model.py), CVMM
-# kernel timings (KERNELS_ARGS; bench/cvmm_kernels.py) and a train.py run (TRAIN_ARGS,
-# run twice with RESUME_ARGS: the second resumes). Logs under $OUT.
+# timings (BENCH_ARGS: bench/cvmm.py; KERNELS_ARGS: bench/cvmm_kernels.py) and a
+# train.py run (TRAIN_ARGS; then RESUME_ARGS, a second run that resumes). Logs under $OUT.
 source bench/device_setup.sh
 export CVMM_AUTOTUNE_CACHE=$OUT/autotune.json CVMM_AUTOTUNE=0
 cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
@@ -31,6 +31,9 @@ for i in "" 2 3; do
     timeout ${MODEL_TIMEOUT:-200} python3 bench/model.py ${!args_var} 2>&1 | tee $OUT/model$i.log
   fi
 done
+if [ -n "$BENCH_ARGS" ]; then
+  timeout ${BENCH_TIMEOUT:-240} python3 -m bench.cvmm $BENCH_ARGS 2>&1 | tee $OUT/bench.log
+fi
 if [ -n "$KERNELS_ARGS" ]; then
   timeout ${KERNELS_TIMEOUT:-200} python3 -m bench.cvmm_kernels $KERNELS_ARGS 2>&1 | tee $OUT/kernels.log
 fi

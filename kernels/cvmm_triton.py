@@ -326,6 +326,7 @@ def _pair_body(
     h_ptr,        # [P, H] fwd: output relu(x @ keys); bwd: input (the saved forward h)
     du_ptr,       # [P, H] bwd output: gates * (dout @ values^T) * (h > 0); unused in fwd
     dg_ptr,       # [P] float32 bwd output: dgates; unused in fwd
+    gh_ptr,       # [P, H] bwd output: gates * h, the rows of dvalues; unused in fwd
     out_ptr,      # [N, O] float32 (bf16 when RED == 8), summed into with atomics (zeroed)
     Z: tl.constexpr, D: tl.constexpr, H: tl.constexpr, O: tl.constexpr, K: tl.constexpr,
     S1_E: tl.constexpr, S1_D: tl.constexpr, S1_H: tl.constexpr,
@@ -338,7 +339,9 @@ def _pair_body(
   fwd: h = relu(x[n] @ keys[e]) (stored for the backward pass);
        out[n] += g[p] * h @ values[e]                          (out: the layer output)
   bwd: t = dout[n] @ values[e]^T; dgates[p] = <t, h[p]>; du = g[p] * t * (h[p] > 0)
-       (stored for dkeys); out[n] += du @ keys[e]^T            (out: dx)
+       (stored for dkeys); gh = g[p] * h[p] (stored for dvalues: the weight-gradient
+       kernel then contracts plain rows, which it does at about 1.5x the speed of
+       rows it must scale on the way); out[n] += du @ keys[e]^T            (out: dx)
   """
   tile = tl.program_id(0)
   e = tl.load(tiles_ptr + tile)
@@ -363,6 +366,7 @@ def _pair_body(
       tl.store(dg_ptr + pair, tl.sum(acc * hv.to(tl.float32), axis=1), mask=rmask)
       mid = tl.where(hv > 0, acc * g[:, None], 0.0).to(hv.dtype)
       tl.store(du_ptr + mid_ptrs, mid, mask=pmask)
+      tl.store(gh_ptr + mid_ptrs, (hv.to(tl.float32) * g[:, None]).to(hv.dtype), mask=pmask)
     else:
       mid = tl.maximum(acc, 0.0).to(h_ptr.dtype.element_ty)
       tl.store(h_ptr + mid_ptrs, mid, mask=pmask)
@@ -388,13 +392,13 @@ def _pair_fwd_kernel(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr,  # 
                      BK: tl.constexpr, BH: tl.constexpr, IEEE: tl.constexpr,
                      RED: tl.constexpr):
   _pair_body(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, h_ptr, h_ptr, out_ptr,
-             out_ptr, Z, D, H, O, K, S1_E, S1_D, S1_H, S2_E, S2_H, S2_O, BM, BN, BK, BH,
-             False, IEEE, RED)
+             h_ptr, out_ptr, Z, D, H, O, K, S1_E, S1_D, S1_H, S2_E, S2_H, S2_O, BM, BN, BK,
+             BH, False, IEEE, RED)
 
 
 @_jit
 def _pair_bwd_kernel(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, h_ptr,  # in
-                     out_ptr, du_ptr, dg_ptr,                                      # out
+                     out_ptr, du_ptr, dg_ptr, gh_ptr,                              # out
                      Z: tl.constexpr, D: tl.constexpr, H: tl.constexpr, O: tl.constexpr,
                      K: tl.constexpr, S1_E: tl.constexpr, S1_D: tl.constexpr,
                      S1_H: tl.constexpr, S2_E: tl.constexpr, S2_H: tl.constexpr,
@@ -402,8 +406,8 @@ def _pair_bwd_kernel(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, h_p
                      BK: tl.constexpr, BH: tl.constexpr, IEEE: tl.constexpr,
                      RED: tl.constexpr):
   _pair_body(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, h_ptr, du_ptr, dg_ptr,
-             out_ptr, Z, D, H, O, K, S1_E, S1_D, S1_H, S2_E, S2_H, S2_O, BM, BN, BK, BH,
-             True, IEEE, RED)
+             gh_ptr, out_ptr, Z, D, H, O, K, S1_E, S1_D, S1_H, S2_E, S2_H, S2_O, BM, BN, BK,
+             BH, True, IEEE, RED)
 
 
 # ------------------------------------------------------------------ launching
@@ -635,7 +639,7 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
     Returns (out [N, O] float32, or bf16 with :func:`bf16_sums`; h [P, H] in x's dtype).
   Backward (``h`` = the forward's h): a = dout [N, O], w1 = values, w2 = keys (both
     used transposed). Returns (dx [N, D] float32 (bf16 with :func:`bf16_sums`), du [P, H],
-    dgates [P] float32).
+    dgates [P] float32, gh = gates * h [P, H]), as a dict of "out", "du", "dg", "gh".
   """
   n, k, p = routing.n_tokens, routing.k, routing.n_pairs
   bwd = h is not None
@@ -661,8 +665,9 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
   if bwd:
     args.append(h)
     out_shapes += [jax.ShapeDtypeStruct((p, hh), a.dtype),              # du
-                   jax.ShapeDtypeStruct((p,), jnp.float32)]             # dgates
-    names = ("out", "du", "dg")
+                   jax.ShapeDtypeStruct((p,), jnp.float32),             # dgates
+                   jax.ShapeDtypeStruct((p, hh), a.dtype)]              # gates * h
+    names = ("out", "du", "dg", "gh")
   else:
     out_shapes += [jax.ShapeDtypeStruct((p, hh), a.dtype)]              # h
     names = ("out", "h")
@@ -707,6 +712,8 @@ def _dw_candidates(p: int, e: int, i: int, o: int, dtype) -> list[TileConfig]:
   if jnp.dtype(dtype).itemsize >= 4:
     raw = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]
   else:
+    # 256-wide blocks were slower at MoEUT_244M on an H200 (up_dw 0.915 vs 0.693 ms,
+    # down_dw 1.311 vs 1.080 ms; bench/RESULTS.md, sixth session): not candidates.
     raw = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4),
            (128, 64, 64, 4, 4)]
   sms = autotune.multiprocessor_count()
@@ -904,12 +911,25 @@ def _ops(fuse: bool, sd: str):
     dx, dg = rows_matmul(dout, w, routing, a_rows=1, out_rows=m, transpose_w=True,
                          scale=g, dgate_rows=x2, c_rows=m, fuse_sum=fuse,
                          sum_dtype=sd)                                       # [N*M, I], [P]
-    dw = expert_gram(x2, dout, routing, a_rows=m, b_rows=1, scale=g, out_dtype=w.dtype)
+    dw = expert_gram(_gated_rows(x, gates), dout, routing, a_rows=routing.k, b_rows=1,
+                     out_dtype=w.dtype)
     return (dx.reshape(n, m, i).astype(x.dtype), dw,
             dg.reshape(n, routing.k).astype(gates.dtype), None)
 
   gated.defvjp(_fwd_gated, _bwd_gated)
   return plain, gated
+
+
+def _gated_rows(x: jax.Array, gates: jax.Array) -> jax.Array:
+  """[P, I] rows gates[n, s] * x[n, s // (K // M)] for x [N, M, I], gates [N, K]: the rows
+  of a gated weight gradient, scaled once here. The weight-gradient kernel contracts
+  plain rows about 1.5x as fast as rows it scales on the way (MoEUT_244M down
+  projection on an H200: 0.70 vs 1.10 ms, bench/RESULTS.md sixth session)."""
+  n, m, i = x.shape
+  k = gates.shape[1]
+  rows = x.astype(jnp.float32)[:, :, None, :] * gates.astype(jnp.float32).reshape(
+      n, m, k // m, 1)
+  return rows.astype(x.dtype).reshape(n * k, i)
 
 
 # Widest middle (expert size) the fused pair keeps on chip: [BM, H] float32
@@ -961,7 +981,7 @@ def _pair_bwd(res, dout, sd):
   k = routing.k
   dout = dout.astype(x.dtype)
   r = pair_rows(dout, w_down, w_up, gates, routing, h=h, sum_dtype=sd)
-  dw_down = expert_gram(h, dout, routing, a_rows=k, b_rows=1, scale=gates.reshape(-1),
+  dw_down = expert_gram(r["gh"], dout, routing, a_rows=k, b_rows=1,
                         out_dtype=w_down.dtype)                           # [E, H, O]
   dw_up = expert_gram(x, r["du"], routing, a_rows=1, b_rows=k, out_dtype=w_up.dtype)
   return (r["out"].astype(x.dtype), None, dw_up, dw_down,

@@ -164,10 +164,13 @@ def test_scan_unroll_changes_nothing_but_the_loop(small, unroll):
       variables["params"])
   np.testing.assert_allclose(o2.outputs, o1.outputs, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(o2.reg_loss, o1.reg_loss, rtol=1e-5)
-  # Per leaf, relative to its norm: on GPUs the CVMM kernels sum over experts with float32
-  # atomics in a varying order, so single small elements differ at the 1e-7 level.
+  # Per leaf, relative to its norm. The CPU is deterministic: 1e-5. On GPUs the CVMM
+  # kernels sum over experts with float32 atomics in a varying order, so no two runs
+  # agree bitwise; the gradients here pass through about four times as many kernel
+  # calls as one kernel test (1e-5 each): 5e-5 (measured on an H200: up to 1.3e-5).
+  tol = 1e-5 if jax.default_backend() == "cpu" else 5e-5
   for a, b in zip(jax.tree_util.tree_leaves(g2), jax.tree_util.tree_leaves(g1)):
-    assert rel_err(a, b) <= 1e-5
+    assert rel_err(a, b) <= tol
 
 
 def test_dropout_is_active_only_in_training(small):
