@@ -326,7 +326,6 @@ def _pair_body(
     h_ptr,        # [P, H] fwd: output relu(x @ keys); bwd: input (the saved forward h)
     du_ptr,       # [P, H] bwd output: gates * (dout @ values^T) * (h > 0); unused in fwd
     dg_ptr,       # [P] float32 bwd output: dgates; unused in fwd
-    gh_ptr,       # [P, H] bwd output: gates * h, the rows of dvalues; unused in fwd
     out_ptr,      # [N, O] float32 (bf16 when RED == 8), summed into with atomics (zeroed)
     Z: tl.constexpr, D: tl.constexpr, H: tl.constexpr, O: tl.constexpr, K: tl.constexpr,
     S1_E: tl.constexpr, S1_D: tl.constexpr, S1_H: tl.constexpr,
@@ -339,9 +338,7 @@ def _pair_body(
   fwd: h = relu(x[n] @ keys[e]) (stored for the backward pass);
        out[n] += g[p] * h @ values[e]                          (out: the layer output)
   bwd: t = dout[n] @ values[e]^T; dgates[p] = <t, h[p]>; du = g[p] * t * (h[p] > 0)
-       (stored for dkeys); gh = g[p] * h[p] (stored for dvalues: the weight-gradient
-       kernel then contracts plain rows, which it does at about 1.5x the speed of
-       rows it must scale on the way); out[n] += du @ keys[e]^T            (out: dx)
+       (stored for dkeys); out[n] += du @ keys[e]^T            (out: dx)
   """
   tile = tl.program_id(0)
   e = tl.load(tiles_ptr + tile)
@@ -366,7 +363,6 @@ def _pair_body(
       tl.store(dg_ptr + pair, tl.sum(acc * hv.to(tl.float32), axis=1), mask=rmask)
       mid = tl.where(hv > 0, acc * g[:, None], 0.0).to(hv.dtype)
       tl.store(du_ptr + mid_ptrs, mid, mask=pmask)
-      tl.store(gh_ptr + mid_ptrs, (hv.to(tl.float32) * g[:, None]).to(hv.dtype), mask=pmask)
     else:
       mid = tl.maximum(acc, 0.0).to(h_ptr.dtype.element_ty)
       tl.store(h_ptr + mid_ptrs, mid, mask=pmask)
@@ -392,13 +388,13 @@ def _pair_fwd_kernel(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr,  # 
                      BK: tl.constexpr, BH: tl.constexpr, IEEE: tl.constexpr,
                      RED: tl.constexpr):
   _pair_body(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, h_ptr, h_ptr, out_ptr,
-             h_ptr, out_ptr, Z, D, H, O, K, S1_E, S1_D, S1_H, S2_E, S2_H, S2_O, BM, BN, BK,
-             BH, False, IEEE, RED)
+             out_ptr, Z, D, H, O, K, S1_E, S1_D, S1_H, S2_E, S2_H, S2_O, BM, BN, BK, BH,
+             False, IEEE, RED)
 
 
 @_jit
 def _pair_bwd_kernel(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, h_ptr,  # in
-                     out_ptr, du_ptr, dg_ptr, gh_ptr,                              # out
+                     out_ptr, du_ptr, dg_ptr,                                      # out
                      Z: tl.constexpr, D: tl.constexpr, H: tl.constexpr, O: tl.constexpr,
                      K: tl.constexpr, S1_E: tl.constexpr, S1_D: tl.constexpr,
                      S1_H: tl.constexpr, S2_E: tl.constexpr, S2_H: tl.constexpr,
@@ -406,8 +402,8 @@ def _pair_bwd_kernel(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, h_p
                      BK: tl.constexpr, BH: tl.constexpr, IEEE: tl.constexpr,
                      RED: tl.constexpr):
   _pair_body(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, h_ptr, du_ptr, dg_ptr,
-             gh_ptr, out_ptr, Z, D, H, O, K, S1_E, S1_D, S1_H, S2_E, S2_H, S2_O, BM, BN, BK,
-             BH, True, IEEE, RED)
+             out_ptr, Z, D, H, O, K, S1_E, S1_D, S1_H, S2_E, S2_H, S2_O, BM, BN, BK, BH,
+             True, IEEE, RED)
 
 
 # ------------------------------------------------------------------ launching
@@ -639,7 +635,7 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
     Returns (out [N, O] float32, or bf16 with :func:`bf16_sums`; h [P, H] in x's dtype).
   Backward (``h`` = the forward's h): a = dout [N, O], w1 = values, w2 = keys (both
     used transposed). Returns (dx [N, D] float32 (bf16 with :func:`bf16_sums`), du [P, H],
-    dgates [P] float32, gh = gates * h [P, H]), as a dict of "out", "du", "dg", "gh".
+    dgates [P] float32), as a dict of "out", "du", "dg".
   """
   n, k, p = routing.n_tokens, routing.k, routing.n_pairs
   bwd = h is not None
@@ -665,9 +661,8 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
   if bwd:
     args.append(h)
     out_shapes += [jax.ShapeDtypeStruct((p, hh), a.dtype),              # du
-                   jax.ShapeDtypeStruct((p,), jnp.float32),             # dgates
-                   jax.ShapeDtypeStruct((p, hh), a.dtype)]              # gates * h
-    names = ("out", "du", "dg", "gh")
+                   jax.ShapeDtypeStruct((p,), jnp.float32)]             # dgates
+    names = ("out", "du", "dg")
   else:
     out_shapes += [jax.ShapeDtypeStruct((p, hh), a.dtype)]              # h
     names = ("out", "h")
@@ -981,8 +976,9 @@ def _pair_bwd(res, dout, sd):
   k = routing.k
   dout = dout.astype(x.dtype)
   r = pair_rows(dout, w_down, w_up, gates, routing, h=h, sum_dtype=sd)
-  dw_down = expert_gram(r["gh"], dout, routing, a_rows=k, b_rows=1,
-                        out_dtype=w_down.dtype)                           # [E, H, O]
+  # dvalues from rows pre-scaled by the gates (see _gated_rows): g * h per pair.
+  dw_down = expert_gram(_gated_rows(h.reshape(-1, k, h.shape[1]), gates), dout, routing,
+                        a_rows=k, b_rows=1, out_dtype=w_down.dtype)       # [E, H, O]
   dw_up = expert_gram(x, r["du"], routing, a_rows=1, b_rows=k, out_dtype=w_up.dtype)
   return (r["out"].astype(x.dtype), None, dw_up, dw_down,
           r["dg"].reshape(gates.shape).astype(gates.dtype))
