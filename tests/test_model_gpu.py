@@ -94,8 +94,9 @@ def test_two_gpus_under_a_mesh_match_one_gpu():
 
   ref = jax.jit(jax.value_and_grad(loss))(params, toks)
   mesh = Mesh(np.asarray(jax.devices()[:2]), ("data",))
-  sharded = jax.jit(jax.value_and_grad(loss),
-                    in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))))
+  shardings = (NamedSharding(mesh, P()), NamedSharding(mesh, P("data")))
+  sharded = jax.jit(jax.value_and_grad(loss), in_shardings=shardings)
+  params, toks = jax.device_put((params, toks), shardings)
   with jax.set_mesh(mesh):
     assert batch_axes() == (("data",), 2)
     hlo = sharded.lower(params, toks).compile().as_text()
