@@ -25,6 +25,7 @@ from moeut_jax import initializers as init
 from moeut_jax.kv_cache import KVCache
 from moeut_jax.layer import LayerGroup
 from moeut_jax.masks import AttentionMask, blocked_keys
+from moeut_jax.parallel import check_mesh_axes
 from moeut_jax.routing import entropy_init, entropy_loss
 from kernels import IMPLEMENTATIONS, SUM_DTYPES
 
@@ -176,6 +177,7 @@ class MoEUT(nn.Module):
         'dropout' rng when a dropout rate is positive).
       causal: block later keys when ``mask`` is None (MoEUTLM's default).
     """
+    check_mesh_axes()
     if x.ndim != 3 or x.shape[-1] != self.d_model:
       raise ValueError(f"x must be [B, T, d_model={self.d_model}], got shape {x.shape}")
     b, t, _ = x.shape
@@ -280,6 +282,7 @@ class MoEUTLM(nn.Module):
   def __call__(self, tokens: jax.Array, mask: AttentionMask | None = None, kv_cache=None,
                train: bool = False) -> MoEUTOutput:
     """tokens [B, T] int -> logits [B, T, V] (compute dtype). mask None = causal."""
+    check_mesh_axes()
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):

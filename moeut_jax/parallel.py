@@ -38,6 +38,27 @@ def batch_axes() -> tuple[tuple[str, ...], int]:
   return names, math.prod(mesh.shape[n] for n in names)
 
 
+def check_mesh_axes() -> None:
+  """Refuses a context mesh with Explicit axes of size > 1 (``jax.make_mesh``'s default).
+
+  In explicit-sharding mode every operation must name the sharding of its result, and
+  the model is written for Auto axes, where XLA places arrays itself. Without this check
+  the first ambiguous operation (the embedding lookup of a split batch) fails with a
+  ShardingTypeError that does not say what to change.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return
+  explicit = [name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+              if kind == AxisType.Explicit and mesh.shape[name] > 1]
+  if explicit:
+    raise ValueError(
+        f"MoEUT needs the context mesh's axes to be Auto, but {explicit} are Explicit "
+        "(the default of jax.make_mesh). Create the mesh with "
+        "axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names), or with "
+        "jax.sharding.Mesh(devices, axis_names).")
+
+
 def per_device(fn: Callable[..., Any], batched: Sequence[jax.Array | None],
                shared: Sequence[Any] = ()) -> Any:
   """``fn(*batched, *shared)``, run on each device's rows of the batch under a mesh.

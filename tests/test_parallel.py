@@ -68,6 +68,15 @@ _SCRIPT = textwrap.dedent("""
       odd = per_device(lambda a: a + jnp.asarray(a.shape[0], a.dtype), (jnp.zeros((6, 2)),))
       assert float(odd[0, 0]) == 6.0, odd
 
+    # jax.make_mesh's default, Explicit axes: refused with a message that says what to do.
+    explicit = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(explicit):
+      try:
+        jax.jit(loss)(params, toks)
+        raise AssertionError("an Explicit mesh was accepted")
+      except ValueError as err:
+        assert "Auto" in str(err) and "['data']" in str(err), err
+
     # Every sort of token-expert pairs is over one device's pairs: 2 sequences x 32
     # tokens x k = 2 slots (σ-MoE) or 2 heads x 2 slots (SwitchHead), not 4x that.
     sorts = set(re.findall(r"= s32\\[(\\d+)\\]\\S* sort\\(", hlo))
