@@ -27,15 +27,21 @@ import jax
 from jax.sharding import AxisType, PartitionSpec as P
 
 
+def _context_axes() -> list[tuple[str, int, AxisType]]:
+  """(name, size, type) of each axis of size > 1 of the context mesh; [] without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return []
+  return [(name, mesh.shape[name], kind) for name, kind in zip(mesh.axis_names,
+                                                                mesh.axis_types)
+          if mesh.shape[name] > 1]
+
+
 def batch_axes() -> tuple[tuple[str, ...], int]:
   """(names, total size) of the context mesh's axes that :func:`per_device` splits the
   batch over: every non-manual axis of size > 1. ((), 1) without a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return (), 1
-  names = tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
-                if mesh.shape[name] > 1 and kind != AxisType.Manual)
-  return names, math.prod(mesh.shape[n] for n in names)
+  axes = [(name, size) for name, size, kind in _context_axes() if kind != AxisType.Manual]
+  return tuple(name for name, _ in axes), math.prod(size for _, size in axes)
 
 
 def check_mesh_axes() -> None:
@@ -46,11 +52,7 @@ def check_mesh_axes() -> None:
   the first ambiguous operation (the embedding lookup of a split batch) fails with a
   ShardingTypeError that does not say what to change.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return
-  explicit = [name for name, kind in zip(mesh.axis_names, mesh.axis_types)
-              if kind == AxisType.Explicit and mesh.shape[name] > 1]
+  explicit = [name for name, _, kind in _context_axes() if kind == AxisType.Explicit]
   if explicit:
     raise ValueError(
         f"MoEUT needs the context mesh's axes to be Auto, but {explicit} are Explicit "
