@@ -15,8 +15,8 @@ fused pair kernels do up_fwd + down_fwd (pair_fwd) and down_dh + up_dx (pair_bwd
 one launch each ("dense" there: one matmul with the FLOPs of both products).
 Each kernel is timed with every tile candidate the autotuner would consider; fused
 sums also with 1, 2 and 4 floats per reduction instruction (CVMM_RED_VEC), in expert
-order (CVMM_TILE_ORDER), and with ``--sums float32,bfloat16`` the three fastest
-tilings once more with bf16 sums (CVMM_SUM_DTYPE). "dense %" compares with one dense
+order (CVMM_TILE_ORDER), and with ``--sums float32,float16,bfloat16`` the three
+fastest tilings once more with 16-bit sums (CVMM_SUM_DTYPE). "dense %" compares with one dense
 matmul of the same FLOPs timed in the same run. Prints a table per kernel; ``--json``
 saves all.
 """
@@ -102,7 +102,7 @@ def main(argv=None):
   ap.add_argument("--max-cands", type=int, default=0,
                   help="time only the first N tile candidates (0: all)")
   ap.add_argument("--sums", default="float32",
-                  help="float32 and/or bfloat16: dtypes of the fused sums to time")
+                  help="float32, float16 and/or bfloat16: dtypes of the fused sums to time")
   ap.add_argument("--json", default="")
   a = ap.parse_args(argv)
   dtype = jnp.bfloat16
@@ -135,10 +135,9 @@ def main(argv=None):
           done.append(_run(name, fn, best, {"CVMM_RED_VEC": str(red)}, dense, flops))
         done.append(_run(name, fn, best, {"CVMM_RED_VEC": str(reds[0]),
                                           "CVMM_TILE_ORDER": "expert"}, dense, flops))
-        if "bfloat16" in a.sums.split(","):
+        for sd in [s for s in a.sums.split(",") if s in ("bfloat16", "float16")]:
           for d in sorted(ok, key=lambda d: d["ms"])[:3]:
-            done.append(_run(name, fn, d["cfg"], {"CVMM_SUM_DTYPE": "bfloat16"}, dense,
-                             flops))
+            done.append(_run(name, fn, d["cfg"], {"CVMM_SUM_DTYPE": sd}, dense, flops))
     rows += done
   if a.json:
     with open(a.json, "w") as f:
@@ -179,7 +178,7 @@ def _fmt(c):
 
 def _env(env):
   return " ".join(f"{k.split('_')[-1].lower()}={v}" for k, v in env.items()).replace(
-      "dtype=bfloat16", "sum=bf16")
+      "dtype=bfloat16", "sum=bf16").replace("dtype=float16", "sum=f16")
 
 
 if __name__ == "__main__":

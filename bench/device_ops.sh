@@ -3,8 +3,11 @@
 # (TESTS="-k expression"), CPU-suite tests run on the GPU backend (CPU_TESTS="paths and
 # options"), a profiled training step (PROF=1, PROF_ARGS; bench/profile_model.py),
 # training-step timings (MODEL_ARGS, MODEL2_ARGS, MODEL3_ARGS; bench/model.py), CVMM
-# timings (BENCH_ARGS: bench/cvmm.py; KERNELS_ARGS: bench/cvmm_kernels.py) and a
-# train.py run (TRAIN_ARGS; then RESUME_ARGS, a second run that resumes). Logs under $OUT.
+# timings (BENCH_ARGS: bench/cvmm.py, once per dtype in BENCH_SUMS if set; KERNELS_ARGS:
+# bench/cvmm_kernels.py), the fused sums' errors (PREC_ARGS: bench/sum_precision.py) and
+# a train.py run (TRAIN_ARGS; then RESUME_ARGS, a second run that resumes). MODEL_ENV,
+# MODEL2_ENV, MODEL3_ENV: environment settings ("CVMM_SUM_DTYPE=float16") of one
+# training-step timing. Logs under $OUT.
 source bench/device_setup.sh
 export CVMM_AUTOTUNE_CACHE=$OUT/autotune.json CVMM_AUTOTUNE=0
 cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
@@ -28,11 +31,20 @@ fi
 for i in "" 2 3; do
   args_var=MODEL${i}_ARGS
   if [ -n "${!args_var}" ]; then
-    timeout ${MODEL_TIMEOUT:-200} python3 bench/model.py ${!args_var} 2>&1 | tee $OUT/model$i.log
+    env_var=MODEL${i}_ENV
+    env ${!env_var} timeout ${MODEL_TIMEOUT:-200} python3 bench/model.py ${!args_var} 2>&1 \
+      | tee $OUT/model$i.log
   fi
 done
 if [ -n "$BENCH_ARGS" ]; then
-  timeout ${BENCH_TIMEOUT:-240} python3 -m bench.cvmm $BENCH_ARGS 2>&1 | tee $OUT/bench.log
+  for sd in ${BENCH_SUMS:-float32}; do
+    CVMM_SUM_DTYPE=$sd timeout ${BENCH_TIMEOUT:-240} python3 -m bench.cvmm $BENCH_ARGS 2>&1 \
+      | tee $OUT/bench_$sd.log
+  done
+fi
+if [ -n "$PREC_ARGS" ]; then
+  timeout ${PREC_TIMEOUT:-200} python3 -m bench.sum_precision $PREC_ARGS 2>&1 \
+    | tee $OUT/precision.log
 fi
 if [ -n "$KERNELS_ARGS" ]; then
   timeout ${KERNELS_TIMEOUT:-200} python3 -m bench.cvmm_kernels $KERNELS_ARGS 2>&1 | tee $OUT/kernels.log

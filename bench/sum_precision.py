@@ -1,16 +1,19 @@
-"""Error of the σ-MoE pair's fused sums in float32 and in bf16, at a profile's full shape.
+"""Error of the σ-MoE pair's fused sums in float32, float16 and bf16 at a profile's shape.
 
-  python -m bench.sum_precision --profile MoEUT_244M [--tokens 65536]
+  python -m bench.sum_precision --profile MoEUT_244M [--tokens 65536] [--ct-scale 1e-6]
 
 bf16 inputs (weights scaled as at initialisation, softmax-like gates); the reference is
 the same computation on the same values in float32 with float32 matmuls (XLA,
 ``precision="highest"``). Prints the relative error ||a - ref|| / ||ref|| of the output
 and of every gradient (dx, dkeys, dvalues, dgates) for:
   triton       the fused kernels, float32 sums (the default)
-  triton-bf16  the same kernels with CVMM_SUM_DTYPE=bfloat16 (bf16 sums)
+  triton-f16   the same kernels with scaled float16 sums (sum_dtype="float16")
+  triton-bf16  the same kernels with bf16 sums (sum_dtype="bfloat16")
   xla-bf16     XLA in bf16 (float32 accumulation inside each matmul, one rounding of
                each expert's product before the gated sum, as the PyTorch original)
 and how far two runs of the same call differ (atomics add in a varying order).
+``--ct-scale`` multiplies the output's cotangent (a trained model's gradients are
+small: the float16 sums must scale them up, not lose them).
 """
 from __future__ import annotations
 
@@ -47,15 +50,16 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--profile", default="MoEUT_244M")
   ap.add_argument("--tokens", type=int, default=64 * 1024)
+  ap.add_argument("--ct-scale", type=float, default=1.0)
   a = ap.parse_args(argv)
   prof = profiles.get(a.profile)
   pr = projections(prof, a.tokens, jnp.bfloat16)
   up, down = pr["up"], pr["down"]
   args = (up["x"], up["w"], down["w"], down["g"])
   r = up["r"]
-  ct = jax.random.normal(jax.random.key(11), (a.tokens, prof["d_model"]))
+  ct = jax.random.normal(jax.random.key(11), (a.tokens, prof["d_model"])) * a.ct_scale
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {a.profile}, "
-        f"{a.tokens} tokens, bf16 inputs", flush=True)
+        f"{a.tokens} tokens, bf16 inputs, cotangent x {a.ct_scale:g}", flush=True)
   with jax.default_matmul_precision("highest"):
     ref = _outs("xla", tuple(x.astype(jnp.float32) for x in args), r, ct)
   names = ["out", "dx", "dkeys", "dvalues", "dgates"]
@@ -63,6 +67,7 @@ def main(argv=None):
   print("|---|" + "---:|" * len(names))
   runs = {}
   for label, impl, sd in (("triton", "triton", "float32"),
+                          ("triton-f16", "triton", "float16"),
                           ("triton-bf16", "triton", "bfloat16"),
                           ("xla-bf16", "xla", None)):
     try:

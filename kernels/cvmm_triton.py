@@ -18,8 +18,8 @@ Two kernels do all the work (legend in :mod:`kernels.routing`):
                        written as one partial per column block and summed afterwards.
   With gates the weighted sum over the K slots is fused: each program adds its
   gate-weighted rows into the float32 [N, O] output with relaxed atomics, so the
-  [P, O] intermediate is never written. (Opt-in, :func:`bf16_sums`: bf16 calls add
-  rows rounded to bf16 into a bf16 output instead.)
+  [P, O] intermediate is never written. (With 16-bit sums, :func:`half_sums`, 16-bit
+  calls add rows into a float16 or bf16 output instead.)
 
 ``_dw_kernel``: the ragged contraction dW[e] = sum over e's pairs of a[arow(p)]^T
   (scale[p] * b[brow(p)]). One program per (expert, split, block of I, block of O); it
@@ -56,7 +56,9 @@ except ImportError:  # CPU-only installs: the module imports, is_available() is 
   triton = None
 
   class tl:  # noqa: N801  (stand-in so the kernel signatures below parse)
-    constexpr = int
+    @staticmethod
+    def constexpr(value=None):
+      return value
 
   def _jit(fn):
     return fn
@@ -99,17 +101,26 @@ def _red_v4(addr, v0, v1, v2, v3, mask):
       is_pure=False, pack=1)
 
 
+def _red_half_v8_asm(pair: str) -> str:
+  """PTX of one 16-bit vector reduction (sm90): rounds eight floats ($2..$9) to
+  ``pair`` (f16x2 or bf16x2) and adds them to 8 adjacent 16-bit elements at $1 if $10."""
+  cvt = " ".join(f"cvt.rn.{pair}.f32 {r}, ${3 + 2 * n}, ${2 + 2 * n};"
+                 for n, r in enumerate("abcd"))
+  return ("{ .reg .pred p; .reg .b32 a, b, c, d; setp.ne.b32 p, $10, 0; mov.b32 $0, 0; "
+          f"{cvt} @p red.global.gpu.relaxed.add.noftz.v4.{pair} [$1], {{a, b, c, d}}; }}")
+
+
+_RED_BF16_V8 = tl.constexpr(_red_half_v8_asm("bf16x2"))   # the opt-in bf16 sums
+_RED_F16_V8 = tl.constexpr(_red_half_v8_asm("f16x2"))     # the scaled float16 sums
+
+
 @_jit
-def _red_bf16_v8(addr, v0, v1, v2, v3, v4, v5, v6, v7, mask):
-  """red.global.add.noftz.v4.bf16x2 (sm90): rounds eight adjacent floats to bf16 and
-  adds them to a bf16 row in one reduction (the opt-in bf16 sums)."""
+def _red_half_v8(addr, v0, v1, v2, v3, v4, v5, v6, v7, mask, ASM: tl.constexpr):
+  """One 16-bit vector reduction of eight floats (``ASM``: _RED_F16_V8 / _RED_BF16_V8)."""
   return tl.inline_asm_elementwise(
-      "{ .reg .pred p; .reg .b32 a, b, c, d; setp.ne.b32 p, $10, 0; mov.b32 $0, 0; "
-      "cvt.rn.bf16x2.f32 a, $3, $2; cvt.rn.bf16x2.f32 b, $5, $4; "
-      "cvt.rn.bf16x2.f32 c, $7, $6; cvt.rn.bf16x2.f32 d, $9, $8; "
-      "@p red.global.gpu.relaxed.add.noftz.v4.bf16x2 [$1], {a, b, c, d}; }",
-      "=r,l,f,f,f,f,f,f,f,f,r", [addr, v0, v1, v2, v3, v4, v5, v6, v7, mask.to(tl.int32)],
-      dtype=tl.int32, is_pure=False, pack=1)
+      ASM, "=r,l,f,f,f,f,f,f,f,f,r",
+      [addr, v0, v1, v2, v3, v4, v5, v6, v7, mask.to(tl.int32)], dtype=tl.int32,
+      is_pure=False, pack=1)
 
 
 @_jit
@@ -154,9 +165,10 @@ def _rows_epilogue(acc, nb, pair, tok, slot, rmask, s, c_ptr, out_ptr, dg_ptr,
                    O: tl.constexpr, K: tl.constexpr, O_R: tl.constexpr,
                    C_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr, DGATE: tl.constexpr,
-                   RED: tl.constexpr):
+                   RED: tl.constexpr, F16: tl.constexpr):
   """Writes (or adds) one [BM, BN] block of products: dgates partial, scale (s, [BM],
-  loaded once per tile by the caller), store."""
+  loaded once per tile by the caller), store. RED == 8: 16-bit sums, float16 when F16
+  (rows scaled by the caller), else bf16."""
   n_nb: tl.constexpr = (O + BN - 1) // BN
   cols = nb * BN + tl.arange(0, BN)                                # [BN]
   cmask = cols < O
@@ -173,8 +185,8 @@ def _rows_epilogue(acc, nb, pair, tok, slot, rmask, s, c_ptr, out_ptr, dg_ptr,
     tl.store(out_ptr + o_row[:, None] * O + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
   elif RED == 8:
-    # bf16 sums (opt-in): 8 adjacent columns rounded to bf16 per instruction
-    # (O % 8 == 0; out is bf16).
+    # 16-bit sums: 8 adjacent columns rounded to float16 / bf16 per instruction
+    # (O % 8 == 0; out is float16 / bf16).
     t0, t1 = tl.split(tl.reshape(acc, (BM, BN // 8, 2, 2, 2)))     # column bit 0
     t00, t10 = tl.split(t0)                                         # bit 1
     t01, t11 = tl.split(t1)
@@ -183,8 +195,12 @@ def _rows_epilogue(acc, nb, pair, tok, slot, rmask, s, c_ptr, out_ptr, dg_ptr,
     v1, v5 = tl.split(t01)
     v3, v7 = tl.split(t11)
     c8 = nb * BN + tl.arange(0, BN // 8) * 8
-    _red_bf16_v8((out_ptr + o_row[:, None] * O + c8[None, :]).to(tl.int64),
-                 v0, v1, v2, v3, v4, v5, v6, v7, rmask[:, None] & (c8 < O)[None, :])
+    addr = (out_ptr + o_row[:, None] * O + c8[None, :]).to(tl.int64)
+    m8 = rmask[:, None] & (c8 < O)[None, :]
+    if F16:
+      _red_half_v8(addr, v0, v1, v2, v3, v4, v5, v6, v7, m8, _RED_F16_V8)
+    else:
+      _red_half_v8(addr, v0, v1, v2, v3, v4, v5, v6, v7, m8, _RED_BF16_V8)
   elif RED == 4:
     # Vector reductions: 4 adjacent columns per instruction (O % 4 == 0, so a group
     # is wholly inside or outside the matrix and 16-byte aligned).
@@ -200,8 +216,9 @@ def _rows_epilogue(acc, nb, pair, tok, slot, rmask, s, c_ptr, out_ptr, dg_ptr,
     _red_v2((out_ptr + o_row[:, None] * O + c2[None, :]).to(tl.int64), v0, v1,
             rmask[:, None] & (c2 < O)[None, :])
   else:
-    tl.atomic_add(out_ptr + o_row[:, None] * O + cols[None, :], acc,
-                  mask=rmask[:, None] & cmask[None, :], sem="relaxed")
+    tl.atomic_add(out_ptr + o_row[:, None] * O + cols[None, :],
+                  acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :],
+                  sem="relaxed")
 
 
 @_jit
@@ -219,7 +236,7 @@ def _rows_kernel(
     SW_E: tl.constexpr, SW_I: tl.constexpr, SW_O: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr, DGATE: tl.constexpr,
-    IEEE: tl.constexpr, LOOP_N: tl.constexpr, RED: tl.constexpr,
+    IEEE: tl.constexpr, LOOP_N: tl.constexpr, RED: tl.constexpr, F16: tl.constexpr,
 ):
   n_nb: tl.constexpr = (O + BN - 1) // BN
   pid = tl.program_id(0)
@@ -252,14 +269,14 @@ def _rows_kernel(
                     mask=kmask[:, None] & (cols < O)[None, :], other=0.0)  # [BK, BN]
         acc = _mma(a, b, None, IEEE)
         _rows_epilogue(acc, nb, pair, tok, slot, rmask, sc, c_ptr, out_ptr, dg_ptr,
-                       O, K, O_R, C_R, BM, BN, HAS_SCALE, ATOMIC, DGATE, RED)
+                       O, K, O_R, C_R, BM, BN, HAS_SCALE, ATOMIC, DGATE, RED, F16)
     else:
       nb = pid % n_nb
       cols = nb * BN + tl.arange(0, BN)                            # [BN]
       acc = _gathered_matmul(a_ptr, a_row, rmask, w_base, cols, cols < O, I, SW_I, SW_O,
                              BM, BN, BK, IEEE)                      # [BM, BN]
       _rows_epilogue(acc, nb, pair, tok, slot, rmask, sc, c_ptr, out_ptr, dg_ptr,
-                     O, K, O_R, C_R, BM, BN, HAS_SCALE, ATOMIC, DGATE, RED)
+                     O, K, O_R, C_R, BM, BN, HAS_SCALE, ATOMIC, DGATE, RED, F16)
 
 
 @_jit
@@ -322,16 +339,17 @@ def _pair_body(
     w2_ptr,       # second matrices, element (e, h, o) at e*S2_E + h*S2_H + o*S2_O
     order_ptr,    # [P] int32 pair index at each sorted position
     tiles_ptr,    # [3, Z] int32 expert, start, end of each tile
-    gates_ptr,    # [P] gates, indexed by pair
+    gates_ptr,    # [P] gates, indexed by pair (fwd with F16: times the row scale)
+    rs_ptr,       # [N] bwd with F16: per-token scale of the summed rows; else unused
     h_ptr,        # [P, H] fwd: output relu(x @ keys); bwd: input (the saved forward h)
     du_ptr,       # [P, H] bwd output: gates * (dout @ values^T) * (h > 0); unused in fwd
     dg_ptr,       # [P] float32 bwd output: dgates; unused in fwd
-    out_ptr,      # [N, O] float32 (bf16 when RED == 8), summed into with atomics (zeroed)
+    out_ptr,      # [N, O] float32 (16-bit with 16-bit sums), summed into with atomics
     Z: tl.constexpr, D: tl.constexpr, H: tl.constexpr, O: tl.constexpr, K: tl.constexpr,
     S1_E: tl.constexpr, S1_D: tl.constexpr, S1_H: tl.constexpr,
     S2_E: tl.constexpr, S2_H: tl.constexpr, S2_O: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
-    BWD: tl.constexpr, IEEE: tl.constexpr, RED: tl.constexpr,
+    BWD: tl.constexpr, IEEE: tl.constexpr, RED: tl.constexpr, F16: tl.constexpr,
 ):
   """The σ-MoE pair for one expert-aligned tile, the middle [BM, H] kept on chip.
 
@@ -366,6 +384,10 @@ def _pair_body(
     else:
       mid = tl.maximum(acc, 0.0).to(h_ptr.dtype.element_ty)
       tl.store(h_ptr + mid_ptrs, mid, mask=pmask)
+    if BWD and F16:
+      s = tl.load(rs_ptr + tok, mask=rmask, other=0.0)               # [BM] row scale
+    else:
+      s = g
     w2 = w2_ptr + e.to(tl.int64) * S2_E
     n_nb: tl.constexpr = (O + BN - 1) // BN
     for nb in tl.range(0, n_nb):
@@ -373,9 +395,10 @@ def _pair_body(
       b2 = tl.load(w2 + hs[:, None] * S2_H + cols[None, :] * S2_O,
                    mask=hmask[:, None] & (cols < O)[None, :], other=0.0)  # [BH, BN]
       y = _mma(mid, b2, None, IEEE)
-      # fwd: scaled by the gates here; bwd: du already carries them.
-      _rows_epilogue(y, nb, pair, tok, slot, rmask, g, gates_ptr, out_ptr, dg_ptr,
-                     O, K, 1, 1, BM, BN, not BWD, True, False, RED)
+      # fwd: scaled by the gates here; bwd: du already carries them (and float16
+      # sums scale the rows).
+      _rows_epilogue(y, nb, pair, tok, slot, rmask, s, gates_ptr, out_ptr, dg_ptr,
+                     O, K, 1, 1, BM, BN, (not BWD) or F16, True, False, RED, F16)
 
 
 @_jit
@@ -386,24 +409,25 @@ def _pair_fwd_kernel(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr,  # 
                      S1_H: tl.constexpr, S2_E: tl.constexpr, S2_H: tl.constexpr,
                      S2_O: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, BH: tl.constexpr, IEEE: tl.constexpr,
-                     RED: tl.constexpr):
-  _pair_body(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, h_ptr, h_ptr, out_ptr,
-             out_ptr, Z, D, H, O, K, S1_E, S1_D, S1_H, S2_E, S2_H, S2_O, BM, BN, BK, BH,
-             False, IEEE, RED)
+                     RED: tl.constexpr, F16: tl.constexpr):
+  _pair_body(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, gates_ptr, h_ptr, h_ptr,
+             out_ptr, out_ptr, Z, D, H, O, K, S1_E, S1_D, S1_H, S2_E, S2_H, S2_O, BM, BN, BK,
+             BH, False, IEEE, RED, F16)
 
 
 @_jit
 def _pair_bwd_kernel(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, h_ptr,  # in
+                     rs_ptr,                                                       # in
                      out_ptr, du_ptr, dg_ptr,                                      # out
                      Z: tl.constexpr, D: tl.constexpr, H: tl.constexpr, O: tl.constexpr,
                      K: tl.constexpr, S1_E: tl.constexpr, S1_D: tl.constexpr,
                      S1_H: tl.constexpr, S2_E: tl.constexpr, S2_H: tl.constexpr,
                      S2_O: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, BH: tl.constexpr, IEEE: tl.constexpr,
-                     RED: tl.constexpr):
-  _pair_body(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, h_ptr, du_ptr, dg_ptr,
-             out_ptr, Z, D, H, O, K, S1_E, S1_D, S1_H, S2_E, S2_H, S2_O, BM, BN, BK, BH,
-             True, IEEE, RED)
+                     RED: tl.constexpr, F16: tl.constexpr):
+  _pair_body(a_ptr, w1_ptr, w2_ptr, order_ptr, tiles_ptr, gates_ptr, rs_ptr, h_ptr, du_ptr,
+             dg_ptr, out_ptr, Z, D, H, O, K, S1_E, S1_D, S1_H, S2_E, S2_H, S2_O, BM, BN, BK,
+             BH, True, IEEE, RED, F16)
 
 
 # ------------------------------------------------------------------ launching
@@ -478,11 +502,11 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   a: [N * a_rows, I]; w: [E, I, O] (or [E, O, I] used transposed); scale: [P] or None;
   dgate_rows: [N * c_rows, O] rows dotted with the unscaled product, or None.
   Returns (out [N * out_rows, O], dgates [P] float32 or None). out is float32 when
-  several pairs meet in one output row (out_rows < K; bf16 with :func:`bf16_sums`),
-  else a's dtype. With
+  several pairs meet in one output row (out_rows < K; bf16 with bf16 sums,
+  :func:`half_sums`), else a's dtype. With
   ``fuse_sum=False`` such rows are not added atomically: every pair's scaled row is
   stored ([P, O] in a's dtype) and XLA sums them (faster at wide outputs, but the
-  intermediate is written). sum_dtype: see :func:`bf16_sums`.
+  intermediate is written). sum_dtype: see :func:`half_sums`.
   """
   if out_rows < routing.k and not fuse_sum:
     out, dg = rows_matmul(a, w, routing, a_rows=a_rows, out_rows=routing.k,
@@ -505,7 +529,11 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
                              sum_dtype)
   atomic = out_rows < k
   red = _red_width(o, a.dtype, sum_dtype) if atomic else 1
-  out_dtype = _summed_dtype(red, a.dtype) if atomic else a.dtype
+  half = half_sums(a.dtype, o, sum_dtype) if atomic else None
+  out_dtype = _sum_out_dtype(half) if atomic else a.dtype
+  if half == "float16":
+    w_l1 = _max_l1(w, 2 if transpose_w else 1)
+    row_s, scale = _f16_row_scales(a, w_l1, routing, scale, a_rows, out_rows)
   tiles = routing.tiles(cfg.block_m)                                 # [3, Z]
   if atomic and _tile_order() == "token":
     tiles = _token_ordered(tiles, routing)
@@ -524,7 +552,9 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
       Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, C_R=c_rows,
       SW_E=sw[0], SW_I=sw[1], SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
       HAS_SCALE=scale is not None, ATOMIC=atomic, DGATE=dgate,
-      IEEE=a.dtype == jnp.float32, LOOP_N=loop_n, RED=red)
+      IEEE=a.dtype == jnp.float32, LOOP_N=loop_n, RED=red, F16=half == "float16")
+  if half == "float16":
+    out = out.astype(jnp.float32) * (1.0 / row_s)[:, None]
   return out, (dg.sum(axis=1) if dgate else None)
 
 
@@ -549,6 +579,30 @@ def bf16_sums(dtype, o: int, sum_dtype: str | None = None) -> bool:
           and o % 8 == 0 and not _interpret() and _compute_capability() >= 9.0)
 
 
+def half_sums(dtype, o: int, sum_dtype: str | None = None) -> str | None:
+  """The 16-bit dtype the fused sums of a CVMM with ``dtype`` inputs and ``o`` output
+  columns add in ("float16" or "bfloat16"), or None for float32 sums.
+
+  ``sum_dtype`` (None: the environment's CVMM_SUM_DTYPE, default "float16"):
+    "float16"   16-bit inputs: each output row is multiplied by a power of two chosen
+                from a bound on the sum of its terms (:func:`_pow2_scale`; the product
+                of the inputs' row maximum, the matrices' largest column sum of
+                absolute values and the sum of the gates' absolute values), so that
+                the float16 sums cannot overflow; the rows are added in float16 and
+                scaled back in float32. Each addition rounds to float16's 11-bit
+                significand, 8x finer than bf16. Vector reductions on Hopper (8 per
+                instruction), scalar float16 atomics elsewhere and in Triton's
+                interpreter.
+    "bfloat16"  see :func:`bf16_sums`.
+  """
+  sd = sum_dtype_of(sum_dtype)
+  if sd == "float16" and jnp.dtype(dtype).itemsize == 2:
+    return "float16"
+  if sd == "bfloat16" and bf16_sums(dtype, o, sd):
+    return "bfloat16"
+  return None
+
+
 def _red_width(o: int, dtype=jnp.float32, sum_dtype: str | None = None) -> int:
   """Elements per atomic reduction instruction of the fused sums.
 
@@ -557,11 +611,13 @@ def _red_width(o: int, dtype=jnp.float32, sum_dtype: str | None = None) -> int:
   scalar ``tl.atomic_add``. On the H200, v4 and scalar measured the same (the L2's
   per-element reduction rate is the limit; v2 was slower, bench/RESULTS.md); the
   benchmarks there ran with v4. CVMM_RED_VEC=1/2/4 overrides. The width must divide
-  O so that a vector never straddles a row end. 8 means bf16 sums
-  (:func:`bf16_sums`): eight bf16 per instruction.
+  O so that a vector never straddles a row end. 8 means 16-bit sums
+  (:func:`half_sums`): eight float16 or bf16 per instruction.
   """
-  if bf16_sums(dtype, o, sum_dtype):
-    return 8
+  half = half_sums(dtype, o, sum_dtype)
+  if half is not None:
+    vec = o % 8 == 0 and not _interpret() and _compute_capability() >= 9.0
+    return 8 if vec else 1          # (bf16 sums exist only where vec holds)
   env = os.environ.get("CVMM_RED_VEC")
   if _interpret():
     return 1
@@ -574,10 +630,49 @@ def _red_width(o: int, dtype=jnp.float32, sum_dtype: str | None = None) -> int:
   return width
 
 
-def _summed_dtype(red: int, dtype):
-  """dtype of an output that the kernel sums into with reductions of width ``red``:
-  bf16 for bf16 sums (width 8, :func:`_red_width`), else float32."""
-  return dtype if red == 8 else jnp.float32
+def _sum_out_dtype(half: str | None):
+  """dtype of an output that a kernel sums into (``half``: from :func:`half_sums`)."""
+  return jnp.dtype(half) if half is not None else jnp.dtype(jnp.float32)
+
+
+# float16 sums scale each output row so that the bound of its sum is below 2^14
+# (float16's largest finite value, 65504, is just under 2^16).
+_F16_BOUND_LOG2 = 14
+
+
+def _pow2_scale(bound: jax.Array) -> jax.Array:
+  """float32 powers of two s with bound * s < 2^14 (s within [2^-126, 2^126]); 1 where
+  the bound is 0 (every term is 0) or not finite (inf/nan inputs give inf/nan)."""
+  bound = bound.astype(jnp.float32)
+  _, ex = jnp.frexp(bound)                  # bound = m * 2^ex, 0.5 <= m < 1
+  s = jnp.ldexp(jnp.ones_like(bound), jnp.clip(_F16_BOUND_LOG2 - ex, -126, 126))
+  return jnp.where(jnp.isfinite(bound) & (bound > 0), s, 1.0)
+
+
+def _max_l1(w: jax.Array, axis: int) -> jax.Array:
+  """[E] float32: each expert's largest sum of absolute values along ``axis`` (the
+  contracted one) of w [E, ., .], a bound on |row @ W[e]| per unit of the row's
+  largest absolute value. Per expert, so that one expert's large weights do not push
+  the other experts' sums down towards float16's subnormals."""
+  return jnp.max(jnp.sum(jnp.abs(w).astype(jnp.float32), axis=axis), axis=1)
+
+
+def _f16_row_scales(a, w_l1, routing: Routing, scale, a_rows: int, out_rows: int):
+  """Row scales of float16 sums for :func:`rows_matmul`: (s [N * out_rows] float32, the
+  per-pair scale [P] float32 to apply in the kernel: scale[p] * s[orow(p)]).
+
+  The bound of output row r is the sum over its pairs p of |scale[p]| *
+  max|a[arow(p)]| * w_l1[e(p)] (w_l1: :func:`_max_l1`)."""
+  n, k = routing.n_tokens, routing.k
+  amax = jnp.max(jnp.abs(a), axis=1).astype(jnp.float32).reshape(n, a_rows)
+  terms = jnp.repeat(amax, k // a_rows, axis=1) * w_l1[routing.expert_index]  # [N, K]
+  sc = None if scale is None else scale.astype(jnp.float32).reshape(n, k)
+  if sc is not None:
+    terms = terms * jnp.abs(sc)
+  bound = terms.reshape(n, out_rows, k // out_rows).sum(axis=2)         # [N, out_rows]
+  s = _pow2_scale(bound)
+  pair_s = jnp.repeat(s, k // out_rows, axis=1)                         # [N, K]
+  return s.reshape(-1), (pair_s if sc is None else sc * pair_s).reshape(-1)
 
 
 def _tile_order() -> str:
@@ -632,10 +727,11 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
   """One launch of the fused pair kernel (:func:`_pair_body`).
 
   Forward (``h`` None): a = x [N, D], w1 = keys [E, D, H], w2 = values [E, H, O].
-    Returns (out [N, O] float32, or bf16 with :func:`bf16_sums`; h [P, H] in x's dtype).
+    Returns (out [N, O] float32, or bf16 with bf16 sums; h [P, H] in x's dtype).
   Backward (``h`` = the forward's h): a = dout [N, O], w1 = values, w2 = keys (both
-    used transposed). Returns (dx [N, D] float32 (bf16 with :func:`bf16_sums`), du [P, H],
-    dgates [P] float32), as a dict of "out", "du", "dg".
+    used transposed). Returns (dx [N, D] float32 (bf16 with bf16 sums), du [P, H],
+    dgates [P] float32), as a dict of "out", "du", "dg". sum_dtype: see
+    :func:`half_sums`.
   """
   n, k, p = routing.n_tokens, routing.k, routing.n_pairs
   bwd = h is not None
@@ -655,11 +751,23 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
     cfg = choose_pair_config(n, k, e, d, hh, o, a.dtype, bwd, sum_dtype)
   tiles = _token_ordered(routing.tiles(cfg.block_m), routing)       # [3, Z]
   z = tiles.shape[1]
-  args = [a, w1, w2, routing.order, tiles, gates.reshape(-1)]
   red = _red_width(o, a.dtype, sum_dtype)
-  out_shapes = [jax.ShapeDtypeStruct((n, o), _summed_dtype(red, a.dtype))]  # out (summed)
+  half = half_sums(a.dtype, o, sum_dtype)
+  g = gates.reshape(-1)
+  if half == "float16":
+    # |h| <= max|x[n]| * max_h sum_d |keys[e, d, h]|; out[n] <= sum_s |g| * max|h| *
+    # max_o sum_h |values[e, h, o]| (e = e(n, s)). The backward's dx is bounded the
+    # same way, with dout, values^T and keys^T.
+    l1 = _max_l1(w1, 2 if bwd else 1) * _max_l1(w2, 2 if bwd else 1)   # [E]
+    bound = jnp.max(jnp.abs(a), axis=1).astype(jnp.float32) * jnp.sum(
+        jnp.abs(gates.astype(jnp.float32)) * l1[routing.expert_index], axis=1)  # [N]
+    row_s = _pow2_scale(bound)
+    if not bwd:
+      g = (gates.astype(jnp.float32) * row_s[:, None]).reshape(-1)
+  args = [a, w1, w2, routing.order, tiles, g]
+  out_shapes = [jax.ShapeDtypeStruct((n, o), _sum_out_dtype(half))]      # out (summed)
   if bwd:
-    args.append(h)
+    args += [h, row_s if half == "float16" else _DUMMY_F32()]
     out_shapes += [jax.ShapeDtypeStruct((p, hh), a.dtype),              # du
                    jax.ShapeDtypeStruct((p,), jnp.float32)]             # dgates
     names = ("out", "du", "dg")
@@ -669,10 +777,12 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
   meta = dict(Z=z, D=d, H=hh, O=o, K=k, S1_E=s1[0], S1_D=s1[1], S1_H=s1[2],
               S2_E=s2[0], S2_H=s2[1], S2_O=s2[2], BM=cfg.block_m, BN=cfg.block_n,
               BK=cfg.block_k, BH=max(16, autotune.next_pow2(hh)),
-              IEEE=a.dtype == jnp.float32, RED=red)
+              IEEE=a.dtype == jnp.float32, RED=red, F16=half == "float16")
   kernel = _pair_bwd_kernel if bwd else _pair_fwd_kernel
-  outs = _launch(kernel, args, out_shapes, z, cfg, zeroed=(0,), **meta)
-  return dict(zip(names, outs))
+  outs = dict(zip(names, _launch(kernel, args, out_shapes, z, cfg, zeroed=(0,), **meta)))
+  if half == "float16":
+    outs["out"] = outs["out"].astype(jnp.float32) * (1.0 / row_s)[:, None]
+  return outs
 
 
 # ------------------------------------------------------------------ tile choice
@@ -760,9 +870,10 @@ def _bench_or_none(make):
 
 
 def _sum_key(dtype, o: int, atomic: bool, sum_dtype: str | None) -> tuple:
-  """Extra autotune-key element for fused sums in bf16 (none for float32 sums, so the
-  cached float32 choices keep their keys)."""
-  return ("bf16sum",) if atomic and bf16_sums(dtype, o, sum_dtype) else ()
+  """Extra autotune-key element for fused 16-bit sums (none for float32 sums, so the
+  cached float32 choices keep their keys). float16 and bf16 sums move the same bytes
+  and share the key."""
+  return ("bf16sum",) if atomic and half_sums(dtype, o, sum_dtype) else ()
 
 
 def choose_rows_config(n, k, e, i, o, dtype, a_rows, out_rows, has_scale,
@@ -842,8 +953,8 @@ def cvmm_triton(x: jax.Array, routing: Routing, w: jax.Array,
   fuse_sum: add the rows that share an output row (the gated sum over slots; in the
     backward pass the slots that read one x row) with float32 atomics inside the kernel
     (True: no [P, O] intermediate), or store per-pair rows and sum them in XLA (False).
-  sum_dtype: "float32", "bfloat16" or None (the environment's CVMM_SUM_DTYPE), see
-    :func:`bf16_sums`; resolved once here, so the backward pass sums the same way.
+  sum_dtype: "float32", "float16", "bfloat16" or None (CVMM_SUM_DTYPE), see
+    :func:`half_sums`; resolved once here, so the backward pass sums the same way.
   """
   w = w.astype(x.dtype) if w.dtype != x.dtype else w
   plain, gated = _ops(fuse_sum, sum_dtype_of(sum_dtype))

@@ -116,9 +116,9 @@ class MoEUT(nn.Module):
   dtype: Any = jnp.float32            # compute dtype (e.g. jnp.bfloat16)
   param_dtype: Any = jnp.float32
   cvmm_impl: str = "auto"             # see kernels.cvmm
-  # dtype of the CVMM kernels' sums over experts: "float32", "bfloat16" (Hopper, bf16
-  # compute: faster, less accurate, not reproducible run to run) or None (the
-  # environment's CVMM_SUM_DTYPE, else float32); see kernels.cvmm
+  # dtype of the Triton CVMM kernels' sums over experts in 16-bit compute: "float16"
+  # (scaled rows), "float32" or "bfloat16", or None (the environment's CVMM_SUM_DTYPE,
+  # else float16); see kernels.cvmm
   cvmm_sum_dtype: Optional[str] = None
   # repeats of the layer group per iteration of the scan over repeats: 1 keeps one
   # compiled copy of the group (fastest compile); R = n_layers / group_size or more

@@ -125,13 +125,13 @@ def test_time_call_amortizes_sync_over_back_to_back_calls(monkeypatch):
 
 def test_sum_dtype_argument_checked_and_float32_off_gpu(monkeypatch):
   """sum_dtype (and CVMM_SUM_DTYPE) is validated for every implementation; off
-  Hopper/Triton the sums stay float32, so "bfloat16" gives the default's numbers
-  exactly."""
+  Hopper/Triton the sums stay float32, so "bfloat16" and "float16" give the default's
+  numbers exactly."""
   from kernels import cvmm_pair
   case = ("basic", 64, 4, 4, 8, 32, 16, "random")
   x, w, g, r, _ = _inputs(case, jnp.bfloat16, True)
-  with pytest.raises(ValueError, match="sum_dtype='float16'"):
-    cvmm(x, r, w, g, impl="xla", sum_dtype="float16")
+  with pytest.raises(ValueError, match="sum_dtype='float64'"):
+    cvmm(x, r, w, g, impl="xla", sum_dtype="float64")
   with pytest.raises(ValueError, match="sum_dtype='half'"):
     cvmm_pair(x[:, 0], r, w, jnp.swapaxes(w, 1, 2), g, impl="xla", sum_dtype="half")
   monkeypatch.setenv("CVMM_SUM_DTYPE", "fp16")
@@ -139,26 +139,36 @@ def test_sum_dtype_argument_checked_and_float32_off_gpu(monkeypatch):
     cvmm(x, r, w, g, impl="xla")
   monkeypatch.delenv("CVMM_SUM_DTYPE")
   a = cvmm(x, r, w, g, impl="xla")
-  b = cvmm(x, r, w, g, impl="xla", sum_dtype="bfloat16")
-  np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  for sd in ("bfloat16", "float16"):
+    b = cvmm(x, r, w, g, impl="xla", sum_dtype=sd)
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 def test_sum_dtype_option(monkeypatch):
-  """CVMM_SUM_DTYPE: float32 (default) or bfloat16, which only bf16 calls with widths
-  divisible by 8 on sm90+ take; anything else is refused, not silently ignored."""
+  """CVMM_SUM_DTYPE: float16 (default; any 16-bit call), float32 or bfloat16, which
+  only bf16 calls with widths divisible by 8 on sm90+ take; anything else is refused,
+  not silently ignored."""
   pytest.importorskip("triton")
   from kernels import cvmm_triton as ct
   monkeypatch.delenv("CVMM_SUM_DTYPE", raising=False)
   assert not ct.bf16_sums(jnp.bfloat16, 1024)
-  monkeypatch.setenv("CVMM_SUM_DTYPE", "float16")
+  assert ct.half_sums(jnp.bfloat16, 1024) == "float16"
+  monkeypatch.setenv("CVMM_SUM_DTYPE", "float64")
   with pytest.raises(ValueError, match="CVMM_SUM_DTYPE"):
     ct.bf16_sums(jnp.bfloat16, 1024)
+  monkeypatch.setenv("CVMM_SUM_DTYPE", "float16")
+  assert ct.half_sums(jnp.bfloat16, 1020) == "float16"
+  assert ct.half_sums(jnp.float16, 24) == "float16"
+  assert ct.half_sums(jnp.float32, 1024) is None      # float32 calls keep float32 sums
+  assert ct.half_sums(jnp.bfloat16, 1024, "float32") is None   # the argument wins
   assert not ct.bf16_sums(jnp.bfloat16, 1024, "float32")   # the argument wins
   monkeypatch.setenv("CVMM_SUM_DTYPE", "bfloat16")
   monkeypatch.setattr(ct, "_interpret", lambda: False)
   monkeypatch.setattr(ct, "_compute_capability", lambda: 9.0)
   assert ct.bf16_sums(jnp.bfloat16, 1024)
   assert ct._red_width(1024, jnp.bfloat16) == 8
+  assert ct._red_width(1024, jnp.bfloat16, "float16") == 8   # f16x2 vectors on sm90
+  assert ct._red_width(1020, jnp.bfloat16, "float16") == 1   # else scalar float16 adds
   assert not ct.bf16_sums(jnp.float32, 1024)        # float32 calls keep float32 sums
   assert not ct.bf16_sums(jnp.bfloat16, 1020)       # a vector of 8 must not straddle rows
   assert ct._red_width(1020, jnp.bfloat16) == 4
@@ -266,6 +276,126 @@ def test_triton_kernels_in_interpreter():
   pytest.importorskip("triton")
   pytest.importorskip("torch")
   run_in_triton_interpreter(_INTERPRETER_SCRIPT, "interpreter ok")
+
+
+def test_float16_sum_row_scales_bound_every_row():
+  """The float16 sums' row scale: a power of two that maps the bound of each row's sum
+  to [2^13, 2^14) (no overflow below float16's 65504, and no precision thrown away),
+  and the bound really bounds |out|: for inputs from 1e-6 to 1e4 in magnitude, and
+  with one expert's weights 1e6 times the others' (bounded per expert: it does not
+  shrink the rows that do not use it)."""
+  from kernels import make_routing
+  from kernels.cvmm_reference import cvmm_reference
+  from kernels.cvmm_triton import _f16_row_scales, _max_l1, _pow2_scale
+  n, k, m, e, i, o = 50, 4, 2, 6, 32, 24
+  ks = jax.random.split(jax.random.key(3), 4)
+  r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)
+  for mag in (1e-6, 1.0, 1e4):
+    x = jax.random.normal(ks[1], (n, m, i)) * mag
+    w = jax.random.normal(ks[2], (e, i, o)).at[0].multiply(1e6)
+    g = jax.random.uniform(ks[3], (n, k))
+    s, pair_s = _f16_row_scales(x.reshape(n * m, i), _max_l1(w, 1), r, g.reshape(-1), m, 1)
+    out = cvmm_reference(x, r, w, g)                                  # [N, O]
+    scaled = np.abs(np.asarray(out)).max(axis=1) * np.asarray(s)
+    assert scaled.max() < 2.0 ** 14, mag
+    free = ~np.any(np.asarray(r.expert_index) == 0, axis=1)           # rows without expert 0
+    assert free.any() and scaled[free].min() > 2.0 ** 4, (mag, scaled[free].min())
+    ex = np.log2(np.asarray(s))
+    np.testing.assert_array_equal(ex, np.round(ex))                   # powers of two
+    np.testing.assert_allclose(np.asarray(pair_s).reshape(n, k),
+                               np.asarray(g) * np.asarray(s)[:, None], rtol=1e-7)
+  b = jnp.array([2.0 ** 14, 2.0 ** 14 - 1, 3.0, 0.0, jnp.inf, jnp.nan, 1e-37, 1e38])
+  got = np.asarray(_pow2_scale(b))
+  np.testing.assert_array_equal(got[:6], [0.5, 1.0, 4096.0, 1.0, 1.0, 1.0])
+  assert got[6] == 2.0 ** 126 and got[7] * 1e38 < 2.0 ** 14 <= got[7] * 2e38
+
+
+_F16_SUMS_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from kernels import make_routing
+    from kernels.cvmm_reference import cvmm_pair_reference, cvmm_reference
+    from kernels.cvmm_triton import cvmm_triton, cvmm_triton_pair, pair_rows, rows_matmul
+    rel = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(
+        b, np.float64)) / np.linalg.norm(np.asarray(b, np.float64)))
+    f32 = lambda t: t.astype(jnp.float32)
+    hi = lambda *a: jnp.einsum(*a, precision="highest")
+    n, k, m, e, i, o, d, h = 23, 4, 2, 5, 40, 24, 40, 16
+    ks = jax.random.split(jax.random.key(1), 8)
+    r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)
+    g = jax.random.uniform(ks[3], (n, k)).astype(jnp.float16)
+    ei = r.expert_index                                                  # [N, K]
+    # The kernels' float32 results at scales whose float16 sums, unscaled, would lose
+    # everything in subnormals (1e-3) or overflow to inf (300).
+    for mag in (1e-3, 300.0):
+      x = (jax.random.normal(ks[1], (n, m, i)) * mag).astype(jnp.float16)
+      w = (jax.random.normal(ks[2], (e, i, o)) * mag / np.sqrt(i)).astype(jnp.float16)
+      dy = (jax.random.normal(ks[4], (n * k, o)) * mag).astype(jnp.float16)
+      we = f32(w)[ei]                                                    # [N, K, I, O]
+      xs = jnp.repeat(f32(x), k // m, axis=1)                            # [N, K, I]
+      for sd in ("float16", "float32"):
+        out = rows_matmul(x.reshape(n * m, i), w, r, a_rows=m, out_rows=1,
+                          scale=g.reshape(-1), sum_dtype=sd)[0]
+        want = hi("nki,nkio,nk->no", xs, we, f32(g))
+        assert np.all(np.isfinite(np.asarray(out))) and rel(out, want) <= 2e-3, (sd, mag)
+        dx = rows_matmul(dy, w, r, a_rows=k, out_rows=m, transpose_w=True, sum_dtype=sd)[0]
+        want = hi("nko,nkio->nki", f32(dy).reshape(n, k, o), we).reshape(
+            n, m, k // m, i).sum(2).reshape(n * m, i)
+        assert np.all(np.isfinite(np.asarray(dx))) and rel(dx, want) <= 2e-3, (sd, mag)
+        if sd == "float16":
+          f16_out = out
+      assert rel(f16_out, out) > 0             # the float16 sums really ran
+    # The fused pair's kernels: forward output and backward dx, with the stored middles
+    # (h, du) in float16's range and the sums below (tiny) or above (huge) it.
+    for sx, su, sv, so in ((1e-2, 1e-2, 1e-3, 1e-1), (10.0, 10.0, 30.0, 10.0)):
+      x1 = (jax.random.normal(ks[1], (n, d)) * sx).astype(jnp.float16)
+      wu = (jax.random.normal(ks[5], (e, d, h)) * su).astype(jnp.float16)
+      wd = (jax.random.normal(ks[6], (e, h, o)) * sv).astype(jnp.float16)
+      fwd = pair_rows(x1, wu, wd, g, r, sum_dtype="float16")
+      hh = jnp.maximum(hi("nd,nkdh->nkh", f32(x1), f32(wu)[ei]), 0)
+      want = hi("nkh,nkho,nk->no", hh, f32(wd)[ei], f32(g))
+      assert np.all(np.isfinite(np.asarray(fwd["out"]))), sx
+      assert rel(fwd["out"], want) <= 2e-3, ("pair fwd", sx, rel(fwd["out"], want))
+      dout = (jax.random.normal(ks[7], (n, o)) * so).astype(jnp.float16)
+      bwd = pair_rows(dout, wd, wu, g, r, h=fwd["h"], sum_dtype="float16")
+      du = hi("no,nkho->nkh", f32(dout), f32(wd)[ei]) * f32(g)[:, :, None] * (
+          f32(fwd["h"]).reshape(n, k, h) > 0)
+      want = hi("nkh,nkdh->nd", du, f32(wu)[ei])
+      assert np.all(np.isfinite(np.asarray(bwd["out"]))), sx
+      assert rel(bwd["out"], want) <= 2e-3, ("pair bwd", sx, rel(bwd["out"], want))
+    # The ops with their gradients (float16 outputs, so at scale 1).
+    x = jax.random.normal(ks[1], (n, m, i)).astype(jnp.float16)
+    w = (jax.random.normal(ks[2], (e, i, o)) / np.sqrt(i)).astype(jnp.float16)
+    ct = jax.random.normal(ks[4], (n, o))
+    fn = lambda x, w, g: cvmm_triton(x, r, w, g, sum_dtype="float16")
+    ref = lambda x, w, g: cvmm_reference(x, r, w, g)
+    loss = lambda f: lambda *a: jnp.sum(f32(f(*a)) * ct)
+    got = (fn(x, w, g),) + jax.grad(loss(fn), argnums=(0, 1, 2))(x, w, g)
+    want = (ref(f32(x), f32(w), f32(g)),) + jax.grad(loss(ref), argnums=(0, 1, 2))(
+        f32(x), f32(w), f32(g))
+    for name, a, b in zip(("out", "dx", "dw", "dg"), got, want):
+      assert a.dtype == jnp.float16 and rel(a, b) <= 2e-3, (name, rel(a, b))
+    x1 = x[:, 0]
+    wu = (jax.random.normal(ks[5], (e, d, h)) / np.sqrt(d)).astype(jnp.float16)
+    wd = (jax.random.normal(ks[6], (e, h, o)) / np.sqrt(h)).astype(jnp.float16)
+    fn = lambda x, wu, wd, g: cvmm_triton_pair(x, r, wu, wd, g, sum_dtype="float16")
+    ref = lambda x, wu, wd, g: cvmm_pair_reference(x, r, wu, wd, g)
+    got = (fn(x1, wu, wd, g),) + jax.grad(loss(fn), argnums=(0, 1, 2, 3))(x1, wu, wd, g)
+    up = (f32(x1), f32(wu), f32(wd), f32(g))
+    want = (ref(*up),) + jax.grad(loss(ref), argnums=(0, 1, 2, 3))(*up)
+    for name, a, b in zip(("out", "dx", "dkeys", "dvalues", "dg"), got, want):
+      assert a.dtype == jnp.float16 and rel(a, b) <= 2e-3, ("pair", name, rel(a, b))
+    print("float16 sums ok")
+""")
+
+
+@pytest.mark.slow
+def test_float16_sums_in_interpreter():
+  """sum_dtype="float16": the scaled float16 sums of the row kernel (gated output, dx
+  over slots, gated dx) and of the fused pair (output, dx), float16 inputs, run by
+  Triton's CPU interpreter (scalar float16 atomics), against the float32 reference."""
+  pytest.importorskip("triton")
+  pytest.importorskip("torch")
+  run_in_triton_interpreter(_F16_SUMS_SCRIPT, "float16 sums ok")
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])

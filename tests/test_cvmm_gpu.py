@@ -5,6 +5,7 @@ when JAX has no GPU backend.
 """
 from __future__ import annotations
 
+import re
 
 import jax
 import jax.numpy as jnp
@@ -75,32 +76,43 @@ PAIR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
-def test_fused_pair_matches_reference(case, dtype):
-  """cvmm_pair through the fused Triton kernels against two reference CVMMs (float32)."""
-  if not is_available("triton"):
-    pytest.skip("triton not available on this GPU")
+def _pair_outputs(case, dtype, sum_dtype=None, mag=1.0):
+  """(got, ref): the fused pair's output and gradients (x, w_up, w_down, gates) through
+  the Triton kernels, and the reference's in float32; x scaled by ``mag``."""
   import zlib  # noqa: PLC0415
   from kernels import cvmm_pair  # noqa: PLC0415
   from cvmm_cases import routing_of_kind  # noqa: PLC0415
   _, n, k, e, d, h, o, kind = case
   ks = jax.random.split(jax.random.key(zlib.crc32(repr(case).encode())), 6)
   r = routing_of_kind(kind, n, k, e, ks[0])
-  x = jax.random.normal(ks[1], (n, d)).astype(dtype)
+  x = (jax.random.normal(ks[1], (n, d)) * mag).astype(dtype)
   wu = (jax.random.normal(ks[2], (e, d, h)) * d ** -0.5).astype(dtype)
   wd = (jax.random.normal(ks[3], (e, h, o)) * h ** -0.5).astype(dtype)
   g = jax.random.uniform(ks[4], (n, k)).astype(dtype)
-  ct = jax.random.normal(ks[5], (n, o))
+  ct = jax.random.normal(ks[5], (n, o)) / mag
 
   def outs(fn, *args):
     loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * ct)  # noqa: E731
     return (jax.jit(fn)(*args),) + tuple(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args))
 
-  got = outs(lambda x, wu, wd, g: cvmm_pair(x, r, wu, wd, g, impl="triton"), x, wu, wd, g)
+  got = outs(lambda x, wu, wd, g: cvmm_pair(x, r, wu, wd, g, impl="triton",
+                                            sum_dtype=sum_dtype), x, wu, wd, g)
   ref = outs(lambda x, wu, wd, g: cvmm_pair_reference(x, r, wu, wd, g),
              *(a.astype(jnp.float32) for a in (x, wu, wd, g)))
-  for name, a, b in zip(["out", "dx", "dw_up", "dw_down", "dgates"], got, ref):
+  return got, ref
+
+
+PAIR_NAMES = ["out", "dx", "dw_up", "dw_down", "dgates"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
+def test_fused_pair_matches_reference(case, dtype):
+  """cvmm_pair through the fused Triton kernels against two reference CVMMs (float32)."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  got, ref = _pair_outputs(case, dtype)
+  for name, a, b in zip(PAIR_NAMES, got, ref):
     assert a.dtype == dtype, (name, a.dtype)
     assert np.all(np.isfinite(np.asarray(a, np.float32))), name
     err = _rel(a, b)
@@ -116,12 +128,19 @@ def _row_candidate_cases():
   return _rows_candidates(128, 200, jnp.bfloat16)
 
 
+# Largest error of the row kernel's sums of K = 4 rows: float32 sums only reorder
+# float32 adds; float16 sums round each add to 11 bits (unit roundoff 2^-11 = 4.9e-4).
+SUM_TOL = {"float32": 1e-5, "float16": 1e-3}
+
+
+@pytest.mark.parametrize("sums", ["float32", "float16"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
 @pytest.mark.parametrize("cfg", _row_candidate_cases(), ids=str)
-def test_row_kernel_candidates_match_reference(cfg, transpose):
-  """rows_matmul with each tile candidate: gated sum over slots (out [N, O], float32
-  atomics) against an einsum of the same bf16 inputs in float32. O = 200 leaves a
-  partly masked last column block."""
+def test_row_kernel_candidates_match_reference(cfg, transpose, sums):
+  """rows_matmul with each tile candidate: gated sum over slots (out [N, O], atomics in
+  float32 or in scaled float16) against an einsum of the same bf16 inputs in float32.
+  O = 200 leaves a partly masked last column block (and takes scalar float16 atomics:
+  no vector of 8 fits its rows)."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
   from kernels import make_routing  # noqa: PLC0415
@@ -135,13 +154,13 @@ def test_row_kernel_candidates_match_reference(cfg, transpose):
   w_arg = jnp.swapaxes(w, 1, 2) if transpose else w
   out, _ = jax.jit(lambda a, w_, g: rows_matmul(a, w_, r, a_rows=k, out_rows=1,
                                                 transpose_w=transpose, scale=g,
-                                                cfg=cfg))(a, w_arg, g)
+                                                cfg=cfg, sum_dtype=sums))(a, w_arg, g)
   we = w[r.expert_index.reshape(-1)].astype(jnp.float32)               # [P, I, O]
   y = jnp.einsum("PI,PIO->PO", a.astype(jnp.float32), we, precision="highest")
   ref = (y * g[:, None]).reshape(n, k, o).sum(1)
   err = _rel(out, ref)
   assert out.dtype == jnp.float32
-  assert err <= 1e-5, f"{cfg}: rel err {err:.2e}"
+  assert err <= SUM_TOL[sums], f"{cfg}: rel err {err:.2e}"
 
 
 def _dw_candidate_cases():
@@ -224,3 +243,54 @@ def test_bf16_sums_fused_pair(case, monkeypatch):
   out = jax.jit(lambda: pair_rows(z(n, d), z(e, d, h), z(e, h, o), z(n, k), r)["out"])()
   assert out.dtype == jnp.bfloat16               # the environment switched the sums
   test_fused_pair_matches_reference(case, jnp.bfloat16)
+
+
+def _ran_float16_sums(fn, *args) -> bool:
+  """Whether the compiled computation of fn has a float16 array (the summed output of
+  a kernel; nothing else in these bf16 computations is float16)."""
+  return re.search(r"(?<!b)f16\[", str(jax.make_jaxpr(fn)(*args))) is not None
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[2] > c[3]], ids=lambda c: c[0])
+def test_float16_sums_match_reference(case):
+  """sum_dtype="float16" (scaled float16 sums), bf16 inputs: every result within the
+  bf16 tolerance, and the output and dx no more than 1.5x as far from the float32
+  reference as with float32 sums (bf16 sums: about 2.3x, bench/RESULTS.md)."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  x, w, g, r, ct = _inputs(case, jnp.bfloat16, True)
+  fn = lambda sd: jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, impl="triton",  # noqa: E731
+                                                  sum_dtype=sd))
+  assert _ran_float16_sums(fn("float16"), x, r, w, g)
+  assert not _ran_float16_sums(fn("float32"), x, r, w, g)
+  got = _outputs(fn("float16"), x, w, g, r, ct)
+  f32s = _outputs(fn("float32"), x, w, g, r, ct)
+  up = lambda a: a.astype(jnp.float32)  # noqa: E731
+  ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
+  for name, a, b, c in zip(["out", "dx", "dw", "dgates"], got, ref, f32s):
+    assert a.dtype == jnp.bfloat16, (name, a.dtype)
+    err = _rel(a, b)
+    assert err <= TOL[jnp.bfloat16], f"{case[0]} {name}: rel err {err:.2e}"
+    if name in ("out", "dx"):
+      assert err <= 1.5 * _rel(c, b), (case[0], name, err, _rel(c, b))
+
+
+@pytest.mark.parametrize("mag", [1e-6, 1e4], ids=["tiny", "huge"])
+@pytest.mark.parametrize("case", [c for c in PAIR_CASES if c[0] in ("basic", "odd_sizes",
+                                                                   "sigma_moe_like")],
+                         ids=lambda c: c[0])
+def test_float16_sums_fused_pair(case, mag):
+  """The fused pair with float16 sums, inputs 1e-6 or 1e4 in magnitude (their sums
+  would underflow or overflow float16 unscaled; bf16 holds them): every result within
+  the bf16 tolerance, finite, and the output and dx within 1.5x the float32 sums' error."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  got, ref = _pair_outputs(case, jnp.bfloat16, "float16", mag)
+  f32s, _ = _pair_outputs(case, jnp.bfloat16, "float32", mag)
+  for name, a, b, c in zip(PAIR_NAMES, got, ref, f32s):
+    assert a.dtype == jnp.bfloat16, (name, a.dtype)
+    assert np.all(np.isfinite(np.asarray(a, np.float32))), name
+    err = _rel(a, b)
+    assert err <= TOL[jnp.bfloat16], f"pair {case[0]} {mag} {name}: rel err {err:.2e}"
+    if name in ("out", "dx"):
+      assert err <= 1.5 * _rel(c, b), (case[0], mag, name, err, _rel(c, b))

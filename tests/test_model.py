@@ -67,7 +67,7 @@ def test_moeut_44m_with_odd_rotary_width_runs():
     (dict(SMALL, att_k=5), "att_k=5 cannot exceed att_n_experts=4"),
     (dict(SMALL, dropout=1.5), "dropout=1.5 must be in"),
     (dict(SMALL, cvmm_impl="cuda"), "cvmm_impl='cuda' must be one of"),
-    (dict(SMALL, cvmm_sum_dtype="float16"), "cvmm_sum_dtype='float16' must be None or one of"),
+    (dict(SMALL, cvmm_sum_dtype="half"), "cvmm_sum_dtype='half' must be None or one of"),
     (dict(SMALL, scan_unroll=0), "scan_unroll=0 must be None or a positive integer"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, message):

@@ -316,7 +316,7 @@ def test_cli_flags_override_the_profile_recipe(tmp_path):
   assert config.steps == 7 and config.d_model == 64
   assert config.seq_len == 128  # MoEUT_tiny's recipe
   assert config.model_kwargs()["d_model"] == 64
-  assert config.model_kwargs()["cvmm_sum_dtype"] == "float32"
+  assert config.model_kwargs()["cvmm_sum_dtype"] == "float16"
   sums = train.config_from_args(train.make_parser().parse_args(
       ["--cvmm-sum-dtype", "bfloat16", "--workdir", str(tmp_path)]))
   assert sums.model_kwargs()["cvmm_sum_dtype"] == "bfloat16"
@@ -325,7 +325,7 @@ def test_cli_flags_override_the_profile_recipe(tmp_path):
       ["--scan-unroll", "3", "--workdir", str(tmp_path)]))
   assert unrolled.model_kwargs()["scan_unroll"] == 3
   with pytest.raises(SystemExit):                    # argparse refuses other dtypes
-    train.make_parser().parse_args(["--cvmm-sum-dtype", "float16"])
+    train.make_parser().parse_args(["--cvmm-sum-dtype", "half"])
   paper = train.config_from_args(train.make_parser().parse_args(
       ["--profile", "MoEUT_244M", "--workdir", str(tmp_path)]))
   assert (paper.lr, paper.warmup_steps, paper.batch_size, paper.seq_len) == (2.5e-4, 4000, 64,

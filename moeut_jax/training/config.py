@@ -61,10 +61,12 @@ class Config:
                                     "model's default)", group="model")
   cvmm_impl: str = _f("auto", "CVMM implementation: auto, xla, triton, mosaic, reference",
                       group="model")
-  cvmm_sum_dtype: str = _f("float32", "dtype of the CVMM kernels' sums over experts; "
-                           "bfloat16 is faster on Hopper but less accurate and not "
-                           "reproducible run to run", choices=("float32", "bfloat16"),
-                           group="model")
+  cvmm_sum_dtype: str = _f("float16", "dtype of the GPU CVMM kernels' sums over experts "
+                           "in 16-bit runs: float16 (rows scaled against overflow) has "
+                           "about float32's accuracy at half its memory traffic; float32 "
+                           "repeats runs more closely (1e-5 vs 1e-3); bfloat16 is less "
+                           "accurate",
+                           choices=("float32", "float16", "bfloat16"), group="model")
   scan_unroll: Optional[int] = _f(None, "repeats of the layer group per scan iteration "
                                   "(unset: all of them on GPUs, a faster step and a "
                                   "longer compile; 1 elsewhere)", group="model")
