@@ -585,9 +585,9 @@ def half_sums(dtype, o: int, sum_dtype: str | None = None) -> str | None:
 
   ``sum_dtype`` (None: the environment's CVMM_SUM_DTYPE, default "float16"):
     "float16"   16-bit inputs: each output row is multiplied by a power of two chosen
-                from a bound on the sum of its terms (:func:`_pow2_scale`; the product
-                of the inputs' row maximum, the matrices' largest column sum of
-                absolute values and the sum of the gates' absolute values), so that
+                from a bound on the sum of its terms (:func:`_pow2_scale`; over the
+                row's pairs, the sum of |gate| times the input row's largest |value|
+                times the expert matrix's largest column sum of |W|), so that
                 the float16 sums cannot overflow; the rows are added in float16 and
                 scaled back in float32. Each addition rounds to float16's 11-bit
                 significand, 8x finer than bf16. Vector reductions on Hopper (8 per
