@@ -307,6 +307,21 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
   assert proc.returncode == 2 and "not divisible by grad_accum=4" in proc.stderr
 
 
+def test_run_header_names_the_cvmm_kernels_and_their_sums(monkeypatch):
+  """train.py's first line names the CVMM implementation and, for the Triton kernels in
+  16-bit compute, the dtype of their sums; nothing for the pure-JAX implementation."""
+  import kernels
+  from moeut_jax.training import loop
+  assert loop._cvmm_note(Config(cvmm_impl="xla")) == ""
+  monkeypatch.setattr(kernels, "resolve", lambda impl: "triton")
+  assert loop._cvmm_note(Config(compute_dtype="bfloat16")) == ", CVMM triton, float16 sums"
+  assert (loop._cvmm_note(Config(compute_dtype="bfloat16", cvmm_sum_dtype="float32"))
+          == ", CVMM triton, float32 sums")
+  assert loop._cvmm_note(Config(compute_dtype="float32")) == ", CVMM triton"
+  monkeypatch.setattr(kernels, "resolve", lambda impl: "mosaic")
+  assert loop._cvmm_note(Config(compute_dtype="bfloat16")) == ", CVMM mosaic"
+
+
 def test_cli_flags_override_the_profile_recipe(tmp_path):
   sys.path.insert(0, ROOT)
   import train  # pylint: disable=import-outside-toplevel
