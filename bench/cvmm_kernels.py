@@ -99,6 +99,8 @@ def main(argv=None):
   ap.add_argument("--tokens", type=int, default=64 * 1024)
   ap.add_argument("--kernels", default="")
   ap.add_argument("--red", default="4,2,1")
+  ap.add_argument("--block-m", default="",
+                  help="comma list: time only the candidates with these row-tile sizes")
   ap.add_argument("--max-cands", type=int, default=0,
                   help="time only the first N tile candidates (0: all)")
   ap.add_argument("--sums", default="float32",
@@ -121,7 +123,10 @@ def main(argv=None):
     print(f"## {name}: P={p} I={i} O={o}  dense {dense:.3f} ms "
           f"({flops / dense / 1e9:.0f} TFLOP/s)", flush=True)
     variants = []
-    for cfg in candidates(kind, p, i, o, e, dtype)[:a.max_cands or None]:
+    cands = candidates(kind, p, i, o, e, dtype)
+    if a.block_m:
+      cands = [c for c in cands if str(c.block_m) in a.block_m.split(",")]
+    for cfg in cands[:a.max_cands or None]:
       variants.append((cfg, {"CVMM_RED_VEC": str(reds[0])} if kind in ("atomic", "pair")
                            else {}))
     done = []
