@@ -7,7 +7,9 @@ Prints one row per CVMM implementation: step time (median of --steps after warm-
 and tokens/s. Random tokens, vocabulary 8000. With --devices N the batch is --batch
 sequences per device, the parameters and optimizer state are split FSDP-style and the
 step runs under the context mesh, as in train.py; --no-context-mesh leaves the mesh
-out of the context, so that XLA partitions the expert layers by itself (for comparison).
+out of the context, so that XLA partitions the expert layers by itself (for comparison);
+--replicated keeps a whole copy of the parameters and optimizer state on every device
+(plain data parallel: no parameter gathers, one gradient all-reduce).
 """
 from __future__ import annotations
 
@@ -29,12 +31,14 @@ from kernels import resolve
 from moeut_jax import MoEUTLM
 
 
-def make_step(profile: str, batch: int, seq: int, impl: str, mesh=None, **model_kw):
+def make_step(profile: str, batch: int, seq: int, impl: str, mesh=None,
+              replicated: bool = False, **model_kw):
   """(jitted train_step, params, opt_state, tokens) of MoEUTLM on random tokens.
 
   train_step(params, state, toks) -> (params, state, loss): forward, backward and the
   AdamW update, bf16 compute with float32 parameters. With a ``mesh`` the tokens are
-  split over its "data" axis and the parameters and optimizer state FSDP-style.
+  split over its "data" axis and the parameters and optimizer state FSDP-style (or
+  copied to every device when ``replicated``).
   """
   model = MoEUTLM(8000, **profiles.get(profile), dtype=jnp.bfloat16, cvmm_impl=impl, **model_kw)
   toks = jax.random.randint(jax.random.PRNGKey(0), (batch, seq + 1), 0, 8000)
@@ -45,7 +49,11 @@ def make_step(profile: str, batch: int, seq: int, impl: str, mesh=None, **model_
   if mesh is not None:
     from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
     from moeut_jax.training.sharding import DATA_AXIS, fsdp_shardings  # noqa: PLC0415
-    p_sh, s_sh = fsdp_shardings(params, mesh), fsdp_shardings(state, mesh)
+    if replicated:
+      rep = NamedSharding(mesh, PartitionSpec())
+      p_sh, s_sh = jax.tree.map(lambda _: rep, params), jax.tree.map(lambda _: rep, state)
+    else:
+      p_sh, s_sh = fsdp_shardings(params, mesh), fsdp_shardings(state, mesh)
     t_sh = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     params, state, toks = (jax.device_put(params, p_sh), jax.device_put(state, s_sh),
                            jax.device_put(toks, t_sh))
@@ -67,9 +75,10 @@ def make_step(profile: str, batch: int, seq: int, impl: str, mesh=None, **model_
 
 
 def step_time(profile: str, batch: int, seq: int, impl: str, steps: int, mesh=None,
-              **model_kw):
+              replicated: bool = False, **model_kw):
   """(median step seconds, last loss, seconds of the first call: compile + one step)."""
-  train_step, params, state, toks = make_step(profile, batch, seq, impl, mesh, **model_kw)
+  train_step, params, state, toks = make_step(profile, batch, seq, impl, mesh, replicated,
+                                              **model_kw)
   t0 = time.perf_counter()
   params, state, loss = train_step(params, state, toks)
   jax.block_until_ready(loss)
@@ -98,6 +107,9 @@ def main():
                   help="data-parallel devices; --batch is per device")
   ap.add_argument("--no-context-mesh", action="store_true",
                   help="with --devices > 1: jit with shardings but no jax.set_mesh")
+  ap.add_argument("--replicated", action="store_true",
+                  help="with --devices > 1: parameters and optimizer state on every device "
+                       "instead of split FSDP-style")
   args = ap.parse_args()
   n_dev = args.devices
   if not 1 <= n_dev <= len(jax.devices()):
@@ -111,7 +123,8 @@ def main():
   use_mesh = mesh is not None and not args.no_context_mesh
   print(f"device: {n_dev} x {jax.devices()[0].device_kind}; jax {jax.__version__}; "
         f"{args.profile}, batch {batch} x {args.seq}"
-        + (f" ({args.batch} per device, context mesh {not args.no_context_mesh})"
+        + (f" ({args.batch} per device, context mesh {not args.no_context_mesh}, "
+           f"parameters {'replicated' if args.replicated else 'FSDP'})"
            if n_dev > 1 else "") + f", scan_unroll {args.scan_unroll}")
   print(f"{'impl':>14} {'resolved':>14} {'step ms':>10} {'tokens/s':>12} {'per device':>11} "
         f"{'last loss':>10} {'first call s':>13}")
@@ -119,7 +132,7 @@ def main():
     try:
       with jax.set_mesh(mesh) if use_mesh else contextlib.nullcontext():
         t, loss, first = step_time(args.profile, batch, args.seq, impl, args.steps, mesh,
-                                   scan_unroll=args.scan_unroll)
+                                   args.replicated, scan_unroll=args.scan_unroll)
       tps = batch * args.seq / t
       print(f"{impl:>14} {resolve(impl):>14} {t * 1e3:10.1f} {tps:12.0f} {tps / n_dev:11.0f} "
             f"{loss:10.4f} {first:13.1f}", flush=True)
