@@ -755,15 +755,13 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
   half = half_sums(a.dtype, o, sum_dtype)
   g = gates.reshape(-1)
   if half == "float16":
-    # |h| <= max|x[n]| * max_h sum_d |keys[e, d, h]|; out[n] <= sum_s |g| * max|h| *
-    # max_o sum_h |values[e, h, o]| (e = e(n, s)). The backward's dx is bounded the
-    # same way, with dout, values^T and keys^T.
+    # |h| <= max|x[n]| * max_h sum_d |keys[e, d, h]|, so the pair is a row product
+    # whose matrix's column sums are bounded by the two matrices' product; the
+    # backward's dx likewise, with dout, values^T and keys^T.
     l1 = _max_l1(w1, 2 if bwd else 1) * _max_l1(w2, 2 if bwd else 1)   # [E]
-    bound = jnp.max(jnp.abs(a), axis=1).astype(jnp.float32) * jnp.sum(
-        jnp.abs(gates.astype(jnp.float32)) * l1[routing.expert_index], axis=1)  # [N]
-    row_s = _pow2_scale(bound)
+    row_s, gs = _f16_row_scales(a, l1, routing, g, 1, 1)               # [N], [P]
     if not bwd:
-      g = (gates.astype(jnp.float32) * row_s[:, None]).reshape(-1)
+      g = gs                      # the forward's gates carry the row scale
   args = [a, w1, w2, routing.order, tiles, g]
   out_shapes = [jax.ShapeDtypeStruct((n, o), _sum_out_dtype(half))]      # out (summed)
   if bwd:
