@@ -311,15 +311,20 @@ def test_run_header_names_the_cvmm_kernels_and_their_sums(monkeypatch):
   """train.py's first line names the CVMM implementation and, for the Triton kernels in
   16-bit compute, the dtype of their sums; nothing for the pure-JAX implementation."""
   import kernels
-  from moeut_jax.training import loop
-  assert loop._cvmm_note(Config(cvmm_impl="xla")) == ""
+  from moeut_jax.training import loop, step as step_lib
+
+  def note(**kw):
+    config = Config(**kw)
+    return loop._cvmm_note(config, np.dtype(step_lib.compute_dtype(config)))
+
+  assert note(cvmm_impl="xla") == ""
   monkeypatch.setattr(kernels, "resolve", lambda impl: "triton")
-  assert loop._cvmm_note(Config(compute_dtype="bfloat16")) == ", CVMM triton, float16 sums"
-  assert (loop._cvmm_note(Config(compute_dtype="bfloat16", cvmm_sum_dtype="float32"))
+  assert note(compute_dtype="bfloat16") == ", CVMM triton, float16 sums"
+  assert (note(compute_dtype="bfloat16", cvmm_sum_dtype="float32")
           == ", CVMM triton, float32 sums")
-  assert loop._cvmm_note(Config(compute_dtype="float32")) == ", CVMM triton"
+  assert note(compute_dtype="float32") == ", CVMM triton"
   monkeypatch.setattr(kernels, "resolve", lambda impl: "mosaic")
-  assert loop._cvmm_note(Config(compute_dtype="bfloat16")) == ", CVMM mosaic"
+  assert note(compute_dtype="bfloat16") == ", CVMM mosaic"
 
 
 def test_cli_flags_override_the_profile_recipe(tmp_path):

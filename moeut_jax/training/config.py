@@ -13,6 +13,7 @@ import json
 from typing import Any, Optional
 
 import profiles
+from kernels import SUM_DTYPES
 
 # Fields of the profile dicts in profiles.py; each can be overridden one by one.
 MODEL_FIELDS = ("d_model", "n_layers", "n_heads", "ff_n_experts", "ff_expert_size",
@@ -66,7 +67,7 @@ class Config:
                            "about float32's accuracy at half its memory traffic; float32 "
                            "repeats runs more closely (1e-5 vs 1e-3); bfloat16 is less "
                            "accurate",
-                           choices=("float32", "float16", "bfloat16"), group="model")
+                           choices=SUM_DTYPES, group="model")
   scan_unroll: Optional[int] = _f(None, "repeats of the layer group per scan iteration "
                                   "(unset: all of them on GPUs, a faster step and a "
                                   "longer compile; 1 elsewhere)", group="model")

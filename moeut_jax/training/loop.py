@@ -26,15 +26,15 @@ from moeut_jax.training.errors import CheckpointError, NonFiniteLossError, Token
 _WATCHED = ("loss", "grad_norm", "param_norm")
 
 
-def _cvmm_note(config: Config) -> str:
+def _cvmm_note(config: Config, compute_dtype: np.dtype) -> str:
   """", CVMM triton, float16 sums" where the GPU kernels run (the sums' dtype matters
   only to the Triton kernels' 16-bit calls); "" where the pure-JAX implementation does."""
   import kernels  # noqa: PLC0415
   impl = kernels.resolve(config.cvmm_impl)
   if impl in ("xla", "reference"):
     return ""
-  sums = (f", {config.cvmm_sum_dtype} sums" if impl == "triton" and
-          np.dtype(step_lib.compute_dtype(config)).itemsize == 2 else "")
+  sums = (f", {config.cvmm_sum_dtype} sums"
+          if impl == "triton" and compute_dtype.itemsize == 2 else "")
   return f", CVMM {impl}{sums}"
 
 
@@ -159,8 +159,9 @@ def _run(config: Config, workdir: str, ckpt, is_main: bool, say, mesh) -> dict[s
   if is_main:
     _write_json(os.path.join(workdir, restore.CONFIG_JSON), config.to_dict())
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
+  compute = np.dtype(step_lib.compute_dtype(config))
   say(f"{config.profile}: {n_params / 1e6:.2f} M parameters, vocabulary {data.vocab_size}, "
-      f"compute {np.dtype(step_lib.compute_dtype(config)).name}{_cvmm_note(config)}, "
+      f"compute {compute.name}{_cvmm_note(config, compute)}, "
       f"{len(jax.devices())} {jax.default_backend()} device(s); {data.description}: "
       f"{len(data.train):,} training tokens")
   say(f"Resuming from {ckpt.path(resume.step)}" if resume.step is not None else
