@@ -204,7 +204,9 @@ def main(argv=None):
   a = ap.parse_args(argv)
   impls = [s for s in a.impls.split(",") if s] or [
       s for s in ("xla", "triton", "triton_unfused", "mosaic") if is_available(s)]
-  print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, impls {impls}", flush=True)
+  from kernels.cvmm import sum_dtype_of
+  print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, impls {impls}, "
+        f"16-bit sums {sum_dtype_of()}", flush=True)
   rows = run([s for s in a.profiles.split(",") if s], impls, jnp.dtype(a.dtype), a.pair,
              a.check, a.tokens, lambda s: print(s, flush=True))
   print(table(rows))

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import profiles
 from bench.cvmm import _time, projections
 from kernels import cvmm_triton as ct
+from kernels.cvmm import sum_dtype_of
 
 
 def _dense_ms(p, i, o, dtype):
@@ -42,7 +43,8 @@ def _dense_ms(p, i, o, dtype):
 
 
 def kernels(prof: dict, n: int, dtype):
-  """name -> (fn(cfg) -> output, (P, I, O) of the equal-FLOPs dense matmul, kind)."""
+  """(arrays, name -> (fn(cfg, arrays) -> output, (P, I, O) of the equal-FLOPs dense
+  matmul, kind))."""
   pr = projections(prof, n, dtype)
   up, down, o_ = pr["up"], pr["down"], pr["O"]
   r = up["r"]
@@ -57,30 +59,43 @@ def kernels(prof: dict, n: int, dtype):
   ro = o_["r"]
   att = o_["x"].reshape(-1, o_["x"].shape[-1])                  # [N*H, Dh]
   rm = ct.rows_matmul
-  hv = jax.nn.relu(h)
-  return {
-      "pair_fwd": (lambda c: ct.pair_rows(x, keys, values, down["g"], r, cfg=c)["out"],
+  # The arrays are passed to each jitted call as arguments: closed over, they would be
+  # constants, and XLA would fold the work on them (the float16 sums' row maxima) into
+  # the compilation instead of timing it.
+  v = dict(x=x, keys=keys, values=values, h=h, g=g, g2=down["g"], dout=dout, dy=dy,
+           hv=jax.nn.relu(h), att=att, ow=o_["w"], og=o_["g"].reshape(-1), r=r, ro=ro)
+  return v, {
+      "pair_fwd": (lambda c, v: ct.pair_rows(v["x"], v["keys"], v["values"], v["g2"],
+                                             v["r"], cfg=c)["out"],
                    (p, d + d, es), "pair"),
-      "pair_bwd": (lambda c: ct.pair_rows(dout, values, keys, down["g"], r, h=hv, cfg=c),
+      "pair_bwd": (lambda c, v: ct.pair_rows(v["dout"], v["values"], v["keys"], v["g2"],
+                                             v["r"], h=v["hv"], cfg=c),
                    (p, d + d, es), "pair"),
-      "up_fwd": (lambda c: rm(x, keys, r, a_rows=1, out_rows=k, cfg=c)[0],
+      "up_fwd": (lambda c, v: rm(v["x"], v["keys"], v["r"], a_rows=1, out_rows=k,
+                                 cfg=c)[0],
                  (p, d, es), "rows"),
-      "down_fwd": (lambda c: rm(h, values, r, a_rows=k, out_rows=1, scale=g, cfg=c)[0],
+      "down_fwd": (lambda c, v: rm(v["h"], v["values"], v["r"], a_rows=k, out_rows=1,
+                                   scale=v["g"], cfg=c)[0],
                    (p, es, d), "atomic"),
-      "down_dh": (lambda c: rm(dout, values, r, a_rows=1, out_rows=k, transpose_w=True,
-                               scale=g, dgate_rows=h, c_rows=k, cfg=c),
+      "down_dh": (lambda c, v: rm(v["dout"], v["values"], v["r"], a_rows=1, out_rows=k,
+                                  transpose_w=True, scale=v["g"], dgate_rows=v["h"],
+                                  c_rows=k, cfg=c),
                   (p, d, es), "rows"),
-      "down_dw": (lambda c: ct.expert_gram(h, dout, r, a_rows=k, b_rows=1, scale=g, cfg=c),
+      "down_dw": (lambda c, v: ct.expert_gram(v["h"], v["dout"], v["r"], a_rows=k,
+                                              b_rows=1, scale=v["g"], cfg=c),
                   (p, es, d), "dw"),
       # down_dw without the gate scale: what pre-scaled rows would cost
-      "down_dw_noscale": (lambda c: ct.expert_gram(h, dout, r, a_rows=k, b_rows=1, cfg=c),
+      "down_dw_noscale": (lambda c, v: ct.expert_gram(v["h"], v["dout"], v["r"], a_rows=k,
+                                                      b_rows=1, cfg=c),
                           (p, es, d), "dw"),
-      "up_dx": (lambda c: rm(dy, keys, r, a_rows=k, out_rows=1, transpose_w=True, cfg=c)[0],
+      "up_dx": (lambda c, v: rm(v["dy"], v["keys"], v["r"], a_rows=k, out_rows=1,
+                                transpose_w=True, cfg=c)[0],
                 (p, es, d), "atomic"),
-      "up_dw": (lambda c: ct.expert_gram(x, dy, r, a_rows=1, b_rows=k, cfg=c),
+      "up_dw": (lambda c, v: ct.expert_gram(v["x"], v["dy"], v["r"], a_rows=1, b_rows=k,
+                                            cfg=c),
                 (p, d, es), "dw"),
-      "o_fwd": (lambda c: rm(att, o_["w"], ro, a_rows=att.shape[0] // n, out_rows=1,
-                             scale=o_["g"].reshape(-1), cfg=c)[0],
+      "o_fwd": (lambda c, v: rm(v["att"], v["ow"], v["ro"], a_rows=att.shape[0] // n,
+                                out_rows=1, scale=v["og"], cfg=c)[0],
                 (ro.n_pairs, o_["w"].shape[1], d), "atomic"),
   }
 
@@ -105,15 +120,21 @@ def main(argv=None):
                   help="time only the first N tile candidates (0: all)")
   ap.add_argument("--sums", default="float32",
                   help="float32, float16 and/or bfloat16: dtypes of the fused sums to time")
+  ap.add_argument("--orders", default="",
+                  help="comma list of CVMM_TILE_ORDER values (token, expert, band<W>): "
+                       "time the fused-sum kernels' tile candidates in each launch order")
+  ap.add_argument("--cached", action="store_true",
+                  help="time only the cached tile choice (with --orders)")
   ap.add_argument("--json", default="")
   a = ap.parse_args(argv)
   dtype = jnp.bfloat16
   prof = profiles.get(a.profile)
-  ks = kernels(prof, a.tokens, dtype)
+  arrays, ks = kernels(prof, a.tokens, dtype)
   names = [s for s in a.kernels.split(",") if s] or list(ks)
   reds = [int(s) for s in a.red.split(",")]
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {a.profile}, "
-        f"{a.tokens} tokens", flush=True)
+        f"{a.tokens} tokens, 16-bit sums {sum_dtype_of()} (unless a row says sum=...)",
+        flush=True)
   rows = []
   for name in names:
     fn, (p, i, o), kind = ks[name]
@@ -129,20 +150,25 @@ def main(argv=None):
     for cfg in cands[:a.max_cands or None]:
       variants.append((cfg, {"CVMM_RED_VEC": str(reds[0])} if kind in ("atomic", "pair")
                            else {}))
+    if a.orders and kind in ("atomic", "pair"):
+      # each candidate (or only the cached choice) once per launch order
+      variants = [(c, {"CVMM_RED_VEC": str(reds[0]), "CVMM_TILE_ORDER": o})
+                  for c in ([None] if a.cached else [c for c, _ in variants])
+                  for o in a.orders.split(",")]
     done = []
     for cfg, env in variants:
-      done.append(_run(name, fn, cfg, env, dense, flops))
-    if kind in ("atomic", "pair"):
+      done.append(_run(name, fn, arrays, cfg, env, dense, flops))
+    if kind in ("atomic", "pair") and not a.orders:
       ok = [d for d in done if "ms" in d]
       if ok:
         best = min(ok, key=lambda d: d["ms"])["cfg"]
         for red in reds[1:]:
-          done.append(_run(name, fn, best, {"CVMM_RED_VEC": str(red)}, dense, flops))
-        done.append(_run(name, fn, best, {"CVMM_RED_VEC": str(reds[0]),
+          done.append(_run(name, fn, arrays, best, {"CVMM_RED_VEC": str(red)}, dense, flops))
+        done.append(_run(name, fn, arrays, best, {"CVMM_RED_VEC": str(reds[0]),
                                           "CVMM_TILE_ORDER": "expert"}, dense, flops))
         for sd in [s for s in a.sums.split(",") if s in ("bfloat16", "float16")]:
           for d in sorted(ok, key=lambda d: d["ms"])[:3]:
-            done.append(_run(name, fn, d["cfg"], {"CVMM_SUM_DTYPE": sd}, dense, flops))
+            done.append(_run(name, fn, arrays, d["cfg"], {"CVMM_SUM_DTYPE": sd}, dense, flops))
     rows += done
   if a.json:
     with open(a.json, "w") as f:
@@ -150,13 +176,13 @@ def main(argv=None):
   return rows
 
 
-def _run(name, fn, cfg, env, dense, flops):
+def _run(name, fn, arrays, cfg, env, dense, flops):
   old = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   row = dict(kernel=name, cfg=cfg, env=env, dense_ms=dense)
   try:
-    f = jax.jit(lambda: fn(cfg))
-    row["ms"] = _time(f) * 1e3
+    f = jax.jit(lambda v: fn(cfg, v))
+    row["ms"] = _time(f, arrays) * 1e3
     print(f"{name:9s} {_fmt(cfg):34s} {_env(env):18s} {row['ms']:7.3f} ms "
           f"{dense / row['ms']:5.0%} of dense  {flops / row['ms'] / 1e9:5.0f} TFLOP/s",
           flush=True)
@@ -173,6 +199,8 @@ def _run(name, fn, cfg, env, dense, flops):
 
 
 def _fmt(c):
+  if c is None:
+    return "cached choice"
   s = f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
   if c.splits > 1:
     s += f" S{c.splits}"

@@ -3,7 +3,8 @@
 # (TESTS="-k expression"), CPU-suite tests run on the GPU backend (CPU_TESTS="paths and
 # options"), a profiled training step (PROF=1, PROF_ARGS; bench/profile_model.py),
 # training-step timings (MODEL_ARGS, MODEL2_ARGS, MODEL3_ARGS; bench/model.py), CVMM
-# timings (BENCH_ARGS: bench/cvmm.py, once per dtype in BENCH_SUMS if set; KERNELS_ARGS:
+# timings (BENCH_ARGS: bench/cvmm.py, once per sum dtype in BENCH_SUMS, default: the
+# library's; KERNELS_ARGS:
 # bench/cvmm_kernels.py), the fused sums' errors (PREC_ARGS: bench/sum_precision.py) and
 # a train.py run (TRAIN_ARGS; then RESUME_ARGS, a second run that resumes). MODEL_ENV,
 # MODEL2_ENV, MODEL3_ENV: environment settings ("CVMM_SUM_DTYPE=float16") of one
@@ -37,9 +38,11 @@ for i in "" 2 3; do
   fi
 done
 if [ -n "$BENCH_ARGS" ]; then
-  for sd in ${BENCH_SUMS:-float32}; do
-    CVMM_SUM_DTYPE=$sd timeout ${BENCH_TIMEOUT:-240} python3 -m bench.cvmm $BENCH_ARGS 2>&1 \
-      | tee $OUT/bench_$sd.log
+  # BENCH_SUMS unset: the library's default sums (CVMM_SUM_DTYPE unset)
+  for sd in ${BENCH_SUMS:-default}; do
+    if [ "$sd" = default ]; then sum_env=(); else sum_env=(CVMM_SUM_DTYPE=$sd); fi
+    env "${sum_env[@]}" timeout ${BENCH_TIMEOUT:-240} python3 -m bench.cvmm $BENCH_ARGS \
+      2>&1 | tee $OUT/bench_$sd.log
   done
 fi
 if [ -n "$PREC_ARGS" ]; then

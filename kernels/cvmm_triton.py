@@ -534,9 +534,7 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   if half == "float16":
     w_l1 = _max_l1(w, 2 if transpose_w else 1)
     row_s, scale = _f16_row_scales(a, w_l1, routing, scale, a_rows, out_rows)
-  tiles = routing.tiles(cfg.block_m)                                 # [3, Z]
-  if atomic and _tile_order() == "token":
-    tiles = _token_ordered(tiles, routing)
+  tiles = _sum_tiles(routing, cfg.block_m) if atomic else routing.tiles(cfg.block_m)
   z = tiles.shape[1]
   n_nb = -(-o // cfg.block_n)
   loop_n = cfg.loop_n and i <= cfg.block_k
@@ -676,9 +674,26 @@ def _f16_row_scales(a, w_l1, routing: Routing, scale, a_rows: int, out_rows: int
 
 
 def _tile_order() -> str:
-  """CVMM_TILE_ORDER: "token" (default) launches the tiles of atomic-sum kernels by
-  first token; "expert" keeps the expert order."""
-  return os.environ.get("CVMM_TILE_ORDER", "token")
+  """CVMM_TILE_ORDER, the launch order of the atomic-sum kernels' tiles: "token"
+  (default) by first token (:func:`_token_ordered`); "expert" in expert order;
+  "band<W>" (e.g. "band8192") tiles cut at bands of W tokens, band by band
+  (:meth:`Routing.band_tiles`)."""
+  order = os.environ.get("CVMM_TILE_ORDER", "token")
+  if order not in ("token", "expert") and not (order.startswith("band")
+                                               and order[4:].isdigit()):
+    raise ValueError(f"CVMM_TILE_ORDER={order!r}: expected token, expert or band<W>")
+  return order
+
+
+def _sum_tiles(routing: Routing, block_m: int) -> jax.Array:
+  """[3, Z] tiles of a kernel that adds its rows into a shared output, in the launch
+  order :func:`_tile_order` names."""
+  order = _tile_order()
+  if order == "expert":
+    return routing.tiles(block_m)
+  if order == "token":
+    return _token_ordered(routing.tiles(block_m), routing)
+  return routing.band_tiles(block_m, int(order[4:]))
 
 
 def _token_ordered(tiles: jax.Array, routing: Routing) -> jax.Array:
@@ -749,7 +764,7 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
   assert a.shape == (n, d), (a.shape, n, d)
   if cfg is None:
     cfg = choose_pair_config(n, k, e, d, hh, o, a.dtype, bwd, sum_dtype)
-  tiles = _token_ordered(routing.tiles(cfg.block_m), routing)       # [3, Z]
+  tiles = _sum_tiles(routing, cfg.block_m)                          # [3, Z]
   z = tiles.shape[1]
   red = _red_width(o, a.dtype, sum_dtype)
   half = half_sums(a.dtype, o, sum_dtype)

@@ -72,6 +72,41 @@ class Routing:
     """
     return expert_tiles(self.group_sizes, self.group_offsets, self.n_pairs, block_m)
 
+  def band_tiles(self, block_m: int, band: int) -> jax.Array:
+    """[3, Z] int32 tiles as :meth:`tiles`, but each also within one band of ``band``
+    tokens, listed band by band and, within a band, expert by expert.
+
+    For the kernels that add their rows into a shared output (the fused sums), run in
+    this order: the programs in flight add into one band's rows (``band`` × O values,
+    which stay in L2), and the tiles of one (band, expert) run together, so each
+    expert's matrix comes from DRAM about once per band instead of once per tile.
+    Within an expert the sorted pairs are in token order, so a band is a contiguous
+    part of each expert's positions. Z is a static bound on the number of tiles; the
+    unused ones at the end have start == end.
+    """
+    if band < 1:
+      raise ValueError(f"{band=} must be at least 1")
+    n, k, p, e = self.n_tokens, self.k, self.n_pairs, self.n_experts
+    n_bands = -(-n // band)
+    if n_bands == 1:
+      return self.tiles(block_m)
+    b = jnp.arange(n_bands, dtype=jnp.int32)
+    if (e + 1) * p < _PACKED_KEY_LIMIT:
+      # The sorted positions' keys expert * P + pair are increasing; band b of expert x
+      # starts at the first key >= x * P + b * band * K.
+      keys = self.sorted_expert() * p + self.order                           # [P]
+      q = jnp.arange(e, dtype=jnp.int32)[None, :] * p + b[:, None] * (band * k)
+      lo = jnp.searchsorted(keys, q.reshape(-1), side="left").astype(jnp.int32)
+      lo = lo.reshape(n_bands, e)
+    else:
+      band_of = (jnp.arange(p, dtype=jnp.int32) // k) // band              # [P]
+      counts = jnp.zeros((n_bands * e,), jnp.int32).at[
+          band_of * e + self.expert_index.reshape(-1)].add(1).reshape(n_bands, e)
+      lo = self.group_offsets[None, :-1] + jnp.cumsum(counts, axis=0) - counts
+    hi = jnp.concatenate([lo[1:], self.group_offsets[None, 1:]], axis=0)   # [bands, E]
+    expert = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (n_bands, e))
+    return segment_tiles(lo.reshape(-1), hi.reshape(-1), expert.reshape(-1), p, block_m)
+
 
 _PACKED_KEY_LIMIT = 2 ** 31       # expert * P + pair must fit an int32
 
@@ -110,16 +145,27 @@ def expert_tiles(group_sizes: jax.Array, group_offsets: jax.Array, n_pairs: int,
                  block_m: int) -> jax.Array:
   """See :meth:`Routing.tiles`."""
   e = group_sizes.shape[0]
-  z = max(1, min(n_pairs, (n_pairs + e * (block_m - 1)) // block_m))
-  per_expert = (group_sizes + block_m - 1) // block_m                     # [E]
-  tile_off = jnp.cumsum(per_expert, dtype=jnp.int32)                      # [E] inclusive
+  return segment_tiles(group_offsets[:-1], group_offsets[1:],
+                       jnp.arange(e, dtype=jnp.int32), n_pairs, block_m)
+
+
+def segment_tiles(lo: jax.Array, hi: jax.Array, expert: jax.Array, n_pairs: int,
+                  block_m: int) -> jax.Array:
+  """[3, Z] int32 (expert, start, end) tiles of at most ``block_m`` sorted positions
+  covering the segments [lo[g], hi[g]) (G disjoint segments, each of one expert
+  ``expert[g]``), segment after segment. Z = min(P, (P + G*(block_m-1)) // block_m)
+  bounds sum_g ceil((hi[g] - lo[g]) / block_m); unused tiles have start == end == 0."""
+  g = lo.shape[0]
+  z = max(1, min(n_pairs, (n_pairs + g * (block_m - 1)) // block_m))
+  per_seg = (hi - lo + block_m - 1) // block_m                            # [G]
+  tile_off = jnp.cumsum(per_seg, dtype=jnp.int32)                         # [G] inclusive
   zi = jnp.arange(z, dtype=jnp.int32)                                     # [Z]
-  tile_e = jnp.searchsorted(tile_off, zi, side="right").astype(jnp.int32)  # [Z]
-  used = tile_e < e
-  tile_e = jnp.minimum(tile_e, e - 1)
-  local = zi - (tile_off[tile_e] - per_expert[tile_e])                    # [Z] tile within expert
-  start = group_offsets[tile_e] + local * block_m
-  end = jnp.minimum(start + block_m, group_offsets[tile_e + 1])
+  seg = jnp.searchsorted(tile_off, zi, side="right").astype(jnp.int32)    # [Z]
+  used = seg < g
+  seg = jnp.minimum(seg, g - 1)
+  local = zi - (tile_off[seg] - per_seg[seg])                             # [Z] tile in segment
+  start = lo[seg] + local * block_m
+  end = jnp.minimum(start + block_m, hi[seg])
   start = jnp.where(used, start, 0)
   end = jnp.where(used, end, 0)
-  return jnp.stack([tile_e, start, end]).astype(jnp.int32)                # [3, Z]
+  return jnp.stack([expert[seg], start, end]).astype(jnp.int32)           # [3, Z]

@@ -75,6 +75,41 @@ def test_routing_tiles_cover_every_pair_once():
     assert np.all(covered == 1) and sizes.sum() == r.n_pairs
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_band_tiles_cover_every_pair_once_within_a_band(monkeypatch, packed):
+  from kernels import routing as routing_mod
+  if not packed:   # the counting path, taken when expert * P + pair overflows int32
+    monkeypatch.setattr(routing_mod, "_PACKED_KEY_LIMIT", 0)
+  r = _routing("random", 37, 3, 11, jax.random.key(3))
+  order = np.asarray(r.order)
+  offs = np.asarray(r.group_offsets)
+  for bm, band in [(16, 8), (4, 5), (64, 10), (16, 37), (16, 1000)]:
+    tiles = np.asarray(r.band_tiles(bm, band))
+    covered = np.zeros(r.n_pairs, int)
+    last = (-1, -1)
+    used = 0
+    for e, s, t in tiles.T:
+      assert 0 <= t - s <= bm
+      if t == s:
+        continue
+      used += 1
+      assert offs[e] <= s and t <= offs[e + 1], (e, s, t)
+      bands = set(order[s:t] // r.k // band)
+      assert len(bands) == 1, (e, s, t, bands)
+      key = (bands.pop(), e)
+      assert key >= last, (key, last)           # band by band, expert by expert
+      last = key
+      covered[s:t] += 1
+    assert np.all(covered == 1)
+    tok_band = (order // r.k) // band
+    ex = np.asarray(r.sorted_expert())
+    want = sum(-(-np.sum((tok_band == b) & (ex == e)) // bm)
+               for b in range(-(-37 // band)) for e in range(r.n_experts))
+    assert used == want, (used, want)
+  with pytest.raises(ValueError):
+    r.band_tiles(16, 0)
+
+
 def test_tile_config_validates():
   TileConfig(64, 128, 32, 4, 3)
   for bad in [dict(block_m=48), dict(block_n=8), dict(num_warps=3), dict(num_stages=0),
@@ -396,6 +431,66 @@ def test_float16_sums_in_interpreter():
   pytest.importorskip("triton")
   pytest.importorskip("torch")
   run_in_triton_interpreter(_F16_SUMS_SCRIPT, "float16 sums ok")
+
+
+_BAND_ORDER_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["CVMM_TILE_ORDER"] = "band6"     # 21 tokens: bands of 6, 6, 6, 3
+    import jax, jax.numpy as jnp, numpy as np
+    from kernels import make_routing
+    from kernels.autotune import TileConfig
+    from kernels.cvmm_reference import cvmm_pair_reference, cvmm_reference
+    from kernels.cvmm_triton import cvmm_triton_pair, rows_matmul
+    def rel(a, b):
+      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+      return np.linalg.norm(a - b) / np.linalg.norm(b)
+    n, k, e, i, o = 21, 4, 3, 24, 40
+    ks = jax.random.split(jax.random.key(7), 6)
+    r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)
+    w = jax.random.normal(ks[1], (e, i, o)) / np.sqrt(i)
+    g = jax.random.uniform(ks[2], (n, k))
+    a = jax.random.normal(ks[3], (n, k, i))
+    ref = cvmm_reference(a, r, w, g)
+    for cfg in (TileConfig(16, 16, 32, 4, 1, loop_n=True), TileConfig(16, 16, 16, 4, 1)):
+      out, _ = rows_matmul(a.reshape(n * k, i), w, r, a_rows=k, out_rows=1,
+                           scale=g.reshape(-1), cfg=cfg)
+      assert rel(out, ref) <= 1e-5, ("rows", cfg, rel(out, ref))
+    d, h = 24, 16
+    x = jax.random.normal(ks[4], (n, d))
+    wu = jax.random.normal(ks[5], (e, d, h)) / np.sqrt(d)
+    wd = w[:, :h] * np.sqrt(i / h)
+    ct = jax.random.normal(ks[1], (n, o))
+    outs = []
+    for f in (cvmm_triton_pair, cvmm_pair_reference):
+      fn = lambda x, wu, wd, g, f=f: f(x, r, wu, wd, g)
+      grads = jax.grad(lambda *args: jnp.sum(fn(*args) * ct), argnums=(0, 1, 2, 3))(
+          x, wu, wd, g)
+      outs.append((fn(x, wu, wd, g),) + grads)
+    for got, want in zip(*outs):
+      assert rel(got, want) <= 1e-5, ("pair", rel(got, want))
+    print("band order ok")
+""")
+
+
+@pytest.mark.slow
+def test_band_order_in_interpreter():
+  """CVMM_TILE_ORDER=band<W>: the fused sums of the row kernel (both tilings) and of the
+  pair kernels, forward and backward, with tiles cut at token bands, in Triton's CPU
+  interpreter against the float32 reference."""
+  pytest.importorskip("triton")
+  pytest.importorskip("torch")
+  run_in_triton_interpreter(_BAND_ORDER_SCRIPT, "band order ok")
+
+
+def test_tile_order_is_validated(monkeypatch):
+  from kernels.cvmm_triton import _tile_order
+  for good in ("token", "expert", "band8192"):
+    monkeypatch.setenv("CVMM_TILE_ORDER", good)
+    assert _tile_order() == good
+  for bad in ("band", "bandx", "tokens"):
+    monkeypatch.setenv("CVMM_TILE_ORDER", bad)
+    with pytest.raises(ValueError, match="CVMM_TILE_ORDER"):
+      _tile_order()
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
