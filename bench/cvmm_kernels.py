@@ -10,8 +10,8 @@ The σ-MoE pair (up, ReLU, gated down) runs six kernels, forward and backward:
   down_dw   dvalues[e] = sum_p h[p]^T g[p] dout[n]         ragged contraction
   up_dx     dx[n] += dy[p] @ keys[e]^T            rows, I = Es, O = D, fused sum (atomic)
   up_dw     dkeys[e] = sum_p x[n]^T dy[p]                  ragged contraction
-and SwitchHead's O projection forward (o_fwd, fused sum over heads × experts); the
-fused pair kernels do up_fwd + down_fwd (pair_fwd) and down_dh + up_dx (pair_bwd) in
+and SwitchHead's V and O projection forwards (v_fwd; o_fwd, fused sum over heads ×
+experts); the fused pair kernels do up_fwd + down_fwd (pair_fwd) and down_dh + up_dx (pair_bwd) in
 one launch each ("dense" there: one matmul with the FLOPs of both products).
 Each kernel is timed with every tile candidate the autotuner would consider; fused
 sums also with 1, 2 and 4 floats per reduction instruction (CVMM_RED_VEC), in expert
@@ -63,7 +63,7 @@ def kernels(prof: dict, n: int, dtype):
   # constants, and XLA would fold the work on them (the float16 sums' row maxima) into
   # the compilation instead of timing it.
   v = dict(x=x, keys=keys, values=values, h=h, g=g, g2=down["g"], dout=dout, dy=dy,
-           hv=jax.nn.relu(h), att=att, ow=o_["w"], og=o_["g"].reshape(-1), r=r, ro=ro)
+           hv=jax.nn.relu(h), att=att, ow=o_["w"], og=o_["g"].reshape(-1), vw=pr["V"]["w"], r=r, ro=ro)
   return v, {
       "pair_fwd": (lambda c, v: ct.pair_rows(v["x"], v["keys"], v["values"], v["g2"],
                                              v["r"], cfg=c)["out"],
@@ -94,6 +94,9 @@ def kernels(prof: dict, n: int, dtype):
       "up_dw": (lambda c, v: ct.expert_gram(v["x"], v["dy"], v["r"], a_rows=1, b_rows=k,
                                             cfg=c),
                 (p, d, es), "dw"),
+      "v_fwd": (lambda c, v: rm(v["x"], v["vw"], v["ro"], a_rows=1, out_rows=ro.k,
+                                cfg=c)[0],
+                (ro.n_pairs, d, pr["V"]["w"].shape[2]), "rows"),
       "o_fwd": (lambda c, v: rm(v["att"], v["ow"], v["ro"], a_rows=att.shape[0] // n,
                                 out_rows=1, scale=v["og"], cfg=c)[0],
                 (ro.n_pairs, o_["w"].shape[1], d), "atomic"),
@@ -115,7 +118,8 @@ def main(argv=None):
   ap.add_argument("--kernels", default="")
   ap.add_argument("--red", default="4,2,1")
   ap.add_argument("--block-m", default="",
-                  help="comma list: time only the candidates with these row-tile sizes")
+                  help="comma list: time only the candidates with these row-tile sizes "
+                       "(0: none, e.g. with --cached)")
   ap.add_argument("--max-cands", type=int, default=0,
                   help="time only the first N tile candidates (0: all)")
   ap.add_argument("--sums", default="float32",
@@ -124,7 +128,7 @@ def main(argv=None):
                   help="comma list of CVMM_TILE_ORDER values (token, expert, band<W>): "
                        "time the fused-sum kernels' tile candidates in each launch order")
   ap.add_argument("--cached", action="store_true",
-                  help="time only the cached tile choice (with --orders)")
+                  help="time the cached tile choice too, first")
   ap.add_argument("--json", default="")
   a = ap.parse_args(argv)
   dtype = jnp.bfloat16
@@ -138,7 +142,8 @@ def main(argv=None):
   rows = []
   for name in names:
     fn, (p, i, o), kind = ks[name]
-    e = prof["att_n_experts"] * prof["n_heads"] if name == "o_fwd" else prof["ff_n_experts"]
+    e = (prof["att_n_experts"] * prof["n_heads"] if name in ("o_fwd", "v_fwd")
+         else prof["ff_n_experts"])
     dense = _dense_ms(p, i, o, dtype)
     flops = 2 * p * i * o
     print(f"## {name}: P={p} I={i} O={o}  dense {dense:.3f} ms "
@@ -147,14 +152,14 @@ def main(argv=None):
     cands = candidates(kind, p, i, o, e, dtype)
     if a.block_m:
       cands = [c for c in cands if str(c.block_m) in a.block_m.split(",")]
-    for cfg in cands[:a.max_cands or None]:
+    cfgs = ([None] if a.cached else []) + cands[:a.max_cands or None]
+    for cfg in cfgs:
       variants.append((cfg, {"CVMM_RED_VEC": str(reds[0])} if kind in ("atomic", "pair")
                            else {}))
     if a.orders and kind in ("atomic", "pair"):
-      # each candidate (or only the cached choice) once per launch order
+      # each candidate once per launch order
       variants = [(c, {"CVMM_RED_VEC": str(reds[0]), "CVMM_TILE_ORDER": o})
-                  for c in ([None] if a.cached else [c for c, _ in variants])
-                  for o in a.orders.split(",")]
+                  for c in cfgs for o in a.orders.split(",")]
     done = []
     for cfg, env in variants:
       done.append(_run(name, fn, arrays, cfg, env, dense, flops))

@@ -163,6 +163,41 @@ def test_row_kernel_candidates_match_reference(cfg, transpose, sums):
   assert err <= SUM_TOL[sums], f"{cfg}: rel err {err:.2e}"
 
 
+def _plain_row_candidate_cases():
+  """Every tile candidate of the row kernel at a wide-contraction shape (the up and V
+  projections': several steps over I, one column block), bf16."""
+  if jax.default_backend() != "gpu":
+    return []
+  from kernels.cvmm_triton import _rows_candidates  # noqa: PLC0415
+  return _rows_candidates(520, 136, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
+@pytest.mark.parametrize("cfg", _plain_row_candidate_cases(), ids=str)
+def test_plain_row_kernel_candidates_match_reference(cfg, transpose):
+  """rows_matmul with each tile candidate, one product per pair (out [P, O] in bf16, no
+  sum), I = 520 (a partial last step over I) and O = 136 (a partial column block),
+  against an einsum of the same bf16 inputs in float32: within bf16's rounding."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  from kernels import make_routing  # noqa: PLC0415
+  from kernels.cvmm_triton import rows_matmul  # noqa: PLC0415
+  n, k, e, i, o = 700, 2, 5, 520, 136
+  ks = jax.random.split(jax.random.key(4), 3)
+  r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)
+  a = jax.random.normal(ks[1], (n, i)).astype(jnp.bfloat16)
+  w = (jax.random.normal(ks[2], (e, i, o)) * i ** -0.5).astype(jnp.bfloat16)
+  w_arg = jnp.swapaxes(w, 1, 2) if transpose else w
+  out, _ = jax.jit(lambda a, w_: rows_matmul(a, w_, r, a_rows=1, out_rows=k,
+                                             transpose_w=transpose, cfg=cfg))(a, w_arg)
+  we = w[r.expert_index.reshape(-1)].astype(jnp.float32)               # [P, I, O]
+  ref = jnp.einsum("PI,PIO->PO", jnp.repeat(a, k, axis=0).astype(jnp.float32), we,
+                   precision="highest")
+  assert out.dtype == jnp.bfloat16
+  err = _rel(out, ref)
+  assert err <= 1e-2, f"{cfg}: rel err {err:.2e}"
+
+
 def _dw_candidate_cases():
   """Every tile candidate of the weight-gradient kernel, bf16, for the shapes below."""
   if jax.default_backend() != "gpu":
