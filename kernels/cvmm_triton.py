@@ -808,12 +808,13 @@ def _rows_candidates(i: int, o: int, dtype) -> list[TileConfig]:
   else:
     # First: the fastest at MoEUT_244M on an H200 (bench/RESULTS.md), the choice when
     # autotuning is off.
-    # 256-row tiles: each tile's expert matrix and gathered rows are read from L2 once
-    # per 256 rows instead of 128 (at the up and V projections' shapes, these reads
-    # rather than the tensor cores bound the kernel).
+    # 256-row tiles read each tile's expert matrix from L2 once per 256 rows instead of
+    # 128: at MoEUT_244M on an H200, 256x128x64 w8 s4 ran the up projection in 0.737 ms
+    # (the best 128- or 64-row tile: 0.828) and V in 0.417 (0.461); BK 32 or 128 and
+    # 3 stages were slower (bench/RESULTS.md, eighth session).
     raw = [(128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
-           (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-           (256, 128, 32, 8, 4)]
+           (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 4),
+           (256, 128, 64, 8, 3)]
   out = []
   for bm, bn, bk, w, st in raw:
     out.append(TileConfig(bm, min(bn, bn_max), min(bk, bk_max), w, st))
