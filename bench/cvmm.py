@@ -94,22 +94,30 @@ def _fwd_fn(impl, gated):
   return jax.jit(lambda x, r, w, g: cvmm(x, r, w, impl=impl))
 
 
+def _cotangent(shape, dtype, key=jax.random.key(11)):
+  """A random output cotangent, passed to the timed function as an argument: a constant
+  one (say, the gradient of sum(y)) lets XLA fold work on it into the compilation (the
+  float16 sums' row maxima of dy), which would then not be timed."""
+  return (jax.random.normal(key, shape) * 1e-3).astype(dtype)
+
+
 def _fwdbwd_fn(impl, gated):
-  def loss(x, w, g, r):
+  def loss(x, w, g, r, ct):
     y = cvmm(x, r, w, g, impl=impl) if gated else cvmm(x, r, w, impl=impl)
-    return jnp.sum(y.astype(jnp.float32) * 1e-3)
+    return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32))
   argn = (0, 1, 2) if gated else (0, 1)
   vg = jax.value_and_grad(loss, argnums=argn)
-  return jax.jit(lambda x, r, w, g: vg(x, w, g, r))
+  return jax.jit(lambda x, r, w, g, ct: vg(x, w, g, r, ct))
 
 
 def _dense(p, i, o, dtype, key):
   a = jax.random.normal(key, (p, i)).astype(dtype)
   b = (jax.random.normal(jax.random.fold_in(key, 1), (i, o)) * i ** -0.5).astype(dtype)
   fwd = jax.jit(lambda a, b: a @ b)
-  fb = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum((a @ b).astype(jnp.float32) * 1e-3),
-                                  argnums=(0, 1)))
-  return _time(fwd, a, b), _time(fb, a, b)
+  fb = jax.jit(jax.value_and_grad(
+      lambda a, b, ct: jnp.sum((a @ b).astype(jnp.float32) * ct.astype(jnp.float32)),
+      argnums=(0, 1)))
+  return _time(fwd, a, b), _time(fb, a, b, _cotangent((p, o), dtype))
 
 
 def _rel(a, b):
@@ -125,7 +133,8 @@ def pair_fns(impl):
     return cvmm_pair(x, r, keys, values, gates, impl=impl)            # [N, D]
 
   fwd = jax.jit(lambda x, k_, v, g, r: pair(x, k_, v, g, r))
-  loss = lambda x, k_, v, g, r: jnp.sum(pair(x, k_, v, g, r).astype(jnp.float32) * 1e-3)  # noqa: E731
+  def loss(x, k_, v, g, r, ct):
+    return jnp.sum(pair(x, k_, v, g, r).astype(jnp.float32) * ct.astype(jnp.float32))
   fb = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
   return fwd, fb
 
@@ -147,7 +156,8 @@ def run(profile_names, impls, dtype, pair, check, batch_tokens, log):
         args = (v["x"], v["r"], v["w"], v["g"])
         try:
           tf = _time(_fwd_fn(impl, gated), *args)
-          tb = _time(_fwdbwd_fn(impl, gated), *args)
+          y_shape = jax.eval_shape(_fwd_fn(impl, gated), *args)
+          tb = _time(_fwdbwd_fn(impl, gated), *args, _cotangent(y_shape.shape, dtype))
         except Exception as err:  # report and go on: one failing impl must not hide the rest
           log(f"{pname:11s} {name:5s} {impl:6s} FAILED {type(err).__name__}: {str(err)[:300]}")
           rows.append(dict(profile=pname, proj=name, impl=impl, error=str(err)[:300]))
@@ -167,7 +177,8 @@ def run(profile_names, impls, dtype, pair, check, batch_tokens, log):
         fwd, fb = pair_fns(impl)
         args = (up["x"], up["w"], down["w"], down["g"], up["r"])
         try:
-          tf, tb = _time(fwd, *args), _time(fb, *args)
+          ct = _cotangent((up["x"].shape[0], down["w"].shape[2]), dtype)
+          tf, tb = _time(fwd, *args), _time(fb, *args, ct)
         except Exception as err:
           log(f"{pname:11s} pair  {impl:6s} FAILED {type(err).__name__}: {str(err)[:300]}")
           rows.append(dict(profile=pname, proj="pair", impl=impl, error=str(err)[:300]))
