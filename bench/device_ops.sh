@@ -8,7 +8,9 @@
 # bench/cvmm_kernels.py), the fused sums' errors (PREC_ARGS: bench/sum_precision.py) and
 # a train.py run (TRAIN_ARGS; then RESUME_ARGS, a second run that resumes). MODEL_ENV,
 # MODEL2_ENV, MODEL3_ENV: environment settings ("CVMM_SUM_DTYPE=float16") of one
-# training-step timing. Logs under $OUT.
+# training-step timing; BENCH_ENV likewise for bench/cvmm.py ("CVMM_AUTOTUNE=1": time the
+# tile candidates of shapes without a cached choice; $OUT/autotune.json then holds the
+# choices, for bench/merge_autotune.py). Logs under $OUT.
 source bench/device_setup.sh
 export CVMM_AUTOTUNE_CACHE=$OUT/autotune.json CVMM_AUTOTUNE=0
 cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
@@ -41,7 +43,7 @@ if [ -n "$BENCH_ARGS" ]; then
   # BENCH_SUMS unset: the library's default sums (CVMM_SUM_DTYPE unset)
   for sd in ${BENCH_SUMS:-default}; do
     if [ "$sd" = default ]; then sum_env=(); else sum_env=(CVMM_SUM_DTYPE=$sd); fi
-    env "${sum_env[@]}" timeout ${BENCH_TIMEOUT:-240} python3 -m bench.cvmm $BENCH_ARGS \
+    env "${sum_env[@]}" $BENCH_ENV timeout ${BENCH_TIMEOUT:-240} python3 -m bench.cvmm $BENCH_ARGS \
       2>&1 | tee $OUT/bench_$sd.log
   done
 fi

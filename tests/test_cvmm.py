@@ -119,6 +119,21 @@ def test_tile_config_validates():
       TileConfig(**kw)
 
 
+def test_merge_autotune_adds_new_keys_and_replaces_only_when_asked():
+  from bench.merge_autotune import merge
+  a = dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4, splits=1,
+           loop_n=False)
+  b = dict(a, block_m=256, num_warps=8)
+  old = {"k1": a, "k2": a}
+  merged, lines = merge({"k2": b, "k3": b}, old, replace=False)
+  assert merged == {"k1": a, "k2": a, "k3": b} and len(lines) == 1
+  merged, lines = merge({"k2": b, "k3": b}, old, replace=True)
+  assert merged == {"k1": a, "k2": b, "k3": b} and len(lines) == 2
+  assert old == {"k1": a, "k2": a}                         # the input is not modified
+  with pytest.raises(ValueError):
+    merge({"k4": dict(a, block_m=48)}, old, replace=False)
+
+
 def test_autotuner_caches_choice(tmp_path):
   path = str(tmp_path / "tune.json")
   calls = []
