@@ -1,5 +1,6 @@
 #!/bin/bash
-# One device call, each step optional: bench/ops.py (OPS=1, OPS_ARGS), the GPU tests
+# One device call, each step optional: a Gluon kernel launched through jax-triton
+# (GLUON=1, bench/gluon_probe.py --launch), bench/ops.py (OPS=1, OPS_ARGS), the GPU tests
 # (TESTS="-k expression"), CPU-suite tests run on the GPU backend (CPU_TESTS="paths and
 # options"), a profiled training step (PROF=1, PROF_ARGS; bench/profile_model.py),
 # training-step timings (MODEL_ARGS, MODEL2_ARGS, MODEL3_ARGS; bench/model.py), CVMM
@@ -14,6 +15,9 @@
 source bench/device_setup.sh
 export CVMM_AUTOTUNE_CACHE=$OUT/autotune.json CVMM_AUTOTUNE=0
 cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
+if [ -n "$GLUON" ]; then
+  timeout ${GLUON_TIMEOUT:-120} python3 -m bench.gluon_probe --launch 2>&1 | tee $OUT/gluon.log
+fi
 if [ -n "$OPS" ]; then
   timeout ${OPS_TIMEOUT:-150} python3 -m bench.ops $OPS_ARGS 2>&1 | tee $OUT/ops.log
 fi
