@@ -552,7 +552,7 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
       HAS_SCALE=scale is not None, ATOMIC=atomic, DGATE=dgate,
       IEEE=a.dtype == jnp.float32, LOOP_N=loop_n, RED=red, F16=half == "float16")
   if half == "float16":
-    out = out.astype(jnp.float32) * (1.0 / row_s)[:, None]
+    out = _f16_unscale(out, row_s)
   return out, (dg.sum(axis=1) if dgate else None)
 
 
@@ -671,6 +671,12 @@ def _f16_row_scales(a, w_l1, routing: Routing, scale, a_rows: int, out_rows: int
   s = _pow2_scale(bound)
   pair_s = jnp.repeat(s, k // out_rows, axis=1)                         # [N, K]
   return s.reshape(-1), (pair_s if sc is None else sc * pair_s).reshape(-1)
+
+
+def _f16_unscale(out: jax.Array, row_s: jax.Array) -> jax.Array:
+  """float32 rows of a float16 sum with each row's scale (:func:`_f16_row_scales`)
+  taken back out."""
+  return out.astype(jnp.float32) * (1.0 / row_s)[:, None]
 
 
 def _tile_order() -> str:
@@ -794,7 +800,7 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
   kernel = _pair_bwd_kernel if bwd else _pair_fwd_kernel
   outs = dict(zip(names, _launch(kernel, args, out_shapes, z, cfg, zeroed=(0,), **meta)))
   if half == "float16":
-    outs["out"] = outs["out"].astype(jnp.float32) * (1.0 / row_s)[:, None]
+    outs["out"] = _f16_unscale(outs["out"], row_s)
   return outs
 
 

@@ -119,13 +119,13 @@ def test_fused_pair_matches_reference(case, dtype):
     assert err <= TOL[dtype], f"pair {case[0]} {name}: rel err {err:.2e} > {TOL[dtype]:.0e}"
 
 
-def _row_candidate_cases():
-  """Every tile candidate of the row kernel at a narrow-contraction shape (loop_n and
-  one program per column block), bf16."""
+def _row_candidate_cases(i: int = 128, o: int = 200):
+  """Every tile candidate of the row kernel for I = i, O = o, bf16 (at the default
+  narrow contraction: loop_n and one program per column block)."""
   if jax.default_backend() != "gpu":
     return []
   from kernels.cvmm_triton import _rows_candidates  # noqa: PLC0415
-  return _rows_candidates(128, 200, jnp.bfloat16)
+  return _rows_candidates(i, o, jnp.bfloat16)
 
 
 # Largest error of the row kernel's sums of K = 4 rows: float32 sums only reorder
@@ -163,17 +163,9 @@ def test_row_kernel_candidates_match_reference(cfg, transpose, sums):
   assert err <= SUM_TOL[sums], f"{cfg}: rel err {err:.2e}"
 
 
-def _plain_row_candidate_cases():
-  """Every tile candidate of the row kernel at a wide-contraction shape (the up and V
-  projections': several steps over I, one column block), bf16."""
-  if jax.default_backend() != "gpu":
-    return []
-  from kernels.cvmm_triton import _rows_candidates  # noqa: PLC0415
-  return _rows_candidates(520, 136, jnp.bfloat16)
-
-
 @pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
-@pytest.mark.parametrize("cfg", _plain_row_candidate_cases(), ids=str)
+# a wide contraction (the up and V projections': several steps over I, one column block)
+@pytest.mark.parametrize("cfg", _row_candidate_cases(520, 136), ids=str)
 def test_plain_row_kernel_candidates_match_reference(cfg, transpose):
   """rows_matmul with each tile candidate, one product per pair (out [P, O] in bf16, no
   sum), I = 520 (a partial last step over I) and O = 136 (a partial column block),
