@@ -101,10 +101,15 @@ def _cotangent(shape, dtype, key=jax.random.key(11)):
   return (jax.random.normal(key, shape) * 1e-3).astype(dtype)
 
 
+def _dot(y, ct):
+  """The loss whose gradient with respect to y is the cotangent ct."""
+  return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32))
+
+
 def _fwdbwd_fn(impl, gated):
   def loss(x, w, g, r, ct):
     y = cvmm(x, r, w, g, impl=impl) if gated else cvmm(x, r, w, impl=impl)
-    return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32))
+    return _dot(y, ct)
   argn = (0, 1, 2) if gated else (0, 1)
   vg = jax.value_and_grad(loss, argnums=argn)
   return jax.jit(lambda x, r, w, g, ct: vg(x, w, g, r, ct))
@@ -114,9 +119,7 @@ def _dense(p, i, o, dtype, key):
   a = jax.random.normal(key, (p, i)).astype(dtype)
   b = (jax.random.normal(jax.random.fold_in(key, 1), (i, o)) * i ** -0.5).astype(dtype)
   fwd = jax.jit(lambda a, b: a @ b)
-  fb = jax.jit(jax.value_and_grad(
-      lambda a, b, ct: jnp.sum((a @ b).astype(jnp.float32) * ct.astype(jnp.float32)),
-      argnums=(0, 1)))
+  fb = jax.jit(jax.value_and_grad(lambda a, b, ct: _dot(a @ b, ct), argnums=(0, 1)))
   return _time(fwd, a, b), _time(fb, a, b, _cotangent((p, o), dtype))
 
 
@@ -133,9 +136,8 @@ def pair_fns(impl):
     return cvmm_pair(x, r, keys, values, gates, impl=impl)            # [N, D]
 
   fwd = jax.jit(lambda x, k_, v, g, r: pair(x, k_, v, g, r))
-  def loss(x, k_, v, g, r, ct):
-    return jnp.sum(pair(x, k_, v, g, r).astype(jnp.float32) * ct.astype(jnp.float32))
-  fb = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+  fb = jax.jit(jax.value_and_grad(lambda x, k_, v, g, r, ct: _dot(pair(x, k_, v, g, r), ct),
+                                  argnums=(0, 1, 2, 3)))
   return fwd, fb
 
 
@@ -155,9 +157,10 @@ def run(profile_names, impls, dtype, pair, check, batch_tokens, log):
       for impl in impls:
         args = (v["x"], v["r"], v["w"], v["g"])
         try:
-          tf = _time(_fwd_fn(impl, gated), *args)
-          y_shape = jax.eval_shape(_fwd_fn(impl, gated), *args)
-          tb = _time(_fwdbwd_fn(impl, gated), *args, _cotangent(y_shape.shape, dtype))
+          fwd = _fwd_fn(impl, gated)
+          tf = _time(fwd, *args)
+          ct = _cotangent(jax.eval_shape(fwd, *args).shape, dtype)
+          tb = _time(_fwdbwd_fn(impl, gated), *args, ct)
         except Exception as err:  # report and go on: one failing impl must not hide the rest
           log(f"{pname:11s} {name:5s} {impl:6s} FAILED {type(err).__name__}: {str(err)[:300]}")
           rows.append(dict(profile=pname, proj=name, impl=impl, error=str(err)[:300]))

@@ -11,8 +11,8 @@ The σ-MoE pair (up, ReLU, gated down) runs six kernels, forward and backward:
   up_dx     dx[n] += dy[p] @ keys[e]^T            rows, I = Es, O = D, fused sum (atomic)
   up_dw     dkeys[e] = sum_p x[n]^T dy[p]                  ragged contraction
 and SwitchHead's V and O projection forwards (v_fwd; o_fwd, fused sum over heads ×
-experts); the fused pair kernels do up_fwd + down_fwd (pair_fwd) and down_dh + up_dx (pair_bwd) in
-one launch each ("dense" there: one matmul with the FLOPs of both products).
+experts); the fused pair kernels do up_fwd + down_fwd (pair_fwd) and down_dh + up_dx
+(pair_bwd) in one launch each ("dense" there: one matmul with the FLOPs of both products).
 Each kernel is timed with every tile candidate the autotuner would consider; fused
 sums also with 1, 2 and 4 floats per reduction instruction (CVMM_RED_VEC), in expert
 order (CVMM_TILE_ORDER), and with ``--sums float32,float16,bfloat16`` the three
@@ -63,7 +63,8 @@ def kernels(prof: dict, n: int, dtype):
   # constants, and XLA would fold the work on them (the float16 sums' row maxima) into
   # the compilation instead of timing it.
   v = dict(x=x, keys=keys, values=values, h=h, g=g, g2=down["g"], dout=dout, dy=dy,
-           hv=jax.nn.relu(h), att=att, ow=o_["w"], og=o_["g"].reshape(-1), vw=pr["V"]["w"], r=r, ro=ro)
+           hv=jax.nn.relu(h), att=att, ow=o_["w"], og=o_["g"].reshape(-1),
+           vw=pr["V"]["w"], r=r, ro=ro)
   return v, {
       "pair_fwd": (lambda c, v: ct.pair_rows(v["x"], v["keys"], v["values"], v["g2"],
                                              v["r"], cfg=c)["out"],
