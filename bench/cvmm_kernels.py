@@ -109,7 +109,9 @@ def candidates(kind, p, i, o, e, dtype):
     return ct._dw_candidates(p, e, i, o, dtype)
   if kind == "pair":
     return ct._pair_candidates(i // 2, o, i // 2, dtype)
-  return ct._rows_candidates(i, o, dtype)
+  # the fused sums (kind "atomic") also with the Gluon kernel where it runs
+  return ct._rows_candidates(i, o, dtype,
+                             gluon=kind == "atomic" and ct._red_width(o, dtype) == 8)
 
 
 def main(argv=None):
@@ -128,6 +130,9 @@ def main(argv=None):
   ap.add_argument("--orders", default="",
                   help="comma list of CVMM_TILE_ORDER values (token, expert, band<W>): "
                        "time the fused-sum kernels' tile candidates in each launch order")
+  ap.add_argument("--gluon", action="store_true",
+                  help="time only the Gluon tile candidates (with --cached: and the cached "
+                       "choice)")
   ap.add_argument("--cached", action="store_true",
                   help="time the cached tile choice too, first")
   ap.add_argument("--json", default="")
@@ -153,6 +158,8 @@ def main(argv=None):
     cands = candidates(kind, p, i, o, e, dtype)
     if a.block_m:
       cands = [c for c in cands if str(c.block_m) in a.block_m.split(",")]
+    if a.gluon:
+      cands = [c for c in cands if c.gluon]
     cfgs = ([None] if a.cached else []) + cands[:a.max_cands or None]
     for cfg in cfgs:
       variants.append((cfg, {"CVMM_RED_VEC": str(reds[0])} if kind in ("atomic", "pair")
@@ -210,7 +217,9 @@ def _fmt(c):
   s = f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
   if c.splits > 1:
     s += f" S{c.splits}"
-  if c.loop_n:
+  if c.gluon:
+    s += " gluon"
+  elif c.loop_n:
     s += " loopN"
   return s
 

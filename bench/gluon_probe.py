@@ -24,6 +24,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 
+from kernels.cvmm_gluon import install_launcher
+
 
 @gluon.jit
 def _doubler(x_ptr, y_ptr, BLOCK: gl.constexpr):
@@ -54,67 +56,13 @@ def compile_probe(cc: int = 90):
   return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=4))
 
 
-def install_gluon_launcher():
-  """Lets ``jax_triton.triton_call`` launch ``gluon.jit`` kernels: jax-triton's kernel
-  factory is wrapped so that Gluon kernels are compiled by Triton's own pipeline
-  (``GluonASTSource``) and their PTX handed to jax-triton's launch layer; other kernels
-  take jax-triton's path unchanged. Kernels that need global scratch are refused."""
-  from jax_triton import triton_lib as tlib  # noqa: PLC0415
-  from triton.experimental.gluon._runtime import GluonJITFunction  # noqa: PLC0415
-  orig = tlib.get_or_create_triton_kernel
-  if getattr(orig, "_gluon", False):
-    return
-  cache = {}
-
-  def factory(backend_init_func, platform, fn, arg_dtypes, scalar_args, *, num_warps,
-              num_stages, num_ctas, compute_capability, enable_fp_fusion, metaparams,
-              dump):
-    if not isinstance(fn, GluonJITFunction):
-      return orig(backend_init_func, platform, fn, arg_dtypes, scalar_args,
-                  num_warps=num_warps, num_stages=num_stages, num_ctas=num_ctas,
-                  compute_capability=compute_capability, enable_fp_fusion=enable_fp_fusion,
-                  metaparams=metaparams, dump=dump)
-    if platform != "cuda":
-      raise NotImplementedError(f"Gluon kernels on {platform}")
-    num_warps = 4 if num_warps is None else num_warps
-    num_stages = 3 if num_stages is None else num_stages
-    cc = compute_capability or tlib.triton_kernel_call_lib.get_compute_capability(0)
-    signature = {fn.arg_names[i]: v for i, v in enumerate(arg_dtypes)}
-    constants = dict(metaparams)
-    constants.update({fn.arg_names[i]: None for i, _, v in scalar_args if v is None})
-    constants.update({fn.arg_names[i]: 1 for i, _, v in scalar_args if v == 1})
-    for name in constants:
-      signature[name] = "constexpr"
-    # jax-triton's arrays are 16-byte aligned (its own assumption for Triton kernels)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, d in enumerate(arg_dtypes)
-             if d.startswith("*")}
-    key = (fn, tuple(signature.items()), tuple(constants.items()), num_warps, num_stages,
-           num_ctas, cc, enable_fp_fusion)
-    if key not in cache:
-      k = triton.compile(GluonASTSource(fn, signature, constants, attrs),
-                         target=GPUTarget("cuda", cc, 32),
-                         options=dict(num_warps=num_warps, num_stages=num_stages,
-                                      num_ctas=num_ctas, enable_fp_fusion=enable_fp_fusion))
-      md = k.metadata
-      if md.global_scratch_size:
-        raise NotImplementedError(
-            f"{md.name} needs {md.global_scratch_size} bytes of global scratch, which "
-            "jax-triton does not provide")
-      cache[key] = tlib.triton_kernel_call_lib.TritonKernel(
-          md.name, md.num_warps, num_ctas, md.shared, k.asm["ptx"], "", cc)
-    return cache[key], attrs
-
-  factory._gluon = True
-  tlib.get_or_create_triton_kernel = factory
-
-
 def launch_probe():
   """Launches the probe kernel through jax_triton.triton_call and checks both outputs."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import jax_triton as jt  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
-  install_gluon_launcher()
+  install_launcher()
   x = jnp.arange(128, dtype=jnp.float32) - 40.0
   out = jax.ShapeDtypeStruct((128,), jnp.float32)
   y, z = jax.jit(lambda x: jt.triton_call(x, kernel=_split_kernel, out_shape=[out, out],

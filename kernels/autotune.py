@@ -57,6 +57,7 @@ class TileConfig:
   num_stages: int = 3
   splits: int = 1
   loop_n: bool = False
+  gluon: bool = False
 
   def __post_init__(self):
     for name in ("block_m", "block_n", "block_k"):
@@ -69,6 +70,10 @@ class TileConfig:
       raise ValueError(f"num_stages={self.num_stages} must be in [1, 8]")
     if self.splits < 1:
       raise ValueError(f"splits={self.splits} must be >= 1")
+    if self.gluon and not (self.loop_n and self.num_stages >= 3):
+      raise ValueError("gluon tiles walk the column blocks (loop_n) with at least 3 "
+                       f"buffers (num_stages), got loop_n={self.loop_n}, "
+                       f"num_stages={self.num_stages}")
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)

@@ -524,12 +524,21 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
     _, i, o = w.shape
     sw = (i * o, o, 1)
   assert a.shape == (n * a_rows, i), (a.shape, n, a_rows, i)
-  if cfg is None:
-    cfg = choose_rows_config(n, k, e, i, o, a.dtype, a_rows, out_rows, scale is not None,
-                             sum_dtype)
   atomic = out_rows < k
   red = _red_width(o, a.dtype, sum_dtype) if atomic else 1
   half = half_sums(a.dtype, o, sum_dtype) if atomic else None
+  dgate = dgate_rows is not None
+  gluon_ok = _gluon_rows_ok(i, o, a.dtype, red, dgate)
+  if cfg is None:
+    cfg = choose_rows_config(n, k, e, i, o, a.dtype, a_rows, out_rows, scale is not None,
+                             sum_dtype)
+    if cfg.gluon and not gluon_ok(cfg):   # a cached Gluon choice this call cannot take
+      cfg = _triton_rows_candidates(i, o, a.dtype)[0]
+  elif cfg.gluon and not gluon_ok(cfg):
+    raise ValueError(f"{cfg}: the Gluon row kernel needs a fused 16-bit sum without "
+                     f"dgates, a contraction of 16..256 (a power of two) and whole "
+                     f"column blocks; got I={i}, O={o}, {jnp.dtype(a.dtype).name}, "
+                     f"sum reductions of {red}, dgates={dgate}")
   out_dtype = _sum_out_dtype(half) if atomic else a.dtype
   if half == "float16":
     w_l1 = _max_l1(w, 2 if transpose_w else 1)
@@ -538,7 +547,19 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   z = tiles.shape[1]
   n_nb = -(-o // cfg.block_n)
   loop_n = cfg.loop_n and i <= cfg.block_k
-  dgate = dgate_rows is not None
+  if cfg.gluon:
+    from kernels import cvmm_gluon  # noqa: PLC0415
+    cvmm_gluon.install_launcher()
+    (out,) = _launch(
+        cvmm_gluon._rows_sum_kernel,
+        [a, w, routing.order, tiles, scale if scale is not None else _DUMMY_F32()],
+        [jax.ShapeDtypeStruct((n * out_rows, o), out_dtype)], z, cfg, zeroed=(0,),
+        Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, SW_E=sw[0], SW_I=sw[1], SW_O=sw[2],
+        BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages, NW=cfg.num_warps,
+        HAS_SCALE=scale is not None, F16=half == "float16")
+    if half == "float16":
+      out = _f16_unscale(out, row_s)
+    return out, None
   out_shapes = [jax.ShapeDtypeStruct((n * out_rows, o), out_dtype),
                 jax.ShapeDtypeStruct((p, n_nb) if dgate else (1,), jnp.float32)]
   args = [a, w, routing.order, tiles,
@@ -554,6 +575,18 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   if half == "float16":
     out = _f16_unscale(out, row_s)
   return out, (dg.sum(axis=1) if dgate else None)
+
+
+def _gluon_rows_ok(i: int, o: int, dtype, red: int, dgate: bool):
+  """cfg -> whether the Gluon row kernel (:mod:`kernels.cvmm_gluon`) can run this call:
+  a fused 16-bit sum (8-wide reductions: sm90+, not the interpreter), no dgates, and
+  the shapes :func:`kernels.cvmm_gluon.rows_sum_supported` names."""
+  def ok(cfg: TileConfig) -> bool:
+    if red != 8 or dgate:
+      return False
+    from kernels import cvmm_gluon  # noqa: PLC0415
+    return cvmm_gluon.rows_sum_supported(i, o, dtype, cfg.block_n)
+  return ok
 
 
 def _compute_capability() -> float:
@@ -806,7 +839,25 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
 
 # ------------------------------------------------------------------ tile choice
 
-def _rows_candidates(i: int, o: int, dtype) -> list[TileConfig]:
+# Gluon row-kernel tiles (block_m, block_n, warps, buffers): candidates of the fused
+# 16-bit sums on sm90+ where :func:`_gluon_rows_ok` holds.
+_GLUON_ROWS = ((128, 64, 4, 4), (128, 64, 4, 3), (128, 32, 4, 4), (256, 32, 8, 4),
+               (256, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3))
+
+
+def _rows_candidates(i: int, o: int, dtype, gluon: bool = False) -> list[TileConfig]:
+  """Tile candidates of the row kernel, in heuristic order; ``gluon``: the call can
+  take the Gluon kernel (:func:`_gluon_rows_ok`), whose tiles are then listed too."""
+  out = _triton_rows_candidates(i, o, dtype)
+  if gluon:
+    ok = _gluon_rows_ok(i, o, dtype, 8, False)
+    out += [c for c in (TileConfig(bm, bn, max(16, autotune.next_pow2(i)), w, b,
+                                   loop_n=True, gluon=True)
+                        for bm, bn, w, b in _GLUON_ROWS) if ok(c)]
+  return out
+
+
+def _triton_rows_candidates(i: int, o: int, dtype) -> list[TileConfig]:
   bn_max = max(16, autotune.next_pow2(o))
   bk_max = max(16, autotune.next_pow2(i))
   if jnp.dtype(dtype).itemsize >= 4:
@@ -920,7 +971,10 @@ def choose_rows_config(n, k, e, i, o, dtype, a_rows, out_rows, has_scale,
         a, w, r, sc)
     return autotune.time_call(lambda: f(a, w, r, sc))
 
-  return autotune.tuner().choose("triton_rows", shape, dtype, _rows_candidates(i, o, dtype),
+  atomic = out_rows < k
+  gluon = atomic and _red_width(o, dtype, sum_dtype) == 8
+  return autotune.tuner().choose("triton_rows", shape, dtype,
+                                 _rows_candidates(i, o, dtype, gluon),
                                  _bench_or_none(bench))
 
 

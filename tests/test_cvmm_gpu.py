@@ -128,6 +128,19 @@ def _row_candidate_cases(i: int = 128, o: int = 200):
   return _rows_candidates(i, o, jnp.bfloat16)
 
 
+def _sum_inputs(seed, n, k, e, i, o, a_rows, transpose):
+  """Random routing (N tokens, top-K of E), bf16 rows a [N * a_rows, I], bf16 expert
+  matrices w [E, I, O] (and w as the kernel takes it: [E, O, I] when transposed) and
+  float32 gates [N * K] for a fused-sum row kernel test."""
+  from kernels import make_routing  # noqa: PLC0415
+  ks = jax.random.split(jax.random.key(seed), 4)
+  r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)
+  a = jax.random.normal(ks[1], (n * a_rows, i)).astype(jnp.bfloat16)
+  w = (jax.random.normal(ks[2], (e, i, o)) * i ** -0.5).astype(jnp.bfloat16)
+  g = jax.random.uniform(ks[3], (n * k,))
+  return r, a, w, g, (jnp.swapaxes(w, 1, 2) if transpose else w)
+
+
 # Largest error of the row kernel's sums of K = 4 rows: float32 sums only reorder
 # float32 adds; float16 sums round each add to 11 bits (unit roundoff 2^-11 = 4.9e-4).
 SUM_TOL = {"float32": 1e-5, "float16": 1e-3}
@@ -143,15 +156,9 @@ def test_row_kernel_candidates_match_reference(cfg, transpose, sums):
   no vector of 8 fits its rows)."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
-  from kernels import make_routing  # noqa: PLC0415
   from kernels.cvmm_triton import rows_matmul  # noqa: PLC0415
   n, k, e, i, o = 300, 4, 8, 128, 200
-  ks = jax.random.split(jax.random.key(3), 4)
-  r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)
-  a = jax.random.normal(ks[1], (n * k, i)).astype(jnp.bfloat16)
-  w = (jax.random.normal(ks[2], (e, i, o)) * i ** -0.5).astype(jnp.bfloat16)
-  g = jax.random.uniform(ks[3], (n * k,))
-  w_arg = jnp.swapaxes(w, 1, 2) if transpose else w
+  r, a, w, g, w_arg = _sum_inputs(3, n, k, e, i, o, k, transpose)
   out, _ = jax.jit(lambda a, w_, g: rows_matmul(a, w_, r, a_rows=k, out_rows=1,
                                                 transpose_w=transpose, scale=g,
                                                 cfg=cfg, sum_dtype=sums))(a, w_arg, g)
@@ -161,6 +168,53 @@ def test_row_kernel_candidates_match_reference(cfg, transpose, sums):
   err = _rel(out, ref)
   assert out.dtype == jnp.float32
   assert err <= SUM_TOL[sums], f"{cfg}: rel err {err:.2e}"
+
+
+def _gluon_row_cases():
+  """The Gluon row kernel's tile candidates (empty without a GPU that runs it)."""
+  if jax.default_backend() != "gpu":
+    return []
+  from kernels.cvmm_triton import _rows_candidates  # noqa: PLC0415
+  return [c for c in _rows_candidates(128, 256, jnp.bfloat16, gluon=True) if c.gluon]
+
+
+# (N, K, E, I, O, rows of a per token, output rows per token): σ-MoE down's sum over
+# all slots; experts without pairs (E > N * K / 2) and I = 64; SwitchHead O's sum
+# over the slots of each of 2 heads (4 pairs per output row), 40 experts.
+GLUON_SHAPES = [(300, 4, 8, 128, 256, 4, 1), (40, 2, 64, 64, 128, 2, 1),
+                (257, 8, 40, 128, 128, 8, 2)]
+
+
+@pytest.mark.parametrize("sums", ["float16", "bfloat16"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
+@pytest.mark.parametrize("shape", GLUON_SHAPES, ids=str)
+@pytest.mark.parametrize("cfg", _gluon_row_cases(), ids=str)
+def test_gluon_row_kernel_matches_reference(cfg, shape, transpose, sums):
+  """The Gluon fused-sum row kernel (kernels/cvmm_gluon.py) with each of its tile
+  candidates: gated sums over slots into 16-bit outputs, against an einsum of the same
+  bf16 inputs in float32. Row counts are not multiples of the tiles (partial tiles);
+  float16 sums within the float16 sums' tolerance, bf16 sums within bf16's."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  from kernels.cvmm_triton import rows_matmul  # noqa: PLC0415
+  n, k, e, i, o, a_rows, out_rows = shape
+  if cfg.block_k != max(16, i) or o % cfg.block_n:
+    cfg = type(cfg)(cfg.block_m, min(cfg.block_n, o), i, cfg.num_warps, cfg.num_stages,
+                    loop_n=True, gluon=True)
+  r, a, w, g, w_arg = _sum_inputs(5, n, k, e, i, o, a_rows, transpose)
+  out, _ = jax.jit(lambda a, w_, g: rows_matmul(a, w_, r, a_rows=a_rows,
+                                                out_rows=out_rows, transpose_w=transpose,
+                                                scale=g, cfg=cfg, sum_dtype=sums))(
+                                                    a, w_arg, g)
+  p = jnp.arange(n * k)
+  arow = (p // k) * a_rows + (p % k) // (k // a_rows)
+  we = w[r.expert_index.reshape(-1)].astype(jnp.float32)               # [P, I, O]
+  y = jnp.einsum("PI,PIO->PO", a[arow].astype(jnp.float32), we, precision="highest")
+  ref = (y * g[:, None]).reshape(n, out_rows, k // out_rows, o).sum(2).reshape(-1, o)
+  err = _rel(out, ref)
+  assert np.all(np.isfinite(np.asarray(out, np.float32)))
+  assert err <= (SUM_TOL["float16"] if sums == "float16" else TOL[jnp.bfloat16]), (
+      f"{cfg} {shape}: rel err {err:.2e}")
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])

@@ -1,0 +1,293 @@
+"""The fused-sum row kernel written in Gluon (Triton's explicit-layout dialect), sm90.
+
+The Triton row kernel (:func:`kernels.cvmm_triton._rows_kernel`, ``loop_n``) of the
+projections whose output rows are summed over experts (σ-MoE down, SwitchHead O, and
+the dx of σ-MoE up and SwitchHead V) keeps a tile's gathered rows in registers and,
+for each block of output columns, multiplies and then adds the block into the output
+with vector reductions. Its warps either multiply or reduce: the tensor cores wait
+while the block's reductions are issued.
+
+This kernel does the same work with the order made explicit:
+- the tile's gathered rows go to shared memory once (``cp.async``);
+- the expert's matrix streams through ``BUF`` shared buffers, one column block each;
+- block n+1's product is issued to the tensor cores (asynchronous ``wgmma``) before
+  block n's reductions, so that the two overlap within one program.
+
+The kernel is written in Gluon, which jax-triton cannot compile itself:
+:func:`install_launcher` lets ``jax_triton.triton_call`` launch Gluon kernels by
+compiling them with Triton's own pipeline and handing the PTX to jax-triton's launch
+layer. Only on Hopper (sm90) and later; 16-bit inputs and 16-bit sums.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+try:
+  import triton
+  from triton.experimental import gluon
+  from triton.experimental.gluon import language as gl
+  from triton.experimental.gluon.language.nvidia.hopper import (async_copy as cp,
+                                                                fence_async_shared,
+                                                                warpgroup_mma,
+                                                                warpgroup_mma_wait)
+except ImportError:  # no Triton (CPU-only installs), or a Triton without Gluon
+  triton = gluon = None
+
+__all__ = ["available", "install_launcher", "rows_sum_supported"]
+
+
+def available() -> bool:
+  return gluon is not None
+
+
+def rows_sum_supported(i: int, o: int, dtype, block_n: int) -> bool:
+  """Shapes the Gluon kernel covers: the whole contraction in one block (I a power of
+  two in [16, 256]), whole column blocks and 16-byte reductions (O % block_n == 0),
+  16-bit inputs."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  return (available() and jnp.dtype(dtype).itemsize == 2 and 16 <= i <= 256
+          and i & (i - 1) == 0 and o % block_n == 0 and block_n % 8 == 0)
+
+
+if gluon is not None:
+  from kernels.cvmm_triton import _red_half_v8_asm
+
+  _RED_F16 = gl.constexpr(_red_half_v8_asm("f16x2"))
+  _RED_BF16 = gl.constexpr(_red_half_v8_asm("bf16x2"))
+
+  @gluon.jit
+  def _red_v8(out_ptr, offs, v, mask, ASM: gl.constexpr, BM: gl.constexpr,
+              BN: gl.constexpr):
+    """Adds the [BM, BN] floats v to out_ptr + offs, eight adjacent columns (rounded to
+    16 bits) per reduction; v's layout holds eight adjacent columns per thread."""
+    x = gl.reshape(v, [BM, BN // 8, 2, 2, 2])      # column = 8 j + 4 b2 + 2 b1 + b0
+    e0, e1 = gl.split(x)                           # b0
+    e00, e01 = gl.split(e0)                        # b1
+    e10, e11 = gl.split(e1)
+    c0, c4 = gl.split(e00)                         # b2
+    c2, c6 = gl.split(e01)
+    c1, c5 = gl.split(e10)
+    c3, c7 = gl.split(e11)
+    p0 = (out_ptr + _first8(offs, BM, BN)).to(gl.int64)
+    m0 = _first8(mask.to(gl.int32), BM, BN)
+    gl.inline_asm_elementwise(
+        ASM, "=r,l,f,f,f,f,f,f,f,f,r", [p0, c0, c1, c2, c3, c4, c5, c6, c7, m0],
+        dtype=gl.int32, is_pure=False, pack=1)
+
+  @gluon.jit
+  def _first8(t, BM: gl.constexpr, BN: gl.constexpr):
+    """[BM, BN // 8]: the first of every eight adjacent columns of t."""
+    x = gl.reshape(t, [BM, BN // 8, 2, 2, 2])
+    a, _b = gl.split(x)
+    a, _b = gl.split(a)
+    a, _b = gl.split(a)
+    return a
+
+  @gluon.jit
+  def _rows_sum_kernel(
+      a_ptr,        # [Ra, I] rows read by the pairs (16-bit)
+      w_ptr,        # expert matrices: element (e, i, o) at e*SW_E + i*SW_I + o*SW_O
+      order_ptr,    # [P] int32 pair index at each sorted position
+      tiles_ptr,    # [3, Z] int32 expert, start, end of each tile
+      scale_ptr,    # [P] float32 per-pair scale; unused if not HAS_SCALE
+      out_ptr,      # [Ro, O] 16-bit sums (zeroed)
+      Z: gl.constexpr, I: gl.constexpr, O: gl.constexpr, K: gl.constexpr,
+      A_R: gl.constexpr, O_R: gl.constexpr,
+      SW_E: gl.constexpr, SW_I: gl.constexpr, SW_O: gl.constexpr,
+      BM: gl.constexpr, BN: gl.constexpr, BUF: gl.constexpr, NW: gl.constexpr,
+      HAS_SCALE: gl.constexpr, F16: gl.constexpr):
+    n_nb: gl.constexpr = O // BN
+    ASM: gl.constexpr = _RED_F16 if F16 else _RED_BF16
+    dt: gl.constexpr = a_ptr.dtype.element_ty
+    # layouts: the product's (wgmma: NW warps along the rows), the copies' (16 bytes per
+    # thread along the contiguous dimension) and the reductions' (eight columns each)
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                    instr_shape=[16, BN, 16])
+    a_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (I // 8), I // 8], [NW, 1], [1, 0])
+    red_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BN // 8), BN // 8], [NW, 1],
+                                           [1, 0])
+    a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, I], dt)
+    TRANS: gl.constexpr = SW_I == 1         # the matrix is contiguous along I
+    if TRANS:
+      b_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (I // 8), I // 8], [NW, 1],
+                                           [1, 0])
+      b_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, I], dt)
+      b_smem = gl.allocate_shared_memory(dt, [BUF, BN, I], b_sl)
+    else:
+      b_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BN // 8), BN // 8], [NW, 1],
+                                           [1, 0])
+      b_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([I, BN], dt)
+      b_smem = gl.allocate_shared_memory(dt, [BUF, I, BN], b_sl)
+    a_smem = gl.allocate_shared_memory(dt, [BM, I], a_sl)
+
+    tile = gl.program_id(0)
+    e = gl.load(tiles_ptr + tile)
+    start = gl.load(tiles_ptr + Z + tile)
+    end = gl.load(tiles_ptr + 2 * Z + tile)
+    if start < end:
+      w_base = w_ptr + e.to(gl.int64) * SW_E
+      # the tile's gathered rows -> shared memory (copy group 0, with column block 0)
+      rows = start + gl.arange(0, BM, layout=gl.SliceLayout(1, a_l))
+      rmask = rows < end
+      pair = gl.load(order_ptr + rows, mask=rmask, other=0)
+      a_row = ((pair // K) * A_R + (pair % K) // (K // A_R)).to(gl.int64)
+      ka = gl.arange(0, I, layout=gl.SliceLayout(0, a_l))
+      cp.async_copy_global_to_shared(a_smem, a_ptr + a_row[:, None] * I + ka[None, :],
+                                     mask=rmask[:, None])
+      gl.static_assert(BUF >= 3, "BUF: at least 3 buffers (2 blocks in flight)")
+      for j in gl.static_range(BUF - 1):
+        _copy_block(b_smem, w_base, j, I, O, BN, SW_I, SW_O, TRANS, b_l)
+        cp.commit_group()
+      # the reductions' row indices, scales and validity
+      rows_r = start + gl.arange(0, BM, layout=gl.SliceLayout(1, red_l))
+      rmask_r = rows_r < end
+      pair_r = gl.load(order_ptr + rows_r, mask=rmask_r, other=0)
+      o_row = ((pair_r // K) * O_R + (pair_r % K) // (K // O_R)).to(gl.int64)
+      if HAS_SCALE:
+        s = gl.load(scale_ptr + pair_r, mask=rmask_r, other=0.0).to(gl.float32)
+      else:
+        s = gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, red_l))
+      zero = gl.zeros([BM, BN], gl.float32, layout=acc_l)
+
+      # Block nb's product runs on the tensor cores while block nb - 1 is reduced.
+      # Only finished products are carried from one iteration to the next: a product
+      # in flight must not be copied (ptxas would then serialise the wgmma).
+      cp.wait_group(BUF - 2)
+      fence_async_shared()
+      gl.thread_barrier()
+      prev = warpgroup_mma(a_smem, _b_view(b_smem, 0, BUF, TRANS), zero, use_acc=False,
+                           is_async=True)
+      prev = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+      for nb in range(1, n_nb):
+        _copy_block(b_smem, w_base, nb + BUF - 2, I, O, BN, SW_I, SW_O, TRANS, b_l)
+        cp.commit_group()
+        cp.wait_group(BUF - 2)     # block nb is in shared memory
+        fence_async_shared()
+        gl.thread_barrier()        # ... for every thread; and block nb - 2's buffer is free
+        cur = warpgroup_mma(a_smem, _b_view(b_smem, nb, BUF, TRANS), zero, use_acc=False,
+                            is_async=True)
+        _reduce_block(prev, nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM)
+        prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))
+      _reduce_block(prev, n_nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM)
+
+  @gluon.jit
+  def _b_view(b_smem, nb, BUF: gl.constexpr, TRANS: gl.constexpr):
+    if TRANS:
+      return b_smem.index(nb % BUF).permute((1, 0))
+    else:
+      return b_smem.index(nb % BUF)
+
+  @gluon.jit
+  def _copy_block(b_smem, w_base, nb, I: gl.constexpr, O: gl.constexpr, BN: gl.constexpr,
+                  SW_I: gl.constexpr, SW_O: gl.constexpr, TRANS: gl.constexpr,
+                  b_l: gl.constexpr):
+    """Starts copying column block nb of the expert's matrix into its buffer (nothing
+    past the last block: O % BN == 0, so its columns are all masked)."""
+    BUF: gl.constexpr = b_smem.shape[0]
+    if TRANS:   # [BN, I] in shared memory, contiguous along I
+      cols = nb * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, b_l))
+      ks = gl.arange(0, I, layout=gl.SliceLayout(0, b_l))
+      ptrs = w_base + cols[:, None] * SW_O + ks[None, :] * SW_I
+      m = (cols < O)[:, None]
+    else:       # [I, BN], contiguous along the columns
+      ks = gl.arange(0, I, layout=gl.SliceLayout(1, b_l))
+      cols = nb * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, b_l))
+      ptrs = w_base + ks[:, None] * SW_I + cols[None, :] * SW_O
+      m = (cols < O)[None, :]
+    cp.async_copy_global_to_shared(b_smem.index(nb % BUF), ptrs, mask=m)
+
+  @gluon.jit
+  def _reduce_block(acc, nb, o_row, rmask, s, out_ptr, O: gl.constexpr, BM: gl.constexpr,
+                    BN: gl.constexpr, red_l: gl.constexpr, ASM: gl.constexpr):
+    """Adds the scaled [BM, BN] product of column block nb into the output rows."""
+    v = gl.convert_layout(acc, red_l) * s[:, None]
+    cols = nb * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, red_l))
+    offs = o_row[:, None] * O + cols[None, :]
+    mask = rmask[:, None] & (cols < O)[None, :]
+    _red_v8(out_ptr, offs, v, mask, ASM, BM, BN)
+
+
+def _cache_dir_fallback():
+  """Triton's compile cache (``triton.knobs.cache.dir``: TRITON_CACHE_DIR, else under
+  $HOME). Where it is empty (TRITON_CACHE_DIR set to "", as on some batch machines) or
+  cannot be written, ``triton.compile`` fails; use a temporary directory instead."""
+  from triton import knobs  # noqa: PLC0415
+  d = knobs.cache.dir
+  if d:
+    try:
+      os.makedirs(d, exist_ok=True)
+      if os.access(d, os.W_OK):
+        return
+    except OSError:
+      pass
+  os.environ["TRITON_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "triton_cache")
+
+
+def compile_gluon(fn, signature: dict, constants: dict, attrs: dict, cc: int,
+                  num_warps: int, num_stages: int = 3, num_ctas: int = 1,
+                  enable_fp_fusion: bool = True):
+  """Compiles a ``gluon.jit`` kernel with Triton's own pipeline (no GPU needed)."""
+  from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+  from triton.experimental.gluon._runtime import GluonASTSource  # noqa: PLC0415
+  _cache_dir_fallback()
+  return triton.compile(GluonASTSource(fn, signature, constants, attrs),
+                        target=GPUTarget("cuda", cc, 32),
+                        options=dict(num_warps=num_warps, num_stages=num_stages,
+                                     num_ctas=num_ctas, enable_fp_fusion=enable_fp_fusion))
+
+
+def install_launcher():
+  """Lets ``jax_triton.triton_call`` launch ``gluon.jit`` kernels.
+
+  jax-triton compiles every kernel through ``ASTSource`` and ``make_ttir``, which a
+  Gluon kernel (it emits TTGIR itself) cannot take. Its kernel factory is wrapped here:
+  Gluon kernels are compiled by :func:`compile_gluon` and their PTX handed to
+  jax-triton's launch layer (``TritonKernel``); other kernels take jax-triton's path
+  unchanged. Kernels that need global scratch memory are refused (jax-triton does not
+  provide it). Idempotent."""
+  from jax_triton import triton_lib as tlib  # noqa: PLC0415
+  from triton.experimental.gluon._runtime import GluonJITFunction  # noqa: PLC0415
+  orig = tlib.get_or_create_triton_kernel
+  if getattr(orig, "_gluon", False):
+    return
+  cache = {}
+
+  def factory(backend_init_func, platform, fn, arg_dtypes, scalar_args, *, num_warps,
+              num_stages, num_ctas, compute_capability, enable_fp_fusion, metaparams,
+              dump):
+    if not isinstance(fn, GluonJITFunction):
+      return orig(backend_init_func, platform, fn, arg_dtypes, scalar_args,
+                  num_warps=num_warps, num_stages=num_stages, num_ctas=num_ctas,
+                  compute_capability=compute_capability, enable_fp_fusion=enable_fp_fusion,
+                  metaparams=metaparams, dump=dump)
+    if platform != "cuda":
+      raise NotImplementedError(f"Gluon kernels on {platform}")
+    num_warps = 4 if num_warps is None else num_warps
+    num_stages = 3 if num_stages is None else num_stages
+    cc = compute_capability or tlib.triton_kernel_call_lib.get_compute_capability(0)
+    signature = {fn.arg_names[i]: v for i, v in enumerate(arg_dtypes)}
+    constants = dict(metaparams)
+    constants.update({fn.arg_names[i]: None for i, _, v in scalar_args if v is None})
+    constants.update({fn.arg_names[i]: 1 for i, _, v in scalar_args if v == 1})
+    for name in constants:
+      signature[name] = "constexpr"
+    # jax-triton's arrays are 16-byte aligned (its own assumption for Triton kernels)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, d in enumerate(arg_dtypes)
+             if d.startswith("*")}
+    key = (fn, tuple(signature.items()), tuple(constants.items()), num_warps, num_stages,
+           num_ctas, cc, enable_fp_fusion)
+    if key not in cache:
+      k = compile_gluon(fn, signature, constants, attrs, cc, num_warps, num_stages,
+                        num_ctas, enable_fp_fusion)
+      md = k.metadata
+      if md.global_scratch_size:
+        raise NotImplementedError(
+            f"{md.name} needs {md.global_scratch_size} bytes of global scratch, which "
+            "jax-triton does not provide")
+      cache[key] = tlib.triton_kernel_call_lib.TritonKernel(
+          md.name, md.num_warps, num_ctas, md.shared, k.asm["ptx"], "", cc)
+    return cache[key], attrs
+
+  factory._gluon = True
+  tlib.get_or_create_triton_kernel = factory
