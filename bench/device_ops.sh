@@ -18,6 +18,9 @@ cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
 if [ -n "$GLUON" ]; then
   timeout ${GLUON_TIMEOUT:-120} python3 -m bench.gluon_probe --launch 2>&1 | tee $OUT/gluon.log
 fi
+if [ -n "$GPROBE" ]; then
+  timeout ${GPROBE_TIMEOUT:-150} python3 -m bench.gluon_rows_probe $GPROBE_ARGS 2>&1 | tee $OUT/gluon_rows_probe.log
+fi
 if [ -n "$OPS" ]; then
   timeout ${OPS_TIMEOUT:-150} python3 -m bench.ops $OPS_ARGS 2>&1 | tee $OUT/ops.log
 fi

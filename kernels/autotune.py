@@ -66,8 +66,9 @@ class TileConfig:
         raise ValueError(f"{name}={v} must be a power of two >= 16 (tensor-core tiles)")
     if self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
-    if not 1 <= self.num_stages <= 8:
-      raise ValueError(f"num_stages={self.num_stages} must be in [1, 8]")
+    if not 1 <= self.num_stages <= (16 if self.gluon else 8):
+      raise ValueError(f"num_stages={self.num_stages} must be in [1, 8] "
+                       "([3, 16] for gluon tiles)")
     if self.splits < 1:
       raise ValueError(f"splits={self.splits} must be >= 1")
     if self.gluon and not (self.loop_n and self.num_stages >= 3):

@@ -13,6 +13,12 @@ This kernel does the same work with the order made explicit:
 - block n+1's product is issued to the tensor cores (asynchronous ``wgmma``) before
   block n's reductions, so that the two overlap within one program.
 
+Measured at MoEUT_244M on an H200 (bench/RESULTS.md, ninth session) it runs as fast
+as the Triton kernel and no faster: both are bound by memory traffic, not by the
+order of multiplying and reducing. With the products taken out (``PROBE=3``,
+bench/gluon_rows_probe.py) the down projection's kernel still takes 94% of its time.
+Its tiles are therefore autotuning candidates only with CVMM_GLUON=1.
+
 The kernel is written in Gluon, which jax-triton cannot compile itself:
 :func:`install_launcher` lets ``jax_triton.triton_call`` launch Gluon kernels by
 compiling them with Triton's own pipeline and handing the PTX to jax-triton's launch
@@ -55,6 +61,8 @@ if gluon is not None:
 
   _RED_F16 = gl.constexpr(_red_half_v8_asm("f16x2"))
   _RED_BF16 = gl.constexpr(_red_half_v8_asm("bf16x2"))
+  _ST_F16 = gl.constexpr(_red_half_v8_asm("f16x2").replace(
+      "red.global.gpu.relaxed.add.noftz.v4.f16x2", "st.global.v4.b32"))
 
   @gluon.jit
   def _red_v8(out_ptr, offs, v, mask, ASM: gl.constexpr, BM: gl.constexpr,
@@ -96,9 +104,15 @@ if gluon is not None:
       A_R: gl.constexpr, O_R: gl.constexpr,
       SW_E: gl.constexpr, SW_I: gl.constexpr, SW_O: gl.constexpr,
       BM: gl.constexpr, BN: gl.constexpr, BUF: gl.constexpr, NW: gl.constexpr,
-      HAS_SCALE: gl.constexpr, F16: gl.constexpr):
+      HAS_SCALE: gl.constexpr, F16: gl.constexpr, PROBE: gl.constexpr = 0):
+    # PROBE (bench/gluon_rows_probe.py only; 0 in use): 1 issues the reductions with a
+    # false predicate (no memory traffic), 2 stores instead of adding, 3 skips the
+    # products (adds zeros).
     n_nb: gl.constexpr = O // BN
-    ASM: gl.constexpr = _RED_F16 if F16 else _RED_BF16
+    if PROBE == 2:
+      ASM: gl.constexpr = _ST_F16
+    else:
+      ASM: gl.constexpr = _RED_F16 if F16 else _RED_BF16
     dt: gl.constexpr = a_ptr.dtype.element_ty
     # layouts: the product's (wgmma: NW warps along the rows), the copies' (16 bytes per
     # thread along the contiguous dimension) and the reductions' (eight columns each)
@@ -156,19 +170,27 @@ if gluon is not None:
       cp.wait_group(BUF - 2)
       fence_async_shared()
       gl.thread_barrier()
-      prev = warpgroup_mma(a_smem, _b_view(b_smem, 0, BUF, TRANS), zero, use_acc=False,
-                           is_async=True)
-      prev = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+      if PROBE == 3:
+        prev = zero
+      else:
+        prev = warpgroup_mma(a_smem, _b_view(b_smem, 0, BUF, TRANS), zero, use_acc=False,
+                             is_async=True)
+        prev = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
+      if PROBE == 1:
+        rmask_r = rmask_r & (rows_r < 0)
       for nb in range(1, n_nb):
         _copy_block(b_smem, w_base, nb + BUF - 2, I, O, BN, SW_I, SW_O, TRANS, b_l)
         cp.commit_group()
         cp.wait_group(BUF - 2)     # block nb is in shared memory
         fence_async_shared()
         gl.thread_barrier()        # ... for every thread; and block nb - 2's buffer is free
-        cur = warpgroup_mma(a_smem, _b_view(b_smem, nb, BUF, TRANS), zero, use_acc=False,
-                            is_async=True)
-        _reduce_block(prev, nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM)
-        prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))
+        if PROBE == 3:
+          _reduce_block(prev, nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM)
+        else:
+          cur = warpgroup_mma(a_smem, _b_view(b_smem, nb, BUF, TRANS), zero,
+                              use_acc=False, is_async=True)
+          _reduce_block(prev, nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM)
+          prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))
       _reduce_block(prev, n_nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM)
 
   @gluon.jit

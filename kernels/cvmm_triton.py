@@ -840,9 +840,17 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
 # ------------------------------------------------------------------ tile choice
 
 # Gluon row-kernel tiles (block_m, block_n, warps, buffers): candidates of the fused
-# 16-bit sums on sm90+ where :func:`_gluon_rows_ok` holds.
-_GLUON_ROWS = ((128, 64, 4, 4), (128, 64, 4, 3), (128, 32, 4, 4), (256, 32, 8, 4),
-               (256, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3))
+# 16-bit sums on sm90+ where :func:`_gluon_rows_ok` holds, with CVMM_GLUON=1. At
+# MoEUT_244M on an H200 the best of them ran as fast as the Triton kernel, not faster
+# (down 1.539 vs 1.532 ms, O 0.838 vs 0.814; bench/RESULTS.md, ninth session), so they
+# are opt-in. 32-column blocks and deeper buffering were slower.
+_GLUON_ROWS = ((128, 64, 4, 4), (128, 64, 4, 3), (64, 64, 4, 3), (256, 64, 8, 3),
+               (128, 128, 8, 3))
+
+
+def _gluon_enabled() -> bool:
+  """CVMM_GLUON=1: the autotuner also times the Gluon row kernel's tiles."""
+  return os.environ.get("CVMM_GLUON", "0") == "1"
 
 
 def _rows_candidates(i: int, o: int, dtype, gluon: bool = False) -> list[TileConfig]:
@@ -972,7 +980,7 @@ def choose_rows_config(n, k, e, i, o, dtype, a_rows, out_rows, has_scale,
     return autotune.time_call(lambda: f(a, w, r, sc))
 
   atomic = out_rows < k
-  gluon = atomic and _red_width(o, dtype, sum_dtype) == 8
+  gluon = _gluon_enabled() and atomic and _red_width(o, dtype, sum_dtype) == 8
   return autotune.tuner().choose("triton_rows", shape, dtype,
                                  _rows_candidates(i, o, dtype, gluon),
                                  _bench_or_none(bench))

@@ -1,0 +1,68 @@
+"""Where the fused sums' time goes: the Gluon row kernel with parts taken out.
+
+  python -m bench.gluon_rows_probe [--profile MoEUT_244M] [--tokens 65536]
+
+At the σ-MoE down projection's shape (float16 sums), times the Gluon fused-sum row
+kernel (kernels/cvmm_gluon.py) as it is and with its ``PROBE`` settings: the
+reductions predicated off (gathers, matrix stream and products only), plain 16-byte
+stores instead of reductions, and no products (gathers, matrix stream and reductions
+of zeros). Prints one row per (tiling, variant) and the dense matmul of the same FLOPs.
+"""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+import profiles
+from bench.cvmm import _time
+from bench.cvmm_kernels import _dense_ms, kernels
+from kernels import cvmm_gluon as cg
+from kernels import cvmm_triton as ct
+from kernels.autotune import TileConfig
+
+VARIANTS = {0: "as is", 1: "no reductions", 2: "stores, not adds", 3: "no products"}
+
+
+def _probe_fn(cfg: TileConfig, probe: int):
+  """down_fwd (out[n] += g h @ values[e]) through the Gluon kernel with PROBE set."""
+  def fn(v):
+    h, w, r, g = v["h"], v["values"], v["r"], v["g"]
+    n, k = r.n_tokens, r.k
+    e, i, o = w.shape
+    tiles = ct._sum_tiles(r, cfg.block_m)
+    z = tiles.shape[1]
+    cg.install_launcher()
+    (out,) = ct._launch(
+        cg._rows_sum_kernel, [h, w, r.order, tiles, g.astype(jnp.float32)],
+        [jax.ShapeDtypeStruct((n, o), jnp.float16)], z, cfg, zeroed=(0,),
+        Z=z, I=i, O=o, K=k, A_R=k, O_R=1, SW_E=i * o, SW_I=o, SW_O=1,
+        BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages, NW=cfg.num_warps,
+        HAS_SCALE=True, F16=True, PROBE=probe)
+    return out
+  return fn
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--profile", default="MoEUT_244M")
+  ap.add_argument("--tokens", type=int, default=64 * 1024)
+  a = ap.parse_args(argv)
+  prof = profiles.get(a.profile)
+  arrays, ks = kernels(prof, a.tokens, jnp.bfloat16)
+  fn, (p, i, o), _ = ks["down_fwd"]
+  dense = _dense_ms(p, i, o, jnp.bfloat16)
+  print(f"# {jax.devices()[0].device_kind}, {a.profile}, down_fwd P={p} I={i} O={o}, "
+        f"dense {dense:.3f} ms")
+  t = _time(jax.jit(lambda v: fn(None, v)), arrays) * 1e3
+  print(f"triton (cached tiles)                      {t:7.3f} ms")
+  for bm, bn, w, b in ((128, 64, 4, 4), (256, 64, 8, 3)):
+    cfg = TileConfig(bm, bn, i, w, b, loop_n=True, gluon=True)
+    for probe, name in VARIANTS.items():
+      t = _time(jax.jit(_probe_fn(cfg, probe)), arrays) * 1e3
+      print(f"gluon {bm}x{bn} w{w} b{b}  {name:18s} {t:7.3f} ms", flush=True)
+
+
+if __name__ == "__main__":
+  main()
