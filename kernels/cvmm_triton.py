@@ -908,16 +908,23 @@ def _dw_candidates(p: int, e: int, i: int, o: int, dtype) -> list[TileConfig]:
     raw = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4),
            (128, 64, 64, 4, 4)]
   sms = autotune.multiprocessor_count()
-  out = []
+  out, more = [], []
   for bi, bo, bk, w, st in raw:
     bi, bo = min(bi, bi_max), min(bo, bo_max)
     blocks = e * -(-i // bi) * -(-o // bo)
     mean_rows = max(1, p // e)
     # Split an expert's rows until about two programs per multiprocessor, keeping
     # at least a few steps of bk rows per program.
-    splits = max(1, min(-(-2 * sms // blocks), mean_rows // (4 * bk), 32))
+    most = max(1, min(mean_rows // (4 * bk), 32))
+    splits = max(1, min(-(-2 * sms // blocks), most))
     out.append(TileConfig(bi, bo, bk, w, st, splits))
-  return list(dict.fromkeys(out))
+    # Two and four times as many splits, for the autotuner: with few experts the
+    # programs come in few waves, and the last one can leave most multiprocessors idle
+    # (SwitchHead's 40 experts at MoEUT_244M: 320 programs, 1.2 waves of two per SM;
+    # 4 splits took V's forward+backward from 1.746 to 1.673 ms, bench/RESULTS.md).
+    more += [TileConfig(bi, bo, bk, w, st, s) for s in (2 * splits, 4 * splits)
+             if s <= most]
+  return list(dict.fromkeys(out + more))
 
 
 def _pair_candidates(d: int, h: int, o: int, dtype) -> list[TileConfig]:

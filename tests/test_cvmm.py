@@ -284,6 +284,19 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     y = jnp.einsum("PI,PIO->PO", jnp.repeat(a1, k, axis=0), we, precision="highest")
     for got, want in ((out, y * g[:, None]), (dg, jnp.sum(y * c, axis=1))):
       assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
+    # The weight gradient with each expert's rows split over 3 programs (float32
+    # partials summed afterwards), against an einsum; one expert without pairs.
+    from kernels.cvmm_triton import expert_gram
+    idx = jax.random.randint(ks[0], (n, k), 0, e - 1)
+    r2 = make_routing(idx, e)
+    b = jax.random.normal(ks[5], (n * k, o))
+    dw = expert_gram(a1, b, r2, a_rows=1, b_rows=k, scale=g,
+                     cfg=TileConfig(16, 16, 16, 4, 1, splits=3))
+    onehot = jax.nn.one_hot(idx.reshape(-1), e)
+    ref = jnp.einsum("PE,PI,PO->EIO", onehot, jnp.repeat(a1, k, axis=0), b * g[:, None],
+                     precision="highest")
+    assert float(jnp.abs(dw[e - 1]).max()) == 0.0
+    assert np.linalg.norm(dw - ref) / np.linalg.norm(ref) <= 1e-5
     # The fused σ-MoE pair (forward and backward kernels) against two reference CVMMs.
     from kernels.cvmm_reference import cvmm_pair_reference
     from kernels.cvmm_triton import cvmm_triton_pair

@@ -248,8 +248,12 @@ def _dw_candidate_cases():
   """Every tile candidate of the weight-gradient kernel, bf16, for the shapes below."""
   if jax.default_backend() != "gpu":
     return []
+  import dataclasses  # noqa: PLC0415
   from kernels.cvmm_triton import _dw_candidates  # noqa: PLC0415
-  return _dw_candidates(300 * 4, 8, 200, 136, jnp.bfloat16)
+  cands = _dw_candidates(300 * 4, 8, 200, 136, jnp.bfloat16)
+  # and each expert's rows split over 2 and 4 programs (at this shape the heuristic
+  # keeps 1; the autotuner's split candidates appear at larger ones)
+  return cands + [dataclasses.replace(cands[0], splits=s) for s in (2, 4)]
 
 
 @pytest.mark.parametrize("cfg", _dw_candidate_cases(), ids=str)
