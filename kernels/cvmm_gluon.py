@@ -123,9 +123,8 @@ if gluon is not None:
                                            [1, 0])
     a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, I], dt)
     TRANS: gl.constexpr = SW_I == 1         # the matrix is contiguous along I
-    if TRANS:
-      b_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (I // 8), I // 8], [NW, 1],
-                                           [1, 0])
+    if TRANS:   # blocks [BN, I], copied like the rows [BM, I]
+      b_l: gl.constexpr = a_l
       b_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, I], dt)
       b_smem = gl.allocate_shared_memory(dt, [BUF, BN, I], b_sl)
     else:

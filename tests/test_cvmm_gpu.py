@@ -5,6 +5,7 @@ when JAX has no GPU backend.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -198,9 +199,7 @@ def test_gluon_row_kernel_matches_reference(cfg, shape, transpose, sums):
     pytest.skip("triton not available on this GPU")
   from kernels.cvmm_triton import rows_matmul  # noqa: PLC0415
   n, k, e, i, o, a_rows, out_rows = shape
-  if cfg.block_k != max(16, i) or o % cfg.block_n:
-    cfg = type(cfg)(cfg.block_m, min(cfg.block_n, o), i, cfg.num_warps, cfg.num_stages,
-                    loop_n=True, gluon=True)
+  cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, o), block_k=i)
   r, a, w, g, w_arg = _sum_inputs(5, n, k, e, i, o, a_rows, transpose)
   out, _ = jax.jit(lambda a, w_, g: rows_matmul(a, w_, r, a_rows=a_rows,
                                                 out_rows=out_rows, transpose_w=transpose,
@@ -248,7 +247,6 @@ def _dw_candidate_cases():
   """Every tile candidate of the weight-gradient kernel, bf16, for the shapes below."""
   if jax.default_backend() != "gpu":
     return []
-  import dataclasses  # noqa: PLC0415
   from kernels.cvmm_triton import _dw_candidates  # noqa: PLC0415
   cands = _dw_candidates(300 * 4, 8, 200, 136, jnp.bfloat16)
   # and each expert's rows split over 2 and 4 programs (at this shape the heuristic
