@@ -110,6 +110,21 @@ def test_band_tiles_cover_every_pair_once_within_a_band(monkeypatch, packed):
     r.band_tiles(16, 0)
 
 
+def test_group_order_permutes_whole_tiles_band_by_band_then_by_expert():
+  from kernels.cvmm_triton import _group_ordered
+  r = _routing("random", 37, 3, 11, jax.random.key(3))
+  order = np.asarray(r.order)
+  for bm, band in [(4, 5), (16, 8), (16, 1000)]:
+    plain = np.asarray(r.tiles(bm))
+    got = np.asarray(_group_ordered(r.tiles(bm), r, band))
+    assert sorted(map(tuple, got.T)) == sorted(map(tuple, plain.T))   # a permutation
+    used = got[:, got[2] > got[1]]
+    n_used = used.shape[1]
+    assert np.all(got[2, n_used:] == got[1, n_used:])                 # unused tiles last
+    keys = [(order[s] // r.k // band, e, s) for e, s, _ in used.T]
+    assert keys == sorted(keys), keys      # by first token's band, expert, position
+
+
 def test_tile_config_validates():
   TileConfig(64, 128, 32, 4, 3)
   for bad in [dict(block_m=48), dict(block_n=8), dict(num_warps=3), dict(num_stages=0),
@@ -512,10 +527,10 @@ def test_band_order_in_interpreter():
 
 def test_tile_order_is_validated(monkeypatch):
   from kernels.cvmm_triton import _tile_order
-  for good in ("token", "expert", "band8192"):
+  for good in ("token", "expert", "band8192", "group4096"):
     monkeypatch.setenv("CVMM_TILE_ORDER", good)
     assert _tile_order() == good
-  for bad in ("band", "bandx", "tokens"):
+  for bad in ("band", "bandx", "tokens", "group", "group0", "band0"):
     monkeypatch.setenv("CVMM_TILE_ORDER", bad)
     with pytest.raises(ValueError, match="CVMM_TILE_ORDER"):
       _tile_order()
