@@ -6,7 +6,11 @@ At the σ-MoE down projection's shape (float16 sums), times the Gluon fused-sum 
 kernel (kernels/cvmm_gluon.py) as it is and with its ``PROBE`` settings: the
 reductions predicated off (gathers, matrix stream and products only), plain 16-byte
 stores instead of reductions, and no products (gathers, matrix stream and reductions
-of zeros). Prints one row per (tiling, variant) and the dense matmul of the same FLOPs.
+of zeros), no copies of the expert's matrix (the products read stale buffers), and
+neither copies nor reductions (the gathers, products and layout changes alone). Prints
+one row per (tiling, variant) and the dense matmul of the same FLOPs. ``--variants``
+and ``--tilings`` narrow the runs (e.g. for Nsight Compute: ``--variants 0 --tilings
+128x64x4x4 --no-triton``).
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from kernels import cvmm_gluon as cg
 from kernels import cvmm_triton as ct
 from kernels.autotune import TileConfig
 
-VARIANTS = {0: "as is", 1: "no reductions", 2: "stores, not adds", 3: "no products"}
+VARIANTS = {0: "as is", 1: "no reductions", 2: "stores, not adds", 3: "no products",
+            4: "no matrix copies", 5: "no copies, no reds"}
 
 
 def _probe_fn(cfg: TileConfig, probe: int):
@@ -48,18 +53,29 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--profile", default="MoEUT_244M")
   ap.add_argument("--tokens", type=int, default=64 * 1024)
+  ap.add_argument("--variants", default=",".join(map(str, VARIANTS)),
+                  help="comma list of PROBE values")
+  ap.add_argument("--tilings", default="128x64x4x4,256x64x8x3",
+                  help="comma list of BMxBNxWARPSxBUFFERS")
+  ap.add_argument("--no-triton", action="store_true", help="skip the Triton kernel's timing")
   a = ap.parse_args(argv)
+  variants = [int(v) for v in a.variants.split(",")]
+  if any(v not in VARIANTS for v in variants):
+    raise SystemExit(f"--variants: expected some of {sorted(VARIANTS)}")
+  tilings = [tuple(int(x) for x in t.split("x")) for t in a.tilings.split(",")]
   prof = profiles.get(a.profile)
   arrays, ks = kernels(prof, a.tokens, jnp.bfloat16)
   fn, (p, i, o), _ = ks["down_fwd"]
   dense = _dense_ms(p, i, o, jnp.bfloat16)
   print(f"# {jax.devices()[0].device_kind}, {a.profile}, down_fwd P={p} I={i} O={o}, "
         f"dense {dense:.3f} ms")
-  t = _time(jax.jit(lambda v: fn(None, v)), arrays) * 1e3
-  print(f"triton (cached tiles)                      {t:7.3f} ms")
-  for bm, bn, w, b in ((128, 64, 4, 4), (256, 64, 8, 3)):
+  if not a.no_triton:
+    t = _time(jax.jit(lambda v: fn(None, v)), arrays) * 1e3
+    print(f"triton (cached tiles)                      {t:7.3f} ms")
+  for bm, bn, w, b in tilings:
     cfg = TileConfig(bm, bn, i, w, b, loop_n=True, gluon=True)
-    for probe, name in VARIANTS.items():
+    for probe in variants:
+      name = VARIANTS[probe]
       t = _time(jax.jit(_probe_fn(cfg, probe)), arrays) * 1e3
       print(f"gluon {bm}x{bn} w{w} b{b}  {name:18s} {t:7.3f} ms", flush=True)
 

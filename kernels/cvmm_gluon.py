@@ -107,7 +107,8 @@ if gluon is not None:
       HAS_SCALE: gl.constexpr, F16: gl.constexpr, PROBE: gl.constexpr = 0):
     # PROBE (bench/gluon_rows_probe.py only; 0 in use): 1 issues the reductions with a
     # false predicate (no memory traffic), 2 stores instead of adding, 3 skips the
-    # products (adds zeros).
+    # products (adds zeros), 4 skips the matrix's copies (the products read whatever
+    # the buffers hold), 5 is 4 and 1 together (gathers, products, layout changes).
     n_nb: gl.constexpr = O // BN
     if PROBE == 2:
       ASM: gl.constexpr = _ST_F16
@@ -150,7 +151,8 @@ if gluon is not None:
                                      mask=rmask[:, None])
       gl.static_assert(BUF >= 3, "BUF: at least 3 buffers (2 blocks in flight)")
       for j in gl.static_range(BUF - 1):
-        _copy_block(b_smem, w_base, j, I, O, BN, SW_I, SW_O, TRANS, b_l)
+        if PROBE < 4:
+          _copy_block(b_smem, w_base, j, I, O, BN, SW_I, SW_O, TRANS, b_l)
         cp.commit_group()
       # the reductions' row indices, scales and validity
       rows_r = start + gl.arange(0, BM, layout=gl.SliceLayout(1, red_l))
@@ -175,10 +177,11 @@ if gluon is not None:
         prev = warpgroup_mma(a_smem, _b_view(b_smem, 0, BUF, TRANS), zero, use_acc=False,
                              is_async=True)
         prev = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
-      if PROBE == 1:
+      if PROBE == 1 or PROBE == 5:
         rmask_r = rmask_r & (rows_r < 0)
       for nb in range(1, n_nb):
-        _copy_block(b_smem, w_base, nb + BUF - 2, I, O, BN, SW_I, SW_O, TRANS, b_l)
+        if PROBE < 4:
+          _copy_block(b_smem, w_base, nb + BUF - 2, I, O, BN, SW_I, SW_O, TRANS, b_l)
         cp.commit_group()
         cp.wait_group(BUF - 2)     # block nb is in shared memory
         fence_async_shared()

@@ -42,7 +42,7 @@ import numpy as np
 from kernels import autotune
 from kernels.autotune import TileConfig
 from kernels.cvmm import sum_dtype_of
-from kernels.routing import Routing
+from kernels.routing import Routing, sum_tile_order
 
 if os.environ.get("CVMM_TRITON_INTERPRET", "0") == "1":
   # Triton's interpreter must be chosen before triton is first imported.
@@ -713,67 +713,14 @@ def _f16_unscale(out: jax.Array, row_s: jax.Array) -> jax.Array:
 
 
 def _tile_order() -> str:
-  """CVMM_TILE_ORDER, the launch order of the atomic-sum kernels' tiles: "token"
-  (default) by first token (:func:`_token_ordered`); "expert" in expert order;
-  "band<W>" (e.g. "band8192") tiles cut at bands of W tokens, band by band
-  (:meth:`Routing.band_tiles`); "group<W>" whole tiles grouped by the band of W tokens
-  their first token falls in, expert by expert within a group (:func:`_group_ordered`)."""
-  order = os.environ.get("CVMM_TILE_ORDER", "token")
-  ok = order in ("token", "expert") or any(
-      order.startswith(pre) and order[len(pre):].isdigit() and int(order[len(pre):]) > 0
-      for pre in ("band", "group"))
-  if not ok:
-    raise ValueError(f"CVMM_TILE_ORDER={order!r}: expected token, expert, band<W> or "
-                     f"group<W> (W > 0)")
-  return order
+  """CVMM_TILE_ORDER, see :func:`kernels.routing.sum_tile_order`."""
+  return sum_tile_order()
 
 
 def _sum_tiles(routing: Routing, block_m: int) -> jax.Array:
   """[3, Z] tiles of a kernel that adds its rows into a shared output, in the launch
-  order :func:`_tile_order` names."""
-  order = _tile_order()
-  if order == "expert":
-    return routing.tiles(block_m)
-  if order == "token":
-    return _token_ordered(routing.tiles(block_m), routing)
-  if order.startswith("group"):
-    return _group_ordered(routing.tiles(block_m), routing, int(order[5:]))
-  return routing.band_tiles(block_m, int(order[4:]))
-
-
-def _token_ordered(tiles: jax.Array, routing: Routing) -> jax.Array:
-  """Tiles [3, Z] reordered by the first token they hold (unused tiles last).
-
-  Within an expert the sorted pairs keep token order, so a tile of BM pairs covers a
-  band of about BM * E / K tokens. Launched in expert order, the tiles running at one
-  time add into rows spread over all N tokens, and the float32 atomics of the fused
-  sum miss L2 (the [N, O] float32 output is several times its size). Launched by
-  first token, the programs in flight touch one band of rows, which stays in L2. The
-  cost is that consecutive programs use different experts' weights.
-  """
-  start, end = tiles[1], tiles[2]
-  first_tok = routing.order[jnp.minimum(start, routing.n_pairs - 1)] // routing.k
-  key = jnp.where(end > start, first_tok, routing.n_tokens)         # [Z]
-  return tiles[:, jnp.argsort(key, stable=True)]
-
-
-def _group_ordered(tiles: jax.Array, routing: Routing, band: int) -> jax.Array:
-  """Tiles [3, Z] (in expert order) grouped by the band of ``band`` tokens their first
-  token falls in, and within a group in expert order (unused tiles last).
-
-  A middle way between the token order (the rows being summed stay within a narrow
-  band of the output, but consecutive tiles use different experts, so every tile
-  reads its expert's matrix from DRAM) and :meth:`Routing.band_tiles` (which shares
-  the matrices but cuts tiles at the bands, about 16% more tiles at 8192 tokens):
-  the tiles are not cut, so a group adds into about ``band`` + BM * E / K tokens'
-  rows, and the tiles of one expert within a group run one after another and share
-  its matrix in L2.
-  """
-  start, end = tiles[1], tiles[2]
-  first_tok = routing.order[jnp.minimum(start, routing.n_pairs - 1)] // routing.k
-  n_groups = -(-routing.n_tokens // band)
-  key = jnp.where(end > start, first_tok // band, n_groups)                # [Z]
-  return tiles[:, jnp.argsort(key, stable=True)]
+  order :func:`_tile_order` names (from the routing's tile lists when it holds them)."""
+  return routing.ordered_tiles(block_m, _tile_order())
 
 
 def expert_gram(a: jax.Array, b: jax.Array, routing: Routing, *, a_rows: int, b_rows: int,

@@ -11,11 +11,13 @@ Legend (used in every file of ``kernels/``):
 
 A :class:`Routing` is computed once per layer from the selected expert indices and
 reused by every projection that shares the selection (σ-MoE up and down, the backward
-pass), so the sort runs once.
+pass), so the sort runs once. On GPUs it also carries the GPU kernels' tile lists
+(:meth:`Routing.with_tiles`), computed once per layer too instead of once per call.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,9 @@ class Routing:
     group_sizes: [E] int32, pairs per expert.
     group_offsets: [E + 1] int32, exclusive prefix sum of ``group_sizes``.
     n_experts: E (static).
+    tile_lists: precomputed [3, Z] tile lists, keyed "<order>/<block_m>" (see
+      :meth:`ordered_tiles`); empty unless :meth:`with_tiles` filled it. A cache only:
+      a list it lacks is computed when asked for.
   """
 
   expert_index: jax.Array
@@ -40,6 +45,7 @@ class Routing:
   group_sizes: jax.Array
   group_offsets: jax.Array
   n_experts: int = dataclasses.field(metadata=dict(static=True))
+  tile_lists: dict = dataclasses.field(default_factory=dict)
 
   @property
   def n_tokens(self) -> int:
@@ -67,10 +73,46 @@ class Routing:
     Row 0 is each tile's expert, rows 1 and 2 its first and end sorted position
     (start == end for the unused tiles at the end). Z = min(P, (P + E*(block_m-1)) //
     block_m) is a static bound on sum_e ceil(group_sizes[e] / block_m). The GPU
-    kernels launch one program per tile (and output block); being a pure function
-    of the routing, XLA computes it once per jit for all calls with the same block.
+    kernels launch one program per tile (and output block).
     """
-    return expert_tiles(self.group_sizes, self.group_offsets, self.n_pairs, block_m)
+    return self.ordered_tiles(block_m, "expert")
+
+  def ordered_tiles(self, block_m: int, order: str = "expert") -> jax.Array:
+    """[3, Z] int32 tiles of at most ``block_m`` sorted positions, launched in ``order``:
+      "expert"    expert by expert (:meth:`tiles`);
+      "token"     by the first token they hold (:func:`token_ordered`);
+      "group<W>"  whole tiles grouped by the band of W tokens of their first token,
+                  expert by expert within a group (:func:`group_ordered`);
+      "band<W>"   tiles cut at bands of W tokens, band by band (:meth:`band_tiles`).
+    Taken from :attr:`tile_lists` when it holds them, else computed."""
+    cached = self.tile_lists.get(f"{order}/{block_m}")
+    if cached is not None:
+      return cached
+    if order == "expert":
+      return expert_tiles(self.group_sizes, self.group_offsets, self.n_pairs, block_m)
+    if order == "token":
+      return token_ordered(self.ordered_tiles(block_m, "expert"), self)
+    for pre in ("group", "band"):
+      if order.startswith(pre) and order[len(pre):].isdigit():
+        w = int(order[len(pre):])
+        if pre == "group":
+          return group_ordered(self.ordered_tiles(block_m, "expert"), self, w)
+        return self.band_tiles(block_m, w)
+    raise ValueError(f"tile order {order!r}: expected expert, token, group<W> or band<W>")
+
+  def with_tiles(self, block_ms=None, orders=None) -> Routing:
+    """This routing with the tile lists of ``block_ms`` (default: :data:`TILE_BLOCKS`,
+    the GPU kernels' row tiles) in ``orders`` (default: "expert" and the fused sums'
+    launch order, :func:`sum_tile_order`) computed now, so that every kernel call
+    that shares the routing (forward and backward) reuses them. Under ``jax.jit``
+    the lists no call uses are dropped by XLA."""
+    block_ms = TILE_BLOCKS if block_ms is None else tuple(block_ms)
+    orders = ("expert", sum_tile_order()) if orders is None else tuple(orders)
+    lists = dict(self.tile_lists)
+    for o in dict.fromkeys(orders):
+      for bm in block_ms:
+        lists[f"{o}/{bm}"] = self.ordered_tiles(bm, o)
+    return dataclasses.replace(self, tile_lists=lists)
 
   def band_tiles(self, block_m: int, band: int) -> jax.Array:
     """[3, Z] int32 tiles as :meth:`tiles`, but each also within one band of ``band``
@@ -110,9 +152,71 @@ class Routing:
 
 _PACKED_KEY_LIMIT = 2 ** 31       # expert * P + pair must fit an int32
 
+# Row-tile heights of the GPU kernels' tile candidates (kernels/cvmm_triton.py).
+TILE_BLOCKS = (64, 128, 256)
 
-def make_routing(expert_index: jax.Array, n_experts: int) -> Routing:
-  """Sorts the (token, slot) pairs of ``expert_index`` [N, K] by expert."""
+
+def sum_tile_order() -> str:
+  """CVMM_TILE_ORDER, the launch order of the tiles of the kernels that add their rows
+  into a shared output (the fused sums): "token" (default), "expert", "group<W>" or
+  "band<W>" (W > 0), see :meth:`Routing.ordered_tiles`."""
+  order = os.environ.get("CVMM_TILE_ORDER", "token")
+  ok = order in ("token", "expert") or any(
+      order.startswith(pre) and order[len(pre):].isdigit() and int(order[len(pre):]) > 0
+      for pre in ("band", "group"))
+  if not ok:
+    raise ValueError(f"CVMM_TILE_ORDER={order!r}: expected token, expert, band<W> or "
+                     f"group<W> (W > 0)")
+  return order
+
+
+def token_ordered(tiles: jax.Array, routing: Routing) -> jax.Array:
+  """Tiles [3, Z] (in expert order) reordered by the first token they hold (unused
+  tiles last).
+
+  Within an expert the sorted pairs keep token order, so a tile of BM pairs covers a
+  band of about BM * E / K tokens. Launched in expert order, the tiles running at one
+  time add into rows spread over all N tokens, and the fused sums' reductions miss L2
+  (the output is several times its size). Launched by first token, the programs in
+  flight touch one band of rows, which stays in L2. The cost is that consecutive
+  programs use different experts' matrices.
+  """
+  start, end = tiles[1], tiles[2]
+  first_tok = routing.order[jnp.minimum(start, routing.n_pairs - 1)] // routing.k
+  key = jnp.where(end > start, first_tok, routing.n_tokens)         # [Z]
+  return tiles[:, jnp.argsort(key, stable=True)]
+
+
+def group_ordered(tiles: jax.Array, routing: Routing, band: int) -> jax.Array:
+  """Tiles [3, Z] (in expert order) grouped by the band of ``band`` tokens their first
+  token falls in, and within a group in expert order (unused tiles last).
+
+  A middle way between the token order (the rows being summed stay within a narrow
+  band of the output, but consecutive tiles use different experts) and
+  :meth:`Routing.band_tiles` (which shares the matrices but cuts tiles at the bands,
+  about 16% more tiles at 8192 tokens): the tiles are not cut, so a group adds into
+  about ``band`` + BM * E / K tokens' rows, and the tiles of one expert within a group
+  run one after another and share its matrix in L2.
+  """
+  if band < 1:
+    raise ValueError(f"{band=} must be at least 1")
+  start, end = tiles[1], tiles[2]
+  first_tok = routing.order[jnp.minimum(start, routing.n_pairs - 1)] // routing.k
+  n_groups = -(-routing.n_tokens // band)
+  key = jnp.where(end > start, first_tok // band, n_groups)                # [Z]
+  return tiles[:, jnp.argsort(key, stable=True)]
+
+
+def make_routing(expert_index: jax.Array, n_experts: int, *,
+                 tile_blocks=None) -> Routing:
+  """Sorts the (token, slot) pairs of ``expert_index`` [N, K] by expert.
+
+  tile_blocks: row-tile heights whose tile lists (:meth:`Routing.with_tiles`) are
+    computed here, once for every kernel call that shares the routing. None: the GPU
+    kernels' (:data:`TILE_BLOCKS`) when JAX's default backend is a GPU, none elsewhere
+    (the CPU implementation computes its own) or with CVMM_ROUTING_TILES=0 (each
+    kernel call then computes the list it uses).
+  """
   if expert_index.ndim != 2:
     raise ValueError(f"expert_index must be [N, K], got shape {expert_index.shape}")
   if not jnp.issubdtype(expert_index.dtype, jnp.integer):
@@ -138,7 +242,14 @@ def make_routing(expert_index: jax.Array, n_experts: int) -> Routing:
     group_sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)   # [E]
     group_offsets = jnp.concatenate(
         [jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes, dtype=jnp.int32)])  # [E+1]
-  return Routing(expert_index, order, group_sizes, group_offsets, n_experts)
+  r = Routing(expert_index, order, group_sizes, group_offsets, n_experts)
+  if tile_blocks is None:
+    env = os.environ.get("CVMM_ROUTING_TILES", "1")
+    if env not in ("0", "1"):
+      raise ValueError(f"CVMM_ROUTING_TILES={env!r}: expected 0 or 1")
+    gpu = jax.default_backend() == "gpu"
+    tile_blocks = TILE_BLOCKS if gpu and env == "1" else ()
+  return r.with_tiles(tile_blocks) if tile_blocks else r
 
 
 def expert_tiles(group_sizes: jax.Array, group_offsets: jax.Array, n_pairs: int,

@@ -111,18 +111,53 @@ def test_band_tiles_cover_every_pair_once_within_a_band(monkeypatch, packed):
 
 
 def test_group_order_permutes_whole_tiles_band_by_band_then_by_expert():
-  from kernels.cvmm_triton import _group_ordered
+  from kernels.routing import group_ordered
   r = _routing("random", 37, 3, 11, jax.random.key(3))
   order = np.asarray(r.order)
   for bm, band in [(4, 5), (16, 8), (16, 1000)]:
     plain = np.asarray(r.tiles(bm))
-    got = np.asarray(_group_ordered(r.tiles(bm), r, band))
+    got = np.asarray(group_ordered(r.tiles(bm), r, band))
     assert sorted(map(tuple, got.T)) == sorted(map(tuple, plain.T))   # a permutation
     used = got[:, got[2] > got[1]]
     n_used = used.shape[1]
     assert np.all(got[2, n_used:] == got[1, n_used:])                 # unused tiles last
     keys = [(order[s] // r.k // band, e, s) for e, s, _ in used.T]
     assert keys == sorted(keys), keys      # by first token's band, expert, position
+
+
+def test_routing_tile_lists_are_computed_once_and_reused(monkeypatch):
+  from kernels.cvmm_triton import _sum_tiles
+  from kernels.routing import make_routing
+  idx = jax.random.randint(jax.random.key(4), (37, 3), 0, 11)
+  plain = make_routing(idx, 11, tile_blocks=())
+  assert plain.tile_lists == {}
+  default = make_routing(idx, 11).tile_lists
+  if jax.default_backend() == "gpu":
+    assert set(default) == {f"{o}/{bm}" for o in ("expert", "token") for bm in (64, 128, 256)}
+  else:
+    assert default == {}                                  # the CPU path computes its own
+  monkeypatch.setenv("CVMM_ROUTING_TILES", "yes")
+  with pytest.raises(ValueError, match="CVMM_ROUTING_TILES"):
+    make_routing(idx, 11)
+  monkeypatch.delenv("CVMM_ROUTING_TILES")
+  r = make_routing(idx, 11, tile_blocks=(16, 64))
+  assert set(r.tile_lists) == {"expert/16", "expert/64", "token/16", "token/64"}
+  for key, got in r.tile_lists.items():
+    order, bm = key.split("/")
+    np.testing.assert_array_equal(got, plain.ordered_tiles(int(bm), order))
+  np.testing.assert_array_equal(r.tiles(16), plain.tiles(16))
+  # a routing with lists is a pytree like any other: through jit, and the lists come along
+  tok = jax.jit(lambda rr: rr.ordered_tiles(64, "token"))(r)
+  np.testing.assert_array_equal(tok, plain.ordered_tiles(64, "token"))
+  # the kernels take the cached list of their launch order, and compute others
+  sentinel = jnp.full((3, 5), 7, jnp.int32)
+  r2 = r.with_tiles((), ())
+  r2.tile_lists["token/16"] = sentinel
+  assert _sum_tiles(r2, 16) is sentinel
+  monkeypatch.setenv("CVMM_TILE_ORDER", "group8")
+  np.testing.assert_array_equal(_sum_tiles(r2, 16), plain.ordered_tiles(16, "group8"))
+  with pytest.raises(ValueError, match="tile order"):
+    plain.ordered_tiles(16, "tokens")
 
 
 def test_tile_config_validates():
