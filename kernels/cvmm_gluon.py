@@ -151,7 +151,7 @@ if gluon is not None:
                                      mask=rmask[:, None])
       gl.static_assert(BUF >= 3, "BUF: at least 3 buffers (2 blocks in flight)")
       for j in gl.static_range(BUF - 1):
-        if PROBE < 4:
+        if PROBE != 4 and PROBE != 5:
           _copy_block(b_smem, w_base, j, I, O, BN, SW_I, SW_O, TRANS, b_l)
         cp.commit_group()
       # the reductions' row indices, scales and validity
@@ -180,7 +180,7 @@ if gluon is not None:
       if PROBE == 1 or PROBE == 5:
         rmask_r = rmask_r & (rows_r < 0)
       for nb in range(1, n_nb):
-        if PROBE < 4:
+        if PROBE != 4 and PROBE != 5:
           _copy_block(b_smem, w_base, nb + BUF - 2, I, O, BN, SW_I, SW_O, TRANS, b_l)
         cp.commit_group()
         cp.wait_group(BUF - 2)     # block nb is in shared memory

@@ -556,7 +556,7 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
         [jax.ShapeDtypeStruct((n * out_rows, o), out_dtype)], z, cfg, zeroed=(0,),
         Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, SW_E=sw[0], SW_I=sw[1], SW_O=sw[2],
         BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages, NW=cfg.num_warps,
-        HAS_SCALE=scale is not None, F16=half == "float16")
+        HAS_SCALE=scale is not None, F16=half == "float16", PROBE=0)
     if half == "float16":
       out = _f16_unscale(out, row_s)
     return out, None
