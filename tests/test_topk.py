@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from cvmm_cases import run_in_triton_interpreter
