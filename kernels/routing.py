@@ -88,17 +88,15 @@ class Routing:
     cached = self.tile_lists.get(f"{order}/{block_m}")
     if cached is not None:
       return cached
-    if order == "expert":
+    kind, width = parse_tile_order(order)
+    if kind == "expert":
       return expert_tiles(self.group_sizes, self.group_offsets, self.n_pairs, block_m)
-    if order == "token":
-      return token_ordered(self.ordered_tiles(block_m, "expert"), self)
-    for pre in ("group", "band"):
-      if order.startswith(pre) and order[len(pre):].isdigit():
-        w = int(order[len(pre):])
-        if pre == "group":
-          return group_ordered(self.ordered_tiles(block_m, "expert"), self, w)
-        return self.band_tiles(block_m, w)
-    raise ValueError(f"tile order {order!r}: expected expert, token, group<W> or band<W>")
+    if kind == "band":
+      return self.band_tiles(block_m, width)
+    tiles = self.ordered_tiles(block_m, "expert")
+    if kind == "token":
+      return token_ordered(tiles, self)
+    return group_ordered(tiles, self, width)
 
   def with_tiles(self, block_ms=None, orders=None) -> Routing:
     """This routing with the tile lists of ``block_ms`` (default: :data:`TILE_BLOCKS`,
@@ -156,17 +154,28 @@ _PACKED_KEY_LIMIT = 2 ** 31       # expert * P + pair must fit an int32
 TILE_BLOCKS = (64, 128, 256)
 
 
+def parse_tile_order(order: str) -> tuple[str, int]:
+  """(kind, W) of a tile order (:meth:`Routing.ordered_tiles`): ("expert", 0),
+  ("token", 0), ("group", W) or ("band", W) with W > 0; ValueError otherwise."""
+  if order in ("expert", "token"):
+    return order, 0
+  for kind in ("group", "band"):
+    w = order[len(kind):]
+    if order.startswith(kind) and w.isdigit() and int(w) > 0:
+      return kind, int(w)
+  raise ValueError(f"tile order {order!r}: expected expert, token, group<W> or band<W> "
+                   f"(W > 0)")
+
+
 def sum_tile_order() -> str:
   """CVMM_TILE_ORDER, the launch order of the tiles of the kernels that add their rows
   into a shared output (the fused sums): "token" (default), "expert", "group<W>" or
   "band<W>" (W > 0), see :meth:`Routing.ordered_tiles`."""
   order = os.environ.get("CVMM_TILE_ORDER", "token")
-  ok = order in ("token", "expert") or any(
-      order.startswith(pre) and order[len(pre):].isdigit() and int(order[len(pre):]) > 0
-      for pre in ("band", "group"))
-  if not ok:
-    raise ValueError(f"CVMM_TILE_ORDER={order!r}: expected token, expert, band<W> or "
-                     f"group<W> (W > 0)")
+  try:
+    parse_tile_order(order)
+  except ValueError as e:
+    raise ValueError(f"CVMM_TILE_ORDER={order!r}: {e}") from None
   return order
 
 
