@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import profiles
 from bench.cvmm import _time
 from bench.cvmm_kernels import _dense_ms, kernels
-from kernels import cvmm_gluon as cg
 from kernels import cvmm_triton as ct
 from kernels.autotune import TileConfig
 
@@ -34,18 +33,9 @@ def _probe_fn(cfg: TileConfig, probe: int):
   """down_fwd (out[n] += g h @ values[e]) through the Gluon kernel with PROBE set."""
   def fn(v):
     h, w, r, g = v["h"], v["values"], v["r"], v["g"]
-    n, k = r.n_tokens, r.k
-    e, i, o = w.shape
-    tiles = ct._sum_tiles(r, cfg.block_m)
-    z = tiles.shape[1]
-    cg.install_launcher()
-    (out,) = ct._launch(
-        cg._rows_sum_kernel, [h, w, r.order, tiles, g.astype(jnp.float32)],
-        [jax.ShapeDtypeStruct((n, o), jnp.float16)], z, cfg, zeroed=(0,),
-        Z=z, I=i, O=o, K=k, A_R=k, O_R=1, SW_E=i * o, SW_I=o, SW_O=1,
-        BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages, NW=cfg.num_warps,
-        HAS_SCALE=True, F16=True, PROBE=probe)
-    return out
+    return ct.gluon_rows_sum(h, w, r, ct._sum_tiles(r, cfg.block_m), g.astype(jnp.float32),
+                             cfg, a_rows=r.k, out_rows=1, transpose_w=False,
+                             out_dtype=jnp.float16, probe=probe)
   return fn
 
 

@@ -517,12 +517,7 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
     return out.reshape(n * out_rows, -1), dg
   n, k, p = routing.n_tokens, routing.k, routing.n_pairs
   e = w.shape[0]
-  if transpose_w:
-    _, o, i = w.shape
-    sw = (i * o, 1, i)          # W^T[e][i', o'] = w[e, o', i']
-  else:
-    _, i, o = w.shape
-    sw = (i * o, o, 1)
+  i, o, sw = _w_layout(w, transpose_w)
   assert a.shape == (n * a_rows, i), (a.shape, n, a_rows, i)
   atomic = out_rows < k
   red = _red_width(o, a.dtype, sum_dtype) if atomic else 1
@@ -544,37 +539,62 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
     w_l1 = _max_l1(w, 2 if transpose_w else 1)
     row_s, scale = _f16_row_scales(a, w_l1, routing, scale, a_rows, out_rows)
   tiles = _sum_tiles(routing, cfg.block_m) if atomic else routing.tiles(cfg.block_m)
-  z = tiles.shape[1]
-  n_nb = -(-o // cfg.block_n)
-  loop_n = cfg.loop_n and i <= cfg.block_k
   if cfg.gluon:
-    from kernels import cvmm_gluon  # noqa: PLC0415
-    cvmm_gluon.install_launcher()
-    (out,) = _launch(
-        cvmm_gluon._rows_sum_kernel,
-        [a, w, routing.order, tiles, scale if scale is not None else _DUMMY_F32()],
-        [jax.ShapeDtypeStruct((n * out_rows, o), out_dtype)], z, cfg, zeroed=(0,),
-        Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, SW_E=sw[0], SW_I=sw[1], SW_O=sw[2],
-        BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages, NW=cfg.num_warps,
-        HAS_SCALE=scale is not None, F16=half == "float16", PROBE=0)
-    if half == "float16":
-      out = _f16_unscale(out, row_s)
-    return out, None
-  out_shapes = [jax.ShapeDtypeStruct((n * out_rows, o), out_dtype),
-                jax.ShapeDtypeStruct((p, n_nb) if dgate else (1,), jnp.float32)]
-  args = [a, w, routing.order, tiles,
-          scale if scale is not None else _DUMMY_F32(),
-          dgate_rows if dgate else _DUMMY_F32()]
-  out, dg = _launch(
-      _rows_kernel, args, out_shapes, z if loop_n else z * n_nb, cfg,
-      zeroed=(0,) if atomic else (),
-      Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, C_R=c_rows,
-      SW_E=sw[0], SW_I=sw[1], SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
-      HAS_SCALE=scale is not None, ATOMIC=atomic, DGATE=dgate,
-      IEEE=a.dtype == jnp.float32, LOOP_N=loop_n, RED=red, F16=half == "float16")
+    out = gluon_rows_sum(a, w, routing, tiles, scale, cfg, a_rows=a_rows,
+                         out_rows=out_rows, transpose_w=transpose_w, out_dtype=out_dtype)
+    dg = None
+  else:
+    z = tiles.shape[1]
+    n_nb = -(-o // cfg.block_n)
+    loop_n = cfg.loop_n and i <= cfg.block_k
+    out_shapes = [jax.ShapeDtypeStruct((n * out_rows, o), out_dtype),
+                  jax.ShapeDtypeStruct((p, n_nb) if dgate else (1,), jnp.float32)]
+    args = [a, w, routing.order, tiles,
+            scale if scale is not None else _DUMMY_F32(),
+            dgate_rows if dgate else _DUMMY_F32()]
+    out, dg = _launch(
+        _rows_kernel, args, out_shapes, z if loop_n else z * n_nb, cfg,
+        zeroed=(0,) if atomic else (),
+        Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, C_R=c_rows,
+        SW_E=sw[0], SW_I=sw[1], SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n,
+        BK=cfg.block_k, HAS_SCALE=scale is not None, ATOMIC=atomic, DGATE=dgate,
+        IEEE=a.dtype == jnp.float32, LOOP_N=loop_n, RED=red, F16=half == "float16")
+    dg = dg.sum(axis=1) if dgate else None
   if half == "float16":
     out = _f16_unscale(out, row_s)
-  return out, (dg.sum(axis=1) if dgate else None)
+  return out, dg
+
+
+def _w_layout(w: jax.Array, transpose_w: bool) -> tuple[int, int, tuple]:
+  """(I, O, element strides (expert, contraction, column)) of the expert matrices w
+  [E, I, O], or [E, O, I] used transposed."""
+  if transpose_w:
+    _, o, i = w.shape
+    return i, o, (i * o, 1, i)          # W^T[e][i', o'] = w[e, o', i']
+  _, i, o = w.shape
+  return i, o, (i * o, o, 1)
+
+
+def gluon_rows_sum(a, w, routing: Routing, tiles, scale, cfg: TileConfig, *, a_rows: int,
+                   out_rows: int, transpose_w: bool, out_dtype, probe: int = 0) -> jax.Array:
+  """One launch of the Gluon fused-sum row kernel (:mod:`kernels.cvmm_gluon`):
+  out [N * out_rows, O] (zeroed, then every tile's scaled rows added in ``out_dtype``,
+  float16 or bf16), for :func:`rows_matmul` (which scales float16 sums back) and the
+  probe (``probe``: the kernel's PROBE setting, bench/gluon_rows_probe.py)."""
+  from kernels import cvmm_gluon  # noqa: PLC0415
+  cvmm_gluon.install_launcher()
+  n, k = routing.n_tokens, routing.k
+  i, o, strides = _w_layout(w, transpose_w)
+  z = tiles.shape[1]
+  (out,) = _launch(
+      cvmm_gluon._rows_sum_kernel,
+      [a, w, routing.order, tiles, scale if scale is not None else _DUMMY_F32()],
+      [jax.ShapeDtypeStruct((n * out_rows, o), out_dtype)], z, cfg, zeroed=(0,),
+      Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows,
+      SW_E=strides[0], SW_I=strides[1], SW_O=strides[2],
+      BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages, NW=cfg.num_warps,
+      HAS_SCALE=scale is not None, F16=jnp.dtype(out_dtype) == jnp.float16, PROBE=probe)
+  return out
 
 
 def _gluon_rows_ok(i: int, o: int, dtype, red: int, dgate: bool):
@@ -712,15 +732,11 @@ def _f16_unscale(out: jax.Array, row_s: jax.Array) -> jax.Array:
   return out.astype(jnp.float32) * (1.0 / row_s)[:, None]
 
 
-def _tile_order() -> str:
-  """CVMM_TILE_ORDER, see :func:`kernels.routing.sum_tile_order`."""
-  return sum_tile_order()
-
-
 def _sum_tiles(routing: Routing, block_m: int) -> jax.Array:
   """[3, Z] tiles of a kernel that adds its rows into a shared output, in the launch
-  order :func:`_tile_order` names (from the routing's tile lists when it holds them)."""
-  return routing.ordered_tiles(block_m, _tile_order())
+  order CVMM_TILE_ORDER names (:func:`kernels.routing.sum_tile_order`; from the
+  routing's tile lists when it holds them)."""
+  return routing.ordered_tiles(block_m, sum_tile_order())
 
 
 def expert_gram(a: jax.Array, b: jax.Array, routing: Routing, *, a_rows: int, b_rows: int,

@@ -561,7 +561,7 @@ def test_band_order_in_interpreter():
 
 
 def test_tile_order_is_validated(monkeypatch):
-  from kernels.cvmm_triton import _tile_order
+  from kernels.routing import sum_tile_order as _tile_order
   for good in ("token", "expert", "band8192", "group4096"):
     monkeypatch.setenv("CVMM_TILE_ORDER", good)
     assert _tile_order() == good
