@@ -575,12 +575,18 @@ def _w_layout(w: jax.Array, transpose_w: bool) -> tuple[int, int, tuple]:
   return i, o, (i * o, o, 1)
 
 
+# The Gluon row kernel's layout of the reductions (its RED_L, kernels.cvmm_gluon._red_layout)
+GLUON_RED_LAYOUT = 0
+
+
 def gluon_rows_sum(a, w, routing: Routing, tiles, scale, cfg: TileConfig, *, a_rows: int,
-                   out_rows: int, transpose_w: bool, out_dtype, probe: int = 0) -> jax.Array:
+                   out_rows: int, transpose_w: bool, out_dtype, probe: int = 0,
+                   red_layout: int | None = None) -> jax.Array:
   """One launch of the Gluon fused-sum row kernel (:mod:`kernels.cvmm_gluon`):
   out [N * out_rows, O] (zeroed, then every tile's scaled rows added in ``out_dtype``,
   float16 or bf16), for :func:`rows_matmul` (which scales float16 sums back) and the
-  probe (``probe``: the kernel's PROBE setting, bench/gluon_rows_probe.py)."""
+  probe (``probe``: the kernel's PROBE setting, bench/gluon_rows_probe.py;
+  ``red_layout``: its RED_L, None for :data:`GLUON_RED_LAYOUT`)."""
   from kernels import cvmm_gluon  # noqa: PLC0415
   cvmm_gluon.install_launcher()
   n, k = routing.n_tokens, routing.k
@@ -593,7 +599,8 @@ def gluon_rows_sum(a, w, routing: Routing, tiles, scale, cfg: TileConfig, *, a_r
       Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows,
       SW_E=strides[0], SW_I=strides[1], SW_O=strides[2],
       BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages, NW=cfg.num_warps,
-      HAS_SCALE=scale is not None, F16=jnp.dtype(out_dtype) == jnp.float16, PROBE=probe)
+      HAS_SCALE=scale is not None, F16=jnp.dtype(out_dtype) == jnp.float16, PROBE=probe,
+      RED_L=GLUON_RED_LAYOUT if red_layout is None else red_layout)
   return out
 
 
