@@ -10,10 +10,9 @@ of zeros), no copies of the expert's matrix (the products read stale buffers), a
 neither copies nor reductions (the gathers, products and layout changes alone). Prints
 one row per (tiling, variant) and the dense matmul of the same FLOPs. ``--variants``
 and ``--tilings`` narrow the runs (e.g. for Nsight Compute: ``--variants 0 --tilings
-128x64x4x4 --no-triton``); ``--red-layouts`` times each with several layouts of the
-reductions (the kernel's RED_L). ``--calls down_fwd,o_fwd,up_dx`` also times those whole
-CVMM calls (bench/cvmm_kernels.py, float16 bookkeeping included) with each Gluon tiling
-and reduction layout, against the Triton kernel's cached tiles.
+128x64x4x4 --no-triton``). ``--calls down_fwd,o_fwd,up_dx`` also times those whole
+CVMM calls (bench/cvmm_kernels.py, float16 bookkeeping included) with each Gluon tiling,
+against the Triton kernel's cached tiles.
 """
 from __future__ import annotations
 
@@ -32,26 +31,13 @@ VARIANTS = {0: "as is", 1: "no reductions", 2: "stores, not adds", 3: "no produc
             4: "no matrix copies", 5: "no copies, no reds"}
 
 
-def _probe_fn(cfg: TileConfig, probe: int, red_layout: int):
+def _probe_fn(cfg: TileConfig, probe: int):
   """down_fwd (out[n] += g h @ values[e]) through the Gluon kernel with PROBE set."""
   def fn(v):
     h, w, r, g = v["h"], v["values"], v["r"], v["g"]
     return ct.gluon_rows_sum(h, w, r, ct._sum_tiles(r, cfg.block_m), g.astype(jnp.float32),
                              cfg, a_rows=r.k, out_rows=1, transpose_w=False,
-                             out_dtype=jnp.float16, probe=probe, red_layout=red_layout)
-  return fn
-
-
-def _call_fn(call, cfg, red_layout: int):
-  """A whole CVMM call of bench/cvmm_kernels.py with the Gluon reductions' layout set
-  while it is traced."""
-  def fn(v):
-    old = ct.GLUON_RED_LAYOUT
-    ct.GLUON_RED_LAYOUT = red_layout
-    try:
-      return call(cfg, v)
-    finally:
-      ct.GLUON_RED_LAYOUT = old
+                             out_dtype=jnp.float16, probe=probe)
   return fn
 
 
@@ -64,10 +50,8 @@ def main(argv=None):
   ap.add_argument("--tilings", default="128x64x4x4,256x64x8x3",
                   help="comma list of BMxBNxWARPSxBUFFERS")
   ap.add_argument("--no-triton", action="store_true", help="skip the Triton kernel's timing")
-  ap.add_argument("--red-layouts", default="0", help="comma list of RED_L values")
   ap.add_argument("--calls", default="", help="comma list of whole calls to time too")
   a = ap.parse_args(argv)
-  layouts = [int(x) for x in a.red_layouts.split(",")]
   variants = [int(v) for v in a.variants.split(",")]
   if any(v not in VARIANTS for v in variants):
     raise SystemExit(f"--variants: expected some of {sorted(VARIANTS)}")
@@ -83,11 +67,10 @@ def main(argv=None):
     print(f"triton (cached tiles)                      {t:7.3f} ms")
   for bm, bn, w, b in tilings:
     cfg = TileConfig(bm, bn, i, w, b, loop_n=True, gluon=True)
-    for rl in layouts:
-      for probe in variants:
-        name = VARIANTS[probe]
-        t = _time(jax.jit(_probe_fn(cfg, probe, rl)), arrays) * 1e3
-        print(f"gluon {bm}x{bn} w{w} b{b} red_l {rl}  {name:18s} {t:7.3f} ms", flush=True)
+    for probe in variants:
+      name = VARIANTS[probe]
+      t = _time(jax.jit(_probe_fn(cfg, probe)), arrays) * 1e3
+      print(f"gluon {bm}x{bn} w{w} b{b}  {name:18s} {t:7.3f} ms", flush=True)
   for call in filter(None, a.calls.split(",")):
     cfn, (p, i, o), _ = ks[call]
     dense = _dense_ms(p, i, o, jnp.bfloat16)
@@ -96,14 +79,13 @@ def main(argv=None):
           f"({dense / t:.0%} of dense)", flush=True)
     for bm, bn, w, b in tilings:
       cfg = TileConfig(bm, bn, i, w, b, loop_n=True, gluon=True)
-      for rl in layouts:
-        try:
-          t = _time(jax.jit(_call_fn(cfn, cfg, rl)), arrays) * 1e3
-        except ValueError as err:     # a tiling this call's shapes cannot take
-          print(f"call {call} gluon {bm}x{bn} w{w} b{b} red_l {rl}: {err}")
-          continue
-        print(f"call {call} gluon {bm}x{bn} w{w} b{b} red_l {rl}  {t:7.3f} ms "
-              f"({dense / t:.0%} of dense)", flush=True)
+      try:
+        t = _time(jax.jit(lambda v, cfg=cfg: cfn(cfg, v)), arrays) * 1e3
+      except ValueError as err:     # a tiling this call's shapes cannot take
+        print(f"call {call} gluon {bm}x{bn} w{w} b{b}: {err}")
+        continue
+      print(f"call {call} gluon {bm}x{bn} w{w} b{b}  {t:7.3f} ms "
+            f"({dense / t:.0%} of dense)", flush=True)
 
 
 if __name__ == "__main__":

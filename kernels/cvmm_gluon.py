@@ -11,13 +11,19 @@ This kernel does the same work with the order made explicit:
 - the tile's gathered rows go to shared memory once (``cp.async``);
 - the expert's matrix streams through ``BUF`` shared buffers, one column block each;
 - block n+1's product is issued to the tensor cores (asynchronous ``wgmma``) before
-  block n's reductions, so that the two overlap within one program.
+  block n's reductions, so that the two overlap within one program;
+- each product block is scaled and rounded to 16 bits where the tensor cores leave it,
+  and goes through a shared buffer of its own (``stmatrix``, 16-byte loads, rows
+  swizzled) to the reductions' layout of eight adjacent columns per thread.
 
-Measured at MoEUT_244M on an H200 (bench/RESULTS.md, ninth session) it runs as fast
-as the Triton kernel and no faster: both are bound by memory traffic, not by the
-order of multiplying and reducing. With the products taken out (``PROBE=3``,
-bench/gluon_rows_probe.py) the down projection's kernel still takes 94% of its time.
-Its tiles are therefore autotuning candidates only with CVMM_GLUON=1.
+The last step is what made it faster than the Triton kernel (bench/RESULTS.md, eleventh
+session). Before it, the float32 product went through the small scratch buffer of a
+layout change, in four rounds of two barriers each: at MoEUT_244M on an H200 the
+kernel ran as fast as Triton's (ninth session). Rounding first halves the shared
+memory traffic and needs one round: the down projection's kernel went from 1.219 to
+1.126 ms (0.945 to 0.807 ms without its reductions), the whole O projection from 0.717
+ms (Triton) to 0.652. Its tiles are the fused 16-bit sums' first candidates on sm90
+(CVMM_GLUON=0 leaves them out).
 
 The kernel is written in Gluon, which jax-triton cannot compile itself:
 :func:`install_launcher` lets ``jax_triton.triton_call`` launch Gluon kernels by
@@ -57,60 +63,24 @@ def rows_sum_supported(i: int, o: int, dtype, block_n: int) -> bool:
 
 
 if gluon is not None:
-  from kernels.cvmm_triton import _red_half_v8_asm
-
-  _RED_F16 = gl.constexpr(_red_half_v8_asm("f16x2"))
-  _RED_BF16 = gl.constexpr(_red_half_v8_asm("bf16x2"))
-  _ST_F16 = gl.constexpr(_red_half_v8_asm("f16x2").replace(
-      "red.global.gpu.relaxed.add.noftz.v4.f16x2", "st.global.v4.b32"))
-
   def _red_h8_asm(pair: str) -> str:
-    """PTX of one 16-bit vector reduction of eight 16-bit values ($2..$9, already
-    rounded) added to 8 adjacent elements at $1 if $10."""
-    mov = " ".join(f"mov.b32 {r}, {{${2 + 2 * n}, ${3 + 2 * n}}};" for n, r in enumerate("abcd"))
+    """PTX of one 16-bit vector reduction (sm90): adds eight 16-bit values ($2..$9,
+    ``pair``: f16x2 or bf16x2) to 8 adjacent elements at $1 if $10."""
+    mov = " ".join(f"mov.b32 {r}, {{${2 + 2 * n}, ${3 + 2 * n}}};"
+                   for n, r in enumerate("abcd"))
     return ("{ .reg .pred p; .reg .b32 a, b, c, d; setp.ne.b32 p, $10, 0; mov.b32 $0, 0; "
             f"{mov} @p red.global.gpu.relaxed.add.noftz.v4.{pair} [$1], {{a, b, c, d}}; }}")
 
-  _RED_F16_H = gl.constexpr(_red_h8_asm("f16x2"))
-  _RED_BF16_H = gl.constexpr(_red_h8_asm("bf16x2"))
-
-  @gluon.constexpr_function
-  def _red_layout(BM, BN, NW, RED_L):
-    """The reductions' layout: eight adjacent columns per thread. RED_L 0: rows of BN
-    columns spread over a warp's lanes (a layout change from the product's through
-    shared memory, with barriers); 1: the product's rows kept in their warp, eight
-    columns gathered within each group of four lanes (warp shuffles, no shared
-    memory); 2: like 1, with each warp instruction covering four whole rows of 64
-    columns (more shuffles, fewer L2 lines per reduction instruction); 3: as 0, but
-    the product is scaled and rounded to 16 bits first and goes through a shared
-    buffer of its own (half the shared-memory traffic, one round)."""
-    if RED_L == 0 or RED_L == 3:
-      return gl.BlockedLayout([1, 8], [32 // (BN // 8), BN // 8], [NW, 1], [1, 0])
-    # wgmma's accumulator (m64nBNk16, NW warps along the rows): warp w holds rows
-    # 16 w + 64 r (+0..15); lane 4 g + q holds rows g, g + 8, columns 8 j + 2 q + {0, 1}
-    log2 = lambda x: x.bit_length() - 1
-    warp = [[16 << b, 0] for b in range(log2(NW))]
-    reps = [[16 * NW << b, 0] for b in range(log2(BM // (16 * NW)))]
-    eight = [[0, 1], [0, 2], [0, 4]]
-    if RED_L == 1:
-      lane = [[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]]
-      reg = eight + [[8, 0]] + [[0, 32 << b] for b in range(log2(BN // 32))] + reps
-    else:
-      lanes_n = min(log2(BN // 8), 3)
-      lane = [[0, 8 << b] for b in range(lanes_n)] + [[1 << b, 0] for b in range(5 - lanes_n)]
-      rows_in_reg = [[1 << b, 0] for b in range(5 - lanes_n, 4)]
-      reg = (eight + rows_in_reg + [[0, 8 << b] for b in range(lanes_n, log2(BN // 8))]
-             + reps)
-    return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=warp,
-                                      block_bases=[], shape=[BM, BN])
+  _RED_F16 = gl.constexpr(_red_h8_asm("f16x2"))
+  _RED_BF16 = gl.constexpr(_red_h8_asm("bf16x2"))
+  _ST_F16 = gl.constexpr(_red_h8_asm("f16x2").replace(      # PROBE 2: plain stores
+      "red.global.gpu.relaxed.add.noftz.v4.f16x2", "st.global.v4.b32"))
 
   @gluon.jit
   def _red_v8(out_ptr, offs, v, mask, ASM: gl.constexpr, BM: gl.constexpr,
-              BN: gl.constexpr, CONS: gl.constexpr):
-    """Adds the [BM, BN] floats v to out_ptr + offs, eight adjacent columns (rounded to
-    16 bits) per reduction; v's layout holds eight adjacent columns per thread.
-    CONS: the asm's constraints ("f" operands for floats; 16-bit v: ASM _RED_*_H and
-    "h" operands)."""
+              BN: gl.constexpr):
+    """Adds the [BM, BN] 16-bit values v to out_ptr + offs, eight adjacent columns per
+    reduction; v's layout holds eight adjacent columns per thread."""
     x = gl.reshape(v, [BM, BN // 8, 2, 2, 2])      # column = 8 j + 4 b2 + 2 b1 + b0
     e0, e1 = gl.split(x)                           # b0
     e00, e01 = gl.split(e0)                        # b1
@@ -122,7 +92,7 @@ if gluon is not None:
     p0 = (out_ptr + _first8(offs, BM, BN)).to(gl.int64)
     m0 = _first8(mask.to(gl.int32), BM, BN)
     gl.inline_asm_elementwise(
-        ASM, CONS, [p0, c0, c1, c2, c3, c4, c5, c6, c7, m0],
+        ASM, "=r,l,h,h,h,h,h,h,h,h,r", [p0, c0, c1, c2, c3, c4, c5, c6, c7, m0],
         dtype=gl.int32, is_pure=False, pack=1)
 
   @gluon.jit
@@ -146,8 +116,7 @@ if gluon is not None:
       A_R: gl.constexpr, O_R: gl.constexpr,
       SW_E: gl.constexpr, SW_I: gl.constexpr, SW_O: gl.constexpr,
       BM: gl.constexpr, BN: gl.constexpr, BUF: gl.constexpr, NW: gl.constexpr,
-      HAS_SCALE: gl.constexpr, F16: gl.constexpr, PROBE: gl.constexpr = 0,
-      RED_L: gl.constexpr = 0):
+      HAS_SCALE: gl.constexpr, F16: gl.constexpr, PROBE: gl.constexpr = 0):
     # PROBE (bench/gluon_rows_probe.py only; 0 in use): 1 issues the reductions with a
     # false predicate (no memory traffic), 2 stores instead of adding, 3 skips the
     # products (adds zeros), 4 skips the matrix's copies (the products read whatever
@@ -163,7 +132,8 @@ if gluon is not None:
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                     instr_shape=[16, BN, 16])
     a_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (I // 8), I // 8], [NW, 1], [1, 0])
-    red_l: gl.constexpr = _red_layout(BM, BN, NW, RED_L)
+    red_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BN // 8), BN // 8], [NW, 1],
+                                           [1, 0])
     a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, I], dt)
     TRANS: gl.constexpr = SW_I == 1         # the matrix is contiguous along I
     if TRANS:   # blocks [BN, I], copied like the rows [BM, I]
@@ -176,14 +146,10 @@ if gluon is not None:
       b_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([I, BN], dt)
       b_smem = gl.allocate_shared_memory(dt, [BUF, I, BN], b_sl)
     a_smem = gl.allocate_shared_memory(dt, [BM, I], a_sl)
-    odt: gl.constexpr = out_ptr.dtype.element_ty
-    if RED_L == 3:   # the rounded product's block, 16-byte chunks swizzled by row
-      epi_sl: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0])
-      epi = gl.allocate_shared_memory(odt, [BM, BN], epi_sl)
-      ASM_H: gl.constexpr = _RED_F16_H if F16 else _RED_BF16_H
-    else:
-      epi = a_smem
-      ASM_H: gl.constexpr = ASM
+    # each product block, scaled and rounded, on its way from the product's layout to
+    # the reductions' (16-byte chunks swizzled by row: no bank conflicts either way)
+    epi_sl: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0])
+    epi = gl.allocate_shared_memory(out_ptr.dtype.element_ty, [BM, BN], epi_sl)
 
     tile = gl.program_id(0)
     e = gl.load(tiles_ptr + tile)
@@ -204,22 +170,17 @@ if gluon is not None:
         if PROBE != 4 and PROBE != 5:
           _copy_block(b_smem, w_base, j, I, O, BN, SW_I, SW_O, TRANS, b_l)
         cp.commit_group()
-      # the reductions' row indices, scales and validity
+      # the reductions' rows and validity; the scales in the product's layout
       rows_r = start + gl.arange(0, BM, layout=gl.SliceLayout(1, red_l))
       rmask_r = rows_r < end
       pair_r = gl.load(order_ptr + rows_r, mask=rmask_r, other=0)
       o_row = ((pair_r // K) * O_R + (pair_r % K) // (K // O_R)).to(gl.int64)
+      rows_a = start + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
       if HAS_SCALE:
-        s = gl.load(scale_ptr + pair_r, mask=rmask_r, other=0.0).to(gl.float32)
+        pair_a = gl.load(order_ptr + rows_a, mask=rows_a < end, other=0)
+        s = gl.load(scale_ptr + pair_a, mask=rows_a < end, other=0.0).to(gl.float32)
       else:
-        s = gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, red_l))
-      if RED_L == 3:   # the scales in the product's layout
-        rows_a = start + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
-        if HAS_SCALE:
-          pair_a = gl.load(order_ptr + rows_a, mask=rows_a < end, other=0)
-          s = gl.load(scale_ptr + pair_a, mask=rows_a < end, other=0.0).to(gl.float32)
-        else:
-          s = gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, acc_l))
+        s = gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, acc_l))
       zero = gl.zeros([BM, BN], gl.float32, layout=acc_l)
 
       # Block nb's product runs on the tensor cores while block nb - 1 is reduced.
@@ -244,13 +205,13 @@ if gluon is not None:
         fence_async_shared()
         gl.thread_barrier()        # ... for every thread; and block nb - 2's buffer is free
         if PROBE == 3:
-          _reduce_block(prev, nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM, epi, ASM_H, RED_L)
+          _reduce_block(prev, nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM, epi)
         else:
           cur = warpgroup_mma(a_smem, _b_view(b_smem, nb, BUF, TRANS), zero,
                               use_acc=False, is_async=True)
-          _reduce_block(prev, nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM, epi, ASM_H, RED_L)
+          _reduce_block(prev, nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM, epi)
           prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))
-      _reduce_block(prev, n_nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM, epi, ASM_H, RED_L)
+      _reduce_block(prev, n_nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM, epi)
 
   @gluon.jit
   def _b_view(b_smem, nb, BUF: gl.constexpr, TRANS: gl.constexpr):
@@ -280,19 +241,16 @@ if gluon is not None:
 
   @gluon.jit
   def _reduce_block(acc, nb, o_row, rmask, s, out_ptr, O: gl.constexpr, BM: gl.constexpr,
-                    BN: gl.constexpr, red_l: gl.constexpr, ASM: gl.constexpr, epi,
-                    ASM_H: gl.constexpr, RED_L: gl.constexpr):
-    """Adds the scaled [BM, BN] product of column block nb into the output rows."""
+                    BN: gl.constexpr, red_l: gl.constexpr, ASM: gl.constexpr, epi):
+    """Adds the scaled [BM, BN] product of column block nb into the output rows: scaled
+    and rounded to 16 bits in the product's layout, then through shared memory (``epi``)
+    into the reductions' layout."""
+    epi.store((acc * s[:, None]).to(epi.dtype))
+    v = epi.load(red_l)
     cols = nb * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, red_l))
     offs = o_row[:, None] * O + cols[None, :]
     mask = rmask[:, None] & (cols < O)[None, :]
-    if RED_L == 3:   # s in the product's layout; scaled and rounded before the move
-      epi.store((acc * s[:, None]).to(epi.dtype))
-      v = epi.load(red_l)
-      _red_v8(out_ptr, offs, v, mask, ASM_H, BM, BN, "=r,l,h,h,h,h,h,h,h,h,r")
-    else:
-      v = gl.convert_layout(acc, red_l) * s[:, None]
-      _red_v8(out_ptr, offs, v, mask, ASM, BM, BN, "=r,l,f,f,f,f,f,f,f,f,r")
+    _red_v8(out_ptr, offs, v, mask, ASM, BM, BN)
 
 
 def _cache_dir_fallback():

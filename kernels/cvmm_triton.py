@@ -575,18 +575,12 @@ def _w_layout(w: jax.Array, transpose_w: bool) -> tuple[int, int, tuple]:
   return i, o, (i * o, o, 1)
 
 
-# The Gluon row kernel's layout of the reductions (its RED_L, kernels.cvmm_gluon._red_layout)
-GLUON_RED_LAYOUT = 0
-
-
 def gluon_rows_sum(a, w, routing: Routing, tiles, scale, cfg: TileConfig, *, a_rows: int,
-                   out_rows: int, transpose_w: bool, out_dtype, probe: int = 0,
-                   red_layout: int | None = None) -> jax.Array:
+                   out_rows: int, transpose_w: bool, out_dtype, probe: int = 0) -> jax.Array:
   """One launch of the Gluon fused-sum row kernel (:mod:`kernels.cvmm_gluon`):
   out [N * out_rows, O] (zeroed, then every tile's scaled rows added in ``out_dtype``,
   float16 or bf16), for :func:`rows_matmul` (which scales float16 sums back) and the
-  probe (``probe``: the kernel's PROBE setting, bench/gluon_rows_probe.py;
-  ``red_layout``: its RED_L, None for :data:`GLUON_RED_LAYOUT`)."""
+  probe (``probe``: the kernel's PROBE setting, bench/gluon_rows_probe.py)."""
   from kernels import cvmm_gluon  # noqa: PLC0415
   cvmm_gluon.install_launcher()
   n, k = routing.n_tokens, routing.k
@@ -599,8 +593,7 @@ def gluon_rows_sum(a, w, routing: Routing, tiles, scale, cfg: TileConfig, *, a_r
       Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows,
       SW_E=strides[0], SW_I=strides[1], SW_O=strides[2],
       BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages, NW=cfg.num_warps,
-      HAS_SCALE=scale is not None, F16=jnp.dtype(out_dtype) == jnp.float16, PROBE=probe,
-      RED_L=GLUON_RED_LAYOUT if red_layout is None else red_layout)
+      HAS_SCALE=scale is not None, F16=jnp.dtype(out_dtype) == jnp.float16, PROBE=probe)
   return out
 
 
@@ -835,28 +828,30 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
 # ------------------------------------------------------------------ tile choice
 
 # Gluon row-kernel tiles (block_m, block_n, warps, buffers): candidates of the fused
-# 16-bit sums on sm90+ where :func:`_gluon_rows_ok` holds, with CVMM_GLUON=1. At
-# MoEUT_244M on an H200 the best of them ran as fast as the Triton kernel, not faster
-# (down 1.539 vs 1.532 ms, O 0.838 vs 0.814; bench/RESULTS.md, ninth session), so they
-# are opt-in. 32-column blocks and deeper buffering were slower.
-_GLUON_ROWS = ((128, 64, 4, 4), (128, 64, 4, 3), (64, 64, 4, 3), (256, 64, 8, 3),
-               (128, 128, 8, 3))
+# 16-bit sums on sm90+ where :func:`_gluon_rows_ok` holds (unless CVMM_GLUON=0), listed
+# first, in heuristic order. At MoEUT_244M on an H200 (bench/RESULTS.md, eleventh
+# session) 128x64 with 8 warps and 4 buffers was the fastest of all tiles, Triton's
+# included, for down, O and up's dx (e.g. O 0.652 against 0.717 ms). 32-column blocks
+# and deeper buffering were slower (ninth session).
+_GLUON_ROWS = ((128, 64, 8, 4), (128, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3),
+               (64, 64, 4, 3), (256, 64, 8, 3), (128, 128, 8, 3))
 
 
 def _gluon_enabled() -> bool:
-  """CVMM_GLUON=1: the autotuner also times the Gluon row kernel's tiles."""
-  return os.environ.get("CVMM_GLUON", "0") == "1"
+  """CVMM_GLUON=0 leaves the Gluon row kernel's tiles out of the fused sums' candidates
+  (default: in, where a call can take them)."""
+  return os.environ.get("CVMM_GLUON", "1") != "0"
 
 
 def _rows_candidates(i: int, o: int, dtype, gluon: bool = False) -> list[TileConfig]:
   """Tile candidates of the row kernel, in heuristic order; ``gluon``: the call can
-  take the Gluon kernel (:func:`_gluon_rows_ok`), whose tiles are then listed too."""
+  take the Gluon kernel (:func:`_gluon_rows_ok`), whose tiles then come first."""
   out = _triton_rows_candidates(i, o, dtype)
   if gluon:
     ok = _gluon_rows_ok(i, o, dtype, 8, False)
-    out += [c for c in (TileConfig(bm, bn, max(16, autotune.next_pow2(i)), w, b,
-                                   loop_n=True, gluon=True)
-                        for bm, bn, w, b in _GLUON_ROWS) if ok(c)]
+    out = [c for c in (TileConfig(bm, bn, max(16, autotune.next_pow2(i)), w, b,
+                                  loop_n=True, gluon=True)
+                       for bm, bn, w, b in _GLUON_ROWS) if ok(c)] + out
   return out
 
 

@@ -216,19 +216,6 @@ def test_gluon_row_kernel_matches_reference(cfg, shape, transpose, sums):
       f"{cfg} {shape}: rel err {err:.2e}")
 
 
-@pytest.mark.parametrize("red_layout", [1, 2, 3])
-@pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
-@pytest.mark.parametrize("shape", GLUON_SHAPES, ids=str)
-@pytest.mark.parametrize("cfg", _gluon_row_cases(), ids=str)
-def test_gluon_row_kernel_reduction_layouts(cfg, shape, transpose, red_layout,
-                                            monkeypatch):
-  """The Gluon row kernel with its other layouts of the reductions (RED_L, the product's
-  rows kept in their warp): float16 sums against an einsum in float32, as above."""
-  from kernels import cvmm_triton  # noqa: PLC0415
-  monkeypatch.setattr(cvmm_triton, "GLUON_RED_LAYOUT", red_layout)
-  test_gluon_row_kernel_matches_reference(cfg, shape, transpose, "float16")
-
-
 @pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
 # a wide contraction (the up and V projections': several steps over I, one column block)
 @pytest.mark.parametrize("cfg", _row_candidate_cases(520, 136), ids=str)
