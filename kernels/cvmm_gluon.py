@@ -63,13 +63,7 @@ def rows_sum_supported(i: int, o: int, dtype, block_n: int) -> bool:
 
 
 if gluon is not None:
-  def _red_h8_asm(pair: str) -> str:
-    """PTX of one 16-bit vector reduction (sm90): adds eight 16-bit values ($2..$9,
-    ``pair``: f16x2 or bf16x2) to 8 adjacent elements at $1 if $10."""
-    mov = " ".join(f"mov.b32 {r}, {{${2 + 2 * n}, ${3 + 2 * n}}};"
-                   for n, r in enumerate("abcd"))
-    return ("{ .reg .pred p; .reg .b32 a, b, c, d; setp.ne.b32 p, $10, 0; mov.b32 $0, 0; "
-            f"{mov} @p red.global.gpu.relaxed.add.noftz.v4.{pair} [$1], {{a, b, c, d}}; }}")
+  from kernels.cvmm_triton import _red_half_v8_asm as _red_h8_asm
 
   _RED_F16 = gl.constexpr(_red_h8_asm("f16x2"))
   _RED_BF16 = gl.constexpr(_red_h8_asm("bf16x2"))

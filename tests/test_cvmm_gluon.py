@@ -1,7 +1,8 @@
-"""CPU tests of the Gluon fused-sum row kernel (kernels/cvmm_gluon.py): it compiles for
-sm90 with every tile candidate (Triton's own pipeline and ptxas, no GPU), and the tile
-candidates list it first where a call can take it. Its numerics are tested on the GPU
-(tests/test_cvmm_gpu.py::test_gluon_row_kernel_matches_reference)."""
+"""CPU tests of the fused sums' GPU kernels, compiled for sm90 with Triton's own pipeline
+and ptxas (no GPU): the Gluon row kernel (kernels/cvmm_gluon.py) with every tile
+candidate, and the Triton kernels' 16-bit sums; and the tile candidates list the Gluon
+kernel first where a call can take it. Their numerics are tested on the GPU
+(tests/test_cvmm_gpu.py)."""
 from __future__ import annotations
 
 import re
@@ -79,3 +80,45 @@ def test_gluon_tiles_come_first_where_a_call_takes_them(monkeypatch):
   assert ct._gluon_enabled()
   monkeypatch.setenv("CVMM_GLUON", "0")
   assert not ct._gluon_enabled()
+
+
+@pytest.mark.parametrize("kernel", ["rows", "pair_fwd", "pair_bwd"])
+@pytest.mark.parametrize("f16", [True, False], ids=["f16", "bf16"])
+def test_triton_fused_sum_kernels_compile_for_sm90(kernel, f16):
+  """The Triton kernels' 16-bit fused sums (RED=8) compile for sm90: the rows, already
+  rounded to 16 bits, are added eight per reduction instruction."""
+  import triton  # noqa: PLC0415
+  from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+  from triton.compiler import ASTSource  # noqa: PLC0415
+  d, h, o, k = 256, 128, 256, 4
+  out = "*fp16" if f16 else "*bf16"
+  if kernel == "rows":
+    fn = ct._rows_kernel
+    sig = dict(a_ptr="*bf16", w_ptr="*bf16", order_ptr="*i32", tiles_ptr="*i32",
+               scale_ptr="*fp32", c_ptr="*fp32", out_ptr=out, dg_ptr="*fp32")
+    consts = dict(Z=100, I=h, O=o, K=k, A_R=k, O_R=1, C_R=1, SW_E=h * o, SW_I=o, SW_O=1,
+                  BM=128, BN=64, BK=h, HAS_SCALE=True, ATOMIC=True, DGATE=False,
+                  IEEE=False, LOOP_N=True, RED=8, F16=f16)
+  else:
+    bwd = kernel == "pair_bwd"
+    sig = dict(a_ptr="*bf16", w1_ptr="*bf16", w2_ptr="*bf16", order_ptr="*i32",
+               tiles_ptr="*i32", gates_ptr="*fp32")
+    if bwd:
+      fn = ct._pair_bwd_kernel
+      sig.update(h_ptr="*bf16", rs_ptr="*fp32", out_ptr=out, du_ptr="*bf16",
+                 dg_ptr="*fp32")
+      s1, s2 = (h * d, 1, d), (o * h, 1, h)
+    else:
+      fn = ct._pair_fwd_kernel
+      sig.update(out_ptr=out, h_ptr="*bf16")
+      s1, s2 = (d * h, h, 1), (h * o, o, 1)
+    consts = dict(Z=100, D=d, H=h, O=o, K=k, S1_E=s1[0], S1_D=s1[1], S1_H=s1[2],
+                  S2_E=s2[0], S2_H=s2[1], S2_O=s2[2], BM=128, BN=64, BK=64, BH=h,
+                  IEEE=False, RED=8, F16=f16)
+  n_args = len(sig)
+  sig.update({name: "constexpr" for name in consts})
+  attrs = {(j,): [["tt.divisibility", 16]] for j in range(n_args)}
+  kern = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                        options=dict(num_warps=4, num_stages=3))
+  pair = "f16x2" if f16 else "bf16x2"
+  assert f"red.global.gpu.relaxed.add.noftz.v4.{pair}" in kern.asm["ptx"]
