@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.cvmm_triton import _red_bf16_v8, _red_v4
+from kernels.cvmm_triton import _RED_BF16_V8, _red_half_v8, _red_v4
 
 
 @triton.jit
@@ -66,10 +66,10 @@ def _probe_kernel(out_ptr, tok_ptr, start_ptr, end_ptr, N_OUT, D: tl.constexpr,
     for n0 in tl.static_range(0, D, BN):
       if MODE == 4:  # 8 bf16 per reduction
         c8 = n0 + tl.arange(0, BN // 8) * 8
-        v = (r[:, None] + c8[None, :]).to(tl.float32) * 1e-3 + z
-        _red_bf16_v8((out_ptr + tok[:, None] * D + c8[None, :]).to(tl.int64), v, v + 1.0,
+        v = ((r[:, None] + c8[None, :]).to(tl.float32) * 1e-3 + z).to(tl.bfloat16)
+        _red_half_v8((out_ptr + tok[:, None] * D + c8[None, :]).to(tl.int64), v, v + 1.0,
                      v + 2.0, v + 3.0, v + 4.0, v + 5.0, v + 6.0, v + 7.0,
-                     m[:, None] & (c8[None, :] < D))
+                     m[:, None] & (c8[None, :] < D), _RED_BF16_V8)
       elif MODE == 0:  # 4-wide vector reductions
         c4 = n0 + tl.arange(0, BN // 4) * 4
         v = (r[:, None] + c4[None, :]).to(tl.float32) * 1e-3 + z
@@ -134,8 +134,8 @@ def main(argv=None):
   adds = n * a.k * d
   print(f"# {torch.cuda.get_device_name()}, N={n} E={a.experts} K={a.k} D={d} "
         f"BM={a.bm}: {adds / 2**30:.2f} Gi adds")
-  print(f"| variant | BN | warps | ms | G adds/s | GB/s |")
-  print(f"|---|---|---|---|---|---|")
+  print("| variant | BN | warps | ms | G adds/s | GB/s |")
+  print("|---|---|---|---|---|---|")
   names = [s for s in (a.once or a.variants).split(",") if s]
   for name in names:
     parts = name.split("_")
