@@ -10,7 +10,9 @@ uses it for V (M = 1, slots are head × expert) and O (M = heads, gates).
 Implementations are interchangeable and chosen per call with ``impl``:
   "reference"  the defining gather-everything version (tests only)
   "xla"        pure JAX over expert-aligned tiles (CPU, fallback)
-  "triton"     Triton kernel through jax-triton (CUDA sm80+)
+  "triton"     Triton kernel through jax-triton (CUDA sm80+; on Hopper the row
+               projections' fused sums run a kernel written in Gluon, Triton's
+               explicit-layout dialect: kernels/cvmm_gluon.py)
   "triton_unfused"  the same kernels, but sums over slots go through a stored
                [N*K, O] intermediate (faster at wide outputs; not chosen by "auto")
   "mosaic"     Pallas on the Mosaic GPU backend (Hopper, sm90)
