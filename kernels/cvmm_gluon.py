@@ -28,7 +28,7 @@ ms (Triton) to 0.652. Its tiles are the fused 16-bit sums' first candidates on s
 The kernel is written in Gluon, which jax-triton cannot compile itself:
 :func:`install_launcher` lets ``jax_triton.triton_call`` launch Gluon kernels by
 compiling them with Triton's own pipeline and handing the PTX to jax-triton's launch
-layer. Only on Hopper (sm90) and later; 16-bit inputs and 16-bit sums.
+layer. Only on Hopper (sm90: its wgmma instructions); 16-bit inputs and 16-bit sums.
 """
 from __future__ import annotations
 
@@ -63,11 +63,11 @@ def rows_sum_supported(i: int, o: int, dtype, block_n: int) -> bool:
 
 
 if gluon is not None:
-  from kernels.cvmm_triton import _red_half_v8_asm as _red_h8_asm
+  from kernels.cvmm_triton import _red_half_v8_asm
 
-  _RED_F16 = gl.constexpr(_red_h8_asm("f16x2"))
-  _RED_BF16 = gl.constexpr(_red_h8_asm("bf16x2"))
-  _ST_F16 = gl.constexpr(_red_h8_asm("f16x2").replace(      # PROBE 2: plain stores
+  _RED_F16 = gl.constexpr(_red_half_v8_asm("f16x2"))
+  _RED_BF16 = gl.constexpr(_red_half_v8_asm("bf16x2"))
+  _ST_F16 = gl.constexpr(_red_half_v8_asm("f16x2").replace(      # PROBE 2: plain stores
       "red.global.gpu.relaxed.add.noftz.v4.f16x2", "st.global.v4.b32"))
 
   @gluon.jit
@@ -199,13 +199,16 @@ if gluon is not None:
         fence_async_shared()
         gl.thread_barrier()        # ... for every thread; and block nb - 2's buffer is free
         if PROBE == 3:
-          _reduce_block(prev, nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM, epi)
+          _reduce_block(prev, nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM,
+                        epi)
         else:
           cur = warpgroup_mma(a_smem, _b_view(b_smem, nb, BUF, TRANS), zero,
                               use_acc=False, is_async=True)
-          _reduce_block(prev, nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM, epi)
+          _reduce_block(prev, nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM,
+                        epi)
           prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))
-      _reduce_block(prev, n_nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM, epi)
+      _reduce_block(prev, n_nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM,
+                    epi)
 
   @gluon.jit
   def _b_view(b_smem, nb, BUF: gl.constexpr, TRANS: gl.constexpr):

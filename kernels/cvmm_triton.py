@@ -529,13 +529,16 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   if cfg is None:
     cfg = choose_rows_config(n, k, e, i, o, a.dtype, a_rows, out_rows, scale is not None,
                              sum_dtype)
-    if cfg.gluon and not gluon_ok(cfg):   # a cached Gluon choice this call cannot take
-      cfg = _triton_rows_candidates(i, o, a.dtype)[0]
+    if cfg.gluon and not (gluon_ok(cfg) and _gluon_device()):
+      cfg = _triton_rows_candidates(i, o, a.dtype)[0]   # a cached choice it cannot take
   elif cfg.gluon and not gluon_ok(cfg):
     raise ValueError(f"{cfg}: the Gluon row kernel needs a fused 16-bit sum without "
                      f"dgates, a contraction of 16..256 (a power of two) and whole "
                      f"column blocks; got I={i}, O={o}, {jnp.dtype(a.dtype).name}, "
                      f"sum reductions of {red}, dgates={dgate}")
+  elif cfg.gluon and not _gluon_device():
+    raise ValueError(f"{cfg}: the Gluon row kernel runs on Hopper GPUs (sm90) only; "
+                     f"this one is sm{_compute_capability():.1f}")
   out_dtype = _sum_out_dtype(half) if atomic else a.dtype
   if half == "float16":
     w_l1 = _max_l1(w, 2 if transpose_w else 1)
@@ -602,7 +605,8 @@ def gluon_rows_sum(a, w, routing: Routing, tiles, scale, cfg: TileConfig, *, a_r
 def _gluon_rows_ok(i: int, o: int, dtype, red: int, dgate: bool):
   """cfg -> whether the Gluon row kernel (:mod:`kernels.cvmm_gluon`) can run this call:
   a fused 16-bit sum (8-wide reductions: sm90+, not the interpreter), no dgates, and
-  the shapes :func:`kernels.cvmm_gluon.rows_sum_supported` names."""
+  the shapes :func:`kernels.cvmm_gluon.rows_sum_supported` names. (The device, a
+  Hopper GPU, is :func:`_gluon_device`.)"""
   def ok(cfg: TileConfig) -> bool:
     if red != 8 or dgate:
       return False
@@ -613,6 +617,12 @@ def _gluon_rows_ok(i: int, o: int, dtype, red: int, dgate: bool):
 
 def _compute_capability() -> float:
   return float(getattr(jax.devices()[0], "compute_capability", "0.0"))
+
+
+def _gluon_device() -> bool:
+  """Whether the default device runs the Gluon row kernel: a Hopper GPU (its wgmma
+  instructions are sm90's; Blackwell has others), not Triton's interpreter."""
+  return not _interpret() and 9.0 <= _compute_capability() < 10.0
 
 
 def bf16_sums(dtype, o: int, sum_dtype: str | None = None) -> bool:
@@ -979,7 +989,8 @@ def choose_rows_config(n, k, e, i, o, dtype, a_rows, out_rows, has_scale,
     return autotune.time_call(lambda: f(a, w, r, sc))
 
   atomic = out_rows < k
-  gluon = _gluon_enabled() and atomic and _red_width(o, dtype, sum_dtype) == 8
+  gluon = (_gluon_enabled() and atomic and _red_width(o, dtype, sum_dtype) == 8
+           and _gluon_device())
   return autotune.tuner().choose("triton_rows", shape, dtype,
                                  _rows_candidates(i, o, dtype, gluon),
                                  _bench_or_none(bench))

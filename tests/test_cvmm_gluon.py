@@ -122,3 +122,24 @@ def test_triton_fused_sum_kernels_compile_for_sm90(kernel, f16):
                         options=dict(num_warps=4, num_stages=3))
   pair = "f16x2" if f16 else "bf16x2"
   assert f"red.global.gpu.relaxed.add.noftz.v4.{pair}" in kern.asm["ptx"]
+
+
+@pytest.mark.parametrize("cc,hopper", [(8.0, False), (9.0, True), (10.0, False),
+                                       (12.0, False)])
+def test_gluon_kernel_only_on_hopper(monkeypatch, cc, hopper):
+  """The Gluon kernel's wgmma is sm90's: on other GPUs the autotuner leaves its tiles
+  out, and a call given one raises a clear error before anything is launched."""
+  monkeypatch.setattr(ct, "_compute_capability", lambda: cc)
+  monkeypatch.setattr(ct, "_interpret", lambda: False)
+  assert ct._gluon_device() is hopper
+  if hopper or cc < 9.0:   # (no 16-byte 16-bit reductions below sm90)
+    return
+  import jax  # noqa: PLC0415
+  from kernels import make_routing  # noqa: PLC0415
+  n, k, e, i, o = 32, 4, 8, 64, 128
+  r = make_routing(jax.random.randint(jax.random.key(0), (n, k), 0, e), e)
+  a = jnp.ones((n * k, i), jnp.bfloat16)
+  w = jnp.ones((e, i, o), jnp.bfloat16)
+  cfg = _gluon_tiles(i, o)[0]
+  with pytest.raises(ValueError, match="Hopper"):
+    ct.rows_matmul(a, w, r, a_rows=k, out_rows=1, cfg=cfg)
