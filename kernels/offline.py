@@ -1,0 +1,119 @@
+"""The fused sums' GPU kernels compiled for a GPU that is not here (Hopper by default),
+and what their machine code holds.
+
+Triton compiles for any target without a GPU: its pipeline runs on the CPU and its
+wheel carries NVIDIA's ``ptxas`` and ``cuobjdump``. That checks that a kernel variant
+builds (tests/test_cvmm_gluon.py, in CI) and shows its registers, shared memory,
+barriers and instruction counts before any GPU time is spent (bench/sass_stats.py).
+
+  compile_gluon_rows(cfg, i=128, o=1024, k=16)    the Gluon fused-sum row kernel
+  compile_triton("rows" | "pair_fwd" | "pair_bwd", ...)   the Triton kernels' fused sums
+  sass_stats(compiled)                            registers, shared memory, counts
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+from kernels.autotune import TileConfig
+
+# SASS opcodes counted by sass_stats (an opcode is counted with any suffix)
+SASS_OPS = ("BAR.SYNC", "STS", "STSM", "LDS", "LDSM", "LDGSTS", "REDG", "HGMMA", "HMMA",
+            "F2FP", "SHFL")
+
+
+def compile_gluon_rows(cfg: TileConfig, *, i: int, o: int, k: int, transpose: bool = False,
+                       f16: bool = True, has_scale: bool = True, probe: int = 0,
+                       cc: int = 90):
+  """The Gluon row kernel (:func:`kernels.cvmm_gluon._rows_sum_kernel`) as the σ-MoE
+  down projection calls it (every pair reads its own row, one output row per token),
+  bf16 inputs, float16 (``f16``) or bf16 sums, compiled for sm``cc``."""
+  from kernels import cvmm_gluon  # noqa: PLC0415
+  sw = (i * o, 1, i) if transpose else (i * o, o, 1)
+  sig = dict(a_ptr="*bf16", w_ptr="*bf16", order_ptr="*i32", tiles_ptr="*i32",
+             scale_ptr="*fp32", out_ptr="*fp16" if f16 else "*bf16")
+  consts = dict(Z=1024, I=i, O=o, K=k, A_R=k, O_R=1, SW_E=sw[0], SW_I=sw[1], SW_O=sw[2],
+                BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages, NW=cfg.num_warps,
+                HAS_SCALE=has_scale, F16=f16, PROBE=probe)
+  n_ptrs = len(sig)
+  sig.update({name: "constexpr" for name in consts})
+  attrs = {(j,): [["tt.divisibility", 16]] for j in range(n_ptrs)}
+  return cvmm_gluon.compile_gluon(cvmm_gluon._rows_sum_kernel, sig, consts, attrs, cc,
+                                  cfg.num_warps, cfg.num_stages)
+
+
+def compile_triton(kind: str, cfg: TileConfig, *, d: int = 1024, h: int = 128,
+                   o: int = 1024, k: int = 16, f16: bool = True, cc: int = 90):
+  """A Triton kernel with 16-bit fused sums (8 per reduction), bf16 inputs, compiled
+  for sm``cc``: ``"rows"`` (the row kernel as σ-MoE down calls it: I = h, O = o, each
+  column block in turn), ``"pair_fwd"`` or ``"pair_bwd"`` (the fused σ-MoE pair: D = d,
+  H = h, O = o)."""
+  import triton  # noqa: PLC0415
+  from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+  from triton.compiler import ASTSource  # noqa: PLC0415
+
+  from kernels import cvmm_triton as ct  # noqa: PLC0415
+  out = "*fp16" if f16 else "*bf16"
+  bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+  if kind == "rows":
+    fn = ct._rows_kernel
+    sig = dict(a_ptr="*bf16", w_ptr="*bf16", order_ptr="*i32", tiles_ptr="*i32",
+               scale_ptr="*fp32", c_ptr="*fp32", out_ptr=out, dg_ptr="*fp32")
+    consts = dict(Z=1024, I=h, O=o, K=k, A_R=k, O_R=1, C_R=1, SW_E=h * o, SW_I=o, SW_O=1,
+                  BM=bm, BN=bn, BK=bk, HAS_SCALE=True, ATOMIC=True, DGATE=False,
+                  IEEE=False, LOOP_N=cfg.loop_n, RED=8, F16=f16)
+  elif kind in ("pair_fwd", "pair_bwd"):
+    sig = dict(a_ptr="*bf16", w1_ptr="*bf16", w2_ptr="*bf16", order_ptr="*i32",
+               tiles_ptr="*i32", gates_ptr="*fp32")
+    if kind == "pair_bwd":
+      fn = ct._pair_bwd_kernel
+      sig.update(h_ptr="*bf16", rs_ptr="*fp32", out_ptr=out, du_ptr="*bf16",
+                 dg_ptr="*fp32")
+      s1, s2 = (h * o, 1, o), (d * h, 1, h)         # values^T, keys^T
+    else:
+      fn = ct._pair_fwd_kernel
+      sig.update(out_ptr=out, h_ptr="*bf16")
+      s1, s2 = (d * h, h, 1), (h * o, o, 1)
+    consts = dict(Z=1024, D=o if kind == "pair_bwd" else d, H=h,
+                  O=d if kind == "pair_bwd" else o, K=k, S1_E=s1[0], S1_D=s1[1],
+                  S1_H=s1[2], S2_E=s2[0], S2_H=s2[1], S2_O=s2[2], BM=bm, BN=bn, BK=bk,
+                  BH=h, IEEE=False, RED=8, F16=f16)
+  else:
+    raise ValueError(f"kind {kind!r}: expected rows, pair_fwd or pair_bwd")
+  n_ptrs = len(sig)
+  sig.update({name: "constexpr" for name in consts})
+  attrs = {(j,): [["tt.divisibility", 16]] for j in range(n_ptrs)}
+  return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
+                        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def _nvidia_tool(name: str) -> str:
+  import triton.backends.nvidia as nv  # noqa: PLC0415
+  return os.path.join(os.path.dirname(nv.__file__), "bin", name)
+
+
+def sass_stats(compiled, cc: int = 90) -> dict:
+  """{"registers", "shared" (bytes per block), "instructions", and a count per opcode
+  of :data:`SASS_OPS`} of a kernel compiled by Triton, from ``ptxas -v`` and
+  ``cuobjdump -sass``. Counts are of the code, not of executed instructions."""
+  arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+  with tempfile.TemporaryDirectory() as tmp:
+    ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+    with open(ptx, "w") as f:
+      f.write(compiled.asm["ptx"])
+    with open(cubin, "wb") as f:
+      f.write(compiled.asm["cubin"])
+    info = subprocess.run([_nvidia_tool("ptxas"), f"-arch={arch}", "-v", ptx, "-o",
+                           os.devnull], capture_output=True, text=True, check=True).stderr
+    sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", cubin], capture_output=True,
+                          text=True, check=True).stdout
+  regs = re.findall(r"Used (\d+) registers", info)
+  ops = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass,
+                   flags=re.M)
+  out = dict(registers=int(regs[0]) if regs else None, shared=compiled.metadata.shared,
+             instructions=len(ops))
+  for name in SASS_OPS:
+    out[name] = sum(1 for op in ops if op == name or op.startswith(name + "."))
+  return out
