@@ -519,7 +519,7 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
     return out.reshape(n * out_rows, -1), dg
   n, k, p = routing.n_tokens, routing.k, routing.n_pairs
   e = w.shape[0]
-  i, o, sw = _w_layout(w, transpose_w)
+  i, o, sw = _w_layout(w.shape, transpose_w)
   assert a.shape == (n * a_rows, i), (a.shape, n, a_rows, i)
   atomic = out_rows < k
   red = _red_width(o, a.dtype, sum_dtype) if atomic else 1
@@ -570,13 +570,13 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   return out, dg
 
 
-def _w_layout(w: jax.Array, transpose_w: bool) -> tuple[int, int, tuple]:
-  """(I, O, element strides (expert, contraction, column)) of the expert matrices w
-  [E, I, O], or [E, O, I] used transposed."""
+def _w_layout(w_shape, transpose_w: bool) -> tuple[int, int, tuple]:
+  """(I, O, element strides (expert, contraction, column)) of the expert matrices of
+  shape [E, I, O], or [E, O, I] used transposed."""
   if transpose_w:
-    _, o, i = w.shape
+    _, o, i = w_shape
     return i, o, (i * o, 1, i)          # W^T[e][i', o'] = w[e, o', i']
-  _, i, o = w.shape
+  _, i, o = w_shape
   return i, o, (i * o, o, 1)
 
 
@@ -589,17 +589,28 @@ def gluon_rows_sum(a, w, routing: Routing, tiles, scale, cfg: TileConfig, *, a_r
   from kernels import cvmm_gluon  # noqa: PLC0415
   cvmm_gluon.install_launcher()
   n, k = routing.n_tokens, routing.k
-  i, o, strides = _w_layout(w, transpose_w)
   z = tiles.shape[1]
+  meta = gluon_rows_meta(w.shape, transpose_w, cfg, z=z, k=k, a_rows=a_rows,
+                         out_rows=out_rows, has_scale=scale is not None,
+                         f16=jnp.dtype(out_dtype) == jnp.float16, probe=probe)
   (out,) = _launch(
       cvmm_gluon._rows_sum_kernel,
       [a, w, routing.order, tiles, scale if scale is not None else _DUMMY_F32()],
-      [jax.ShapeDtypeStruct((n * out_rows, o), out_dtype)], z, cfg, zeroed=(0,),
-      Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows,
-      SW_E=strides[0], SW_I=strides[1], SW_O=strides[2],
-      BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages, NW=cfg.num_warps,
-      HAS_SCALE=scale is not None, F16=jnp.dtype(out_dtype) == jnp.float16, PROBE=probe)
+      [jax.ShapeDtypeStruct((n * out_rows, meta["O"]), out_dtype)], z, cfg, zeroed=(0,),
+      **meta)
   return out
+
+
+def gluon_rows_meta(w_shape, transpose_w: bool, cfg: TileConfig, *, z: int, k: int,
+                    a_rows: int, out_rows: int, has_scale: bool, f16: bool,
+                    probe: int = 0) -> dict:
+  """The Gluon row kernel's compile-time arguments for expert matrices of ``w_shape``
+  (:func:`_w_layout`), ``z`` tiles and the tile ``cfg`` (:func:`gluon_rows_sum`, and
+  :mod:`kernels.offline` compiling it without a GPU)."""
+  i, o, sw = _w_layout(w_shape, transpose_w)
+  return dict(Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, SW_E=sw[0], SW_I=sw[1],
+              SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages,
+              NW=cfg.num_warps, HAS_SCALE=has_scale, F16=f16, PROBE=probe)
 
 
 def _gluon_rows_ok(i: int, o: int, dtype, red: int, dgate: bool):
@@ -775,6 +786,20 @@ def expert_gram(a: jax.Array, b: jax.Array, routing: Routing, *, a_rows: int, b_
   return (out.sum(axis=0) if s > 1 else out[0]).astype(out_dtype)
 
 
+def _pair_layout(w1_shape, w2_shape, bwd: bool):
+  """(D, H, O, strides of the first matrices, of the second) of the fused pair kernel
+  (:func:`_pair_body`; strides as (expert, row, column) element strides). Forward: w1 =
+  keys [E, D, H], w2 = values [E, H, O]. Backward: w1 = values [E, H, D] and w2 = keys
+  [E, O, H], both used transposed."""
+  if bwd:
+    _, hh, d = w1_shape                                  # values [E, H, D_out]
+    _, o, _ = w2_shape                                   # keys [E, D_in, H]
+    return d, hh, o, (hh * d, 1, d), (o * hh, 1, hh)     # values^T, keys^T
+  _, d, hh = w1_shape
+  _, _, o = w2_shape
+  return d, hh, o, (d * hh, hh, 1), (hh * o, o, 1)
+
+
 def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
               routing: Routing, *, h: jax.Array | None = None,
               cfg: TileConfig | None = None, sum_dtype: str | None = None):
@@ -790,16 +815,7 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
   n, k, p = routing.n_tokens, routing.k, routing.n_pairs
   bwd = h is not None
   e = w1.shape[0]
-  if bwd:
-    _, hh, d = w1.shape                                  # values [E, H, D_out]
-    _, o, _ = w2.shape                                   # keys [E, D_in, H]
-    s1 = (hh * d, 1, d)                                  # values^T: (d, h) at h*d + d
-    s2 = (o * hh, 1, hh)                                 # keys^T: (h, o) at o*H + h
-  else:
-    _, d, hh = w1.shape
-    _, _, o = w2.shape
-    s1 = (d * hh, hh, 1)
-    s2 = (hh * o, o, 1)
+  d, hh, o, s1, s2 = _pair_layout(w1.shape, w2.shape, bwd)
   assert a.shape == (n, d), (a.shape, n, d)
   if cfg is None:
     cfg = choose_pair_config(n, k, e, d, hh, o, a.dtype, bwd, sum_dtype)

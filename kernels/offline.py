@@ -31,12 +31,12 @@ def compile_gluon_rows(cfg: TileConfig, *, i: int, o: int, k: int, transpose: bo
   down projection calls it (every pair reads its own row, one output row per token),
   bf16 inputs, float16 (``f16``) or bf16 sums, compiled for sm``cc``."""
   from kernels import cvmm_gluon  # noqa: PLC0415
-  sw = (i * o, 1, i) if transpose else (i * o, o, 1)
+  from kernels.cvmm_triton import gluon_rows_meta  # noqa: PLC0415
   sig = dict(a_ptr="*bf16", w_ptr="*bf16", order_ptr="*i32", tiles_ptr="*i32",
              scale_ptr="*fp32", out_ptr="*fp16" if f16 else "*bf16")
-  consts = dict(Z=1024, I=i, O=o, K=k, A_R=k, O_R=1, SW_E=sw[0], SW_I=sw[1], SW_O=sw[2],
-                BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages, NW=cfg.num_warps,
-                HAS_SCALE=has_scale, F16=f16, PROBE=probe)
+  w_shape = (1, o, i) if transpose else (1, i, o)
+  consts = gluon_rows_meta(w_shape, transpose, cfg, z=1024, k=k, a_rows=k, out_rows=1,
+                           has_scale=has_scale, f16=f16, probe=probe)
   n_ptrs = len(sig)
   sig.update({name: "constexpr" for name in consts})
   attrs = {(j,): [["tt.divisibility", 16]] for j in range(n_ptrs)}
@@ -61,25 +61,27 @@ def compile_triton(kind: str, cfg: TileConfig, *, d: int = 1024, h: int = 128,
     fn = ct._rows_kernel
     sig = dict(a_ptr="*bf16", w_ptr="*bf16", order_ptr="*i32", tiles_ptr="*i32",
                scale_ptr="*fp32", c_ptr="*fp32", out_ptr=out, dg_ptr="*fp32")
-    consts = dict(Z=1024, I=h, O=o, K=k, A_R=k, O_R=1, C_R=1, SW_E=h * o, SW_I=o, SW_O=1,
-                  BM=bm, BN=bn, BK=bk, HAS_SCALE=True, ATOMIC=True, DGATE=False,
-                  IEEE=False, LOOP_N=cfg.loop_n, RED=8, F16=f16)
+    i, o_, sw = ct._w_layout((1, h, o), False)
+    consts = dict(Z=1024, I=i, O=o_, K=k, A_R=k, O_R=1, C_R=1, SW_E=sw[0], SW_I=sw[1],
+                  SW_O=sw[2], BM=bm, BN=bn, BK=bk, HAS_SCALE=True, ATOMIC=True,
+                  DGATE=False, IEEE=False, LOOP_N=cfg.loop_n, RED=8, F16=f16)
   elif kind in ("pair_fwd", "pair_bwd"):
     sig = dict(a_ptr="*bf16", w1_ptr="*bf16", w2_ptr="*bf16", order_ptr="*i32",
                tiles_ptr="*i32", gates_ptr="*fp32")
-    if kind == "pair_bwd":
+    bwd = kind == "pair_bwd"
+    if bwd:       # dout [N, o] through values^T, then keys^T into dx [N, d]
       fn = ct._pair_bwd_kernel
       sig.update(h_ptr="*bf16", rs_ptr="*fp32", out_ptr=out, du_ptr="*bf16",
                  dg_ptr="*fp32")
-      s1, s2 = (h * o, 1, o), (d * h, 1, h)         # values^T, keys^T
-    else:
+      shapes = (1, h, o), (1, d, h)
+    else:         # x [N, d] through keys, then values into out [N, o]
       fn = ct._pair_fwd_kernel
       sig.update(out_ptr=out, h_ptr="*bf16")
-      s1, s2 = (d * h, h, 1), (h * o, o, 1)
-    consts = dict(Z=1024, D=o if kind == "pair_bwd" else d, H=h,
-                  O=d if kind == "pair_bwd" else o, K=k, S1_E=s1[0], S1_D=s1[1],
-                  S1_H=s1[2], S2_E=s2[0], S2_H=s2[1], S2_O=s2[2], BM=bm, BN=bn, BK=bk,
-                  BH=h, IEEE=False, RED=8, F16=f16)
+      shapes = (1, d, h), (1, h, o)
+    d_, h_, o_, s1, s2 = ct._pair_layout(*shapes, bwd)
+    consts = dict(Z=1024, D=d_, H=h_, O=o_, K=k, S1_E=s1[0], S1_D=s1[1], S1_H=s1[2],
+                  S2_E=s2[0], S2_H=s2[1], S2_O=s2[2], BM=bm, BN=bn, BK=bk, BH=h_,
+                  IEEE=False, RED=8, F16=f16)
   else:
     raise ValueError(f"kind {kind!r}: expected rows, pair_fwd or pair_bwd")
   n_ptrs = len(sig)
