@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import profiles
-from kernels import cvmm, cvmm_pair, is_available, make_routing
+from kernels import cvmm, cvmm_pair, is_available, make_head_routing, make_routing
 
 
 def _time(fn, *args, rounds: int = 5, calls: int = 10) -> float:
@@ -55,8 +55,7 @@ def _topk_routing(key, n, k, e):
 def _head_routing(key, n, heads, experts, k):
   """SwitchHead: each head picks k of its own experts; expert id = h * experts + j."""
   _, idx = jax.lax.top_k(jax.random.normal(key, (n, heads, experts)), k)   # [N, H, k]
-  idx = idx + (jnp.arange(heads) * experts)[None, :, None]
-  return make_routing(idx.reshape(n, heads * k), heads * experts)
+  return make_head_routing(idx, experts)
 
 
 def projections(profile: dict, n: int, dtype, seed: int = 0):

@@ -2,8 +2,10 @@
 kernel and tiling (registers, shared memory per block, blocks per SM those two allow,
 and counts in the machine code).
 
-  python -m bench.sass_stats                      the Gluon row kernel's tile candidates
-                                                  and the Triton kernels' cached tiles
+  python -m bench.sass_stats                      the Gluon row kernel's tile candidates,
+                                                  the unit-pair kernel's (SwitchHead's O
+                                                  forward, V's dx) and the Triton
+                                                  kernels' cached tiles
   python -m bench.sass_stats --gluon 128x64x8x4,128x64x4x4 --triton ""
   python -m bench.sass_stats --shape 128,1024,16  (I or H, O, K)
 
@@ -35,6 +37,10 @@ def main(argv=None):
   ap.add_argument("--gluon", default=",".join(
       f"{bm}x{bn}x{w}x{b}" for bm, bn, w, b in ct._GLUON_ROWS),
       help="comma list of BMxBNxWARPSxBUFFERS for the Gluon row kernel")
+  ap.add_argument("--pairs", default=",".join(
+      f"{bm}x{bn}x{w}x{b}" for bm, bn, w, b in ct.UNIT_PAIRS_TILES),
+      help="comma list of BMxBNxWARPSxBUFFERS for the unit-pair kernel (SwitchHead's "
+           "shapes: 4 heads, k = 2, I = 128, O = d_model)")
   ap.add_argument("--triton", default=_TRITON_DEFAULT,
                   help="comma list of KIND:BMxBNxBKxWARPSxSTAGES (KIND rows, pair_fwd, "
                        "pair_bwd; rows walks the column blocks)")
@@ -58,6 +64,13 @@ def main(argv=None):
     cfg = TileConfig(bm, bn, i, w, b, loop_n=True, gluon=True)
     row("gluon rows", t, cfg, offline.sass_stats(
         offline.compile_gluon_rows(cfg, i=i, o=o, k=k, f16=f16)))
+  for t in filter(None, a.pairs.split(",")):
+    bm, bn, w, b = (int(x) for x in t.split("x"))
+    cfg = TileConfig(bm, bn, 128, w, b, loop_n=True, gluon=True)
+    for use, a_rows, tr in (("O fwd", 4, False), ("V dx", 8, True)):
+      row(f"gluon pairs, {use}", t, cfg, offline.sass_stats(
+          offline.compile_gluon_pairs(cfg, i=128, o=o, k=8, a_rows=a_rows, transpose=tr,
+                                      f16=f16)))
   for t in filter(None, a.triton.split(",")):
     kind, tiles = t.split(":")
     bm, bn, bk, w, s = (int(x) for x in tiles.split("x"))

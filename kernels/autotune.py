@@ -68,11 +68,11 @@ class TileConfig:
       raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16")
     if not 1 <= self.num_stages <= (16 if self.gluon else 8):
       raise ValueError(f"num_stages={self.num_stages} must be in [1, 8] "
-                       "([3, 16] for gluon tiles)")
+                       "([2, 16] for gluon tiles)")
     if self.splits < 1:
       raise ValueError(f"splits={self.splits} must be >= 1")
-    if self.gluon and not (self.loop_n and self.num_stages >= 3):
-      raise ValueError("gluon tiles walk the column blocks (loop_n) with at least 3 "
+    if self.gluon and not (self.loop_n and self.num_stages >= 2):
+      raise ValueError("gluon tiles walk the column blocks (loop_n) with at least 2 "
                        f"buffers (num_stages), got loop_n={self.loop_n}, "
                        f"num_stages={self.num_stages}")
 

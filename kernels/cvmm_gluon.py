@@ -130,15 +130,7 @@ if gluon is not None:
                                            [1, 0])
     a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, I], dt)
     TRANS: gl.constexpr = SW_I == 1         # the matrix is contiguous along I
-    if TRANS:   # blocks [BN, I], copied like the rows [BM, I]
-      b_l: gl.constexpr = a_l
-      b_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, I], dt)
-      b_smem = gl.allocate_shared_memory(dt, [BUF, BN, I], b_sl)
-    else:
-      b_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BN // 8), BN // 8], [NW, 1],
-                                           [1, 0])
-      b_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([I, BN], dt)
-      b_smem = gl.allocate_shared_memory(dt, [BUF, I, BN], b_sl)
+    b_smem = _w_smem(dt, BUF, I, BN, TRANS)
     a_smem = gl.allocate_shared_memory(dt, [BM, I], a_sl)
     # each product block, scaled and rounded, on its way from the product's layout to
     # the reductions' (16-byte chunks swizzled by row: no bank conflicts either way)
@@ -162,7 +154,7 @@ if gluon is not None:
       gl.static_assert(BUF >= 3, "BUF: at least 3 buffers (2 blocks in flight)")
       for j in gl.static_range(BUF - 1):
         if PROBE != 4 and PROBE != 5:
-          _copy_block(b_smem, w_base, j, I, O, BN, SW_I, SW_O, TRANS, b_l)
+          _copy_block(b_smem, w_base, j, I, O, BN, SW_I, SW_O, TRANS, NW)
         cp.commit_group()
       # the reductions' rows and validity; the scales in the product's layout
       rows_r = start + gl.arange(0, BM, layout=gl.SliceLayout(1, red_l))
@@ -193,7 +185,7 @@ if gluon is not None:
         rmask_r = rmask_r & (rows_r < 0)
       for nb in range(1, n_nb):
         if PROBE != 4 and PROBE != 5:
-          _copy_block(b_smem, w_base, nb + BUF - 2, I, O, BN, SW_I, SW_O, TRANS, b_l)
+          _copy_block(b_smem, w_base, nb + BUF - 2, I, O, BN, SW_I, SW_O, TRANS, NW)
         cp.commit_group()
         cp.wait_group(BUF - 2)     # block nb is in shared memory
         fence_async_shared()
@@ -211,6 +203,131 @@ if gluon is not None:
                     epi)
 
   @gluon.jit
+  def _pairs_sum_kernel(
+      a_ptr,        # [Ra, I] rows read by the pairs (16-bit)
+      w_ptr,        # expert matrices: element (e, i, o) at e*SW_E + i*SW_I + o*SW_O
+      lo_ptr,       # [U] int32 at each sorted position: the unit's pair of its lower expert
+      hi_ptr,       # [U] int32 ... and its other pair
+      tiles_ptr,    # [4, Z] int32 lower expert, higher expert, start, end of each tile
+      scale_ptr,    # [P] float32 per-pair scale; unused if not HAS_SCALE
+      out_ptr,      # [Ro, O] 16-bit sums (zeroed)
+      Z: gl.constexpr, I: gl.constexpr, O: gl.constexpr, K: gl.constexpr,
+      A_R: gl.constexpr, O_R: gl.constexpr,
+      SW_E: gl.constexpr, SW_I: gl.constexpr, SW_O: gl.constexpr,
+      BM: gl.constexpr, BN: gl.constexpr, BUF: gl.constexpr, NW: gl.constexpr,
+      HAS_SCALE: gl.constexpr, F16: gl.constexpr):
+    """The fused sum of units of two pairs (:class:`kernels.routing.UnitPairs`: a
+    SwitchHead head's two experts), one tile of units of one expert combination per
+    program. Both pairs of a unit add into one output row, so each column block is
+    two products (one per expert) added in registers and reduced once: half the
+    reductions of :func:`_rows_sum_kernel` on the same work.
+
+    Per column block nb: wait for block nb - 1's products, combine and round them into
+    ``epi``; then (one barrier) copy block nb + BUF - 1 of both matrices into the
+    buffers block nb - 1 used, issue block nb's products, and reduce block nb - 1 from
+    ``epi`` while they run. Two accumulators are in flight, none is carried."""
+    n_nb: gl.constexpr = O // BN
+    ASM: gl.constexpr = _RED_F16 if F16 else _RED_BF16
+    dt: gl.constexpr = a_ptr.dtype.element_ty
+    SAME_A: gl.constexpr = (K // A_R) % 2 == 0      # both pairs of a unit read one row
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                    instr_shape=[16, BN, 16])
+    a_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (I // 8), I // 8], [NW, 1], [1, 0])
+    red_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BN // 8), BN // 8], [NW, 1],
+                                           [1, 0])
+    a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, I], dt)
+    TRANS: gl.constexpr = SW_I == 1
+    b_lo = _w_smem(dt, BUF, I, BN, TRANS)
+    b_hi = _w_smem(dt, BUF, I, BN, TRANS)
+    a_lo = gl.allocate_shared_memory(dt, [BM, I], a_sl)
+    if SAME_A:
+      a_hi = a_lo
+    else:
+      a_hi = gl.allocate_shared_memory(dt, [BM, I], a_sl)
+    epi_sl: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0])
+    epi = gl.allocate_shared_memory(out_ptr.dtype.element_ty, [BM, BN], epi_sl)
+
+    tile = gl.program_id(0)
+    e_lo = gl.load(tiles_ptr + tile)
+    e_hi = gl.load(tiles_ptr + Z + tile)
+    start = gl.load(tiles_ptr + 2 * Z + tile)
+    end = gl.load(tiles_ptr + 3 * Z + tile)
+    if start < end:
+      wl = w_ptr + e_lo.to(gl.int64) * SW_E
+      wh = w_ptr + e_hi.to(gl.int64) * SW_E
+      rows = start + gl.arange(0, BM, layout=gl.SliceLayout(1, a_l))
+      rmask = rows < end
+      ka = gl.arange(0, I, layout=gl.SliceLayout(0, a_l))
+      p_lo = gl.load(lo_ptr + rows, mask=rmask, other=0)
+      row_lo = ((p_lo // K) * A_R + (p_lo % K) // (K // A_R)).to(gl.int64)
+      cp.async_copy_global_to_shared(a_lo, a_ptr + row_lo[:, None] * I + ka[None, :],
+                                     mask=rmask[:, None])
+      if not SAME_A:
+        p_hi = gl.load(hi_ptr + rows, mask=rmask, other=0)
+        row_hi = ((p_hi // K) * A_R + (p_hi % K) // (K // A_R)).to(gl.int64)
+        cp.async_copy_global_to_shared(a_hi, a_ptr + row_hi[:, None] * I + ka[None, :],
+                                       mask=rmask[:, None])
+      gl.static_assert(BUF >= 2, "BUF: at least 2 buffers per matrix")
+      for j in gl.static_range(BUF - 1):
+        _copy_block(b_lo, wl, j, I, O, BN, SW_I, SW_O, TRANS, NW)
+        _copy_block(b_hi, wh, j, I, O, BN, SW_I, SW_O, TRANS, NW)
+        cp.commit_group()
+      # the reductions' rows (both pairs of a unit add into the lower pair's row)
+      rows_r = start + gl.arange(0, BM, layout=gl.SliceLayout(1, red_l))
+      rmask_r = rows_r < end
+      pr = gl.load(lo_ptr + rows_r, mask=rmask_r, other=0)
+      o_row = ((pr // K) * O_R + (pr % K) // (K // O_R)).to(gl.int64)
+      rows_a = start + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
+      amask = rows_a < end
+      if HAS_SCALE:
+        s_lo = gl.load(scale_ptr + gl.load(lo_ptr + rows_a, mask=amask, other=0),
+                       mask=amask, other=0.0).to(gl.float32)
+        s_hi = gl.load(scale_ptr + gl.load(hi_ptr + rows_a, mask=amask, other=0),
+                       mask=amask, other=0.0).to(gl.float32)
+      else:
+        s_lo = gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, acc_l))
+        s_hi = s_lo
+      zero = gl.zeros([BM, BN], gl.float32, layout=acc_l)
+
+      cp.wait_group(BUF - 2)       # the rows and block 0
+      fence_async_shared()
+      gl.thread_barrier()
+      _copy_block(b_lo, wl, BUF - 1, I, O, BN, SW_I, SW_O, TRANS, NW)
+      _copy_block(b_hi, wh, BUF - 1, I, O, BN, SW_I, SW_O, TRANS, NW)
+      cp.commit_group()
+      c0 = warpgroup_mma(a_lo, _b_view(b_lo, 0, BUF, TRANS), zero, use_acc=False,
+                         is_async=True)
+      c1 = warpgroup_mma(a_hi, _b_view(b_hi, 0, BUF, TRANS), zero, use_acc=False,
+                         is_async=True)
+      for nb in range(1, n_nb):
+        c0, c1 = warpgroup_mma_wait(num_outstanding=0, deps=(c0, c1))
+        epi.store((c0 * s_lo[:, None] + c1 * s_hi[:, None]).to(epi.dtype))
+        cp.wait_group(BUF - 2)     # block nb is in shared memory
+        fence_async_shared()
+        gl.thread_barrier()        # ... for every thread; block nb - 1's buffers are free
+        _copy_block(b_lo, wl, nb + BUF - 1, I, O, BN, SW_I, SW_O, TRANS, NW)
+        _copy_block(b_hi, wh, nb + BUF - 1, I, O, BN, SW_I, SW_O, TRANS, NW)
+        cp.commit_group()
+        c0 = warpgroup_mma(a_lo, _b_view(b_lo, nb, BUF, TRANS), zero, use_acc=False,
+                           is_async=True)
+        c1 = warpgroup_mma(a_hi, _b_view(b_hi, nb, BUF, TRANS), zero, use_acc=False,
+                           is_async=True)
+        _reduce_epi(epi, nb - 1, o_row, rmask_r, out_ptr, O, BM, BN, red_l, ASM)
+      c0, c1 = warpgroup_mma_wait(num_outstanding=0, deps=(c0, c1))
+      epi.store((c0 * s_lo[:, None] + c1 * s_hi[:, None]).to(epi.dtype))
+      _reduce_epi(epi, n_nb - 1, o_row, rmask_r, out_ptr, O, BM, BN, red_l, ASM)
+
+  @gluon.jit
+  def _reduce_epi(epi, nb, o_row, rmask, out_ptr, O: gl.constexpr, BM: gl.constexpr,
+                  BN: gl.constexpr, red_l: gl.constexpr, ASM: gl.constexpr):
+    """Adds the rounded [BM, BN] block nb held in ``epi`` into the output rows."""
+    v = epi.load(red_l)
+    cols = nb * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, red_l))
+    offs = o_row[:, None] * O + cols[None, :]
+    mask = rmask[:, None] & (cols < O)[None, :]
+    _red_v8(out_ptr, offs, v, mask, ASM, BM, BN)
+
+  @gluon.jit
   def _b_view(b_smem, nb, BUF: gl.constexpr, TRANS: gl.constexpr):
     if TRANS:
       return b_smem.index(nb % BUF).permute((1, 0))
@@ -218,18 +335,34 @@ if gluon is not None:
       return b_smem.index(nb % BUF)
 
   @gluon.jit
+  def _w_smem(dt: gl.constexpr, BUF: gl.constexpr, I: gl.constexpr, BN: gl.constexpr,
+              TRANS: gl.constexpr):
+    """BUF shared buffers of one column block of an expert's matrix each: [BN, I] when
+    the matrix is contiguous along I (TRANS), else [I, BN]; laid out for wgmma."""
+    if TRANS:
+      sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, I], dt)
+      return gl.allocate_shared_memory(dt, [BUF, BN, I], sl)
+    else:
+      sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([I, BN], dt)
+      return gl.allocate_shared_memory(dt, [BUF, I, BN], sl)
+
+  @gluon.jit
   def _copy_block(b_smem, w_base, nb, I: gl.constexpr, O: gl.constexpr, BN: gl.constexpr,
                   SW_I: gl.constexpr, SW_O: gl.constexpr, TRANS: gl.constexpr,
-                  b_l: gl.constexpr):
+                  NW: gl.constexpr):
     """Starts copying column block nb of the expert's matrix into its buffer (nothing
-    past the last block: O % BN == 0, so its columns are all masked)."""
+    past the last block: O % BN == 0, so its columns are all masked); 16 bytes per
+    thread along the contiguous dimension."""
     BUF: gl.constexpr = b_smem.shape[0]
     if TRANS:   # [BN, I] in shared memory, contiguous along I
+      b_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (I // 8), I // 8], [NW, 1], [1, 0])
       cols = nb * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, b_l))
       ks = gl.arange(0, I, layout=gl.SliceLayout(0, b_l))
       ptrs = w_base + cols[:, None] * SW_O + ks[None, :] * SW_I
       m = (cols < O)[:, None]
     else:       # [I, BN], contiguous along the columns
+      b_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BN // 8), BN // 8], [NW, 1],
+                                           [1, 0])
       ks = gl.arange(0, I, layout=gl.SliceLayout(1, b_l))
       cols = nb * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, b_l))
       ptrs = w_base + ks[:, None] * SW_I + cols[None, :] * SW_O
@@ -243,11 +376,7 @@ if gluon is not None:
     and rounded to 16 bits in the product's layout, then through shared memory (``epi``)
     into the reductions' layout."""
     epi.store((acc * s[:, None]).to(epi.dtype))
-    v = epi.load(red_l)
-    cols = nb * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, red_l))
-    offs = o_row[:, None] * O + cols[None, :]
-    mask = rmask[:, None] & (cols < O)[None, :]
-    _red_v8(out_ptr, offs, v, mask, ASM, BM, BN)
+    _reduce_epi(epi, nb, o_row, rmask, out_ptr, O, BM, BN, red_l, ASM)
 
 
 def _cache_dir_fallback():

@@ -526,23 +526,36 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   half = half_sums(a.dtype, o, sum_dtype) if atomic else None
   dgate = dgate_rows is not None
   gluon_ok = _gluon_rows_ok(i, o, a.dtype, red, dgate)
-  if cfg is None:
-    cfg = choose_rows_config(n, k, e, i, o, a.dtype, a_rows, out_rows, scale is not None,
-                             sum_dtype)
-    if cfg.gluon and not (gluon_ok(cfg) and _gluon_device()):
-      cfg = _triton_rows_candidates(i, o, a.dtype)[0]   # a cached choice it cannot take
-  elif cfg.gluon and not gluon_ok(cfg):
-    raise ValueError(f"{cfg}: the Gluon row kernel needs a fused 16-bit sum without "
-                     f"dgates, a contraction of 16..256 (a power of two) and whole "
-                     f"column blocks; got I={i}, O={o}, {jnp.dtype(a.dtype).name}, "
-                     f"sum reductions of {red}, dgates={dgate}")
-  elif cfg.gluon and not _gluon_device():
-    raise ValueError(f"{cfg}: the Gluon row kernel runs on Hopper GPUs (sm90) only; "
-                     f"this one is sm{_compute_capability():.1f}")
+  pcfg = None
+  if cfg is None and atomic:
+    pcfg = unit_pairs_config(routing, i, o, a.dtype, red, dgate, out_rows, a_rows=a_rows,
+                             has_scale=scale is not None, transpose_w=transpose_w,
+                             sum_dtype=sum_dtype)
+  if pcfg is None:
+    if cfg is None:
+      cfg = choose_rows_config(n, k, e, i, o, a.dtype, a_rows, out_rows, scale is not None,
+                               sum_dtype)
+      if cfg.gluon and not (gluon_ok(cfg) and _gluon_device()):
+        cfg = _triton_rows_candidates(i, o, a.dtype)[0]   # a cached choice it cannot take
+    elif cfg.gluon and not gluon_ok(cfg):
+      raise ValueError(f"{cfg}: the Gluon row kernel needs a fused 16-bit sum without "
+                       f"dgates, a contraction of 16..256 (a power of two), whole column "
+                       f"blocks and 3 buffers at least; got I={i}, O={o}, "
+                       f"{jnp.dtype(a.dtype).name}, sum reductions of {red}, "
+                       f"dgates={dgate}")
+    elif cfg.gluon and not _gluon_device():
+      raise ValueError(f"{cfg}: the Gluon row kernel runs on Hopper GPUs (sm90) only; "
+                       f"this one is sm{_compute_capability():.1f}")
   out_dtype = _sum_out_dtype(half) if atomic else a.dtype
   if half == "float16":
     w_l1 = _max_l1(w, 2 if transpose_w else 1)
     row_s, scale = _f16_row_scales(a, w_l1, routing, scale, a_rows, out_rows)
+  if pcfg is not None:
+    out = gluon_pairs_sum(a, w, routing, scale, pcfg, a_rows=a_rows, out_rows=out_rows,
+                          transpose_w=transpose_w, out_dtype=out_dtype)
+    if half == "float16":
+      out = _f16_unscale(out, row_s)
+    return out, None
   tiles = _sum_tiles(routing, cfg.block_m) if atomic else routing.tiles(cfg.block_m)
   if cfg.gluon:
     out = gluon_rows_sum(a, w, routing, tiles, scale, cfg, a_rows=a_rows,
@@ -613,13 +626,131 @@ def gluon_rows_meta(w_shape, transpose_w: bool, cfg: TileConfig, *, z: int, k: i
               NW=cfg.num_warps, HAS_SCALE=has_scale, F16=f16, PROBE=probe)
 
 
+# Tiles of the unit-pair kernel (block_m, block_n, warps, buffers per matrix), in
+# heuristic order: at MoEUT_244M on an H200 128x64 with 8 warps and 2 buffers (two blocks
+# per SM) was the fastest for O's forward (0.520 ms against 0.540 for 64x64, 4 warps;
+# bench/RESULTS.md, twelfth session).
+UNIT_PAIRS_TILES = ((128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (128, 32, 8, 2))
+UNIT_PAIRS_TILE = UNIT_PAIRS_TILES[0]
+
+
+def _unit_pairs_tile() -> tuple | None:
+  """CVMM_UNIT_PAIRS: "1" (default: the autotuner's choice among
+  :data:`UNIT_PAIRS_TILES`) -> (), "0" -> None, "BMxBNxWxB" -> that tile."""
+  env = os.environ.get("CVMM_UNIT_PAIRS", "1")
+  if env == "0":
+    return None
+  if env == "1":
+    return ()
+  try:
+    bm, bn, w, b = (int(v) for v in env.split("x"))
+  except ValueError:
+    raise ValueError(f"CVMM_UNIT_PAIRS={env!r}: expected 0, 1 or BMxBNxWARPSxBUFFERS "
+                     f"(e.g. 128x64x8x2)") from None
+  return bm, bn, w, b
+
+
+def _pairs_tile(tile, i: int) -> TileConfig:
+  bm, bn, w, b = tile
+  return TileConfig(bm, bn, max(16, autotune.next_pow2(i)), w, b, loop_n=True, gluon=True)
+
+
+def unit_pairs_config(routing: Routing, i: int, o: int, dtype, red: int, dgate: bool,
+                      out_rows: int, *, a_rows: int = 1, has_scale: bool = True,
+                      transpose_w: bool = False,
+                      sum_dtype: str | None = None) -> TileConfig | None:
+  """The tile of the unit-pair kernel (:func:`gluon_pairs_sum`) for a fused sum, or None
+  where it does not apply: the routing carries no :class:`~kernels.routing.UnitPairs`,
+  both pairs of a unit do not add into one output row, the sum is not a 16-bit one
+  without dgates, the device is no Hopper GPU, the shape is not one the Gluon kernels
+  cover, or CVMM_UNIT_PAIRS=0. CVMM_UNIT_PAIRS=BMxBNxWxB names the tile; by default the
+  autotuner chooses among :data:`UNIT_PAIRS_TILES` (cached per shape)."""
+  if routing.pairs is None or (routing.k // out_rows) % 2 or red != 8 or dgate:
+    return None
+  tile = _unit_pairs_tile()
+  if tile is None or not _gluon_device():
+    return None
+  from kernels import cvmm_gluon  # noqa: PLC0415
+  if tile:
+    return _pairs_tile(tile, i) if cvmm_gluon.rows_sum_supported(i, o, dtype, tile[1]) else None
+  cands = [_pairs_tile(t, i) for t in UNIT_PAIRS_TILES
+           if cvmm_gluon.rows_sum_supported(i, o, dtype, t[1])]
+  if not cands:
+    return None
+  return choose_pairs_config(routing.n_tokens, routing.k, routing.n_experts,
+                             routing.pairs.block, i, o, dtype, a_rows, out_rows, has_scale,
+                             transpose_w, cands, sum_dtype)
+
+
+def choose_pairs_config(n, k, e, block, i, o, dtype, a_rows, out_rows, has_scale,
+                        transpose_w, candidates, sum_dtype=None) -> TileConfig:
+  """The autotuner's unit-pair tile for this shape (timed on a random SwitchHead
+  routing of k // 2 heads of ``block`` experts each)."""
+  shape = (n, k, e, block, i, o, a_rows, out_rows, int(has_scale), int(transpose_w))
+  out_dtype = _sum_out_dtype(half_sums(dtype, o, sum_dtype))
+
+  def bench(cfg):
+    from kernels.routing import make_head_routing  # noqa: PLC0415
+    with jax.ensure_compile_time_eval():
+      idx = jax.lax.top_k(jax.random.normal(jax.random.key(0), (n, k // 2, block)), 2)[1]
+      r = make_head_routing(idx, block, unit_pairs=True)
+      a = jax.random.normal(jax.random.key(1), (n * a_rows, i), dtype)
+      w = jax.random.normal(jax.random.key(2), (e, o, i) if transpose_w else (e, i, o),
+                            dtype)
+      sc = jax.random.uniform(jax.random.key(3), (n * k,), jnp.float32) if has_scale else None
+    f = autotune.compile_now(
+        lambda a, w, r, sc: gluon_pairs_sum(a, w, r, sc, cfg, a_rows=a_rows,
+                                            out_rows=out_rows, transpose_w=transpose_w,
+                                            out_dtype=out_dtype),
+        a, w, r, sc)
+    return autotune.time_call(lambda: f(a, w, r, sc))
+
+  return autotune.tuner().choose("gluon_pairs", shape, dtype, candidates,
+                                 _bench_or_none(bench))
+
+
+def gluon_pairs_sum(a, w, routing: Routing, scale, cfg: TileConfig, *, a_rows: int,
+                    out_rows: int, transpose_w: bool, out_dtype) -> jax.Array:
+  """One launch of the Gluon unit-pair kernel (:func:`kernels.cvmm_gluon._pairs_sum_kernel`):
+  out [N * out_rows, O] (zeroed, then each tile of units adds its two experts' scaled
+  products, combined, in ``out_dtype``: float16 or bf16), for :func:`rows_matmul`."""
+  from kernels import cvmm_gluon  # noqa: PLC0415
+  cvmm_gluon.install_launcher()
+  pairs = routing.pairs
+  n, k = routing.n_tokens, routing.k
+  tiles = pairs.tiles(cfg.block_m)
+  z = tiles.shape[1]
+  meta = gluon_pairs_meta(w.shape, transpose_w, cfg, z=z, k=k, a_rows=a_rows,
+                          out_rows=out_rows, has_scale=scale is not None,
+                          f16=jnp.dtype(out_dtype) == jnp.float16)
+  (out,) = _launch(
+      cvmm_gluon._pairs_sum_kernel,
+      [a, w, pairs.lo, pairs.hi, tiles, scale if scale is not None else _DUMMY_F32()],
+      [jax.ShapeDtypeStruct((n * out_rows, meta["O"]), out_dtype)], z, cfg, zeroed=(0,),
+      **meta)
+  return out
+
+
+def gluon_pairs_meta(w_shape, transpose_w: bool, cfg: TileConfig, *, z: int, k: int,
+                     a_rows: int, out_rows: int, has_scale: bool, f16: bool) -> dict:
+  """The unit-pair kernel's compile-time arguments (:func:`gluon_pairs_sum`, and
+  :mod:`kernels.offline`)."""
+  if (k // out_rows) % 2:
+    raise ValueError(f"unit pairs: both pairs of a unit must add into one output row "
+                     f"(K={k}, out_rows={out_rows})")
+  i, o, sw = _w_layout(w_shape, transpose_w)
+  return dict(Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, SW_E=sw[0], SW_I=sw[1],
+              SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages,
+              NW=cfg.num_warps, HAS_SCALE=has_scale, F16=f16)
+
+
 def _gluon_rows_ok(i: int, o: int, dtype, red: int, dgate: bool):
   """cfg -> whether the Gluon row kernel (:mod:`kernels.cvmm_gluon`) can run this call:
   a fused 16-bit sum (8-wide reductions: sm90+, not the interpreter), no dgates, and
   the shapes :func:`kernels.cvmm_gluon.rows_sum_supported` names. (The device, a
   Hopper GPU, is :func:`_gluon_device`.)"""
   def ok(cfg: TileConfig) -> bool:
-    if red != 8 or dgate:
+    if red != 8 or dgate or cfg.num_stages < 3:    # the row kernel: 3 buffers at least
       return False
     from kernels import cvmm_gluon  # noqa: PLC0415
     return cvmm_gluon.rows_sum_supported(i, o, dtype, cfg.block_n)

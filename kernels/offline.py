@@ -44,6 +44,27 @@ def compile_gluon_rows(cfg: TileConfig, *, i: int, o: int, k: int, transpose: bo
                                   cfg.num_warps, cfg.num_stages)
 
 
+def compile_gluon_pairs(cfg: TileConfig, *, i: int = 128, o: int = 1024, k: int = 8,
+                        a_rows: int = 4, transpose: bool = False, f16: bool = True,
+                        cc: int = 90):
+  """The Gluon unit-pair kernel (:func:`kernels.cvmm_gluon._pairs_sum_kernel`) as
+  SwitchHead's O projection calls it (``a_rows`` = heads: both pairs of a unit read one
+  row; ``a_rows`` = ``k``: V's dx, each pair its own row), one output row per token,
+  bf16 inputs, float16 (``f16``) or bf16 sums, compiled for sm``cc``."""
+  from kernels import cvmm_gluon  # noqa: PLC0415
+  from kernels.cvmm_triton import gluon_pairs_meta  # noqa: PLC0415
+  sig = dict(a_ptr="*bf16", w_ptr="*bf16", lo_ptr="*i32", hi_ptr="*i32", tiles_ptr="*i32",
+             scale_ptr="*fp32", out_ptr="*fp16" if f16 else "*bf16")
+  w_shape = (1, o, i) if transpose else (1, i, o)
+  consts = gluon_pairs_meta(w_shape, transpose, cfg, z=1024, k=k, a_rows=a_rows,
+                            out_rows=1, has_scale=True, f16=f16)
+  n_ptrs = len(sig)
+  sig.update({name: "constexpr" for name in consts})
+  attrs = {(j,): [["tt.divisibility", 16]] for j in range(n_ptrs)}
+  return cvmm_gluon.compile_gluon(cvmm_gluon._pairs_sum_kernel, sig, consts, attrs, cc,
+                                  cfg.num_warps, cfg.num_stages)
+
+
 def compile_triton(kind: str, cfg: TileConfig, *, d: int = 1024, h: int = 128,
                    o: int = 1024, k: int = 16, f16: bool = True, cc: int = 90):
   """A Triton kernel with 16-bit fused sums (8 per reduction), bf16 inputs, compiled

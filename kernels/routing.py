@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,10 @@ class Routing:
     tile_lists: precomputed [3, Z] tile lists, keyed "<order>/<block_m>" (see
       :meth:`ordered_tiles`); empty unless :meth:`with_tiles` filled it. A cache only:
       a list it lacks is computed when asked for.
+    pairs: the pairs taken two by two and sorted by their two experts
+      (:class:`UnitPairs`, :meth:`with_unit_pairs`), or None. SwitchHead's routings
+      carry them on GPUs: the fused sums then add a head's two products in registers
+      before one reduction.
   """
 
   expert_index: jax.Array
@@ -46,6 +51,7 @@ class Routing:
   group_offsets: jax.Array
   n_experts: int = dataclasses.field(metadata=dict(static=True))
   tile_lists: dict = dataclasses.field(default_factory=dict)
+  pairs: Optional[UnitPairs] = None
 
   @property
   def n_tokens(self) -> int:
@@ -112,6 +118,12 @@ class Routing:
         lists[f"{o}/{bm}"] = self.ordered_tiles(bm, o)
     return dataclasses.replace(self, tile_lists=lists)
 
+  def with_unit_pairs(self, block: int, block_ms=None) -> Routing:
+    """This routing with its pairs taken two by two (:func:`make_unit_pairs`; ``block``:
+    experts per head) and their tile lists for ``block_ms`` (default :data:`PAIR_BLOCKS`)
+    computed now."""
+    return dataclasses.replace(self, pairs=make_unit_pairs(self, block, block_ms))
+
   def band_tiles(self, block_m: int, band: int) -> jax.Array:
     """[3, Z] int32 tiles as :meth:`tiles`, but each also within one band of ``band``
     tokens, listed band by band and, within a band, expert by expert.
@@ -152,6 +164,104 @@ _PACKED_KEY_LIMIT = 2 ** 31       # expert * P + pair must fit an int32
 
 # Row-tile heights of the GPU kernels' tile candidates (kernels/cvmm_triton.py).
 TILE_BLOCKS = (64, 128, 256)
+
+
+# Row-tile heights of the unit-pair kernel (kernels/cvmm_gluon.py, _pairs_sum_kernel).
+PAIR_BLOCKS = (64, 128)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class UnitPairs:
+  """The pairs of a routing taken two by two, sorted by their experts.
+
+  Unit u is the pairs 2u and 2u + 1: two consecutive slots of one token (K even). In
+  SwitchHead (k = 2 per head, slot 2h + j of head h) a unit is one head of one token,
+  and its two experts are that head's. Both pairs of a unit read one input row (or two
+  rows) and add into one output row, so a kernel can multiply a tile of units that
+  share their two experts by both matrices and add the two products before one
+  reduction: half the reductions of a tile of pairs.
+
+  Attributes:
+    lo: [U] int32, at each sorted position the unit's pair with the lower expert (the
+      first if both are the same).
+    hi: [U] int32, the unit's other pair.
+    group_offsets: [G + 1] int32, where each combination's units start; combination
+      (a, b), a <= b within one block of ``block`` experts starting at expert c, is
+      group c * block + (a - c) * block + (b - c).
+    block: experts per block (static): both experts of every unit lie in one block of
+      ``block`` consecutive experts (SwitchHead: one head's experts).
+    n_experts: E (static).
+    tile_lists: [4, Z] int32 tile lists keyed by their height (str): the lower and
+      the higher expert, start and end of each tile of at most that many sorted units
+      of one combination, launched by the first token they hold (unused tiles last,
+      with start == end == 0). A cache: :meth:`tiles` computes a list it lacks.
+  """
+
+  lo: jax.Array
+  hi: jax.Array
+  group_offsets: jax.Array
+  block: int = dataclasses.field(metadata=dict(static=True))
+  n_experts: int = dataclasses.field(metadata=dict(static=True))
+  k: int = dataclasses.field(metadata=dict(static=True))
+  tile_lists: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def n_units(self) -> int:
+    return self.lo.shape[0]
+
+  def tiles(self, block_m: int) -> jax.Array:
+    """[4, Z] int32 (lower expert, higher expert, start, end) tiles, by first token."""
+    cached = self.tile_lists.get(str(block_m))
+    if cached is not None:
+      return cached
+    u, b = self.n_units, self.block
+    g = self.group_offsets.shape[0] - 1
+    t = segment_tiles(self.group_offsets[:-1], self.group_offsets[1:],
+                      jnp.arange(g, dtype=jnp.int32), u, block_m)            # [3, Z]
+    grp, start, end = t[0], t[1], t[2]
+    base = (grp // (b * b)) * b
+    e_lo, e_hi = base + (grp % (b * b)) // b, base + grp % b
+    first_tok = self.lo[jnp.minimum(start, u - 1)] // self.k
+    key = jnp.where(end > start, first_tok, u)
+    t4 = jnp.stack([e_lo, e_hi, start, end]).astype(jnp.int32)
+    return t4[:, jnp.argsort(key, stable=True)]
+
+
+def make_unit_pairs(routing: Routing, block: int, block_ms=None) -> UnitPairs:
+  """The pairs of ``routing`` taken two by two (:class:`UnitPairs`) and sorted by their
+  two experts, with the tile lists of ``block_ms`` (default :data:`PAIR_BLOCKS`).
+
+  Both experts of every unit must lie in one block of ``block`` consecutive experts
+  (SwitchHead: each head's experts); with concrete indices that is checked here."""
+  k, e = routing.k, routing.n_experts
+  if k % 2:
+    raise ValueError(f"unit pairs need an even number of slots per token, got K={k}")
+  if block < 1 or e % block:
+    raise ValueError(f"{block=} must divide the {e} experts")
+  u = routing.n_pairs // 2
+  ex = routing.expert_index.reshape(u, 2)
+  e_lo, e_hi = jnp.min(ex, axis=1), jnp.max(ex, axis=1)
+  if not isinstance(ex, jax.core.Tracer) and u:
+    if bool(jnp.any(e_lo // block != e_hi // block)):
+      raise ValueError(f"unit pairs: a unit's two experts lie in different blocks of "
+                       f"{block} experts")
+  swap = (ex[:, 1] < ex[:, 0]).astype(jnp.int32)                            # [U]
+  g = e * block
+  grp = (e_lo // block) * (block * block) + (e_lo % block) * block + e_hi % block
+  if g * max(u, 1) < _PACKED_KEY_LIMIT:
+    keys = jnp.sort(grp * u + jnp.arange(u, dtype=jnp.int32))
+    unit = keys % max(u, 1)
+    offs = jnp.searchsorted(keys, jnp.arange(g + 1, dtype=jnp.int32) * u, side="left",
+                            method="scan_unrolled").astype(jnp.int32)
+  else:
+    unit = jnp.argsort(grp, stable=True).astype(jnp.int32)
+    sizes = jnp.bincount(grp, length=g).astype(jnp.int32)
+    offs = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(sizes, dtype=jnp.int32)])
+  sw = swap[unit]
+  up = UnitPairs(2 * unit + sw, 2 * unit + 1 - sw, offs, block, e, k)
+  lists = {str(bm): up.tiles(bm) for bm in (PAIR_BLOCKS if block_ms is None else block_ms)}
+  return dataclasses.replace(up, tile_lists=lists)
 
 
 def parse_tile_order(order: str) -> tuple[str, int]:
@@ -259,6 +369,31 @@ def make_routing(expert_index: jax.Array, n_experts: int, *,
     gpu = jax.default_backend() == "gpu"
     tile_blocks = TILE_BLOCKS if gpu and env == "1" else ()
   return r.with_tiles(tile_blocks) if tile_blocks else r
+
+
+def make_head_routing(index: jax.Array, experts_per_head: int, *, tile_blocks=None,
+                      unit_pairs: bool | None = None) -> Routing:
+  """The routing of a SwitchHead projection: ``index`` [N, H, k] holds each head's k
+  selected experts among its own ``experts_per_head``; head h's expert j is expert
+  h * experts_per_head + j of H * experts_per_head, and slot h * k + s of a token is
+  its head h's s-th choice.
+
+  unit_pairs: attach :class:`UnitPairs` (k = 2: one unit per head and token), which the
+    fused sums over a token's heads then use (:func:`kernels.cvmm_triton.gluon_pairs_sum`).
+    None: where the GPU kernels run (JAX's default backend is a GPU) and
+    CVMM_UNIT_PAIRS is not 0. tile_blocks: as for :func:`make_routing`."""
+  if index.ndim != 3:
+    raise ValueError(f"index must be [N, H, k], got shape {index.shape}")
+  n, h, k = index.shape
+  ea = experts_per_head
+  expert = index.astype(jnp.int32) + (jnp.arange(h, dtype=jnp.int32) * ea)[:, None]
+  r = make_routing(expert.reshape(n, h * k), h * ea, tile_blocks=tile_blocks)
+  if unit_pairs is None:
+    unit_pairs = (jax.default_backend() == "gpu"
+                  and os.environ.get("CVMM_UNIT_PAIRS", "1") != "0")
+  if unit_pairs and k == 2:
+    r = r.with_unit_pairs(ea)
+  return r
 
 
 def expert_tiles(group_sizes: jax.Array, group_offsets: jax.Array, n_pairs: int,

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kernels import cvmm, make_routing
+from kernels import cvmm, make_head_routing
 from moeut_jax import initializers as init
 from moeut_jax.parallel import per_device
 from moeut_jax.rope import apply_rope, rotary_width
@@ -54,8 +54,7 @@ def _route(logits: jax.Array, drop: jax.Array | None, k: int):
   logits [B, T, H, Ea] (expert of head h, expert e: h * Ea + e)."""
   b, t, h, ea = logits.shape
   gates, index = sigmoid_topk(logits, k, drop)
-  expert = index + (jnp.arange(h, dtype=jnp.int32) * ea)[:, None]
-  return gates, make_routing(expert.reshape(b * t, h * k), h * ea)
+  return gates, make_head_routing(index.reshape(b * t, h, k), ea)
 
 
 class SwitchHeadRope(nn.Module):

@@ -111,3 +111,60 @@ def test_gluon_kernel_only_on_hopper(monkeypatch, cc, hopper):
   cfg = _gluon_tiles(i, o)[0]
   with pytest.raises(ValueError, match="Hopper"):
     ct.rows_matmul(a, w, r, a_rows=k, out_rows=1, cfg=cfg)
+
+
+_PAIR_TILES = [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3)]
+
+
+@pytest.mark.parametrize("tile", _PAIR_TILES, ids=str)
+@pytest.mark.parametrize("use", ["O", "V_dx"])
+@pytest.mark.parametrize("f16", [True, False], ids=["f16", "bf16"])
+def test_unit_pair_kernel_compiles_for_sm90(tile, use, f16):
+  """The unit-pair kernel as SwitchHead's O forward calls it (both pairs read one row)
+  and as V's dx does (each pair its own row, the matrices transposed): two wgmma per
+  column block and one 16-byte reduction of eight sums; the default tile fits two
+  blocks per SM for O."""
+  from kernels.autotune import TileConfig  # noqa: PLC0415
+  bm, bn, w, b = tile
+  cfg = TileConfig(bm, bn, 128, w, b, loop_n=True, gluon=True)
+  kern = offline.compile_gluon_pairs(cfg, a_rows=4 if use == "O" else 8,
+                                     transpose=use == "V_dx", f16=f16)
+  ptx = kern.asm["ptx"]
+  pair = "f16x2" if f16 else "bf16x2"
+  assert f"red.global.gpu.relaxed.add.noftz.v4.{pair}" in ptx
+  assert len(re.findall(r"wgmma\.mma_async\.sync\.aligned", ptx)) >= 2
+  assert kern.metadata.shared <= _SMEM_BLOCK, kern.metadata.shared
+  if tile == ct.UNIT_PAIRS_TILE and use == "O":
+    assert 2 * kern.metadata.shared <= 228 * 1024, kern.metadata.shared
+
+
+def test_unit_pairs_config(monkeypatch):
+  """CVMM_UNIT_PAIRS: on by default (the default tile) where the routing carries unit
+  pairs and the call is a 16-bit fused sum into one row per unit on Hopper; 0 turns it
+  off, BMxBNxWxB names a tile, anything else is refused."""
+  import jax  # noqa: PLC0415
+  from kernels import make_head_routing  # noqa: PLC0415
+  monkeypatch.setattr(ct, "_compute_capability", lambda: 9.0)
+  monkeypatch.setattr(ct, "_interpret", lambda: False)
+  idx = jax.lax.top_k(jax.random.normal(jax.random.key(0), (16, 4, 10)), 2)[1]
+  r = make_head_routing(idx, 10, unit_pairs=True)
+  cfg = ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, False, 1)
+  assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == ct.UNIT_PAIRS_TILE
+  assert cfg == ct._pairs_tile(ct.UNIT_PAIRS_TILES[0], 128)
+  assert ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, True, 1) is None    # dgates
+  assert ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 4, False, 1) is None   # f32 sums
+  assert ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, False, 8) is None   # per pair
+  assert ct.unit_pairs_config(r, 128, 412, jnp.bfloat16, 8, False, 1) is None    # O % 64
+  r0 = make_head_routing(idx, 10, unit_pairs=False)
+  assert ct.unit_pairs_config(r0, 128, 1024, jnp.bfloat16, 8, False, 1) is None
+  monkeypatch.setenv("CVMM_UNIT_PAIRS", "64x64x4x2")
+  cfg = ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, False, 1)
+  assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == (64, 64, 4, 2)
+  monkeypatch.setenv("CVMM_UNIT_PAIRS", "0")
+  assert ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, False, 1) is None
+  monkeypatch.setenv("CVMM_UNIT_PAIRS", "fast")
+  with pytest.raises(ValueError, match="CVMM_UNIT_PAIRS"):
+    ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, False, 1)
+  monkeypatch.setattr(ct, "_compute_capability", lambda: 8.0)
+  monkeypatch.setenv("CVMM_UNIT_PAIRS", "1")
+  assert ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, False, 1) is None

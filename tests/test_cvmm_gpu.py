@@ -377,3 +377,80 @@ def test_float16_sums_fused_pair(case, mag):
     assert err <= TOL[jnp.bfloat16], f"pair {case[0]} {mag} {name}: rel err {err:.2e}"
     if name in ("out", "dx"):
       assert err <= 1.5 * _rel(c, b), (case[0], mag, name, err, _rel(c, b))
+
+
+# SwitchHead's projections with k = 2 per head, whose fused sums take the unit-pair
+# kernel (kernels/cvmm_gluon.py, _pairs_sum_kernel): (name, N, H, Ea, Dh, D, kind).
+# "sparse": most expert combinations get no unit; "one_combination": every head picks
+# its experts 0 and 1, in either order.
+UNIT_PAIR_CASES = [
+    ("basic", 300, 4, 10, 128, 256, "random"),
+    ("two_heads", 257, 2, 8, 64, 128, "random"),
+    ("sparse", 40, 4, 10, 128, 128, "random"),
+    ("one_combination", 190, 4, 10, 128, 128, "one"),
+]
+# CVMM_UNIT_PAIRS settings: the default tile and others (BM x BN x warps x buffers)
+UNIT_PAIR_TILES = ["1", "128x32x8x2", "64x64x4x2", "128x64x8x3"]
+
+
+def _head_inputs(case, gated):
+  """x, w, gates, routing (with unit pairs) and cotangent of SwitchHead's O (gated: x
+  [N, H, Dh], w [H*Ea, Dh, D]) or V (plain: x [N, 1, D], w [H*Ea, D, Dh])."""
+  from kernels import make_head_routing  # noqa: PLC0415
+  _, n, h, ea, dh, d, kind = case
+  ks = jax.random.split(jax.random.key(len(case[0]) + n), 6)
+  if kind == "one":
+    flip = jax.random.uniform(ks[0], (n, h, 1)) < 0.5
+    idx = jnp.where(flip, jnp.array([1, 0]), jnp.array([0, 1])).astype(jnp.int32)
+  else:
+    idx = jax.lax.top_k(jax.random.normal(ks[0], (n, h, ea)), 2)[1]
+  r = make_head_routing(idx, ea, unit_pairs=True)
+  if gated:
+    x = jax.random.normal(ks[1], (n, h, dh)).astype(jnp.bfloat16)
+    w = (jax.random.normal(ks[2], (h * ea, dh, d)) * dh ** -0.5).astype(jnp.bfloat16)
+    g = jax.random.uniform(ks[3], (n, h * 2)).astype(jnp.bfloat16)
+    ct = jax.random.normal(ks[4], (n, d))
+  else:
+    x = jax.random.normal(ks[1], (n, 1, d)).astype(jnp.bfloat16)
+    w = (jax.random.normal(ks[2], (h * ea, d, dh)) * d ** -0.5).astype(jnp.bfloat16)
+    g = None
+    ct = jax.random.normal(ks[4], (n, h * 2, dh))
+  return x, w, g, r, ct
+
+
+@pytest.mark.parametrize("tile", UNIT_PAIR_TILES)
+@pytest.mark.parametrize("gated", [False, True], ids=["V", "O"])
+@pytest.mark.parametrize("case", UNIT_PAIR_CASES, ids=[c[0] for c in UNIT_PAIR_CASES])
+def test_unit_pairs_match_reference(case, gated, tile, monkeypatch):
+  """SwitchHead's O (gated: its forward sums over the heads' two experts) and V (plain:
+  its dx sums so) with unit pairs: forward and every gradient against the float32
+  reference within bf16's tolerance, output and dx no further from it than 1.5x the
+  float32 sums' error, and the unit-pair kernel did run (O's forwards, V's dx)."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  import kernels.cvmm_triton as ct_mod  # noqa: PLC0415
+  from kernels.cvmm_triton import _gluon_device  # noqa: PLC0415
+  if not _gluon_device():
+    pytest.skip("the unit-pair kernel runs on Hopper GPUs only")
+  monkeypatch.setenv("CVMM_UNIT_PAIRS", tile)
+  calls = []
+  orig = ct_mod.gluon_pairs_sum
+  monkeypatch.setattr(ct_mod, "gluon_pairs_sum",
+                      lambda *a, **kw: calls.append(kw) or orig(*a, **kw))
+  x, w, g, r, ct = _head_inputs(case, gated)
+  assert r.pairs is not None
+  fn = lambda sd: (lambda x, r, w, g: cvmm(x, r, w, g, impl="triton",  # noqa: E731
+                                           sum_dtype=sd))
+  got = _outputs(fn("float16"), x, w, g, r, ct)
+  assert len(calls) == (2 if gated else 1), calls   # O: two forwards; V: one dx
+  f32s = _outputs(fn("float32"), x, w, g, r, ct)
+  up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+  ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
+  names = ["out", "dx", "dw", "dgates"]
+  for name, a, b, c in zip(names, got, ref, f32s):
+    assert a.dtype == jnp.bfloat16, (name, a.dtype)
+    assert np.all(np.isfinite(np.asarray(a, np.float32))), name
+    err = _rel(a, b)
+    assert err <= TOL[jnp.bfloat16], f"{case[0]} {name}: rel err {err:.2e}"
+    if name in ("out", "dx"):
+      assert err <= 1.5 * _rel(c, b), (case[0], name, err, _rel(c, b))

@@ -137,3 +137,67 @@ def test_router_logits_and_gradients_are_float32_accurate(dtype, shape):
   # the same choice of experts as float64
   np.testing.assert_array_equal(np.argsort(-np.asarray(y), -1)[..., :5],
                                 np.argsort(-(x64 @ w64), -1)[..., :5])
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed_keys", "argsort"])
+def test_unit_pairs_group_each_heads_two_experts(packed, monkeypatch):
+  """make_head_routing's unit pairs: every (token, head) is one unit of its two pairs,
+  the lower expert's first; units are sorted by their combination of experts, in token
+  order within one; the tile lists cover every sorted unit once with tiles of one
+  combination, launched by the first token they hold."""
+  import kernels.routing
+  from kernels import make_head_routing
+  if not packed:
+    monkeypatch.setattr(kernels.routing, "_PACKED_KEY_LIMIT", 0)
+  n, h, ea = 57, 3, 6
+  rng = np.random.default_rng(7)
+  idx = np.stack([rng.permutation(ea)[:2] for _ in range(n * h)]).reshape(n, h, 2)
+  idx[:5, 0] = [4, 1]                        # a combination in both orders
+  idx[5:9, 0] = [1, 4]
+  r = make_head_routing(jnp.asarray(idx, jnp.int32), ea, unit_pairs=True)
+  flat = (idx + (np.arange(h) * ea)[:, None]).reshape(-1)
+  np.testing.assert_array_equal(np.asarray(r.expert_index).reshape(-1), flat)
+  up = r.pairs
+  lo, hi = np.asarray(up.lo), np.asarray(up.hi)
+  assert lo.dtype == hi.dtype == np.int32 and lo.shape == (n * h,)
+  np.testing.assert_array_equal(np.sort(np.concatenate([lo, hi])), np.arange(2 * n * h))
+  np.testing.assert_array_equal(lo // 2, hi // 2)
+  assert np.all(flat[lo] <= flat[hi])
+  combo = flat[lo] * (h * ea) + flat[hi]
+  key = combo * (n * h) + lo // 2
+  assert np.all(np.diff(key) > 0)            # by combination, then token order
+  offs = np.asarray(up.group_offsets)
+  for bm in (4, 16):
+    t = np.asarray(up.tiles(bm))
+    assert t.shape[0] == 4
+    used = t[:, t[3] > t[2]]
+    assert np.all(t[2:, t[3] <= t[2]] == 0) and np.all(t[3, :used.shape[1]] > 0)
+    covered = np.concatenate([np.arange(s, e) for s, e in used[2:].T])
+    np.testing.assert_array_equal(np.sort(covered), np.arange(n * h))
+    for e_lo, e_hi, s, e in used.T:
+      assert e - s <= bm
+      assert np.all(flat[lo[s:e]] == e_lo) and np.all(flat[hi[s:e]] == e_hi)
+    first_tok = lo[used[2]] // (2 * h)
+    assert np.all(np.diff(first_tok) >= 0)
+  assert offs[-1] == n * h and np.all(np.diff(offs) >= 0)
+
+
+def test_unit_pairs_refuse_what_they_cannot_group():
+  """Odd slot counts, a block that does not divide the experts and, with concrete
+  indices, a unit whose experts lie in two blocks are refused; without unit pairs (or
+  with k != 2) make_head_routing attaches none."""
+  from kernels import make_head_routing
+  from kernels.routing import make_unit_pairs
+  with pytest.raises(ValueError, match="even number of slots"):
+    make_unit_pairs(make_routing(jnp.zeros((4, 3), jnp.int32), 6), 3)
+  with pytest.raises(ValueError, match="must divide"):
+    make_unit_pairs(make_routing(jnp.zeros((4, 2), jnp.int32), 6), 4)
+  with pytest.raises(ValueError, match="different blocks"):
+    make_unit_pairs(make_routing(jnp.asarray([[0, 1], [2, 4]], jnp.int32), 6), 3)
+  with pytest.raises(ValueError, match=r"\[N, H, k\]"):
+    make_head_routing(jnp.zeros((4, 2), jnp.int32), 3)
+  idx = jnp.asarray(np.random.default_rng(0).integers(0, 5, (9, 2, 3)), jnp.int32)
+  assert make_head_routing(idx, 5, unit_pairs=True).pairs is None     # k = 3
+  assert make_head_routing(idx[..., :2], 5, unit_pairs=False).pairs is None
+  traced = jax.jit(lambda i: make_head_routing(i, 5, unit_pairs=True).pairs.lo)
+  assert traced(idx[..., :2]).shape == (18,)

@@ -1,0 +1,75 @@
+"""SwitchHead's V and O with and without unit pairs (kernels/cvmm_gluon.py,
+_pairs_sum_kernel), and with other tiles of it, in one run.
+
+  python -m bench.unit_pairs_probe [--profile MoEUT_244M] [--tokens 65536]
+      [--settings 0,1,128x32x8x2]
+
+Each setting is a value of CVMM_UNIT_PAIRS (0: off, 1: the default tile, BMxBNxWxB:
+that tile); per setting the O forward, the O forward+backward and the V forward+backward
+are timed as bench/cvmm.py times them (the routing, with its unit pairs, computed
+outside the timed call), with the dense matmuls of the same FLOPs, and the outputs'
+error against the setting "0" is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import profiles  # noqa: E402
+from bench.cvmm import (_cotangent, _dense, _fwd_fn, _fwdbwd_fn, _rel, _time,  # noqa: E402
+                        projections)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--profile", default="MoEUT_244M")
+  ap.add_argument("--tokens", type=int, default=64 * 1024)
+  ap.add_argument("--settings", default="0,1,128x32x8x2,64x64x4x2,128x64x8x3")
+  args = ap.parse_args()
+  dev = jax.devices()[0]
+  print(f"# {getattr(dev, 'device_kind', dev.platform)}, jax {jax.__version__}, "
+        f"{args.profile}, {args.tokens} tokens")
+  projs = projections(profiles.get(args.profile), args.tokens, jnp.bfloat16)
+  o_, v_ = projs["O"], projs["V"]
+  dense = {}
+  for name, v in (("O", o_), ("V", v_)):
+    p, i, o = v["dense"]
+    dense[name] = _dense(p, i, o, jnp.bfloat16, jax.random.key(7))
+    print(f"dense {name}: fwd {dense[name][0] * 1e3:.3f} ms, fwd+bwd "
+          f"{dense[name][1] * 1e3:.3f} ms")
+  base = {}
+  for setting in args.settings.split(","):
+    os.environ["CVMM_UNIT_PAIRS"] = setting
+    row = []
+    for name, v, gated in (("O", o_, True), ("V", v_, False)):
+      a = (v["x"], v["r"], v["w"], v["g"])
+      fwd = _fwd_fn("triton", gated)
+      ct = _cotangent(jax.eval_shape(fwd, *a).shape, jnp.bfloat16)
+      fb = _fwdbwd_fn("triton", gated)
+      try:
+        tf = _time(fwd, *a)
+        tb = _time(fb, *a, ct)
+        outs = (fwd(*a),) + tuple(fb(*a, ct)[1])
+      except Exception as err:  # report and go on
+        print(f"CVMM_UNIT_PAIRS={setting} {name}: FAILED {type(err).__name__}: "
+              f"{str(err)[:400]}")
+        continue
+      if setting == "0":
+        base[name] = outs
+      errs = ([_rel(x_, y_) for x_, y_ in zip(outs, base[name])] if name in base
+              else [])
+      row.append(f"{name} fwd {tf * 1e3:.3f} ms ({dense[name][0] / tf:.0%} of dense) "
+                 f"fwd+bwd {tb * 1e3:.3f} ms ({dense[name][1] / tb:.0%} of XLA's, "
+                 f"{3 * dense[name][0] / tb:.0%} of 3 dense fwd)"
+                 + (" | vs off: " + " ".join(f"{e:.1e}" for e in errs) if errs else ""))
+    print(f"CVMM_UNIT_PAIRS={setting}:\n  " + "\n  ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+  main()
