@@ -148,7 +148,8 @@ class Routing:
       # starts at the first key >= x * P + b * band * K.
       keys = self.sorted_expert() * p + self.order                           # [P]
       q = jnp.arange(e, dtype=jnp.int32)[None, :] * p + b[:, None] * (band * k)
-      lo = jnp.searchsorted(keys, q.reshape(-1), side="left").astype(jnp.int32)
+      lo = jnp.searchsorted(keys, q.reshape(-1), side="left",
+                            method="scan_unrolled").astype(jnp.int32)
       lo = lo.reshape(n_bands, e)
     else:
       band_of = (jnp.arange(p, dtype=jnp.int32) // k) // band              # [P]
@@ -415,7 +416,9 @@ def segment_tiles(lo: jax.Array, hi: jax.Array, expert: jax.Array, n_pairs: int,
   per_seg = (hi - lo + block_m - 1) // block_m                            # [G]
   tile_off = jnp.cumsum(per_seg, dtype=jnp.int32)                         # [G] inclusive
   zi = jnp.arange(z, dtype=jnp.int32)                                     # [Z]
-  seg = jnp.searchsorted(tile_off, zi, side="right").astype(jnp.int32)    # [Z]
+  # unrolled: no while loop (on GPUs each loop iteration is a few more launches)
+  seg = jnp.searchsorted(tile_off, zi, side="right",
+                         method="scan_unrolled").astype(jnp.int32)             # [Z]
   used = seg < g
   seg = jnp.minimum(seg, g - 1)
   local = zi - (tile_off[seg] - per_seg[seg])                             # [Z] tile in segment
