@@ -635,8 +635,9 @@ UNIT_PAIRS_TILE = UNIT_PAIRS_TILES[0]
 
 
 def _unit_pairs_tile() -> tuple | None:
-  """CVMM_UNIT_PAIRS: "1" (default: the autotuner's choice among
-  :data:`UNIT_PAIRS_TILES`) -> (), "0" -> None, "BMxBNxWxB" -> that tile."""
+  """CVMM_UNIT_PAIRS: unset or "1" (the autotuner's choice among
+  :data:`UNIT_PAIRS_TILES`) -> (), "0" -> None, "BMxBNxWxB" -> that tile. (Whether a
+  routing carries unit pairs: :func:`kernels.routing.unit_pairs_wanted`.)"""
   env = os.environ.get("CVMM_UNIT_PAIRS", "1")
   if env == "0":
     return None

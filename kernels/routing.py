@@ -372,6 +372,25 @@ def make_routing(expert_index: jax.Array, n_experts: int, *,
   return r.with_tiles(tile_blocks) if tile_blocks else r
 
 
+# Units (tokens x heads) from which SwitchHead's routings carry unit pairs by default.
+# Their kernel saves more at many units (MoEUT_244M on an H200: O's forward 0.633 ->
+# 0.512 ms at 65,536 tokens, 0.28 ms per training step at 16,384) than their sort and
+# tile lists cost (1.5 ms per step at 16,384 tokens: the step went from 88.6 to 91.3 ms;
+# bench/RESULTS.md, twelfth session).
+UNIT_PAIRS_MIN_UNITS = 1 << 18
+
+
+def unit_pairs_wanted(n_units: int) -> bool:
+  """Whether a SwitchHead routing of ``n_units`` (tokens x heads) carries unit pairs by
+  default: where the GPU kernels run (JAX's default backend is a GPU), from
+  :data:`UNIT_PAIRS_MIN_UNITS` units; CVMM_UNIT_PAIRS=0 never, any other setting of it
+  (1, or a tile BMxBNxWxB) always."""
+  env = os.environ.get("CVMM_UNIT_PAIRS")
+  if jax.default_backend() != "gpu" or env == "0":
+    return False
+  return env is not None or n_units >= UNIT_PAIRS_MIN_UNITS
+
+
 def make_head_routing(index: jax.Array, experts_per_head: int, *, tile_blocks=None,
                       unit_pairs: bool | None = None) -> Routing:
   """The routing of a SwitchHead projection: ``index`` [N, H, k] holds each head's k
@@ -381,8 +400,7 @@ def make_head_routing(index: jax.Array, experts_per_head: int, *, tile_blocks=No
 
   unit_pairs: attach :class:`UnitPairs` (k = 2: one unit per head and token), which the
     fused sums over a token's heads then use (:func:`kernels.cvmm_triton.gluon_pairs_sum`).
-    None: where the GPU kernels run (JAX's default backend is a GPU) and
-    CVMM_UNIT_PAIRS is not 0. tile_blocks: as for :func:`make_routing`."""
+    None: :func:`unit_pairs_wanted`. tile_blocks: as for :func:`make_routing`."""
   if index.ndim != 3:
     raise ValueError(f"index must be [N, H, k], got shape {index.shape}")
   n, h, k = index.shape
@@ -390,8 +408,7 @@ def make_head_routing(index: jax.Array, experts_per_head: int, *, tile_blocks=No
   expert = index.astype(jnp.int32) + (jnp.arange(h, dtype=jnp.int32) * ea)[:, None]
   r = make_routing(expert.reshape(n, h * k), h * ea, tile_blocks=tile_blocks)
   if unit_pairs is None:
-    unit_pairs = (jax.default_backend() == "gpu"
-                  and os.environ.get("CVMM_UNIT_PAIRS", "1") != "0")
+    unit_pairs = unit_pairs_wanted(n * h)
   if unit_pairs and k == 2:
     r = r.with_unit_pairs(ea)
   return r

@@ -201,3 +201,20 @@ def test_unit_pairs_refuse_what_they_cannot_group():
   assert make_head_routing(idx[..., :2], 5, unit_pairs=False).pairs is None
   traced = jax.jit(lambda i: make_head_routing(i, 5, unit_pairs=True).pairs.lo)
   assert traced(idx[..., :2]).shape == (18,)
+
+
+def test_unit_pairs_by_default_from_many_units_on_gpus(monkeypatch):
+  """SwitchHead routings carry unit pairs by default on GPUs from UNIT_PAIRS_MIN_UNITS
+  units; CVMM_UNIT_PAIRS=0 never, 1 always; never on the CPU."""
+  import kernels.routing as kr
+  monkeypatch.delenv("CVMM_UNIT_PAIRS", raising=False)
+  assert not kr.unit_pairs_wanted(1 << 30)                       # the CPU
+  monkeypatch.setattr(kr.jax, "default_backend", lambda: "gpu")
+  assert kr.unit_pairs_wanted(kr.UNIT_PAIRS_MIN_UNITS)
+  assert not kr.unit_pairs_wanted(kr.UNIT_PAIRS_MIN_UNITS - 1)
+  monkeypatch.setenv("CVMM_UNIT_PAIRS", "1")
+  assert kr.unit_pairs_wanted(8)
+  monkeypatch.setenv("CVMM_UNIT_PAIRS", "128x64x8x2")
+  assert kr.unit_pairs_wanted(8)
+  monkeypatch.setenv("CVMM_UNIT_PAIRS", "0")
+  assert not kr.unit_pairs_wanted(1 << 30)
