@@ -5,7 +5,8 @@ _pairs_sum_kernel), and with other tiles of it, in one run.
       [--settings 0,1,128x32x8x2]
 
 Each setting is a value of CVMM_UNIT_PAIRS (0: off, 1: the default tile, BMxBNxWxB:
-that tile); per setting the O forward, the O forward+backward and the V forward+backward
+that tile), or "combo": the default tile with the tiles launched combination by
+combination instead of by first token; per setting the O forward, the O forward+backward and the V forward+backward
 are timed as bench/cvmm.py times them (the routing, with its unit pairs, computed
 outside the timed call), with the dense matmuls of the same FLOPs, and the outputs'
 error against the setting "0" is printed.
@@ -13,6 +14,7 @@ error against the setting "0" is printed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -45,10 +47,15 @@ def main():
           f"{dense[name][1] * 1e3:.3f} ms")
   base = {}
   for setting in args.settings.split(","):
-    os.environ["CVMM_UNIT_PAIRS"] = setting
+    os.environ["CVMM_UNIT_PAIRS"] = "1" if setting == "combo" else setting
     row = []
     for name, v, gated in (("O", o_, True), ("V", v_, False)):
-      a = (v["x"], v["r"], v["w"], v["g"])
+      r = v["r"]
+      if setting == "combo":
+        up = r.pairs
+        r = dataclasses.replace(r, pairs=dataclasses.replace(up, tile_lists={
+            str(bm): up.tiles(bm, by_token=False) for bm in (64, 128)}))
+      a = (v["x"], r, v["w"], v["g"])
       fwd = _fwd_fn("triton", gated)
       ct = _cotangent(jax.eval_shape(fwd, *a).shape, jnp.bfloat16)
       fb = _fwdbwd_fn("triton", gated)

@@ -211,9 +211,10 @@ class UnitPairs:
   def n_units(self) -> int:
     return self.lo.shape[0]
 
-  def tiles(self, block_m: int) -> jax.Array:
-    """[4, Z] int32 (lower expert, higher expert, start, end) tiles, by first token."""
-    cached = self.tile_lists.get(str(block_m))
+  def tiles(self, block_m: int, by_token: bool = True) -> jax.Array:
+    """[4, Z] int32 (lower expert, higher expert, start, end) tiles, launched by the
+    first token they hold (else combination by combination, as sorted)."""
+    cached = self.tile_lists.get(str(block_m)) if by_token else None
     if cached is not None:
       return cached
     u, b = self.n_units, self.block
@@ -226,7 +227,7 @@ class UnitPairs:
     first_tok = self.lo[jnp.minimum(start, u - 1)] // self.k
     key = jnp.where(end > start, first_tok, u)
     t4 = jnp.stack([e_lo, e_hi, start, end]).astype(jnp.int32)
-    return t4[:, jnp.argsort(key, stable=True)]
+    return t4[:, jnp.argsort(key, stable=True)] if by_token else t4
 
 
 def make_unit_pairs(routing: Routing, block: int, block_ms=None) -> UnitPairs:

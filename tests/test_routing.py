@@ -218,3 +218,16 @@ def test_unit_pairs_by_default_from_many_units_on_gpus(monkeypatch):
   assert kr.unit_pairs_wanted(8)
   monkeypatch.setenv("CVMM_UNIT_PAIRS", "0")
   assert not kr.unit_pairs_wanted(1 << 30)
+
+
+def test_unit_pair_tiles_in_combination_order():
+  """tiles(by_token=False): the same tiles as by first token, combination by
+  combination (as sorted), used ones first."""
+  from kernels import make_head_routing
+  idx = jax.lax.top_k(jax.random.normal(jax.random.key(3), (37, 2, 5)), 2)[1]
+  up = make_head_routing(idx, 5, unit_pairs=True).pairs
+  a, b = np.asarray(up.tiles(8)), np.asarray(up.tiles(8, by_token=False))
+  used = b[:, b[3] > b[2]]
+  assert np.all(np.diff(used[2]) > 0)
+  key = lambda t: sorted(map(tuple, t.T.tolist()))  # noqa: E731
+  assert key(a) == key(b)
