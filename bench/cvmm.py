@@ -12,7 +12,10 @@ projections of MoEUT, forward and forward+backward (gradients of every float inp
   O     SwitchHead cvmm(att [N, H, Dh], r_o, o [H*Ea, Dh, D], gates [N, H*att_k])
 and "dense", one [P, I] @ [I, O] matmul with the same FLOPs (P = N*K pairs).
 ``--pair`` adds the σ-MoE pair (up, ReLU, gated down) as one function. Routing is
-random top-k of random logits (roughly balanced) and is computed outside the timing.
+random top-k of random logits (roughly balanced) and is computed outside the timing;
+``--unit-pairs`` gives SwitchHead's routings unit pairs (kernels.routing.UnitPairs: O's
+forward and V's dx then add a head's two experts before one reduction; their own sort
+is routing work, not timed either).
 Times are medians over rounds of back-to-back calls, synchronised at the end of each
 round. Prints a table; ``--json`` writes all figures.
 """
@@ -52,14 +55,17 @@ def _topk_routing(key, n, k, e):
   return make_routing(idx, e)
 
 
-def _head_routing(key, n, heads, experts, k):
-  """SwitchHead: each head picks k of its own experts; expert id = h * experts + j."""
+def _head_routing(key, n, heads, experts, k, unit_pairs=None):
+  """SwitchHead: each head picks k of its own experts; expert id = h * experts + j.
+  unit_pairs: see :func:`kernels.make_head_routing` (None: the library's default)."""
   _, idx = jax.lax.top_k(jax.random.normal(key, (n, heads, experts)), k)   # [N, H, k]
-  return make_head_routing(idx, experts)
+  return make_head_routing(idx, experts, unit_pairs=unit_pairs)
 
 
-def projections(profile: dict, n: int, dtype, seed: int = 0):
-  """name -> (args, routing, gates?, flops) for the four CVMM calls of one layer."""
+def projections(profile: dict, n: int, dtype, seed: int = 0, unit_pairs=None):
+  """name -> (args, routing, gates?, flops) for the four CVMM calls of one layer
+  (``unit_pairs``: whether SwitchHead's routing carries unit pairs; None: the
+  library's default)."""
   d, es, e, k = (profile["d_model"], profile["ff_expert_size"], profile["ff_n_experts"],
                  profile["ff_k"])
   h, ea, dh, ka = (profile["n_heads"], profile["att_n_experts"], profile["d_head"],
@@ -67,7 +73,7 @@ def projections(profile: dict, n: int, dtype, seed: int = 0):
   ks = jax.random.split(jax.random.key(seed), 12)
   nrm = lambda key, shape, scale=1.0: (jax.random.normal(key, shape) * scale).astype(dtype)  # noqa: E731
   r = _topk_routing(ks[0], n, k, e)
-  rh = _head_routing(ks[1], n, h, ea, ka)
+  rh = _head_routing(ks[1], n, h, ea, ka, unit_pairs)
   x = nrm(ks[2], (n, d))
   out = {
       "up": dict(x=x, w=nrm(ks[3], (e, d, es), d ** -0.5), r=r, g=None,
@@ -140,12 +146,12 @@ def pair_fns(impl):
   return fwd, fb
 
 
-def run(profile_names, impls, dtype, pair, check, batch_tokens, log):
+def run(profile_names, impls, dtype, pair, check, batch_tokens, log, unit_pairs=None):
   rows = []
   for pname in profile_names:
     prof = profiles.get(pname)
     n = batch_tokens // 2 if pname == "MoEUT_1B" else batch_tokens
-    projs = projections(prof, n, dtype)
+    projs = projections(prof, n, dtype, unit_pairs=unit_pairs)
     for name, v in projs.items():
       gated = v["g"] is not None
       p, i, o = v["dense"]
@@ -212,6 +218,8 @@ def main(argv=None):
   ap.add_argument("--tokens", type=int, default=64 * 1024)
   ap.add_argument("--pair", action="store_true")
   ap.add_argument("--check", action="store_true")
+  ap.add_argument("--unit-pairs", action="store_true",
+                  help="SwitchHead routings with unit pairs (default: the library's: none)")
   ap.add_argument("--json", default="")
   ap.add_argument("--tune-log", default="", help="file for the autotuner's timings")
   a = ap.parse_args(argv)
@@ -219,9 +227,10 @@ def main(argv=None):
       s for s in ("xla", "triton", "triton_unfused", "mosaic") if is_available(s)]
   from kernels.cvmm import sum_dtype_of
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, impls {impls}, "
-        f"16-bit sums {sum_dtype_of()}", flush=True)
+        f"16-bit sums {sum_dtype_of()}, unit pairs {a.unit_pairs}", flush=True)
   rows = run([s for s in a.profiles.split(",") if s], impls, jnp.dtype(a.dtype), a.pair,
-             a.check, a.tokens, lambda s: print(s, flush=True))
+             a.check, a.tokens, lambda s: print(s, flush=True),
+             unit_pairs=True if a.unit_pairs else None)
   print(table(rows))
   if a.json:
     with open(a.json, "w") as f:

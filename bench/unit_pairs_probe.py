@@ -4,12 +4,13 @@ _pairs_sum_kernel), and with other tiles of it, in one run.
   python -m bench.unit_pairs_probe [--profile MoEUT_244M] [--tokens 65536]
       [--settings 0,1,128x32x8x2]
 
-Each setting is a value of CVMM_UNIT_PAIRS (0: off, 1: the default tile, BMxBNxWxB:
-that tile), or "combo": the default tile with the tiles launched combination by
-combination instead of by first token; per setting the O forward, the O forward+backward and the V forward+backward
-are timed as bench/cvmm.py times them (the routing, with its unit pairs, computed
-outside the timed call), with the dense matmuls of the same FLOPs, and the outputs'
-error against the setting "0" is printed.
+SwitchHead's routings carry unit pairs. Each setting is a value of CVMM_UNIT_PAIRS (0:
+the kernels do not use them; 1: the default tile; BMxBNxWxB: that tile), or "combo" (the
+default tile, with the tiles launched combination by combination instead of by first
+token). For each setting the O forward, the O forward+backward and the V
+forward+backward are timed as bench/cvmm.py times them (the routing, with its unit
+pairs, computed outside the timed call), with the dense matmuls of the same FLOPs; the
+outputs' error against the setting "0" is printed.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def main():
   dev = jax.devices()[0]
   print(f"# {getattr(dev, 'device_kind', dev.platform)}, jax {jax.__version__}, "
         f"{args.profile}, {args.tokens} tokens")
-  projs = projections(profiles.get(args.profile), args.tokens, jnp.bfloat16)
+  projs = projections(profiles.get(args.profile), args.tokens, jnp.bfloat16,
+                      unit_pairs=True)
   o_, v_ = projs["O"], projs["V"]
   dense = {}
   for name, v in (("O", o_), ("V", v_)):

@@ -373,23 +373,19 @@ def make_routing(expert_index: jax.Array, n_experts: int, *,
   return r.with_tiles(tile_blocks) if tile_blocks else r
 
 
-# Units (tokens x heads) from which SwitchHead's routings carry unit pairs by default.
-# Their kernel saves more at many units (MoEUT_244M on an H200: O's forward 0.633 ->
-# 0.512 ms at 65,536 tokens, 0.28 ms per training step at 16,384) than their sort and
-# tile lists cost (1.5 ms per step at 16,384 tokens: the step went from 88.6 to 91.3 ms;
-# bench/RESULTS.md, twelfth session).
-UNIT_PAIRS_MIN_UNITS = 1 << 18
-
-
 def unit_pairs_wanted(n_units: int) -> bool:
-  """Whether a SwitchHead routing of ``n_units`` (tokens x heads) carries unit pairs by
-  default: where the GPU kernels run (JAX's default backend is a GPU), from
-  :data:`UNIT_PAIRS_MIN_UNITS` units; CVMM_UNIT_PAIRS=0 never, any other setting of it
-  (1, or a tile BMxBNxWxB) always."""
+  """Whether a SwitchHead routing of ``n_units`` (tokens x heads) carries unit pairs when
+  its caller does not say: only where CVMM_UNIT_PAIRS is set (1, or a tile BMxBNxWxB)
+  and the GPU kernels run (JAX's default backend is a GPU). Off by default: at MoEUT_244M
+  on an H200 the unit-pair kernel made O's forward 0.633 -> 0.512 ms at 65,536 tokens,
+  but in a training step of 16,384 tokens it saved 0.28 ms while the units' sort and
+  tile lists cost about 1.5 ms (88.6 ms per step without, 91.3 with; bench/RESULTS.md,
+  twelfth session). ``n_units`` is for a size rule once one is measured."""
+  del n_units
   env = os.environ.get("CVMM_UNIT_PAIRS")
-  if jax.default_backend() != "gpu" or env == "0":
+  if jax.default_backend() != "gpu" or env is None or env == "0":
     return False
-  return env is not None or n_units >= UNIT_PAIRS_MIN_UNITS
+  return True
 
 
 def make_head_routing(index: jax.Array, experts_per_head: int, *, tile_blocks=None,

@@ -203,20 +203,21 @@ def test_unit_pairs_refuse_what_they_cannot_group():
   assert traced(idx[..., :2]).shape == (18,)
 
 
-def test_unit_pairs_by_default_from_many_units_on_gpus(monkeypatch):
-  """SwitchHead routings carry unit pairs by default on GPUs from UNIT_PAIRS_MIN_UNITS
-  units; CVMM_UNIT_PAIRS=0 never, 1 always; never on the CPU."""
+def test_unit_pairs_only_when_asked_for_on_gpus(monkeypatch):
+  """SwitchHead routings carry unit pairs by default only where CVMM_UNIT_PAIRS is set
+  (1 or a tile) and the backend is a GPU; 0 or unset: none."""
   import kernels.routing as kr
   monkeypatch.delenv("CVMM_UNIT_PAIRS", raising=False)
-  assert not kr.unit_pairs_wanted(1 << 30)                       # the CPU
   monkeypatch.setattr(kr.jax, "default_backend", lambda: "gpu")
-  assert kr.unit_pairs_wanted(kr.UNIT_PAIRS_MIN_UNITS)
-  assert not kr.unit_pairs_wanted(kr.UNIT_PAIRS_MIN_UNITS - 1)
+  assert not kr.unit_pairs_wanted(1 << 30)
   monkeypatch.setenv("CVMM_UNIT_PAIRS", "1")
   assert kr.unit_pairs_wanted(8)
   monkeypatch.setenv("CVMM_UNIT_PAIRS", "128x64x8x2")
   assert kr.unit_pairs_wanted(8)
   monkeypatch.setenv("CVMM_UNIT_PAIRS", "0")
+  assert not kr.unit_pairs_wanted(1 << 30)
+  monkeypatch.setenv("CVMM_UNIT_PAIRS", "1")
+  monkeypatch.setattr(kr.jax, "default_backend", lambda: "cpu")
   assert not kr.unit_pairs_wanted(1 << 30)
 
 
