@@ -550,34 +550,33 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   if half == "float16":
     w_l1 = _max_l1(w, 2 if transpose_w else 1)
     row_s, scale = _f16_row_scales(a, w_l1, routing, scale, a_rows, out_rows)
-  if pcfg is not None:
+  if pcfg is not None:      # a SwitchHead routing's unit pairs: one reduction per unit
     out = gluon_pairs_sum(a, w, routing, scale, pcfg, a_rows=a_rows, out_rows=out_rows,
                           transpose_w=transpose_w, out_dtype=out_dtype)
-    if half == "float16":
-      out = _f16_unscale(out, row_s)
-    return out, None
-  tiles = _sum_tiles(routing, cfg.block_m) if atomic else routing.tiles(cfg.block_m)
-  if cfg.gluon:
-    out = gluon_rows_sum(a, w, routing, tiles, scale, cfg, a_rows=a_rows,
-                         out_rows=out_rows, transpose_w=transpose_w, out_dtype=out_dtype)
     dg = None
   else:
-    z = tiles.shape[1]
-    n_nb = -(-o // cfg.block_n)
-    loop_n = cfg.loop_n and i <= cfg.block_k
-    out_shapes = [jax.ShapeDtypeStruct((n * out_rows, o), out_dtype),
-                  jax.ShapeDtypeStruct((p, n_nb) if dgate else (1,), jnp.float32)]
-    args = [a, w, routing.order, tiles,
-            scale if scale is not None else _DUMMY_F32(),
-            dgate_rows if dgate else _DUMMY_F32()]
-    out, dg = _launch(
-        _rows_kernel, args, out_shapes, z if loop_n else z * n_nb, cfg,
-        zeroed=(0,) if atomic else (),
-        Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, C_R=c_rows,
-        SW_E=sw[0], SW_I=sw[1], SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n,
-        BK=cfg.block_k, HAS_SCALE=scale is not None, ATOMIC=atomic, DGATE=dgate,
-        IEEE=a.dtype == jnp.float32, LOOP_N=loop_n, RED=red, F16=half == "float16")
-    dg = dg.sum(axis=1) if dgate else None
+    tiles = _sum_tiles(routing, cfg.block_m) if atomic else routing.tiles(cfg.block_m)
+    if cfg.gluon:
+      out = gluon_rows_sum(a, w, routing, tiles, scale, cfg, a_rows=a_rows,
+                           out_rows=out_rows, transpose_w=transpose_w, out_dtype=out_dtype)
+      dg = None
+    else:
+      z = tiles.shape[1]
+      n_nb = -(-o // cfg.block_n)
+      loop_n = cfg.loop_n and i <= cfg.block_k
+      out_shapes = [jax.ShapeDtypeStruct((n * out_rows, o), out_dtype),
+                    jax.ShapeDtypeStruct((p, n_nb) if dgate else (1,), jnp.float32)]
+      args = [a, w, routing.order, tiles,
+              scale if scale is not None else _DUMMY_F32(),
+              dgate_rows if dgate else _DUMMY_F32()]
+      out, dg = _launch(
+          _rows_kernel, args, out_shapes, z if loop_n else z * n_nb, cfg,
+          zeroed=(0,) if atomic else (),
+          Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, C_R=c_rows,
+          SW_E=sw[0], SW_I=sw[1], SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n,
+          BK=cfg.block_k, HAS_SCALE=scale is not None, ATOMIC=atomic, DGATE=dgate,
+          IEEE=a.dtype == jnp.float32, LOOP_N=loop_n, RED=red, F16=half == "float16")
+      dg = dg.sum(axis=1) if dgate else None
   if half == "float16":
     out = _f16_unscale(out, row_s)
   return out, dg

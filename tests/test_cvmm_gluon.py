@@ -168,3 +168,54 @@ def test_unit_pairs_config(monkeypatch):
   monkeypatch.setattr(ct, "_compute_capability", lambda: 8.0)
   monkeypatch.setenv("CVMM_UNIT_PAIRS", "1")
   assert ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, False, 1) is None
+
+
+def test_rows_matmul_hands_unit_pairs_to_their_kernel(monkeypatch):
+  """On Hopper a 16-bit fused sum whose routing carries unit pairs goes to the
+  unit-pair kernel, whose float16 output rows rows_matmul scales back: with the kernel
+  replaced by the same sums in float32 (scaled as the kernel gets them), the result is
+  the reference; an explicit row tile or CVMM_UNIT_PAIRS=0 keeps the row kernels."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from kernels import make_head_routing  # noqa: PLC0415
+  monkeypatch.setattr(ct, "_compute_capability", lambda: 9.0)
+  monkeypatch.setattr(ct, "_interpret", lambda: False)
+  n, h, ea, i, o = 24, 4, 10, 128, 256
+  ks = jax.random.split(jax.random.key(5), 4)
+  r = make_head_routing(jax.lax.top_k(jax.random.normal(ks[0], (n, h, ea)), 2)[1], ea,
+                        unit_pairs=True)
+  a = jax.random.normal(ks[1], (n * h, i)).astype(jnp.bfloat16)        # O: [N*H, Dh]
+  w = (jax.random.normal(ks[2], (h * ea, i, o)) * 0.1).astype(jnp.bfloat16)
+  g = jax.random.uniform(ks[3], (n * 2 * h,))
+  p = np.arange(n * 2 * h)
+  we = np.asarray(w, np.float32)[np.asarray(r.expert_index).reshape(-1)]
+  rows = np.asarray(a, np.float32)[(p // (2 * h)) * h + (p % (2 * h)) // 2]
+  terms = np.einsum("pi,pio->po", rows, we)                             # [P, O]
+  seen = []
+
+  def fake(a_, w_, routing, scale, cfg, *, a_rows, out_rows, transpose_w, out_dtype):
+    seen.append((cfg, a_rows, out_rows, out_dtype))
+    s = np.asarray(scale)[:, None] * terms
+    return jnp.asarray(s.reshape(n, 2 * h, o).sum(1)).astype(out_dtype)
+
+  monkeypatch.setattr(ct, "gluon_pairs_sum", fake)
+  out, dg = ct.rows_matmul(a, w, r, a_rows=h, out_rows=1, scale=g)
+  assert dg is None and len(seen) == 1
+  cfg, a_rows, out_rows, out_dtype = seen[0]
+  assert (a_rows, out_rows, jnp.dtype(out_dtype)) == (h, 1, jnp.float16)
+  ref = (np.asarray(g)[:, None] * terms).reshape(n, 2 * h, o).sum(1)
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+  launched = []
+
+  def launch(kernel, args, out_shapes, grid, cfg, zeroed=(), **meta):
+    launched.append(getattr(kernel, "__name__", None) or kernel.fn.__name__)
+    return [jnp.zeros(s.shape, s.dtype) for s in out_shapes]
+
+  monkeypatch.setattr(ct, "_launch", launch)
+  monkeypatch.setattr(cvmm_gluon, "install_launcher", lambda: None)   # (jax-triton: GPUs)
+  monkeypatch.setenv("CVMM_UNIT_PAIRS", "0")
+  ct.rows_matmul(a, w, r, a_rows=h, out_rows=1, scale=g)
+  monkeypatch.setenv("CVMM_UNIT_PAIRS", "1")
+  ct.rows_matmul(a, w, r, a_rows=h, out_rows=1, scale=g,
+                 cfg=ct._rows_candidates(i, o, jnp.bfloat16, gluon=True)[0])
+  assert len(seen) == 1 and launched == ["_rows_sum_kernel"] * 2, launched
