@@ -41,8 +41,8 @@ class Routing:
       a list it lacks is computed when asked for.
     pairs: the pairs taken two by two and sorted by their two experts
       (:class:`UnitPairs`, :meth:`with_unit_pairs`), or None. SwitchHead's routings
-      carry them on GPUs: the fused sums then add a head's two products in registers
-      before one reduction.
+      carry them when asked (:func:`make_head_routing`): the fused sums then add a
+      head's two products in registers before one reduction.
   """
 
   expert_index: jax.Array
@@ -193,6 +193,7 @@ class UnitPairs:
     block: experts per block (static): both experts of every unit lie in one block of
       ``block`` consecutive experts (SwitchHead: one head's experts).
     n_experts: E (static).
+    k: K, slots per token (static).
     tile_lists: [4, Z] int32 tile lists keyed by their height (str): the lower and
       the higher expert, start and end of each tile of at most that many sorted units
       of one combination, launched by the first token they hold (unused tiles last,
