@@ -508,7 +508,9 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   :func:`half_sums`), else a's dtype. With
   ``fuse_sum=False`` such rows are not added atomically: every pair's scaled row is
   stored ([P, O] in a's dtype) and XLA sums them (faster at wide outputs, but the
-  intermediate is written). sum_dtype: see :func:`half_sums`.
+  intermediate is written). sum_dtype: see :func:`half_sums`. A routing with unit
+  pairs (:class:`~kernels.routing.UnitPairs`) takes the unit-pair kernel for 16-bit
+  fused sums where :func:`unit_pairs_config` allows (unless ``cfg`` names a row tile).
   """
   if out_rows < routing.k and not fuse_sum:
     out, dg = rows_matmul(a, w, routing, a_rows=a_rows, out_rows=routing.k,
