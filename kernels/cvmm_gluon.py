@@ -128,19 +128,14 @@ if gluon is not None:
     dt: gl.constexpr = a_ptr.dtype.element_ty
     # layouts: the product's (wgmma: NW warps along the rows), the copies' (16 bytes per
     # thread along the contiguous dimension) and the reductions' (eight columns each)
-    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                    instr_shape=[16, BN, 16])
-    a_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (I // 8), I // 8], [NW, 1], [1, 0])
-    red_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BN // 8), BN // 8], [NW, 1],
-                                           [1, 0])
+    acc_l: gl.constexpr = _acc_layout(BN, NW)
+    a_l: gl.constexpr = _rows_layout(I, NW)
+    red_l: gl.constexpr = _rows_layout(BN, NW)
     a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, I], dt)
     TRANS: gl.constexpr = SW_I == 1         # the matrix is contiguous along I
     b_smem = _w_smem(dt, BUF, I, BN, TRANS)
     a_smem = gl.allocate_shared_memory(dt, [BM, I], a_sl)
-    # each product block, scaled and rounded, on its way from the product's layout to
-    # the reductions' (16-byte chunks swizzled by row: no bank conflicts either way)
-    epi_sl: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0])
-    epi = gl.allocate_shared_memory(out_ptr.dtype.element_ty, [BM, BN], epi_sl)
+    epi = _epi_smem(out_ptr.dtype.element_ty, BM, BN)
 
     tile = gl.program_id(0)
     e = gl.load(tiles_ptr + tile)
@@ -152,7 +147,7 @@ if gluon is not None:
       rows = start + gl.arange(0, BM, layout=gl.SliceLayout(1, a_l))
       rmask = rows < end
       pair = gl.load(order_ptr + rows, mask=rmask, other=0)
-      a_row = ((pair // K) * A_R + (pair % K) // (K // A_R)).to(gl.int64)
+      a_row = _row_of(pair, K, A_R)
       ka = gl.arange(0, I, layout=gl.SliceLayout(0, a_l))
       cp.async_copy_global_to_shared(a_smem, a_ptr + a_row[:, None] * I + ka[None, :],
                                      mask=rmask[:, None])
@@ -165,7 +160,7 @@ if gluon is not None:
       rows_r = start + gl.arange(0, BM, layout=gl.SliceLayout(1, red_l))
       rmask_r = rows_r < end
       pair_r = gl.load(order_ptr + rows_r, mask=rmask_r, other=0)
-      o_row = ((pair_r // K) * O_R + (pair_r % K) // (K // O_R)).to(gl.int64)
+      o_row = _row_of(pair_r, K, O_R)
       rows_a = start + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
       if HAS_SCALE:
         pair_a = gl.load(order_ptr + rows_a, mask=rows_a < end, other=0)
@@ -235,11 +230,9 @@ if gluon is not None:
     ASM: gl.constexpr = _RED_F16 if F16 else _RED_BF16
     dt: gl.constexpr = a_ptr.dtype.element_ty
     SAME_A: gl.constexpr = (K // A_R) % 2 == 0      # both pairs of a unit read one row
-    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                    instr_shape=[16, BN, 16])
-    a_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (I // 8), I // 8], [NW, 1], [1, 0])
-    red_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BN // 8), BN // 8], [NW, 1],
-                                           [1, 0])
+    acc_l: gl.constexpr = _acc_layout(BN, NW)
+    a_l: gl.constexpr = _rows_layout(I, NW)
+    red_l: gl.constexpr = _rows_layout(BN, NW)
     a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, I], dt)
     TRANS: gl.constexpr = SW_I == 1
     b_lo = _w_smem(dt, BUF, I, BN, TRANS)
@@ -249,8 +242,7 @@ if gluon is not None:
       a_hi = a_lo
     else:
       a_hi = gl.allocate_shared_memory(dt, [BM, I], a_sl)
-    epi_sl: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0])
-    epi = gl.allocate_shared_memory(out_ptr.dtype.element_ty, [BM, BN], epi_sl)
+    epi = _epi_smem(out_ptr.dtype.element_ty, BM, BN)
 
     tile = gl.program_id(0)
     e_lo = gl.load(tiles_ptr + tile)
@@ -264,12 +256,12 @@ if gluon is not None:
       rmask = rows < end
       ka = gl.arange(0, I, layout=gl.SliceLayout(0, a_l))
       p_lo = gl.load(lo_ptr + rows, mask=rmask, other=0)
-      row_lo = ((p_lo // K) * A_R + (p_lo % K) // (K // A_R)).to(gl.int64)
+      row_lo = _row_of(p_lo, K, A_R)
       cp.async_copy_global_to_shared(a_lo, a_ptr + row_lo[:, None] * I + ka[None, :],
                                      mask=rmask[:, None])
       if not SAME_A:
         p_hi = gl.load(hi_ptr + rows, mask=rmask, other=0)
-        row_hi = ((p_hi // K) * A_R + (p_hi % K) // (K // A_R)).to(gl.int64)
+        row_hi = _row_of(p_hi, K, A_R)
         cp.async_copy_global_to_shared(a_hi, a_ptr + row_hi[:, None] * I + ka[None, :],
                                        mask=rmask[:, None])
       gl.static_assert(BUF >= 2, "BUF: at least 2 buffers per matrix")
@@ -281,7 +273,7 @@ if gluon is not None:
       rows_r = start + gl.arange(0, BM, layout=gl.SliceLayout(1, red_l))
       rmask_r = rows_r < end
       pr = gl.load(lo_ptr + rows_r, mask=rmask_r, other=0)
-      o_row = ((pr // K) * O_R + (pr % K) // (K // O_R)).to(gl.int64)
+      o_row = _row_of(pr, K, O_R)
       rows_a = start + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
       amask = rows_a < end
       if HAS_SCALE:
@@ -332,6 +324,32 @@ if gluon is not None:
     mask = rmask[:, None] & (cols < O)[None, :]
     _red_v8(out_ptr, offs, v, mask, ASM, BM, BN)
 
+  @gluon.constexpr_function
+  def _rows_layout(cols, nw):
+    """Registers of [rows, cols] 16-bit values: eight adjacent columns (16 bytes) per
+    thread, a row's threads side by side, ``nw`` warps along the rows."""
+    return gl.BlockedLayout([1, 8], [32 // (cols // 8), cols // 8], [nw, 1], [1, 0])
+
+  @gluon.constexpr_function
+  def _acc_layout(bn, nw):
+    """The wgmma products' registers: [rows, bn] float32, ``nw`` warps along the rows."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1],
+                                     instr_shape=[16, bn, 16])
+
+  @gluon.jit
+  def _epi_smem(dt: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr):
+    """The shared buffer that takes each product block, scaled and rounded to 16 bits,
+    from the product's layout to the reductions' (16-byte chunks swizzled by row: no
+    bank conflicts either way)."""
+    sl: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0])
+    return gl.allocate_shared_memory(dt, [BM, BN], sl)
+
+  @gluon.jit
+  def _row_of(pair, K: gl.constexpr, R: gl.constexpr):
+    """int64 row of ``pair`` (token * K + slot) among R rows per token: slot s is row
+    s // (K // R) of its token."""
+    return ((pair // K) * R + (pair % K) // (K // R)).to(gl.int64)
+
   @gluon.jit
   def _b_view(b_smem, nb, BUF: gl.constexpr, TRANS: gl.constexpr):
     if TRANS:
@@ -360,14 +378,13 @@ if gluon is not None:
     thread along the contiguous dimension."""
     BUF: gl.constexpr = b_smem.shape[0]
     if TRANS:   # [BN, I] in shared memory, contiguous along I
-      b_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (I // 8), I // 8], [NW, 1], [1, 0])
+      b_l: gl.constexpr = _rows_layout(I, NW)
       cols = nb * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, b_l))
       ks = gl.arange(0, I, layout=gl.SliceLayout(0, b_l))
       ptrs = w_base + cols[:, None] * SW_O + ks[None, :] * SW_I
       m = (cols < O)[:, None]
     else:       # [I, BN], contiguous along the columns
-      b_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BN // 8), BN // 8], [NW, 1],
-                                           [1, 0])
+      b_l: gl.constexpr = _rows_layout(BN, NW)
       ks = gl.arange(0, I, layout=gl.SliceLayout(1, b_l))
       cols = nb * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, b_l))
       ptrs = w_base + ks[:, None] * SW_I + cols[None, :] * SW_O
