@@ -225,7 +225,7 @@ class UnitPairs:
     grp, start, end = t[0], t[1], t[2]
     base = (grp // (b * b)) * b
     e_lo, e_hi = base + (grp % (b * b)) // b, base + grp % b
-    first_tok = self.lo[jnp.minimum(start, u - 1)] // self.k
+    first_tok = _first_tokens(self.lo, start, self.k)
     key = jnp.where(end > start, first_tok, u)
     t4 = jnp.stack([e_lo, e_hi, start, end]).astype(jnp.int32)
     return t4[:, jnp.argsort(key, stable=True)] if by_token else t4
@@ -252,15 +252,7 @@ def make_unit_pairs(routing: Routing, block: int, block_ms=None) -> UnitPairs:
   swap = (ex[:, 1] < ex[:, 0]).astype(jnp.int32)                            # [U]
   g = e * block
   grp = (e_lo // block) * (block * block) + (e_lo % block) * block + e_hi % block
-  if g * max(u, 1) < _PACKED_KEY_LIMIT:
-    keys = jnp.sort(grp * u + jnp.arange(u, dtype=jnp.int32))
-    unit = keys % max(u, 1)
-    offs = jnp.searchsorted(keys, jnp.arange(g + 1, dtype=jnp.int32) * u, side="left",
-                            method="scan_unrolled").astype(jnp.int32)
-  else:
-    unit = jnp.argsort(grp, stable=True).astype(jnp.int32)
-    sizes = jnp.bincount(grp, length=g).astype(jnp.int32)
-    offs = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(sizes, dtype=jnp.int32)])
+  unit, offs = _group_sort(grp, g)
   sw = swap[unit]
   up = UnitPairs(2 * unit + sw, 2 * unit + 1 - sw, offs, block, e, k)
   lists = {str(bm): up.tiles(bm) for bm in (PAIR_BLOCKS if block_ms is None else block_ms)}
@@ -304,7 +296,7 @@ def token_ordered(tiles: jax.Array, routing: Routing) -> jax.Array:
   programs use different experts' matrices.
   """
   start, end = tiles[1], tiles[2]
-  first_tok = routing.order[jnp.minimum(start, routing.n_pairs - 1)] // routing.k
+  first_tok = _first_tokens(routing.order, start, routing.k)
   key = jnp.where(end > start, first_tok, routing.n_tokens)         # [Z]
   return tiles[:, jnp.argsort(key, stable=True)]
 
@@ -323,7 +315,7 @@ def group_ordered(tiles: jax.Array, routing: Routing, band: int) -> jax.Array:
   if band < 1:
     raise ValueError(f"{band=} must be at least 1")
   start, end = tiles[1], tiles[2]
-  first_tok = routing.order[jnp.minimum(start, routing.n_pairs - 1)] // routing.k
+  first_tok = _first_tokens(routing.order, start, routing.k)
   n_groups = -(-routing.n_tokens // band)
   key = jnp.where(end > start, first_tok // band, n_groups)                # [Z]
   return tiles[:, jnp.argsort(key, stable=True)]
@@ -347,23 +339,8 @@ def make_routing(expert_index: jax.Array, n_experts: int, *,
     raise ValueError(f"{n_experts=} must be at least 1")
   expert_index = expert_index.astype(jnp.int32)
   flat = expert_index.reshape(-1)                                   # [P]
-  p = flat.shape[0]
-  if n_experts * p < _PACKED_KEY_LIMIT:
-    # One int32 key per pair, expert * P + pair: unique, so a plain (keys-only) sort
-    # gives the stable order, and each expert's first position is a binary search.
-    # Faster on GPUs than an argsort (a key-value sort) plus a bincount, whose
-    # scatter-add contends on few bins.
-    keys = jnp.sort(flat * p + jnp.arange(p, dtype=jnp.int32))     # [P]
-    order = keys % p
-    bounds = jnp.arange(n_experts + 1, dtype=jnp.int32) * p         # [E+1]
-    group_offsets = jnp.searchsorted(keys, bounds, side="left",
-                                     method="scan_unrolled").astype(jnp.int32)
-    group_sizes = jnp.diff(group_offsets)                           # [E]
-  else:
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)        # [P]
-    group_sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)   # [E]
-    group_offsets = jnp.concatenate(
-        [jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes, dtype=jnp.int32)])  # [E+1]
+  order, group_offsets = _group_sort(flat, n_experts)
+  group_sizes = jnp.diff(group_offsets)                             # [E]
   r = Routing(expert_index, order, group_sizes, group_offsets, n_experts)
   if tile_blocks is None:
     env = os.environ.get("CVMM_ROUTING_TILES", "1")
@@ -410,6 +387,33 @@ def make_head_routing(index: jax.Array, experts_per_head: int, *, tile_blocks=No
   if unit_pairs and k == 2:
     r = r.with_unit_pairs(ea)
   return r
+
+
+def _group_sort(ids: jax.Array, n_groups: int) -> tuple[jax.Array, jax.Array]:
+  """(order [M], offsets [G + 1]) int32 of ``ids`` [M] in [0, G): the positions sorted
+  by id, stably, and where each id's positions start.
+
+  While G * M fits an int32, one key per position, id * M + position: unique, so a
+  plain (keys-only) sort gives the stable order, and each id's first position is a
+  binary search. Faster on GPUs than an argsort (a key-value sort) plus a bincount,
+  whose scatter-add contends on few bins."""
+  m = ids.shape[0]
+  if n_groups * m < _PACKED_KEY_LIMIT:
+    keys = jnp.sort(ids * m + jnp.arange(m, dtype=jnp.int32))                # [M]
+    order = keys % max(m, 1)
+    bounds = jnp.arange(n_groups + 1, dtype=jnp.int32) * m                  # [G+1]
+    offsets = jnp.searchsorted(keys, bounds, side="left", method="scan_unrolled")
+    return order, offsets.astype(jnp.int32)
+  order = jnp.argsort(ids, stable=True).astype(jnp.int32)
+  sizes = jnp.bincount(ids, length=n_groups).astype(jnp.int32)
+  return order, jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                                 jnp.cumsum(sizes, dtype=jnp.int32)])
+
+
+def _first_tokens(order: jax.Array, start: jax.Array, k: int) -> jax.Array:
+  """[Z] the token of each tile's first sorted position (``order``: the pair at each
+  sorted position, K slots per token; unused tiles read position 0 or the last)."""
+  return order[jnp.minimum(start, order.shape[0] - 1)] // k
 
 
 def expert_tiles(group_sizes: jax.Array, group_offsets: jax.Array, n_pairs: int,
