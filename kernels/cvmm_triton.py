@@ -652,7 +652,9 @@ def _unit_pairs_tile() -> tuple | None:
   return bm, bn, w, b
 
 
-def _pairs_tile(tile, i: int) -> TileConfig:
+def _gluon_tile(tile, i: int) -> TileConfig:
+  """The TileConfig of a Gluon kernel's tile (block_m, block_n, warps, buffers) for a
+  contraction of ``i``: the whole of it in one block, every column block in turn."""
   bm, bn, w, b = tile
   return TileConfig(bm, bn, max(16, autotune.next_pow2(i)), w, b, loop_n=True, gluon=True)
 
@@ -673,12 +675,12 @@ def unit_pairs_config(routing: Routing, i: int, o: int, dtype, red: int, dgate: 
   if tile is None or not _gluon_device():
     return None
   from kernels import cvmm_gluon  # noqa: PLC0415
-  if tile:
-    return _pairs_tile(tile, i) if cvmm_gluon.rows_sum_supported(i, o, dtype, tile[1]) else None
-  cands = [_pairs_tile(t, i) for t in UNIT_PAIRS_TILES
+  cands = [_gluon_tile(t, i) for t in ([tile] if tile else UNIT_PAIRS_TILES)
            if cvmm_gluon.rows_sum_supported(i, o, dtype, t[1])]
   if not cands:
     return None
+  if tile:                      # the environment named it
+    return cands[0]
   return choose_pairs_config(routing.n_tokens, routing.k, routing.n_experts,
                              routing.pairs.block, i, o, dtype, a_rows, out_rows, has_scale,
                              transpose_w, cands, sum_dtype)
@@ -1010,9 +1012,7 @@ def _rows_candidates(i: int, o: int, dtype, gluon: bool = False) -> list[TileCon
   out = _triton_rows_candidates(i, o, dtype)
   if gluon:
     ok = _gluon_rows_ok(i, o, dtype, 8, False)
-    out = [c for c in (TileConfig(bm, bn, max(16, autotune.next_pow2(i)), w, b,
-                                  loop_n=True, gluon=True)
-                       for bm, bn, w, b in _GLUON_ROWS) if ok(c)] + out
+    out = [c for c in (_gluon_tile(t, i) for t in _GLUON_ROWS) if ok(c)] + out
   return out
 
 

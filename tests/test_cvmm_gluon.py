@@ -150,7 +150,7 @@ def test_unit_pairs_config(monkeypatch):
   r = make_head_routing(idx, 10, unit_pairs=True)
   cfg = ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, False, 1)
   assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == ct.UNIT_PAIRS_TILE
-  assert cfg == ct._pairs_tile(ct.UNIT_PAIRS_TILES[0], 128)
+  assert cfg == ct._gluon_tile(ct.UNIT_PAIRS_TILES[0], 128)
   assert ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, True, 1) is None    # dgates
   assert ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 4, False, 1) is None   # f32 sums
   assert ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, False, 8) is None   # per pair
