@@ -334,6 +334,20 @@ def _ran_float16_sums(fn, *args) -> bool:
   return re.search(r"(?<!b)f16\[", str(jax.make_jaxpr(fn)(*args))) is not None
 
 
+def _assert_half_sums_close(label, names, got, ref, f32s, finite=True):
+  """Every result of a 16-bit-sum computation (``got``) bf16, finite (``finite``) and
+  within bf16's tolerance of the float32 reference ``ref``; output and dx no further
+  from it than 1.5x the same computation's with float32 sums (``f32s``)."""
+  for name, a, b, c in zip(names, got, ref, f32s):
+    assert a.dtype == jnp.bfloat16, (label, name, a.dtype)
+    if finite:
+      assert np.all(np.isfinite(np.asarray(a, np.float32))), (label, name)
+    err = _rel(a, b)
+    assert err <= TOL[jnp.bfloat16], f"{label} {name}: rel err {err:.2e}"
+    if name in ("out", "dx"):
+      assert err <= 1.5 * _rel(c, b), (label, name, err, _rel(c, b))
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c[2] > c[3]], ids=lambda c: c[0])
 def test_float16_sums_match_reference(case):
   """sum_dtype="float16" (scaled float16 sums), bf16 inputs: every result within the
@@ -350,12 +364,8 @@ def test_float16_sums_match_reference(case):
   f32s = _outputs(fn("float32"), x, w, g, r, ct)
   up = lambda a: a.astype(jnp.float32)  # noqa: E731
   ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
-  for name, a, b, c in zip(["out", "dx", "dw", "dgates"], got, ref, f32s):
-    assert a.dtype == jnp.bfloat16, (name, a.dtype)
-    err = _rel(a, b)
-    assert err <= TOL[jnp.bfloat16], f"{case[0]} {name}: rel err {err:.2e}"
-    if name in ("out", "dx"):
-      assert err <= 1.5 * _rel(c, b), (case[0], name, err, _rel(c, b))
+  _assert_half_sums_close(case[0], ["out", "dx", "dw", "dgates"], got, ref, f32s,
+                          finite=False)
 
 
 @pytest.mark.parametrize("mag", [1e-6, 1e4], ids=["tiny", "huge"])
@@ -370,13 +380,7 @@ def test_float16_sums_fused_pair(case, mag):
     pytest.skip("triton not available on this GPU")
   got, ref = _pair_outputs(case, jnp.bfloat16, "float16", mag)
   f32s, _ = _pair_outputs(case, jnp.bfloat16, "float32", mag)
-  for name, a, b, c in zip(PAIR_NAMES, got, ref, f32s):
-    assert a.dtype == jnp.bfloat16, (name, a.dtype)
-    assert np.all(np.isfinite(np.asarray(a, np.float32))), name
-    err = _rel(a, b)
-    assert err <= TOL[jnp.bfloat16], f"pair {case[0]} {mag} {name}: rel err {err:.2e}"
-    if name in ("out", "dx"):
-      assert err <= 1.5 * _rel(c, b), (case[0], mag, name, err, _rel(c, b))
+  _assert_half_sums_close(f"pair {case[0]} {mag}", PAIR_NAMES, got, ref, f32s)
 
 
 # SwitchHead's projections with k = 2 per head, whose fused sums take the unit-pair
@@ -446,11 +450,4 @@ def test_unit_pairs_match_reference(case, gated, tile, monkeypatch):
   f32s = _outputs(fn("float32"), x, w, g, r, ct)
   up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
   ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
-  names = ["out", "dx", "dw", "dgates"]
-  for name, a, b, c in zip(names, got, ref, f32s):
-    assert a.dtype == jnp.bfloat16, (name, a.dtype)
-    assert np.all(np.isfinite(np.asarray(a, np.float32))), name
-    err = _rel(a, b)
-    assert err <= TOL[jnp.bfloat16], f"{case[0]} {name}: rel err {err:.2e}"
-    if name in ("out", "dx"):
-      assert err <= 1.5 * _rel(c, b), (case[0], name, err, _rel(c, b))
+  _assert_half_sums_close(case[0], ["out", "dx", "dw", "dgates"], got, ref, f32s)
