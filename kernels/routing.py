@@ -351,19 +351,15 @@ def make_routing(expert_index: jax.Array, n_experts: int, *,
   return r.with_tiles(tile_blocks) if tile_blocks else r
 
 
-def unit_pairs_wanted(n_units: int) -> bool:
-  """Whether a SwitchHead routing of ``n_units`` (tokens x heads) carries unit pairs when
-  its caller does not say: only where CVMM_UNIT_PAIRS is set (1, or a tile BMxBNxWxB)
-  and the GPU kernels run (JAX's default backend is a GPU). Off by default: at MoEUT_244M
-  on an H200 the unit-pair kernel made O's forward 0.633 -> 0.512 ms at 65,536 tokens,
-  but in a training step of 16,384 tokens it saved 0.28 ms while the units' sort and
-  tile lists cost about 1.5 ms (88.6 ms per step without, 91.3 with; bench/RESULTS.md,
-  twelfth session). ``n_units`` is for a size rule once one is measured."""
-  del n_units
+def unit_pairs_wanted() -> bool:
+  """Whether a SwitchHead routing carries unit pairs when its caller does not say: only
+  where CVMM_UNIT_PAIRS is set (1, or a tile BMxBNxWxB) and the GPU kernels run (JAX's
+  default backend is a GPU). Off by default: at MoEUT_244M on an H200 the unit-pair
+  kernel made O's forward 0.633 -> 0.512 ms at 65,536 tokens, but in a training step of
+  16,384 tokens it saved 0.28 ms while the units' sort and tile lists cost about 1.5 ms
+  (88.6 ms per step without, 91.3 with; bench/RESULTS.md, twelfth session)."""
   env = os.environ.get("CVMM_UNIT_PAIRS")
-  if jax.default_backend() != "gpu" or env is None or env == "0":
-    return False
-  return True
+  return jax.default_backend() == "gpu" and env not in (None, "0")
 
 
 def make_head_routing(index: jax.Array, experts_per_head: int, *, tile_blocks=None,
@@ -383,7 +379,7 @@ def make_head_routing(index: jax.Array, experts_per_head: int, *, tile_blocks=No
   expert = index.astype(jnp.int32) + (jnp.arange(h, dtype=jnp.int32) * ea)[:, None]
   r = make_routing(expert.reshape(n, h * k), h * ea, tile_blocks=tile_blocks)
   if unit_pairs is None:
-    unit_pairs = unit_pairs_wanted(n * h)
+    unit_pairs = unit_pairs_wanted()
   if unit_pairs and k == 2:
     r = r.with_unit_pairs(ea)
   return r

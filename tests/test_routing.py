@@ -209,16 +209,16 @@ def test_unit_pairs_only_when_asked_for_on_gpus(monkeypatch):
   import kernels.routing as kr
   monkeypatch.delenv("CVMM_UNIT_PAIRS", raising=False)
   monkeypatch.setattr(kr.jax, "default_backend", lambda: "gpu")
-  assert not kr.unit_pairs_wanted(1 << 30)
+  assert not kr.unit_pairs_wanted()
   monkeypatch.setenv("CVMM_UNIT_PAIRS", "1")
-  assert kr.unit_pairs_wanted(8)
+  assert kr.unit_pairs_wanted()
   monkeypatch.setenv("CVMM_UNIT_PAIRS", "128x64x8x2")
-  assert kr.unit_pairs_wanted(8)
+  assert kr.unit_pairs_wanted()
   monkeypatch.setenv("CVMM_UNIT_PAIRS", "0")
-  assert not kr.unit_pairs_wanted(1 << 30)
+  assert not kr.unit_pairs_wanted()
   monkeypatch.setenv("CVMM_UNIT_PAIRS", "1")
   monkeypatch.setattr(kr.jax, "default_backend", lambda: "cpu")
-  assert not kr.unit_pairs_wanted(1 << 30)
+  assert not kr.unit_pairs_wanted()
 
 
 def test_unit_pair_tiles_in_combination_order():
