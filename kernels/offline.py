@@ -24,6 +24,13 @@ SASS_OPS = ("BAR.SYNC", "STS", "STSM", "LDS", "LDSM", "LDGSTS", "REDG", "HGMMA",
             "F2FP", "SHFL")
 
 
+def _signature(ptrs: dict, consts: dict) -> tuple[dict, dict]:
+  """A kernel's signature (its pointer arguments, then ``consts`` as constexprs) and
+  its attributes: every pointer 16-byte aligned, as jax-triton's arrays are."""
+  attrs = {(j,): [["tt.divisibility", 16]] for j in range(len(ptrs))}
+  return {**ptrs, **{name: "constexpr" for name in consts}}, attrs
+
+
 def compile_gluon_rows(cfg: TileConfig, *, i: int, o: int, k: int, transpose: bool = False,
                        f16: bool = True, has_scale: bool = True, probe: int = 0,
                        cc: int = 90):
@@ -37,9 +44,7 @@ def compile_gluon_rows(cfg: TileConfig, *, i: int, o: int, k: int, transpose: bo
   w_shape = (1, o, i) if transpose else (1, i, o)
   consts = gluon_rows_meta(w_shape, transpose, cfg, z=1024, k=k, a_rows=k, out_rows=1,
                            has_scale=has_scale, f16=f16, probe=probe)
-  n_ptrs = len(sig)
-  sig.update({name: "constexpr" for name in consts})
-  attrs = {(j,): [["tt.divisibility", 16]] for j in range(n_ptrs)}
+  sig, attrs = _signature(sig, consts)
   return cvmm_gluon.compile_gluon(cvmm_gluon._rows_sum_kernel, sig, consts, attrs, cc,
                                   cfg.num_warps, cfg.num_stages)
 
@@ -58,9 +63,7 @@ def compile_gluon_pairs(cfg: TileConfig, *, i: int = 128, o: int = 1024, k: int 
   w_shape = (1, o, i) if transpose else (1, i, o)
   consts = gluon_pairs_meta(w_shape, transpose, cfg, z=1024, k=k, a_rows=a_rows,
                             out_rows=1, has_scale=True, f16=f16)
-  n_ptrs = len(sig)
-  sig.update({name: "constexpr" for name in consts})
-  attrs = {(j,): [["tt.divisibility", 16]] for j in range(n_ptrs)}
+  sig, attrs = _signature(sig, consts)
   return cvmm_gluon.compile_gluon(cvmm_gluon._pairs_sum_kernel, sig, consts, attrs, cc,
                                   cfg.num_warps, cfg.num_stages)
 
@@ -105,9 +108,7 @@ def compile_triton(kind: str, cfg: TileConfig, *, d: int = 1024, h: int = 128,
                   IEEE=False, RED=8, F16=f16)
   else:
     raise ValueError(f"kind {kind!r}: expected rows, pair_fwd or pair_bwd")
-  n_ptrs = len(sig)
-  sig.update({name: "constexpr" for name in consts})
-  attrs = {(j,): [["tt.divisibility", 16]] for j in range(n_ptrs)}
+  sig, attrs = _signature(sig, consts)
   return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
                         options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
