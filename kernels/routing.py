@@ -32,7 +32,10 @@ class Routing:
   Attributes:
     expert_index: [N, K] int32, the selected expert of every (token, slot).
     order: [P] int32, ``order[p]`` is the pair index ``n * K + s`` at sorted position p.
-      Pairs of one expert are contiguous and keep their original relative order.
+      Pairs of one expert are contiguous. From :func:`make_routing` they keep their
+      original relative order (token order); from :func:`make_unit_routing` they are in
+      blocks of one partner expert each, token order within a block
+      (``tokens_ascending`` False).
     group_sizes: [E] int32, pairs per expert.
     group_offsets: [E + 1] int32, exclusive prefix sum of ``group_sizes``.
     n_experts: E (static).
@@ -43,6 +46,8 @@ class Routing:
       (:class:`UnitPairs`, :meth:`with_unit_pairs`), or None. SwitchHead's routings
       carry them when asked (:func:`make_head_routing`): the fused sums then add a
       head's two products in registers before one reduction.
+    tokens_ascending: whether each expert's pairs are in token order (static); band
+      tiles (:meth:`band_tiles`) need it.
   """
 
   expert_index: jax.Array
@@ -52,6 +57,7 @@ class Routing:
   n_experts: int = dataclasses.field(metadata=dict(static=True))
   tile_lists: dict = dataclasses.field(default_factory=dict)
   pairs: Optional[UnitPairs] = None
+  tokens_ascending: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
   @property
   def n_tokens(self) -> int:
@@ -138,6 +144,9 @@ class Routing:
     """
     if band < 1:
       raise ValueError(f"{band=} must be at least 1")
+    if not self.tokens_ascending:
+      raise ValueError("band tiles need each expert's pairs in token order; this routing "
+                       "(make_unit_routing) orders them by partner expert first")
     n, k, p, e = self.n_tokens, self.k, self.n_pairs, self.n_experts
     n_bands = -(-n // band)
     if n_bands == 1:
@@ -228,7 +237,7 @@ class UnitPairs:
     first_tok = _first_tokens(self.lo, start, self.k)
     key = jnp.where(end > start, first_tok, u)
     t4 = jnp.stack([e_lo, e_hi, start, end]).astype(jnp.int32)
-    return t4[:, jnp.argsort(key, stable=True)] if by_token else t4
+    return t4[:, _stable_order(key, u + 1)] if by_token else t4
 
 
 def make_unit_pairs(routing: Routing, block: int, block_ms=None) -> UnitPairs:
@@ -236,23 +245,82 @@ def make_unit_pairs(routing: Routing, block: int, block_ms=None) -> UnitPairs:
   two experts, with the tile lists of ``block_ms`` (default :data:`PAIR_BLOCKS`).
 
   Both experts of every unit must lie in one block of ``block`` consecutive experts
-  (SwitchHead: each head's experts); with concrete indices that is checked here."""
-  k, e = routing.k, routing.n_experts
+  (SwitchHead: each head's experts); with concrete indices that is checked here.
+  (:func:`make_unit_routing` builds a routing and its unit pairs with one sort.)"""
+  grp, swap = _unit_groups(routing.expert_index, routing.n_experts, block)
+  unit, offs = _group_sort(grp, routing.n_experts * block)
+  return _unit_pairs(unit, swap, offs, block, routing.n_experts, routing.k, block_ms)
+
+
+def make_unit_routing(expert_index: jax.Array, n_experts: int, block: int, *,
+                      tile_blocks=None, block_ms=None) -> Routing:
+  """A routing of ``expert_index`` [N, K] together with its unit pairs (slots 2j and
+  2j + 1 of a token, both experts within one block of ``block`` experts), from one sort
+  of the N * K / 2 units instead of two sorts (the pairs by expert, then the units).
+
+  The units are sorted by their combination of experts (token order within one); each
+  expert's pairs are then its combinations' units, one block per partner expert: first
+  the combinations where it is the lower expert (by partner), then those where it is
+  the higher. Within an expert the pairs are therefore not in token order
+  (``tokens_ascending`` False: no band tiles), but each block is, so tiles launched by
+  first token keep most of their locality. Everything else is as :func:`make_routing`
+  (``tile_blocks``) and :func:`make_unit_pairs` (``block_ms``)."""
+  expert_index = _check_expert_index(expert_index, n_experts)
+  n, k = expert_index.shape
+  e, b = n_experts, block
+  grp, swap = _unit_groups(expert_index, e, b)
+  unit, offs = _group_sort(grp, e * b)                                     # [U], [G+1]
+  u = unit.shape[0]
+  # sizes[c, x, y]: units of block c whose experts are its x-th and y-th (x <= y)
+  sizes = jnp.diff(offs).reshape(e // b, b, b)
+  # the pairs' blocks in their sorted order: expert by expert, first the combinations
+  # where it is the lower expert (by partner), then those where it is the higher
+  as_lo = sizes                                                # [E/b, x, y]: expert x
+  as_hi = jnp.swapaxes(sizes, 1, 2)                            # [E/b, x, y]: expert x
+  blocks = jnp.stack([as_lo, as_hi], axis=2).reshape(-1)       # [E * 2 * b]
+  group_sizes = jnp.sum(blocks.reshape(e, 2 * b), axis=1)
+  group_offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                                   jnp.cumsum(group_sizes, dtype=jnp.int32)])
+  ends = jnp.cumsum(blocks, dtype=jnp.int32)
+  q = jnp.arange(2 * u, dtype=jnp.int32)                       # sorted pair positions
+  blk = jnp.searchsorted(ends, q, side="right", method="scan_unrolled").astype(jnp.int32)
+  x, hi_side, y = blk // (2 * b), (blk // b) % 2, blk % b      # expert, side, partner
+  xl = x % b
+  g = (x // b) * (b * b) + jnp.where(hi_side == 1, y * b + xl, xl * b + y)
+  su = unit[offs[g] + q - (ends[blk] - blocks[blk])]           # the position's unit
+  order = 2 * su + jnp.where(hi_side == 1, 1 - swap[su], swap[su])
+  pairs = _unit_pairs(unit, swap, offs, b, e, k, block_ms)
+  r = Routing(expert_index, order, group_sizes, group_offsets, e, pairs=pairs,
+              tokens_ascending=False)
+  tile_blocks = _default_tile_blocks() if tile_blocks is None else tile_blocks
+  return r.with_tiles(tile_blocks) if tile_blocks else r
+
+
+def _unit_groups(expert_index: jax.Array, n_experts: int,
+                 block: int) -> tuple[jax.Array, jax.Array]:
+  """(combination [U], swapped [U]) int32 of the units of ``expert_index`` [N, K] (slots
+  2j and 2j + 1 of a token): the group of its two experts (see :class:`UnitPairs`) and
+  1 where the second slot holds the lower expert. Refuses odd K, a ``block`` that does
+  not divide the experts and (concrete indices) a unit across two blocks."""
+  k, e = expert_index.shape[1], n_experts
   if k % 2:
     raise ValueError(f"unit pairs need an even number of slots per token, got K={k}")
   if block < 1 or e % block:
     raise ValueError(f"{block=} must divide the {e} experts")
-  u = routing.n_pairs // 2
-  ex = routing.expert_index.reshape(u, 2)
+  ex = expert_index.reshape(-1, 2)
   e_lo, e_hi = jnp.min(ex, axis=1), jnp.max(ex, axis=1)
-  if not isinstance(ex, jax.core.Tracer) and u:
+  if not isinstance(ex, jax.core.Tracer) and ex.shape[0]:
     if bool(jnp.any(e_lo // block != e_hi // block)):
       raise ValueError(f"unit pairs: a unit's two experts lie in different blocks of "
                        f"{block} experts")
-  swap = (ex[:, 1] < ex[:, 0]).astype(jnp.int32)                            # [U]
-  g = e * block
+  swap = (ex[:, 1] < ex[:, 0]).astype(jnp.int32)
   grp = (e_lo // block) * (block * block) + (e_lo % block) * block + e_hi % block
-  unit, offs = _group_sort(grp, g)
+  return grp.astype(jnp.int32), swap
+
+
+def _unit_pairs(unit, swap, offs, block: int, e: int, k: int, block_ms) -> UnitPairs:
+  """:class:`UnitPairs` of the units sorted by combination (``unit`` [U], the unit at
+  each sorted position; ``offs`` [G + 1]) with the tile lists of ``block_ms``."""
   sw = swap[unit]
   up = UnitPairs(2 * unit + sw, 2 * unit + 1 - sw, offs, block, e, k)
   lists = {str(bm): up.tiles(bm) for bm in (PAIR_BLOCKS if block_ms is None else block_ms)}
@@ -298,7 +366,7 @@ def token_ordered(tiles: jax.Array, routing: Routing) -> jax.Array:
   start, end = tiles[1], tiles[2]
   first_tok = _first_tokens(routing.order, start, routing.k)
   key = jnp.where(end > start, first_tok, routing.n_tokens)         # [Z]
-  return tiles[:, jnp.argsort(key, stable=True)]
+  return tiles[:, _stable_order(key, routing.n_tokens + 1)]
 
 
 def group_ordered(tiles: jax.Array, routing: Routing, band: int) -> jax.Array:
@@ -318,7 +386,7 @@ def group_ordered(tiles: jax.Array, routing: Routing, band: int) -> jax.Array:
   first_tok = _first_tokens(routing.order, start, routing.k)
   n_groups = -(-routing.n_tokens // band)
   key = jnp.where(end > start, first_tok // band, n_groups)                # [Z]
-  return tiles[:, jnp.argsort(key, stable=True)]
+  return tiles[:, _stable_order(key, n_groups + 1)]
 
 
 def make_routing(expert_index: jax.Array, n_experts: int, *,
@@ -331,24 +399,34 @@ def make_routing(expert_index: jax.Array, n_experts: int, *,
     (the CPU implementation computes its own) or with CVMM_ROUTING_TILES=0 (each
     kernel call then computes the list it uses).
   """
+  expert_index = _check_expert_index(expert_index, n_experts)
+  flat = expert_index.reshape(-1)                                   # [P]
+  order, group_offsets = _group_sort(flat, n_experts)
+  group_sizes = jnp.diff(group_offsets)                             # [E]
+  r = Routing(expert_index, order, group_sizes, group_offsets, n_experts)
+  tile_blocks = _default_tile_blocks() if tile_blocks is None else tile_blocks
+  return r.with_tiles(tile_blocks) if tile_blocks else r
+
+
+def _check_expert_index(expert_index: jax.Array, n_experts: int) -> jax.Array:
+  """``expert_index`` as int32 [N, K]; errors for another rank, a non-integer dtype or
+  no experts."""
   if expert_index.ndim != 2:
     raise ValueError(f"expert_index must be [N, K], got shape {expert_index.shape}")
   if not jnp.issubdtype(expert_index.dtype, jnp.integer):
     raise TypeError(f"expert_index must be integer, got {expert_index.dtype}")
   if n_experts < 1:
     raise ValueError(f"{n_experts=} must be at least 1")
-  expert_index = expert_index.astype(jnp.int32)
-  flat = expert_index.reshape(-1)                                   # [P]
-  order, group_offsets = _group_sort(flat, n_experts)
-  group_sizes = jnp.diff(group_offsets)                             # [E]
-  r = Routing(expert_index, order, group_sizes, group_offsets, n_experts)
-  if tile_blocks is None:
-    env = os.environ.get("CVMM_ROUTING_TILES", "1")
-    if env not in ("0", "1"):
-      raise ValueError(f"CVMM_ROUTING_TILES={env!r}: expected 0 or 1")
-    gpu = jax.default_backend() == "gpu"
-    tile_blocks = TILE_BLOCKS if gpu and env == "1" else ()
-  return r.with_tiles(tile_blocks) if tile_blocks else r
+  return expert_index.astype(jnp.int32)
+
+
+def _default_tile_blocks() -> tuple:
+  """The tile heights a routing precomputes lists for by default: :data:`TILE_BLOCKS`
+  when JAX's default backend is a GPU and CVMM_ROUTING_TILES is not 0, else none."""
+  env = os.environ.get("CVMM_ROUTING_TILES", "1")
+  if env not in ("0", "1"):
+    raise ValueError(f"CVMM_ROUTING_TILES={env!r}: expected 0 or 1")
+  return TILE_BLOCKS if jax.default_backend() == "gpu" and env == "1" else ()
 
 
 def unit_pairs_wanted() -> bool:
@@ -370,19 +448,19 @@ def make_head_routing(index: jax.Array, experts_per_head: int, *, tile_blocks=No
   its head h's s-th choice.
 
   unit_pairs: attach :class:`UnitPairs` (k = 2: one unit per head and token), which the
-    fused sums over a token's heads then use (:func:`kernels.cvmm_triton.gluon_pairs_sum`).
-    None: :func:`unit_pairs_wanted`. tile_blocks: as for :func:`make_routing`."""
+    fused sums over a token's heads then use (:func:`kernels.cvmm_triton.gluon_pairs_sum`);
+    the routing is then :func:`make_unit_routing`'s (one sort, of the units). None:
+    :func:`unit_pairs_wanted`. tile_blocks: as for :func:`make_routing`."""
   if index.ndim != 3:
     raise ValueError(f"index must be [N, H, k], got shape {index.shape}")
   n, h, k = index.shape
   ea = experts_per_head
   expert = index.astype(jnp.int32) + (jnp.arange(h, dtype=jnp.int32) * ea)[:, None]
-  r = make_routing(expert.reshape(n, h * k), h * ea, tile_blocks=tile_blocks)
   if unit_pairs is None:
     unit_pairs = unit_pairs_wanted()
   if unit_pairs and k == 2:
-    r = r.with_unit_pairs(ea)
-  return r
+    return make_unit_routing(expert.reshape(n, h * k), h * ea, ea, tile_blocks=tile_blocks)
+  return make_routing(expert.reshape(n, h * k), h * ea, tile_blocks=tile_blocks)
 
 
 def _group_sort(ids: jax.Array, n_groups: int) -> tuple[jax.Array, jax.Array]:
@@ -404,6 +482,15 @@ def _group_sort(ids: jax.Array, n_groups: int) -> tuple[jax.Array, jax.Array]:
   sizes = jnp.bincount(ids, length=n_groups).astype(jnp.int32)
   return order, jnp.concatenate([jnp.zeros((1,), jnp.int32),
                                  jnp.cumsum(sizes, dtype=jnp.int32)])
+
+
+def _stable_order(key: jax.Array, bound: int) -> jax.Array:
+  """[Z] int32 positions of ``key`` [Z] (values in [0, bound)) sorted by key, stably: a
+  keys-only sort of key * Z + position while that fits an int32, else an argsort."""
+  z = key.shape[0]
+  if bound * z < _PACKED_KEY_LIMIT:
+    return jnp.sort(key * z + jnp.arange(z, dtype=jnp.int32)) % max(z, 1)
+  return jnp.argsort(key, stable=True).astype(jnp.int32)
 
 
 def _first_tokens(order: jax.Array, start: jax.Array, k: int) -> jax.Array:

@@ -182,6 +182,87 @@ def test_unit_pairs_group_each_heads_two_experts(packed, monkeypatch):
   assert offs[-1] == n * h and np.all(np.diff(offs) >= 0)
 
 
+def _unit_layout(idx: np.ndarray, n_experts: int) -> np.ndarray:
+  """make_unit_routing's documented pair order, from its definition: expert by expert;
+  within an expert the units whose lower expert it is (by partner), then those whose
+  higher expert it is (by partner), each block in token order."""
+  units = idx.reshape(-1, 2)
+  lo_first = units[:, 0] <= units[:, 1]
+  lo_pair = np.where(lo_first, 0, 1) + 2 * np.arange(len(units))
+  e_lo, e_hi = units.min(1), units.max(1)
+  order = []
+  for x in range(n_experts):
+    for y in range(n_experts):
+      order += [p for u, p in enumerate(lo_pair) if e_lo[u] == x and e_hi[u] == y]
+    for y in range(n_experts):
+      order += [p ^ 1 for u, p in enumerate(lo_pair) if e_lo[u] == y and e_hi[u] == x]
+  return np.asarray(order)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed_keys", "argsort"])
+def test_unit_routing_sorts_once_into_partner_blocks(packed, monkeypatch):
+  """make_unit_routing: every expert's pairs contiguous (the sizes and offsets of
+  make_routing), laid out as documented (partner blocks, token order within one; a unit
+  with one expert twice gives it both pairs); the same unit pairs as make_unit_pairs
+  on make_routing's routing; under jit too. Band tiles, which need token order within an
+  expert, are refused."""
+  import kernels.routing as kr
+  if not packed:
+    monkeypatch.setattr(kr, "_PACKED_KEY_LIMIT", 0)
+  n, k, e, b = 41, 6, 12, 4
+  rng = np.random.default_rng(11)
+  block = rng.integers(0, 3, (n, k // 2))
+  local = rng.integers(0, 4, (n, k // 2, 2))
+  local[block == 2] = np.minimum(local[block == 2], 2)      # expert 11 gets nothing
+  local[:3, 0] = [2, 2]                                     # one expert twice
+  idx = (block[..., None] * b + local).reshape(n, k).astype(np.int32)
+  r = kr.make_unit_routing(jnp.asarray(idx), e, b)
+  plain = make_routing(jnp.asarray(idx), e)
+  assert not r.tokens_ascending and plain.tokens_ascending
+  np.testing.assert_array_equal(np.asarray(r.order), _unit_layout(idx, e))
+  assert r.order.dtype == r.group_sizes.dtype == r.group_offsets.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(r.group_sizes), np.asarray(plain.group_sizes))
+  np.testing.assert_array_equal(np.asarray(r.group_offsets), np.asarray(plain.group_offsets))
+  want = kr.make_unit_pairs(plain, b)
+  for f in ("lo", "hi", "group_offsets"):
+    np.testing.assert_array_equal(np.asarray(getattr(r.pairs, f)), np.asarray(getattr(want, f)))
+  traced = jax.jit(lambda i: kr.make_unit_routing(i, e, b, tile_blocks=(8,)))(jnp.asarray(idx))
+  np.testing.assert_array_equal(np.asarray(traced.order), np.asarray(r.order))
+  np.testing.assert_array_equal(np.asarray(traced.tile_lists["expert/8"]),
+                                np.asarray(plain.tiles(8)))
+  with pytest.raises(ValueError, match="token order"):
+    r.band_tiles(8, 16)
+  with pytest.raises(ValueError, match="different blocks"):
+    kr.make_unit_routing(jnp.asarray([[0, 4]], jnp.int32), e, b)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_unit_routing_gives_the_same_cvmm(gated):
+  """A SwitchHead CVMM (the pure-JAX implementation) through the unit routing equals
+  the one through the plain routing, forward and every gradient: only the order of the
+  pairs within an expert differs."""
+  from kernels import cvmm, make_head_routing
+  n, h, ea, d, o = 29, 3, 5, 16, 8
+  key = jax.random.split(jax.random.key(5), 5)
+  idx = jax.lax.top_k(jax.random.normal(key[0], (n, h, ea)), 2)[1]
+  m = 1 if not gated else h * 2
+  x = jax.random.normal(key[1], (n, m, d))
+  w = jax.random.normal(key[2], (h * ea, d, o))
+  g = jax.random.uniform(key[3], (n, h * 2)) if gated else None
+
+  def loss(routing, x, w, g):
+    y = cvmm(x, routing, w, g, impl="xla")
+    return jnp.sum(y * jax.random.normal(key[4], y.shape))
+  grads = lambda r: jax.grad(loss, argnums=(1, 2, 3) if gated else (1, 2))(r, x, w, g)  # noqa: E731
+  ru = make_head_routing(idx, ea, unit_pairs=True)
+  rp = make_head_routing(idx, ea, unit_pairs=False)
+  assert ru.pairs is not None and not ru.tokens_ascending
+  np.testing.assert_allclose(cvmm(x, ru, w, g, impl="xla"), cvmm(x, rp, w, g, impl="xla"),
+                             rtol=1e-6, atol=1e-6)
+  for a, b in zip(grads(ru), grads(rp)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_unit_pairs_refuse_what_they_cannot_group():
   """Odd slot counts, a block that does not divide the experts and, with concrete
   indices, a unit whose experts lie in two blocks are refused; without unit pairs (or
