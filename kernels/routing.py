@@ -429,15 +429,25 @@ def _default_tile_blocks() -> tuple:
   return TILE_BLOCKS if jax.default_backend() == "gpu" and env == "1" else ()
 
 
-def unit_pairs_wanted() -> bool:
-  """Whether a SwitchHead routing carries unit pairs when its caller does not say: only
-  where CVMM_UNIT_PAIRS is set (1, or a tile BMxBNxWxB) and the GPU kernels run (JAX's
-  default backend is a GPU). Off by default: at MoEUT_244M on an H200 the unit-pair
-  kernel made O's forward 0.633 -> 0.512 ms at 65,536 tokens, but in a training step of
-  16,384 tokens it saved 0.28 ms while the units' sort and tile lists cost about 1.5 ms
-  (88.6 ms per step without, 91.3 with; bench/RESULTS.md, twelfth session)."""
+# SwitchHead routings carry unit pairs by default from this many (token, head) units.
+UNIT_PAIRS_MIN_UNITS = 2 ** 18
+
+
+def unit_pairs_wanted(n_units: int) -> bool:
+  """Whether a SwitchHead routing of ``n_units`` (token, head) units carries unit pairs
+  when its caller does not say: only where the GPU kernels run (JAX's default backend
+  is a GPU), and there with CVMM_UNIT_PAIRS unset from :data:`UNIT_PAIRS_MIN_UNITS`
+  units, with 1 (or a tile BMxBNxWxB) always, with 0 never.
+
+  Measured at MoEUT_244M on an H200 (bench/RESULTS.md, thirteenth session): with unit
+  pairs O's forward takes 0.501 instead of 0.627 ms at 65,536 tokens, and a training
+  step of 64 x 1024 tokens (2^18 units per SwitchHead routing) 290.3 instead of 293.6
+  ms; at 16 x 1024 tokens the step took 90.1 ms with them and 89.2 without (the units'
+  sort and tile lists cost more than the kernel saves while the output stays in L2)."""
   env = os.environ.get("CVMM_UNIT_PAIRS")
-  return jax.default_backend() == "gpu" and env not in (None, "0")
+  if jax.default_backend() != "gpu" or env == "0":
+    return False
+  return env is not None or n_units >= UNIT_PAIRS_MIN_UNITS
 
 
 def make_head_routing(index: jax.Array, experts_per_head: int, *, tile_blocks=None,
@@ -457,7 +467,7 @@ def make_head_routing(index: jax.Array, experts_per_head: int, *, tile_blocks=No
   ea = experts_per_head
   expert = index.astype(jnp.int32) + (jnp.arange(h, dtype=jnp.int32) * ea)[:, None]
   if unit_pairs is None:
-    unit_pairs = unit_pairs_wanted()
+    unit_pairs = unit_pairs_wanted(n * h)
   if unit_pairs and k == 2:
     return make_unit_routing(expert.reshape(n, h * k), h * ea, ea, tile_blocks=tile_blocks)
   return make_routing(expert.reshape(n, h * k), h * ea, tile_blocks=tile_blocks)

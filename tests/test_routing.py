@@ -284,22 +284,29 @@ def test_unit_pairs_refuse_what_they_cannot_group():
   assert traced(idx[..., :2]).shape == (18,)
 
 
-def test_unit_pairs_only_when_asked_for_on_gpus(monkeypatch):
-  """SwitchHead routings carry unit pairs by default only where CVMM_UNIT_PAIRS is set
-  (1 or a tile) and the backend is a GPU; 0 or unset: none."""
+def test_unit_pairs_by_default_only_for_large_routings_on_gpus(monkeypatch):
+  """SwitchHead routings carry unit pairs by default only on GPUs: with CVMM_UNIT_PAIRS
+  unset from UNIT_PAIRS_MIN_UNITS units, with 1 or a tile always, with 0 never; on
+  other backends never. make_head_routing asks with its N * H units."""
   import kernels.routing as kr
+  big, small = kr.UNIT_PAIRS_MIN_UNITS, kr.UNIT_PAIRS_MIN_UNITS - 1
   monkeypatch.delenv("CVMM_UNIT_PAIRS", raising=False)
   monkeypatch.setattr(kr.jax, "default_backend", lambda: "gpu")
-  assert not kr.unit_pairs_wanted()
-  monkeypatch.setenv("CVMM_UNIT_PAIRS", "1")
-  assert kr.unit_pairs_wanted()
-  monkeypatch.setenv("CVMM_UNIT_PAIRS", "128x64x8x2")
-  assert kr.unit_pairs_wanted()
+  assert kr.unit_pairs_wanted(big) and not kr.unit_pairs_wanted(small)
+  for env in ("1", "128x64x8x2"):
+    monkeypatch.setenv("CVMM_UNIT_PAIRS", env)
+    assert kr.unit_pairs_wanted(small) and kr.unit_pairs_wanted(big)
   monkeypatch.setenv("CVMM_UNIT_PAIRS", "0")
-  assert not kr.unit_pairs_wanted()
-  monkeypatch.setenv("CVMM_UNIT_PAIRS", "1")
+  assert not kr.unit_pairs_wanted(big)
+  monkeypatch.delenv("CVMM_UNIT_PAIRS")
+  asked = []
+  monkeypatch.setattr(kr, "unit_pairs_wanted", lambda u: asked.append(u) or False)
+  kr.make_head_routing(jnp.zeros((6, 3, 2), jnp.int32), 4)
+  assert asked == [18]
+  monkeypatch.undo()
   monkeypatch.setattr(kr.jax, "default_backend", lambda: "cpu")
-  assert not kr.unit_pairs_wanted()
+  monkeypatch.setenv("CVMM_UNIT_PAIRS", "1")
+  assert not kr.unit_pairs_wanted(big)
 
 
 def test_unit_pair_tiles_in_combination_order():
