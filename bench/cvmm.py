@@ -13,9 +13,10 @@ projections of MoEUT, forward and forward+backward (gradients of every float inp
 and "dense", one [P, I] @ [I, O] matmul with the same FLOPs (P = N*K pairs).
 ``--pair`` adds the σ-MoE pair (up, ReLU, gated down) as one function. Routing is
 random top-k of random logits (roughly balanced) and is computed outside the timing;
-``--unit-pairs`` gives SwitchHead's routings unit pairs (kernels.routing.UnitPairs: O's
-forward and V's dx then add a head's two experts before one reduction; their own sort
-is routing work, not timed either).
+SwitchHead's routings carry unit pairs (kernels.routing.UnitPairs: O's forward and V's
+dx then add a head's two experts before one reduction) where the library's default
+gives them (on GPUs from 2^18 (token, head) units, or CVMM_UNIT_PAIRS); ``--unit-pairs``
+gives them always.
 Times are medians over rounds of back-to-back calls, synchronised at the end of each
 round. Prints a table; ``--json`` writes all figures.
 """
@@ -219,7 +220,8 @@ def main(argv=None):
   ap.add_argument("--pair", action="store_true")
   ap.add_argument("--check", action="store_true")
   ap.add_argument("--unit-pairs", action="store_true",
-                  help="SwitchHead routings with unit pairs (default: the library's: none)")
+                  help="SwitchHead routings always with unit pairs (default: the library's "
+                       "choice, kernels.routing.unit_pairs_wanted)")
   ap.add_argument("--json", default="")
   ap.add_argument("--tune-log", default="", help="file for the autotuner's timings")
   a = ap.parse_args(argv)
@@ -227,7 +229,8 @@ def main(argv=None):
       s for s in ("xla", "triton", "triton_unfused", "mosaic") if is_available(s)]
   from kernels.cvmm import sum_dtype_of
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, impls {impls}, "
-        f"16-bit sums {sum_dtype_of()}, unit pairs {a.unit_pairs}", flush=True)
+        f"16-bit sums {sum_dtype_of()}, unit pairs "
+        f"{'always' if a.unit_pairs else 'the default (CVMM_UNIT_PAIRS, size)'}", flush=True)
   rows = run([s for s in a.profiles.split(",") if s], impls, jnp.dtype(a.dtype), a.pair,
              a.check, a.tokens, lambda s: print(s, flush=True),
              unit_pairs=True if a.unit_pairs else None)

@@ -441,9 +441,10 @@ def unit_pairs_wanted(n_units: int) -> bool:
 
   Measured at MoEUT_244M on an H200 (bench/RESULTS.md, thirteenth session): with unit
   pairs O's forward takes 0.501 instead of 0.627 ms at 65,536 tokens, and a training
-  step of 64 x 1024 tokens (2^18 units per SwitchHead routing) 290.3 instead of 293.6
-  ms; at 16 x 1024 tokens the step took 90.1 ms with them and 89.2 without (the units'
-  sort and tile lists cost more than the kernel saves while the output stays in L2)."""
+  step of 64 x 1024 tokens (2^18 units per SwitchHead routing) 290.3 / 292.4 instead of
+  293.6 / 293.7 ms (two runs each); at 16 x 1024 tokens the step took 90.1 ms with them
+  and 89.2 without (the units' sort and tile lists cost more than the kernel saves
+  while the output stays in L2)."""
   env = os.environ.get("CVMM_UNIT_PAIRS")
   if jax.default_backend() != "gpu" or env == "0":
     return False
