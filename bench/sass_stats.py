@@ -4,8 +4,10 @@ and counts in the machine code).
 
   python -m bench.sass_stats                      the Gluon row kernel's tile candidates,
                                                   the unit-pair kernel's (SwitchHead's O
-                                                  forward, V's dx) and the Triton
-                                                  kernels' cached tiles
+                                                  forward, V's dx), the Triton
+                                                  kernels' cached tiles and the
+                                                  unit-store kernel's candidates
+                                                  (SwitchHead O's dx)
   python -m bench.sass_stats --gluon 128x64x8x4,128x64x4x4 --triton ""
   python -m bench.sass_stats --shape 128,1024,16  (I or H, O, K)
 
@@ -44,13 +46,18 @@ def main(argv=None):
   ap.add_argument("--triton", default=_TRITON_DEFAULT,
                   help="comma list of KIND:BMxBNxBKxWARPSxSTAGES (KIND rows, pair_fwd, "
                        "pair_bwd; rows walks the column blocks)")
+  ap.add_argument("--units", default=",".join(
+      f"{c.block_m}x{c.block_n}x{c.block_k}x{c.num_warps}x{c.num_stages}"
+      for c in ct._units_candidates(128, "bfloat16")),
+                  help="comma list of BMxBNxBKxWARPSxSTAGES for the unit-store kernel "
+                       "(SwitchHead O's dx: I = d_model, O = 128, 4 heads, k = 2)")
   ap.add_argument("--shape", default="128,1024,16",
                   help="I (the pair's hidden width H), O (d_model), K")
   ap.add_argument("--bf16-sums", action="store_true", help="bf16 sums, not float16")
   a = ap.parse_args(argv)
   i, o, k = (int(x) for x in a.shape.split(","))
   f16 = not a.bf16_sums
-  cols = ["registers", "shared", "instructions"] + list(offline.SASS_OPS)
+  cols = ["registers", "shared", "spill_stores", "instructions"] + list(offline.SASS_OPS)
   print("| kernel | tiling | blocks/SM | " + " | ".join(cols) + " |")
   print("|---|---|---:|" + "---:|" * len(cols))
 
@@ -77,6 +84,11 @@ def main(argv=None):
     cfg = TileConfig(bm, bn, bk, w, s, loop_n=kind == "rows")
     row(f"triton {kind}", tiles, cfg, offline.sass_stats(
         offline.compile_triton(kind, cfg, d=o, h=i, o=o, k=k, f16=f16)))
+  for t in filter(None, a.units.split(",")):
+    bm, bn, bk, w, s = (int(x) for x in t.split("x"))
+    cfg = TileConfig(bm, bn, bk, w, s)
+    row("triton units, O dx", t, cfg, offline.sass_stats(
+        offline.compile_triton("units", cfg, d=o, h=i, k=8)))
 
 
 if __name__ == "__main__":

@@ -282,6 +282,75 @@ def _rows_kernel(
 
 
 @_jit
+def _units_kernel(
+    a_ptr,        # [Ra, I]  rows read by the pairs
+    w_ptr,        # expert matrices: element (e, i, o) at e*SW_E + i*SW_I + o*SW_O
+    lo_ptr,       # [U] int32 each sorted unit's pair with the lower expert
+    hi_ptr,       # [U] int32 its other pair
+    tiles_ptr,    # [4, Z] int32 lower expert, higher expert, start, end of each tile
+    scale_ptr,    # [P] per-pair scale (gates); unused if not HAS_SCALE
+    c_ptr,        # [Rc, O] rows dotted with each product for dgates; unused if not DGATE
+    out_ptr,      # [Ro, O] one row per unit, stored
+    dg_ptr,       # [P] float32 dgates; unused if not DGATE
+    Z: tl.constexpr, I: tl.constexpr, O: tl.constexpr, K: tl.constexpr,
+    A_R: tl.constexpr, O_R: tl.constexpr, C_R: tl.constexpr,
+    SW_E: tl.constexpr, SW_I: tl.constexpr, SW_O: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DGATE: tl.constexpr, IEEE: tl.constexpr,
+):
+  """Both products of a tile of units that share their two experts, added in registers
+  and stored: each output row is one unit's (K // O_R == 2), so nothing is added
+  across programs. One column block (O <= BN); the contraction BK at a time."""
+  one_a: tl.constexpr = (K // A_R) % 2 == 0          # both pairs read one input row
+  tile = tl.program_id(0)
+  e_lo = tl.load(tiles_ptr + tile)
+  e_hi = tl.load(tiles_ptr + Z + tile)
+  start = tl.load(tiles_ptr + 2 * Z + tile)
+  end = tl.load(tiles_ptr + 3 * Z + tile)
+  if start < end:
+    rows = start + tl.arange(0, BM)
+    rmask = rows < end
+    p_lo = tl.load(lo_ptr + rows, mask=rmask, other=0)              # [BM]
+    p_hi = tl.load(hi_ptr + rows, mask=rmask, other=1)
+    tok = p_lo // K
+    a_lo = (tok * A_R + (p_lo % K) // (K // A_R)).to(tl.int64)
+    a_hi = (tok * A_R + (p_hi % K) // (K // A_R)).to(tl.int64)
+    cols = tl.arange(0, BN)
+    cmask = cols < O
+    w_lo = w_ptr + e_lo.to(tl.int64) * SW_E
+    w_hi = w_ptr + e_hi.to(tl.int64) * SW_E
+    acc_lo = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_hi = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in tl.range(0, I, BK):
+      ks = k0 + tl.arange(0, BK)
+      kmask = ks < I
+      amask = rmask[:, None] & kmask[None, :]
+      bmask = kmask[:, None] & cmask[None, :]
+      x_lo = tl.load(a_ptr + a_lo[:, None] * I + ks[None, :], mask=amask, other=0.0)
+      if one_a:
+        x_hi = x_lo
+      else:
+        x_hi = tl.load(a_ptr + a_hi[:, None] * I + ks[None, :], mask=amask, other=0.0)
+      b_lo = tl.load(w_lo + ks[:, None] * SW_I + cols[None, :] * SW_O, mask=bmask, other=0.0)
+      b_hi = tl.load(w_hi + ks[:, None] * SW_I + cols[None, :] * SW_O, mask=bmask, other=0.0)
+      acc_lo = _mma(x_lo, b_lo, acc_lo, IEEE)
+      acc_hi = _mma(x_hi, b_hi, acc_hi, IEEE)
+    omask = rmask[:, None] & cmask[None, :]
+    if DGATE:   # both pairs of a unit dot one row: K // C_R is even (the wrapper checks)
+      c_row = (tok * C_R + (p_lo % K) // (K // C_R)).to(tl.int64)
+      c = tl.load(c_ptr + c_row[:, None] * O + cols[None, :], mask=omask,
+                  other=0.0).to(tl.float32)
+      tl.store(dg_ptr + p_lo, tl.sum(acc_lo * c, axis=1), mask=rmask)
+      tl.store(dg_ptr + p_hi, tl.sum(acc_hi * c, axis=1), mask=rmask)
+    s_lo = _row_scale(scale_ptr, p_lo, rmask, HAS_SCALE)
+    s_hi = _row_scale(scale_ptr, p_hi, rmask, HAS_SCALE)
+    acc = acc_lo * s_lo[:, None] + acc_hi * s_hi[:, None]
+    o_row = (tok * O_R + (p_lo % K) // (K // O_R)).to(tl.int64)
+    tl.store(out_ptr + o_row[:, None] * O + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=omask)
+
+
+@_jit
 def _dw_kernel(
     a_ptr,        # [Ra, I] rows, contracted over the expert's pairs
     b_ptr,        # [Rb, O] rows
@@ -510,7 +579,9 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   stored ([P, O] in a's dtype) and XLA sums them (faster at wide outputs, but the
   intermediate is written). sum_dtype: see :func:`half_sums`. A routing with unit
   pairs (:class:`~kernels.routing.UnitPairs`) takes the unit-pair kernel for 16-bit
-  fused sums where :func:`unit_pairs_config` allows (unless ``cfg`` names a row tile).
+  fused sums where :func:`unit_pairs_config` allows (unless ``cfg`` names a row tile),
+  and with CVMM_UNIT_STORE=1 the unit-store kernel where each output row takes exactly
+  one unit (:func:`units_store`; out is then in a's dtype, each row summed in float32).
   """
   if out_rows < routing.k and not fuse_sum:
     out, dg = rows_matmul(a, w, routing, a_rows=a_rows, out_rows=routing.k,
@@ -523,10 +594,17 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   e = w.shape[0]
   i, o, sw = _w_layout(w.shape, transpose_w)
   assert a.shape == (n * a_rows, i), (a.shape, n, a_rows, i)
+  dgate = dgate_rows is not None
+  if (cfg is None and units_store_wanted()
+      and units_store_applies(routing, o, a_rows, out_rows, c_rows if dgate else None)):
+    ucfg = choose_units_config(n, k, e, routing.pairs.block, i, o, a.dtype, a_rows,
+                               out_rows, c_rows if dgate else None, scale is not None,
+                               transpose_w)
+    return units_store(a, w, routing, scale, dgate_rows, ucfg, a_rows=a_rows,
+                       out_rows=out_rows, c_rows=c_rows, transpose_w=transpose_w)
   atomic = out_rows < k
   red = _red_width(o, a.dtype, sum_dtype) if atomic else 1
   half = half_sums(a.dtype, o, sum_dtype) if atomic else None
-  dgate = dgate_rows is not None
   gluon_ok = _gluon_rows_ok(i, o, a.dtype, red, dgate)
   pcfg = None
   if cfg is None and atomic:
@@ -686,6 +764,19 @@ def unit_pairs_config(routing: Routing, i: int, o: int, dtype, red: int, dgate: 
                              transpose_w, cands, sum_dtype)
 
 
+def _head_bench_inputs(n, k, e, block, i, o, dtype, a_rows, has_scale, transpose_w):
+  """(routing with unit pairs, a, w, scale or None) of an autotuner's timing: a random
+  SwitchHead routing of k // 2 heads of ``block`` experts each and random operands."""
+  from kernels.routing import make_head_routing  # noqa: PLC0415
+  with jax.ensure_compile_time_eval():
+    idx = jax.lax.top_k(jax.random.normal(jax.random.key(0), (n, k // 2, block)), 2)[1]
+    r = make_head_routing(idx, block, unit_pairs=True)
+    a = jax.random.normal(jax.random.key(1), (n * a_rows, i), dtype)
+    w = jax.random.normal(jax.random.key(2), (e, o, i) if transpose_w else (e, i, o), dtype)
+    sc = jax.random.uniform(jax.random.key(3), (n * k,), jnp.float32) if has_scale else None
+  return r, a, w, sc
+
+
 def choose_pairs_config(n, k, e, block, i, o, dtype, a_rows, out_rows, has_scale,
                         transpose_w, candidates, sum_dtype=None) -> TileConfig:
   """The autotuner's unit-pair tile for this shape (timed on a random SwitchHead
@@ -694,14 +785,8 @@ def choose_pairs_config(n, k, e, block, i, o, dtype, a_rows, out_rows, has_scale
   out_dtype = _sum_out_dtype(half_sums(dtype, o, sum_dtype))
 
   def bench(cfg):
-    from kernels.routing import make_head_routing  # noqa: PLC0415
-    with jax.ensure_compile_time_eval():
-      idx = jax.lax.top_k(jax.random.normal(jax.random.key(0), (n, k // 2, block)), 2)[1]
-      r = make_head_routing(idx, block, unit_pairs=True)
-      a = jax.random.normal(jax.random.key(1), (n * a_rows, i), dtype)
-      w = jax.random.normal(jax.random.key(2), (e, o, i) if transpose_w else (e, i, o),
-                            dtype)
-      sc = jax.random.uniform(jax.random.key(3), (n * k,), jnp.float32) if has_scale else None
+    r, a, w, sc = _head_bench_inputs(n, k, e, block, i, o, dtype, a_rows, has_scale,
+                                     transpose_w)
     f = autotune.compile_now(
         lambda a, w, r, sc: gluon_pairs_sum(a, w, r, sc, cfg, a_rows=a_rows,
                                             out_rows=out_rows, transpose_w=transpose_w,
@@ -746,6 +831,98 @@ def gluon_pairs_meta(w_shape, transpose_w: bool, cfg: TileConfig, *, z: int, k: 
   return dict(Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, SW_E=sw[0], SW_I=sw[1],
               SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages,
               NW=cfg.num_warps, HAS_SCALE=has_scale, F16=f16)
+
+
+# Most output columns the unit-store kernel keeps on chip: two [BM, O] float32 products.
+UNITS_MAX_COLS = 256
+
+
+def units_store_wanted() -> bool:
+  """CVMM_UNIT_STORE=1: sums whose output rows each take exactly one unit's two pairs
+  (SwitchHead O's dx: a head's two experts into that head's row) run the unit-store
+  kernel (:func:`units_store`) where the routing carries unit pairs. Off by default
+  until measured on a GPU."""
+  env = os.environ.get("CVMM_UNIT_STORE", "0")
+  if env not in ("0", "1"):
+    raise ValueError(f"CVMM_UNIT_STORE={env!r}: expected 0 or 1")
+  return env == "1"
+
+
+def units_store_applies(routing: Routing, o: int, a_rows: int, out_rows: int,
+                        c_rows: int | None) -> bool:
+  """Whether :func:`units_store` can compute this sum: the routing carries unit pairs,
+  every output row takes the two pairs of one unit (K // out_rows == 2), dgates (if
+  any, ``c_rows``) dot one row per unit, and O <= :data:`UNITS_MAX_COLS`."""
+  k = routing.k
+  return (routing.pairs is not None and out_rows * 2 == k and o <= UNITS_MAX_COLS
+          and (c_rows is None or (k // c_rows) % 2 == 0) and k % a_rows == 0)
+
+
+def _units_candidates(o: int, dtype) -> list[TileConfig]:
+  bn = max(16, autotune.next_pow2(o))
+  if jnp.dtype(dtype).itemsize >= 4:
+    raw = [(64, 32, 4, 2), (32, 32, 4, 2)]
+  else:
+    # Two [BM, O] float32 products per program: 64-row tiles with 8 warps compile for
+    # sm90 without spills at SwitchHead O's dx (O = 128, I = 1024: 165-201 registers);
+    # 128-row tiles and 4 warps spill (bench/sass_stats.py --units).
+    raw = [(64, 64, 8, 3), (64, 32, 8, 4), (64, 64, 8, 4), (64, 128, 8, 2)]
+  return [TileConfig(bm, bn, bk, w, st) for bm, bk, w, st in raw]
+
+
+def choose_units_config(n, k, e, block, i, o, dtype, a_rows, out_rows, c_rows,
+                        has_scale, transpose_w) -> TileConfig:
+  """The autotuner's tile for :func:`units_store` (timed on a random SwitchHead routing
+  of k // 2 heads of ``block`` experts each)."""
+  shape = (n, k, e, block, i, o, a_rows, out_rows, c_rows or 0, int(has_scale),
+           int(transpose_w))
+
+  def bench(cfg):
+    r, a, w, sc = _head_bench_inputs(n, k, e, block, i, o, dtype, a_rows, has_scale,
+                                     transpose_w)
+    with jax.ensure_compile_time_eval():
+      c = (jax.random.normal(jax.random.key(4), (n * c_rows, o), dtype) if c_rows
+           else None)
+    f = autotune.compile_now(
+        lambda a, w, r, sc, c: units_store(a, w, r, sc, c, cfg, a_rows=a_rows,
+                                           out_rows=out_rows, c_rows=c_rows or 1,
+                                           transpose_w=transpose_w)[0],
+        a, w, r, sc, c)
+    return autotune.time_call(lambda: f(a, w, r, sc, c))
+
+  return autotune.tuner().choose("triton_units", shape, dtype, _units_candidates(o, dtype),
+                                 _bench_or_none(bench))
+
+
+def units_store(a, w, routing: Routing, scale, dgate_rows, cfg: TileConfig, *,
+                a_rows: int, out_rows: int, c_rows: int, transpose_w: bool):
+  """out[orow(u)] = sum over the two pairs p of unit u of scale[p] * a[arow(p)] @ W_e(p)
+  (and dgates[p] = the unscaled product . dgate_rows[crow(p)]), one launch of
+  :func:`_units_kernel` over the routing's unit tiles: each output row is written once,
+  so there is no zeroing, no atomic and no 16-bit sum. Returns (out [N * out_rows, O] in
+  a's dtype, dgates [P] float32 or None). See :func:`units_store_applies`."""
+  n, k = routing.n_tokens, routing.k
+  i, o, sw = _w_layout(w.shape, transpose_w)
+  dgate = dgate_rows is not None
+  if not units_store_applies(routing, o, a_rows, out_rows, c_rows if dgate else None):
+    raise ValueError(f"unit store: needs unit pairs, K // out_rows == 2 (K={k}, "
+                     f"out_rows={out_rows}), an even K // c_rows with dgates (c_rows="
+                     f"{c_rows}) and O <= {UNITS_MAX_COLS} (O={o})")
+  if cfg.block_n < o:
+    raise ValueError(f"{cfg}: the unit-store kernel needs block_n >= O={o}")
+  tiles = routing.pairs.tiles(cfg.block_m)
+  z = tiles.shape[1]
+  out_shapes = [jax.ShapeDtypeStruct((n * out_rows, o), a.dtype),
+                jax.ShapeDtypeStruct((n * k,) if dgate else (1,), jnp.float32)]
+  args = [a, w, routing.pairs.lo, routing.pairs.hi, tiles,
+          scale if scale is not None else _DUMMY_F32(),
+          dgate_rows if dgate else _DUMMY_F32()]
+  out, dg = _launch(_units_kernel, args, out_shapes, z, cfg,
+                    Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, C_R=c_rows,
+                    SW_E=sw[0], SW_I=sw[1], SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n,
+                    BK=cfg.block_k, HAS_SCALE=scale is not None, DGATE=dgate,
+                    IEEE=a.dtype == jnp.float32)
+  return out, (dg if dgate else None)
 
 
 def _gluon_rows_ok(i: int, o: int, dtype, red: int, dgate: bool):

@@ -7,7 +7,7 @@ builds (tests/test_cvmm_gluon.py, in CI) and shows its registers, shared memory,
 barriers and instruction counts before any GPU time is spent (bench/sass_stats.py).
 
   compile_gluon_rows(cfg, i=128, o=1024, k=16)    the Gluon fused-sum row kernel
-  compile_triton("rows" | "pair_fwd" | "pair_bwd", ...)   the Triton kernels' fused sums
+  compile_triton("rows" | "pair_fwd" | "pair_bwd" | "units", ...)   the Triton kernels
   sass_stats(compiled)                            registers, shared memory, counts
 """
 from __future__ import annotations
@@ -73,7 +73,9 @@ def compile_triton(kind: str, cfg: TileConfig, *, d: int = 1024, h: int = 128,
   """A Triton kernel with 16-bit fused sums (8 per reduction), bf16 inputs, compiled
   for sm``cc``: ``"rows"`` (the row kernel as σ-MoE down calls it: I = h, O = o, each
   column block in turn), ``"pair_fwd"`` or ``"pair_bwd"`` (the fused σ-MoE pair: D = d,
-  H = h, O = o)."""
+  H = h, O = o), or ``"units"`` (the unit-store kernel as SwitchHead O's dx calls it:
+  [N, d] rows through k // 2 heads' transposed [h, d] matrices, dgates, stored in bf16;
+  no 16-bit sum, ``f16`` unused)."""
   import triton  # noqa: PLC0415
   from triton.backends.compiler import GPUTarget  # noqa: PLC0415
   from triton.compiler import ASTSource  # noqa: PLC0415
@@ -106,8 +108,17 @@ def compile_triton(kind: str, cfg: TileConfig, *, d: int = 1024, h: int = 128,
     consts = dict(Z=1024, D=d_, H=h_, O=o_, K=k, S1_E=s1[0], S1_D=s1[1], S1_H=s1[2],
                   S2_E=s2[0], S2_H=s2[1], S2_O=s2[2], BM=bm, BN=bn, BK=bk, BH=h_,
                   IEEE=False, RED=8, F16=f16)
+  elif kind == "units":
+    fn = ct._units_kernel
+    sig = dict(a_ptr="*bf16", w_ptr="*bf16", lo_ptr="*i32", hi_ptr="*i32",
+               tiles_ptr="*i32", scale_ptr="*fp32", c_ptr="*bf16", out_ptr="*bf16",
+               dg_ptr="*fp32")
+    i, o_, sw = ct._w_layout((1, h, d), True)
+    consts = dict(Z=1024, I=i, O=o_, K=k, A_R=1, O_R=k // 2, C_R=k // 2, SW_E=sw[0],
+                  SW_I=sw[1], SW_O=sw[2], BM=bm, BN=bn, BK=bk, HAS_SCALE=True, DGATE=True,
+                  IEEE=False)
   else:
-    raise ValueError(f"kind {kind!r}: expected rows, pair_fwd or pair_bwd")
+    raise ValueError(f"kind {kind!r}: expected rows, pair_fwd, pair_bwd or units")
   sig, attrs = _signature(sig, consts)
   return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
                         options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
@@ -119,7 +130,8 @@ def _nvidia_tool(name: str) -> str:
 
 
 def sass_stats(compiled, cc: int = 90) -> dict:
-  """{"registers", "shared" (bytes per block), "instructions", and a count per opcode
+  """{"registers", "shared" (bytes per block), "spill_stores" (bytes), "instructions",
+  and a count per opcode
   of :data:`SASS_OPS`} of a kernel compiled by Triton, from ``ptxas -v`` and
   ``cuobjdump -sass``. Counts are of the code, not of executed instructions."""
   arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
@@ -134,10 +146,11 @@ def sass_stats(compiled, cc: int = 90) -> dict:
     sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", cubin], capture_output=True,
                           text=True, check=True).stdout
   regs = re.findall(r"Used (\d+) registers", info)
+  spills = re.findall(r"(\d+) bytes spill stores", info)
   ops = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass,
                    flags=re.M)
   out = dict(registers=int(regs[0]) if regs else None, shared=compiled.metadata.shared,
-             instructions=len(ops))
+             spill_stores=int(spills[0]) if spills else 0, instructions=len(ops))
   for name in SASS_OPS:
     out[name] = sum(1 for op in ops if op == name or op.startswith(name + "."))
   return out

@@ -391,6 +391,92 @@ def test_triton_kernels_in_interpreter():
   run_in_triton_interpreter(_INTERPRETER_SCRIPT, "interpreter ok")
 
 
+_UNIT_STORE_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["CVMM_UNIT_STORE"] = "1"
+    import jax, jax.numpy as jnp, numpy as np
+    import kernels.cvmm_triton as kt
+    from kernels import make_head_routing
+    from kernels.autotune import TileConfig
+    from kernels.cvmm_reference import cvmm_reference
+    calls = []
+    orig = kt.units_store
+    kt.units_store = lambda *a, **kw: calls.append(kw["out_rows"]) or orig(*a, **kw)
+    def rel(a, b):
+      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+      return np.linalg.norm(a - b) / np.linalg.norm(b)
+    # SwitchHead's O through cvmm_triton: its dx (a head's two experts into the head's
+    # row, with dgates) takes the unit-store kernel; every output and gradient against
+    # the reference. Head 1 always picks experts 0 and 1 (in both orders); expert 3 of
+    # head 2 gets nothing; O = 40 columns (masked in a 64-column block).
+    n, h, ea, dh, d = 23, 3, 4, 24, 40
+    ks = jax.random.split(jax.random.key(3), 6)
+    idx = np.array(jax.lax.top_k(jax.random.normal(ks[0], (n, h, ea)), 2)[1])
+    idx[:, 1] = np.where(np.arange(n)[:, None] % 2, [0, 1], [1, 0])
+    idx[:, 2] = np.minimum(idx[:, 2], 2)
+    idx[idx[:, 2, 0] == idx[:, 2, 1], 2] = [0, 2]
+    r = make_head_routing(jnp.asarray(idx, jnp.int32), ea, unit_pairs=True)
+    x = jax.random.normal(ks[1], (n, h, dh))
+    w = jax.random.normal(ks[2], (h * ea, dh, d)) / np.sqrt(dh)
+    g = jax.random.uniform(ks[3], (n, 2 * h))
+    ct = jax.random.normal(ks[4], (n, d))
+    def outs(fn):
+      loss = lambda x, w, g: jnp.sum(fn(x, r, w, g) * ct)
+      return (fn(x, r, w, g),) + tuple(jax.grad(loss, argnums=(0, 1, 2))(x, w, g))
+    got = outs(kt.cvmm_triton)
+    assert calls == [h], calls
+    for a, b in zip(got, outs(cvmm_reference)):
+      assert rel(a, b) <= 1e-5, rel(a, b)
+    # rows_matmul directly: each pair its own input row (a_rows = K: the two rows of a
+    # unit differ), with and without gates, dgates, 16-row tiles (several per
+    # combination) and the autotuner's default tile.
+    k = 2 * h
+    we = w[r.expert_index.reshape(-1)]                                 # [P, I, O]
+    a = jax.random.normal(ks[5], (n * k, dh))
+    c = jax.random.normal(ks[4], (n * h, d))
+    y = jnp.einsum("PI,PIO->PO", a, we, precision="highest")           # [P, O]
+    gs = g.reshape(-1)
+    for cfg in (TileConfig(16, 64, 16, 4, 1), None):
+      for scale in (gs, None):
+        out, dg = kt.rows_matmul(a, w, r, a_rows=k, out_rows=h, scale=scale,
+                                 dgate_rows=c, c_rows=h, cfg=cfg) if cfg is None else (
+            kt.units_store(a, w, r, scale, c, cfg, a_rows=k, out_rows=h, c_rows=h,
+                           transpose_w=False))
+        ys = y if scale is None else y * scale[:, None]
+        want = ys.reshape(n, h, 2, d).sum(2).reshape(n * h, d)
+        assert out.dtype == a.dtype and rel(out, want) <= 1e-5, rel(out, want)
+        want_dg = jnp.sum(y * jnp.repeat(c, 2, axis=0), axis=1)
+        assert rel(dg, want_dg) <= 1e-5, rel(dg, want_dg)
+    # the weights used transposed, no dgates
+    wt = jnp.swapaxes(w, 1, 2)
+    out, dg = kt.rows_matmul(a, wt, r, a_rows=k, out_rows=h, scale=gs, transpose_w=True)
+    assert dg is None and rel(out, (y * gs[:, None]).reshape(n, h, 2, d).sum(2).reshape(
+        n * h, d)) <= 1e-5
+    # what it refuses
+    for bad in (dict(out_rows=1), dict(out_rows=h, c_rows=k)):
+      try:
+        kt.units_store(a, w, r, gs, c, TileConfig(16, 64, 16, 4, 1), a_rows=k,
+                       transpose_w=False, **{"c_rows": h, **bad})
+      except ValueError as err:
+        assert "unit store" in str(err)
+      else:
+        raise AssertionError(bad)
+    print("unit store ok")
+""")
+
+
+@pytest.mark.slow
+def test_unit_store_in_interpreter():
+  """The unit-store kernel (CVMM_UNIT_STORE=1: a unit's two products added in registers
+  and stored once, SwitchHead O's dx) in Triton's CPU interpreter, float32: SwitchHead O
+  through cvmm_triton (output and every gradient) against the reference, and the kernel
+  directly (two input rows per unit, gates or none, dgates, several tiles per
+  combination, transposed weights) against einsums; refusals."""
+  pytest.importorskip("triton")
+  pytest.importorskip("torch")
+  run_in_triton_interpreter(_UNIT_STORE_SCRIPT, "unit store ok")
+
+
 def test_float16_sum_row_scales_bound_every_row():
   """The float16 sums' row scale: a power of two that maps the bound of each row's sum
   to [2^13, 2^14) (no overflow below float16's 65504, and no precision thrown away),

@@ -80,6 +80,16 @@ def test_triton_fused_sum_kernels_compile_for_sm90(kind, f16):
   assert f"red.global.gpu.relaxed.add.noftz.v4.{pair}" in kern.asm["ptx"]
 
 
+def test_unit_store_candidates_compile_for_sm90_without_spills():
+  """The unit-store kernel (SwitchHead O's dx: two [64, 128] float32 products and the
+  dgates per program) compiles for sm90 with each bf16 candidate tile, on wgmma, with no
+  register spills."""
+  for cfg in ct._units_candidates(128, jnp.bfloat16):
+    st = offline.sass_stats(offline.compile_triton("units", cfg, d=1024, h=128, k=8))
+    assert st["spill_stores"] == 0 and st["registers"] <= 255, (cfg, st)
+    assert st["HGMMA"] > 0 and st["HMMA"] == 0, (cfg, st)
+
+
 def test_sass_stats_reads_the_machine_code():
   """sass_stats counts what the Gluon kernel is built from: 16-byte float16 reductions,
   wgmma (HGMMA), stmatrix and barriers, its registers (at most 255) and shared memory."""

@@ -451,3 +451,41 @@ def test_unit_pairs_match_reference(case, gated, tile, monkeypatch):
   up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
   ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
   _assert_half_sums_close(case[0], ["out", "dx", "dw", "dgates"], got, ref, f32s)
+
+
+# CVMM_UNIT_STORE tiles: the autotuner's default and every candidate (BMxBNxBKxWxS)
+UNIT_STORE_TILES = [None, 0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("tile", UNIT_STORE_TILES, ids=lambda t: "default" if t is None
+                         else f"cand{t}")
+@pytest.mark.parametrize("case", UNIT_PAIR_CASES, ids=[c[0] for c in UNIT_PAIR_CASES])
+def test_unit_store_matches_reference(case, tile, monkeypatch):
+  """SwitchHead's O with CVMM_UNIT_STORE=1: its dx (a head's two experts into the
+  head's row, with dgates) runs the unit-store kernel once; forward and every gradient
+  against the float32 reference within bf16's tolerance, and dx no further from it than
+  1.5x the float32 sums' dx (the kernel adds in float32 and rounds once)."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  import kernels.cvmm_triton as ct_mod  # noqa: PLC0415
+  monkeypatch.setenv("CVMM_UNIT_STORE", "1")
+  calls = []
+  orig = ct_mod.units_store
+  if tile is None:
+    wrap = lambda *a, **kw: calls.append(a[5]) or orig(*a, **kw)  # noqa: E731
+  else:
+    cfg = ct_mod._units_candidates(case[4], jnp.bfloat16)[tile]
+    wrap = lambda *a, **kw: calls.append(cfg) or orig(*a[:5], cfg, *a[6:], **kw)  # noqa: E731
+  monkeypatch.setattr(ct_mod, "units_store", wrap)
+  x, w, g, r, ct = _head_inputs(case, True)
+  fn = lambda sd: (lambda x, r, w, g: cvmm(x, r, w, g, impl="triton",  # noqa: E731
+                                           sum_dtype=sd))
+  got = _outputs(fn("float16"), x, w, g, r, ct)
+  assert len(calls) == 1, calls                        # O's dx
+  monkeypatch.setenv("CVMM_UNIT_STORE", "0")
+  f32s = _outputs(fn("float32"), x, w, g, r, ct)
+  assert len(calls) == 1, calls
+  up = lambda a: a.astype(jnp.float32)  # noqa: E731
+  ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
+  _assert_half_sums_close(f"{case[0]} {tile}", ["out", "dx", "dw", "dgates"], got, ref,
+                          f32s)
