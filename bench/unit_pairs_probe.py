@@ -7,7 +7,9 @@ _pairs_sum_kernel), and with other tiles of it, in one run.
 SwitchHead's routings carry unit pairs. Each setting is a value of CVMM_UNIT_PAIRS (0:
 the kernels do not use them; 1: the default tile; BMxBNxWxB: that tile), "combo" (the
 default tile, with the tiles launched combination by combination instead of by first
-token) or "plain" (a routing without unit pairs, make_routing's order: the default). For each setting the O forward, the O forward+backward and the V
+token), "plain" (a routing without unit pairs, make_routing's order: the default below
+2^18 units) or "store" (the default tile, and O's dx through the unit-store kernel,
+CVMM_UNIT_STORE=1). For each setting the O forward, the O forward+backward and the V
 forward+backward are timed as bench/cvmm.py times them (the routing, with its unit
 pairs, computed outside the timed call), with the dense matmuls of the same FLOPs; the
 outputs' error against the first setting is printed. First, the routing itself is
@@ -62,7 +64,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--profile", default="MoEUT_244M")
   ap.add_argument("--tokens", type=int, default=64 * 1024)
-  ap.add_argument("--settings", default="plain,0,1,128x32x8x2,64x64x4x2,128x64x8x3")
+  ap.add_argument("--settings", default="plain,0,1,store")
   args = ap.parse_args()
   dev = jax.devices()[0]
   print(f"# {getattr(dev, 'device_kind', dev.platform)}, jax {jax.__version__}, "
@@ -81,7 +83,9 @@ def main():
           f"{dense[name][1] * 1e3:.3f} ms")
   base = {}
   for setting in args.settings.split(","):
-    os.environ["CVMM_UNIT_PAIRS"] = {"combo": "1", "plain": "0"}.get(setting, setting)
+    os.environ["CVMM_UNIT_PAIRS"] = {"combo": "1", "plain": "0", "store": "1"}.get(
+        setting, setting)
+    os.environ["CVMM_UNIT_STORE"] = "1" if setting == "store" else "0"
     row = []
     for name, v, gated in (("O", o_, True), ("V", v_, False)):
       r = v["r"]
