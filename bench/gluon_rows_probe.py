@@ -13,7 +13,10 @@ and ``--tilings`` narrow the runs (e.g. for Nsight Compute: ``--variants 0 --til
 128x64x4x4 --no-triton``). ``--calls down_fwd,o_fwd,up_dx`` also times those whole
 CVMM calls (bench/cvmm_kernels.py, float16 bookkeeping included) with each Gluon tiling,
 against the cached tile choice (the Gluon kernel's own at MoEUT_244M since the eleventh
-session; Triton's before).
+session; Triton's before). ``--rows2 128x64x8,128x32x8`` times the two-half row kernel
+(kernels/cvmm_gluon.py, _rows2_sum_kernel: tiles of two halves of BM rows sharing each
+matrix block; BMxBNxWARPS) at down_fwd, with its output's difference from the row
+kernel's (the first tiling).
 """
 from __future__ import annotations
 
@@ -53,6 +56,8 @@ def main(argv=None):
   ap.add_argument("--no-triton", action="store_true",
                   help="skip the timing with the cached tile choice")
   ap.add_argument("--calls", default="", help="comma list of whole calls to time too")
+  ap.add_argument("--rows2", default="", help="comma list of BMxBNxWARPS of the two-half "
+                  "row kernel to time at down_fwd")
   a = ap.parse_args(argv)
   variants = [int(v) for v in a.variants.split(",")]
   if any(v not in VARIANTS for v in variants):
@@ -73,6 +78,27 @@ def main(argv=None):
       name = VARIANTS[probe]
       t = _time(jax.jit(_probe_fn(cfg, probe)), arrays) * 1e3
       print(f"gluon {bm}x{bn} w{w} b{b}  {name:18s} {t:7.3f} ms", flush=True)
+  if a.rows2:
+    bm, bn, w, b = tilings[0]
+    base = jax.jit(_probe_fn(TileConfig(bm, bn, i, w, b, loop_n=True, gluon=True), 0))(
+        arrays).astype(jnp.float32)
+    for t2 in a.rows2.split(","):
+      bm, bn, w = (int(x) for x in t2.split("x"))
+      cfg = TileConfig(bm, bn, i, w, 2, loop_n=True, gluon=True)
+
+      def fn2(v, cfg=cfg):
+        return ct.gluon_rows2_sum(v["h"], v["values"], v["r"], v["g"].astype(jnp.float32),
+                                  cfg, a_rows=v["r"].k, out_rows=1, transpose_w=False,
+                                  out_dtype=jnp.float16)
+      try:
+        out = jax.jit(fn2)(arrays).astype(jnp.float32)
+        t = _time(jax.jit(fn2), arrays) * 1e3
+      except Exception as err:  # report and go on
+        print(f"rows2 {t2}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
+        continue
+      diff = float(jnp.linalg.norm(out - base) / jnp.linalg.norm(base))
+      print(f"gluon rows2 {bm}x2x{bn} w{w}  as is              {t:7.3f} ms "
+            f"(vs the first tiling's output: {diff:.1e})", flush=True)
   for call in filter(None, a.calls.split(",")):
     cfn, (p, i, o), _ = ks[call]
     dense = _dense_ms(p, i, o, jnp.bfloat16)

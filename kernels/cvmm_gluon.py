@@ -144,13 +144,7 @@ if gluon is not None:
     if start < end:
       w_base = w_ptr + e.to(gl.int64) * SW_E
       # the tile's gathered rows -> shared memory (copy group 0, with column block 0)
-      rows = start + gl.arange(0, BM, layout=gl.SliceLayout(1, a_l))
-      rmask = rows < end
-      pair = gl.load(order_ptr + rows, mask=rmask, other=0)
-      a_row = _row_of(pair, K, A_R)
-      ka = gl.arange(0, I, layout=gl.SliceLayout(0, a_l))
-      cp.async_copy_global_to_shared(a_smem, a_ptr + a_row[:, None] * I + ka[None, :],
-                                     mask=rmask[:, None])
+      _gather_rows(a_smem, a_ptr, order_ptr, start, end, I, K, A_R, BM, a_l)
       gl.static_assert(BUF >= 3, "BUF: at least 3 buffers (2 blocks in flight)")
       for j in gl.static_range(BUF - 1):
         if PROBE != 4 and PROBE != 5:
@@ -313,6 +307,118 @@ if gluon is not None:
       c0, c1 = warpgroup_mma_wait(num_outstanding=0, deps=(c0, c1))
       epi.store((c0 * s_lo[:, None] + c1 * s_hi[:, None]).to(epi.dtype))
       _reduce_epi(epi, n_nb - 1, o_row, rmask_r, out_ptr, O, BM, BN, red_l, ASM)
+
+  @gluon.jit
+  def _rows2_sum_kernel(
+      a_ptr,        # [Ra, I] rows read by the pairs (16-bit)
+      w_ptr,        # expert matrices: element (e, i, o) at e*SW_E + i*SW_I + o*SW_O
+      order_ptr,    # [P] int32 pair index at each sorted position
+      tiles_ptr,    # [3, Z] int32 expert, start, end of each tile of up to 2 * BM rows
+      scale_ptr,    # [P] float32 per-pair scale; unused if not HAS_SCALE
+      out_ptr,      # [Ro, O] 16-bit sums (zeroed)
+      Z: gl.constexpr, I: gl.constexpr, O: gl.constexpr, K: gl.constexpr,
+      A_R: gl.constexpr, O_R: gl.constexpr,
+      SW_E: gl.constexpr, SW_I: gl.constexpr, SW_O: gl.constexpr,
+      BM: gl.constexpr, BN: gl.constexpr, NW: gl.constexpr,
+      HAS_SCALE: gl.constexpr, F16: gl.constexpr):
+    """:func:`_rows_sum_kernel` for tiles of 2 * BM rows taken as two halves of BM: each
+    column block of the expert's matrix is copied once and multiplied by both halves,
+    one after the other, so the matrices' traffic is that of 2 * BM-row tiles while
+    only BM-row products are in registers (two buffers of the matrix: each block is
+    used for two steps, long enough for the next one's copy).
+
+    Steps (nb, h) for column block nb and half h; in each, the product of the step is
+    issued to the tensor cores and the previous step's is reduced meanwhile. The next
+    block is copied at (nb, 0), into the buffer block nb - 1 used."""
+    n_nb: gl.constexpr = O // BN
+    ASM: gl.constexpr = _RED_F16 if F16 else _RED_BF16
+    dt: gl.constexpr = a_ptr.dtype.element_ty
+    acc_l: gl.constexpr = _acc_layout(BN, NW)
+    a_l: gl.constexpr = _rows_layout(I, NW)
+    red_l: gl.constexpr = _rows_layout(BN, NW)
+    a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, I], dt)
+    TRANS: gl.constexpr = SW_I == 1
+    b_smem = _w_smem(dt, 2, I, BN, TRANS)
+    a0 = gl.allocate_shared_memory(dt, [BM, I], a_sl)
+    a1 = gl.allocate_shared_memory(dt, [BM, I], a_sl)
+    epi = _epi_smem(out_ptr.dtype.element_ty, BM, BN)
+
+    tile = gl.program_id(0)
+    e = gl.load(tiles_ptr + tile)
+    start = gl.load(tiles_ptr + Z + tile)
+    end = gl.load(tiles_ptr + 2 * Z + tile)
+    if start < end:
+      w_base = w_ptr + e.to(gl.int64) * SW_E
+      mid = start + BM
+      # both halves' gathered rows, with block 0
+      _gather_rows(a0, a_ptr, order_ptr, start, end, I, K, A_R, BM, a_l)
+      _gather_rows(a1, a_ptr, order_ptr, mid, end, I, K, A_R, BM, a_l)
+      _copy_block(b_smem, w_base, 0, I, O, BN, SW_I, SW_O, TRANS, NW)
+      cp.commit_group()
+      # each half's output rows, validity and scales
+      rows_r0 = start + gl.arange(0, BM, layout=gl.SliceLayout(1, red_l))
+      rows_r1 = rows_r0 + BM
+      m0 = rows_r0 < end
+      m1 = rows_r1 < end
+      o_row0 = _row_of(gl.load(order_ptr + rows_r0, mask=m0, other=0), K, O_R)
+      o_row1 = _row_of(gl.load(order_ptr + rows_r1, mask=m1, other=0), K, O_R)
+      s0 = _rows_scale(scale_ptr, order_ptr, start, end, BM, acc_l, HAS_SCALE)
+      s1 = _rows_scale(scale_ptr, order_ptr, mid, end, BM, acc_l, HAS_SCALE)
+      zero = gl.zeros([BM, BN], gl.float32, layout=acc_l)
+
+      cp.wait_group(0)                 # the rows and block 0
+      fence_async_shared()
+      gl.thread_barrier()
+      _copy_block(b_smem, w_base, 1, I, O, BN, SW_I, SW_O, TRANS, NW)
+      cp.commit_group()
+      cur = warpgroup_mma(a0, _b_view(b_smem, 0, 2, TRANS), zero, use_acc=False,
+                          is_async=True)
+      prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))          # (0, 0)
+      cur = warpgroup_mma(a1, _b_view(b_smem, 0, 2, TRANS), zero, use_acc=False,
+                          is_async=True)
+      _reduce_block(prev, 0, o_row0, m0, s0, out_ptr, O, BM, BN, red_l, ASM, epi)
+      prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))          # (0, 1)
+      for nb in range(1, n_nb):
+        cp.wait_group(0)               # block nb is in shared memory
+        fence_async_shared()
+        gl.thread_barrier()            # ... for every thread; block nb - 1's buffer is free
+        _copy_block(b_smem, w_base, nb + 1, I, O, BN, SW_I, SW_O, TRANS, NW)
+        cp.commit_group()
+        cur = warpgroup_mma(a0, _b_view(b_smem, nb, 2, TRANS), zero, use_acc=False,
+                            is_async=True)
+        _reduce_block(prev, nb - 1, o_row1, m1, s1, out_ptr, O, BM, BN, red_l, ASM, epi)
+        prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))        # (nb, 0)
+        cur = warpgroup_mma(a1, _b_view(b_smem, nb, 2, TRANS), zero, use_acc=False,
+                            is_async=True)
+        _reduce_block(prev, nb, o_row0, m0, s0, out_ptr, O, BM, BN, red_l, ASM, epi)
+        prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))        # (nb, 1)
+      _reduce_block(prev, n_nb - 1, o_row1, m1, s1, out_ptr, O, BM, BN, red_l, ASM, epi)
+
+  @gluon.jit
+  def _gather_rows(a_smem, a_ptr, order_ptr, start, end, I: gl.constexpr, K: gl.constexpr,
+                   A_R: gl.constexpr, BM: gl.constexpr, a_l: gl.constexpr):
+    """Starts copying the input rows of the sorted positions start.. (below end; the
+    rest masked) into ``a_smem`` [BM, I]."""
+    rows = start + gl.arange(0, BM, layout=gl.SliceLayout(1, a_l))
+    rmask = rows < end
+    pair = gl.load(order_ptr + rows, mask=rmask, other=0)
+    a_row = _row_of(pair, K, A_R)
+    ka = gl.arange(0, I, layout=gl.SliceLayout(0, a_l))
+    cp.async_copy_global_to_shared(a_smem, a_ptr + a_row[:, None] * I + ka[None, :],
+                                   mask=rmask[:, None])
+
+  @gluon.jit
+  def _rows_scale(scale_ptr, order_ptr, start, end, BM: gl.constexpr,
+                  acc_l: gl.constexpr, HAS_SCALE: gl.constexpr):
+    """[BM] float32 scales of the sorted positions start.. (below end), in the
+    products' row layout; ones without a scale."""
+    rows = start + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
+    if HAS_SCALE:
+      m = rows < end
+      return gl.load(scale_ptr + gl.load(order_ptr + rows, mask=m, other=0), mask=m,
+                     other=0.0).to(gl.float32)
+    else:
+      return gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, acc_l))
 
   @gluon.jit
   def _reduce_epi(epi, nb, o_row, rmask, out_ptr, O: gl.constexpr, BM: gl.constexpr,

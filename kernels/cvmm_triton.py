@@ -709,6 +709,39 @@ def gluon_rows_meta(w_shape, transpose_w: bool, cfg: TileConfig, *, z: int, k: i
 # heuristic order: at MoEUT_244M on an H200 128x64 with 8 warps and 2 buffers (two blocks
 # per SM) was the fastest for O's forward (0.520 ms against 0.540 for 64x64, 4 warps;
 # bench/RESULTS.md, twelfth session).
+def gluon_rows2_sum(a, w, routing: Routing, scale, cfg: TileConfig, *, a_rows: int,
+                    out_rows: int, transpose_w: bool, out_dtype) -> jax.Array:
+  """One launch of the Gluon two-half row kernel
+  (:func:`kernels.cvmm_gluon._rows2_sum_kernel`): as :func:`gluon_rows_sum`, over tiles
+  of 2 * ``cfg.block_m`` rows in the fused sums' launch order, each column block of the
+  expert's matrix copied once for both halves. Not a tile candidate yet (probe only:
+  bench/gluon_rows_probe.py --rows2)."""
+  from kernels import cvmm_gluon  # noqa: PLC0415
+  cvmm_gluon.install_launcher()
+  n = routing.n_tokens
+  tiles = _sum_tiles(routing, 2 * cfg.block_m)
+  z = tiles.shape[1]
+  meta = gluon_rows2_meta(w.shape, transpose_w, cfg, z=z, k=routing.k, a_rows=a_rows,
+                          out_rows=out_rows, has_scale=scale is not None,
+                          f16=jnp.dtype(out_dtype) == jnp.float16)
+  (out,) = _launch(
+      cvmm_gluon._rows2_sum_kernel,
+      [a, w, routing.order, tiles, scale if scale is not None else _DUMMY_F32()],
+      [jax.ShapeDtypeStruct((n * out_rows, meta["O"]), out_dtype)], z, cfg, zeroed=(0,),
+      **meta)
+  return out
+
+
+def gluon_rows2_meta(w_shape, transpose_w: bool, cfg: TileConfig, *, z: int, k: int,
+                     a_rows: int, out_rows: int, has_scale: bool, f16: bool) -> dict:
+  """The two-half row kernel's compile-time arguments (:func:`gluon_rows2_sum`, and
+  :mod:`kernels.offline`); ``cfg.block_m`` is the height of a half."""
+  i, o, sw = _w_layout(w_shape, transpose_w)
+  return dict(Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, SW_E=sw[0], SW_I=sw[1],
+              SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, NW=cfg.num_warps,
+              HAS_SCALE=has_scale, F16=f16)
+
+
 UNIT_PAIRS_TILES = ((128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (128, 32, 8, 2))
 UNIT_PAIRS_TILE = UNIT_PAIRS_TILES[0]
 

@@ -80,6 +80,25 @@ def test_triton_fused_sum_kernels_compile_for_sm90(kind, f16):
   assert f"red.global.gpu.relaxed.add.noftz.v4.{pair}" in kern.asm["ptx"]
 
 
+@pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
+@pytest.mark.parametrize("f16", [True, False], ids=["f16", "bf16"])
+def test_gluon_rows2_kernel_compiles_for_sm90(transpose, f16):
+  """The two-half row kernel compiles for sm90 with its probe tilings (tests/
+  test_cvmm_gpu.py GLUON_ROWS2_TILES), on wgmma and 16-byte reductions; at 128x64 with
+  8 warps it holds two blocks per SM without spills (one accumulator in flight, the
+  halves' rows and two matrix buffers: 112 KiB)."""
+  for bm, bn, w in ((128, 64, 8), (64, 64, 4), (128, 32, 8)):
+    cfg = ct.TileConfig(bm, bn, 128, w, 2, loop_n=True, gluon=True)
+    kern = offline.compile_gluon_rows2(cfg, i=128, o=1024, k=16, transpose=transpose,
+                                       f16=f16)
+    pair = "f16x2" if f16 else "bf16x2"
+    assert f"red.global.gpu.relaxed.add.noftz.v4.{pair}" in kern.asm["ptx"]
+    st = offline.sass_stats(kern)
+    assert st["HGMMA"] > 0 and st["spill_stores"] == 0, ((bm, bn, w), st)
+    if (bm, bn, w) == (128, 64, 8):
+      assert st["shared"] <= 114688 and st["registers"] <= 128, st
+
+
 def test_unit_store_candidates_compile_for_sm90_without_spills():
   """The unit-store kernel (SwitchHead O's dx: two [64, 128] float32 products and the
   dgates per program) compiles for sm90 with each bf16 candidate tile, on wgmma, with no

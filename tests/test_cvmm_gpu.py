@@ -142,6 +142,18 @@ def _sum_inputs(seed, n, k, e, i, o, a_rows, transpose):
   return r, a, w, g, (jnp.swapaxes(w, 1, 2) if transpose else w)
 
 
+def _gated_sum_reference(r, a, w, g, a_rows, out_rows):
+  """[N * out_rows, O] float32: the gated sums of a fused-sum row kernel's pairs (pair
+  p reads row p // K * a_rows + (p % K) // (K // a_rows) of a and adds into output
+  row p // K * out_rows + (p % K) // (K // out_rows)), an einsum in float32."""
+  n, k, o = r.n_tokens, r.k, w.shape[2]
+  p = jnp.arange(n * k)
+  arow = (p // k) * a_rows + (p % k) // (k // a_rows)
+  we = w[r.expert_index.reshape(-1)].astype(jnp.float32)               # [P, I, O]
+  y = jnp.einsum("PI,PIO->PO", a[arow].astype(jnp.float32), we, precision="highest")
+  return (y * g[:, None]).reshape(n, out_rows, k // out_rows, o).sum(2).reshape(-1, o)
+
+
 # Largest error of the row kernel's sums of K = 4 rows: float32 sums only reorder
 # float32 adds; float16 sums round each add to 11 bits (unit roundoff 2^-11 = 4.9e-4).
 SUM_TOL = {"float32": 1e-5, "float16": 1e-3}
@@ -205,15 +217,50 @@ def test_gluon_row_kernel_matches_reference(cfg, shape, transpose, sums):
                                                 out_rows=out_rows, transpose_w=transpose,
                                                 scale=g, cfg=cfg, sum_dtype=sums))(
                                                     a, w_arg, g)
-  p = jnp.arange(n * k)
-  arow = (p // k) * a_rows + (p % k) // (k // a_rows)
-  we = w[r.expert_index.reshape(-1)].astype(jnp.float32)               # [P, I, O]
-  y = jnp.einsum("PI,PIO->PO", a[arow].astype(jnp.float32), we, precision="highest")
-  ref = (y * g[:, None]).reshape(n, out_rows, k // out_rows, o).sum(2).reshape(-1, o)
+  ref = _gated_sum_reference(r, a, w, g, a_rows, out_rows)
   err = _rel(out, ref)
   assert np.all(np.isfinite(np.asarray(out, np.float32)))
   assert err <= (SUM_TOL["float16"] if sums == "float16" else TOL[jnp.bfloat16]), (
       f"{cfg} {shape}: rel err {err:.2e}")
+
+
+# the two-half row kernel's tilings (BM of a half, BN, warps)
+GLUON_ROWS2_TILES = [(128, 64, 8), (64, 64, 4), (128, 32, 8)]
+
+
+@pytest.mark.parametrize("sums", ["float16", "bfloat16"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
+@pytest.mark.parametrize("shape", GLUON_SHAPES, ids=str)
+@pytest.mark.parametrize("tile", GLUON_ROWS2_TILES, ids=str)
+def test_gluon_rows2_kernel_matches_reference(tile, shape, transpose, sums):
+  """The Gluon two-half row kernel (each column block of the expert's matrix used for
+  two halves of a tile): gated sums over slots into 16-bit outputs (float16 scaled as
+  rows_matmul scales them), against an einsum of the same bf16 inputs in float32;
+  partial tiles and halves, experts without pairs."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  import kernels.cvmm_triton as ct_mod  # noqa: PLC0415
+  if not ct_mod._gluon_device():
+    pytest.skip("the Gluon kernels run on Hopper GPUs only")
+  n, k, e, i, o, a_rows, out_rows = shape
+  bm, bn, nw = tile
+  cfg = ct_mod.TileConfig(bm, min(bn, o), i, nw, 2, loop_n=True, gluon=True)
+  r, a, w, g, w_arg = _sum_inputs(5, n, k, e, i, o, a_rows, transpose)
+
+  def run(a, w_, g):
+    kw = dict(a_rows=a_rows, out_rows=out_rows, transpose_w=transpose)
+    if sums == "bfloat16":
+      return ct_mod.gluon_rows2_sum(a, w_, r, g, cfg, out_dtype=jnp.bfloat16, **kw)
+    w_l1 = ct_mod._max_l1(w_, 2 if transpose else 1)
+    row_s, sc = ct_mod._f16_row_scales(a, w_l1, r, g, a_rows, out_rows)
+    out = ct_mod.gluon_rows2_sum(a, w_, r, sc, cfg, out_dtype=jnp.float16, **kw)
+    return ct_mod._f16_unscale(out, row_s)
+  out = jax.jit(run)(a, w_arg, g)
+  ref = _gated_sum_reference(r, a, w, g, a_rows, out_rows)
+  err = _rel(out, ref)
+  assert np.all(np.isfinite(np.asarray(out, np.float32)))
+  assert err <= (SUM_TOL["float16"] if sums == "float16" else TOL[jnp.bfloat16]), (
+      f"{tile} {shape}: rel err {err:.2e}")
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
