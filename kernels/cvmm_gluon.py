@@ -26,9 +26,13 @@ ms (Triton) to 0.652. Its tiles are the fused 16-bit sums' first candidates on s
 (CVMM_GLUON=0 leaves them out).
 
 A second kernel, :func:`_pairs_sum_kernel`, does the same for SwitchHead's units of two
-pairs (:class:`kernels.routing.UnitPairs`, opt-in): each tile holds units of one
-combination of two experts, is multiplied by both matrices, and the two products are
-added in registers before one reduction (O's forward at MoEUT_244M: 0.633 -> 0.512 ms).
+pairs (:class:`kernels.routing.UnitPairs`; by default on routings of 2^18 units or
+more): each tile holds units of one combination of two experts, is multiplied by both
+matrices, and the two products are added in registers before one reduction (O's
+forward at MoEUT_244M, 65,536 tokens: 0.627 -> 0.501 ms).
+
+A third, :func:`_rows2_sum_kernel` (probe only so far), is the row kernel for tiles of
+two halves that share each column block of the expert's matrix.
 
 The kernels are written in Gluon, which jax-triton cannot compile itself:
 :func:`install_launcher` lets ``jax_triton.triton_call`` launch Gluon kernels by
