@@ -2,7 +2,8 @@
 kernel and tiling (registers, shared memory per block, blocks per SM those two allow,
 and counts in the machine code).
 
-  python -m bench.sass_stats                      the Gluon row kernel's tile candidates,
+  python -m bench.sass_stats                      the Gluon row kernel's tile candidates
+                                                  (and its two-half variant's),
                                                   the unit-pair kernel's (SwitchHead's O
                                                   forward, V's dx), the Triton
                                                   kernels' cached tiles and the
@@ -46,6 +47,8 @@ def main(argv=None):
   ap.add_argument("--triton", default=_TRITON_DEFAULT,
                   help="comma list of KIND:BMxBNxBKxWARPSxSTAGES (KIND rows, pair_fwd, "
                        "pair_bwd; rows walks the column blocks)")
+  ap.add_argument("--rows2", default=",".join(f"{bm}x{bn}x{w}" for bm, bn, w in ct._GLUON_ROWS2),
+                  help="comma list of BMxBNxWARPS (BM: a half) for the two-half row kernel")
   ap.add_argument("--units", default=",".join(
       f"{c.block_m}x{c.block_n}x{c.block_k}x{c.num_warps}x{c.num_stages}"
       for c in ct._units_candidates(128, "bfloat16")),
@@ -71,6 +74,11 @@ def main(argv=None):
     cfg = TileConfig(bm, bn, i, w, b, loop_n=True, gluon=True)
     row("gluon rows", t, cfg, offline.sass_stats(
         offline.compile_gluon_rows(cfg, i=i, o=o, k=k, f16=f16)))
+  for t in filter(None, a.rows2.split(",")):
+    bm, bn, w = (int(x) for x in t.split("x"))
+    cfg = TileConfig(bm, bn, i, w, 2, loop_n=True, gluon=True, halves=2)
+    row("gluon rows2", t, cfg, offline.sass_stats(
+        offline.compile_gluon_rows2(cfg, i=i, o=o, k=k, f16=f16)))
   for t in filter(None, a.pairs.split(",")):
     bm, bn, w, b = (int(x) for x in t.split("x"))
     cfg = TileConfig(bm, bn, 128, w, b, loop_n=True, gluon=True)

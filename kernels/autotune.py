@@ -48,6 +48,9 @@ class TileConfig:
   loop_n: one program per row tile walks all output column blocks, keeping its
     gathered input rows on chip (Triton row kernels when the contraction fits one
     block_k); False launches one program per (row tile, column block).
+  gluon: a tile of the Gluon fused-sum kernels (kernels/cvmm_gluon.py).
+  halves: 2 for the Gluon two-half row kernel (tiles of 2 * block_m rows whose halves
+    share each column block of the matrix; two buffers, num_stages 2); else 1.
   """
 
   block_m: int
@@ -58,6 +61,7 @@ class TileConfig:
   splits: int = 1
   loop_n: bool = False
   gluon: bool = False
+  halves: int = 1
 
   def __post_init__(self):
     for name in ("block_m", "block_n", "block_k"):
@@ -71,6 +75,11 @@ class TileConfig:
                        "([2, 16] for gluon tiles)")
     if self.splits < 1:
       raise ValueError(f"splits={self.splits} must be >= 1")
+    if self.halves not in (1, 2) or (self.halves == 2 and not (self.gluon and
+                                                               self.num_stages == 2)):
+      raise ValueError(f"halves={self.halves}: 1, or 2 for a Gluon tile of 2 buffers "
+                       f"(num_stages 2), got gluon={self.gluon}, "
+                       f"num_stages={self.num_stages}")
     if self.gluon and not (self.loop_n and self.num_stages >= 2):
       raise ValueError("gluon tiles walk the column blocks (loop_n) with at least 2 "
                        f"buffers (num_stages), got loop_n={self.loop_n}, "

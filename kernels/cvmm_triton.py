@@ -32,6 +32,7 @@ accumulate in float32.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -620,7 +621,7 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
     elif cfg.gluon and not gluon_ok(cfg):
       raise ValueError(f"{cfg}: the Gluon row kernel needs a fused 16-bit sum without "
                        f"dgates, a contraction of 16..256 (a power of two), whole column "
-                       f"blocks and 3 buffers at least; got I={i}, O={o}, "
+                       f"blocks and 3 buffers at least (2 for two halves); got I={i}, O={o}, "
                        f"{jnp.dtype(a.dtype).name}, sum reductions of {red}, "
                        f"dgates={dgate}")
     elif cfg.gluon and not _gluon_device():
@@ -635,12 +636,17 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
                           transpose_w=transpose_w, out_dtype=out_dtype)
     dg = None
   else:
-    tiles = _sum_tiles(routing, cfg.block_m) if atomic else routing.tiles(cfg.block_m)
-    if cfg.gluon:
+    if cfg.gluon and cfg.halves == 2:    # its own tiles, of 2 * block_m rows
+      out = gluon_rows2_sum(a, w, routing, scale, cfg, a_rows=a_rows, out_rows=out_rows,
+                            transpose_w=transpose_w, out_dtype=out_dtype)
+      dg = None
+    elif cfg.gluon:
+      tiles = _sum_tiles(routing, cfg.block_m)
       out = gluon_rows_sum(a, w, routing, tiles, scale, cfg, a_rows=a_rows,
                            out_rows=out_rows, transpose_w=transpose_w, out_dtype=out_dtype)
       dg = None
     else:
+      tiles = _sum_tiles(routing, cfg.block_m) if atomic else routing.tiles(cfg.block_m)
       z = tiles.shape[1]
       n_nb = -(-o // cfg.block_n)
       loop_n = cfg.loop_n and i <= cfg.block_k
@@ -714,8 +720,8 @@ def gluon_rows2_sum(a, w, routing: Routing, scale, cfg: TileConfig, *, a_rows: i
   """One launch of the Gluon two-half row kernel
   (:func:`kernels.cvmm_gluon._rows2_sum_kernel`): as :func:`gluon_rows_sum`, over tiles
   of 2 * ``cfg.block_m`` rows in the fused sums' launch order, each column block of the
-  expert's matrix copied once for both halves. Not a tile candidate yet (probe only:
-  bench/gluon_rows_probe.py --rows2)."""
+  expert's matrix copied once for both halves. Its tiles (``halves`` 2) are candidates
+  of the fused sums with CVMM_GLUON_ROWS2=1 (:func:`_rows_candidates`)."""
   from kernels import cvmm_gluon  # noqa: PLC0415
   cvmm_gluon.install_launcher()
   n = routing.n_tokens
@@ -964,7 +970,9 @@ def _gluon_rows_ok(i: int, o: int, dtype, red: int, dgate: bool):
   the shapes :func:`kernels.cvmm_gluon.rows_sum_supported` names. (The device, a
   Hopper GPU, is :func:`_gluon_device`.)"""
   def ok(cfg: TileConfig) -> bool:
-    if red != 8 or dgate or cfg.num_stages < 3:    # the row kernel: 3 buffers at least
+    if red != 8 or dgate:
+      return False
+    if cfg.halves == 1 and cfg.num_stages < 3:     # the row kernel: 3 buffers at least
       return False
     from kernels import cvmm_gluon  # noqa: PLC0415
     return cvmm_gluon.rows_sum_supported(i, o, dtype, cfg.block_n)
@@ -1216,13 +1224,32 @@ def _gluon_enabled() -> bool:
   return os.environ.get("CVMM_GLUON", "1") != "0"
 
 
+# The two-half row kernel's tiles (BM of a half, BN, warps): candidates with
+# CVMM_GLUON_ROWS2=1 only, until measured on a GPU.
+_GLUON_ROWS2 = ((128, 64, 8), (128, 32, 8))
+
+
+def _gluon_rows2_enabled() -> bool:
+  """CVMM_GLUON_ROWS2=1 puts the two-half row kernel's tiles first among the fused
+  sums' candidates (default 0: not yet measured on a GPU)."""
+  env = os.environ.get("CVMM_GLUON_ROWS2", "0")
+  if env not in ("0", "1"):
+    raise ValueError(f"CVMM_GLUON_ROWS2={env!r}: expected 0 or 1")
+  return env == "1"
+
+
 def _rows_candidates(i: int, o: int, dtype, gluon: bool = False) -> list[TileConfig]:
   """Tile candidates of the row kernel, in heuristic order; ``gluon``: the call can
-  take the Gluon kernel (:func:`_gluon_rows_ok`), whose tiles then come first."""
+  take the Gluon kernels (:func:`_gluon_rows_ok`), whose tiles then come first (the
+  two-half kernel's before them with CVMM_GLUON_ROWS2=1)."""
   out = _triton_rows_candidates(i, o, dtype)
   if gluon:
     ok = _gluon_rows_ok(i, o, dtype, 8, False)
-    out = [c for c in (_gluon_tile(t, i) for t in _GLUON_ROWS) if ok(c)] + out
+    tiles = [_gluon_tile(t, i) for t in _GLUON_ROWS]
+    if _gluon_rows2_enabled():
+      tiles = [dataclasses.replace(_gluon_tile((bm, bn, w, 2), i), halves=2)
+               for bm, bn, w in _GLUON_ROWS2] + tiles
+    out = [c for c in tiles if ok(c)] + out
   return out
 
 

@@ -67,6 +67,50 @@ def test_gluon_tiles_come_first_where_a_call_takes_them(monkeypatch):
   assert ct._gluon_enabled()
   monkeypatch.setenv("CVMM_GLUON", "0")
   assert not ct._gluon_enabled()
+  # CVMM_GLUON_ROWS2=1: the two-half kernel's tiles ahead of the row kernel's
+  assert not any(c.halves == 2 for c in cands)
+  monkeypatch.setenv("CVMM_GLUON_ROWS2", "1")
+  cands2 = ct._rows_candidates(128, 1024, jnp.bfloat16, gluon=True)
+  n2 = len(ct._GLUON_ROWS2)
+  assert [c.halves for c in cands2[:n2 + 1]] == [2] * n2 + [1]
+  assert all(c.gluon and c.num_stages == 2 for c in cands2[:n2])
+  assert cands2[n2:] == cands
+  monkeypatch.setenv("CVMM_GLUON_ROWS2", "yes")
+  with pytest.raises(ValueError, match="CVMM_GLUON_ROWS2"):
+    ct._rows_candidates(128, 1024, jnp.bfloat16, gluon=True)
+
+
+def test_rows_matmul_hands_two_half_tiles_to_their_kernel(monkeypatch):
+  """A two-half tile (halves 2) launches the two-half kernel over tiles of 2 * block_m
+  rows (in the fused sums' launch order), with the float16 sums' scales; a row tile
+  launches the row kernel over block_m-row tiles."""
+  import jax  # noqa: PLC0415
+  from kernels import make_routing  # noqa: PLC0415
+  monkeypatch.setattr(ct, "_compute_capability", lambda: 9.0)
+  monkeypatch.setattr(ct, "_interpret", lambda: False)
+  monkeypatch.setattr(cvmm_gluon, "install_launcher", lambda: None)   # (jax-triton: GPUs)
+  launched = []
+
+  def launch(kernel, args, out_shapes, grid, cfg, zeroed=(), **meta):
+    launched.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
+                     grid, meta["BM"], args[3].shape[1], zeroed))
+    return [jnp.zeros(s.shape, s.dtype) for s in out_shapes]
+
+  monkeypatch.setattr(ct, "_launch", launch)
+  n, k, e, i, o = 300, 4, 8, 128, 256
+  r = make_routing(jax.random.randint(jax.random.key(0), (n, k), 0, e), e,
+                   tile_blocks=())
+  a = jnp.ones((n * k, i), jnp.bfloat16)
+  w = jnp.ones((e, i, o), jnp.bfloat16)
+  g = jnp.ones((n * k,), jnp.float32)
+  two = ct.TileConfig(64, 64, i, 8, 2, loop_n=True, gluon=True, halves=2)
+  ct.rows_matmul(a, w, r, a_rows=k, out_rows=1, scale=g, cfg=two)
+  ct.rows_matmul(a, w, r, a_rows=k, out_rows=1, scale=g,
+                 cfg=ct.TileConfig(64, 64, i, 8, 3, loop_n=True, gluon=True))
+  z128 = r.ordered_tiles(128, "token").shape[1]
+  z64 = r.ordered_tiles(64, "token").shape[1]
+  assert launched == [("_rows2_sum_kernel", z128, 64, z128, (0,)),
+                      ("_rows_sum_kernel", z64, 64, z64, (0,))], launched
 
 
 @pytest.mark.parametrize("kind", ["rows", "pair_fwd", "pair_bwd"])

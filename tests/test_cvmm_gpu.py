@@ -232,11 +232,11 @@ GLUON_ROWS2_TILES = [(128, 64, 8), (64, 64, 4), (128, 32, 8)]
 @pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
 @pytest.mark.parametrize("shape", GLUON_SHAPES, ids=str)
 @pytest.mark.parametrize("tile", GLUON_ROWS2_TILES, ids=str)
-def test_gluon_rows2_kernel_matches_reference(tile, shape, transpose, sums):
+def test_gluon_rows2_kernel_matches_reference(tile, shape, transpose, sums, monkeypatch):
   """The Gluon two-half row kernel (each column block of the expert's matrix used for
-  two halves of a tile): gated sums over slots into 16-bit outputs (float16 scaled as
-  rows_matmul scales them), against an einsum of the same bf16 inputs in float32;
-  partial tiles and halves, experts without pairs."""
+  two halves of a tile) through rows_matmul with its tile: gated sums over slots into
+  16-bit outputs, against an einsum of the same bf16 inputs in float32; partial tiles
+  and halves, experts without pairs."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
   import kernels.cvmm_triton as ct_mod  # noqa: PLC0415
@@ -244,18 +244,16 @@ def test_gluon_rows2_kernel_matches_reference(tile, shape, transpose, sums):
     pytest.skip("the Gluon kernels run on Hopper GPUs only")
   n, k, e, i, o, a_rows, out_rows = shape
   bm, bn, nw = tile
-  cfg = ct_mod.TileConfig(bm, min(bn, o), i, nw, 2, loop_n=True, gluon=True)
+  cfg = ct_mod.TileConfig(bm, min(bn, o), i, nw, 2, loop_n=True, gluon=True, halves=2)
   r, a, w, g, w_arg = _sum_inputs(5, n, k, e, i, o, a_rows, transpose)
-
-  def run(a, w_, g):
-    kw = dict(a_rows=a_rows, out_rows=out_rows, transpose_w=transpose)
-    if sums == "bfloat16":
-      return ct_mod.gluon_rows2_sum(a, w_, r, g, cfg, out_dtype=jnp.bfloat16, **kw)
-    w_l1 = ct_mod._max_l1(w_, 2 if transpose else 1)
-    row_s, sc = ct_mod._f16_row_scales(a, w_l1, r, g, a_rows, out_rows)
-    out = ct_mod.gluon_rows2_sum(a, w_, r, sc, cfg, out_dtype=jnp.float16, **kw)
-    return ct_mod._f16_unscale(out, row_s)
-  out = jax.jit(run)(a, w_arg, g)
+  launched = []
+  orig = ct_mod.gluon_rows2_sum
+  monkeypatch.setattr(ct_mod, "gluon_rows2_sum",
+                      lambda *a_, **kw: launched.append(1) or orig(*a_, **kw))
+  out, _ = jax.jit(lambda a, w_, g: ct_mod.rows_matmul(
+      a, w_, r, a_rows=a_rows, out_rows=out_rows, transpose_w=transpose, scale=g,
+      cfg=cfg, sum_dtype=sums))(a, w_arg, g)
+  assert launched == [1]
   ref = _gated_sum_reference(r, a, w, g, a_rows, out_rows)
   err = _rel(out, ref)
   assert np.all(np.isfinite(np.asarray(out, np.float32)))
