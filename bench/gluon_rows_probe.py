@@ -16,7 +16,7 @@ against the cached tile choice (the Gluon kernel's own at MoEUT_244M since the e
 session; Triton's before). ``--rows2 128x64x8,128x32x8`` times the two-half row kernel
 (kernels/cvmm_gluon.py, _rows2_sum_kernel: tiles of two halves of BM rows sharing each
 matrix block; BMxBNxWARPS) at down_fwd, with its output's difference from the row
-kernel's (the first tiling).
+kernel's (the first tiling), and with ``--calls`` the whole calls with its tiles too.
 """
 from __future__ import annotations
 
@@ -105,15 +105,20 @@ def main(argv=None):
     t = _time(jax.jit(lambda v: cfn(None, v)), arrays) * 1e3
     print(f"call {call}: dense {dense:.3f} ms; cached tile choice {t:7.3f} ms "
           f"({dense / t:.0%} of dense)", flush=True)
-    for bm, bn, w, b in tilings:
-      cfg = TileConfig(bm, bn, i, w, b, loop_n=True, gluon=True)
+    cfgs = [(f"gluon {bm}x{bn} w{w} b{b}", TileConfig(bm, bn, i, w, b, loop_n=True,
+                                                       gluon=True))
+            for bm, bn, w, b in tilings]
+    for t2 in filter(None, a.rows2.split(",")):
+      bm, bn, w = (int(x) for x in t2.split("x"))
+      cfgs.append((f"gluon rows2 {bm}x2x{bn} w{w}",
+                   TileConfig(bm, bn, i, w, 2, loop_n=True, gluon=True, halves=2)))
+    for name, cfg in cfgs:
       try:
         t = _time(jax.jit(lambda v, cfg=cfg: cfn(cfg, v)), arrays) * 1e3
       except ValueError as err:     # a tiling this call's shapes cannot take
-        print(f"call {call} gluon {bm}x{bn} w{w} b{b}: {err}")
+        print(f"call {call} {name}: {err}")
         continue
-      print(f"call {call} gluon {bm}x{bn} w{w} b{b}  {t:7.3f} ms "
-            f"({dense / t:.0%} of dense)", flush=True)
+      print(f"call {call} {name}  {t:7.3f} ms ({dense / t:.0%} of dense)", flush=True)
 
 
 if __name__ == "__main__":
