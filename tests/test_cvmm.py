@@ -110,6 +110,15 @@ def test_band_tiles_cover_every_pair_once_within_a_band(monkeypatch, packed):
     r.band_tiles(16, 0)
 
 
+def _used_of_permuted(got: np.ndarray, plain: np.ndarray) -> np.ndarray:
+  """The used tiles of ``got`` [3, Z], after checking that it holds the tiles of
+  ``plain`` (whole, reordered) with the unused ones (start == end) last."""
+  assert sorted(map(tuple, got.T)) == sorted(map(tuple, plain.T))   # a permutation
+  used = got[:, got[2] > got[1]]
+  assert np.all(got[2, used.shape[1]:] == got[1, used.shape[1]:])    # unused tiles last
+  return used
+
+
 def test_group_order_permutes_whole_tiles_band_by_band_then_by_expert():
   from kernels.routing import group_ordered
   r = _routing("random", 37, 3, 11, jax.random.key(3))
@@ -117,12 +126,30 @@ def test_group_order_permutes_whole_tiles_band_by_band_then_by_expert():
   for bm, band in [(4, 5), (16, 8), (16, 1000)]:
     plain = np.asarray(r.tiles(bm))
     got = np.asarray(group_ordered(r.tiles(bm), r, band))
-    assert sorted(map(tuple, got.T)) == sorted(map(tuple, plain.T))   # a permutation
-    used = got[:, got[2] > got[1]]
-    n_used = used.shape[1]
-    assert np.all(got[2, n_used:] == got[1, n_used:])                 # unused tiles last
+    used = _used_of_permuted(got, plain)
     keys = [(order[s] // r.k // band, e, s) for e, s, _ in used.T]
     assert keys == sorted(keys), keys      # by first token's band, expert, position
+
+
+def test_split_order_permutes_whole_tiles_by_expert_group_then_first_token():
+  """split<G>: the same tiles, group of experts by group (expert e in group e*G // E),
+  by first token within a group (ties as listed), unused tiles last; split1 is the token
+  order."""
+  from kernels.routing import split_ordered, token_ordered
+  r = _routing("random", 37, 3, 11, jax.random.key(4))
+  order = np.asarray(r.order)
+  for bm, groups in [(4, 2), (16, 3), (4, 11), (16, 1)]:
+    plain = np.asarray(r.tiles(bm))
+    got = np.asarray(split_ordered(r.tiles(bm), r, groups))
+    used = _used_of_permuted(got, plain)
+    keys = [(e * groups // r.n_experts, order[s] // r.k) for e, s, _ in used.T]
+    assert keys == sorted(keys), keys
+    if groups == 1:
+      np.testing.assert_array_equal(got, np.asarray(token_ordered(r.tiles(bm), r)))
+  np.testing.assert_array_equal(np.asarray(r.ordered_tiles(4, "split2")),
+                                np.asarray(split_ordered(r.tiles(4), r, 2)))
+  with pytest.raises(ValueError, match="groups"):
+    split_ordered(r.tiles(4), r, 0)
 
 
 def test_routing_tile_lists_are_computed_once_and_reused(monkeypatch):
@@ -653,10 +680,10 @@ def test_band_order_in_interpreter():
 
 def test_tile_order_is_validated(monkeypatch):
   from kernels.routing import sum_tile_order as _tile_order
-  for good in ("token", "expert", "band8192", "group4096"):
+  for good in ("token", "expert", "band8192", "group4096", "split2"):
     monkeypatch.setenv("CVMM_TILE_ORDER", good)
     assert _tile_order() == good
-  for bad in ("band", "bandx", "tokens", "group", "group0", "band0"):
+  for bad in ("band", "bandx", "tokens", "group", "group0", "band0", "split", "split0"):
     monkeypatch.setenv("CVMM_TILE_ORDER", bad)
     with pytest.raises(ValueError, match="CVMM_TILE_ORDER"):
       _tile_order()
