@@ -128,8 +128,10 @@ def main(argv=None):
   ap.add_argument("--sums", default="float32",
                   help="float32, float16 and/or bfloat16: dtypes of the fused sums to time")
   ap.add_argument("--orders", default="",
-                  help="comma list of CVMM_TILE_ORDER values (token, expert, band<W>): "
-                       "time the fused-sum kernels' tile candidates in each launch order")
+                  help="comma list of CVMM_TILE_ORDER values (token, expert, band<W>, "
+                       "group<W>, split<G>): time the fused-sum kernels' tile candidates "
+                       "in each launch order (an order the routing did not precompute, "
+                       "all but token, is computed inside the timed call)")
   ap.add_argument("--gluon", action="store_true",
                   help="time only the Gluon tile candidates (with --cached: and the cached "
                        "choice)")
