@@ -155,16 +155,8 @@ if gluon is not None:
           _copy_block(b_smem, w_base, j, I, O, BN, SW_I, SW_O, TRANS, NW)
         cp.commit_group()
       # the reductions' rows and validity; the scales in the product's layout
-      rows_r = start + gl.arange(0, BM, layout=gl.SliceLayout(1, red_l))
-      rmask_r = rows_r < end
-      pair_r = gl.load(order_ptr + rows_r, mask=rmask_r, other=0)
-      o_row = _row_of(pair_r, K, O_R)
-      rows_a = start + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
-      if HAS_SCALE:
-        pair_a = gl.load(order_ptr + rows_a, mask=rows_a < end, other=0)
-        s = gl.load(scale_ptr + pair_a, mask=rows_a < end, other=0.0).to(gl.float32)
-      else:
-        s = gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, acc_l))
+      o_row, rmask_r = _out_rows(order_ptr, start, end, K, O_R, BM, red_l)
+      s = _rows_scale(scale_ptr, order_ptr, start, end, BM, acc_l, HAS_SCALE)
       zero = gl.zeros([BM, BN], gl.float32, layout=acc_l)
 
       # Block nb's product runs on the tensor cores while block nb - 1 is reduced.
@@ -180,7 +172,7 @@ if gluon is not None:
                              is_async=True)
         prev = warpgroup_mma_wait(num_outstanding=0, deps=(prev,))
       if PROBE == 1 or PROBE == 5:
-        rmask_r = rmask_r & (rows_r < 0)
+        rmask_r = rmask_r & (o_row < 0)      # (never: every row is >= 0)
       for nb in range(1, n_nb):
         if PROBE != 4 and PROBE != 5:
           _copy_block(b_smem, w_base, nb + BUF - 2, I, O, BN, SW_I, SW_O, TRANS, NW)
@@ -250,38 +242,18 @@ if gluon is not None:
     if start < end:
       wl = w_ptr + e_lo.to(gl.int64) * SW_E
       wh = w_ptr + e_hi.to(gl.int64) * SW_E
-      rows = start + gl.arange(0, BM, layout=gl.SliceLayout(1, a_l))
-      rmask = rows < end
-      ka = gl.arange(0, I, layout=gl.SliceLayout(0, a_l))
-      p_lo = gl.load(lo_ptr + rows, mask=rmask, other=0)
-      row_lo = _row_of(p_lo, K, A_R)
-      cp.async_copy_global_to_shared(a_lo, a_ptr + row_lo[:, None] * I + ka[None, :],
-                                     mask=rmask[:, None])
+      _gather_rows(a_lo, a_ptr, lo_ptr, start, end, I, K, A_R, BM, a_l)
       if not SAME_A:
-        p_hi = gl.load(hi_ptr + rows, mask=rmask, other=0)
-        row_hi = _row_of(p_hi, K, A_R)
-        cp.async_copy_global_to_shared(a_hi, a_ptr + row_hi[:, None] * I + ka[None, :],
-                                       mask=rmask[:, None])
+        _gather_rows(a_hi, a_ptr, hi_ptr, start, end, I, K, A_R, BM, a_l)
       gl.static_assert(BUF >= 2, "BUF: at least 2 buffers per matrix")
       for j in gl.static_range(BUF - 1):
         _copy_block(b_lo, wl, j, I, O, BN, SW_I, SW_O, TRANS, NW)
         _copy_block(b_hi, wh, j, I, O, BN, SW_I, SW_O, TRANS, NW)
         cp.commit_group()
       # the reductions' rows (both pairs of a unit add into the lower pair's row)
-      rows_r = start + gl.arange(0, BM, layout=gl.SliceLayout(1, red_l))
-      rmask_r = rows_r < end
-      pr = gl.load(lo_ptr + rows_r, mask=rmask_r, other=0)
-      o_row = _row_of(pr, K, O_R)
-      rows_a = start + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
-      amask = rows_a < end
-      if HAS_SCALE:
-        s_lo = gl.load(scale_ptr + gl.load(lo_ptr + rows_a, mask=amask, other=0),
-                       mask=amask, other=0.0).to(gl.float32)
-        s_hi = gl.load(scale_ptr + gl.load(hi_ptr + rows_a, mask=amask, other=0),
-                       mask=amask, other=0.0).to(gl.float32)
-      else:
-        s_lo = gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, acc_l))
-        s_hi = s_lo
+      o_row, rmask_r = _out_rows(lo_ptr, start, end, K, O_R, BM, red_l)
+      s_lo = _rows_scale(scale_ptr, lo_ptr, start, end, BM, acc_l, HAS_SCALE)
+      s_hi = _rows_scale(scale_ptr, hi_ptr, start, end, BM, acc_l, HAS_SCALE)
       zero = gl.zeros([BM, BN], gl.float32, layout=acc_l)
 
       cp.wait_group(BUF - 2)       # the rows and block 0
@@ -360,12 +332,8 @@ if gluon is not None:
       _copy_block(b_smem, w_base, 0, I, O, BN, SW_I, SW_O, TRANS, NW)
       cp.commit_group()
       # each half's output rows, validity and scales
-      rows_r0 = start + gl.arange(0, BM, layout=gl.SliceLayout(1, red_l))
-      rows_r1 = rows_r0 + BM
-      m0 = rows_r0 < end
-      m1 = rows_r1 < end
-      o_row0 = _row_of(gl.load(order_ptr + rows_r0, mask=m0, other=0), K, O_R)
-      o_row1 = _row_of(gl.load(order_ptr + rows_r1, mask=m1, other=0), K, O_R)
+      o_row0, m0 = _out_rows(order_ptr, start, end, K, O_R, BM, red_l)
+      o_row1, m1 = _out_rows(order_ptr, mid, end, K, O_R, BM, red_l)
       s0 = _rows_scale(scale_ptr, order_ptr, start, end, BM, acc_l, HAS_SCALE)
       s1 = _rows_scale(scale_ptr, order_ptr, mid, end, BM, acc_l, HAS_SCALE)
       zero = gl.zeros([BM, BN], gl.float32, layout=acc_l)
@@ -399,27 +367,36 @@ if gluon is not None:
       _reduce_block(prev, n_nb - 1, o_row1, m1, s1, out_ptr, O, BM, BN, red_l, ASM, epi)
 
   @gluon.jit
-  def _gather_rows(a_smem, a_ptr, order_ptr, start, end, I: gl.constexpr, K: gl.constexpr,
+  def _gather_rows(a_smem, a_ptr, idx_ptr, start, end, I: gl.constexpr, K: gl.constexpr,
                    A_R: gl.constexpr, BM: gl.constexpr, a_l: gl.constexpr):
-    """Starts copying the input rows of the sorted positions start.. (below end; the
-    rest masked) into ``a_smem`` [BM, I]."""
+    """Starts copying the input rows of the pairs ``idx_ptr`` holds at the sorted
+    positions start.. (below end; the rest masked) into ``a_smem`` [BM, I]."""
     rows = start + gl.arange(0, BM, layout=gl.SliceLayout(1, a_l))
     rmask = rows < end
-    pair = gl.load(order_ptr + rows, mask=rmask, other=0)
+    pair = gl.load(idx_ptr + rows, mask=rmask, other=0)
     a_row = _row_of(pair, K, A_R)
     ka = gl.arange(0, I, layout=gl.SliceLayout(0, a_l))
     cp.async_copy_global_to_shared(a_smem, a_ptr + a_row[:, None] * I + ka[None, :],
                                    mask=rmask[:, None])
 
   @gluon.jit
-  def _rows_scale(scale_ptr, order_ptr, start, end, BM: gl.constexpr,
+  def _out_rows(idx_ptr, start, end, K: gl.constexpr, O_R: gl.constexpr,
+                BM: gl.constexpr, red_l: gl.constexpr):
+    """(output row [BM] int64, validity [BM]) of the sorted positions start.. (below
+    end) in the reductions' row layout; ``idx_ptr`` holds each position's pair."""
+    rows = start + gl.arange(0, BM, layout=gl.SliceLayout(1, red_l))
+    m = rows < end
+    return _row_of(gl.load(idx_ptr + rows, mask=m, other=0), K, O_R), m
+
+  @gluon.jit
+  def _rows_scale(scale_ptr, idx_ptr, start, end, BM: gl.constexpr,
                   acc_l: gl.constexpr, HAS_SCALE: gl.constexpr):
-    """[BM] float32 scales of the sorted positions start.. (below end), in the
-    products' row layout; ones without a scale."""
+    """[BM] float32 scales of the pairs ``idx_ptr`` holds at the sorted positions
+    start.. (below end), in the products' row layout; ones without a scale."""
     rows = start + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_l))
     if HAS_SCALE:
       m = rows < end
-      return gl.load(scale_ptr + gl.load(order_ptr + rows, mask=m, other=0), mask=m,
+      return gl.load(scale_ptr + gl.load(idx_ptr + rows, mask=m, other=0), mask=m,
                      other=0.0).to(gl.float32)
     else:
       return gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, acc_l))

@@ -314,8 +314,9 @@ def _units_kernel(
     p_lo = tl.load(lo_ptr + rows, mask=rmask, other=0)              # [BM]
     p_hi = tl.load(hi_ptr + rows, mask=rmask, other=1)
     tok = p_lo // K
-    a_lo = (tok * A_R + (p_lo % K) // (K // A_R)).to(tl.int64)
-    a_hi = (tok * A_R + (p_hi % K) // (K // A_R)).to(tl.int64)
+    s_lo, s_hi = p_lo % K, p_hi % K                                  # slots
+    a_lo = (tok * A_R + s_lo // (K // A_R)).to(tl.int64)
+    a_hi = (tok * A_R + s_hi // (K // A_R)).to(tl.int64)
     cols = tl.arange(0, BN)
     cmask = cols < O
     w_lo = w_ptr + e_lo.to(tl.int64) * SW_E
@@ -338,15 +339,14 @@ def _units_kernel(
       acc_hi = _mma(x_hi, b_hi, acc_hi, IEEE)
     omask = rmask[:, None] & cmask[None, :]
     if DGATE:   # both pairs of a unit dot one row: K // C_R is even (the wrapper checks)
-      c_row = (tok * C_R + (p_lo % K) // (K // C_R)).to(tl.int64)
+      c_row = (tok * C_R + s_lo // (K // C_R)).to(tl.int64)
       c = tl.load(c_ptr + c_row[:, None] * O + cols[None, :], mask=omask,
                   other=0.0).to(tl.float32)
       tl.store(dg_ptr + p_lo, tl.sum(acc_lo * c, axis=1), mask=rmask)
       tl.store(dg_ptr + p_hi, tl.sum(acc_hi * c, axis=1), mask=rmask)
-    s_lo = _row_scale(scale_ptr, p_lo, rmask, HAS_SCALE)
-    s_hi = _row_scale(scale_ptr, p_hi, rmask, HAS_SCALE)
-    acc = acc_lo * s_lo[:, None] + acc_hi * s_hi[:, None]
-    o_row = (tok * O_R + (p_lo % K) // (K // O_R)).to(tl.int64)
+    o_row = (tok * O_R + s_lo // (K // O_R)).to(tl.int64)
+    acc = (acc_lo * _row_scale(scale_ptr, p_lo, rmask, HAS_SCALE)[:, None]
+           + acc_hi * _row_scale(scale_ptr, p_hi, rmask, HAS_SCALE)[:, None])
     tl.store(out_ptr + o_row[:, None] * O + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=omask)
 
