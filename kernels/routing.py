@@ -502,17 +502,15 @@ def _group_sort(ids: jax.Array, n_groups: int) -> tuple[jax.Array, jax.Array]:
   """(order [M], offsets [G + 1]) int32 of ``ids`` [M] in [0, G): the positions sorted
   by id, stably, and where each id's positions start.
 
-  While G * M fits an int32, one key per position, id * M + position: unique, so a
-  plain (keys-only) sort gives the stable order, and each id's first position is a
-  binary search. Faster on GPUs than an argsort (a key-value sort) plus a bincount,
-  whose scatter-add contends on few bins."""
+  With packed keys (:func:`_packed_sort`) each id's first position is a binary search
+  in the sorted keys. Faster on GPUs than an argsort (a key-value sort) plus a
+  bincount, whose scatter-add contends on few bins."""
   m = ids.shape[0]
-  if n_groups * m < _PACKED_KEY_LIMIT:
-    keys = jnp.sort(ids * m + jnp.arange(m, dtype=jnp.int32))                # [M]
-    order = keys % max(m, 1)
+  keys = _packed_sort(ids, n_groups)
+  if keys is not None:
     bounds = jnp.arange(n_groups + 1, dtype=jnp.int32) * m                  # [G+1]
     offsets = jnp.searchsorted(keys, bounds, side="left", method="scan_unrolled")
-    return order, offsets.astype(jnp.int32)
+    return keys % max(m, 1), offsets.astype(jnp.int32)
   order = jnp.argsort(ids, stable=True).astype(jnp.int32)
   sizes = jnp.bincount(ids, length=n_groups).astype(jnp.int32)
   return order, jnp.concatenate([jnp.zeros((1,), jnp.int32),
@@ -520,12 +518,22 @@ def _group_sort(ids: jax.Array, n_groups: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _stable_order(key: jax.Array, bound: int) -> jax.Array:
-  """[Z] int32 positions of ``key`` [Z] (values in [0, bound)) sorted by key, stably: a
-  keys-only sort of key * Z + position while that fits an int32, else an argsort."""
-  z = key.shape[0]
-  if bound * z < _PACKED_KEY_LIMIT:
-    return jnp.sort(key * z + jnp.arange(z, dtype=jnp.int32)) % max(z, 1)
+  """[Z] int32 positions of ``key`` [Z] (values in [0, bound)) sorted by key, stably:
+  from packed keys (:func:`_packed_sort`) where they fit, else an argsort."""
+  keys = _packed_sort(key, bound)
+  if keys is not None:
+    return keys % max(key.shape[0], 1)
   return jnp.argsort(key, stable=True).astype(jnp.int32)
+
+
+def _packed_sort(key: jax.Array, bound: int) -> jax.Array | None:
+  """The sorted keys key * Z + position of ``key`` [Z] (values in [0, bound)), or None
+  where bound * Z does not fit an int32. Unique keys, so a plain (keys-only) sort gives
+  the stable order (the position is the key modulo Z)."""
+  z = key.shape[0]
+  if bound * z >= _PACKED_KEY_LIMIT:
+    return None
+  return jnp.sort(key * z + jnp.arange(z, dtype=jnp.int32))
 
 
 def _first_tokens(order: jax.Array, start: jax.Array, k: int) -> jax.Array:
