@@ -581,8 +581,8 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   intermediate is written). sum_dtype: see :func:`half_sums`. A routing with unit
   pairs (:class:`~kernels.routing.UnitPairs`) takes the unit-pair kernel for 16-bit
   fused sums where :func:`unit_pairs_config` allows (unless ``cfg`` names a row tile),
-  and with CVMM_UNIT_STORE=1 the unit-store kernel where each output row takes exactly
-  one unit (:func:`units_store`; out is then in a's dtype, each row summed in float32).
+  and (unless CVMM_UNIT_STORE=0) the unit-store kernel where each output row takes
+  exactly one unit (:func:`units_store`; out is then in a's dtype, each row summed in float32).
   """
   if out_rows < routing.k and not fuse_sum:
     out, dg = rows_matmul(a, w, routing, a_rows=a_rows, out_rows=routing.k,
@@ -721,7 +721,7 @@ def gluon_rows2_sum(a, w, routing: Routing, scale, cfg: TileConfig, *, a_rows: i
   (:func:`kernels.cvmm_gluon._rows2_sum_kernel`): as :func:`gluon_rows_sum`, over tiles
   of 2 * ``cfg.block_m`` rows in the fused sums' launch order, each column block of the
   expert's matrix copied once for both halves. Its tiles (``halves`` 2) are candidates
-  of the fused sums with CVMM_GLUON_ROWS2=1 (:func:`_rows_candidates`)."""
+  of the fused sums, first unless CVMM_GLUON_ROWS2=0 (:func:`_rows_candidates`)."""
   from kernels import cvmm_gluon  # noqa: PLC0415
   cvmm_gluon.install_launcher()
   n = routing.n_tokens
@@ -877,11 +877,12 @@ UNITS_MAX_COLS = 256
 
 
 def units_store_wanted() -> bool:
-  """CVMM_UNIT_STORE=1: sums whose output rows each take exactly one unit's two pairs
-  (SwitchHead O's dx: a head's two experts into that head's row) run the unit-store
-  kernel (:func:`units_store`) where the routing carries unit pairs. Off by default
-  until measured on a GPU."""
-  env = os.environ.get("CVMM_UNIT_STORE", "0")
+  """Sums whose output rows each take exactly one unit's two pairs (SwitchHead O's dx:
+  a head's two experts into that head's row) run the unit-store kernel
+  (:func:`units_store`) where the routing carries unit pairs, unless CVMM_UNIT_STORE=0.
+  On an H200 at MoEUT_244M it took O's forward+backward from 1.593 to 1.423 ms
+  (bench/RESULTS.md, fourteenth session)."""
+  env = os.environ.get("CVMM_UNIT_STORE", "1")
   if env not in ("0", "1"):
     raise ValueError(f"CVMM_UNIT_STORE={env!r}: expected 0 or 1")
   return env == "1"
@@ -1224,15 +1225,17 @@ def _gluon_enabled() -> bool:
   return os.environ.get("CVMM_GLUON", "1") != "0"
 
 
-# The two-half row kernel's tiles (BM of a half, BN, warps): candidates with
-# CVMM_GLUON_ROWS2=1 only, until measured on a GPU.
+# The two-half row kernel's tiles (BM of a half, BN, warps), first among the Gluon
+# candidates unless CVMM_GLUON_ROWS2=0. On an H200 at MoEUT_244M (bench/RESULTS.md,
+# fourteenth session) 128x64 took the down projection's kernel from 1.167 to 0.990 ms
+# and the whole call from 1.336 to 1.181 ms (up's dx likewise); 128x32 was slower.
 _GLUON_ROWS2 = ((128, 64, 8), (128, 32, 8))
 
 
 def _gluon_rows2_enabled() -> bool:
-  """CVMM_GLUON_ROWS2=1 puts the two-half row kernel's tiles first among the fused
-  sums' candidates (default 0: not yet measured on a GPU)."""
-  env = os.environ.get("CVMM_GLUON_ROWS2", "0")
+  """The two-half row kernel's tiles come first among the fused sums' candidates,
+  unless CVMM_GLUON_ROWS2=0."""
+  env = os.environ.get("CVMM_GLUON_ROWS2", "1")
   if env not in ("0", "1"):
     raise ValueError(f"CVMM_GLUON_ROWS2={env!r}: expected 0 or 1")
   return env == "1"
@@ -1241,7 +1244,7 @@ def _gluon_rows2_enabled() -> bool:
 def _rows_candidates(i: int, o: int, dtype, gluon: bool = False) -> list[TileConfig]:
   """Tile candidates of the row kernel, in heuristic order; ``gluon``: the call can
   take the Gluon kernels (:func:`_gluon_rows_ok`), whose tiles then come first (the
-  two-half kernel's before them with CVMM_GLUON_ROWS2=1)."""
+  two-half kernel's before them unless CVMM_GLUON_ROWS2=0)."""
   out = _triton_rows_candidates(i, o, dtype)
   if gluon:
     ok = _gluon_rows_ok(i, o, dtype, 8, False)

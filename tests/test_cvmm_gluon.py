@@ -20,7 +20,9 @@ _SMEM_BLOCK = 227 * 1024
 
 
 def _gluon_tiles(i, o):
-  return [c for c in ct._rows_candidates(i, o, jnp.bfloat16, gluon=True) if c.gluon]
+  """The row kernel's tile candidates (the two-half kernel's have their own tests)."""
+  return [c for c in ct._rows_candidates(i, o, jnp.bfloat16, gluon=True)
+          if c.gluon and c.halves == 1]
 
 
 @pytest.mark.parametrize("cfg", _gluon_tiles(128, 1024), ids=str)
@@ -51,30 +53,32 @@ def test_gluon_row_kernel_variants_compile(transpose, f16):
 
 
 def test_gluon_tiles_come_first_where_a_call_takes_them(monkeypatch):
-  """The fused 16-bit sums' candidates start with the Gluon tiles (128x64, 8 warps, 4
-  buffers first); shapes it cannot take (O not a multiple of 64, I above 256) and
-  CVMM_GLUON=0 leave them out."""
+  """The fused 16-bit sums' candidates start with the Gluon tiles: the two-half
+  kernel's (128x64, 8 warps first), then the row kernel's (128x64, 8 warps, 4 buffers
+  first); shapes it cannot take (O not a multiple of 64, I above 256) and CVMM_GLUON=0
+  leave them out, CVMM_GLUON_ROWS2=0 the two-half tiles."""
+  cands2 = ct._rows_candidates(128, 1024, jnp.bfloat16, gluon=True)
+  n2 = len(ct._GLUON_ROWS2)
+  assert [c.halves for c in cands2[:n2 + 1]] == [2] * n2 + [1]
+  assert all(c.gluon and c.num_stages == 2 for c in cands2[:n2])
+  assert (cands2[0].block_m, cands2[0].block_n, cands2[0].num_warps) == (128, 64, 8)
+  monkeypatch.setenv("CVMM_GLUON_ROWS2", "0")
   cands = ct._rows_candidates(128, 1024, jnp.bfloat16, gluon=True)
+  assert cands2[n2:] == cands
+  assert not any(c.halves == 2 for c in cands)
   first = cands[0]
   assert first.gluon and (first.block_m, first.block_n, first.num_warps,
                           first.num_stages) == (128, 64, 8, 4)
   n_gluon = sum(c.gluon for c in cands)
   assert n_gluon == len(ct._GLUON_ROWS)
   assert all(c.gluon for c in cands[:n_gluon]) and not any(c.gluon for c in cands[n_gluon:])
+  monkeypatch.delenv("CVMM_GLUON_ROWS2")
   assert not any(c.gluon for c in ct._rows_candidates(128, 412, jnp.bfloat16, gluon=True))
   assert not any(c.gluon for c in ct._rows_candidates(512, 1024, jnp.bfloat16, gluon=True))
   assert not any(c.gluon for c in ct._rows_candidates(128, 1024, jnp.bfloat16))
   assert ct._gluon_enabled()
   monkeypatch.setenv("CVMM_GLUON", "0")
   assert not ct._gluon_enabled()
-  # CVMM_GLUON_ROWS2=1: the two-half kernel's tiles ahead of the row kernel's
-  assert not any(c.halves == 2 for c in cands)
-  monkeypatch.setenv("CVMM_GLUON_ROWS2", "1")
-  cands2 = ct._rows_candidates(128, 1024, jnp.bfloat16, gluon=True)
-  n2 = len(ct._GLUON_ROWS2)
-  assert [c.halves for c in cands2[:n2 + 1]] == [2] * n2 + [1]
-  assert all(c.gluon and c.num_stages == 2 for c in cands2[:n2])
-  assert cands2[n2:] == cands
   monkeypatch.setenv("CVMM_GLUON_ROWS2", "yes")
   with pytest.raises(ValueError, match="CVMM_GLUON_ROWS2"):
     ct._rows_candidates(128, 1024, jnp.bfloat16, gluon=True)
@@ -289,6 +293,6 @@ def test_rows_matmul_hands_unit_pairs_to_their_kernel(monkeypatch):
   monkeypatch.setenv("CVMM_UNIT_PAIRS", "0")
   ct.rows_matmul(a, w, r, a_rows=h, out_rows=1, scale=g)
   monkeypatch.setenv("CVMM_UNIT_PAIRS", "1")
-  ct.rows_matmul(a, w, r, a_rows=h, out_rows=1, scale=g,
-                 cfg=ct._rows_candidates(i, o, jnp.bfloat16, gluon=True)[0])
-  assert len(seen) == 1 and launched == ["_rows_sum_kernel"] * 2, launched
+  ct.rows_matmul(a, w, r, a_rows=h, out_rows=1, scale=g, cfg=_gluon_tiles(i, o)[0])
+  # without unit pairs the first candidate (the two-half row kernel), then the named tile
+  assert len(seen) == 1 and launched == ["_rows2_sum_kernel", "_rows_sum_kernel"], launched

@@ -184,11 +184,13 @@ def test_row_kernel_candidates_match_reference(cfg, transpose, sums):
 
 
 def _gluon_row_cases():
-  """The Gluon row kernel's tile candidates (empty without a GPU that runs it)."""
+  """The Gluon row kernel's tile candidates (empty without a GPU that runs it; the
+  two-half kernel's are GLUON_ROWS2_TILES)."""
   if jax.default_backend() != "gpu":
     return []
   from kernels.cvmm_triton import _rows_candidates  # noqa: PLC0415
-  return [c for c in _rows_candidates(128, 256, jnp.bfloat16, gluon=True) if c.gluon]
+  return [c for c in _rows_candidates(128, 256, jnp.bfloat16, gluon=True)
+          if c.gluon and c.halves == 1]
 
 
 # (N, K, E, I, O, rows of a per token, output rows per token): σ-MoE down's sum over
