@@ -220,7 +220,7 @@ def _fmt(c):
   if c.splits > 1:
     s += f" S{c.splits}"
   if c.gluon:
-    s += " gluon"
+    s += " gluon" + (f" x{c.halves}" if c.halves > 1 else "")
   elif c.loop_n:
     s += " loopN"
   return s

@@ -9,7 +9,8 @@ the kernels do not use them; 1: the default tile; BMxBNxWxB: that tile), "combo"
 default tile, with the tiles launched combination by combination instead of by first
 token), "plain" (a routing without unit pairs, make_routing's order: the default below
 2^18 units) or "store" (the default tile, and O's dx through the unit-store kernel,
-CVMM_UNIT_STORE=1). For each setting the O forward, the O forward+backward and the V
+CVMM_UNIT_STORE=1: the library's default; every other setting runs with
+CVMM_UNIT_STORE=0). For each setting the O forward, the O forward+backward and the V
 forward+backward are timed as bench/cvmm.py times them (the routing, with its unit
 pairs, computed outside the timed call), with the dense matmuls of the same FLOPs; the
 outputs' error against the first setting is printed. First, the routing itself is
