@@ -10,8 +10,15 @@ The σ-MoE pair (up, ReLU, gated down) runs six kernels, forward and backward:
   down_dw   dvalues[e] = sum_p h[p]^T g[p] dout[n]         ragged contraction
   up_dx     dx[n] += dy[p] @ keys[e]^T            rows, I = Es, O = D, fused sum (atomic)
   up_dw     dkeys[e] = sum_p x[n]^T dy[p]                  ragged contraction
-and SwitchHead's V and O projection forwards (v_fwd; o_fwd, fused sum over heads ×
-experts); the fused pair kernels do up_fwd + down_fwd (pair_fwd) and down_dh + up_dx
+and SwitchHead's V and O projections, forward and backward:
+  v_fwd     y[p] = x[n] @ V[e]                     rows, stored
+  v_dx      dx[n] += dy[p] @ V[e]^T                fused sum over heads × experts
+  v_dw      dV[e] = sum_p x[n]^T dy[p]                    ragged contraction
+  o_fwd     out[n] += g[p] att[n, h] @ O[e]        fused sum over heads × experts
+  o_dx      datt[n, h] = sum_p g[p] dout[n] @ O[e]^T + dgates (unit store with unit pairs)
+  o_dw      dO[e] = sum_p (g[p] att[n, h])^T dout[n]      ragged contraction (the gated
+            rows scaled first, as the op's backward does);
+the fused pair kernels do up_fwd + down_fwd (pair_fwd) and down_dh + up_dx
 (pair_bwd) in one launch each ("dense" there: one matmul with the FLOPs of both products).
 Each kernel is timed with every tile candidate the autotuner would consider; fused
 sums also with 1, 2 and 4 floats per reduction instruction (CVMM_RED_VEC), in expert
@@ -58,13 +65,16 @@ def kernels(prof: dict, n: int, dtype):
   dy = jax.random.normal(jax.random.key(6), (p, es)).astype(dtype)
   ro = o_["r"]
   att = o_["x"].reshape(-1, o_["x"].shape[-1])                  # [N*H, Dh]
+  heads = att.shape[0] // n
+  dh = att.shape[1]
+  dyv = jax.random.normal(jax.random.key(7), (ro.n_pairs, dh)).astype(dtype)
   rm = ct.rows_matmul
   # The arrays are passed to each jitted call as arguments: closed over, they would be
   # constants, and XLA would fold the work on them (the float16 sums' row maxima) into
   # the compilation instead of timing it.
   v = dict(x=x, keys=keys, values=values, h=h, g=g, g2=down["g"], dout=dout, dy=dy,
            hv=jax.nn.relu(h), att=att, ow=o_["w"], og=o_["g"].reshape(-1),
-           vw=pr["V"]["w"], r=r, ro=ro)
+           vw=pr["V"]["w"], r=r, ro=ro, dyv=dyv)
   return v, {
       "pair_fwd": (lambda c, v: ct.pair_rows(v["x"], v["keys"], v["values"], v["g2"],
                                              v["r"], cfg=c)["out"],
@@ -98,9 +108,25 @@ def kernels(prof: dict, n: int, dtype):
       "v_fwd": (lambda c, v: rm(v["x"], v["vw"], v["ro"], a_rows=1, out_rows=ro.k,
                                 cfg=c)[0],
                 (ro.n_pairs, d, pr["V"]["w"].shape[2]), "rows"),
-      "o_fwd": (lambda c, v: rm(v["att"], v["ow"], v["ro"], a_rows=att.shape[0] // n,
+      "v_dx": (lambda c, v: rm(v["dyv"], v["vw"], v["ro"], a_rows=ro.k, out_rows=1,
+                               transpose_w=True, cfg=c)[0],
+               (ro.n_pairs, dh, d), "atomic"),
+      "v_dw": (lambda c, v: ct.expert_gram(v["x"], v["dyv"], v["ro"], a_rows=1,
+                                           b_rows=ro.k, cfg=c),
+               (ro.n_pairs, d, dh), "dw"),
+      "o_fwd": (lambda c, v: rm(v["att"], v["ow"], v["ro"], a_rows=heads,
                                 out_rows=1, scale=v["og"], cfg=c)[0],
-                (ro.n_pairs, o_["w"].shape[1], d), "atomic"),
+                (ro.n_pairs, dh, d), "atomic"),
+      # the row kernel's tiles ("rows": with dgates the Gluon kernels do not apply);
+      # cfg None: the library's choice (the unit-store kernel where unit pairs allow)
+      "o_dx": (lambda c, v: rm(v["dout"], v["ow"], v["ro"], a_rows=1, out_rows=heads,
+                               transpose_w=True, scale=v["og"], dgate_rows=v["att"],
+                               c_rows=heads, cfg=c),
+               (ro.n_pairs, d, dh), "rows"),
+      "o_dw": (lambda c, v: ct.expert_gram(
+                   ct._gated_rows(v["att"].reshape(n, heads, dh), v["og"].reshape(n, ro.k)),
+                   v["dout"], v["ro"], a_rows=ro.k, b_rows=1, cfg=c),
+               (ro.n_pairs, dh, d), "dw"),
   }
 
 
@@ -150,7 +176,7 @@ def main(argv=None):
   rows = []
   for name in names:
     fn, (p, i, o), kind = ks[name]
-    e = (prof["att_n_experts"] * prof["n_heads"] if name in ("o_fwd", "v_fwd")
+    e = (prof["att_n_experts"] * prof["n_heads"] if name[:2] in ("o_", "v_")
          else prof["ff_n_experts"])
     dense = _dense_ms(p, i, o, dtype)
     flops = 2 * p * i * o

@@ -1,6 +1,7 @@
 """Where one CVMM call's GPU time goes: a profiler trace of the jitted call, per kernel.
 
   python -m bench.op_profile --kernels down_fwd,o_fwd,up_dx [--profile MoEUT_244M]
+  python -m bench.op_profile --kernels v_fwd,v_dx,v_dw,o_fwd,o_dx,o_dw
 
 For each named call of bench/cvmm_kernels.py (the cached tile choice), traces ``--iters``
 back-to-back calls with ``jax.profiler`` and prints the device time per HLO instruction

@@ -736,3 +736,50 @@ def test_cvmm_pair_composes_two_cvmms():
     cvmm_pair(x, r, wu, jnp.zeros((e, h + 1, o)), g, impl="xla")
   with pytest.raises(ValueError, match=r"x must be \[N, D\]"):
     cvmm_pair(x[:, None], r, wu, wd, g, impl="xla")
+
+
+_BENCH_CALLS_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    import profiles
+    from bench.cvmm_kernels import kernels
+    from kernels.cvmm_reference import cvmm_reference
+    def rel(a, b):
+      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+      return np.linalg.norm(a - b) / np.linalg.norm(b)
+    prof = profiles.get("MoEUT_tiny")
+    n = 37
+    v, ks = kernels(prof, n, jnp.float32)
+    run = lambda name: ks[name][0](None, v)
+    ro, h = v["ro"], prof["n_heads"]
+    dh, k = prof["d_head"], ro.k
+    # V: y [N, K, Dh] = x @ V[e]; its gradients for the cotangent dyv
+    v_ref = lambda x, w: cvmm_reference(x[:, None], ro, w)
+    y, vjp = jax.vjp(v_ref, v["x"], v["vw"])
+    dx, dw = vjp(v["dyv"].reshape(n, k, dh))
+    # O: out [N, D] = sum over the unit's slots of g * att @ O[e]; cotangent dout
+    att = v["att"].reshape(n, h, dh)
+    og = v["og"].reshape(n, k)
+    o_ref = lambda a, w, g: cvmm_reference(a, ro, w, g)
+    out, vjp_o = jax.vjp(o_ref, att, v["ow"], og)
+    datt, dow, dg = vjp_o(v["dout"])
+    got_dx, got_dg = run("o_dx")
+    checks = {"v_fwd": (run("v_fwd"), y.reshape(n * k, dh)),
+              "v_dx": (run("v_dx"), dx.reshape(n, -1)),
+              "v_dw": (run("v_dw"), dw),
+              "o_fwd": (run("o_fwd"), out),
+              "o_dx": (got_dx, datt.reshape(n * h, dh)),
+              "o_dgates": (got_dg, dg.reshape(-1)),
+              "o_dw": (run("o_dw"), dow)}
+    for name, (a, b) in checks.items():
+      assert np.shape(a) == np.shape(b), (name, np.shape(a), np.shape(b))
+      assert rel(a, b) <= 1e-5, (name, rel(a, b))
+    print("bench calls ok")
+""")
+
+
+def test_bench_kernels_v_and_o_calls_compute_their_gradients():
+  """bench/cvmm_kernels.py's SwitchHead calls (V and O forward, dx, dW, O's dgates), run
+  by Triton's interpreter in float32, against the reference CVMM and its VJP: what the
+  benchmark and bench/op_profile.py time is what the names say."""
+  pytest.importorskip("triton")
+  run_in_triton_interpreter(_BENCH_CALLS_SCRIPT, "bench calls ok")
