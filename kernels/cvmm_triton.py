@@ -582,7 +582,8 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   pairs (:class:`~kernels.routing.UnitPairs`) takes the unit-pair kernel for 16-bit
   fused sums where :func:`unit_pairs_config` allows (unless ``cfg`` names a row tile),
   and (unless CVMM_UNIT_STORE=0) the unit-store kernel where each output row takes
-  exactly one unit (:func:`units_store`; out is then in a's dtype, each row summed in float32).
+  exactly one unit (:func:`units_store`; out is then in a's dtype, each row summed in
+  float32).
   """
   if out_rows < routing.k and not fuse_sum:
     out, dg = rows_matmul(a, w, routing, a_rows=a_rows, out_rows=routing.k,
