@@ -7,7 +7,10 @@
 # timings (BENCH_ARGS: bench/cvmm.py, once per sum dtype in BENCH_SUMS, default: the
 # library's; KERNELS_ARGS:
 # bench/cvmm_kernels.py), the fused sums' errors (PREC_ARGS: bench/sum_precision.py) and
-# a train.py run (TRAIN_ARGS; then RESUME_ARGS, a second run that resumes). MODEL_ENV,
+# a train.py run (TRAIN_ARGS; then RESUME_ARGS, a second run that resumes), where one
+# call's device time goes (OPPROF_ARGS: bench/op_profile.py, e.g. "--kernels
+# v_fwd,v_dx,v_dw,o_dx,o_dw") and SwitchHead's unit pairs (UPROBE_ARGS:
+# bench/unit_pairs_probe.py). MODEL_ENV,
 # MODEL2_ENV, MODEL3_ENV: environment settings ("CVMM_SUM_DTYPE=float16") of one
 # training-step timing; BENCH_ENV likewise for bench/cvmm.py ("CVMM_AUTOTUNE=1": time the
 # tile candidates of shapes without a cached choice; $OUT/autotune.json then holds the
@@ -20,6 +23,13 @@ if [ -n "$GLUON" ]; then
 fi
 if [ -n "$GPROBE" ]; then
   timeout ${GPROBE_TIMEOUT:-150} python3 -m bench.gluon_rows_probe $GPROBE_ARGS 2>&1 | tee $OUT/gluon_rows_probe.log
+fi
+if [ -n "$OPPROF_ARGS" ]; then
+  timeout ${OPPROF_TIMEOUT:-200} python3 -m bench.op_profile $OPPROF_ARGS 2>&1 | tee $OUT/op_profile.log
+fi
+if [ -n "$UPROBE_ARGS" ]; then
+  timeout ${UPROBE_TIMEOUT:-150} python3 -m bench.unit_pairs_probe $UPROBE_ARGS 2>&1 \
+    | tee $OUT/unit_pairs_probe.log
 fi
 if [ -n "$OPS" ]; then
   timeout ${OPS_TIMEOUT:-150} python3 -m bench.ops $OPS_ARGS 2>&1 | tee $OUT/ops.log
