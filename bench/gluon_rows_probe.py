@@ -84,12 +84,13 @@ def main(argv=None):
         arrays).astype(jnp.float32)
     for t2 in a.rows2.split(","):
       bm, bn, w = (int(x) for x in t2.split("x"))
-      cfg = TileConfig(bm, bn, i, w, 2, loop_n=True, gluon=True)
+      cfg = TileConfig(bm, bn, i, w, 2, loop_n=True, gluon=True, halves=2)
 
       def fn2(v, cfg=cfg):
-        return ct.gluon_rows2_sum(v["h"], v["values"], v["r"], v["g"].astype(jnp.float32),
-                                  cfg, a_rows=v["r"].k, out_rows=1, transpose_w=False,
-                                  out_dtype=jnp.float16)
+        r = v["r"]
+        return ct.gluon_rows_sum(v["h"], v["values"], r, ct._sum_tiles(r, 2 * cfg.block_m),
+                                 v["g"].astype(jnp.float32), cfg, a_rows=r.k, out_rows=1,
+                                 transpose_w=False, out_dtype=jnp.float16)
       try:
         out = jax.jit(fn2)(arrays).astype(jnp.float32)
         t = _time(jax.jit(fn2), arrays) * 1e3

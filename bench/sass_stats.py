@@ -78,7 +78,7 @@ def main(argv=None):
     bm, bn, w = (int(x) for x in t.split("x"))
     cfg = TileConfig(bm, bn, i, w, 2, loop_n=True, gluon=True, halves=2)
     row("gluon rows2", t, cfg, offline.sass_stats(
-        offline.compile_gluon_rows2(cfg, i=i, o=o, k=k, f16=f16)))
+        offline.compile_gluon_rows(cfg, i=i, o=o, k=k, f16=f16)))
   for t in filter(None, a.pairs.split(",")):
     bm, bn, w, b = (int(x) for x in t.split("x"))
     cfg = TileConfig(bm, bn, 128, w, b, loop_n=True, gluon=True)

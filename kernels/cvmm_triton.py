@@ -637,12 +637,8 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
                           transpose_w=transpose_w, out_dtype=out_dtype)
     dg = None
   else:
-    if cfg.gluon and cfg.halves == 2:    # its own tiles, of 2 * block_m rows
-      out = gluon_rows2_sum(a, w, routing, scale, cfg, a_rows=a_rows, out_rows=out_rows,
-                            transpose_w=transpose_w, out_dtype=out_dtype)
-      dg = None
-    elif cfg.gluon:
-      tiles = _sum_tiles(routing, cfg.block_m)
+    if cfg.gluon:      # tiles of halves * block_m rows
+      tiles = _sum_tiles(routing, cfg.halves * cfg.block_m)
       out = gluon_rows_sum(a, w, routing, tiles, scale, cfg, a_rows=a_rows,
                            out_rows=out_rows, transpose_w=transpose_w, out_dtype=out_dtype)
       dg = None
@@ -681,10 +677,12 @@ def _w_layout(w_shape, transpose_w: bool) -> tuple[int, int, tuple]:
 
 def gluon_rows_sum(a, w, routing: Routing, tiles, scale, cfg: TileConfig, *, a_rows: int,
                    out_rows: int, transpose_w: bool, out_dtype, probe: int = 0) -> jax.Array:
-  """One launch of the Gluon fused-sum row kernel (:mod:`kernels.cvmm_gluon`):
-  out [N * out_rows, O] (zeroed, then every tile's scaled rows added in ``out_dtype``,
+  """One launch of a Gluon fused-sum row kernel (:mod:`kernels.cvmm_gluon`): the row
+  kernel, or with ``cfg.halves`` 2 the two-half kernel (``tiles`` of 2 * block_m rows,
+  each column block of the expert's matrix copied once for both halves). out
+  [N * out_rows, O] (zeroed, then every tile's scaled rows added in ``out_dtype``,
   float16 or bf16), for :func:`rows_matmul` (which scales float16 sums back) and the
-  probe (``probe``: the kernel's PROBE setting, bench/gluon_rows_probe.py)."""
+  probe (``probe``: the row kernel's PROBE setting, bench/gluon_rows_probe.py)."""
   from kernels import cvmm_gluon  # noqa: PLC0415
   cvmm_gluon.install_launcher()
   n, k = routing.n_tokens, routing.k
@@ -692,9 +690,9 @@ def gluon_rows_sum(a, w, routing: Routing, tiles, scale, cfg: TileConfig, *, a_r
   meta = gluon_rows_meta(w.shape, transpose_w, cfg, z=z, k=k, a_rows=a_rows,
                          out_rows=out_rows, has_scale=scale is not None,
                          f16=jnp.dtype(out_dtype) == jnp.float16, probe=probe)
+  kernel = cvmm_gluon._rows2_sum_kernel if cfg.halves == 2 else cvmm_gluon._rows_sum_kernel
   (out,) = _launch(
-      cvmm_gluon._rows_sum_kernel,
-      [a, w, routing.order, tiles, scale if scale is not None else _DUMMY_F32()],
+      kernel, [a, w, routing.order, tiles, scale if scale is not None else _DUMMY_F32()],
       [jax.ShapeDtypeStruct((n * out_rows, meta["O"]), out_dtype)], z, cfg, zeroed=(0,),
       **meta)
   return out
@@ -705,50 +703,24 @@ def gluon_rows_meta(w_shape, transpose_w: bool, cfg: TileConfig, *, z: int, k: i
                     probe: int = 0) -> dict:
   """The Gluon row kernel's compile-time arguments for expert matrices of ``w_shape``
   (:func:`_w_layout`), ``z`` tiles and the tile ``cfg`` (:func:`gluon_rows_sum`, and
-  :mod:`kernels.offline` compiling it without a GPU)."""
+  :mod:`kernels.offline` compiling it without a GPU). With ``cfg.halves`` 2 the
+  two-half kernel's (``cfg.block_m`` the height of a half; two matrix buffers, no
+  probes)."""
   i, o, sw = _w_layout(w_shape, transpose_w)
-  return dict(Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, SW_E=sw[0], SW_I=sw[1],
-              SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages,
-              NW=cfg.num_warps, HAS_SCALE=has_scale, F16=f16, PROBE=probe)
+  meta = dict(Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, SW_E=sw[0], SW_I=sw[1],
+              SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, NW=cfg.num_warps,
+              HAS_SCALE=has_scale, F16=f16)
+  if cfg.halves == 2:
+    if probe:
+      raise ValueError(f"probe={probe}: the two-half kernel takes no probes")
+    return meta
+  return dict(meta, BUF=cfg.num_stages, PROBE=probe)
 
 
 # Tiles of the unit-pair kernel (block_m, block_n, warps, buffers per matrix), in
 # heuristic order: at MoEUT_244M on an H200 128x64 with 8 warps and 2 buffers (two blocks
 # per SM) was the fastest for O's forward (0.520 ms against 0.540 for 64x64, 4 warps;
 # bench/RESULTS.md, twelfth session).
-def gluon_rows2_sum(a, w, routing: Routing, scale, cfg: TileConfig, *, a_rows: int,
-                    out_rows: int, transpose_w: bool, out_dtype) -> jax.Array:
-  """One launch of the Gluon two-half row kernel
-  (:func:`kernels.cvmm_gluon._rows2_sum_kernel`): as :func:`gluon_rows_sum`, over tiles
-  of 2 * ``cfg.block_m`` rows in the fused sums' launch order, each column block of the
-  expert's matrix copied once for both halves. Its tiles (``halves`` 2) are candidates
-  of the fused sums, first unless CVMM_GLUON_ROWS2=0 (:func:`_rows_candidates`)."""
-  from kernels import cvmm_gluon  # noqa: PLC0415
-  cvmm_gluon.install_launcher()
-  n = routing.n_tokens
-  tiles = _sum_tiles(routing, 2 * cfg.block_m)
-  z = tiles.shape[1]
-  meta = gluon_rows2_meta(w.shape, transpose_w, cfg, z=z, k=routing.k, a_rows=a_rows,
-                          out_rows=out_rows, has_scale=scale is not None,
-                          f16=jnp.dtype(out_dtype) == jnp.float16)
-  (out,) = _launch(
-      cvmm_gluon._rows2_sum_kernel,
-      [a, w, routing.order, tiles, scale if scale is not None else _DUMMY_F32()],
-      [jax.ShapeDtypeStruct((n * out_rows, meta["O"]), out_dtype)], z, cfg, zeroed=(0,),
-      **meta)
-  return out
-
-
-def gluon_rows2_meta(w_shape, transpose_w: bool, cfg: TileConfig, *, z: int, k: int,
-                     a_rows: int, out_rows: int, has_scale: bool, f16: bool) -> dict:
-  """The two-half row kernel's compile-time arguments (:func:`gluon_rows2_sum`, and
-  :mod:`kernels.offline`); ``cfg.block_m`` is the height of a half."""
-  i, o, sw = _w_layout(w_shape, transpose_w)
-  return dict(Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, SW_E=sw[0], SW_I=sw[1],
-              SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, NW=cfg.num_warps,
-              HAS_SCALE=has_scale, F16=f16)
-
-
 UNIT_PAIRS_TILES = ((128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (128, 32, 8, 2))
 UNIT_PAIRS_TILE = UNIT_PAIRS_TILES[0]
 

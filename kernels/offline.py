@@ -6,8 +6,8 @@ wheel carries NVIDIA's ``ptxas`` and ``cuobjdump``. That checks that a kernel va
 builds (tests/test_cvmm_gluon.py, in CI) and shows its registers, shared memory,
 barriers and instruction counts before any GPU time is spent (bench/sass_stats.py).
 
-  compile_gluon_rows(cfg, i=128, o=1024, k=16)    the Gluon fused-sum row kernel
-  compile_gluon_rows2(cfg, i=128, o=1024, k=16)   its two-half variant
+  compile_gluon_rows(cfg, i=128, o=1024, k=16)    the Gluon fused-sum row kernel (and,
+                                                  cfg.halves 2, its two-half variant)
   compile_triton("rows" | "pair_fwd" | "pair_bwd" | "units", ...)   the Triton kernels
   sass_stats(compiled)                            registers, shared memory, counts
 """
@@ -35,9 +35,11 @@ def _signature(ptrs: dict, consts: dict) -> tuple[dict, dict]:
 def compile_gluon_rows(cfg: TileConfig, *, i: int, o: int, k: int, transpose: bool = False,
                        f16: bool = True, has_scale: bool = True, probe: int = 0,
                        cc: int = 90):
-  """The Gluon row kernel (:func:`kernels.cvmm_gluon._rows_sum_kernel`) as the σ-MoE
-  down projection calls it (every pair reads its own row, one output row per token),
-  bf16 inputs, float16 (``f16``) or bf16 sums, compiled for sm``cc``."""
+  """The Gluon row kernel (:func:`kernels.cvmm_gluon._rows_sum_kernel`; with
+  ``cfg.halves`` 2 the two-half kernel, ``_rows2_sum_kernel``, tiles of 2 *
+  ``cfg.block_m`` rows) as the σ-MoE down projection calls it (every pair reads its own
+  row, one output row per token), bf16 inputs, float16 (``f16``) or bf16 sums, compiled
+  for sm``cc``."""
   from kernels import cvmm_gluon  # noqa: PLC0415
   from kernels.cvmm_triton import gluon_rows_meta  # noqa: PLC0415
   sig = dict(a_ptr="*bf16", w_ptr="*bf16", order_ptr="*i32", tiles_ptr="*i32",
@@ -46,25 +48,9 @@ def compile_gluon_rows(cfg: TileConfig, *, i: int, o: int, k: int, transpose: bo
   consts = gluon_rows_meta(w_shape, transpose, cfg, z=1024, k=k, a_rows=k, out_rows=1,
                            has_scale=has_scale, f16=f16, probe=probe)
   sig, attrs = _signature(sig, consts)
-  return cvmm_gluon.compile_gluon(cvmm_gluon._rows_sum_kernel, sig, consts, attrs, cc,
-                                  cfg.num_warps, cfg.num_stages)
-
-
-def compile_gluon_rows2(cfg: TileConfig, *, i: int, o: int, k: int, transpose: bool = False,
-                        f16: bool = True, cc: int = 90):
-  """The Gluon two-half row kernel (:func:`kernels.cvmm_gluon._rows2_sum_kernel`; tiles
-  of 2 * ``cfg.block_m`` rows) as the σ-MoE down projection calls it, compiled for
-  sm``cc`` (as :func:`compile_gluon_rows`)."""
-  from kernels import cvmm_gluon  # noqa: PLC0415
-  from kernels.cvmm_triton import gluon_rows2_meta  # noqa: PLC0415
-  sig = dict(a_ptr="*bf16", w_ptr="*bf16", order_ptr="*i32", tiles_ptr="*i32",
-             scale_ptr="*fp32", out_ptr="*fp16" if f16 else "*bf16")
-  w_shape = (1, o, i) if transpose else (1, i, o)
-  consts = gluon_rows2_meta(w_shape, transpose, cfg, z=1024, k=k, a_rows=k, out_rows=1,
-                            has_scale=True, f16=f16)
-  sig, attrs = _signature(sig, consts)
-  return cvmm_gluon.compile_gluon(cvmm_gluon._rows2_sum_kernel, sig, consts, attrs, cc,
-                                  cfg.num_warps, cfg.num_stages)
+  kernel = cvmm_gluon._rows2_sum_kernel if cfg.halves == 2 else cvmm_gluon._rows_sum_kernel
+  return cvmm_gluon.compile_gluon(kernel, sig, consts, attrs, cc, cfg.num_warps,
+                                  cfg.num_stages)
 
 
 def compile_gluon_pairs(cfg: TileConfig, *, i: int = 128, o: int = 1024, k: int = 8,

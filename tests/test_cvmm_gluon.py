@@ -136,9 +136,9 @@ def test_gluon_rows2_kernel_compiles_for_sm90(transpose, f16):
   8 warps it holds two blocks per SM without spills (one accumulator in flight, the
   halves' rows and two matrix buffers: 112 KiB)."""
   for bm, bn, w in ((128, 64, 8), (64, 64, 4), (128, 32, 8)):
-    cfg = ct.TileConfig(bm, bn, 128, w, 2, loop_n=True, gluon=True)
-    kern = offline.compile_gluon_rows2(cfg, i=128, o=1024, k=16, transpose=transpose,
-                                       f16=f16)
+    cfg = ct.TileConfig(bm, bn, 128, w, 2, loop_n=True, gluon=True, halves=2)
+    kern = offline.compile_gluon_rows(cfg, i=128, o=1024, k=16, transpose=transpose,
+                                      f16=f16)
     pair = "f16x2" if f16 else "bf16x2"
     assert f"red.global.gpu.relaxed.add.noftz.v4.{pair}" in kern.asm["ptx"]
     st = offline.sass_stats(kern)

@@ -249,13 +249,13 @@ def test_gluon_rows2_kernel_matches_reference(tile, shape, transpose, sums, monk
   cfg = ct_mod.TileConfig(bm, min(bn, o), i, nw, 2, loop_n=True, gluon=True, halves=2)
   r, a, w, g, w_arg = _sum_inputs(5, n, k, e, i, o, a_rows, transpose)
   launched = []
-  orig = ct_mod.gluon_rows2_sum
-  monkeypatch.setattr(ct_mod, "gluon_rows2_sum",
-                      lambda *a_, **kw: launched.append(1) or orig(*a_, **kw))
+  orig = ct_mod.gluon_rows_sum
+  monkeypatch.setattr(ct_mod, "gluon_rows_sum",        # records each launch's halves
+                      lambda *a_, **kw: launched.append(a_[5].halves) or orig(*a_, **kw))
   out, _ = jax.jit(lambda a, w_, g: ct_mod.rows_matmul(
       a, w_, r, a_rows=a_rows, out_rows=out_rows, transpose_w=transpose, scale=g,
       cfg=cfg, sum_dtype=sums))(a, w_arg, g)
-  assert launched == [1]
+  assert launched == [2]
   ref = _gated_sum_reference(r, a, w, g, a_rows, out_rows)
   err = _rel(out, ref)
   assert np.all(np.isfinite(np.asarray(out, np.float32)))
