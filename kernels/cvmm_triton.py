@@ -43,7 +43,7 @@ import numpy as np
 from kernels import autotune
 from kernels.autotune import TileConfig
 from kernels.cvmm import sum_dtype_of
-from kernels.routing import Routing, sum_tile_order
+from kernels.routing import Routing, env_switch, sum_tile_order
 
 if os.environ.get("CVMM_TRITON_INTERPRET", "0") == "1":
   # Triton's interpreter must be chosen before triton is first imported.
@@ -855,10 +855,7 @@ def units_store_wanted() -> bool:
   (:func:`units_store`) where the routing carries unit pairs, unless CVMM_UNIT_STORE=0.
   On an H200 at MoEUT_244M it took O's forward+backward from 1.593 to 1.423 ms
   (bench/RESULTS.md, fourteenth session)."""
-  env = os.environ.get("CVMM_UNIT_STORE", "1")
-  if env not in ("0", "1"):
-    raise ValueError(f"CVMM_UNIT_STORE={env!r}: expected 0 or 1")
-  return env == "1"
+  return env_switch("CVMM_UNIT_STORE")
 
 
 def units_store_applies(routing: Routing, o: int, a_rows: int, out_rows: int,
@@ -1208,10 +1205,7 @@ _GLUON_ROWS2 = ((128, 64, 8), (128, 32, 8))
 def _gluon_rows2_enabled() -> bool:
   """The two-half row kernel's tiles come first among the fused sums' candidates,
   unless CVMM_GLUON_ROWS2=0."""
-  env = os.environ.get("CVMM_GLUON_ROWS2", "1")
-  if env not in ("0", "1"):
-    raise ValueError(f"CVMM_GLUON_ROWS2={env!r}: expected 0 or 1")
-  return env == "1"
+  return env_switch("CVMM_GLUON_ROWS2")
 
 
 def _rows_candidates(i: int, o: int, dtype, gluon: bool = False) -> list[TileConfig]:

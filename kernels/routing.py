@@ -444,13 +444,20 @@ def _check_expert_index(expert_index: jax.Array, n_experts: int) -> jax.Array:
   return expert_index.astype(jnp.int32)
 
 
+def env_switch(name: str, default: bool = True) -> bool:
+  """The on/off setting in the environment variable ``name``: "1" or "0" (``default``
+  when unset); any other value is an error."""
+  env = os.environ.get(name, "1" if default else "0")
+  if env not in ("0", "1"):
+    raise ValueError(f"{name}={env!r}: expected 0 or 1")
+  return env == "1"
+
+
 def _default_tile_blocks() -> tuple:
   """The tile heights a routing precomputes lists for by default: :data:`TILE_BLOCKS`
   when JAX's default backend is a GPU and CVMM_ROUTING_TILES is not 0, else none."""
-  env = os.environ.get("CVMM_ROUTING_TILES", "1")
-  if env not in ("0", "1"):
-    raise ValueError(f"CVMM_ROUTING_TILES={env!r}: expected 0 or 1")
-  return TILE_BLOCKS if jax.default_backend() == "gpu" and env == "1" else ()
+  on = env_switch("CVMM_ROUTING_TILES")
+  return TILE_BLOCKS if jax.default_backend() == "gpu" and on else ()
 
 
 # SwitchHead routings carry unit pairs by default from this many (token, head) units.
