@@ -17,6 +17,9 @@ session; Triton's before). ``--rows2 128x64x8,128x32x8`` times the two-half row 
 (kernels/cvmm_gluon.py, _rows2_sum_kernel: tiles of two halves of BM rows sharing each
 matrix block; BMxBNxWARPS) at down_fwd, with its output's difference from the row
 kernel's (the first tiling), and with ``--calls`` the whole calls with its tiles too.
+``--fin off,on,counts,relaxed,nofence`` times the two-half kernel (the first ``--rows2``
+tiling) without and with finishing its float16 sums, and with parts of the finishing
+(its FIN_PROBE settings).
 """
 from __future__ import annotations
 
@@ -58,6 +61,11 @@ def main(argv=None):
   ap.add_argument("--calls", default="", help="comma list of whole calls to time too")
   ap.add_argument("--rows2", default="", help="comma list of BMxBNxWARPS of the two-half "
                   "row kernel to time at down_fwd")
+  ap.add_argument("--fin", default="", help="comma list of the two-half kernel's "
+                  "finishing settings to time at down_fwd (first --rows2 tiling): off, "
+                  "on, or the probes counts (fences and counts, nothing finished), "
+                  "relaxed (counts alone), nofence (finished, no fences before the "
+                  "counts)")
   a = ap.parse_args(argv)
   variants = [int(v) for v in a.variants.split(",")]
   if any(v not in VARIANTS for v in variants):
@@ -100,6 +108,24 @@ def main(argv=None):
       diff = float(jnp.linalg.norm(out - base) / jnp.linalg.norm(base))
       print(f"gluon rows2 {bm}x2x{bn} w{w}  as is              {t:7.3f} ms "
             f"(vs the first tiling's output: {diff:.1e})", flush=True)
+  fin_probes = {"on": 0, "counts": 1, "relaxed": 2, "nofence": 3}
+  for setting in filter(None, a.fin.split(",")):
+    bm, bn, w = (int(x) for x in a.rows2.split(",")[0].split("x"))
+    cfg = TileConfig(bm, bn, i, w, 2, loop_n=True, gluon=True, halves=2)
+
+    def fn3(v, cfg=cfg, setting=setting):
+      r, h = v["r"], v["h"]
+      # the call's own scales (their bookkeeping is timed in every setting)
+      row_s, g = ct._f16_row_scales(h, ct._max_l1(v["values"], 1), r,
+                                    v["g"].astype(jnp.float32), r.k, 1)
+      fin = None if setting == "off" else 1.0 / row_s
+      return ct.gluon_rows_sum(h, v["values"], r, ct._sum_tiles(r, 2 * cfg.block_m), g,
+                               cfg, a_rows=r.k, out_rows=1, transpose_w=False,
+                               out_dtype=jnp.float16, fin=fin,
+                               probe=fin_probes.get(setting, 0))
+    t = _time(jax.jit(fn3), arrays) * 1e3
+    print(f"rows2 {bm}x2x{bn} w{w} finishing {setting:8s} {t:7.3f} ms (the scales' "
+          f"bookkeeping included)", flush=True)
   for call in filter(None, a.calls.split(",")):
     cfn, (p, i, o), _ = ks[call]
     dense = _dense_ms(p, i, o, jnp.bfloat16)

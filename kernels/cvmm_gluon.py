@@ -115,12 +115,16 @@ if gluon is not None:
       order_ptr,    # [P] int32 pair index at each sorted position
       tiles_ptr,    # [3, Z] int32 expert, start, end of each tile
       scale_ptr,    # [P] float32 per-pair scale; unused if not HAS_SCALE
+      rs_ptr,       # [Ro] float32 inverse row scales of float16 sums; unused if not FIN
       out_ptr,      # [Ro, O] 16-bit sums (zeroed)
+      cnt_ptr,      # [ceil(Ro / FG)] int32 arrivals per group of rows (zeroed); if FIN
       Z: gl.constexpr, I: gl.constexpr, O: gl.constexpr, K: gl.constexpr,
       A_R: gl.constexpr, O_R: gl.constexpr,
       SW_E: gl.constexpr, SW_I: gl.constexpr, SW_O: gl.constexpr,
       BM: gl.constexpr, BN: gl.constexpr, BUF: gl.constexpr, NW: gl.constexpr,
-      HAS_SCALE: gl.constexpr, F16: gl.constexpr, PROBE: gl.constexpr = 0):
+      HAS_SCALE: gl.constexpr, F16: gl.constexpr, FIN: gl.constexpr = False,
+      FG: gl.constexpr = 32, RO: gl.constexpr = 0, FIN_BF16: gl.constexpr = False,
+      PROBE: gl.constexpr = 0):
     # PROBE (bench/gluon_rows_probe.py only; 0 in use): 1 issues the reductions with a
     # false predicate (no memory traffic), 2 stores instead of adding, 3 skips the
     # products (adds zeros), 4 skips the matrix's copies (the products read whatever
@@ -192,6 +196,9 @@ if gluon is not None:
           prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))
       _reduce_block(prev, n_nb - 1, o_row, rmask_r, s, out_ptr, O, BM, BN, red_l, ASM,
                     epi)
+      if FIN:
+        _finish(out_ptr, rs_ptr, cnt_ptr, order_ptr, start, end, BM, K, O_R, K // O_R, O,
+                RO, FG, FIN_BF16, NW)
 
   @gluon.jit
   def _pairs_sum_kernel(
@@ -201,12 +208,15 @@ if gluon is not None:
       hi_ptr,       # [U] int32 ... and its other pair
       tiles_ptr,    # [4, Z] int32 lower expert, higher expert, start, end of each tile
       scale_ptr,    # [P] float32 per-pair scale; unused if not HAS_SCALE
+      rs_ptr,       # [Ro] float32 inverse row scales of float16 sums; unused if not FIN
       out_ptr,      # [Ro, O] 16-bit sums (zeroed)
+      cnt_ptr,      # [ceil(Ro / FG)] int32 arrivals per group of rows (zeroed); if FIN
       Z: gl.constexpr, I: gl.constexpr, O: gl.constexpr, K: gl.constexpr,
       A_R: gl.constexpr, O_R: gl.constexpr,
       SW_E: gl.constexpr, SW_I: gl.constexpr, SW_O: gl.constexpr,
       BM: gl.constexpr, BN: gl.constexpr, BUF: gl.constexpr, NW: gl.constexpr,
-      HAS_SCALE: gl.constexpr, F16: gl.constexpr):
+      HAS_SCALE: gl.constexpr, F16: gl.constexpr, FIN: gl.constexpr = False,
+      FG: gl.constexpr = 32, RO: gl.constexpr = 0, FIN_BF16: gl.constexpr = False):
     """The fused sum of units of two pairs (:class:`kernels.routing.UnitPairs`: a
     SwitchHead head's two experts), one tile of units of one expert combination per
     program. Both pairs of a unit add into one output row, so each column block is
@@ -284,6 +294,9 @@ if gluon is not None:
       c0, c1 = warpgroup_mma_wait(num_outstanding=0, deps=(c0, c1))
       epi.store((c0 * s_lo[:, None] + c1 * s_hi[:, None]).to(epi.dtype))
       _reduce_epi(epi, n_nb - 1, o_row, rmask_r, out_ptr, O, BM, BN, red_l, ASM)
+      if FIN:     # a unit is one arrival
+        _finish(out_ptr, rs_ptr, cnt_ptr, lo_ptr, start, end, BM, K, O_R, K // O_R // 2,
+                O, RO, FG, FIN_BF16, NW)
 
   @gluon.jit
   def _rows2_sum_kernel(
@@ -292,12 +305,16 @@ if gluon is not None:
       order_ptr,    # [P] int32 pair index at each sorted position
       tiles_ptr,    # [3, Z] int32 expert, start, end of each tile of up to 2 * BM rows
       scale_ptr,    # [P] float32 per-pair scale; unused if not HAS_SCALE
+      rs_ptr,       # [Ro] float32 inverse row scales of float16 sums; unused if not FIN
       out_ptr,      # [Ro, O] 16-bit sums (zeroed)
+      cnt_ptr,      # [ceil(Ro / FG)] int32 arrivals per group of rows (zeroed); if FIN
       Z: gl.constexpr, I: gl.constexpr, O: gl.constexpr, K: gl.constexpr,
       A_R: gl.constexpr, O_R: gl.constexpr,
       SW_E: gl.constexpr, SW_I: gl.constexpr, SW_O: gl.constexpr,
       BM: gl.constexpr, BN: gl.constexpr, NW: gl.constexpr,
-      HAS_SCALE: gl.constexpr, F16: gl.constexpr):
+      HAS_SCALE: gl.constexpr, F16: gl.constexpr, FIN: gl.constexpr = False,
+      FG: gl.constexpr = 32, RO: gl.constexpr = 0, FIN_BF16: gl.constexpr = False,
+      FIN_PROBE: gl.constexpr = 0):
     """:func:`_rows_sum_kernel` for tiles of 2 * BM rows taken as two halves of BM: each
     column block of the expert's matrix is copied once and multiplied by both halves,
     one after the other, so the matrices' traffic is that of 2 * BM-row tiles while
@@ -366,6 +383,103 @@ if gluon is not None:
         _reduce_block(prev, nb, o_row0, m0, s0, out_ptr, O, BM, BN, red_l, ASM, epi)
         prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))        # (nb, 1)
       _reduce_block(prev, n_nb - 1, o_row1, m1, s1, out_ptr, O, BM, BN, red_l, ASM, epi)
+      if FIN:
+        _finish(out_ptr, rs_ptr, cnt_ptr, order_ptr, start, end, 2 * BM, K, O_R, K // O_R,
+                O, RO, FG, FIN_BF16, NW, FIN_PROBE)
+
+  @gluon.jit
+  def _finish(out_ptr, rs_ptr, cnt_ptr, idx_ptr, start, end, NR: gl.constexpr,
+              K: gl.constexpr, O_R: gl.constexpr, ARR: gl.constexpr, O: gl.constexpr,
+              RO: gl.constexpr, FG: gl.constexpr, FIN_BF16: gl.constexpr,
+              NW: gl.constexpr, FIN_PROBE: gl.constexpr = 0):
+    """Finishes the float16 sums in place, where this program added the last rows: the
+    output rows come in groups of FG; each takes ARR arrivals per row (a program adds
+    a row's every column at once). After its reductions, the program counts its rows'
+    arrivals into their groups (``cnt_ptr``); for a group whose count it completes, it
+    multiplies the group's rows by their inverse scales (``rs_ptr``) and stores them
+    over the sums in the output's dtype (bf16 bits where FIN_BF16, else float16).
+
+    The reductions are ordered before the counts by a fence in every thread and a
+    barrier, and the counts are acquire-release atomics; the group's rows are read
+    from L2 (``.cg``), after another fence.
+
+    FIN_PROBE (bench/gluon_rows_probe.py only; the sums are then left unfinished): 1
+    counts (fences, acquire-release atomics) but finishes nothing, 2 counts with
+    relaxed atomics and no fences, 3 finishes without the fences before the counts."""
+    cnt_l: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+    rows = start + gl.arange(0, NR, layout=cnt_l)
+    if FIN_PROBE != 2 and FIN_PROBE != 3:
+      _fence_gpu(rows)                       # this thread's reductions are performed
+    gl.thread_barrier()                      # ... and every thread's
+    m = rows < end
+    g = _row_of(gl.load(idx_ptr + rows, mask=m, other=0), K, O_R) // FG
+    ones = gl.full([NR], 1, gl.int32, layout=cnt_l)
+    if FIN_PROBE == 2:
+      old = gl.atomic_add(cnt_ptr + g, ones, mask=m, sem="relaxed", scope="gpu")
+    else:
+      old = gl.atomic_add(cnt_ptr + g, ones, mask=m, sem="acq_rel", scope="gpu")
+    target = gl.minimum(RO - g * FG, FG) * ARR
+    last = m & (old == target - 1)
+    if FIN_PROBE == 1 or FIN_PROBE == 2:
+      last = last & (old < 0)                # (never)
+    gid = gl.where(last, g, -1)
+    for _j in range(gl.sum(last.to(gl.int32), axis=0)):
+      gsel = gl.max(gid, axis=0)
+      gid = gl.where(gid == gsel, -1, gid)
+      _finish_group(out_ptr, rs_ptr, gsel, O, RO, FG, FIN_BF16, NW)
+
+  @gluon.jit
+  def _finish_group(out_ptr, rs_ptr, g, O: gl.constexpr, RO: gl.constexpr,
+                    FG: gl.constexpr, FIN_BF16: gl.constexpr, NW: gl.constexpr):
+    """Rows g * FG .. of the float16 sums times their inverse scales, stored in place
+    in the output's dtype (:func:`_finish`)."""
+    OP: gl.constexpr = _next_pow2(O)
+    fin_l: gl.constexpr = _wide_layout(OP, NW)
+    CR: gl.constexpr = _finish_rows(OP, NW, FG)
+    rr = gl.arange(0, CR, layout=gl.SliceLayout(1, fin_l))
+    cc = gl.arange(0, OP, layout=gl.SliceLayout(0, fin_l))
+    _fence_gpu(rr)                           # after the count's acquire (and barrier)
+    base = g * FG
+    for r0 in range(0, FG, CR):
+      rows = base + r0 + rr
+      rm = rows < RO
+      inv = gl.load(rs_ptr + rows, mask=rm, other=1.0)
+      ptrs = out_ptr + rows[:, None] * O + cc[None, :]
+      mask = rm[:, None] & (cc < O)[None, :]
+      v = gl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg").to(gl.float32)
+      y = v * inv[:, None]
+      if FIN_BF16:
+        y16 = y.to(gl.bfloat16, fp_downcast_rounding="rtne").to(gl.float16, bitcast=True)
+      else:
+        y16 = y.to(gl.float16, fp_downcast_rounding="rtne")
+      gl.store(ptrs, y16, mask=mask)
+
+  @gluon.jit
+  def _fence_gpu(t):
+    """A ``fence.acq_rel.gpu`` in each thread that holds elements of t (once per
+    element); returns zeros like t (int32)."""
+    return gl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r",
+                                     [t], dtype=gl.int32, is_pure=False, pack=1)
+
+  @gluon.constexpr_function
+  def _next_pow2(n):
+    p = 1
+    while p < n:
+      p *= 2
+    return p
+
+  @gluon.constexpr_function
+  def _wide_layout(cols, nw):
+    """[rows, cols] 16-bit values, eight adjacent columns per thread, up to a warp per
+    row, ``nw`` warps along the rows."""
+    tc = min(32, max(1, cols // 8))
+    return gl.BlockedLayout([1, 8], [32 // tc, tc], [nw, 1], [1, 0])
+
+  @gluon.constexpr_function
+  def _finish_rows(cols, nw, fg):
+    """Rows per step of :func:`_finish_group`: 32 values (four 16-byte loads) per
+    thread."""
+    return max(1, min(fg, 32 * 32 * nw // cols))
 
   @gluon.jit
   def _gather_rows(a_smem, a_ptr, idx_ptr, start, end, I: gl.constexpr, K: gl.constexpr,
@@ -505,17 +619,37 @@ def _cache_dir_fallback():
   os.environ["TRITON_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "triton_cache")
 
 
+# Shared memory per SM on sm90 (228 KiB), and what each resident block reserves (1 KiB).
+_SMEM_SM, _SMEM_RESERVED = 228 * 1024, 1024
+
+
 def compile_gluon(fn, signature: dict, constants: dict, attrs: dict, cc: int,
                   num_warps: int, num_stages: int = 3, num_ctas: int = 1,
                   enable_fp_fusion: bool = True):
-  """Compiles a ``gluon.jit`` kernel with Triton's own pipeline (no GPU needed)."""
+  """Compiles a ``gluon.jit`` kernel with Triton's own pipeline (no GPU needed).
+
+  A kernel that finishes its sums (``FIN``) is compiled a second time with its
+  registers capped at what keeps as many blocks per SM as its shared memory allows:
+  the finishing code would otherwise take the two-half kernel from 128 to 146-200
+  registers per thread, and from two blocks per SM to one (ptxas then fits the
+  kernel in 128 registers without spilling)."""
   from triton.backends.compiler import GPUTarget  # noqa: PLC0415
   from triton.experimental.gluon._runtime import GluonASTSource  # noqa: PLC0415
   _cache_dir_fallback()
-  return triton.compile(GluonASTSource(fn, signature, constants, attrs),
-                        target=GPUTarget("cuda", cc, 32),
-                        options=dict(num_warps=num_warps, num_stages=num_stages,
-                                     num_ctas=num_ctas, enable_fp_fusion=enable_fp_fusion))
+  options = dict(num_warps=num_warps, num_stages=num_stages, num_ctas=num_ctas,
+                 enable_fp_fusion=enable_fp_fusion)
+
+  def build(**extra):
+    return triton.compile(GluonASTSource(fn, signature, constants, attrs),
+                          target=GPUTarget("cuda", cc, 32), options=dict(options, **extra))
+
+  k = build()
+  if constants.get("FIN"):
+    blocks = max(1, _SMEM_SM // (k.metadata.shared + _SMEM_RESERVED))
+    cap = 65536 // (32 * num_warps * blocks) // 8 * 8
+    if cap < 255:
+      k = build(maxnreg=cap)
+  return k
 
 
 def install_launcher():

@@ -358,12 +358,15 @@ def _dw_kernel(
     order_ptr,    # [P] int32
     offs_ptr,     # [E + 1] int32 group offsets
     scale_ptr,    # [P] per-pair scale of b's rows; unused if not HAS_SCALE
-    out_ptr,      # [S, E, I, O]
+    out_ptr,      # [S, E, I, O]; [1, E, I, O] float32 (zeroed) if RED
     E: tl.constexpr, I: tl.constexpr, O: tl.constexpr, K: tl.constexpr,
     A_R: tl.constexpr, B_R: tl.constexpr, S: tl.constexpr,
     BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
-    HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, RED: tl.constexpr = 0,
 ):
+  # RED 1 or 4: the S splits of an expert's rows add their partial sums into one
+  # float32 output (elements per reduction: 4 needs O % 4 == 0) instead of each
+  # storing its own slice for XLA to sum (0).
   n_ib: tl.constexpr = (I + BI - 1) // BI
   n_ob: tl.constexpr = (O + BO - 1) // BO
   pid = tl.program_id(0)
@@ -400,8 +403,19 @@ def _dw_kernel(
       s = _row_scale(scale_ptr, pair, rmask, True)
       b = (b.to(tl.float32) * s[:, None]).to(a.dtype)
     acc = _mma(a, b, acc, IEEE)
-  o_ptrs = (out_ptr + ((split * E + e).to(tl.int64) * I + ii[:, None]) * O + oo[None, :])
-  tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=imask[:, None] & omask[None, :])
+  if RED == 1:
+    tl.atomic_add(out_ptr + (e.to(tl.int64) * I + ii[:, None]) * O + oo[None, :], acc,
+                  mask=imask[:, None] & omask[None, :], sem="relaxed")
+  elif RED == 4:
+    h0, h1 = tl.split(tl.reshape(acc, (BI, BO // 4, 2, 2)))
+    v0, v2 = tl.split(h0)
+    v1, v3 = tl.split(h1)
+    c4 = ob * BO + tl.arange(0, BO // 4) * 4
+    _red_v4((out_ptr + (e.to(tl.int64) * I + ii[:, None]) * O + c4[None, :]).to(tl.int64),
+            v0, v1, v2, v3, imask[:, None] & (c4 < O)[None, :])
+  else:
+    o_ptrs = (out_ptr + ((split * E + e).to(tl.int64) * I + ii[:, None]) * O + oo[None, :])
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=imask[:, None] & omask[None, :])
 
 
 @_jit
@@ -575,7 +589,8 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   dgate_rows: [N * c_rows, O] rows dotted with the unscaled product, or None.
   Returns (out [N * out_rows, O], dgates [P] float32 or None). out is float32 when
   several pairs meet in one output row (out_rows < K; bf16 with bf16 sums,
-  :func:`half_sums`), else a's dtype. With
+  :func:`half_sums`; a's dtype where a Gluon kernel finishes float16 sums,
+  :func:`finish_wanted`), else a's dtype. With
   ``fuse_sum=False`` such rows are not added atomically: every pair's scaled row is
   stored ([P, O] in a's dtype) and XLA sums them (faster at wide outputs, but the
   intermediate is written). sum_dtype: see :func:`half_sums`. A routing with unit
@@ -629,18 +644,22 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
       raise ValueError(f"{cfg}: the Gluon row kernel runs on Hopper GPUs (sm90) only; "
                        f"this one is sm{_compute_capability():.1f}")
   out_dtype = _sum_out_dtype(half) if atomic else a.dtype
+  # float16 sums of the Gluon kernels are scaled back in the kernel (finish_wanted)
+  fin = (half == "float16" and (pcfg is not None or cfg.gluon) and finish_wanted())
   if half == "float16":
     w_l1 = _max_l1(w, 2 if transpose_w else 1)
     row_s, scale = _f16_row_scales(a, w_l1, routing, scale, a_rows, out_rows)
+  inv_s = 1.0 / row_s if fin else None
   if pcfg is not None:      # a SwitchHead routing's unit pairs: one reduction per unit
     out = gluon_pairs_sum(a, w, routing, scale, pcfg, a_rows=a_rows, out_rows=out_rows,
-                          transpose_w=transpose_w, out_dtype=out_dtype)
+                          transpose_w=transpose_w, out_dtype=out_dtype, fin=inv_s)
     dg = None
   else:
     if cfg.gluon:      # tiles of halves * block_m rows
       tiles = _sum_tiles(routing, cfg.halves * cfg.block_m)
       out = gluon_rows_sum(a, w, routing, tiles, scale, cfg, a_rows=a_rows,
-                           out_rows=out_rows, transpose_w=transpose_w, out_dtype=out_dtype)
+                           out_rows=out_rows, transpose_w=transpose_w, out_dtype=out_dtype,
+                           fin=inv_s)
       dg = None
     else:
       tiles = _sum_tiles(routing, cfg.block_m) if atomic else routing.tiles(cfg.block_m)
@@ -660,7 +679,7 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
           BK=cfg.block_k, HAS_SCALE=scale is not None, ATOMIC=atomic, DGATE=dgate,
           IEEE=a.dtype == jnp.float32, LOOP_N=loop_n, RED=red, F16=half == "float16")
       dg = dg.sum(axis=1) if dgate else None
-  if half == "float16":
+  if half == "float16" and not fin:
     out = _f16_unscale(out, row_s)
   return out, dg
 
@@ -676,44 +695,104 @@ def _w_layout(w_shape, transpose_w: bool) -> tuple[int, int, tuple]:
 
 
 def gluon_rows_sum(a, w, routing: Routing, tiles, scale, cfg: TileConfig, *, a_rows: int,
-                   out_rows: int, transpose_w: bool, out_dtype, probe: int = 0) -> jax.Array:
+                   out_rows: int, transpose_w: bool, out_dtype, probe: int = 0,
+                   fin: jax.Array | None = None) -> jax.Array:
   """One launch of a Gluon fused-sum row kernel (:mod:`kernels.cvmm_gluon`): the row
   kernel, or with ``cfg.halves`` 2 the two-half kernel (``tiles`` of 2 * block_m rows,
   each column block of the expert's matrix copied once for both halves). out
   [N * out_rows, O] (zeroed, then every tile's scaled rows added in ``out_dtype``,
   float16 or bf16), for :func:`rows_matmul` (which scales float16 sums back) and the
-  probe (``probe``: the row kernel's PROBE setting, bench/gluon_rows_probe.py)."""
+  probe (``probe``: the row kernel's PROBE setting, bench/gluon_rows_probe.py).
+
+  ``fin``: None, or with float16 sums the rows' inverse scales [N * out_rows] float32:
+  the kernel then finishes the sums itself (:func:`_finish_args`) and out is in a's
+  dtype."""
   from kernels import cvmm_gluon  # noqa: PLC0415
   cvmm_gluon.install_launcher()
   n, k = routing.n_tokens, routing.k
   z = tiles.shape[1]
   meta = gluon_rows_meta(w.shape, transpose_w, cfg, z=z, k=k, a_rows=a_rows,
                          out_rows=out_rows, has_scale=scale is not None,
-                         f16=jnp.dtype(out_dtype) == jnp.float16, probe=probe)
+                         f16=jnp.dtype(out_dtype) == jnp.float16, probe=probe,
+                         fin_dtype=None if fin is None else a.dtype, n_tokens=n)
   kernel = cvmm_gluon._rows2_sum_kernel if cfg.halves == 2 else cvmm_gluon._rows_sum_kernel
-  (out,) = _launch(
-      kernel, [a, w, routing.order, tiles, scale if scale is not None else _DUMMY_F32()],
-      [jax.ShapeDtypeStruct((n * out_rows, meta["O"]), out_dtype)], z, cfg, zeroed=(0,),
-      **meta)
-  return out
+  rs, shapes, zeroed = _finish_args(fin, n * out_rows, meta, out_dtype)
+  out, _ = _launch(
+      kernel, [a, w, routing.order, tiles, scale if scale is not None else _DUMMY_F32(), rs],
+      shapes, z, cfg, zeroed=zeroed, **meta)
+  return _finished(out, fin, a.dtype)
+
+
+# Rows per group of a finishing kernel's arrival counts (:func:`_finish_args`).
+FINISH_GROUP = 32
+
+
+def finish_wanted() -> bool:
+  """Whether the Gluon kernels scale their float16 sums back themselves (opt-in,
+  CVMM_FINISH=1): each group of :data:`FINISH_GROUP` output rows counts its arrivals,
+  and the program that completes a group multiplies its rows by their inverse scales
+  and stores them in the input's dtype, in place, while the sum's other programs
+  still run. By default XLA does this in a pass of its own after the kernel, which
+  measured faster: on an H200 at MoEUT_244M the two-half kernel took 1.32-1.34 ms
+  finishing against 1.07-1.11 ms plus XLA's 0.081 ms pass (bench/RESULTS.md,
+  fifteenth session; the counts alone cost 0.07-0.1 ms in a kernel bound by L2)."""
+  return env_switch("CVMM_FINISH", default=False)
+
+
+def _finish_meta(fin_dtype, ro: int) -> dict:
+  """The finishing kernels' compile-time arguments (none without ``fin_dtype``, the
+  dtype the float16 sums are finished in: bf16 or float16)."""
+  if fin_dtype is None:
+    return {}
+  if jnp.dtype(fin_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"finishing float16 sums into {jnp.dtype(fin_dtype).name}: "
+                     f"expected bfloat16 or float16")
+  return dict(FIN=True, FG=FINISH_GROUP, RO=ro,
+              FIN_BF16=jnp.dtype(fin_dtype) == jnp.bfloat16)
+
+
+def _finish_args(fin, ro: int, meta: dict, out_dtype):
+  """(inverse-scales input, output shapes, zeroed outputs) of a Gluon sum kernel's
+  launch: the sums [ro, O], and the groups' arrival counts (zeroed) where it finishes
+  them (``fin``: the rows' inverse scales), else a placeholder."""
+  o = meta["O"]
+  if fin is None:
+    return (_DUMMY_F32(), [jax.ShapeDtypeStruct((ro, o), out_dtype),
+                           jax.ShapeDtypeStruct((1,), jnp.int32)], (0,))
+  if jnp.dtype(out_dtype) != jnp.float16 or fin.shape != (ro,):
+    raise ValueError(f"finishing needs float16 sums and [{ro}] inverse row scales; got "
+                     f"{jnp.dtype(out_dtype).name} sums, scales {fin.shape}")
+  groups = -(-ro // meta["FG"])
+  return (fin.astype(jnp.float32), [jax.ShapeDtypeStruct((ro, o), out_dtype),
+                                    jax.ShapeDtypeStruct((groups,), jnp.int32)], (0, 1))
+
+
+def _finished(out: jax.Array, fin, dtype) -> jax.Array:
+  """A Gluon sum kernel's output: the sums, or where it finished them (``fin``) their
+  values in ``dtype`` (bf16 bits stored over the float16 buffer)."""
+  if fin is None or jnp.dtype(dtype) == jnp.float16:
+    return out
+  return jax.lax.bitcast_convert_type(out, jnp.dtype(dtype))
 
 
 def gluon_rows_meta(w_shape, transpose_w: bool, cfg: TileConfig, *, z: int, k: int,
                     a_rows: int, out_rows: int, has_scale: bool, f16: bool,
-                    probe: int = 0) -> dict:
+                    probe: int = 0, fin_dtype=None, n_tokens: int = 1024) -> dict:
   """The Gluon row kernel's compile-time arguments for expert matrices of ``w_shape``
   (:func:`_w_layout`), ``z`` tiles and the tile ``cfg`` (:func:`gluon_rows_sum`, and
   :mod:`kernels.offline` compiling it without a GPU). With ``cfg.halves`` 2 the
   two-half kernel's (``cfg.block_m`` the height of a half; two matrix buffers, no
-  probes)."""
+  probes). ``fin_dtype``: the dtype a finishing kernel stores the sums of its
+  ``n_tokens`` * ``out_rows`` rows in (:func:`finish_wanted`), or None."""
   i, o, sw = _w_layout(w_shape, transpose_w)
   meta = dict(Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, SW_E=sw[0], SW_I=sw[1],
               SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, NW=cfg.num_warps,
-              HAS_SCALE=has_scale, F16=f16)
+              HAS_SCALE=has_scale, F16=f16, **_finish_meta(fin_dtype, n_tokens * out_rows))
   if cfg.halves == 2:
-    if probe:
-      raise ValueError(f"probe={probe}: the two-half kernel takes no probes")
-    return meta
+    if probe and fin_dtype is None:
+      raise ValueError(f"probe={probe}: the two-half kernel takes probes of its "
+                       f"finishing only")
+    return dict(meta, FIN_PROBE=probe) if probe else meta
   return dict(meta, BUF=cfg.num_stages, PROBE=probe)
 
 
@@ -811,10 +890,12 @@ def choose_pairs_config(n, k, e, block, i, o, dtype, a_rows, out_rows, has_scale
 
 
 def gluon_pairs_sum(a, w, routing: Routing, scale, cfg: TileConfig, *, a_rows: int,
-                    out_rows: int, transpose_w: bool, out_dtype) -> jax.Array:
+                    out_rows: int, transpose_w: bool, out_dtype,
+                    fin: jax.Array | None = None) -> jax.Array:
   """One launch of the Gluon unit-pair kernel (:func:`kernels.cvmm_gluon._pairs_sum_kernel`):
   out [N * out_rows, O] (zeroed, then each tile of units adds its two experts' scaled
-  products, combined, in ``out_dtype``: float16 or bf16), for :func:`rows_matmul`."""
+  products, combined, in ``out_dtype``: float16 or bf16), for :func:`rows_matmul`.
+  ``fin``: as for :func:`gluon_rows_sum`."""
   from kernels import cvmm_gluon  # noqa: PLC0415
   cvmm_gluon.install_launcher()
   pairs = routing.pairs
@@ -823,26 +904,29 @@ def gluon_pairs_sum(a, w, routing: Routing, scale, cfg: TileConfig, *, a_rows: i
   z = tiles.shape[1]
   meta = gluon_pairs_meta(w.shape, transpose_w, cfg, z=z, k=k, a_rows=a_rows,
                           out_rows=out_rows, has_scale=scale is not None,
-                          f16=jnp.dtype(out_dtype) == jnp.float16)
-  (out,) = _launch(
+                          f16=jnp.dtype(out_dtype) == jnp.float16,
+                          fin_dtype=None if fin is None else a.dtype, n_tokens=n)
+  rs, shapes, zeroed = _finish_args(fin, n * out_rows, meta, out_dtype)
+  out, _ = _launch(
       cvmm_gluon._pairs_sum_kernel,
-      [a, w, pairs.lo, pairs.hi, tiles, scale if scale is not None else _DUMMY_F32()],
-      [jax.ShapeDtypeStruct((n * out_rows, meta["O"]), out_dtype)], z, cfg, zeroed=(0,),
-      **meta)
-  return out
+      [a, w, pairs.lo, pairs.hi, tiles, scale if scale is not None else _DUMMY_F32(), rs],
+      shapes, z, cfg, zeroed=zeroed, **meta)
+  return _finished(out, fin, a.dtype)
 
 
 def gluon_pairs_meta(w_shape, transpose_w: bool, cfg: TileConfig, *, z: int, k: int,
-                     a_rows: int, out_rows: int, has_scale: bool, f16: bool) -> dict:
+                     a_rows: int, out_rows: int, has_scale: bool, f16: bool,
+                     fin_dtype=None, n_tokens: int = 1024) -> dict:
   """The unit-pair kernel's compile-time arguments (:func:`gluon_pairs_sum`, and
-  :mod:`kernels.offline`)."""
+  :mod:`kernels.offline`); ``fin_dtype`` as for :func:`gluon_rows_meta`."""
   if (k // out_rows) % 2:
     raise ValueError(f"unit pairs: both pairs of a unit must add into one output row "
                      f"(K={k}, out_rows={out_rows})")
   i, o, sw = _w_layout(w_shape, transpose_w)
   return dict(Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, SW_E=sw[0], SW_I=sw[1],
               SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages,
-              NW=cfg.num_warps, HAS_SCALE=has_scale, F16=f16)
+              NW=cfg.num_warps, HAS_SCALE=has_scale, F16=f16,
+              **_finish_meta(fin_dtype, n_tokens * out_rows))
 
 
 # Most output columns the unit-store kernel keeps on chip: two [BM, O] float32 products.
@@ -1098,16 +1182,27 @@ def expert_gram(a: jax.Array, b: jax.Array, routing: Routing, *, a_rows: int, b_
                            scale is not None)
   s = cfg.splits
   grid = e * s * -(-i // cfg.block_m) * -(-o // cfg.block_n)
+  red = _red_width(o) if s > 1 and dw_split_sums_wanted() else 0
+  red = red if red in (0, 1, 4) else 1
   part_dtype = jnp.float32 if s > 1 else out_dtype
-  out_shapes = [jax.ShapeDtypeStruct((s, e, i, o), part_dtype)]
+  out_shapes = [jax.ShapeDtypeStruct((1 if red else s, e, i, o), part_dtype)]
   args = [a, b, routing.order, routing.group_offsets,
           scale if scale is not None else _DUMMY_F32()]
   (out,) = _launch(
-      _dw_kernel, args, out_shapes, grid, cfg,
+      _dw_kernel, args, out_shapes, grid, cfg, zeroed=(0,) if red else (),
       E=e, I=i, O=o, K=k, A_R=a_rows, B_R=b_rows, S=s,
       BI=cfg.block_m, BO=cfg.block_n, BK=cfg.block_k,
-      HAS_SCALE=scale is not None, IEEE=a.dtype == jnp.float32)
-  return (out.sum(axis=0) if s > 1 else out[0]).astype(out_dtype)
+      HAS_SCALE=scale is not None, IEEE=a.dtype == jnp.float32, RED=red)
+  return (out.sum(axis=0) if s > 1 and not red else out[0]).astype(out_dtype)
+
+
+def dw_split_sums_wanted() -> bool:
+  """Whether the weight-gradient kernel's splits of an expert's rows add their float32
+  partial sums into one output with vector reductions (CVMM_DW_RED=1, the default)
+  rather than store one slice each for XLA to sum (0): the slices are written and read
+  back, S times the gradient's size in float32. (Scalar atomics where the vector
+  reductions do not apply: before sm90, O % 4, Triton's interpreter.)"""
+  return env_switch("CVMM_DW_RED")
 
 
 def _pair_layout(w1_shape, w2_shape, bwd: bool):

@@ -34,19 +34,21 @@ def _signature(ptrs: dict, consts: dict) -> tuple[dict, dict]:
 
 def compile_gluon_rows(cfg: TileConfig, *, i: int, o: int, k: int, transpose: bool = False,
                        f16: bool = True, has_scale: bool = True, probe: int = 0,
-                       cc: int = 90):
+                       fin: str | None = None, cc: int = 90):
   """The Gluon row kernel (:func:`kernels.cvmm_gluon._rows_sum_kernel`; with
   ``cfg.halves`` 2 the two-half kernel, ``_rows2_sum_kernel``, tiles of 2 *
   ``cfg.block_m`` rows) as the σ-MoE down projection calls it (every pair reads its own
   row, one output row per token), bf16 inputs, float16 (``f16``) or bf16 sums, compiled
-  for sm``cc``."""
+  for sm``cc``; ``fin`` ("bfloat16" or "float16"): the float16 sums finished in the
+  kernel in that dtype (:func:`kernels.cvmm_triton.finish_wanted`)."""
   from kernels import cvmm_gluon  # noqa: PLC0415
   from kernels.cvmm_triton import gluon_rows_meta  # noqa: PLC0415
   sig = dict(a_ptr="*bf16", w_ptr="*bf16", order_ptr="*i32", tiles_ptr="*i32",
-             scale_ptr="*fp32", out_ptr="*fp16" if f16 else "*bf16")
+             scale_ptr="*fp32", rs_ptr="*fp32", out_ptr="*fp16" if f16 else "*bf16",
+             cnt_ptr="*i32")
   w_shape = (1, o, i) if transpose else (1, i, o)
   consts = gluon_rows_meta(w_shape, transpose, cfg, z=1024, k=k, a_rows=k, out_rows=1,
-                           has_scale=has_scale, f16=f16, probe=probe)
+                           has_scale=has_scale, f16=f16, probe=probe, fin_dtype=fin)
   sig, attrs = _signature(sig, consts)
   kernel = cvmm_gluon._rows2_sum_kernel if cfg.halves == 2 else cvmm_gluon._rows_sum_kernel
   return cvmm_gluon.compile_gluon(kernel, sig, consts, attrs, cc, cfg.num_warps,
@@ -55,18 +57,20 @@ def compile_gluon_rows(cfg: TileConfig, *, i: int, o: int, k: int, transpose: bo
 
 def compile_gluon_pairs(cfg: TileConfig, *, i: int = 128, o: int = 1024, k: int = 8,
                         a_rows: int = 4, transpose: bool = False, f16: bool = True,
-                        cc: int = 90):
+                        fin: str | None = None, cc: int = 90):
   """The Gluon unit-pair kernel (:func:`kernels.cvmm_gluon._pairs_sum_kernel`) as
   SwitchHead's O projection calls it (``a_rows`` = heads: both pairs of a unit read one
   row; ``a_rows`` = ``k``: V's dx, each pair its own row), one output row per token,
-  bf16 inputs, float16 (``f16``) or bf16 sums, compiled for sm``cc``."""
+  bf16 inputs, float16 (``f16``) or bf16 sums, compiled for sm``cc``; ``fin`` as for
+  :func:`compile_gluon_rows`."""
   from kernels import cvmm_gluon  # noqa: PLC0415
   from kernels.cvmm_triton import gluon_pairs_meta  # noqa: PLC0415
   sig = dict(a_ptr="*bf16", w_ptr="*bf16", lo_ptr="*i32", hi_ptr="*i32", tiles_ptr="*i32",
-             scale_ptr="*fp32", out_ptr="*fp16" if f16 else "*bf16")
+             scale_ptr="*fp32", rs_ptr="*fp32", out_ptr="*fp16" if f16 else "*bf16",
+             cnt_ptr="*i32")
   w_shape = (1, o, i) if transpose else (1, i, o)
   consts = gluon_pairs_meta(w_shape, transpose, cfg, z=1024, k=k, a_rows=a_rows,
-                            out_rows=1, has_scale=True, f16=f16)
+                            out_rows=1, has_scale=True, f16=f16, fin_dtype=fin)
   sig, attrs = _signature(sig, consts)
   return cvmm_gluon.compile_gluon(cvmm_gluon._pairs_sum_kernel, sig, consts, attrs, cc,
                                   cfg.num_warps, cfg.num_stages)

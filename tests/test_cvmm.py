@@ -320,6 +320,7 @@ def test_gpu_impls_unavailable_on_cpu():
 
 
 _INTERPRETER_SCRIPT = textwrap.dedent("""
+    import os
     import jax, jax.numpy as jnp, numpy as np
     from kernels import make_routing
     from kernels.cvmm_reference import cvmm_reference
@@ -372,13 +373,18 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     idx = jax.random.randint(ks[0], (n, k), 0, e - 1)
     r2 = make_routing(idx, e)
     b = jax.random.normal(ks[5], (n * k, o))
-    dw = expert_gram(a1, b, r2, a_rows=1, b_rows=k, scale=g,
-                     cfg=TileConfig(16, 16, 16, 4, 1, splits=3))
     onehot = jax.nn.one_hot(idx.reshape(-1), e)
     ref = jnp.einsum("PE,PI,PO->EIO", onehot, jnp.repeat(a1, k, axis=0), b * g[:, None],
                      precision="highest")
-    assert float(jnp.abs(dw[e - 1]).max()) == 0.0
-    assert np.linalg.norm(dw - ref) / np.linalg.norm(ref) <= 1e-5
+    for split_sums in ("1", "0"):       # partials added by the kernel, or summed by XLA
+      os.environ["CVMM_DW_RED"] = split_sums
+      try:
+        dw = expert_gram(a1, b, r2, a_rows=1, b_rows=k, scale=g,
+                         cfg=TileConfig(16, 16, 16, 4, 1, splits=3))
+      finally:
+        del os.environ["CVMM_DW_RED"]
+      assert float(jnp.abs(dw[e - 1]).max()) == 0.0
+      assert np.linalg.norm(dw - ref) / np.linalg.norm(ref) <= 1e-5, split_sums
     # The fused σ-MoE pair (forward and backward kernels) against two reference CVMMs.
     from kernels.cvmm_reference import cvmm_pair_reference
     from kernels.cvmm_triton import cvmm_triton_pair

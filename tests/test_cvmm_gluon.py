@@ -84,10 +84,13 @@ def test_gluon_tiles_come_first_where_a_call_takes_them(monkeypatch):
     ct._rows_candidates(128, 1024, jnp.bfloat16, gluon=True)
 
 
-def test_rows_matmul_hands_two_half_tiles_to_their_kernel(monkeypatch):
+@pytest.mark.parametrize("finish", ["1", "0"])
+def test_rows_matmul_hands_two_half_tiles_to_their_kernel(monkeypatch, finish):
   """A two-half tile (halves 2) launches the two-half kernel over tiles of 2 * block_m
   rows (in the fused sums' launch order), with the float16 sums' scales; a row tile
-  launches the row kernel over block_m-row tiles."""
+  launches the row kernel over block_m-row tiles. Kernels that finish their sums
+  (CVMM_FINISH=1, opt-in) also get zeroed arrival counts, one per 32 rows."""
+  monkeypatch.setenv("CVMM_FINISH", finish)
   import jax  # noqa: PLC0415
   from kernels import make_routing  # noqa: PLC0415
   monkeypatch.setattr(ct, "_compute_capability", lambda: 9.0)
@@ -97,7 +100,8 @@ def test_rows_matmul_hands_two_half_tiles_to_their_kernel(monkeypatch):
 
   def launch(kernel, args, out_shapes, grid, cfg, zeroed=(), **meta):
     launched.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
-                     grid, meta["BM"], args[3].shape[1], zeroed))
+                     grid, meta["BM"], args[3].shape[1], zeroed,
+                     tuple(s.shape for s in out_shapes), meta.get("FIN", False)))
     return [jnp.zeros(s.shape, s.dtype) for s in out_shapes]
 
   monkeypatch.setattr(ct, "_launch", launch)
@@ -113,8 +117,10 @@ def test_rows_matmul_hands_two_half_tiles_to_their_kernel(monkeypatch):
                  cfg=ct.TileConfig(64, 64, i, 8, 3, loop_n=True, gluon=True))
   z128 = r.ordered_tiles(128, "token").shape[1]
   z64 = r.ordered_tiles(64, "token").shape[1]
-  assert launched == [("_rows2_sum_kernel", z128, 64, z128, (0,)),
-                      ("_rows_sum_kernel", z64, 64, z64, (0,))], launched
+  fin = finish == "1"
+  zeroed, shapes = ((0, 1), ((n, o), (-(-n // 32),))) if fin else ((0,), ((n, o), (1,)))
+  assert launched == [("_rows2_sum_kernel", z128, 64, z128, zeroed, shapes, fin),
+                      ("_rows_sum_kernel", z64, 64, z64, zeroed, shapes, fin)], launched
 
 
 @pytest.mark.parametrize("kind", ["rows", "pair_fwd", "pair_bwd"])
@@ -145,6 +151,39 @@ def test_gluon_rows2_kernel_compiles_for_sm90(transpose, f16):
     assert st["HGMMA"] > 0 and st["spill_stores"] == 0, ((bm, bn, w), st)
     if (bm, bn, w) == (128, 64, 8):
       assert st["shared"] <= 114688 and st["registers"] <= 128, st
+
+
+@pytest.mark.parametrize("fin", ["bfloat16", "float16"])
+@pytest.mark.parametrize("kind", ["rows", "rows2", "pairs_O", "pairs_V_dx"])
+def test_finishing_kernels_compile_for_sm90(kind, fin):
+  """The Gluon kernels that finish their float16 sums (CVMM_FINISH) compile for sm90 at
+  their first tiles: after the reductions a gpu-scope fence, one acquire-release count
+  per row, and the finished groups read from L2 and stored 16 bytes at a time; no
+  spills, and the registers capped so that the blocks per SM stay what shared memory
+  allows (two for the 112 KiB of the two-half and O's unit-pair tiles: 128 per
+  thread)."""
+  from kernels.autotune import TileConfig  # noqa: PLC0415
+  if kind.startswith("pairs"):
+    cfg = TileConfig(*ct.UNIT_PAIRS_TILE[:2], 128, *ct.UNIT_PAIRS_TILE[2:], loop_n=True,
+                     gluon=True)
+    v_dx = kind == "pairs_V_dx"
+    kern = offline.compile_gluon_pairs(cfg, a_rows=8 if v_dx else 4, transpose=v_dx,
+                                       fin=fin)
+  else:
+    cfg = [c for c in ct._rows_candidates(128, 1024, jnp.bfloat16, gluon=True)
+           if c.gluon and c.halves == (2 if kind == "rows2" else 1)][0]
+    kern = offline.compile_gluon_rows(cfg, i=128, o=1024, k=16, fin=fin)
+  ptx = kern.asm["ptx"]
+  assert "red.global.gpu.relaxed.add.noftz.v4.f16x2" in ptx
+  assert "fence.acq_rel.gpu;" in ptx
+  assert "atom.global.gpu.acq_rel.add.u32" in ptx
+  assert "ld.global.cg.v4.b32" in ptx and "st.global.v4.b32" in ptx
+  st = offline.sass_stats(kern)
+  assert st["spill_stores"] == 0, st
+  blocks = (228 * 1024) // (st["shared"] + 1024)
+  assert st["registers"] * 32 * cfg.num_warps * blocks <= 65536, (blocks, st)
+  if kind in ("rows2", "pairs_O"):
+    assert blocks == 2, st
 
 
 def test_unit_store_candidates_compile_for_sm90_without_spills():
@@ -247,11 +286,15 @@ def test_unit_pairs_config(monkeypatch):
   assert ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, False, 1) is None
 
 
-def test_rows_matmul_hands_unit_pairs_to_their_kernel(monkeypatch):
+@pytest.mark.parametrize("finish", ["1", "0"])
+def test_rows_matmul_hands_unit_pairs_to_their_kernel(monkeypatch, finish):
   """On Hopper a 16-bit fused sum whose routing carries unit pairs goes to the
-  unit-pair kernel, whose float16 output rows rows_matmul scales back: with the kernel
-  replaced by the same sums in float32 (scaled as the kernel gets them), the result is
-  the reference; an explicit row tile or CVMM_UNIT_PAIRS=0 keeps the row kernels."""
+  unit-pair kernel, whose float16 output rows are scaled back by the kernel with the
+  inverse scales it gets (CVMM_FINISH=1) or by rows_matmul (0): with the kernel
+  replaced by the same sums in float32 (scaled as the kernel gets them, and finished
+  so), the result is the reference; an explicit row tile or CVMM_UNIT_PAIRS=0 keeps
+  the row kernels."""
+  monkeypatch.setenv("CVMM_FINISH", finish)
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   from kernels import make_head_routing  # noqa: PLC0415
@@ -270,18 +313,26 @@ def test_rows_matmul_hands_unit_pairs_to_their_kernel(monkeypatch):
   terms = np.einsum("pi,pio->po", rows, we)                             # [P, O]
   seen = []
 
-  def fake(a_, w_, routing, scale, cfg, *, a_rows, out_rows, transpose_w, out_dtype):
-    seen.append((cfg, a_rows, out_rows, out_dtype))
+  def fake(a_, w_, routing, scale, cfg, *, a_rows, out_rows, transpose_w, out_dtype,
+           fin=None):
+    seen.append((cfg, a_rows, out_rows, out_dtype, fin is not None))
     s = np.asarray(scale)[:, None] * terms
-    return jnp.asarray(s.reshape(n, 2 * h, o).sum(1)).astype(out_dtype)
+    out = jnp.asarray(s.reshape(n, 2 * h, o).sum(1)).astype(out_dtype)
+    if fin is None:
+      return out
+    return (out.astype(jnp.float32) * fin[:, None]).astype(a_.dtype)
 
   monkeypatch.setattr(ct, "gluon_pairs_sum", fake)
   out, dg = ct.rows_matmul(a, w, r, a_rows=h, out_rows=1, scale=g)
   assert dg is None and len(seen) == 1
-  cfg, a_rows, out_rows, out_dtype = seen[0]
-  assert (a_rows, out_rows, jnp.dtype(out_dtype)) == (h, 1, jnp.float16)
+  cfg, a_rows, out_rows, out_dtype, fin = seen[0]
+  assert (a_rows, out_rows, jnp.dtype(out_dtype), fin) == (h, 1, jnp.float16,
+                                                           finish == "1")
+  assert out.dtype == (jnp.bfloat16 if fin else jnp.float32)
   ref = (np.asarray(g)[:, None] * terms).reshape(n, 2 * h, o).sum(1)
-  np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+  tol = 5e-3 if fin else 2e-3          # + bf16's rounding where finished in bf16
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=tol,
+                             atol=tol * np.abs(ref).max())
   launched = []
 
   def launch(kernel, args, out_shapes, grid, cfg, zeroed=(), **meta):

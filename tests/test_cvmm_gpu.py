@@ -159,6 +159,22 @@ def _gated_sum_reference(r, a, w, g, a_rows, out_rows):
 SUM_TOL = {"float32": 1e-5, "float16": 1e-3}
 
 
+def _finished_tol(out, ref) -> float:
+  """The float16 sums' tolerance for an output that the kernel finished in a 16-bit
+  dtype (CVMM_FINISH): the sums' error plus that of rounding the exact result to
+  out's dtype (0 for float32 outputs)."""
+  return SUM_TOL["float16"] + _rel(ref.astype(out.dtype), ref)
+
+
+def _sums_dtype(sums: str, a_dtype, finish: bool | None = None):
+  """The dtype rows_matmul returns a 16-bit fused sum in: a's where the Gluon kernel
+  finishes float16 sums (``finish``; None: CVMM_FINISH's setting) or adds bf16 sums,
+  float32 where XLA scales float16 sums back."""
+  from kernels.cvmm_triton import finish_wanted  # noqa: PLC0415
+  finish = finish_wanted() if finish is None else finish
+  return jnp.dtype(a_dtype) if sums == "bfloat16" or finish else jnp.dtype(jnp.float32)
+
+
 @pytest.mark.parametrize("sums", ["float32", "float16"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
 @pytest.mark.parametrize("cfg", _row_candidate_cases(), ids=str)
@@ -221,8 +237,9 @@ def test_gluon_row_kernel_matches_reference(cfg, shape, transpose, sums):
                                                     a, w_arg, g)
   ref = _gated_sum_reference(r, a, w, g, a_rows, out_rows)
   err = _rel(out, ref)
+  assert out.dtype == _sums_dtype(sums, a.dtype), out.dtype
   assert np.all(np.isfinite(np.asarray(out, np.float32)))
-  assert err <= (SUM_TOL["float16"] if sums == "float16" else TOL[jnp.bfloat16]), (
+  assert err <= (_finished_tol(out, ref) if sums == "float16" else TOL[jnp.bfloat16]), (
       f"{cfg} {shape}: rel err {err:.2e}")
 
 
@@ -230,7 +247,7 @@ def test_gluon_row_kernel_matches_reference(cfg, shape, transpose, sums):
 GLUON_ROWS2_TILES = [(128, 64, 8), (64, 64, 4), (128, 32, 8)]
 
 
-@pytest.mark.parametrize("sums", ["float16", "bfloat16"])
+@pytest.mark.parametrize("sums", ["float16", "float16-xla", "bfloat16"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
 @pytest.mark.parametrize("shape", GLUON_SHAPES, ids=str)
 @pytest.mark.parametrize("tile", GLUON_ROWS2_TILES, ids=str)
@@ -238,12 +255,16 @@ def test_gluon_rows2_kernel_matches_reference(tile, shape, transpose, sums, monk
   """The Gluon two-half row kernel (each column block of the expert's matrix used for
   two halves of a tile) through rows_matmul with its tile: gated sums over slots into
   16-bit outputs, against an einsum of the same bf16 inputs in float32; partial tiles
-  and halves, experts without pairs."""
+  and halves, experts without pairs; float16 sums finished by the kernel (the
+  opt-in CVMM_FINISH=1) and by XLA (CVMM_FINISH=0, the default: "float16-xla")."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
   import kernels.cvmm_triton as ct_mod  # noqa: PLC0415
   if not ct_mod._gluon_device():
     pytest.skip("the Gluon kernels run on Hopper GPUs only")
+  finish = sums != "float16-xla"
+  monkeypatch.setenv("CVMM_FINISH", "1" if finish else "0")
+  sums = sums.split("-")[0]
   n, k, e, i, o, a_rows, out_rows = shape
   bm, bn, nw = tile
   cfg = ct_mod.TileConfig(bm, min(bn, o), i, nw, 2, loop_n=True, gluon=True, halves=2)
@@ -258,9 +279,57 @@ def test_gluon_rows2_kernel_matches_reference(tile, shape, transpose, sums, monk
   assert launched == [2]
   ref = _gated_sum_reference(r, a, w, g, a_rows, out_rows)
   err = _rel(out, ref)
+  assert out.dtype == _sums_dtype(sums, a.dtype, finish), out.dtype
   assert np.all(np.isfinite(np.asarray(out, np.float32)))
-  assert err <= (SUM_TOL["float16"] if sums == "float16" else TOL[jnp.bfloat16]), (
+  assert err <= (_finished_tol(out, ref) if sums == "float16" else TOL[jnp.bfloat16]), (
       f"{tile} {shape}: rel err {err:.2e}")
+
+
+# (kernel, tile: BM, BN, warps, buffers) of the Gluon kernels that finish float16 sums
+FINISH_TILES = [("rows", (128, 64, 8, 4)), ("rows", (64, 64, 4, 3)),
+                ("rows2", (128, 64, 8, 2)), ("rows2", (64, 64, 4, 2))]
+# (N, K, E, I, O, a_rows, out_rows): σ-MoE down at K = 16 and O = 1024 (rows of several
+# finishing steps); 33 output rows (one row past a group of 32); SwitchHead O's sum over
+# 2 heads; 600 output rows (groups completed by different programs)
+FINISH_SHAPES = [(700, 16, 40, 128, 1024, 16, 1), (33, 4, 3, 64, 128, 4, 1),
+                 (257, 8, 40, 128, 128, 8, 2), (600, 2, 8, 128, 256, 2, 1)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("shape", FINISH_SHAPES, ids=str)
+@pytest.mark.parametrize("kernel,tile", FINISH_TILES, ids=str)
+def test_gluon_kernels_finish_float16_sums(kernel, tile, shape, dtype, monkeypatch):
+  """float16 sums finished in the Gluon row kernels (CVMM_FINISH=1): rows_matmul returns
+  the inputs' dtype (bf16 stored over the float16 sums, or float16), every row finished
+  (a row left unscaled or unconverted would be far off), within the float16 sums'
+  tolerance of the float32 reference plus the output's rounding, and as close to it
+  as the same sums scaled back by XLA (CVMM_FINISH=0) and rounded the same way."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  import kernels.cvmm_triton as ct_mod  # noqa: PLC0415
+  if not ct_mod._gluon_device():
+    pytest.skip("the Gluon kernels run on Hopper GPUs only")
+  n, k, e, i, o, a_rows, out_rows = shape
+  bm, bn, nw, buf = tile
+  cfg = ct_mod.TileConfig(bm, min(bn, o), i, nw, buf, loop_n=True, gluon=True,
+                          halves=2 if kernel == "rows2" else 1)
+  r, a, w, g, w_arg = _sum_inputs(9, n, k, e, i, o, a_rows, False)
+  a, w = a.astype(dtype), w.astype(dtype)
+  def call(a, w_, g):
+    return ct_mod.rows_matmul(a, w_, r, a_rows=a_rows, out_rows=out_rows, scale=g,
+                              cfg=cfg, sum_dtype="float16")[0]
+
+  monkeypatch.setenv("CVMM_FINISH", "1")
+  out = jax.jit(lambda *args: call(*args))(a, w, g)
+  monkeypatch.setenv("CVMM_FINISH", "0")
+  by_xla = jax.jit(lambda *args: call(*args))(a, w, g)      # traced anew
+  assert out.dtype == jnp.dtype(dtype) and by_xla.dtype == jnp.float32
+  ref = _gated_sum_reference(r, a, w, g, a_rows, out_rows)
+  assert np.all(np.isfinite(np.asarray(out, np.float32)))
+  err = _rel(out, ref)
+  assert err <= _finished_tol(out, ref), f"{kernel} {tile} {shape}: rel err {err:.2e}"
+  assert err <= 1.2 * _rel(by_xla.astype(dtype), ref) + 1e-4, (
+      err, _rel(by_xla.astype(dtype), ref))
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
@@ -469,21 +538,25 @@ def _head_inputs(case, gated):
   return x, w, g, r, ct
 
 
-@pytest.mark.parametrize("tile", UNIT_PAIR_TILES)
+@pytest.mark.parametrize("tile", UNIT_PAIR_TILES + ["1-xla"])
 @pytest.mark.parametrize("gated", [False, True], ids=["V", "O"])
 @pytest.mark.parametrize("case", UNIT_PAIR_CASES, ids=[c[0] for c in UNIT_PAIR_CASES])
 def test_unit_pairs_match_reference(case, gated, tile, monkeypatch):
   """SwitchHead's O (gated: its forward sums over the heads' two experts) and V (plain:
   its dx sums so) with unit pairs: forward and every gradient against the float32
   reference within bf16's tolerance, output and dx no further from it than 1.5x the
-  float32 sums' error, and the unit-pair kernel did run (O's forwards, V's dx)."""
+  float32 sums' error, and the unit-pair kernel did run (O's forwards, V's dx), with
+  its float16 sums finished in the kernel (CVMM_FINISH=1, every tile) or by XLA
+  ("1-xla": CVMM_FINISH=0, the default tile)."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
   import kernels.cvmm_triton as ct_mod  # noqa: PLC0415
   from kernels.cvmm_triton import _gluon_device  # noqa: PLC0415
   if not _gluon_device():
     pytest.skip("the unit-pair kernel runs on Hopper GPUs only")
-  monkeypatch.setenv("CVMM_UNIT_PAIRS", tile)
+  finish = not tile.endswith("-xla")
+  monkeypatch.setenv("CVMM_FINISH", "1" if finish else "0")
+  monkeypatch.setenv("CVMM_UNIT_PAIRS", tile.split("-")[0])
   calls = []
   orig = ct_mod.gluon_pairs_sum
   monkeypatch.setattr(ct_mod, "gluon_pairs_sum",
@@ -494,6 +567,7 @@ def test_unit_pairs_match_reference(case, gated, tile, monkeypatch):
                                            sum_dtype=sd))
   got = _outputs(fn("float16"), x, w, g, r, ct)
   assert len(calls) == (2 if gated else 1), calls   # O: two forwards; V: one dx
+  assert all((kw["fin"] is not None) == finish for kw in calls), calls
   f32s = _outputs(fn("float32"), x, w, g, r, ct)
   up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
   ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
