@@ -13,8 +13,9 @@ and ``--tilings`` narrow the runs (e.g. for Nsight Compute: ``--variants 0 --til
 128x64x4x4 --no-triton``). ``--calls down_fwd,o_fwd,up_dx`` also times those whole
 CVMM calls (bench/cvmm_kernels.py, float16 bookkeeping included) with each Gluon tiling,
 against the cached tile choice (the Gluon kernel's own at MoEUT_244M since the eleventh
-session; Triton's before). ``--rows2 128x64x8,128x32x8`` times the two-half row kernel
-(kernels/cvmm_gluon.py, _rows2_sum_kernel: tiles of two halves of BM rows sharing each
+session; Triton's before). ``--rows2 128x64x8,128x32x8,128x64x8x4`` times the two-half
+row kernel (kernels/cvmm_gluon.py, _rows2_sum_kernel: tiles of two halves, or with a
+fourth number H parts, of BM rows sharing each
 matrix block; BMxBNxWARPS) at down_fwd, with its output's difference from the row
 kernel's (the first tiling), and with ``--calls`` the whole calls with its tiles too.
 ``--fin off,on,counts,relaxed,nofence`` times the two-half kernel (the first ``--rows2``
@@ -48,6 +49,16 @@ def _probe_fn(cfg: TileConfig, probe: int):
   return fn
 
 
+def _parts_cfg(spec: str, i: int) -> tuple[str, TileConfig]:
+  """(spec, tile) of a ``--rows2`` tiling BMxBNxWARPS[xPARTS] (2 parts unless named)."""
+  v = [int(x) for x in spec.split("x")]
+  if len(v) not in (3, 4):
+    raise SystemExit(f"--rows2 {spec!r}: expected BMxBNxWARPS or BMxBNxWARPSxPARTS")
+  bm, bn, w = v[:3]
+  return spec, TileConfig(bm, bn, i, w, 2, loop_n=True, gluon=True,
+                          halves=v[3] if len(v) == 4 else 2)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--profile", default="MoEUT_244M")
@@ -59,8 +70,8 @@ def main(argv=None):
   ap.add_argument("--no-triton", action="store_true",
                   help="skip the timing with the cached tile choice")
   ap.add_argument("--calls", default="", help="comma list of whole calls to time too")
-  ap.add_argument("--rows2", default="", help="comma list of BMxBNxWARPS of the two-half "
-                  "row kernel to time at down_fwd")
+  ap.add_argument("--rows2", default="", help="comma list of BMxBNxWARPS[xPARTS] of the "
+                  "two-half row kernel (2 parts unless named) to time at down_fwd")
   ap.add_argument("--fin", default="", help="comma list of the two-half kernel's "
                   "finishing settings to time at down_fwd (first --rows2 tiling): off, "
                   "on, or the probes counts (fences and counts, nothing finished), "
@@ -86,17 +97,22 @@ def main(argv=None):
       name = VARIANTS[probe]
       t = _time(jax.jit(_probe_fn(cfg, probe)), arrays) * 1e3
       print(f"gluon {bm}x{bn} w{w} b{b}  {name:18s} {t:7.3f} ms", flush=True)
+  parts = [_parts_cfg(t2, i) for t2 in filter(None, a.rows2.split(","))]
+  # the routing with the tile lists of every parts tiling (as the routing of a model
+  # whose kernels use them would carry them), outside the timed calls
+  arrays = dict(arrays, r=arrays["r"].with_tiles(
+      sorted({c.halves * c.block_m for _, c in parts})))
   if a.rows2:
     bm, bn, w, b = tilings[0]
     base = jax.jit(_probe_fn(TileConfig(bm, bn, i, w, b, loop_n=True, gluon=True), 0))(
         arrays).astype(jnp.float32)
-    for t2 in a.rows2.split(","):
-      bm, bn, w = (int(x) for x in t2.split("x"))
-      cfg = TileConfig(bm, bn, i, w, 2, loop_n=True, gluon=True, halves=2)
+    for t2, cfg in parts:
+      bm, bn, w = cfg.block_m, cfg.block_n, cfg.num_warps
 
       def fn2(v, cfg=cfg):
         r = v["r"]
-        return ct.gluon_rows_sum(v["h"], v["values"], r, ct._sum_tiles(r, 2 * cfg.block_m),
+        return ct.gluon_rows_sum(v["h"], v["values"], r,
+                                 ct._sum_tiles(r, cfg.halves * cfg.block_m),
                                  v["g"].astype(jnp.float32), cfg, a_rows=r.k, out_rows=1,
                                  transpose_w=False, out_dtype=jnp.float16)
       try:
@@ -106,12 +122,12 @@ def main(argv=None):
         print(f"rows2 {t2}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
         continue
       diff = float(jnp.linalg.norm(out - base) / jnp.linalg.norm(base))
-      print(f"gluon rows2 {bm}x2x{bn} w{w}  as is              {t:7.3f} ms "
+      print(f"gluon rows2 {bm}x{cfg.halves}x{bn} w{w}  as is              {t:7.3f} ms "
             f"(vs the first tiling's output: {diff:.1e})", flush=True)
   fin_probes = {"on": 0, "counts": 1, "relaxed": 2, "nofence": 3}
   for setting in filter(None, a.fin.split(",")):
-    bm, bn, w = (int(x) for x in a.rows2.split(",")[0].split("x"))
-    cfg = TileConfig(bm, bn, i, w, 2, loop_n=True, gluon=True, halves=2)
+    cfg = parts[0][1]
+    bm, bn, w = cfg.block_m, cfg.block_n, cfg.num_warps
 
     def fn3(v, cfg=cfg, setting=setting):
       r, h = v["r"], v["h"]
@@ -119,12 +135,12 @@ def main(argv=None):
       row_s, g = ct._f16_row_scales(h, ct._max_l1(v["values"], 1), r,
                                     v["g"].astype(jnp.float32), r.k, 1)
       fin = None if setting == "off" else 1.0 / row_s
-      return ct.gluon_rows_sum(h, v["values"], r, ct._sum_tiles(r, 2 * cfg.block_m), g,
+      return ct.gluon_rows_sum(h, v["values"], r, ct._sum_tiles(r, cfg.halves * cfg.block_m), g,
                                cfg, a_rows=r.k, out_rows=1, transpose_w=False,
                                out_dtype=jnp.float16, fin=fin,
                                probe=fin_probes.get(setting, 0))
     t = _time(jax.jit(fn3), arrays) * 1e3
-    print(f"rows2 {bm}x2x{bn} w{w} finishing {setting:8s} {t:7.3f} ms (the scales' "
+    print(f"rows2 {bm}x{cfg.halves}x{bn} w{w} finishing {setting:8s} {t:7.3f} ms (the scales' "
           f"bookkeeping included)", flush=True)
   for call in filter(None, a.calls.split(",")):
     cfn, (p, i, o), _ = ks[call]
@@ -135,10 +151,8 @@ def main(argv=None):
     cfgs = [(f"gluon {bm}x{bn} w{w} b{b}", TileConfig(bm, bn, i, w, b, loop_n=True,
                                                        gluon=True))
             for bm, bn, w, b in tilings]
-    for t2 in filter(None, a.rows2.split(",")):
-      bm, bn, w = (int(x) for x in t2.split("x"))
-      cfgs.append((f"gluon rows2 {bm}x2x{bn} w{w}",
-                   TileConfig(bm, bn, i, w, 2, loop_n=True, gluon=True, halves=2)))
+    for t2, cfg in parts:
+      cfgs.append((f"gluon rows2 {t2}", cfg))
     for name, cfg in cfgs:
       try:
         t = _time(jax.jit(lambda v, cfg=cfg: cfn(cfg, v)), arrays) * 1e3

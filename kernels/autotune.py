@@ -50,7 +50,8 @@ class TileConfig:
     block_k); False launches one program per (row tile, column block).
   gluon: a tile of the Gluon fused-sum kernels (kernels/cvmm_gluon.py).
   halves: 2 for the Gluon two-half row kernel (tiles of 2 * block_m rows whose halves
-    share each column block of the matrix; two buffers, num_stages 2); else 1.
+    share each column block of the matrix; two buffers, num_stages 2), 3 or 4 for the
+    same kernel with that many parts (probes: not among the candidates); else 1.
   """
 
   block_m: int
@@ -75,10 +76,10 @@ class TileConfig:
                        "([2, 16] for gluon tiles)")
     if self.splits < 1:
       raise ValueError(f"splits={self.splits} must be >= 1")
-    if self.halves not in (1, 2) or (self.halves == 2 and not (self.gluon and
-                                                               self.num_stages == 2)):
-      raise ValueError(f"halves={self.halves}: 1, or 2 for a Gluon tile of 2 buffers "
-                       f"(num_stages 2), got gluon={self.gluon}, "
+    if self.halves not in (1, 2, 3, 4) or (self.halves > 1 and not (self.gluon and
+                                                                    self.num_stages == 2)):
+      raise ValueError(f"halves={self.halves}: 1, or 2 to 4 for a Gluon tile of 2 "
+                       f"buffers (num_stages 2), got gluon={self.gluon}, "
                        f"num_stages={self.num_stages}")
     if self.gluon and not (self.loop_n and self.num_stages >= 2):
       raise ValueError("gluon tiles walk the column blocks (loop_n) with at least 2 "

@@ -303,7 +303,7 @@ if gluon is not None:
       a_ptr,        # [Ra, I] rows read by the pairs (16-bit)
       w_ptr,        # expert matrices: element (e, i, o) at e*SW_E + i*SW_I + o*SW_O
       order_ptr,    # [P] int32 pair index at each sorted position
-      tiles_ptr,    # [3, Z] int32 expert, start, end of each tile of up to 2 * BM rows
+      tiles_ptr,    # [3, Z] int32 expert, start, end of each tile of up to H * BM rows
       scale_ptr,    # [P] float32 per-pair scale; unused if not HAS_SCALE
       rs_ptr,       # [Ro] float32 inverse row scales of float16 sums; unused if not FIN
       out_ptr,      # [Ro, O] 16-bit sums (zeroed)
@@ -314,16 +314,18 @@ if gluon is not None:
       BM: gl.constexpr, BN: gl.constexpr, NW: gl.constexpr,
       HAS_SCALE: gl.constexpr, F16: gl.constexpr, FIN: gl.constexpr = False,
       FG: gl.constexpr = 32, RO: gl.constexpr = 0, FIN_BF16: gl.constexpr = False,
-      FIN_PROBE: gl.constexpr = 0):
-    """:func:`_rows_sum_kernel` for tiles of 2 * BM rows taken as two halves of BM: each
-    column block of the expert's matrix is copied once and multiplied by both halves,
-    one after the other, so the matrices' traffic is that of 2 * BM-row tiles while
-    only BM-row products are in registers (two buffers of the matrix: each block is
-    used for two steps, long enough for the next one's copy).
+      FIN_PROBE: gl.constexpr = 0, H: gl.constexpr = 2):
+    """:func:`_rows_sum_kernel` for tiles of H * BM rows taken as H parts ("halves",
+    H = 2 by default; 3 or 4) of BM: each column block of the expert's matrix is copied
+    once and multiplied by every part, one after the other, so the matrices' traffic
+    is that of H * BM-row tiles while only BM-row products are in registers (two
+    buffers of the matrix: each block is used for H steps, long enough for the next
+    one's copy).
 
-    Steps (nb, h) for column block nb and half h; in each, the product of the step is
+    Steps (nb, h) for column block nb and part h; in each, the product of the step is
     issued to the tensor cores and the previous step's is reduced meanwhile. The next
     block is copied at (nb, 0), into the buffer block nb - 1 used."""
+    gl.static_assert(H >= 2 and H <= 4, "H: 2, 3 or 4 parts")
     n_nb: gl.constexpr = O // BN
     ASM: gl.constexpr = _RED_F16 if F16 else _RED_BF16
     dt: gl.constexpr = a_ptr.dtype.element_ty
@@ -335,6 +337,14 @@ if gluon is not None:
     b_smem = _w_smem(dt, 2, I, BN, TRANS)
     a0 = gl.allocate_shared_memory(dt, [BM, I], a_sl)
     a1 = gl.allocate_shared_memory(dt, [BM, I], a_sl)
+    if H > 2:
+      a2 = gl.allocate_shared_memory(dt, [BM, I], a_sl)
+    else:
+      a2 = a0
+    if H > 3:
+      a3 = gl.allocate_shared_memory(dt, [BM, I], a_sl)
+    else:
+      a3 = a0
     epi = _epi_smem(out_ptr.dtype.element_ty, BM, BN)
 
     tile = gl.program_id(0)
@@ -344,16 +354,30 @@ if gluon is not None:
     if start < end:
       w_base = w_ptr + e.to(gl.int64) * SW_E
       mid = start + BM
-      # both halves' gathered rows, with block 0
+      # every part's gathered rows, with block 0
       _gather_rows(a0, a_ptr, order_ptr, start, end, I, K, A_R, BM, a_l)
       _gather_rows(a1, a_ptr, order_ptr, mid, end, I, K, A_R, BM, a_l)
+      if H > 2:
+        _gather_rows(a2, a_ptr, order_ptr, start + 2 * BM, end, I, K, A_R, BM, a_l)
+      if H > 3:
+        _gather_rows(a3, a_ptr, order_ptr, start + 3 * BM, end, I, K, A_R, BM, a_l)
       _copy_block(b_smem, w_base, 0, I, O, BN, SW_I, SW_O, TRANS, NW)
       cp.commit_group()
-      # each half's output rows, validity and scales
+      # each part's output rows, validity and scales
       o_row0, m0 = _out_rows(order_ptr, start, end, K, O_R, BM, red_l)
       o_row1, m1 = _out_rows(order_ptr, mid, end, K, O_R, BM, red_l)
       s0 = _rows_scale(scale_ptr, order_ptr, start, end, BM, acc_l, HAS_SCALE)
       s1 = _rows_scale(scale_ptr, order_ptr, mid, end, BM, acc_l, HAS_SCALE)
+      if H > 2:
+        o_row2, m2 = _out_rows(order_ptr, start + 2 * BM, end, K, O_R, BM, red_l)
+        s2 = _rows_scale(scale_ptr, order_ptr, start + 2 * BM, end, BM, acc_l, HAS_SCALE)
+      else:
+        o_row2, m2, s2 = o_row0, m0, s0
+      if H > 3:
+        o_row3, m3 = _out_rows(order_ptr, start + 3 * BM, end, K, O_R, BM, red_l)
+        s3 = _rows_scale(scale_ptr, order_ptr, start + 3 * BM, end, BM, acc_l, HAS_SCALE)
+      else:
+        o_row3, m3, s3 = o_row0, m0, s0
       zero = gl.zeros([BM, BN], gl.float32, layout=acc_l)
 
       cp.wait_group(0)                 # the rows and block 0
@@ -364,28 +388,47 @@ if gluon is not None:
       cur = warpgroup_mma(a0, _b_view(b_smem, 0, 2, TRANS), zero, use_acc=False,
                           is_async=True)
       prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))          # (0, 0)
-      cur = warpgroup_mma(a1, _b_view(b_smem, 0, 2, TRANS), zero, use_acc=False,
-                          is_async=True)
-      _reduce_block(prev, 0, o_row0, m0, s0, out_ptr, O, BM, BN, red_l, ASM, epi)
-      prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))          # (0, 1)
+      for h in gl.static_range(1, H):
+        cur = warpgroup_mma(_part(h, a0, a1, a2, a3), _b_view(b_smem, 0, 2, TRANS), zero,
+                            use_acc=False, is_async=True)
+        _reduce_block(prev, 0, _part(h - 1, o_row0, o_row1, o_row2, o_row3),
+                      _part(h - 1, m0, m1, m2, m3), _part(h - 1, s0, s1, s2, s3), out_ptr,
+                      O, BM, BN, red_l, ASM, epi)
+        prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))        # (0, h)
       for nb in range(1, n_nb):
         cp.wait_group(0)               # block nb is in shared memory
         fence_async_shared()
         gl.thread_barrier()            # ... for every thread; block nb - 1's buffer is free
         _copy_block(b_smem, w_base, nb + 1, I, O, BN, SW_I, SW_O, TRANS, NW)
         cp.commit_group()
-        cur = warpgroup_mma(a0, _b_view(b_smem, nb, 2, TRANS), zero, use_acc=False,
-                            is_async=True)
-        _reduce_block(prev, nb - 1, o_row1, m1, s1, out_ptr, O, BM, BN, red_l, ASM, epi)
-        prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))        # (nb, 0)
-        cur = warpgroup_mma(a1, _b_view(b_smem, nb, 2, TRANS), zero, use_acc=False,
-                            is_async=True)
-        _reduce_block(prev, nb, o_row0, m0, s0, out_ptr, O, BM, BN, red_l, ASM, epi)
-        prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))        # (nb, 1)
-      _reduce_block(prev, n_nb - 1, o_row1, m1, s1, out_ptr, O, BM, BN, red_l, ASM, epi)
+        for h in gl.static_range(H):
+          cur = warpgroup_mma(_part(h, a0, a1, a2, a3), _b_view(b_smem, nb, 2, TRANS), zero,
+                              use_acc=False, is_async=True)
+          # the previous step: (nb - 1, H - 1) or (nb, h - 1)
+          _reduce_block(prev, nb - 1 if h == 0 else nb,
+                        _part((h + H - 1) % H, o_row0, o_row1, o_row2, o_row3),
+                        _part((h + H - 1) % H, m0, m1, m2, m3),
+                        _part((h + H - 1) % H, s0, s1, s2, s3), out_ptr, O, BM, BN, red_l,
+                        ASM, epi)
+          prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))      # (nb, h)
+      _reduce_block(prev, n_nb - 1, _part(H - 1, o_row0, o_row1, o_row2, o_row3),
+                    _part(H - 1, m0, m1, m2, m3), _part(H - 1, s0, s1, s2, s3), out_ptr, O,
+                    BM, BN, red_l, ASM, epi)
       if FIN:
-        _finish(out_ptr, rs_ptr, cnt_ptr, order_ptr, start, end, 2 * BM, K, O_R, K // O_R,
+        _finish(out_ptr, rs_ptr, cnt_ptr, order_ptr, start, end, H * BM, K, O_R, K // O_R,
                 O, RO, FG, FIN_BF16, NW, FIN_PROBE)
+
+  @gluon.jit
+  def _part(h: gl.constexpr, x0, x1, x2, x3):
+    """x_h (h a compile-time 0..3)."""
+    if h == 0:
+      return x0
+    elif h == 1:
+      return x1
+    elif h == 2:
+      return x2
+    else:
+      return x3
 
   @gluon.jit
   def _finish(out_ptr, rs_ptr, cnt_ptr, idx_ptr, start, end, NR: gl.constexpr,
@@ -407,13 +450,15 @@ if gluon is not None:
     counts (fences, acquire-release atomics) but finishes nothing, 2 counts with
     relaxed atomics and no fences, 3 finishes without the fences before the counts."""
     cnt_l: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
-    rows = start + gl.arange(0, NR, layout=cnt_l)
+    NRP: gl.constexpr = _next_pow2(NR)
+    r = gl.arange(0, NRP, layout=cnt_l)
+    rows = start + r
     if FIN_PROBE != 2 and FIN_PROBE != 3:
       _fence_gpu(rows)                       # this thread's reductions are performed
     gl.thread_barrier()                      # ... and every thread's
-    m = rows < end
+    m = (rows < end) & (r < NR)
     g = _row_of(gl.load(idx_ptr + rows, mask=m, other=0), K, O_R) // FG
-    ones = gl.full([NR], 1, gl.int32, layout=cnt_l)
+    ones = gl.full([NRP], 1, gl.int32, layout=cnt_l)
     if FIN_PROBE == 2:
       old = gl.atomic_add(cnt_ptr + g, ones, mask=m, sem="relaxed", scope="gpu")
     else:

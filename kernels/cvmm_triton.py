@@ -699,7 +699,8 @@ def gluon_rows_sum(a, w, routing: Routing, tiles, scale, cfg: TileConfig, *, a_r
                    fin: jax.Array | None = None) -> jax.Array:
   """One launch of a Gluon fused-sum row kernel (:mod:`kernels.cvmm_gluon`): the row
   kernel, or with ``cfg.halves`` 2 the two-half kernel (``tiles`` of 2 * block_m rows,
-  each column block of the expert's matrix copied once for both halves). out
+  each column block of the expert's matrix copied once for both halves; 3 or 4 parts
+  likewise, for probes). out
   [N * out_rows, O] (zeroed, then every tile's scaled rows added in ``out_dtype``,
   float16 or bf16), for :func:`rows_matmul` (which scales float16 sums back) and the
   probe (``probe``: the row kernel's PROBE setting, bench/gluon_rows_probe.py).
@@ -715,7 +716,7 @@ def gluon_rows_sum(a, w, routing: Routing, tiles, scale, cfg: TileConfig, *, a_r
                          out_rows=out_rows, has_scale=scale is not None,
                          f16=jnp.dtype(out_dtype) == jnp.float16, probe=probe,
                          fin_dtype=None if fin is None else a.dtype, n_tokens=n)
-  kernel = cvmm_gluon._rows2_sum_kernel if cfg.halves == 2 else cvmm_gluon._rows_sum_kernel
+  kernel = cvmm_gluon._rows2_sum_kernel if cfg.halves > 1 else cvmm_gluon._rows_sum_kernel
   rs, shapes, zeroed = _finish_args(fin, n * out_rows, meta, out_dtype)
   out, _ = _launch(
       kernel, [a, w, routing.order, tiles, scale if scale is not None else _DUMMY_F32(), rs],
@@ -780,18 +781,19 @@ def gluon_rows_meta(w_shape, transpose_w: bool, cfg: TileConfig, *, z: int, k: i
                     probe: int = 0, fin_dtype=None, n_tokens: int = 1024) -> dict:
   """The Gluon row kernel's compile-time arguments for expert matrices of ``w_shape``
   (:func:`_w_layout`), ``z`` tiles and the tile ``cfg`` (:func:`gluon_rows_sum`, and
-  :mod:`kernels.offline` compiling it without a GPU). With ``cfg.halves`` 2 the
-  two-half kernel's (``cfg.block_m`` the height of a half; two matrix buffers, no
-  probes). ``fin_dtype``: the dtype a finishing kernel stores the sums of its
+  :mod:`kernels.offline` compiling it without a GPU). With ``cfg.halves`` 2 to 4 the
+  two-half kernel's (``cfg.block_m`` the height of a part; two matrix buffers; probes
+  of its finishing only). ``fin_dtype``: the dtype a finishing kernel stores the sums of its
   ``n_tokens`` * ``out_rows`` rows in (:func:`finish_wanted`), or None."""
   i, o, sw = _w_layout(w_shape, transpose_w)
   meta = dict(Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, SW_E=sw[0], SW_I=sw[1],
               SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, NW=cfg.num_warps,
               HAS_SCALE=has_scale, F16=f16, **_finish_meta(fin_dtype, n_tokens * out_rows))
-  if cfg.halves == 2:
+  if cfg.halves > 1:
     if probe and fin_dtype is None:
       raise ValueError(f"probe={probe}: the two-half kernel takes probes of its "
                        f"finishing only")
+    meta = dict(meta, H=cfg.halves)
     return dict(meta, FIN_PROBE=probe) if probe else meta
   return dict(meta, BUF=cfg.num_stages, PROBE=probe)
 

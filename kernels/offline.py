@@ -50,7 +50,7 @@ def compile_gluon_rows(cfg: TileConfig, *, i: int, o: int, k: int, transpose: bo
   consts = gluon_rows_meta(w_shape, transpose, cfg, z=1024, k=k, a_rows=k, out_rows=1,
                            has_scale=has_scale, f16=f16, probe=probe, fin_dtype=fin)
   sig, attrs = _signature(sig, consts)
-  kernel = cvmm_gluon._rows2_sum_kernel if cfg.halves == 2 else cvmm_gluon._rows_sum_kernel
+  kernel = cvmm_gluon._rows2_sum_kernel if cfg.halves > 1 else cvmm_gluon._rows_sum_kernel
   return cvmm_gluon.compile_gluon(kernel, sig, consts, attrs, cc, cfg.num_warps,
                                   cfg.num_stages)
 

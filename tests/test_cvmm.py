@@ -191,11 +191,13 @@ def test_tile_config_validates():
   TileConfig(64, 128, 32, 4, 3)
   two = TileConfig(128, 64, 128, 8, 2, loop_n=True, gluon=True, halves=2)
   assert TileConfig.from_json(two.to_json()) == two
+  TileConfig(128, 64, 128, 8, 2, loop_n=True, gluon=True, halves=4)
   old = {k: v for k, v in TileConfig(64, 64, 32).to_json().items() if k != "halves"}
   assert TileConfig.from_json(old).halves == 1        # choices cached before the field
   for bad in [dict(block_m=48), dict(block_n=8), dict(num_warps=3), dict(num_stages=0),
               dict(splits=0), dict(halves=3), dict(halves=2),
-              dict(halves=2, gluon=True, loop_n=True, num_stages=3)]:
+              dict(halves=2, gluon=True, loop_n=True, num_stages=3),
+              dict(halves=5, gluon=True, loop_n=True, num_stages=2)]:
     kw = dict(block_m=64, block_n=64, block_k=32) | bad
     with pytest.raises(ValueError):
       TileConfig(**kw)

@@ -186,6 +186,18 @@ def test_finishing_kernels_compile_for_sm90(kind, fin):
     assert blocks == 2, st
 
 
+@pytest.mark.parametrize("parts", [3, 4])
+def test_gluon_rows2_kernel_with_more_parts_compiles_for_sm90(parts):
+  """The two-half row kernel with 3 or 4 parts of 128 rows (tiles of 384 or 512 rows:
+  a third or half less of the matrices' L2 traffic than two halves; one block per SM)
+  compiles for sm90: 16 wgmma and 8 reductions per part in the code, no spills, the
+  parts' rows within one block's shared memory."""
+  cfg = ct.TileConfig(128, 64, 128, 8, 2, loop_n=True, gluon=True, halves=parts)
+  st = offline.sass_stats(offline.compile_gluon_rows(cfg, i=128, o=1024, k=16))
+  assert st["HGMMA"] == 16 * parts and st["REDG"] == 8 * parts, st
+  assert st["spill_stores"] == 0 and st["shared"] <= _SMEM_BLOCK, st
+
+
 def test_unit_store_candidates_compile_for_sm90_without_spills():
   """The unit-store kernel (SwitchHead O's dx: two [64, 128] float32 products and the
   dgates per program) compiles for sm90 with each bf16 candidate tile, on wgmma, with no

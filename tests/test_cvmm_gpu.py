@@ -243,8 +243,9 @@ def test_gluon_row_kernel_matches_reference(cfg, shape, transpose, sums):
       f"{cfg} {shape}: rel err {err:.2e}")
 
 
-# the two-half row kernel's tilings (BM of a half, BN, warps)
-GLUON_ROWS2_TILES = [(128, 64, 8), (64, 64, 4), (128, 32, 8)]
+# the two-half row kernel's tilings (BM of a half, BN, warps[, parts: 2 unless named])
+GLUON_ROWS2_TILES = [(128, 64, 8), (64, 64, 4), (128, 32, 8), (128, 64, 8, 3),
+                     (128, 64, 8, 4)]
 
 
 @pytest.mark.parametrize("sums", ["float16", "float16-xla", "bfloat16"])
@@ -253,7 +254,8 @@ GLUON_ROWS2_TILES = [(128, 64, 8), (64, 64, 4), (128, 32, 8)]
 @pytest.mark.parametrize("tile", GLUON_ROWS2_TILES, ids=str)
 def test_gluon_rows2_kernel_matches_reference(tile, shape, transpose, sums, monkeypatch):
   """The Gluon two-half row kernel (each column block of the expert's matrix used for
-  two halves of a tile) through rows_matmul with its tile: gated sums over slots into
+  two halves of a tile, or 3 or 4 parts) through rows_matmul with its tile: gated sums
+  over slots into
   16-bit outputs, against an einsum of the same bf16 inputs in float32; partial tiles
   and halves, experts without pairs; float16 sums finished by the kernel (the
   opt-in CVMM_FINISH=1) and by XLA (CVMM_FINISH=0, the default: "float16-xla")."""
@@ -266,8 +268,9 @@ def test_gluon_rows2_kernel_matches_reference(tile, shape, transpose, sums, monk
   monkeypatch.setenv("CVMM_FINISH", "1" if finish else "0")
   sums = sums.split("-")[0]
   n, k, e, i, o, a_rows, out_rows = shape
-  bm, bn, nw = tile
-  cfg = ct_mod.TileConfig(bm, min(bn, o), i, nw, 2, loop_n=True, gluon=True, halves=2)
+  bm, bn, nw = tile[:3]
+  parts = tile[3] if len(tile) > 3 else 2
+  cfg = ct_mod.TileConfig(bm, min(bn, o), i, nw, 2, loop_n=True, gluon=True, halves=parts)
   r, a, w, g, w_arg = _sum_inputs(5, n, k, e, i, o, a_rows, transpose)
   launched = []
   orig = ct_mod.gluon_rows_sum
@@ -276,7 +279,7 @@ def test_gluon_rows2_kernel_matches_reference(tile, shape, transpose, sums, monk
   out, _ = jax.jit(lambda a, w_, g: ct_mod.rows_matmul(
       a, w_, r, a_rows=a_rows, out_rows=out_rows, transpose_w=transpose, scale=g,
       cfg=cfg, sum_dtype=sums))(a, w_arg, g)
-  assert launched == [2]
+  assert launched == [parts]
   ref = _gated_sum_reference(r, a, w, g, a_rows, out_rows)
   err = _rel(out, ref)
   assert out.dtype == _sums_dtype(sums, a.dtype, finish), out.dtype
