@@ -299,6 +299,123 @@ if gluon is not None:
                 O, RO, FG, FIN_BF16, NW)
 
   @gluon.jit
+  def _pairs2_sum_kernel(
+      a_ptr,        # [Ra, I] rows read by the pairs (16-bit)
+      w_ptr,        # expert matrices: element (e, i, o) at e*SW_E + i*SW_I + o*SW_O
+      lo_ptr,       # [U] int32 at each sorted position: the unit's pair of its lower expert
+      hi_ptr,       # [U] int32 ... and its other pair
+      tiles_ptr,    # [4, Z] int32 lower expert, higher expert, start, end (2 * BM units)
+      scale_ptr,    # [P] float32 per-pair scale; unused if not HAS_SCALE
+      rs_ptr,       # unused (no finishing)
+      out_ptr,      # [Ro, O] 16-bit sums (zeroed)
+      cnt_ptr,      # unused
+      Z: gl.constexpr, I: gl.constexpr, O: gl.constexpr, K: gl.constexpr,
+      A_R: gl.constexpr, O_R: gl.constexpr,
+      SW_E: gl.constexpr, SW_I: gl.constexpr, SW_O: gl.constexpr,
+      BM: gl.constexpr, BN: gl.constexpr, BUF: gl.constexpr, NW: gl.constexpr,
+      HAS_SCALE: gl.constexpr, F16: gl.constexpr):
+    """:func:`_pairs_sum_kernel` for tiles of 2 * BM units taken as two halves of BM
+    that share each column block of both experts' matrices (copied once, multiplied by
+    both halves in turn): the matrices' L2 traffic of 2 * BM-unit tiles, which at
+    SwitchHead's shapes is most of the kernel's traffic (O at MoEUT_244M: about 1 GB of
+    matrix blocks against 0.5 GiB of reductions with BM = 128). Two buffers per matrix
+    (BUF 2); no finishing.
+
+    Steps (nb, h); in each, the previous step's two products are combined into
+    ``epi``, the step's two products are issued, and the previous step's block is
+    reduced from ``epi`` meanwhile. Block nb + 1 is copied at (nb, 0), into the
+    buffers block nb - 1 used."""
+    gl.static_assert(BUF == 2, "BUF: the two-half unit-pair kernel takes 2 buffers")
+    n_nb: gl.constexpr = O // BN
+    ASM: gl.constexpr = _RED_F16 if F16 else _RED_BF16
+    dt: gl.constexpr = a_ptr.dtype.element_ty
+    SAME_A: gl.constexpr = (K // A_R) % 2 == 0      # both pairs of a unit read one row
+    acc_l: gl.constexpr = _acc_layout(BN, NW)
+    a_l: gl.constexpr = _rows_layout(I, NW)
+    red_l: gl.constexpr = _rows_layout(BN, NW)
+    a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, I], dt)
+    TRANS: gl.constexpr = SW_I == 1
+    b_lo = _w_smem(dt, 2, I, BN, TRANS)
+    b_hi = _w_smem(dt, 2, I, BN, TRANS)
+    lo0 = gl.allocate_shared_memory(dt, [BM, I], a_sl)
+    lo1 = gl.allocate_shared_memory(dt, [BM, I], a_sl)
+    if SAME_A:
+      hi0 = lo0
+      hi1 = lo1
+    else:
+      hi0 = gl.allocate_shared_memory(dt, [BM, I], a_sl)
+      hi1 = gl.allocate_shared_memory(dt, [BM, I], a_sl)
+    epi = _epi_smem(out_ptr.dtype.element_ty, BM, BN)
+
+    tile = gl.program_id(0)
+    e_lo = gl.load(tiles_ptr + tile)
+    e_hi = gl.load(tiles_ptr + Z + tile)
+    start = gl.load(tiles_ptr + 2 * Z + tile)
+    end = gl.load(tiles_ptr + 3 * Z + tile)
+    if start < end:
+      wl = w_ptr + e_lo.to(gl.int64) * SW_E
+      wh = w_ptr + e_hi.to(gl.int64) * SW_E
+      mid = start + BM
+      _gather_rows(lo0, a_ptr, lo_ptr, start, end, I, K, A_R, BM, a_l)
+      _gather_rows(lo1, a_ptr, lo_ptr, mid, end, I, K, A_R, BM, a_l)
+      if not SAME_A:
+        _gather_rows(hi0, a_ptr, hi_ptr, start, end, I, K, A_R, BM, a_l)
+        _gather_rows(hi1, a_ptr, hi_ptr, mid, end, I, K, A_R, BM, a_l)
+      _copy_block(b_lo, wl, 0, I, O, BN, SW_I, SW_O, TRANS, NW)
+      _copy_block(b_hi, wh, 0, I, O, BN, SW_I, SW_O, TRANS, NW)
+      cp.commit_group()
+      # each half's reduction rows (both pairs of a unit add into the lower pair's row)
+      o_row0, m0 = _out_rows(lo_ptr, start, end, K, O_R, BM, red_l)
+      o_row1, m1 = _out_rows(lo_ptr, mid, end, K, O_R, BM, red_l)
+      sl0 = _rows_scale(scale_ptr, lo_ptr, start, end, BM, acc_l, HAS_SCALE)
+      sh0 = _rows_scale(scale_ptr, hi_ptr, start, end, BM, acc_l, HAS_SCALE)
+      sl1 = _rows_scale(scale_ptr, lo_ptr, mid, end, BM, acc_l, HAS_SCALE)
+      sh1 = _rows_scale(scale_ptr, hi_ptr, mid, end, BM, acc_l, HAS_SCALE)
+      zero = gl.zeros([BM, BN], gl.float32, layout=acc_l)
+
+      cp.wait_group(0)                 # the rows and block 0
+      fence_async_shared()
+      gl.thread_barrier()
+      _copy_block(b_lo, wl, 1, I, O, BN, SW_I, SW_O, TRANS, NW)
+      _copy_block(b_hi, wh, 1, I, O, BN, SW_I, SW_O, TRANS, NW)
+      cp.commit_group()
+      c0 = warpgroup_mma(lo0, _b_view(b_lo, 0, 2, TRANS), zero, use_acc=False,
+                         is_async=True)
+      c1 = warpgroup_mma(hi0, _b_view(b_hi, 0, 2, TRANS), zero, use_acc=False,
+                         is_async=True)                                    # (0, 0)
+      c0, c1 = warpgroup_mma_wait(num_outstanding=0, deps=(c0, c1))
+      epi.store((c0 * sl0[:, None] + c1 * sh0[:, None]).to(epi.dtype))
+      c0 = warpgroup_mma(lo1, _b_view(b_lo, 0, 2, TRANS), zero, use_acc=False,
+                         is_async=True)
+      c1 = warpgroup_mma(hi1, _b_view(b_hi, 0, 2, TRANS), zero, use_acc=False,
+                         is_async=True)                                    # (0, 1)
+      _reduce_epi(epi, 0, o_row0, m0, out_ptr, O, BM, BN, red_l, ASM)
+      for nb in range(1, n_nb):
+        c0, c1 = warpgroup_mma_wait(num_outstanding=0, deps=(c0, c1))     # (nb - 1, 1)
+        epi.store((c0 * sl1[:, None] + c1 * sh1[:, None]).to(epi.dtype))
+        cp.wait_group(0)               # block nb is in shared memory
+        fence_async_shared()
+        gl.thread_barrier()            # ... for every thread; block nb - 1's buffers free
+        _copy_block(b_lo, wl, nb + 1, I, O, BN, SW_I, SW_O, TRANS, NW)
+        _copy_block(b_hi, wh, nb + 1, I, O, BN, SW_I, SW_O, TRANS, NW)
+        cp.commit_group()
+        c0 = warpgroup_mma(lo0, _b_view(b_lo, nb, 2, TRANS), zero, use_acc=False,
+                           is_async=True)
+        c1 = warpgroup_mma(hi0, _b_view(b_hi, nb, 2, TRANS), zero, use_acc=False,
+                           is_async=True)                                  # (nb, 0)
+        _reduce_epi(epi, nb - 1, o_row1, m1, out_ptr, O, BM, BN, red_l, ASM)
+        c0, c1 = warpgroup_mma_wait(num_outstanding=0, deps=(c0, c1))     # (nb, 0)
+        epi.store((c0 * sl0[:, None] + c1 * sh0[:, None]).to(epi.dtype))
+        c0 = warpgroup_mma(lo1, _b_view(b_lo, nb, 2, TRANS), zero, use_acc=False,
+                           is_async=True)
+        c1 = warpgroup_mma(hi1, _b_view(b_hi, nb, 2, TRANS), zero, use_acc=False,
+                           is_async=True)                                  # (nb, 1)
+        _reduce_epi(epi, nb, o_row0, m0, out_ptr, O, BM, BN, red_l, ASM)
+      c0, c1 = warpgroup_mma_wait(num_outstanding=0, deps=(c0, c1))       # (n_nb - 1, 1)
+      epi.store((c0 * sl1[:, None] + c1 * sh1[:, None]).to(epi.dtype))
+      _reduce_epi(epi, n_nb - 1, o_row1, m1, out_ptr, O, BM, BN, red_l, ASM)
+
+  @gluon.jit
   def _rows2_sum_kernel(
       a_ptr,        # [Ra, I] rows read by the pairs (16-bit)
       w_ptr,        # expert matrices: element (e, i, o) at e*SW_E + i*SW_I + o*SW_O

@@ -644,8 +644,10 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
       raise ValueError(f"{cfg}: the Gluon row kernel runs on Hopper GPUs (sm90) only; "
                        f"this one is sm{_compute_capability():.1f}")
   out_dtype = _sum_out_dtype(half) if atomic else a.dtype
-  # float16 sums of the Gluon kernels are scaled back in the kernel (finish_wanted)
-  fin = (half == "float16" and (pcfg is not None or cfg.gluon) and finish_wanted())
+  # float16 sums of the Gluon kernels are scaled back in the kernel (finish_wanted;
+  # not the two-half unit-pair kernel)
+  fin = (half == "float16" and finish_wanted()
+         and (pcfg.halves == 1 if pcfg is not None else cfg.gluon))
   if half == "float16":
     w_l1 = _max_l1(w, 2 if transpose_w else 1)
     row_s, scale = _f16_row_scales(a, w_l1, routing, scale, a_rows, out_rows)
@@ -808,26 +810,32 @@ UNIT_PAIRS_TILE = UNIT_PAIRS_TILES[0]
 
 def _unit_pairs_tile() -> tuple | None:
   """CVMM_UNIT_PAIRS: unset or "1" (the autotuner's choice among
-  :data:`UNIT_PAIRS_TILES`) -> (), "0" -> None, "BMxBNxWxB" -> that tile. (Whether a
-  routing carries unit pairs: :func:`kernels.routing.unit_pairs_wanted`.)"""
+  :data:`UNIT_PAIRS_TILES`) -> (), "0" -> None, "BMxBNxWxB" -> that tile,
+  "BMxBNxWx2x2" -> the two-half unit-pair kernel's tile (tiles of 2 * BM units, 2
+  buffers). (Whether a routing carries unit pairs:
+  :func:`kernels.routing.unit_pairs_wanted`.)"""
   env = os.environ.get("CVMM_UNIT_PAIRS", "1")
   if env == "0":
     return None
   if env == "1":
     return ()
   try:
-    bm, bn, w, b = (int(v) for v in env.split("x"))
+    tile = tuple(int(v) for v in env.split("x"))
+    if len(tile) not in (4, 5) or (len(tile) == 5 and tile[3:] != (2, 2)):
+      raise ValueError
   except ValueError:
-    raise ValueError(f"CVMM_UNIT_PAIRS={env!r}: expected 0, 1 or BMxBNxWARPSxBUFFERS "
-                     f"(e.g. 128x64x8x2)") from None
-  return bm, bn, w, b
+    raise ValueError(f"CVMM_UNIT_PAIRS={env!r}: expected 0, 1, BMxBNxWARPSxBUFFERS "
+                     f"(e.g. 128x64x8x2) or BMxBNxWARPSx2x2 (two halves)") from None
+  return tile
 
 
 def _gluon_tile(tile, i: int) -> TileConfig:
-  """The TileConfig of a Gluon kernel's tile (block_m, block_n, warps, buffers) for a
-  contraction of ``i``: the whole of it in one block, every column block in turn."""
-  bm, bn, w, b = tile
-  return TileConfig(bm, bn, max(16, autotune.next_pow2(i)), w, b, loop_n=True, gluon=True)
+  """The TileConfig of a Gluon kernel's tile (block_m, block_n, warps, buffers[,
+  halves]) for a contraction of ``i``: the whole of it in one block, every column
+  block in turn."""
+  bm, bn, w, b = tile[:4]
+  return TileConfig(bm, bn, max(16, autotune.next_pow2(i)), w, b, loop_n=True, gluon=True,
+                    halves=tile[4] if len(tile) > 4 else 1)
 
 
 def unit_pairs_config(routing: Routing, i: int, o: int, dtype, red: int, dgate: bool,
@@ -894,15 +902,18 @@ def choose_pairs_config(n, k, e, block, i, o, dtype, a_rows, out_rows, has_scale
 def gluon_pairs_sum(a, w, routing: Routing, scale, cfg: TileConfig, *, a_rows: int,
                     out_rows: int, transpose_w: bool, out_dtype,
                     fin: jax.Array | None = None) -> jax.Array:
-  """One launch of the Gluon unit-pair kernel (:func:`kernels.cvmm_gluon._pairs_sum_kernel`):
-  out [N * out_rows, O] (zeroed, then each tile of units adds its two experts' scaled
-  products, combined, in ``out_dtype``: float16 or bf16), for :func:`rows_matmul`.
-  ``fin``: as for :func:`gluon_rows_sum`."""
+  """One launch of the Gluon unit-pair kernel (:func:`kernels.cvmm_gluon._pairs_sum_kernel`;
+  with ``cfg.halves`` 2 the two-half one, ``_pairs2_sum_kernel``, over tiles of 2 *
+  block_m units): out [N * out_rows, O] (zeroed, then each tile of units adds its two
+  experts' scaled products, combined, in ``out_dtype``: float16 or bf16), for
+  :func:`rows_matmul`. ``fin``: as for :func:`gluon_rows_sum` (one-half tiles only)."""
   from kernels import cvmm_gluon  # noqa: PLC0415
   cvmm_gluon.install_launcher()
   pairs = routing.pairs
   n, k = routing.n_tokens, routing.k
-  tiles = pairs.tiles(cfg.block_m)
+  if cfg.halves == 2 and fin is not None:
+    raise ValueError(f"{cfg}: the two-half unit-pair kernel does not finish its sums")
+  tiles = pairs.tiles(cfg.halves * cfg.block_m)
   z = tiles.shape[1]
   meta = gluon_pairs_meta(w.shape, transpose_w, cfg, z=z, k=k, a_rows=a_rows,
                           out_rows=out_rows, has_scale=scale is not None,
@@ -910,7 +921,7 @@ def gluon_pairs_sum(a, w, routing: Routing, scale, cfg: TileConfig, *, a_rows: i
                           fin_dtype=None if fin is None else a.dtype, n_tokens=n)
   rs, shapes, zeroed = _finish_args(fin, n * out_rows, meta, out_dtype)
   out, _ = _launch(
-      cvmm_gluon._pairs_sum_kernel,
+      cvmm_gluon._pairs2_sum_kernel if cfg.halves == 2 else cvmm_gluon._pairs_sum_kernel,
       [a, w, pairs.lo, pairs.hi, tiles, scale if scale is not None else _DUMMY_F32(), rs],
       shapes, z, cfg, zeroed=zeroed, **meta)
   return _finished(out, fin, a.dtype)

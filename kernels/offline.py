@@ -72,8 +72,9 @@ def compile_gluon_pairs(cfg: TileConfig, *, i: int = 128, o: int = 1024, k: int 
   consts = gluon_pairs_meta(w_shape, transpose, cfg, z=1024, k=k, a_rows=a_rows,
                             out_rows=1, has_scale=True, f16=f16, fin_dtype=fin)
   sig, attrs = _signature(sig, consts)
-  return cvmm_gluon.compile_gluon(cvmm_gluon._pairs_sum_kernel, sig, consts, attrs, cc,
-                                  cfg.num_warps, cfg.num_stages)
+  kernel = cvmm_gluon._pairs2_sum_kernel if cfg.halves == 2 else cvmm_gluon._pairs_sum_kernel
+  return cvmm_gluon.compile_gluon(kernel, sig, consts, attrs, cc, cfg.num_warps,
+                                  cfg.num_stages)
 
 
 def compile_triton(kind: str, cfg: TileConfig, *, d: int = 1024, h: int = 128,

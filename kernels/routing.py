@@ -180,8 +180,10 @@ _PACKED_KEY_LIMIT = 2 ** 31       # expert * P + pair must fit an int32
 TILE_BLOCKS = (64, 128, 256)
 
 
-# Row-tile heights of the unit-pair kernel (kernels/cvmm_gluon.py, _pairs_sum_kernel).
-PAIR_BLOCKS = (64, 128)
+# Row-tile heights of the unit-pair kernels (kernels/cvmm_gluon.py, _pairs_sum_kernel;
+# 256: the two-half kernel's tiles of two 128-unit halves). Under jax.jit the lists no
+# call uses are dropped.
+PAIR_BLOCKS = (64, 128, 256)
 
 
 @jax.tree_util.register_dataclass

@@ -266,6 +266,21 @@ def test_unit_pair_kernel_compiles_for_sm90(tile, use, f16):
     assert 2 * kern.metadata.shared <= 228 * 1024, kern.metadata.shared
 
 
+@pytest.mark.parametrize("use", ["O", "V_dx"])
+def test_two_half_unit_pair_kernel_compiles_for_sm90(use):
+  """The two-half unit-pair kernel (tiles of two 128-unit halves sharing each block of
+  both matrices) compiles for sm90 as SwitchHead's O and V's dx call it: four wgmma per
+  column block and half (64 in the code), one 16-byte reduction per half's block, no
+  spills, within one block's shared memory (O 144 KiB; V's dx, whose pairs read their
+  own rows, 208 KiB)."""
+  cfg = ct._gluon_tile((128, 64, 8, 2, 2), 128)
+  kern = offline.compile_gluon_pairs(cfg, a_rows=4 if use == "O" else 8,
+                                     transpose=use == "V_dx")
+  st = offline.sass_stats(kern)
+  assert st["HGMMA"] == 64 and st["REDG"] == 16 and st["spill_stores"] == 0, st
+  assert st["shared"] <= _SMEM_BLOCK, st
+
+
 def test_unit_pairs_config(monkeypatch):
   """CVMM_UNIT_PAIRS: on by default (the default tile) where the routing carries unit
   pairs and the call is a 16-bit fused sum into one row per unit on Hopper; 0 turns it
@@ -290,9 +305,13 @@ def test_unit_pairs_config(monkeypatch):
   assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == (64, 64, 4, 2)
   monkeypatch.setenv("CVMM_UNIT_PAIRS", "0")
   assert ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, False, 1) is None
-  monkeypatch.setenv("CVMM_UNIT_PAIRS", "fast")
-  with pytest.raises(ValueError, match="CVMM_UNIT_PAIRS"):
-    ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, False, 1)
+  monkeypatch.setenv("CVMM_UNIT_PAIRS", "128x64x8x2x2")      # the two-half kernel's tile
+  cfg = ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, False, 1)
+  assert (cfg.block_m, cfg.num_stages, cfg.halves) == (128, 2, 2)
+  for bad in ("fast", "128x64x8x3x2", "128x64x8x2x3", "128x64x8"):
+    monkeypatch.setenv("CVMM_UNIT_PAIRS", bad)
+    with pytest.raises(ValueError, match="CVMM_UNIT_PAIRS"):
+      ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, False, 1)
   monkeypatch.setattr(ct, "_compute_capability", lambda: 8.0)
   monkeypatch.setenv("CVMM_UNIT_PAIRS", "1")
   assert ct.unit_pairs_config(r, 128, 1024, jnp.bfloat16, 8, False, 1) is None
