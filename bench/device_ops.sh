@@ -10,7 +10,8 @@
 # a train.py run (TRAIN_ARGS; then RESUME_ARGS, a second run that resumes), where one
 # call's device time goes (OPPROF_ARGS: bench/op_profile.py, e.g. "--kernels
 # v_fwd,v_dx,v_dw,o_dx,o_dw") and SwitchHead's unit pairs (UPROBE_ARGS:
-# bench/unit_pairs_probe.py). MODEL_ENV,
+# bench/unit_pairs_probe.py). BENCH_ENVS: one bench/cvmm.py run per setting ("default
+# CVMM_UNIT_PAIRS=128x64x8x2x2"). MODEL_ENV,
 # MODEL2_ENV, MODEL3_ENV: environment settings ("CVMM_SUM_DTYPE=float16") of one
 # training-step timing; BENCH_ENV likewise for bench/cvmm.py ("CVMM_AUTOTUNE=1": time the
 # tile candidates of shapes without a cached choice; $OUT/autotune.json then holds the
@@ -57,11 +58,15 @@ for i in "" 2 3; do
   fi
 done
 if [ -n "$BENCH_ARGS" ]; then
-  # BENCH_SUMS unset: the library's default sums (CVMM_SUM_DTYPE unset)
+  # BENCH_SUMS unset: the library's default sums (CVMM_SUM_DTYPE unset); BENCH_ENVS: one
+  # run per setting ("default" or VAR=value), e.g. "default CVMM_UNIT_PAIRS=128x64x8x2x2"
   for sd in ${BENCH_SUMS:-default}; do
     if [ "$sd" = default ]; then sum_env=(); else sum_env=(CVMM_SUM_DTYPE=$sd); fi
-    env "${sum_env[@]}" $BENCH_ENV timeout ${BENCH_TIMEOUT:-240} python3 -m bench.cvmm $BENCH_ARGS \
-      2>&1 | tee $OUT/bench_$sd.log
+    for be in ${BENCH_ENVS:-default}; do
+      if [ "$be" = default ]; then run_env=(); tag=$sd; else run_env=($be); tag=${sd}_${be//[^A-Za-z0-9]/_}; fi
+      env "${sum_env[@]}" "${run_env[@]}" $BENCH_ENV timeout ${BENCH_TIMEOUT:-240} \
+        python3 -m bench.cvmm $BENCH_ARGS 2>&1 | tee $OUT/bench_$tag.log
+    done
   done
 fi
 if [ -n "$PREC_ARGS" ]; then
