@@ -15,8 +15,8 @@ and "dense", one [P, I] @ [I, O] matmul with the same FLOPs (P = N*K pairs).
 random top-k of random logits (roughly balanced) and is computed outside the timing;
 SwitchHead's routings carry unit pairs (kernels.routing.UnitPairs: O's forward and V's
 dx then add a head's two experts before one reduction, O's dx stores each head's row
-once, CVMM_UNIT_STORE) where the library's default gives them (on GPUs from 2^18 (token, head) units, or CVMM_UNIT_PAIRS); ``--unit-pairs``
-gives them always.
+once, CVMM_UNIT_STORE) where the library's default gives them (on GPUs from 2^18
+(token, head) units, or CVMM_UNIT_PAIRS); ``--unit-pairs`` gives them always.
 Times are medians over rounds of back-to-back calls, synchronised at the end of each
 round. Prints a table; ``--json`` writes all figures.
 """

@@ -54,9 +54,7 @@ def _parts_cfg(spec: str, i: int) -> tuple[str, TileConfig]:
   v = [int(x) for x in spec.split("x")]
   if len(v) not in (3, 4):
     raise SystemExit(f"--rows2 {spec!r}: expected BMxBNxWARPS or BMxBNxWARPSxPARTS")
-  bm, bn, w = v[:3]
-  return spec, TileConfig(bm, bn, i, w, 2, loop_n=True, gluon=True,
-                          halves=v[3] if len(v) == 4 else 2)
+  return spec, ct._gluon_tile((*v[:3], 2, v[3] if len(v) == 4 else 2), i)
 
 
 def main(argv=None):

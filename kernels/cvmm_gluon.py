@@ -73,6 +73,7 @@ def rows_sum_supported(i: int, o: int, dtype, block_n: int) -> bool:
 
 
 if gluon is not None:
+  from kernels.autotune import next_pow2
   from kernels.cvmm_triton import _red_half_v8_asm
 
   _RED_F16 = gl.constexpr(_red_half_v8_asm("f16x2"))
@@ -623,12 +624,7 @@ if gluon is not None:
     return gl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r",
                                      [t], dtype=gl.int32, is_pure=False, pack=1)
 
-  @gluon.constexpr_function
-  def _next_pow2(n):
-    p = 1
-    while p < n:
-      p *= 2
-    return p
+  _next_pow2 = gluon.constexpr_function(next_pow2)
 
   @gluon.constexpr_function
   def _wide_layout(cols, nw):

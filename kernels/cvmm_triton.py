@@ -32,7 +32,6 @@ accumulate in float32.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 
@@ -935,6 +934,8 @@ def gluon_pairs_meta(w_shape, transpose_w: bool, cfg: TileConfig, *, z: int, k: 
   if (k // out_rows) % 2:
     raise ValueError(f"unit pairs: both pairs of a unit must add into one output row "
                      f"(K={k}, out_rows={out_rows})")
+  if cfg.halves > 2:
+    raise ValueError(f"{cfg}: the unit-pair kernels take tiles of one or two halves")
   i, o, sw = _w_layout(w_shape, transpose_w)
   return dict(Z=z, I=i, O=o, K=k, A_R=a_rows, O_R=out_rows, SW_E=sw[0], SW_I=sw[1],
               SW_O=sw[2], BM=cfg.block_m, BN=cfg.block_n, BUF=cfg.num_stages,
@@ -1325,8 +1326,7 @@ def _rows_candidates(i: int, o: int, dtype, gluon: bool = False) -> list[TileCon
     ok = _gluon_rows_ok(i, o, dtype, 8, False)
     tiles = [_gluon_tile(t, i) for t in _GLUON_ROWS]
     if _gluon_rows2_enabled():
-      tiles = [dataclasses.replace(_gluon_tile((bm, bn, w, 2), i), halves=2)
-               for bm, bn, w in _GLUON_ROWS2] + tiles
+      tiles = [_gluon_tile((bm, bn, w, 2, 2), i) for bm, bn, w in _GLUON_ROWS2] + tiles
     out = [c for c in tiles if ok(c)] + out
   return out
 

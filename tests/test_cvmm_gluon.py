@@ -279,6 +279,8 @@ def test_two_half_unit_pair_kernel_compiles_for_sm90(use):
   st = offline.sass_stats(kern)
   assert st["HGMMA"] == 64 and st["REDG"] == 16 and st["spill_stores"] == 0, st
   assert st["shared"] <= _SMEM_BLOCK, st
+  with pytest.raises(ValueError, match="one or two halves"):    # no three-part kernel
+    offline.compile_gluon_pairs(ct._gluon_tile((128, 64, 8, 2, 3), 128))
 
 
 def test_unit_pairs_config(monkeypatch):
