@@ -550,13 +550,17 @@ def _from_torch(t) -> np.ndarray:
   return t.numpy()
 
 
-def _launch(kernel, args, out_shapes, grid: int, cfg: TileConfig, zeroed=(), **meta):
-  """jax_triton.triton_call on GPUs; a host callback into Triton's interpreter in tests."""
+def _launch(kernel, args, out_shapes, grid: int, cfg: TileConfig, zeroed=(), aliases=None,
+            **meta):
+  """jax_triton.triton_call on GPUs; a host callback into Triton's interpreter in tests.
+  ``aliases``: {input index: output index} whose buffers the GPU launch shares (the
+  interpreter gives every output its own)."""
   if not _interpret():
     jt = _jax_triton()
     return jt.triton_call(*args, kernel=kernel, out_shape=out_shapes, grid=(grid,),
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                          zeroed_outputs=tuple(zeroed), **meta)
+                          zeroed_outputs=tuple(zeroed),
+                          input_output_aliases=dict(aliases or {}), **meta)
 
   from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415
   if not isinstance(kernel, InterpretedFunction):
@@ -681,7 +685,7 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
           IEEE=a.dtype == jnp.float32, LOOP_N=loop_n, RED=red, F16=half == "float16")
       dg = dg.sum(axis=1) if dgate else None
   if half == "float16" and not fin:
-    out = _f16_unscale(out, row_s)
+    out = _f16_unscale(out, row_s, a.dtype)
   return out, dg
 
 
@@ -1171,10 +1175,81 @@ def _f16_row_scales(a, w_l1, routing: Routing, scale, a_rows: int, out_rows: int
   return s.reshape(-1), (pair_s if sc is None else sc * pair_s).reshape(-1)
 
 
-def _f16_unscale(out: jax.Array, row_s: jax.Array) -> jax.Array:
-  """float32 rows of a float16 sum with each row's scale (:func:`_f16_row_scales`)
-  taken back out."""
+def _f16_unscale(out: jax.Array, row_s: jax.Array, dtype) -> jax.Array:
+  """The rows of a float16 sum with each row's scale (:func:`_f16_row_scales`) taken
+  back out: float32 rows from XLA's pass, or with CVMM_UNSCALE=triton (or triton_fwd)
+  on a GPU, rows in ``dtype`` (a's: every caller casts to it) from
+  :func:`unscale_rows`."""
+  how = unscale_kind()
+  if how != "xla" and (is_available() or _interpret()):
+    return unscale_rows(out, 1.0 / row_s, dtype, reverse=how == "triton")
   return out.astype(jnp.float32) * (1.0 / row_s)[:, None]
+
+
+_UNSCALE_KINDS = ("xla", "triton", "triton_fwd")
+
+
+def unscale_kind() -> str:
+  """How float16 sums are scaled back (CVMM_UNSCALE): "xla" (default), a fused XLA
+  pass; "triton", :func:`unscale_rows` in place, last rows first; "triton_fwd", the
+  same first rows first."""
+  how = os.environ.get("CVMM_UNSCALE", "xla")
+  if how not in _UNSCALE_KINDS:
+    raise ValueError(f"CVMM_UNSCALE={how!r}: expected one of {_UNSCALE_KINDS}")
+  return how
+
+
+# Rows per program of :func:`unscale_rows`.
+UNSCALE_ROWS = 8
+
+
+@_jit
+def _unscale_kernel(x_ptr, inv_ptr, y_ptr, R, O: tl.constexpr, BR: tl.constexpr,
+                    BO: tl.constexpr, REVERSE: tl.constexpr, BF16: tl.constexpr):
+  """y[r] = x[r] * inv[r] for BR rows per program, rounded to bf16 (BF16) or float16
+  and stored as 16-bit patterns in y (float16), which may be x itself. REVERSE: the
+  last rows first, where the sums' last reductions left them in L2."""
+  pid = tl.program_id(0)
+  blk = tl.num_programs(0) - 1 - pid if REVERSE else pid
+  rows = blk * BR + tl.arange(0, BR)
+  rmask = rows < R
+  inv = tl.load(inv_ptr + rows, mask=rmask, other=0.0)
+  base = rows.to(tl.int64)[:, None] * O
+  for c in tl.static_range(0, O, BO):
+    cols = c + tl.arange(0, BO)
+    m = rmask[:, None] & (cols[None, :] < O)
+    v = tl.load(x_ptr + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    v = v * inv[:, None]
+    if BF16:   # round to nearest even on the bits (Triton's interpreter truncates)
+      b = v.to(tl.uint32, bitcast=True)
+      r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+      r = tl.where(v != v, (b >> 16) | 0x40, r)          # nan stays a (quiet) nan
+      v16 = r.to(tl.uint16).to(tl.float16, bitcast=True)
+    else:
+      v16 = v.to(tl.float16)
+    tl.store(y_ptr + base + cols[None, :], v16, mask=m)
+
+
+def unscale_rows(out: jax.Array, inv_s: jax.Array, dtype, *, reverse: bool = True):
+  """out [R, O] float16 sums times their rows' inverse scales inv_s [R], in ``dtype``
+  (bf16 or float16), by a Triton kernel that writes over ``out``'s buffer (bf16 bits
+  in place; XLA copies ``out`` first only where it is still used). ``reverse``: the
+  last rows first (:func:`_unscale_kernel`)."""
+  r, o = out.shape
+  dtype = jnp.dtype(dtype)
+  if out.dtype != jnp.float16 or inv_s.shape != (r,):
+    raise ValueError(f"unscale_rows: float16 [R, O] sums and [R] scales; got "
+                     f"{out.dtype.name} {out.shape}, scales {inv_s.shape}")
+  if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"unscale_rows: rows in bfloat16 or float16, not {dtype.name}")
+  bo = min(autotune.next_pow2(o), 1024)
+  cfg = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)  # launch
+  args = [out, inv_s.astype(jnp.float32)]
+  shapes = [jax.ShapeDtypeStruct((r, o), jnp.float16)]
+  (y,) = _launch(_unscale_kernel, args, shapes, -(-r // UNSCALE_ROWS), cfg, aliases={0: 0},
+                 R=r, O=o, BR=UNSCALE_ROWS, BO=bo, REVERSE=reverse,
+                 BF16=dtype == jnp.bfloat16)
+  return y if dtype == jnp.float16 else jax.lax.bitcast_convert_type(y, dtype)
 
 
 def _sum_tiles(routing: Routing, block_m: int) -> jax.Array:
@@ -1282,7 +1357,7 @@ def pair_rows(a: jax.Array, w1: jax.Array, w2: jax.Array, gates: jax.Array,
   kernel = _pair_bwd_kernel if bwd else _pair_fwd_kernel
   outs = dict(zip(names, _launch(kernel, args, out_shapes, z, cfg, zeroed=(0,), **meta)))
   if half == "float16":
-    outs["out"] = _f16_unscale(outs["out"], row_s)
+    outs["out"] = _f16_unscale(outs["out"], row_s, a.dtype)
   return outs
 
 

@@ -637,6 +637,79 @@ def test_float16_sums_in_interpreter():
   run_in_triton_interpreter(_F16_SUMS_SCRIPT, "float16 sums ok")
 
 
+_UNSCALE_SCRIPT = textwrap.dedent("""
+    import os
+    import jax, jax.numpy as jnp, numpy as np
+    from kernels import make_routing
+    from kernels.cvmm_triton import cvmm_triton, cvmm_triton_pair, unscale_rows
+    bits = lambda v: np.asarray(jax.lax.bitcast_convert_type(v, jnp.uint16))
+    ks = jax.random.split(jax.random.key(2), 8)
+    # The kernel alone, bit for bit against XLA's pass: rows that do not fill a program,
+    # columns that do not fill a block, infinities, nan, scales up to 2^120.
+    for r, o in ((13, 40), (9, 1100)):
+      x = (jax.random.normal(ks[0], (r, o)) * 300).astype(jnp.float16)
+      x = x.at[0, :4].set(jnp.array([jnp.inf, -jnp.inf, jnp.nan, 0.0], jnp.float16))
+      inv = 2.0 ** jax.random.randint(ks[1], (r,), -30, 30).astype(jnp.float32)
+      inv = inv.at[1].set(2.0 ** 120)
+      for dt in (jnp.bfloat16, jnp.float16):
+        want = (x.astype(jnp.float32) * inv[:, None]).astype(dt)
+        for rev in (True, False):
+          got = unscale_rows(x, inv, dt, reverse=rev)
+          assert got.dtype == jnp.dtype(dt), got.dtype
+          assert np.array_equal(bits(got), bits(want)), (r, o, dt, rev)
+    # Through the ops (the interpreter adds in a fixed order, so the float16 sums are the
+    # same in every run): CVMM_UNSCALE=triton gives XLA's results bit for bit.
+    n, k, m, e, i, o, h = 23, 4, 2, 5, 40, 24, 16
+    r = make_routing(jax.random.randint(ks[2], (n, k), 0, e), e)
+    g = jax.random.uniform(ks[3], (n, k)).astype(jnp.float16)
+    x = jax.random.normal(ks[4], (n, m, i)).astype(jnp.float16)
+    w = (jax.random.normal(ks[5], (e, i, o)) / np.sqrt(i)).astype(jnp.float16)
+    wu = (jax.random.normal(ks[6], (e, i, h)) / np.sqrt(i)).astype(jnp.float16)
+    wd = (jax.random.normal(ks[7], (e, h, o)) / np.sqrt(h)).astype(jnp.float16)
+    ct = jax.random.normal(ks[0], (n, o))
+    loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * ct)
+    import kernels.cvmm_triton as kt
+    calls, orig = [], kt.unscale_rows
+    kt.unscale_rows = lambda *a, **kw: calls.append(kw["reverse"]) or orig(*a, **kw)
+    runs = []
+    for how in ("xla", "triton"):
+      os.environ["CVMM_UNSCALE"] = how
+      assert calls == []                   # XLA's pass: the kernel never ran
+      fn = lambda x, w, g: cvmm_triton(x, r, w, g, sum_dtype="float16")
+      pair = lambda x, wu, wd, g: cvmm_triton_pair(x, r, wu, wd, g, sum_dtype="float16")
+      runs.append((fn(x, w, g),) + jax.grad(loss(fn), argnums=(0, 1, 2))(x, w, g)
+                  + (pair(x[:, 0], wu, wd, g),)
+                  + jax.grad(loss(pair), argnums=(0, 1, 2, 3))(x[:, 0], wu, wd, g))
+    assert calls and all(calls), calls     # out and dx of both ops, last rows first
+    for j, (a, b) in enumerate(zip(*runs)):
+      assert a.dtype == b.dtype and np.array_equal(bits(a), bits(b)), j
+    print("unscale ok")
+""")
+
+
+@pytest.mark.slow
+def test_unscale_kernel_in_interpreter():
+  """CVMM_UNSCALE=triton: the Triton scale-back of float16 sums (unscale_rows) equals
+  XLA's pass bit for bit, alone (both orders, bf16 and float16, inf/nan) and through the
+  gated CVMM and the fused pair with their gradients, in Triton's CPU interpreter."""
+  pytest.importorskip("triton")
+  pytest.importorskip("torch")
+  run_in_triton_interpreter(_UNSCALE_SCRIPT, "unscale ok")
+
+
+def test_unscale_kind_is_validated(monkeypatch):
+  from kernels.cvmm_triton import unscale_kind  # noqa: PLC0415
+  monkeypatch.delenv("CVMM_UNSCALE", raising=False)
+  assert unscale_kind() == "xla"
+  for good in ("xla", "triton", "triton_fwd"):
+    monkeypatch.setenv("CVMM_UNSCALE", good)
+    assert unscale_kind() == good
+  for bad in ("", "Triton", "1"):
+    monkeypatch.setenv("CVMM_UNSCALE", bad)
+    with pytest.raises(ValueError, match="CVMM_UNSCALE"):
+      unscale_kind()
+
+
 _BAND_ORDER_SCRIPT = textwrap.dedent("""
     import os
     os.environ["CVMM_TILE_ORDER"] = "band6"     # 21 tokens: bands of 6, 6, 6, 3

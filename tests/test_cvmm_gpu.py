@@ -169,10 +169,12 @@ def _finished_tol(out, ref) -> float:
 def _sums_dtype(sums: str, a_dtype, finish: bool | None = None):
   """The dtype rows_matmul returns a 16-bit fused sum in: a's where the Gluon kernel
   finishes float16 sums (``finish``; None: CVMM_FINISH's setting) or adds bf16 sums,
-  float32 where XLA scales float16 sums back."""
-  from kernels.cvmm_triton import finish_wanted  # noqa: PLC0415
+  or scales them back (CVMM_UNSCALE=triton), float32 where XLA scales them back."""
+  from kernels.cvmm_triton import finish_wanted, unscale_kind  # noqa: PLC0415
   finish = finish_wanted() if finish is None else finish
-  return jnp.dtype(a_dtype) if sums == "bfloat16" or finish else jnp.dtype(jnp.float32)
+  by_kernel = sums == "float16" and unscale_kind() != "xla"   # CVMM_UNSCALE=triton
+  return (jnp.dtype(a_dtype) if sums == "bfloat16" or finish or by_kernel
+          else jnp.dtype(jnp.float32))
 
 
 @pytest.mark.parametrize("sums", ["float32", "float16"])
@@ -616,3 +618,87 @@ def test_unit_store_matches_reference(case, tile, monkeypatch):
   ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
   _assert_half_sums_close(f"{case[0]} {tile}", ["out", "dx", "dw", "dgates"], got, ref,
                           f32s)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("reverse", [True, False], ids=["last_first", "first_first"])
+@pytest.mark.parametrize("shape", [(65, 1024), (300, 200), (8, 8)], ids=str)
+def test_unscale_kernel_matches_xla(shape, reverse, dtype):
+  """unscale_rows (the Triton scale-back of float16 sums, CVMM_UNSCALE=triton) equals
+  XLA's pass bit for bit, in place (its input dead after the call) and where the input
+  is used again (XLA must copy it first: the input then comes back unchanged);
+  infinities, nan and 2^120 scales included."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  from kernels.cvmm_triton import unscale_rows  # noqa: PLC0415
+  r, o = shape
+  ks = jax.random.split(jax.random.key(r + o), 2)
+  x = (jax.random.normal(ks[0], (r, o)) * 300).astype(jnp.float16)
+  x = x.at[0, :4].set(jnp.array([jnp.inf, -jnp.inf, jnp.nan, 0.0], jnp.float16))
+  inv = 2.0 ** jax.random.randint(ks[1], (r,), -30, 30).astype(jnp.float32)
+  inv = inv.at[r // 2].set(2.0 ** 120)
+  want = (x.astype(jnp.float32) * inv[:, None]).astype(dtype)
+  bits = lambda v: np.asarray(jax.lax.bitcast_convert_type(v, jnp.uint16))  # noqa: E731
+  f = jax.jit(lambda x, s: unscale_rows(x * jnp.float16(1), s, dtype, reverse=reverse))
+  got = f(x, inv)
+  assert got.dtype == jnp.dtype(dtype)
+  np.testing.assert_array_equal(bits(got), bits(want))
+  g = jax.jit(lambda x, s: (unscale_rows(x, s, dtype, reverse=reverse), x))
+  got2, x_after = g(x, inv)
+  np.testing.assert_array_equal(bits(got2), bits(want))
+  np.testing.assert_array_equal(bits(x_after), bits(x))
+
+
+@pytest.mark.parametrize("unscale", ["triton", "triton_fwd"])
+@pytest.mark.parametrize("case", ["down", "switchhead_o", "pair"])
+def test_unscale_kernel_in_cvmm(case, unscale, monkeypatch):
+  """The float16 sums scaled back by unscale_rows (CVMM_UNSCALE) through the library:
+  the σ-MoE down projection (gated rows, forward and dx), SwitchHead's O (unit pairs
+  where the routing carries them) and the fused pair, forward and every gradient in
+  bf16, against the float32 reference; the outputs' dtype is the inputs'."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  from kernels import make_head_routing, make_routing  # noqa: PLC0415
+  monkeypatch.setenv("CVMM_UNSCALE", unscale)
+  monkeypatch.setenv("CVMM_SUM_DTYPE", "float16")
+  ks = jax.random.split(jax.random.key(3), 6)
+  if case == "pair":
+    n, k, e, d, h = 700, 8, 40, 256, 128
+    r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)
+    x = jax.random.normal(ks[1], (n, d)).astype(jnp.bfloat16)
+    wu = (jax.random.normal(ks[2], (e, d, h)) * d ** -0.5).astype(jnp.bfloat16)
+    wd = (jax.random.normal(ks[3], (e, h, d)) * h ** -0.5).astype(jnp.bfloat16)
+    g = jax.random.uniform(ks[4], (n, k))
+    ct = jax.random.normal(ks[5], (n, d))
+    from kernels.cvmm_triton import cvmm_triton_pair  # noqa: PLC0415
+    f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
+    fns = [lambda x, wu, wd, g: cvmm_triton_pair(x, r, wu, wd, g),
+           lambda x, wu, wd, g: cvmm_pair_reference(f32(x), r, f32(wu), f32(wd), g)]
+    args = (x, wu, wd, g)
+  else:
+    if case == "down":                     # x: each pair's own row
+      n, m, k, e, i, o = 500, 16, 16, 60, 128, 512
+      r = make_routing(jax.lax.top_k(jax.random.normal(ks[0], (n, e)), k)[1], e)
+    else:                                  # x: each head's row, k = 2 per head
+      n, m, e, i, o = 3000, 4, 10, 64, 256
+      k = 2 * m
+      idx = jax.lax.top_k(jax.random.normal(ks[0], (n, m, e)), 2)[1]
+      r = make_head_routing(idx, e, unit_pairs=True)
+    x = jax.random.normal(ks[1], (n, m, i)).astype(jnp.bfloat16)
+    w = (jax.random.normal(ks[2], (r.n_experts, i, o)) * i ** -0.5).astype(jnp.bfloat16)
+    g = jax.random.uniform(ks[4], (n, k))
+    ct = jax.random.normal(ks[5], (n, o))
+    fns = [lambda x, w, g: cvmm(x, r, w, g, impl="triton"),
+           lambda x, w, g: cvmm_reference(x.astype(jnp.float32), r,
+                                          w.astype(jnp.float32), g)]
+    args = (x, w, g)
+  outs = []
+  for f in fns:
+    loss = lambda *a, f=f: jnp.sum(f(*a).astype(jnp.float32) * ct)  # noqa: E731
+    outs.append((jax.jit(f)(*args),) + jax.jit(jax.grad(loss, argnums=tuple(
+        range(len(args)))))(*args))
+  assert outs[0][0].dtype == jnp.bfloat16
+  for j, (got, want) in enumerate(zip(*outs)):
+    err = _rel(got, want)
+    assert np.all(np.isfinite(np.asarray(got, np.float32))), (case, j)
+    assert err <= TOL[jnp.bfloat16], (case, unscale, j, err)
