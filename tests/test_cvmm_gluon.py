@@ -91,6 +91,7 @@ def test_rows_matmul_hands_two_half_tiles_to_their_kernel(monkeypatch, finish):
   launches the row kernel over block_m-row tiles. Kernels that finish their sums
   (CVMM_FINISH=1, opt-in) also get zeroed arrival counts, one per 32 rows."""
   monkeypatch.setenv("CVMM_FINISH", finish)
+  monkeypatch.setenv("CVMM_UNSCALE", "xla")     # (the Triton scale-back: jax-triton, GPUs)
   import jax  # noqa: PLC0415
   from kernels import make_routing  # noqa: PLC0415
   monkeypatch.setattr(ct, "_compute_capability", lambda: 9.0)
@@ -328,6 +329,7 @@ def test_rows_matmul_hands_unit_pairs_to_their_kernel(monkeypatch, finish):
   so), the result is the reference; an explicit row tile or CVMM_UNIT_PAIRS=0 keeps
   the row kernels."""
   monkeypatch.setenv("CVMM_FINISH", finish)
+  monkeypatch.setenv("CVMM_UNSCALE", "xla")     # (the Triton scale-back: jax-triton, GPUs)
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   from kernels import make_head_routing  # noqa: PLC0415
