@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call, each step optional: a Gluon kernel launched through jax-triton
 # (GLUON=1, bench/gluon_probe.py --launch), bench/ops.py (OPS=1, OPS_ARGS), the GPU tests
-# (TESTS="-k expression"), CPU-suite tests run on the GPU backend (CPU_TESTS="paths and
+# (TESTS="-k expression", TEST_WORKERS pytest workers, default 8), CPU-suite tests run on the GPU backend (CPU_TESTS="paths and
 # options"), a profiled training step (PROF=1, PROF_ARGS; bench/profile_model.py),
 # training-step timings (MODEL_ARGS, MODEL2_ARGS, MODEL3_ARGS; bench/model.py), CVMM
 # timings (BENCH_ARGS: bench/cvmm.py, once per sum dtype in BENCH_SUMS, default: the
@@ -37,7 +37,7 @@ if [ -n "$OPS" ]; then
 fi
 if [ -n "$TESTS" ]; then
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TEST_TIMEOUT:-150} \
-    python3 -m pytest tests/ -q -n 8 -p no:cacheprovider -m gpu -k "$TESTS" \
+    python3 -m pytest tests/ -q -n ${TEST_WORKERS:-8} -p no:cacheprovider -m gpu -k "$TESTS" \
     2>&1 | tee $OUT/gpu_tests.log | tail -4
 fi
 if [ -n "$CPU_TESTS" ]; then
