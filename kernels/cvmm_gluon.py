@@ -101,6 +101,14 @@ if gluon is not None:
         dtype=gl.int32, is_pure=False, pack=1)
 
   @gluon.jit
+  def _unit_tile(tiles_ptr, Z: gl.constexpr):
+    """This program's unit-pair tile: (lower expert, higher expert, start, end) from the
+    [4, Z] tile list."""
+    tile = gl.program_id(0)
+    return (gl.load(tiles_ptr + tile), gl.load(tiles_ptr + Z + tile),
+            gl.load(tiles_ptr + 2 * Z + tile), gl.load(tiles_ptr + 3 * Z + tile))
+
+  @gluon.jit
   def _first8(t, BM: gl.constexpr, BN: gl.constexpr):
     """[BM, BN // 8]: the first of every eight adjacent columns of t."""
     x = gl.reshape(t, [BM, BN // 8, 2, 2, 2])
@@ -246,11 +254,7 @@ if gluon is not None:
       a_hi = gl.allocate_shared_memory(dt, [BM, I], a_sl)
     epi = _epi_smem(out_ptr.dtype.element_ty, BM, BN)
 
-    tile = gl.program_id(0)
-    e_lo = gl.load(tiles_ptr + tile)
-    e_hi = gl.load(tiles_ptr + Z + tile)
-    start = gl.load(tiles_ptr + 2 * Z + tile)
-    end = gl.load(tiles_ptr + 3 * Z + tile)
+    e_lo, e_hi, start, end = _unit_tile(tiles_ptr, Z)
     if start < end:
       wl = w_ptr + e_lo.to(gl.int64) * SW_E
       wh = w_ptr + e_hi.to(gl.int64) * SW_E
@@ -348,11 +352,7 @@ if gluon is not None:
       hi1 = gl.allocate_shared_memory(dt, [BM, I], a_sl)
     epi = _epi_smem(out_ptr.dtype.element_ty, BM, BN)
 
-    tile = gl.program_id(0)
-    e_lo = gl.load(tiles_ptr + tile)
-    e_hi = gl.load(tiles_ptr + Z + tile)
-    start = gl.load(tiles_ptr + 2 * Z + tile)
-    end = gl.load(tiles_ptr + 3 * Z + tile)
+    e_lo, e_hi, start, end = _unit_tile(tiles_ptr, Z)
     if start < end:
       wl = w_ptr + e_lo.to(gl.int64) * SW_E
       wh = w_ptr + e_hi.to(gl.int64) * SW_E
