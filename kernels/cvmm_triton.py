@@ -652,7 +652,14 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   # not the two-half unit-pair kernel)
   fin = (half == "float16" and finish_wanted()
          and (pcfg.halves == 1 if pcfg is not None else cfg.gluon))
-  if half == "float16":
+  # checked float16 scales (f16_scales_kind): the scale-back checks every row's sums
+  checked = (half == "float16" and not fin and unscale_kind() != "xla"
+             and f16_scales_kind() == "checked")
+  gates, sampled = scale, None
+  if checked:
+    row_s, scale, sampled = _f16_row_scales_checked(a, w, transpose_w, routing, scale,
+                                                    a_rows, out_rows)
+  elif half == "float16":
     w_l1 = _max_l1(w, 2 if transpose_w else 1)
     row_s, scale = _f16_row_scales(a, w_l1, routing, scale, a_rows, out_rows)
   inv_s = 1.0 / row_s if fin else None
@@ -685,7 +692,11 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
           BK=cfg.block_k, HAS_SCALE=scale is not None, ATOMIC=atomic, DGATE=dgate,
           IEEE=a.dtype == jnp.float32, LOOP_N=loop_n, RED=red, F16=half == "float16")
       dg = dg.sum(axis=1) if dgate else None
-  if half == "float16" and not fin:
+  if checked:
+    out = unscale_rows_checked(out, 1.0 / row_s, sampled, a, w, routing, gates, a.dtype,
+                               a_rows=a_rows, out_rows=out_rows, transpose_w=transpose_w,
+                               reverse=unscale_kind() == "triton")
+  elif half == "float16" and not fin:
     out = _f16_unscale(out, row_s, a.dtype)
   return out, dg
 
@@ -1176,6 +1187,79 @@ def _f16_row_scales(a, w_l1, routing: Routing, scale, a_rows: int, out_rows: int
   return s.reshape(-1), (pair_s if sc is None else sc * pair_s).reshape(-1)
 
 
+_F16_SCALES = ("checked", "bound")
+
+
+def f16_scales_kind() -> str:
+  """How float16 sums choose their rows' scales (CVMM_F16_SCALES):
+
+  - "checked" (default; with the Triton scale-back, :func:`unscale_kind`): a power of
+    two per output row from an estimate that reads each token's first input row and
+    an eighth of the matrices (:func:`_f16_row_scales_checked`). The scale-back checks
+    every row's sums and recomputes in float32 the rows that overflowed float16 (inf
+    or nan: float16 overflow is sticky) or came out too small to keep float16's
+    precision (:func:`unscale_rows_checked`). No pass over all of the input or the
+    matrices before the sums.
+  - "bound": a bound on every term from each input row's largest value and each
+    expert's largest column sum (:func:`_f16_row_scales`): two full passes, and no
+    row can overflow.
+  """
+  how = os.environ.get("CVMM_F16_SCALES", "checked")
+  if how not in _F16_SCALES:
+    raise ValueError(f"CVMM_F16_SCALES={how!r}: expected one of {_F16_SCALES}")
+  return how
+
+
+# Checked float16 sums: the estimate aims each row's largest term at 2^(hi - 2) with
+# hi = 15 - ceil(log2 KR) for KR terms a row (so that KR such terms sum to at most 2^13,
+# 2^3 below float16's largest finite value, 65504); a row whose largest |sum| is below
+# 2^0 (entries down to 2^-14 of it stay float16 normals), or all zero where its token's
+# sample was not, is recomputed.
+_CHECK_LO_LOG2 = 0
+_CHECK_AIM_BELOW = 2
+# Every _SAMPLE_STRIDE-th slab along axis 1 of the matrices goes into the estimate.
+_SAMPLE_STRIDE = 8
+
+
+def _sampled_max_l1(w: jax.Array, transpose_w: bool) -> jax.Array:
+  """[E] float32 estimate of :func:`_max_l1` from every 8th slab along axis 1 of w
+  (contiguous either way): w [E, I, O] sums the sampled contraction rows and scales
+  by their share; w [E, O, I] (used transposed) sums whole contractions of the sampled
+  columns."""
+  ws = jnp.abs(w[:, ::_SAMPLE_STRIDE, :]).astype(jnp.float32)
+  if transpose_w:
+    return jnp.max(jnp.sum(ws, axis=2), axis=1)
+  return jnp.max(jnp.sum(ws, axis=1), axis=1) * (w.shape[1] / ws.shape[1])
+
+
+def _f16_row_scales_checked(a, w, transpose_w: bool, routing: Routing, scale, a_rows: int,
+                            out_rows: int):
+  """Row scales of checked float16 sums (:func:`f16_scales_kind`): (s [N * out_rows]
+  float32, the per-pair scale [P] float32 for the kernel, as :func:`_f16_row_scales`,
+  and [N * out_rows] int8: 1 where the estimate's sample was not 0).
+
+  Each output row's estimate is its token's first input row's largest |value| times
+  the largest |scale[p]| * sampled column sum (:func:`_sampled_max_l1`) of its pairs;
+  s puts it at 2^(hi - 2) (see _CHECK_LO_LOG2). Rows whose estimate is 0 take the
+  largest estimate's scale. The scale-back checks each row and repairs it where the
+  estimate was wrong, so the estimate only has to be good for speed."""
+  n, k = routing.n_tokens, routing.k
+  kr = k // out_rows
+  amax = jnp.max(jnp.abs(a.reshape(n, a_rows, -1)[:, 0, :]), axis=1).astype(jnp.float32)
+  terms = _sampled_max_l1(w, transpose_w)[routing.expert_index]                # [N, K]
+  sc = None if scale is None else scale.astype(jnp.float32).reshape(n, k)
+  if sc is not None:
+    terms = terms * jnp.abs(sc)
+  est = amax[:, None] * jnp.max(terms.reshape(n, out_rows, kr), axis=2)        # [N, out_rows]
+  sampled = est > 0
+  est = jnp.where(sampled, est, jnp.max(est))
+  hi = 15 - int(np.ceil(np.log2(kr)))
+  s = _pow2_scale(est * 2.0 ** (_F16_BOUND_LOG2 - (hi - _CHECK_AIM_BELOW)))
+  pair_s = jnp.repeat(s, kr, axis=1)                                            # [N, K]
+  return (s.reshape(-1), (pair_s if sc is None else sc * pair_s).reshape(-1),
+          sampled.reshape(-1).astype(jnp.int8))
+
+
 def _f16_unscale(out: jax.Array, row_s: jax.Array, dtype) -> jax.Array:
   """The rows of a float16 sum with each row's scale (:func:`_f16_row_scales`) taken
   back out: rows in ``dtype`` (a's: every caller casts to it) from
@@ -1222,15 +1306,20 @@ def _unscale_kernel(x_ptr, inv_ptr, y_ptr, R, O: tl.constexpr, BR: tl.constexpr,
     cols = c + tl.arange(0, BO)
     m = rmask[:, None] & (cols[None, :] < O)
     v = tl.load(x_ptr + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    v = v * inv[:, None]
-    if BF16:   # round to nearest even on the bits (Triton's interpreter truncates)
-      b = v.to(tl.uint32, bitcast=True)
-      r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-      r = tl.where(v != v, (b >> 16) | 0x40, r)          # nan stays a (quiet) nan
-      v16 = r.to(tl.uint16).to(tl.float16, bitcast=True)
-    else:
-      v16 = v.to(tl.float16)
-    tl.store(y_ptr + base + cols[None, :], v16, mask=m)
+    tl.store(y_ptr + base + cols[None, :], _round16(v * inv[:, None], BF16), mask=m)
+
+
+@_jit
+def _round16(v, BF16: tl.constexpr):
+  """float32 v rounded to bf16 (BF16) or float16, as float16 bit patterns. bf16: to
+  nearest even on the bits (Triton's interpreter truncates), nan stays a quiet nan."""
+  if BF16:
+    b = v.to(tl.uint32, bitcast=True)
+    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    r = tl.where(v != v, (b >> 16) | 0x40, r)
+    return r.to(tl.uint16).to(tl.float16, bitcast=True)
+  else:
+    return v.to(tl.float16)
 
 
 def unscale_rows(out: jax.Array, inv_s: jax.Array, dtype, *, reverse: bool = True):
@@ -1252,6 +1341,114 @@ def unscale_rows(out: jax.Array, inv_s: jax.Array, dtype, *, reverse: bool = Tru
   (y,) = _launch(_unscale_kernel, args, shapes, -(-r // UNSCALE_ROWS), cfg, aliases={0: 0},
                  R=r, O=o, BR=UNSCALE_ROWS, BO=bo, REVERSE=reverse,
                  BF16=dtype == jnp.bfloat16)
+  return y if dtype == jnp.float16 else jax.lax.bitcast_convert_type(y, dtype)
+
+
+@_jit
+def _unscale_checked_kernel(
+    x_ptr, inv_ptr, nz_ptr,   # [R, O] float16 sums, [R] inverse scales, [R] int8 sampled
+    a_ptr, w_ptr,             # the sum's input rows [Ra, I] and matrices (strides SW_*)
+    eidx_ptr, g_ptr,          # [P] expert and unscaled per-pair scale (if HAS_G)
+    y_ptr,                    # [R, O] 16-bit patterns, may be x itself
+    R, O: tl.constexpr, BR: tl.constexpr, BO: tl.constexpr, REVERSE: tl.constexpr,
+    BF16: tl.constexpr, K: tl.constexpr, A_R: tl.constexpr, O_R: tl.constexpr,
+    I: tl.constexpr, IP: tl.constexpr, SW_E: tl.constexpr, SW_I: tl.constexpr,
+    SW_O: tl.constexpr, HAS_G: tl.constexpr, LO: tl.constexpr, FO: tl.constexpr):
+  """:func:`_unscale_kernel` for checked float16 sums: a row whose sums are not all
+  finite (float16 overflowed), or whose largest |sum| is below LO and not 0, or 0 where
+  its token's sample was not (nz), is not scaled back but recomputed: y[r] = sum over
+  r's pairs p of g[p] * a[arow(p)] @ W[e(p)], in float32, FO columns at a time."""
+  pid = tl.program_id(0)
+  blk = tl.num_programs(0) - 1 - pid if REVERSE else pid
+  rows = blk * BR + tl.arange(0, BR)
+  rmask = rows < R
+  inv = tl.load(inv_ptr + rows, mask=rmask, other=0.0)
+  nz = tl.load(nz_ptr + rows, mask=rmask, other=0)
+  base = rows.to(tl.int64)[:, None] * O
+  # each row's largest |sum| (inf where one is not finite: nan compares false)
+  mx = tl.zeros((BR,), tl.float32)
+  for c in tl.static_range(0, O, BO):
+    cols = c + tl.arange(0, BO)
+    m = rmask[:, None] & (cols[None, :] < O)
+    v = tl.load(x_ptr + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    mx = tl.maximum(mx, tl.max(tl.where(v == v, tl.abs(v), float("inf")), axis=1))
+    if O <= BO:       # one block: store now (rows to be recomputed are left alone)
+      ok = (mx < float("inf")) & ((mx >= LO) | ((mx == 0) & (nz == 0)))
+      tl.store(y_ptr + base + cols[None, :], _round16(v * inv[:, None], BF16),
+               mask=m & ok[:, None])
+  ok = (mx < float("inf")) & ((mx >= LO) | ((mx == 0) & (nz == 0)))
+  if O > BO:          # several blocks: the rows' maxima first, then the stores
+    for c in tl.static_range(0, O, BO):
+      cols = c + tl.arange(0, BO)
+      m = rmask[:, None] & ok[:, None] & (cols[None, :] < O)
+      v = tl.load(x_ptr + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
+      tl.store(y_ptr + base + cols[None, :], _round16(v * inv[:, None], BF16), mask=m)
+  bad = rmask & (ok == 0)
+  if tl.sum(bad.to(tl.int32), axis=0) > 0:
+    KR: tl.constexpr = K // O_R
+    ks = tl.arange(0, IP)
+    kmask = ks < I
+    for j in range(BR):
+      row = blk * BR + j
+      if tl.sum(tl.where(tl.arange(0, BR) == j, bad.to(tl.int32), 0), axis=0) > 0:
+        tok = row // O_R
+        first = (row % O_R) * KR                     # the row's first slot
+        for fc in tl.static_range(0, O, FO):
+          fcols = fc + tl.arange(0, FO)
+          fcm = fcols < O
+          acc = tl.zeros((FO,), tl.float32)
+          for q in range(KR):
+            p = tok * K + first + q
+            e = tl.load(eidx_ptr + p).to(tl.int64)
+            arow = (tok * A_R + (first + q) // (K // A_R)).to(tl.int64)
+            arv = tl.load(a_ptr + arow * I + ks, mask=kmask, other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + e * SW_E + ks[:, None] * SW_I + fcols[None, :] * SW_O,
+                         mask=kmask[:, None] & fcm[None, :], other=0.0).to(tl.float32)
+            part = tl.sum(arv[:, None] * wv, axis=0)
+            if HAS_G:
+              part = part * tl.load(g_ptr + p).to(tl.float32)
+            acc += part
+          tl.store(y_ptr + row.to(tl.int64) * O + fcols, _round16(acc, BF16), mask=fcm)
+
+
+# Columns per step of a recomputed row (:func:`unscale_rows_checked`).
+CHECKED_FIX_COLS = 32
+
+
+def unscale_rows_checked(out: jax.Array, inv_s: jax.Array, sampled: jax.Array,
+                         a: jax.Array, w: jax.Array, routing: Routing, gates, dtype, *,
+                         a_rows: int, out_rows: int, transpose_w: bool,
+                         reverse: bool = True):
+  """:func:`unscale_rows` for checked float16 sums (:func:`f16_scales_kind`): out [R, O]
+  float16 sums times inv_s [R], in ``dtype``, in place. Rows that overflowed (a sum
+  not finite), whose largest |sum| is below 2^0 but not 0, or that are all 0 where
+  ``sampled`` [R] (int8, :func:`_f16_row_scales_checked`) is 1, are recomputed in
+  float32 from a, w, the routing's experts and the unscaled per-pair ``gates`` [P]
+  (or None) instead, and rounded once."""
+  r, o = out.shape
+  dtype = jnp.dtype(dtype)
+  n, k = routing.n_tokens, routing.k
+  i, o_w, sw = _w_layout(w.shape, transpose_w)
+  if (out.dtype != jnp.float16 or inv_s.shape != (r,) or sampled.shape != (r,)
+      or r != n * out_rows or o_w != o or a.shape != (n * a_rows, i)):
+    raise ValueError(f"unscale_rows_checked: float16 [N * out_rows, O] sums with [R] "
+                     f"scales and sample flags, a [N * a_rows, I]; got {out.dtype.name} "
+                     f"{out.shape}, scales {inv_s.shape}, flags {sampled.shape}, "
+                     f"a {a.shape}, w {w.shape} (transposed: {transpose_w}), N={n}, K={k}")
+  if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"unscale_rows_checked: rows in bfloat16 or float16, not {dtype.name}")
+  bo = min(autotune.next_pow2(o), 1024)
+  cfg = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)  # launch
+  args = [out, inv_s.astype(jnp.float32), sampled.astype(jnp.int8), a, w,
+          routing.expert_index.reshape(-1),
+          gates.astype(jnp.float32) if gates is not None else _DUMMY_F32()]
+  shapes = [jax.ShapeDtypeStruct((r, o), jnp.float16)]
+  (y,) = _launch(_unscale_checked_kernel, args, shapes, -(-r // UNSCALE_ROWS), cfg,
+                 aliases={0: 0}, R=r, O=o, BR=UNSCALE_ROWS, BO=bo, REVERSE=reverse,
+                 BF16=dtype == jnp.bfloat16, K=k, A_R=a_rows, O_R=out_rows, I=i,
+                 IP=autotune.next_pow2(i), SW_E=sw[0], SW_I=sw[1], SW_O=sw[2],
+                 HAS_G=gates is not None, LO=2.0 ** _CHECK_LO_LOG2,
+                 FO=min(CHECKED_FIX_COLS, autotune.next_pow2(o)))
   return y if dtype == jnp.float16 else jax.lax.bitcast_convert_type(y, dtype)
 
 

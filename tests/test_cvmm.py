@@ -643,6 +643,8 @@ def test_float16_sums_in_interpreter():
 
 _UNSCALE_SCRIPT = textwrap.dedent("""
     import os
+    # the scale-back of bound scales (both passes take them; checked scales: _CHECKED_SCRIPT)
+    os.environ["CVMM_F16_SCALES"] = "bound"
     import jax, jax.numpy as jnp, numpy as np
     from kernels import make_routing
     from kernels.cvmm_triton import cvmm_triton, cvmm_triton_pair, unscale_rows
@@ -699,6 +701,119 @@ def test_unscale_kernel_in_interpreter():
   pytest.importorskip("triton")
   pytest.importorskip("torch")
   run_in_triton_interpreter(_UNSCALE_SCRIPT, "unscale ok")
+
+
+_CHECKED_SCRIPT = textwrap.dedent("""
+    import os
+    import jax, jax.numpy as jnp, numpy as np
+    from kernels import make_routing
+    from kernels.cvmm_reference import cvmm_reference
+    import kernels.cvmm_triton as kt
+    rel = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(
+        b, np.float64)) / np.linalg.norm(np.asarray(b, np.float64)))
+    f32 = lambda t: t.astype(jnp.float32)
+    hi = lambda *a: jnp.einsum(*a, precision="highest")
+    n, k, m, e, i, o = 23, 4, 2, 5, 40, 24
+    ks = jax.random.split(jax.random.key(1), 8)
+    r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)
+    ei = r.expert_index
+    g = jax.random.uniform(ks[3], (n, k)).astype(jnp.float16)
+    seen, orig = [], kt.unscale_rows_checked
+    def spy(out, inv_s, sampled, *a, **kw):
+      seen.append((np.asarray(out, np.float32), np.asarray(sampled)))
+      return orig(out, inv_s, sampled, *a, **kw)
+    kt.unscale_rows_checked = spy
+    def down(x, w, gates):    # out [N, O] = sum_s g x[n, s // 2] @ W[e]
+      want = hi("nki,nkio,nk->no", jnp.repeat(f32(x), k // m, axis=1), f32(w)[ei],
+                f32(gates))
+      out = kt.rows_matmul(x.reshape(n * m, i), w, r, a_rows=m, out_rows=1,
+                           scale=gates.reshape(-1), sum_dtype="float16")[0]
+      return out, want
+    def dx(dy, w):            # dx [N * M, I] = sum over the slots of row j: dy @ W[e]^T
+      want = hi("nko,nkio->nki", f32(dy).reshape(n, k, o), f32(w)[ei]).reshape(
+          n, m, k // m, i).sum(2).reshape(n * m, i)
+      out = kt.rows_matmul(dy, w, r, a_rows=k, out_rows=m, transpose_w=True,
+                           sum_dtype="float16")[0]
+      return out, want
+    def check(got, want, bad_rows=()):
+      sums, sampled = seen.pop()
+      assert not seen and got.dtype == jnp.float16, got.dtype
+      # the rows the scale-back recomputes: sums not finite, largest |sum| below 2^0
+      # but not 0, or 0 where the token's sample was not
+      top = np.where(np.isnan(sums), np.inf, np.abs(sums)).max(axis=1)
+      bad = ~np.isfinite(top) | ((top < 1) & ((top > 0) | (sampled == 1)))
+      assert np.array_equal(np.flatnonzero(bad), bad_rows), np.flatnonzero(bad)
+      fin = np.isfinite(np.asarray(want))
+      assert np.array_equal(np.isfinite(np.asarray(got)), fin)
+      assert rel(np.asarray(got)[fin], np.asarray(want)[fin]) <= 2e-3, rel(got, want)
+    w = (jax.random.normal(ks[2], (e, i, o)) / np.sqrt(i)).astype(jnp.float16)
+    for mag in (0.05, 1.0, 20.0):
+      check(*down((jax.random.normal(ks[1], (n, m, i)) * mag).astype(jnp.float16), w, g))
+      check(*dx((jax.random.normal(ks[4], (n * k, o)) * mag).astype(jnp.float16), w))
+    # An estimate 2^30 too high: every row's sums below 2^0 (they would lose precision),
+    # every row recomputed in float32. (Sums that overflow float16 are repaired too;
+    # Triton's interpreter refuses to round them, so a GPU test forces those.)
+    x = jax.random.normal(ks[1], (n, m, i)).astype(jnp.float16)
+    dy = jax.random.normal(ks[4], (n * k, o)).astype(jnp.float16)
+    kt._CHECK_AIM_BELOW = 30
+    check(*down(x, w, g), bad_rows=np.arange(n))
+    kt._CHECK_AIM_BELOW = 2
+    # dx: token 3's slot 0 (the sample of both its output rows) 2^12 larger: its second
+    # row (slots 2, 3) comes out 2^12 too small, alone recomputed. Token 5's slots 2, 3
+    # zero: its second row is 0 where its sample is not: recomputed (0 again).
+    dy2 = dy.at[3 * k].multiply(2.0 ** 12).at[5 * k + 2:5 * k + 4].set(0)
+    check(*dx(dy2, w), bad_rows=np.array([3 * m + 1, 5 * m + 1]))
+    # An infinity: its row only, not finite, as in float32.
+    check(*down(x.at[5, 1, 0].set(jnp.inf), w, g), bad_rows=np.array([5]))
+    # Zero inputs: zero rows, none recomputed (the sample was 0 too).
+    check(*down(x.at[7].set(0), w, g))
+    # Bound scales (CVMM_F16_SCALES=bound) give the same values within the tolerance,
+    # without the check.
+    os.environ["CVMM_F16_SCALES"] = "bound"
+    got, want = down(x, w, g)
+    assert not seen and rel(got, want) <= 2e-3
+    os.environ["CVMM_F16_SCALES"] = "checked"
+    # The ops and their gradients (the gated op's dx, with dgates, too).
+    for gated in (True, False):
+      args = (x, w, g) if gated else (x, w)
+      fn = lambda *a: kt.cvmm_triton(a[0], r, a[1], *a[2:], sum_dtype="float16")
+      ref = lambda *a: cvmm_reference(a[0], r, a[1], *a[2:])
+      ctg = jax.random.normal(ks[5], (n, o) if gated else (n, k, o))
+      loss = lambda f: lambda *a: jnp.sum(f32(f(*a)) * ctg)
+      got = (fn(*args),) + jax.grad(loss(fn), argnums=tuple(range(len(args))))(*args)
+      up = tuple(map(f32, args))
+      want = (ref(*up),) + jax.grad(loss(ref), argnums=tuple(range(len(args))))(*up)
+      for name, a, b in zip(("out", "dx", "dw", "dg"), got, want):
+        assert a.dtype == jnp.float16 and rel(a, b) <= 2e-3, (gated, name, rel(a, b))
+      assert seen                          # the checked scale-back ran
+      seen.clear()
+    print("checked ok")
+""")
+
+
+@pytest.mark.slow
+def test_checked_f16_scales_in_interpreter():
+  """CVMM_F16_SCALES=checked (the default): with the estimate right no row is
+  recomputed and the sums match float32 (gated output, dx over slots, magnitudes 0.05
+  to 20); with the estimate 2^30 too high every row is recomputed; a row whose sample
+  misjudged it 2^12, a zero row whose sample was not, an infinity: those rows alone;
+  zero inputs: none; every result as float32's; through the ops with their gradients.
+  Triton's CPU interpreter."""
+  pytest.importorskip("triton")
+  pytest.importorskip("torch")
+  run_in_triton_interpreter(_CHECKED_SCRIPT, "checked ok")
+
+
+def test_f16_scales_kind_is_validated(monkeypatch):
+  from kernels.cvmm_triton import f16_scales_kind  # noqa: PLC0415
+  monkeypatch.delenv("CVMM_F16_SCALES", raising=False)
+  assert f16_scales_kind() == "checked"
+  monkeypatch.setenv("CVMM_F16_SCALES", "bound")
+  assert f16_scales_kind() == "bound"
+  for bad in ("", "Checked", "1"):
+    monkeypatch.setenv("CVMM_F16_SCALES", bad)
+    with pytest.raises(ValueError, match="CVMM_F16_SCALES"):
+      f16_scales_kind()
 
 
 def test_unscale_kind_is_validated(monkeypatch):

@@ -716,3 +716,68 @@ def test_unscale_kernel_in_cvmm(case, unscale, monkeypatch):
     err = _rel(got, want)
     assert np.all(np.isfinite(np.asarray(got, np.float32))), (case, j)
     assert err <= TOL[jnp.bfloat16], (case, unscale, j, err)
+
+
+# (N, K, E, I, O, a_rows, out_rows, transposed): σ-MoE down (each pair's own row, one
+# output row per token) and up's dx (W^T, 16 slots into one row); SwitchHead O's shape
+CHECKED_SHAPES = [(700, 16, 40, 128, 1024, 16, 1, False),
+                  (700, 16, 40, 128, 1024, 16, 1, True),
+                  (257, 8, 40, 128, 128, 8, 2, False)]
+
+
+@pytest.mark.parametrize("kernel", ["rows2", "triton"])
+@pytest.mark.parametrize("shape", CHECKED_SHAPES, ids=str)
+def test_checked_f16_scales_repair_rows(shape, kernel, monkeypatch):
+  """Checked float16 scales (CVMM_F16_SCALES=checked, the default) through rows_matmul
+  with the two-half Gluon kernel and with a Triton row tile, bf16 in and out: with the
+  estimate right no row is recomputed and the sums match float32; with the estimate
+  2^20 too low (every row's sums overflow float16) or 2^30 too high (every row below
+  float16's precision) every row is recomputed in float32; a row 2^16 above its
+  token's sample (its sums overflow), or holding an infinity, alone."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  import kernels.cvmm_triton as ct_mod  # noqa: PLC0415
+  if kernel == "rows2" and not ct_mod._gluon_device():
+    pytest.skip("the Gluon kernels run on Hopper GPUs only")
+  monkeypatch.setenv("CVMM_F16_SCALES", "checked")
+  monkeypatch.setenv("CVMM_UNSCALE", "triton")
+  n, k, e, i, o, a_rows, out_rows, transpose = shape
+  cfg = (ct_mod.TileConfig(128, 64, i, 8, 2, loop_n=True, gluon=True, halves=2)
+         if kernel == "rows2" else ct_mod._triton_rows_candidates(i, o, jnp.bfloat16)[0])
+  r, a, w, g, w_arg = _sum_inputs(9, n, k, e, i, o, a_rows, transpose)
+  seen, orig = [], ct_mod.unscale_rows_checked
+
+  def spy(out, inv_s, sampled, *args, **kw):
+    seen.append((np.asarray(out, np.float32), np.asarray(sampled)))
+    return orig(out, inv_s, sampled, *args, **kw)
+
+  monkeypatch.setattr(ct_mod, "unscale_rows_checked", spy)
+  p = jnp.arange(n * k)
+
+  def run(a, bad_rows=()):
+    out, _ = ct_mod.rows_matmul(a, w_arg, r, a_rows=a_rows, out_rows=out_rows,
+                                transpose_w=transpose, scale=g, cfg=cfg,
+                                sum_dtype="float16")
+    sums, sampled = seen.pop()
+    assert not seen and out.dtype == jnp.bfloat16
+    top = np.where(np.isnan(sums), np.inf, np.abs(sums)).max(axis=1)
+    bad = ~np.isfinite(top) | ((top < 1) & ((top > 0) | (sampled == 1)))
+    np.testing.assert_array_equal(np.flatnonzero(bad), bad_rows)
+    y = _pair_products(a[(p // k) * a_rows + (p % k) // (k // a_rows)], w,
+                       r.expert_index.reshape(-1)) * g[:, None]         # [P, O] terms
+    ref = np.asarray(y.reshape(n, out_rows, k // out_rows, o).sum(2).reshape(-1, o))
+    rows_ok = np.all(np.isfinite(ref), axis=1)
+    got = np.asarray(out, np.float32)
+    assert np.array_equal(np.all(np.isfinite(got), axis=1), rows_ok)
+    err = _rel(got[rows_ok], ref[rows_ok])
+    assert err <= SUM_TOL["float16"] + _rel(ref.astype(jnp.bfloat16), ref), err
+
+  run(a)
+  for aim in (-20, 30):
+    monkeypatch.setattr(ct_mod, "_CHECK_AIM_BELOW", aim)
+    run(a, bad_rows=np.arange(n * out_rows))
+  monkeypatch.setattr(ct_mod, "_CHECK_AIM_BELOW", 2)
+  # token 3's last row (not the estimate's sample) 2^16 larger; token 5's with an inf
+  last = lambda t: t * a_rows + a_rows - 1  # noqa: E731
+  run(a.at[last(3)].multiply(2.0 ** 16), bad_rows=[3 * out_rows + out_rows - 1])
+  run(a.at[last(5), 0].set(jnp.inf), bad_rows=[5 * out_rows + out_rows - 1])
