@@ -549,6 +549,50 @@ def test_float16_sum_row_scales_bound_every_row():
   assert got[6] == 2.0 ** 126 and got[7] * 1e38 < 2.0 ** 14 <= got[7] * 2e38
 
 
+def test_checked_f16_row_scales_aim_the_estimate():
+  """Checked float16 scales: powers of two that put each output row's estimate (its
+  token's first input row's largest |value| times its pairs' largest |gate| * sampled
+  column sum) at [2^(hi - 3), 2^(hi - 2)), hi = 15 - log2(terms per row); the real
+  sums then land between 2^0 and float16's overflow for inputs from 1e-6 to 1e4 (no
+  row to repair); rows whose sample is 0 take the largest estimate's scale and are
+  flagged as unsampled; the per-pair scales are the gates times the row's."""
+  from kernels import make_routing
+  from kernels.cvmm_reference import cvmm_reference
+  from kernels.cvmm_triton import _f16_row_scales_checked, _sampled_max_l1
+  n, k, m, e, i, o = 50, 4, 2, 6, 32, 24
+  ks = jax.random.split(jax.random.key(4), 4)
+  r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)
+  w = jax.random.normal(ks[2], (e, i, o)) / np.sqrt(i)
+  g = jax.random.uniform(ks[3], (n, k), minval=0.1)
+  hi = 15 - 2                                                      # 4 terms a row
+  for mag in (1e-6, 1.0, 1e4):
+    x = (jax.random.normal(ks[1], (n, m, i)) * mag).at[7].set(0.0)   # token 7: zeros
+    s, pair_s, sampled = _f16_row_scales_checked(x.reshape(n * m, i), w, False, r,
+                                                 g.reshape(-1), m, 1)
+    s, sampled = np.asarray(s), np.asarray(sampled)
+    ex = np.log2(s)
+    np.testing.assert_array_equal(ex, np.round(ex))                   # powers of two
+    np.testing.assert_array_equal(sampled, np.arange(n) != 7)
+    west = np.asarray(_sampled_max_l1(w, False))[np.asarray(r.expert_index)]    # [N, K]
+    est = np.abs(np.asarray(x)[:, 0]).max(axis=1) * (np.asarray(g) * west).max(axis=1)
+    aimed = est * s
+    assert np.all(aimed[sampled == 1] >= 2.0 ** (hi - 3)), mag
+    assert np.all(aimed[sampled == 1] < 2.0 ** (hi - 2)), mag
+    assert s[7] == s[sampled == 1].min()          # the largest estimate's scale
+    top = np.abs(np.asarray(cvmm_reference(x, r, w, g))).max(axis=1) * s
+    assert np.all(top[sampled == 1] >= 1) and np.all(top < 2.0 ** 15), (mag, top.min())
+    np.testing.assert_allclose(np.asarray(pair_s).reshape(n, k),
+                               np.asarray(g) * s[:, None], rtol=1e-7)
+  # The sampled column sums: every 8th contraction row scaled by 8 ([E, I, O]); whole
+  # contractions of every 8th column ([E, O, I], used transposed).
+  wa = np.abs(np.asarray(w))
+  np.testing.assert_allclose(_sampled_max_l1(w, False), wa[:, ::8].sum(1).max(1) * 8,
+                             rtol=1e-6)
+  wt = jnp.swapaxes(w, 1, 2)
+  np.testing.assert_allclose(_sampled_max_l1(wt, True),
+                             np.swapaxes(wa, 1, 2)[:, ::8].sum(2).max(1), rtol=1e-6)
+
+
 _F16_SUMS_SCRIPT = textwrap.dedent("""
     import os
     # XLA's scale-back returns the sums' float32 values, checked here at scales whose
