@@ -25,11 +25,15 @@ The Triton kernels add the sums over slots with atomics (no [N*K, O] intermediat
 in a dtype chosen by ``sum_dtype`` (or, when it is None, the environment's
 ``CVMM_SUM_DTYPE``, read at trace time; :func:`kernels.cvmm_triton.half_sums`,
 bench/RESULTS.md). It only matters for 16-bit calls:
-  "float16"   (default) each output row is multiplied by a power of two chosen from a
-              bound on its terms, summed in float16 and scaled back in float32: no
-              overflow, half the memory traffic of float32 sums, about their accuracy
-              (MoEUT_244M σ-MoE output 2.46e-3 vs 2.35e-3 against float32 on an H200);
-              two identical runs differ by about 1e-3 (the adds' order varies).
+  "float16"   (default) each output row is multiplied by a power of two, summed in
+              float16 and scaled back in float32: half the memory traffic of float32
+              sums, about their accuracy (MoEUT_244M σ-MoE output 2.46e-3 vs 2.35e-3
+              against float32 on an H200); two identical runs differ by about 1e-3
+              (the adds' order varies). The power of two comes from an estimate, and
+              rows that overflow or come out too small are recomputed in float32
+              (CVMM_F16_SCALES=checked, the default), or from a bound on the row's
+              terms, which no sum can overflow ("bound"):
+              :func:`kernels.cvmm_triton.f16_scales_kind`.
   "float32"   float32 sums rounded once to the output dtype; runs differ by 1e-5.
   "bfloat16"  rows rounded to bf16 and summed in bf16 (Hopper): 2.3x the error.
 Other implementations and float32 calls always sum in float32.
