@@ -848,6 +848,16 @@ def test_checked_f16_scales_in_interpreter():
   run_in_triton_interpreter(_CHECKED_SCRIPT, "checked ok")
 
 
+def test_checked_scales_where_the_input_is_the_larger():
+  """Checked float16 scales where a token's input rows hold at least as many values as
+  its output rows (σ-MoE down: 16 rows of 128 into 1024; up's dx likewise; SwitchHead
+  V's dx: 8 rows of 128 into 1024), bound ones elsewhere (SwitchHead O's forward: 4 rows
+  of 128 into 1024)."""
+  from kernels.cvmm_triton import checked_scales_pay  # noqa: PLC0415
+  assert checked_scales_pay(128, 1024, 16, 1) and checked_scales_pay(128, 1024, 8, 1)
+  assert not checked_scales_pay(128, 1024, 4, 1)
+
+
 def test_f16_scales_kind_is_validated(monkeypatch):
   from kernels.cvmm_triton import f16_scales_kind  # noqa: PLC0415
   monkeypatch.delenv("CVMM_F16_SCALES", raising=False)
