@@ -11,13 +11,19 @@ and of every gradient (dx, dkeys, dvalues, dgates) for:
   triton-bf16  the same kernels with bf16 sums (sum_dtype="bfloat16")
   xla-bf16     XLA in bf16 (float32 accumulation inside each matmul, one rounding of
                each expert's product before the gated sum, as the PyTorch original)
+  cvmm-f16-checked, cvmm-f16-bound
+               two Triton cvmm calls (up, ReLU, gated down) with float16 sums whose
+               row scales are checked estimates or bounds (CVMM_F16_SCALES; the fused
+               pair has scales of its own)
 and how far two runs of the same call differ (atomics add in a varying order).
+``--variants`` picks some of them (comma list).
 ``--ct-scale`` multiplies the output's cotangent (a trained model's gradients are
 small: the float16 sums must scale them up, not lose them).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import jax
@@ -26,7 +32,7 @@ import numpy as np
 
 import profiles
 from bench.cvmm import projections
-from kernels import cvmm_pair
+from kernels import cvmm, cvmm_pair
 
 
 def _rel(a, b):
@@ -35,10 +41,18 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def _outs(impl, args, r, ct, sum_dtype=None):
-  """(out, dx, dkeys, dvalues, dgates) of the pair with sums in ``sum_dtype``."""
+def _outs(impl, args, r, ct, sum_dtype=None, scales=None):
+  """(out, dx, dkeys, dvalues, dgates) of the pair with sums in ``sum_dtype``; with
+  ``scales`` ("checked" or "bound": CVMM_F16_SCALES while it is traced) as two cvmm
+  calls instead of the fused pair."""
   def f(x, k_, v, g):
-    return cvmm_pair(x, r, k_, v, g, impl=impl, sum_dtype=sum_dtype)
+    if scales is None:
+      return cvmm_pair(x, r, k_, v, g, impl=impl, sum_dtype=sum_dtype)
+    u = jax.nn.relu(cvmm(x, r, k_, impl=impl))
+    return cvmm(u, r, v, g, impl=impl, sum_dtype=sum_dtype)
+
+  if scales is not None:
+    os.environ["CVMM_F16_SCALES"] = scales
 
   loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) * ct)  # noqa: E731
   out = jax.jit(f)(*args)
@@ -51,6 +65,7 @@ def main(argv=None):
   ap.add_argument("--profile", default="MoEUT_244M")
   ap.add_argument("--tokens", type=int, default=64 * 1024)
   ap.add_argument("--ct-scale", type=float, default=1.0)
+  ap.add_argument("--variants", default="", help="comma list (default: every variant)")
   a = ap.parse_args(argv)
   prof = profiles.get(a.profile)
   pr = projections(prof, a.tokens, jnp.bfloat16)
@@ -66,22 +81,28 @@ def main(argv=None):
   print("| variant | " + " | ".join(names) + " |")
   print("|---|" + "---:|" * len(names))
   runs = {}
-  for label, impl, sd in (("triton", "triton", "float32"),
-                          ("triton-f16", "triton", "float16"),
-                          ("triton-bf16", "triton", "bfloat16"),
-                          ("xla-bf16", "xla", None)):
+  variants = (("triton", "triton", "float32", None),
+              ("triton-f16", "triton", "float16", None),
+              ("triton-bf16", "triton", "bfloat16", None),
+              ("xla-bf16", "xla", None, None),
+              ("cvmm-f16-checked", "triton", "float16", "checked"),
+              ("cvmm-f16-bound", "triton", "float16", "bound"))
+  wanted = set(filter(None, a.variants.split(","))) or {v[0] for v in variants}
+  for label, impl, sd, scales in variants:
+    if label not in wanted:
+      continue
     try:
-      got = _outs(impl, args, r, ct, sd)
+      got = _outs(impl, args, r, ct, sd, scales)
     except Exception as err:  # report, go on
       print(f"| {label} | FAILED {type(err).__name__}: {str(err)[:200]} |", flush=True)
       continue
-    runs[label] = (impl, sd, got)
+    runs[label] = (impl, sd, scales, got)
     print(f"| {label} | " + " | ".join(f"{_rel(g, f):.2e}" for g, f in zip(got, ref)) + " |",
           flush=True)
-  for label, (impl, sd, got) in runs.items():
+  for label, (impl, sd, scales, got) in runs.items():
     if impl == "xla":                     # no atomics: the same every run
       continue
-    again = _outs(impl, args, r, ct, sd)
+    again = _outs(impl, args, r, ct, sd, scales)
     print(f"| {label}, run 2 vs run 1 | "
           + " | ".join(f"{_rel(g2, g1):.1e}" for g2, g1 in zip(again, got)) + " |",
           flush=True)
