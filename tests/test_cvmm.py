@@ -811,6 +811,30 @@ _CHECKED_SCRIPT = textwrap.dedent("""
     check(*down(x.at[5, 1, 0].set(jnp.inf), w, g), bad_rows=np.array([5]))
     # Zero inputs: zero rows, none recomputed (the sample was 0 too).
     check(*down(x.at[7].set(0), w, g))
+    # The scale-back alone, wider than one block of columns (O = 1100 > 1024: the rows'
+    # maxima first, then the stores), W used transposed, dx's row maps (4 rows of a and
+    # 2 output rows a token): an inf row, a small row, a zero row with and without its
+    # sample are recomputed or kept as they should be, bf16 and float16 out.
+    n2, k2, e2, i2, o2 = 6, 4, 3, 16, 1100
+    r2 = make_routing(jax.random.randint(ks[6], (n2, k2), 0, e2), e2)
+    a2 = jax.random.normal(ks[7], (n2 * k2, i2)).astype(jnp.float16)
+    w2 = jax.random.normal(ks[0], (e2, o2, i2)).astype(jnp.float16)      # [E, O, I]
+    g2 = jax.random.uniform(ks[1], (n2 * k2,))
+    sums = (jax.random.normal(ks[2], (n2 * 2, o2)) * 10).astype(jnp.float16)
+    sums = sums.at[0, 5].set(jnp.inf).at[1].multiply(1e-3).at[2:4].set(0)
+    inv = 2.0 ** jax.random.randint(ks[3], (n2 * 2,), -3, 3).astype(jnp.float32)
+    sampled = jnp.ones((n2 * 2,), jnp.int8).at[3].set(0)
+    terms = np.einsum("pi,poi->po", np.asarray(a2, np.float64),
+                      np.asarray(w2, np.float64)[np.asarray(r2.expert_index).reshape(-1)])
+    redo = (terms * np.asarray(g2)[:, None]).reshape(n2 * 2, 2, o2).sum(1)
+    kept = np.asarray(sums, np.float64) * np.asarray(inv)[:, None]
+    for dt in (jnp.bfloat16, jnp.float16):
+      got = np.asarray(kt.unscale_rows_checked(sums, inv, sampled, a2, w2, r2, g2, dt,
+                                               a_rows=k2, out_rows=2, transpose_w=True),
+                       np.float64)
+      want = np.where(np.isin(np.arange(n2 * 2), [0, 1, 2])[:, None], redo, kept)
+      assert rel(got, want) <= 4e-3 and np.array_equal(got[3], np.zeros(o2)), dt
+    seen.clear()
     # Bound scales (CVMM_F16_SCALES=bound) give the same values within the tolerance,
     # without the check.
     os.environ["CVMM_F16_SCALES"] = "bound"
@@ -841,8 +865,9 @@ def test_checked_f16_scales_in_interpreter():
   recomputed and the sums match float32 (gated output, dx over slots, magnitudes 0.05
   to 20); with the estimate 2^30 too high every row is recomputed; a row whose sample
   misjudged it 2^12, a zero row whose sample was not, an infinity: those rows alone;
-  zero inputs: none; every result as float32's; through the ops with their gradients.
-  Triton's CPU interpreter."""
+  zero inputs: none; every result as float32's; the scale-back alone over more than
+  one block of columns; through the ops with their gradients. Triton's CPU
+  interpreter."""
   pytest.importorskip("triton")
   pytest.importorskip("torch")
   run_in_triton_interpreter(_CHECKED_SCRIPT, "checked ok")
