@@ -1097,12 +1097,15 @@ def half_sums(dtype, o: int, sum_dtype: str | None = None) -> str | None:
   columns add in ("float16" or "bfloat16"), or None for float32 sums.
 
   ``sum_dtype`` (None: the environment's CVMM_SUM_DTYPE, default "float16"):
-    "float16"   16-bit inputs: each output row is multiplied by a power of two chosen
-                from a bound on the sum of its terms (:func:`_pow2_scale`; over the
-                row's pairs, the sum of |gate| times the input row's largest |value|
-                times the expert matrix's largest column sum of |W|), so that
-                the float16 sums cannot overflow; the rows are added in float16 and
-                scaled back in float32. Each addition rounds to float16's 11-bit
+    "float16"   16-bit inputs: each output row is multiplied by a power of two, the
+                rows are added in float16 and scaled back in float32. The power of
+                two comes from an estimate, rows that overflow or come out too small
+                being recomputed in float32 (checked scales, :func:`f16_scales_kind`,
+                where :func:`checked_scales_pay`), or from a bound on the sum of the
+                row's terms (:func:`_pow2_scale`; over the row's pairs, the sum of
+                |gate| times the input row's largest |value| times the expert
+                matrix's largest column sum of |W|), which no float16 sum can
+                overflow. Each addition rounds to float16's 11-bit
                 significand, 8x finer than bf16. Vector reductions on Hopper (8 per
                 instruction), scalar float16 atomics elsewhere and in Triton's
                 interpreter.
