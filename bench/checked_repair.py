@@ -60,6 +60,7 @@ def main(argv=None):
     return orig(out, inv_s, sampled, *args_, **kw)
 
   def row(label, x_, scales="checked", aim=None):
+    before = os.environ.get("CVMM_F16_SCALES"), ct._CHECK_AIM_BELOW
     os.environ["CVMM_F16_SCALES"] = scales
     if aim is not None:
       ct._CHECK_AIM_BELOW = aim
@@ -71,7 +72,11 @@ def main(argv=None):
                      scale=g.reshape(-1))                # eager: the spy sees arrays
     finally:
       ct.unscale_rows_checked = orig
-      ct._CHECK_AIM_BELOW = 2
+      ct._CHECK_AIM_BELOW = before[1]
+      if before[0] is None:
+        os.environ.pop("CVMM_F16_SCALES")
+      else:
+        os.environ["CVMM_F16_SCALES"] = before[0]
     count = f"{repaired[0]}" if repaired else "(bound: no check)"
     print(f"| {label} | {count} | {t:.3f} | {dense / t:.0%} |", flush=True)
 

@@ -1186,8 +1186,13 @@ def _f16_row_scales(a, w_l1, routing: Routing, scale, a_rows: int, out_rows: int
   if sc is not None:
     terms = terms * jnp.abs(sc)
   bound = terms.reshape(n, out_rows, k // out_rows).sum(axis=2)         # [N, out_rows]
-  s = _pow2_scale(bound)
-  pair_s = jnp.repeat(s, k // out_rows, axis=1)                         # [N, K]
+  return _row_and_pair_scales(_pow2_scale(bound), sc, k // out_rows)
+
+
+def _row_and_pair_scales(s: jax.Array, sc, kr: int):
+  """(s [N * R], the per-pair scales [P] = sc[p] * s[orow(p)]) of row scales s [N, R]
+  with KR pairs a row and per-pair scales sc [N, K] float32 (None: ones)."""
+  pair_s = jnp.repeat(s, kr, axis=1)                                    # [N, K]
   return s.reshape(-1), (pair_s if sc is None else sc * pair_s).reshape(-1)
 
 
@@ -1272,9 +1277,7 @@ def _f16_row_scales_checked(a, w, transpose_w: bool, routing: Routing, scale, a_
   est = jnp.where(sampled, est, jnp.max(est))
   hi = 15 - int(np.ceil(np.log2(kr)))
   s = _pow2_scale(est * 2.0 ** (_F16_BOUND_LOG2 - (hi - _CHECK_AIM_BELOW)))
-  pair_s = jnp.repeat(s, kr, axis=1)                                            # [N, K]
-  return (s.reshape(-1), (pair_s if sc is None else sc * pair_s).reshape(-1),
-          sampled.reshape(-1).astype(jnp.int8))
+  return _row_and_pair_scales(s, sc, kr) + (sampled.reshape(-1).astype(jnp.int8),)
 
 
 def _f16_unscale(out: jax.Array, row_s: jax.Array, dtype) -> jax.Array:
@@ -1389,12 +1392,11 @@ def _unscale_checked_kernel(
     m = rmask[:, None] & (cols[None, :] < O)
     v = tl.load(x_ptr + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
     mx = tl.maximum(mx, tl.max(tl.where(v == v, tl.abs(v), float("inf")), axis=1))
-    if O <= BO:       # one block: store now (rows to be recomputed are left alone)
-      ok = (mx < float("inf")) & ((mx >= LO) | ((mx == 0) & (nz == 0)))
-      tl.store(y_ptr + base + cols[None, :], _round16(v * inv[:, None], BF16),
-               mask=m & ok[:, None])
   ok = (mx < float("inf")) & ((mx >= LO) | ((mx == 0) & (nz == 0)))
-  if O > BO:          # several blocks: the rows' maxima first, then the stores
+  if O <= BO:         # one block, still in registers (rows to recompute left alone)
+    tl.store(y_ptr + base + cols[None, :], _round16(v * inv[:, None], BF16),
+             mask=m & ok[:, None])
+  else:               # several blocks: the rows' maxima first, then the stores
     for c in tl.static_range(0, O, BO):
       cols = c + tl.arange(0, BO)
       m = rmask[:, None] & ok[:, None] & (cols[None, :] < O)
