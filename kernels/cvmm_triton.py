@@ -554,7 +554,8 @@ def _launch(kernel, args, out_shapes, grid: int, cfg: TileConfig, zeroed=(), ali
             **meta):
   """jax_triton.triton_call on GPUs; a host callback into Triton's interpreter in tests.
   ``aliases``: {input index: output index} whose buffers the GPU launch shares (the
-  interpreter gives every output its own)."""
+  interpreter starts such an output as a copy of its input, as the GPU sees it).
+  ``zeroed``: output indices that start as zeros (any other output is undefined)."""
   if not _interpret():
     jt = _jax_triton()
     return jt.triton_call(*args, kernel=kernel, out_shape=out_shapes, grid=(grid,),
@@ -570,8 +571,11 @@ def _launch(kernel, args, out_shapes, grid: int, cfg: TileConfig, zeroed=(), ali
 
   def host(*arrays):
     ins = [_to_torch(np.asarray(a)) for a in arrays]
-    outs = [_to_torch(np.zeros(s.shape, s.dtype)) if i in zeroed else
-            _to_torch(np.full(s.shape, np.nan, s.dtype)) for i, s in enumerate(out_shapes)]
+    shared = {o: i for i, o in (aliases or {}).items()}
+    outs = [ins[shared[i]].clone() if i in shared else
+            _to_torch(np.zeros(s.shape, s.dtype)) if i in zeroed else
+            _to_torch(np.full(s.shape, np.nan if jnp.issubdtype(s.dtype, jnp.floating)
+                              else -1, s.dtype)) for i, s in enumerate(out_shapes)]
     fn[(grid,)](*ins, *outs, **meta)
     return tuple(_from_torch(o) for o in outs)
 
@@ -1367,17 +1371,14 @@ def unscale_rows(out: jax.Array, inv_s: jax.Array, dtype, *, reverse: bool = Tru
 @_jit
 def _unscale_checked_kernel(
     x_ptr, inv_ptr, nz_ptr,   # [R, O] float16 sums, [R] inverse scales, [R] int8 sampled
-    a_ptr, w_ptr,             # the sum's input rows [Ra, I] and matrices (strides SW_*)
-    eidx_ptr, g_ptr,          # [P] expert and unscaled per-pair scale (if HAS_G)
     y_ptr,                    # [R, O] 16-bit patterns, may be x itself
+    cnt_ptr, list_ptr,        # [1] int32 (zeroed) rows to repair, [R] int32 their indices
     R, O: tl.constexpr, BR: tl.constexpr, BO: tl.constexpr, REVERSE: tl.constexpr,
-    BF16: tl.constexpr, K: tl.constexpr, A_R: tl.constexpr, O_R: tl.constexpr,
-    I: tl.constexpr, IP: tl.constexpr, SW_E: tl.constexpr, SW_I: tl.constexpr,
-    SW_O: tl.constexpr, HAS_G: tl.constexpr, LO: tl.constexpr, FO: tl.constexpr):
+    BF16: tl.constexpr, LO: tl.constexpr):
   """:func:`_unscale_kernel` for checked float16 sums: a row whose sums are not all
   finite (float16 overflowed), or whose largest |sum| is below LO and not 0, or 0 where
-  its token's sample was not (nz), is not scaled back but recomputed: y[r] = sum over
-  r's pairs p of g[p] * a[arow(p)] @ W[e(p)], in float32, FO columns at a time."""
+  its token's sample was not (nz), is not scaled back but appended to the list of rows
+  that :func:`_repair_rows_kernel` recomputes (its count in cnt)."""
   pid = tl.program_id(0)
   blk = tl.num_programs(0) - 1 - pid if REVERSE else pid
   rows = blk * BR + tl.arange(0, BR)
@@ -1402,36 +1403,64 @@ def _unscale_checked_kernel(
       m = rmask[:, None] & ok[:, None] & (cols[None, :] < O)
       v = tl.load(x_ptr + base + cols[None, :], mask=m, other=0.0).to(tl.float32)
       tl.store(y_ptr + base + cols[None, :], _round16(v * inv[:, None], BF16), mask=m)
-  bad = rmask & (ok == 0)
-  if tl.sum(bad.to(tl.int32), axis=0) > 0:
-    KR: tl.constexpr = K // O_R
-    ks = tl.arange(0, IP)
-    kmask = ks < I
-    for j in range(BR):
-      row = blk * BR + j
-      if tl.sum(tl.where(tl.arange(0, BR) == j, bad.to(tl.int32), 0), axis=0) > 0:
-        tok = row // O_R
-        first = (row % O_R) * KR                     # the row's first slot
-        for fc in tl.static_range(0, O, FO):
-          fcols = fc + tl.arange(0, FO)
-          fcm = fcols < O
-          acc = tl.zeros((FO,), tl.float32)
-          for q in range(KR):
-            p = tok * K + first + q
-            e = tl.load(eidx_ptr + p).to(tl.int64)
-            arow = (tok * A_R + (first + q) // (K // A_R)).to(tl.int64)
-            arv = tl.load(a_ptr + arow * I + ks, mask=kmask, other=0.0).to(tl.float32)
-            wv = tl.load(w_ptr + e * SW_E + ks[:, None] * SW_I + fcols[None, :] * SW_O,
-                         mask=kmask[:, None] & fcm[None, :], other=0.0).to(tl.float32)
-            part = tl.sum(arv[:, None] * wv, axis=0)
-            if HAS_G:
-              part = part * tl.load(g_ptr + p).to(tl.float32)
-            acc += part
-          tl.store(y_ptr + row.to(tl.int64) * O + fcols, _round16(acc, BF16), mask=fcm)
+  bad = (rmask & (ok == 0)).to(tl.int32)
+  nb = tl.sum(bad, axis=0)
+  if nb > 0:          # one atomic a program with rows to repair, then their places
+    at = tl.atomic_add(cnt_ptr, nb)
+    tl.store(list_ptr + at + tl.cumsum(bad, axis=0) - 1, rows, mask=bad > 0)
 
 
-# Columns per step of a recomputed row (:func:`unscale_rows_checked`).
-CHECKED_FIX_COLS = 32
+@_jit
+def _repair_rows_kernel(
+    x_ptr,                    # [R, O] 16-bit rows (aliased with y)
+    cnt_ptr, list_ptr,        # [1] int32 rows to repair, [R] int32 their indices
+    a_ptr, w_ptr,             # the sum's input rows [Ra, I] and matrices (strides SW_*)
+    eidx_ptr, g_ptr,          # [P] expert and unscaled per-pair scale (if HAS_G)
+    y_ptr,                    # [R, O] 16-bit patterns: x's buffer
+    O: tl.constexpr, FO: tl.constexpr, NCOL: tl.constexpr, BF16: tl.constexpr,
+    K: tl.constexpr, A_R: tl.constexpr, O_R: tl.constexpr, I: tl.constexpr,
+    BI: tl.constexpr, SW_E: tl.constexpr, SW_I: tl.constexpr, SW_O: tl.constexpr,
+    HAS_G: tl.constexpr):
+  """The rows that :func:`_unscale_checked_kernel` listed, recomputed in float32 and
+  rounded once: y[r] = sum over r's pairs p of g[p] * a[arow(p)] @ W[e(p)]. Program
+  pid takes FO columns (pid % NCOL) of every (num_programs / NCOL)-th listed row, so
+  that a row's columns are recomputed side by side; with no row listed every program
+  only reads the count."""
+  pid = tl.program_id(0)
+  col = pid % NCOL
+  step = tl.num_programs(0) // NCOL
+  n = tl.load(cnt_ptr)
+  KR: tl.constexpr = K // O_R
+  fcols = col * FO + tl.arange(0, FO)
+  fcm = fcols < O
+  for t in range(pid // NCOL, n, step):
+    row = tl.load(list_ptr + t)
+    tok = row // O_R
+    first = (row % O_R) * KR                         # the row's first slot
+    acc = tl.zeros((FO,), tl.float32)
+    for q in range(KR):
+      p = tok * K + first + q
+      e = tl.load(eidx_ptr + p).to(tl.int64)
+      arow = (tok * A_R + (first + q) // (K // A_R)).to(tl.int64)
+      part = tl.zeros((FO,), tl.float32)
+      for k0 in tl.static_range(0, I, BI):
+        ks = k0 + tl.arange(0, BI)
+        kmask = ks < I
+        arv = tl.load(a_ptr + arow * I + ks, mask=kmask, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + e * SW_E + ks[:, None] * SW_I + fcols[None, :] * SW_O,
+                     mask=kmask[:, None] & fcm[None, :], other=0.0).to(tl.float32)
+        part += tl.sum(arv[:, None] * wv, axis=0)
+      if HAS_G:
+        part = part * tl.load(g_ptr + p).to(tl.float32)
+      acc += part
+    tl.store(y_ptr + row.to(tl.int64) * O + fcols, _round16(acc, BF16), mask=fcm)
+
+
+# Columns per program of a recomputed row, at most the contraction's values per step,
+# and about how many programs the repair launches (:func:`unscale_rows_checked`).
+CHECKED_FIX_COLS = 64
+CHECKED_FIX_I = 128
+CHECKED_FIX_PROGRAMS = 1024
 
 
 def unscale_rows_checked(out: jax.Array, inv_s: jax.Array, sampled: jax.Array,
@@ -1443,7 +1472,9 @@ def unscale_rows_checked(out: jax.Array, inv_s: jax.Array, sampled: jax.Array,
   not finite), whose largest |sum| is below 2^0 but not 0, or that are all 0 where
   ``sampled`` [R] (int8, :func:`_f16_row_scales_checked`) is 1, are recomputed in
   float32 from a, w, the routing's experts and the unscaled per-pair ``gates`` [P]
-  (or None) instead, and rounded once."""
+  (or None) instead, and rounded once: the scale-back lists them, and a second kernel
+  (:func:`_repair_rows_kernel`) spreads each listed row's columns over its programs.
+  With no row listed the second kernel costs one launch."""
   r, o = out.shape
   dtype = jnp.dtype(dtype)
   n, k = routing.n_tokens, routing.k
@@ -1456,18 +1487,25 @@ def unscale_rows_checked(out: jax.Array, inv_s: jax.Array, sampled: jax.Array,
                      f"a {a.shape}, w {w.shape} (transposed: {transpose_w}), N={n}, K={k}")
   if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     raise ValueError(f"unscale_rows_checked: rows in bfloat16 or float16, not {dtype.name}")
+  bf16 = dtype == jnp.bfloat16
   bo = min(autotune.next_pow2(o), 1024)
   cfg = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)  # launch
-  args = [out, inv_s.astype(jnp.float32), sampled.astype(jnp.int8), a, w,
-          routing.expert_index.reshape(-1),
+  shapes = [jax.ShapeDtypeStruct((r, o), jnp.float16),
+            jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((r,), jnp.int32)]
+  y, cnt, rows = _launch(_unscale_checked_kernel,
+                         [out, inv_s.astype(jnp.float32), sampled.astype(jnp.int8)],
+                         shapes, -(-r // UNSCALE_ROWS), cfg, zeroed=(1,), aliases={0: 0},
+                         R=r, O=o, BR=UNSCALE_ROWS, BO=bo, REVERSE=reverse, BF16=bf16,
+                         LO=2.0 ** _CHECK_LO_LOG2)
+  fo = min(CHECKED_FIX_COLS, autotune.next_pow2(o))
+  ncol = -(-o // fo)
+  programs = ncol * max(1, min(r, CHECKED_FIX_PROGRAMS // ncol))
+  args = [y, cnt, rows, a, w, routing.expert_index.reshape(-1),
           gates.astype(jnp.float32) if gates is not None else _DUMMY_F32()]
-  shapes = [jax.ShapeDtypeStruct((r, o), jnp.float16)]
-  (y,) = _launch(_unscale_checked_kernel, args, shapes, -(-r // UNSCALE_ROWS), cfg,
-                 aliases={0: 0}, R=r, O=o, BR=UNSCALE_ROWS, BO=bo, REVERSE=reverse,
-                 BF16=dtype == jnp.bfloat16, K=k, A_R=a_rows, O_R=out_rows, I=i,
-                 IP=autotune.next_pow2(i), SW_E=sw[0], SW_I=sw[1], SW_O=sw[2],
-                 HAS_G=gates is not None, LO=2.0 ** _CHECK_LO_LOG2,
-                 FO=min(CHECKED_FIX_COLS, autotune.next_pow2(o)))
+  (y,) = _launch(_repair_rows_kernel, args, shapes[:1], programs, cfg, aliases={0: 0},
+                 O=o, FO=fo, NCOL=ncol, BF16=bf16, K=k, A_R=a_rows, O_R=out_rows, I=i,
+                 BI=min(CHECKED_FIX_I, autotune.next_pow2(i)), SW_E=sw[0], SW_I=sw[1],
+                 SW_O=sw[2], HAS_G=gates is not None)
   return y if dtype == jnp.float16 else jax.lax.bitcast_convert_type(y, dtype)
 
 

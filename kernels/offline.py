@@ -134,28 +134,39 @@ def compile_triton(kind: str, cfg: TileConfig, *, d: int = 1024, h: int = 128,
 
 
 def compile_unscale_checked(*, i: int = 128, o: int = 1024, k: int = 16, a_rows: int = 16,
-                            out_rows: int = 1, transpose: bool = False, cc: int = 90):
-  """The scale-back of checked float16 sums with its repair of out-of-window rows
-  (:func:`kernels.cvmm_triton.unscale_rows_checked`), bf16 rows and matrices, gates,
-  compiled for sm``cc`` as the σ-MoE down projection (or with ``transpose`` up's dx)
-  calls it."""
+                            out_rows: int = 1, transpose: bool = False, cc: int = 90,
+                            part: str = "unscale"):
+  """The two kernels of the scale-back of checked float16 sums
+  (:func:`kernels.cvmm_triton.unscale_rows_checked`): ``part`` "unscale" (the check,
+  the scale-back and the list of rows to repair) or "repair" (the listed rows
+  recomputed in float32), bf16 rows and matrices, gates, compiled for sm``cc`` as the
+  σ-MoE down projection (or with ``transpose`` up's dx) calls them."""
   import triton  # noqa: PLC0415
   from triton.backends.compiler import GPUTarget  # noqa: PLC0415
   from triton.compiler import ASTSource  # noqa: PLC0415
 
   from kernels import autotune, cvmm_triton as ct  # noqa: PLC0415
-  sig = dict(x_ptr="*fp16", inv_ptr="*fp32", nz_ptr="*i8", a_ptr="*bf16", w_ptr="*bf16",
-             eidx_ptr="*i32", g_ptr="*fp32", y_ptr="*fp16", R="i32")
-  i_, o_, sw = ct._w_layout((1, o, i) if transpose else (1, i, o), transpose)
-  consts = dict(O=o_, BR=ct.UNSCALE_ROWS, BO=min(autotune.next_pow2(o_), 1024),
-                REVERSE=True, BF16=True, K=k, A_R=a_rows, O_R=out_rows, I=i_,
-                IP=autotune.next_pow2(i_), SW_E=sw[0], SW_I=sw[1], SW_O=sw[2], HAS_G=True,
-                LO=2.0 ** ct._CHECK_LO_LOG2, FO=min(ct.CHECKED_FIX_COLS, autotune.next_pow2(o_)))
-  attrs = {(j,): [["tt.divisibility", 16]] for j in range(8)}
+  if part == "unscale":
+    fn = ct._unscale_checked_kernel
+    sig = dict(x_ptr="*fp16", inv_ptr="*fp32", nz_ptr="*i8", y_ptr="*fp16", cnt_ptr="*i32",
+               list_ptr="*i32", R="i32")
+    consts = dict(O=o, BR=ct.UNSCALE_ROWS, BO=min(autotune.next_pow2(o), 1024),
+                  REVERSE=True, BF16=True, LO=2.0 ** ct._CHECK_LO_LOG2)
+  elif part == "repair":
+    fn = ct._repair_rows_kernel
+    sig = dict(x_ptr="*fp16", cnt_ptr="*i32", list_ptr="*i32", a_ptr="*bf16", w_ptr="*bf16",
+               eidx_ptr="*i32", g_ptr="*fp32", y_ptr="*fp16")
+    i_, o_, sw = ct._w_layout((1, o, i) if transpose else (1, i, o), transpose)
+    fo = min(ct.CHECKED_FIX_COLS, autotune.next_pow2(o_))
+    consts = dict(O=o_, FO=fo, NCOL=-(-o_ // fo), BF16=True, K=k, A_R=a_rows, O_R=out_rows,
+                  I=i_, BI=min(ct.CHECKED_FIX_I, autotune.next_pow2(i_)), SW_E=sw[0],
+                  SW_I=sw[1], SW_O=sw[2], HAS_G=True)
+  else:
+    raise ValueError(f"part {part!r}: expected unscale or repair")
+  attrs = {(j,): [["tt.divisibility", 16]] for j in range(len(sig)) if j < 8}
   sig = {**sig, **{name: "constexpr" for name in consts}}
-  return triton.compile(ASTSource(ct._unscale_checked_kernel, sig, consts, attrs),
-                        target=GPUTarget("cuda", cc, 32), options=dict(num_warps=4,
-                                                                       num_stages=1))
+  return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
+                        options=dict(num_warps=4, num_stages=1))
 
 
 def _nvidia_tool(name: str) -> str:
