@@ -1,6 +1,6 @@
 """What checked float16 scales cost when their estimate misses: the σ-MoE down
 projection's forward (a gated cvmm call) with no row, a share of the rows, or every
-row recomputed in float32 by the scale-back (kernels.cvmm_triton.unscale_rows_checked).
+row recomputed in float32 by the scale-back's repair (kernels.cvmm_triton.unscale_rows_checked).
 
   python -m bench.checked_repair --profile MoEUT_244M [--tokens 65536] [--shares 0.001,0.01]
 
