@@ -1463,6 +1463,25 @@ CHECKED_FIX_I = 128
 CHECKED_FIX_PROGRAMS = 1024
 
 
+def unscale_checked_meta(o: int, *, reverse: bool, bf16: bool) -> dict:
+  """:func:`_unscale_checked_kernel`'s compile-time arguments for rows of ``o`` values
+  (:func:`unscale_rows_checked`, and :mod:`kernels.offline` compiling it)."""
+  return dict(O=o, BR=UNSCALE_ROWS, BO=min(autotune.next_pow2(o), 1024), REVERSE=reverse,
+              BF16=bf16, LO=2.0 ** _CHECK_LO_LOG2)
+
+
+def repair_rows_meta(w_shape, transpose_w: bool, *, k: int, a_rows: int, out_rows: int,
+                     bf16: bool, has_g: bool) -> dict:
+  """:func:`_repair_rows_kernel`'s compile-time arguments for expert matrices of
+  ``w_shape`` (:func:`_w_layout`; :func:`unscale_rows_checked`, and
+  :mod:`kernels.offline` compiling it)."""
+  i, o, sw = _w_layout(w_shape, transpose_w)
+  fo = min(CHECKED_FIX_COLS, autotune.next_pow2(o))
+  return dict(O=o, FO=fo, NCOL=-(-o // fo), BF16=bf16, K=k, A_R=a_rows, O_R=out_rows, I=i,
+              BI=min(CHECKED_FIX_I, autotune.next_pow2(i)), SW_E=sw[0], SW_I=sw[1],
+              SW_O=sw[2], HAS_G=has_g)
+
+
 def unscale_rows_checked(out: jax.Array, inv_s: jax.Array, sampled: jax.Array,
                          a: jax.Array, w: jax.Array, routing: Routing, gates, dtype, *,
                          a_rows: int, out_rows: int, transpose_w: bool,
@@ -1488,24 +1507,21 @@ def unscale_rows_checked(out: jax.Array, inv_s: jax.Array, sampled: jax.Array,
   if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     raise ValueError(f"unscale_rows_checked: rows in bfloat16 or float16, not {dtype.name}")
   bf16 = dtype == jnp.bfloat16
-  bo = min(autotune.next_pow2(o), 1024)
   cfg = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)  # launch
   shapes = [jax.ShapeDtypeStruct((r, o), jnp.float16),
             jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((r,), jnp.int32)]
   y, cnt, rows = _launch(_unscale_checked_kernel,
                          [out, inv_s.astype(jnp.float32), sampled.astype(jnp.int8)],
                          shapes, -(-r // UNSCALE_ROWS), cfg, zeroed=(1,), aliases={0: 0},
-                         R=r, O=o, BR=UNSCALE_ROWS, BO=bo, REVERSE=reverse, BF16=bf16,
-                         LO=2.0 ** _CHECK_LO_LOG2)
-  fo = min(CHECKED_FIX_COLS, autotune.next_pow2(o))
-  ncol = -(-o // fo)
+                         R=r, **unscale_checked_meta(o, reverse=reverse, bf16=bf16))
+  meta = repair_rows_meta(w.shape, transpose_w, k=k, a_rows=a_rows, out_rows=out_rows,
+                          bf16=bf16, has_g=gates is not None)
+  ncol = meta["NCOL"]
   programs = ncol * max(1, min(r, CHECKED_FIX_PROGRAMS // ncol))
   args = [y, cnt, rows, a, w, routing.expert_index.reshape(-1),
           gates.astype(jnp.float32) if gates is not None else _DUMMY_F32()]
   (y,) = _launch(_repair_rows_kernel, args, shapes[:1], programs, cfg, aliases={0: 0},
-                 O=o, FO=fo, NCOL=ncol, BF16=bf16, K=k, A_R=a_rows, O_R=out_rows, I=i,
-                 BI=min(CHECKED_FIX_I, autotune.next_pow2(i)), SW_E=sw[0], SW_I=sw[1],
-                 SW_O=sw[2], HAS_G=gates is not None)
+                 **meta)
   return y if dtype == jnp.float16 else jax.lax.bitcast_convert_type(y, dtype)
 
 

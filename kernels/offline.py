@@ -26,9 +26,11 @@ SASS_OPS = ("BAR.SYNC", "STS", "STSM", "LDS", "LDSM", "LDGSTS", "REDG", "HGMMA",
 
 
 def _signature(ptrs: dict, consts: dict) -> tuple[dict, dict]:
-  """A kernel's signature (its pointer arguments, then ``consts`` as constexprs) and
-  its attributes: every pointer 16-byte aligned, as jax-triton's arrays are."""
-  attrs = {(j,): [["tt.divisibility", 16]] for j in range(len(ptrs))}
+  """A kernel's signature (its runtime arguments, pointers and scalars, then ``consts``
+  as constexprs) and its attributes: every pointer 16-byte aligned, as jax-triton's
+  arrays are."""
+  attrs = {(j,): [["tt.divisibility", 16]] for j, t in enumerate(ptrs.values())
+           if t.startswith("*")}
   return {**ptrs, **{name: "constexpr" for name in consts}}, attrs
 
 
@@ -135,36 +137,33 @@ def compile_triton(kind: str, cfg: TileConfig, *, d: int = 1024, h: int = 128,
 
 def compile_unscale_checked(*, i: int = 128, o: int = 1024, k: int = 16, a_rows: int = 16,
                             out_rows: int = 1, transpose: bool = False, cc: int = 90,
-                            part: str = "unscale"):
+                            part: str = "unscale", rows: int = 65536):
   """The two kernels of the scale-back of checked float16 sums
   (:func:`kernels.cvmm_triton.unscale_rows_checked`): ``part`` "unscale" (the check,
   the scale-back and the list of rows to repair) or "repair" (the listed rows
   recomputed in float32), bf16 rows and matrices, gates, compiled for sm``cc`` as the
-  σ-MoE down projection (or with ``transpose`` up's dx) calls them."""
+  σ-MoE down projection (or with ``transpose`` up's dx) calls them on ``rows`` output
+  rows."""
   import triton  # noqa: PLC0415
   from triton.backends.compiler import GPUTarget  # noqa: PLC0415
   from triton.compiler import ASTSource  # noqa: PLC0415
 
-  from kernels import autotune, cvmm_triton as ct  # noqa: PLC0415
+  from kernels import cvmm_triton as ct  # noqa: PLC0415
   if part == "unscale":
     fn = ct._unscale_checked_kernel
     sig = dict(x_ptr="*fp16", inv_ptr="*fp32", nz_ptr="*i8", y_ptr="*fp16", cnt_ptr="*i32",
-               list_ptr="*i32", R="i32")
-    consts = dict(O=o, BR=ct.UNSCALE_ROWS, BO=min(autotune.next_pow2(o), 1024),
-                  REVERSE=True, BF16=True, LO=2.0 ** ct._CHECK_LO_LOG2)
+               list_ptr="*i32")
+    # R, as every keyword of the launch, is a compile-time argument of jax-triton's
+    consts = dict(R=rows, **ct.unscale_checked_meta(o, reverse=True, bf16=True))
   elif part == "repair":
     fn = ct._repair_rows_kernel
     sig = dict(x_ptr="*fp16", cnt_ptr="*i32", list_ptr="*i32", a_ptr="*bf16", w_ptr="*bf16",
                eidx_ptr="*i32", g_ptr="*fp32", y_ptr="*fp16")
-    i_, o_, sw = ct._w_layout((1, o, i) if transpose else (1, i, o), transpose)
-    fo = min(ct.CHECKED_FIX_COLS, autotune.next_pow2(o_))
-    consts = dict(O=o_, FO=fo, NCOL=-(-o_ // fo), BF16=True, K=k, A_R=a_rows, O_R=out_rows,
-                  I=i_, BI=min(ct.CHECKED_FIX_I, autotune.next_pow2(i_)), SW_E=sw[0],
-                  SW_I=sw[1], SW_O=sw[2], HAS_G=True)
+    consts = ct.repair_rows_meta((1, o, i) if transpose else (1, i, o), transpose, k=k,
+                                 a_rows=a_rows, out_rows=out_rows, bf16=True, has_g=True)
   else:
     raise ValueError(f"part {part!r}: expected unscale or repair")
-  attrs = {(j,): [["tt.divisibility", 16]] for j in range(len(sig)) if j < 8}
-  sig = {**sig, **{name: "constexpr" for name in consts}}
+  sig, attrs = _signature(sig, consts)
   return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
                         options=dict(num_warps=4, num_stages=1))
 
