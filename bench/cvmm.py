@@ -15,8 +15,8 @@ and "dense", one [P, I] @ [I, O] matmul with the same FLOPs (P = N*K pairs).
 random top-k of random logits (roughly balanced) and is computed outside the timing;
 SwitchHead's routings carry unit pairs (kernels.routing.UnitPairs: O's forward and V's
 dx then add a head's two experts before one reduction, O's dx stores each head's row
-once, CVMM_UNIT_STORE) where the library's default gives them (on GPUs from 2^18
-(token, head) units, or CVMM_UNIT_PAIRS); ``--unit-pairs`` gives them always.
+once) where the library's default gives them (on GPUs from 2^18 (token, head) units);
+``--unit-pairs`` gives them always.
 Times are medians over rounds of back-to-back calls, synchronised at the end of each
 round. Prints a table; ``--json`` writes all figures.
 """
@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import profiles
+from moeut_jax import profiles
+import kernels
 from kernels import cvmm, cvmm_pair, is_available, make_head_routing, make_routing
 
 
@@ -227,10 +228,9 @@ def main(argv=None):
   a = ap.parse_args(argv)
   impls = [s for s in a.impls.split(",") if s] or [
       s for s in ("xla", "triton", "triton_unfused", "mosaic") if is_available(s)]
-  from kernels.cvmm import sum_dtype_of
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, impls {impls}, "
-        f"16-bit sums {sum_dtype_of()}, unit pairs "
-        f"{'always' if a.unit_pairs else 'the default (CVMM_UNIT_PAIRS, size)'}", flush=True)
+        f"16-bit sums {kernels.DEFAULT.sum_dtype}, unit pairs "
+        f"{'always' if a.unit_pairs else 'the default (from 2^18 units)'}", flush=True)
   rows = run([s for s in a.profiles.split(",") if s], impls, jnp.dtype(a.dtype), a.pair,
              a.check, a.tokens, lambda s: print(s, flush=True),
              unit_pairs=True if a.unit_pairs else None)

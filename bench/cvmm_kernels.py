@@ -1,7 +1,7 @@
 """Times each Triton CVMM kernel of one layer on its own, for every tile candidate.
 
   python -m bench.cvmm_kernels --profile MoEUT_244M
-  python -m bench.cvmm_kernels --kernels down_fwd,up_dx --red 1,2,4
+  python -m bench.cvmm_kernels --kernels down_fwd,up_dx --sums float16,float32
 
 The σ-MoE pair (up, ReLU, gated down) runs six kernels, forward and backward:
   up_fwd    y[p] = x[n] @ keys[e]                 rows, I = D, O = Es, stored
@@ -20,27 +20,25 @@ and SwitchHead's V and O projections, forward and backward:
             rows scaled first, as the op's backward does);
 the fused pair kernels do up_fwd + down_fwd (pair_fwd) and down_dh + up_dx
 (pair_bwd) in one launch each ("dense" there: one matmul with the FLOPs of both products).
-Each kernel is timed with every tile candidate the autotuner would consider; fused
-sums also with 1, 2 and 4 floats per reduction instruction (CVMM_RED_VEC), in expert
-order (CVMM_TILE_ORDER), and with ``--sums float32,float16,bfloat16`` the three
-fastest tilings once more with 16-bit sums (CVMM_SUM_DTYPE). "dense %" compares with one dense
-matmul of the same FLOPs timed in the same run. Prints a table per kernel; ``--json``
-saves all.
+Each kernel is timed with every tile candidate the autotuner would consider, with the
+sums of the first of ``--sums`` (a CvmmConfig's sum_dtype: float16, float32 or
+bfloat16), and the three fastest tilings once more with each other one. "dense %"
+compares with one dense matmul of the same FLOPs timed in the same run. Prints a line
+per (kernel, tile, sums); ``--json`` saves all.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
 
-import profiles
+from moeut_jax import profiles
 from bench.cvmm import _time, projections
-from kernels import cvmm_triton as ct
-from kernels.cvmm import sum_dtype_of
+from kernels import CvmmConfig
+from kernels.cvmm_triton import dw, gluon_rows, ops, pair, rows, scales
 
 
 def _dense_ms(p, i, o, dtype):
@@ -68,7 +66,7 @@ def kernels(prof: dict, n: int, dtype):
   heads = att.shape[0] // n
   dh = att.shape[1]
   dyv = jax.random.normal(jax.random.key(7), (ro.n_pairs, dh)).astype(dtype)
-  rm = ct.rows_matmul
+  rm = rows.rows_matmul
   # The arrays are passed to each jitted call as arguments: closed over, they would be
   # constants, and XLA would fold the work on them (the float16 sums' row maxima) into
   # the compilation instead of timing it.
@@ -76,68 +74,68 @@ def kernels(prof: dict, n: int, dtype):
            hv=jax.nn.relu(h), att=att, ow=o_["w"], og=o_["g"].reshape(-1),
            vw=pr["V"]["w"], r=r, ro=ro, dyv=dyv)
   return v, {
-      "pair_fwd": (lambda c, v: ct.pair_rows(v["x"], v["keys"], v["values"], v["g2"],
-                                             v["r"], cfg=c)["out"],
+      "pair_fwd": (lambda c, k_, v: pair.pair_rows(v["x"], v["keys"], v["values"], v["g2"],
+                                             v["r"], cfg=c, config=k_)["out"],
                    (p, d + d, es), "pair"),
-      "pair_bwd": (lambda c, v: ct.pair_rows(v["dout"], v["values"], v["keys"], v["g2"],
-                                             v["r"], h=v["hv"], cfg=c),
+      "pair_bwd": (lambda c, k_, v: pair.pair_rows(v["dout"], v["values"], v["keys"], v["g2"],
+                                             v["r"], h=v["hv"], cfg=c, config=k_),
                    (p, d + d, es), "pair"),
-      "up_fwd": (lambda c, v: rm(v["x"], v["keys"], v["r"], a_rows=1, out_rows=k,
-                                 cfg=c)[0],
+      "up_fwd": (lambda c, k_, v: rm(v["x"], v["keys"], v["r"], a_rows=1, out_rows=k,
+                                 cfg=c, config=k_)[0],
                  (p, d, es), "rows"),
-      "down_fwd": (lambda c, v: rm(v["h"], v["values"], v["r"], a_rows=k, out_rows=1,
-                                   scale=v["g"], cfg=c)[0],
+      "down_fwd": (lambda c, k_, v: rm(v["h"], v["values"], v["r"], a_rows=k, out_rows=1,
+                                   scale=v["g"], cfg=c, config=k_)[0],
                    (p, es, d), "atomic"),
-      "down_dh": (lambda c, v: rm(v["dout"], v["values"], v["r"], a_rows=1, out_rows=k,
+      "down_dh": (lambda c, k_, v: rm(v["dout"], v["values"], v["r"], a_rows=1, out_rows=k,
                                   transpose_w=True, scale=v["g"], dgate_rows=v["h"],
-                                  c_rows=k, cfg=c),
+                                  c_rows=k, cfg=c, config=k_),
                   (p, d, es), "rows"),
-      "down_dw": (lambda c, v: ct.expert_gram(v["h"], v["dout"], v["r"], a_rows=k,
+      "down_dw": (lambda c, k_, v: dw.expert_gram(v["h"], v["dout"], v["r"], a_rows=k,
                                               b_rows=1, scale=v["g"], cfg=c),
                   (p, es, d), "dw"),
       # down_dw without the gate scale: what pre-scaled rows would cost
-      "down_dw_noscale": (lambda c, v: ct.expert_gram(v["h"], v["dout"], v["r"], a_rows=k,
+      "down_dw_noscale": (lambda c, k_, v: dw.expert_gram(v["h"], v["dout"], v["r"], a_rows=k,
                                                       b_rows=1, cfg=c),
                           (p, es, d), "dw"),
-      "up_dx": (lambda c, v: rm(v["dy"], v["keys"], v["r"], a_rows=k, out_rows=1,
-                                transpose_w=True, cfg=c)[0],
+      "up_dx": (lambda c, k_, v: rm(v["dy"], v["keys"], v["r"], a_rows=k, out_rows=1,
+                                transpose_w=True, cfg=c, config=k_)[0],
                 (p, es, d), "atomic"),
-      "up_dw": (lambda c, v: ct.expert_gram(v["x"], v["dy"], v["r"], a_rows=1, b_rows=k,
+      "up_dw": (lambda c, k_, v: dw.expert_gram(v["x"], v["dy"], v["r"], a_rows=1, b_rows=k,
                                             cfg=c),
                 (p, d, es), "dw"),
-      "v_fwd": (lambda c, v: rm(v["x"], v["vw"], v["ro"], a_rows=1, out_rows=ro.k,
-                                cfg=c)[0],
+      "v_fwd": (lambda c, k_, v: rm(v["x"], v["vw"], v["ro"], a_rows=1, out_rows=ro.k,
+                                cfg=c, config=k_)[0],
                 (ro.n_pairs, d, pr["V"]["w"].shape[2]), "rows"),
-      "v_dx": (lambda c, v: rm(v["dyv"], v["vw"], v["ro"], a_rows=ro.k, out_rows=1,
-                               transpose_w=True, cfg=c)[0],
+      "v_dx": (lambda c, k_, v: rm(v["dyv"], v["vw"], v["ro"], a_rows=ro.k, out_rows=1,
+                               transpose_w=True, cfg=c, config=k_)[0],
                (ro.n_pairs, dh, d), "atomic"),
-      "v_dw": (lambda c, v: ct.expert_gram(v["x"], v["dyv"], v["ro"], a_rows=1,
+      "v_dw": (lambda c, k_, v: dw.expert_gram(v["x"], v["dyv"], v["ro"], a_rows=1,
                                            b_rows=ro.k, cfg=c),
                (ro.n_pairs, d, dh), "dw"),
-      "o_fwd": (lambda c, v: rm(v["att"], v["ow"], v["ro"], a_rows=heads,
-                                out_rows=1, scale=v["og"], cfg=c)[0],
+      "o_fwd": (lambda c, k_, v: rm(v["att"], v["ow"], v["ro"], a_rows=heads,
+                                out_rows=1, scale=v["og"], cfg=c, config=k_)[0],
                 (ro.n_pairs, dh, d), "atomic"),
       # the row kernel's tiles ("rows": with dgates the Gluon kernels do not apply);
       # cfg None: the library's choice (the unit-store kernel where unit pairs allow)
-      "o_dx": (lambda c, v: rm(v["dout"], v["ow"], v["ro"], a_rows=1, out_rows=heads,
+      "o_dx": (lambda c, k_, v: rm(v["dout"], v["ow"], v["ro"], a_rows=1, out_rows=heads,
                                transpose_w=True, scale=v["og"], dgate_rows=v["att"],
-                               c_rows=heads, cfg=c),
+                               c_rows=heads, cfg=c, config=k_),
                (ro.n_pairs, d, dh), "rows"),
-      "o_dw": (lambda c, v: ct.expert_gram(
-                   ct._gated_rows(v["att"].reshape(n, heads, dh), v["og"].reshape(n, ro.k)),
+      "o_dw": (lambda c, k_, v: dw.expert_gram(
+                   ops.gated_rows(v["att"].reshape(n, heads, dh), v["og"].reshape(n, ro.k)),
                    v["dout"], v["ro"], a_rows=ro.k, b_rows=1, cfg=c),
                (ro.n_pairs, dh, d), "dw"),
   }
 
 
-def candidates(kind, p, i, o, e, dtype):
+def candidates(kind, p, i, o, e, dtype, sum_dtype):
   if kind == "dw":
-    return ct._dw_candidates(p, e, i, o, dtype)
+    return dw.dw_candidates(p, e, i, o, dtype)
   if kind == "pair":
-    return ct._pair_candidates(i // 2, o, i // 2, dtype)
-  # the fused sums (kind "atomic") also with the Gluon kernel where it runs
-  return ct._rows_candidates(i, o, dtype,
-                             gluon=kind == "atomic" and ct._red_width(o, dtype) == 8)
+    return pair.pair_candidates(i // 2, o, i // 2, dtype)
+  # the fused sums (kind "atomic") also with the Gluon kernels where they run
+  gluon = kind == "atomic" and scales.red_width(o, dtype, sum_dtype) == 8
+  return rows.rows_candidates(i, o, dtype, gluon=gluon)
 
 
 def main(argv=None):
@@ -145,19 +143,14 @@ def main(argv=None):
   ap.add_argument("--profile", default="MoEUT_244M")
   ap.add_argument("--tokens", type=int, default=64 * 1024)
   ap.add_argument("--kernels", default="")
-  ap.add_argument("--red", default="4,2,1")
   ap.add_argument("--block-m", default="",
                   help="comma list: time only the candidates with these row-tile sizes "
                        "(0: none, e.g. with --cached)")
   ap.add_argument("--max-cands", type=int, default=0,
                   help="time only the first N tile candidates (0: all)")
-  ap.add_argument("--sums", default="float32",
-                  help="float32, float16 and/or bfloat16: dtypes of the fused sums to time")
-  ap.add_argument("--orders", default="",
-                  help="comma list of CVMM_TILE_ORDER values (token, expert, band<W>, "
-                       "group<W>, split<G>): time the fused-sum kernels' tile candidates "
-                       "in each launch order (an order the routing did not precompute, "
-                       "all but token, is computed inside the timed call)")
+  ap.add_argument("--sums", default="float16",
+                  help="comma list of float16, float32, bfloat16: the fused sums' dtypes "
+                       "(the first for every candidate, the others for the three fastest)")
   ap.add_argument("--gluon", action="store_true",
                   help="time only the Gluon tile candidates (with --cached: and the cached "
                        "choice)")
@@ -169,11 +162,11 @@ def main(argv=None):
   prof = profiles.get(a.profile)
   arrays, ks = kernels(prof, a.tokens, dtype)
   names = [s for s in a.kernels.split(",") if s] or list(ks)
-  reds = [int(s) for s in a.red.split(",")]
+  sums = [s for s in a.sums.split(",") if s]
+  configs = [CvmmConfig(sum_dtype=sd) for sd in sums]
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {a.profile}, "
-        f"{a.tokens} tokens, 16-bit sums {sum_dtype_of()} (unless a row says sum=...)",
-        flush=True)
-  rows = []
+        f"{a.tokens} tokens, sums {sums[0]} (unless a row says otherwise)", flush=True)
+  rows_out = []
   for name in names:
     fn, (p, i, o), kind = ks[name]
     e = (prof["att_n_experts"] * prof["n_heads"] if name[:2] in ("o_", "v_")
@@ -182,60 +175,37 @@ def main(argv=None):
     flops = 2 * p * i * o
     print(f"## {name}: P={p} I={i} O={o}  dense {dense:.3f} ms "
           f"({flops / dense / 1e9:.0f} TFLOP/s)", flush=True)
-    variants = []
-    cands = candidates(kind, p, i, o, e, dtype)
+    cands = candidates(kind, p, i, o, e, dtype, sums[0])
     if a.block_m:
       cands = [c for c in cands if str(c.block_m) in a.block_m.split(",")]
     if a.gluon:
       cands = [c for c in cands if c.gluon]
     cfgs = ([None] if a.cached else []) + cands[:a.max_cands or None]
-    for cfg in cfgs:
-      variants.append((cfg, {"CVMM_RED_VEC": str(reds[0])} if kind in ("atomic", "pair")
-                           else {}))
-    if a.orders and kind in ("atomic", "pair"):
-      # each candidate once per launch order
-      variants = [(c, {"CVMM_RED_VEC": str(reds[0]), "CVMM_TILE_ORDER": o})
-                  for c in cfgs for o in a.orders.split(",")]
-    done = []
-    for cfg, env in variants:
-      done.append(_run(name, fn, arrays, cfg, env, dense, flops))
-    if kind in ("atomic", "pair") and not a.orders:
-      ok = [d for d in done if "ms" in d]
-      if ok:
-        best = min(ok, key=lambda d: d["ms"])["cfg"]
-        for red in reds[1:]:
-          done.append(_run(name, fn, arrays, best, {"CVMM_RED_VEC": str(red)}, dense, flops))
-        done.append(_run(name, fn, arrays, best, {"CVMM_RED_VEC": str(reds[0]),
-                                          "CVMM_TILE_ORDER": "expert"}, dense, flops))
-        for sd in [s for s in a.sums.split(",") if s in ("bfloat16", "float16")]:
-          for d in sorted(ok, key=lambda d: d["ms"])[:3]:
-            done.append(_run(name, fn, arrays, d["cfg"], {"CVMM_SUM_DTYPE": sd}, dense, flops))
-    rows += done
+    done = [_run(name, fn, arrays, cfg, configs[0], dense, flops) for cfg in cfgs]
+    ok = sorted((d for d in done if "ms" in d), key=lambda d: d["ms"])
+    if kind in ("atomic", "pair"):
+      for config in configs[1:]:
+        done += [_run(name, fn, arrays, d["cfg"], config, dense, flops) for d in ok[:3]]
+    rows_out += done
   if a.json:
     with open(a.json, "w") as f:
-      json.dump(rows, f, indent=1, default=lambda c: c.to_json())
-  return rows
+      json.dump(rows_out, f, indent=1,
+                default=lambda c: c.to_json() if hasattr(c, "to_json") else str(c))
+  return rows_out
 
 
-def _run(name, fn, arrays, cfg, env, dense, flops):
-  old = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  row = dict(kernel=name, cfg=cfg, env=env, dense_ms=dense)
+def _run(name, fn, arrays, cfg, config, dense, flops):
+  row = dict(kernel=name, cfg=cfg, sums=config.sum_dtype, dense_ms=dense)
   try:
-    f = jax.jit(lambda v: fn(cfg, v))
+    f = jax.jit(lambda v: fn(cfg, config, v))
     row["ms"] = _time(f, arrays) * 1e3
-    print(f"{name:9s} {_fmt(cfg):34s} {_env(env):18s} {row['ms']:7.3f} ms "
+    print(f"{name:9s} {_fmt(cfg):34s} sums {config.sum_dtype:8s} {row['ms']:7.3f} ms "
           f"{dense / row['ms']:5.0%} of dense  {flops / row['ms'] / 1e9:5.0f} TFLOP/s",
           flush=True)
   except Exception as err:  # a candidate that does not compile: report, go on
     row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
-    print(f"{name:9s} {_fmt(cfg):34s} {_env(env):18s} FAILED {row['error']}", flush=True)
-  finally:
-    for k, v in old.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
+    print(f"{name:9s} {_fmt(cfg):34s} sums {config.sum_dtype:8s} FAILED {row['error']}",
+          flush=True)
   return row
 
 
@@ -250,11 +220,6 @@ def _fmt(c):
   elif c.loop_n:
     s += " loopN"
   return s
-
-
-def _env(env):
-  return " ".join(f"{k.split('_')[-1].lower()}={v}" for k, v in env.items()).replace(
-      "dtype=bfloat16", "sum=bf16").replace("dtype=float16", "sum=f16")
 
 
 if __name__ == "__main__":

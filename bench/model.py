@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import profiles
-from kernels import resolve
+from moeut_jax import profiles
+from kernels import CvmmConfig, resolve
 from moeut_jax import MoEUTLM
 
 
 def make_step(profile: str, batch: int, seq: int, impl: str, mesh=None,
-              replicated: bool = False, **model_kw):
+              replicated: bool = False, sum_dtype: str = "float16", **model_kw):
   """(jitted train_step, params, opt_state, tokens) of MoEUTLM on random tokens.
 
   train_step(params, state, toks) -> (params, state, loss): forward, backward and the
@@ -40,7 +40,8 @@ def make_step(profile: str, batch: int, seq: int, impl: str, mesh=None,
   split over its "data" axis and the parameters and optimizer state FSDP-style (or
   copied to every device when ``replicated``).
   """
-  model = MoEUTLM(8000, **profiles.get(profile), dtype=jnp.bfloat16, cvmm_impl=impl, **model_kw)
+  model = MoEUTLM(8000, **profiles.get(profile), dtype=jnp.bfloat16,
+                  cvmm=CvmmConfig(impl=impl, sum_dtype=sum_dtype), **model_kw)
   toks = jax.random.randint(jax.random.PRNGKey(0), (batch, seq + 1), 0, 8000)
   params = jax.jit(model.init)(jax.random.PRNGKey(1), toks[:, :-1])["params"]
   opt = optax.adamw(2.5e-4, weight_decay=0.01)

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import profiles  # noqa: E402
+from moeut_jax import profiles  # noqa: E402
 from bench.cvmm_kernels import kernels  # noqa: E402
 from profile_model import busy_time, device_events, hlo_op_names, instruction_of  # noqa: E402
 

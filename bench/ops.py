@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import profiles  # noqa: E402
+from moeut_jax import profiles  # noqa: E402
 from kernels.autotune import time_call  # noqa: E402
 from moeut_jax.routing import router_logits  # noqa: E402
 

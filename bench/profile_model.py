@@ -158,14 +158,15 @@ def main():
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--seq", type=int, default=1024)
   ap.add_argument("--impl", default="auto")
-  ap.add_argument("--sum-dtype", default=None, help="cvmm_sum_dtype of the model")
+  ap.add_argument("--sum-dtype", default="float16", choices=SUM_DTYPES,
+                  help="the CVMM kernels' sums over experts (CvmmConfig.sum_dtype)")
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--top", type=int, default=40)
   ap.add_argument("--out", default="/tmp/moeut_profile")
   a = ap.parse_args()
   os.makedirs(a.out, exist_ok=True)
-  kw = {} if a.sum_dtype is None else {"cvmm_sum_dtype": a.sum_dtype}
-  step, params, state, toks = make_step(a.profile, a.batch, a.seq, a.impl, **kw)
+  step, params, state, toks = make_step(a.profile, a.batch, a.seq, a.impl,
+                                        sum_dtype=a.sum_dtype)
   hlo = step.lower(params, state, toks).compile().as_text()
   with open(os.path.join(a.out, "train_step.hlo.txt"), "w") as f:
     f.write(hlo)

@@ -13,8 +13,8 @@ and of every gradient (dx, dkeys, dvalues, dgates) for:
                each expert's product before the gated sum, as the PyTorch original)
   cvmm-f16-checked, cvmm-f16-bound
                two Triton cvmm calls (up, ReLU, gated down) with float16 sums whose
-               row scales are checked estimates or bounds (CVMM_F16_SCALES; the fused
-               pair has scales of its own)
+               row scales are checked estimates or bounds (CvmmConfig.f16_scales; the
+               fused pair has scales of its own)
 and how far two runs of the same call differ (atomics add in a varying order).
 ``--variants`` picks some of them (comma list).
 ``--ct-scale`` multiplies the output's cotangent (a trained model's gradients are
@@ -23,16 +23,15 @@ small: the float16 sums must scale them up, not lose them).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import profiles
+from moeut_jax import profiles
 from bench.cvmm import projections
-from kernels import cvmm, cvmm_pair
+from kernels import CvmmConfig, cvmm, cvmm_pair
 
 
 def _rel(a, b):
@@ -41,18 +40,17 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def _outs(impl, args, r, ct, sum_dtype=None, scales=None):
+def _outs(impl, args, r, ct, sum_dtype="float32", scales=None):
   """(out, dx, dkeys, dvalues, dgates) of the pair with sums in ``sum_dtype``; with
-  ``scales`` ("checked" or "bound": CVMM_F16_SCALES while it is traced) as two cvmm
-  calls instead of the fused pair."""
+  ``scales`` ("checked" or "bound": CvmmConfig.f16_scales) as two cvmm calls instead of
+  the fused pair."""
+  config = CvmmConfig(impl=impl, sum_dtype=sum_dtype, f16_scales=scales or "checked")
+
   def f(x, k_, v, g):
     if scales is None:
-      return cvmm_pair(x, r, k_, v, g, impl=impl, sum_dtype=sum_dtype)
-    u = jax.nn.relu(cvmm(x, r, k_, impl=impl))
-    return cvmm(u, r, v, g, impl=impl, sum_dtype=sum_dtype)
-
-  if scales is not None:
-    os.environ["CVMM_F16_SCALES"] = scales
+      return cvmm_pair(x, r, k_, v, g, config=config)
+    u = jax.nn.relu(cvmm(x, r, k_, config=config))
+    return cvmm(u, r, v, g, config=config)
 
   loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) * ct)  # noqa: E731
   out = jax.jit(f)(*args)
@@ -84,7 +82,7 @@ def main(argv=None):
   variants = (("triton", "triton", "float32", None),
               ("triton-f16", "triton", "float16", None),
               ("triton-bf16", "triton", "bfloat16", None),
-              ("xla-bf16", "xla", None, None),
+              ("xla-bf16", "xla", "float32", None),
               ("cvmm-f16-checked", "triton", "float16", "checked"),
               ("cvmm-f16-bound", "triton", "float16", "bound"))
   wanted = set(filter(None, a.variants.split(","))) or {v[0] for v in variants}

@@ -1,8 +1,13 @@
-"""CVMM kernels for moeut-jax: pure JAX on the CPU, Pallas (Mosaic GPU) and Triton on GPUs."""
-from kernels.cvmm import (IMPLEMENTATIONS, SUM_DTYPES, available_implementations, cvmm,
-                          cvmm_pair, is_available, resolve)
+"""CVMM kernels for moeut-jax: pure JAX on the CPU, Pallas (Mosaic GPU) and Triton on GPUs.
+
+The public API: :func:`cvmm` and :func:`cvmm_pair` (kernels/cvmm.py, the one entry
+point), the routing they take (:func:`make_routing`, :func:`make_head_routing`), and
+:class:`CvmmConfig`, the kernels' settings.
+"""
+from kernels.config import DEFAULT, F16_SCALES, IMPLEMENTATIONS, SUM_DTYPES, CvmmConfig
+from kernels.cvmm import available_implementations, cvmm, cvmm_pair, is_available, resolve
 from kernels.routing import Routing, UnitPairs, make_head_routing, make_routing
 
-__all__ = ["IMPLEMENTATIONS", "Routing", "SUM_DTYPES", "available_implementations", "cvmm",
-           "cvmm_pair", "is_available", "make_head_routing", "make_routing", "resolve",
-           "UnitPairs"]
+__all__ = ["CvmmConfig", "DEFAULT", "F16_SCALES", "IMPLEMENTATIONS", "Routing", "SUM_DTYPES",
+           "UnitPairs", "available_implementations", "cvmm", "cvmm_pair", "is_available",
+           "make_head_routing", "make_routing", "resolve"]

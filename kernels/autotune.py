@@ -4,9 +4,10 @@ Block sizes are not hard-coded: each kernel offers a short list of candidate
 :class:`TileConfig`s for a shape, and :class:`Autotuner` times them on the device the
 first time that (device, kernel, shape, dtype) is seen. The winner is cached in memory
 and, when ``CVMM_AUTOTUNE_CACHE`` names a JSON file (or a path is given), on disk, so
-a later process starts from the measured choice.
+a later process starts from the measured choice. Keys name the device, the kernel, the
+shape, the dtype and the kernels' settings that matter (:meth:`kernels.CvmmConfig.tune_key`).
 
-Environment:
+Environment (process-level tooling):
   CVMM_AUTOTUNE        "1" (default) times candidates; "0" takes the first valid
                        candidate (the heuristic choice) without timing.
   CVMM_AUTOTUNE_CACHE  JSON file read at start and rewritten after every new choice.
@@ -48,10 +49,9 @@ class TileConfig:
   loop_n: one program per row tile walks all output column blocks, keeping its
     gathered input rows on chip (Triton row kernels when the contraction fits one
     block_k); False launches one program per (row tile, column block).
-  gluon: a tile of the Gluon fused-sum kernels (kernels/cvmm_gluon.py).
+  gluon: a tile of the Gluon fused-sum kernels (kernels/cvmm_triton/gluon_*.py).
   halves: 2 for the Gluon two-half row kernel (tiles of 2 * block_m rows whose halves
-    share each column block of the matrix; two buffers, num_stages 2), 3 or 4 for the
-    same kernel with that many parts (probes: not among the candidates); else 1.
+    share each column block of the matrix; two buffers, num_stages 2); else 1.
   """
 
   block_m: int
@@ -76,9 +76,9 @@ class TileConfig:
                        "([2, 16] for gluon tiles)")
     if self.splits < 1:
       raise ValueError(f"splits={self.splits} must be >= 1")
-    if self.halves not in (1, 2, 3, 4) or (self.halves > 1 and not (self.gluon and
-                                                                    self.num_stages == 2)):
-      raise ValueError(f"halves={self.halves}: 1, or 2 to 4 for a Gluon tile of 2 "
+    if self.halves not in (1, 2) or (self.halves > 1 and not (self.gluon and
+                                                              self.num_stages == 2)):
+      raise ValueError(f"halves={self.halves}: 1, or 2 for a Gluon tile of 2 "
                        f"buffers (num_stages 2), got gluon={self.gluon}, "
                        f"num_stages={self.num_stages}")
     if self.gluon and not (self.loop_n and self.num_stages >= 2):
@@ -131,9 +131,8 @@ def compile_now(fn: Callable, *args):
   return jax.jit(fn).trace(*args).lower().compile()
 
 
-def time_call(fn: Callable[[], object], *, warmup: int = 1,
-              reps: int = int(os.environ.get("CVMM_AUTOTUNE_REPS", "5")),
-              calls: int = int(os.environ.get("CVMM_AUTOTUNE_CALLS", "5"))) -> float:
+def time_call(fn: Callable[[], object], *, warmup: int = 1, reps: int = 5,
+              calls: int = 5) -> float:
   """Median over ``reps`` rounds of the wall time in seconds per call of ``fn()`` (which
   must return jax arrays), each round ``calls`` back-to-back calls and one sync: the
   host's dispatch and sync latency is shared by the calls instead of added to each
@@ -165,26 +164,29 @@ class Autotuner:
           self._mem[k] = TileConfig.from_json(v)
 
   @staticmethod
-  def key(kernel: str, shape: Sequence[int], dtype) -> str:
+  def key(kernel: str, shape: Sequence[int], dtype, config=None) -> str:
+    """The cache key: device, kernel, shape, dtype and, for the kernels that take one,
+    the :class:`kernels.CvmmConfig`'s :meth:`~kernels.CvmmConfig.tune_key`."""
     dt = jax.numpy.dtype(dtype).name
-    return f"{device_name()}|{kernel}|{'x'.join(map(str, shape))}|{dt}"
+    key = f"{device_name()}|{kernel}|{'x'.join(map(str, shape))}|{dt}"
+    return key if config is None else f"{key}|{config.tune_key()}"
 
   @property
   def enabled(self) -> bool:
     return os.environ.get("CVMM_AUTOTUNE", "1") != "0"
 
-  def cached(self, kernel: str, shape: Sequence[int], dtype) -> TileConfig | None:
-    return self._mem.get(self.key(kernel, shape, dtype))
+  def cached(self, kernel: str, shape: Sequence[int], dtype, config=None) -> TileConfig | None:
+    return self._mem.get(self.key(kernel, shape, dtype, config))
 
   def choose(self, kernel: str, shape: Sequence[int], dtype,
              candidates: Iterable[TileConfig],
-             bench: Callable[[TileConfig], float] | None) -> TileConfig:
+             bench: Callable[[TileConfig], float] | None, config=None) -> TileConfig:
     """The cached choice, else the fastest candidate by ``bench`` (seconds), cached.
 
     Candidates come in heuristic order; without ``bench`` or with autotuning off the
     first is returned (and not written to the file: it was not measured).
     """
-    k = self.key(kernel, shape, dtype)
+    k = self.key(kernel, shape, dtype, config)
     with self._lock:
       if k in self._mem:
         return self._mem[k]

@@ -7,46 +7,34 @@
 ReLU) and down (M = K, gates: the weighted sum over the K experts is fused). SwitchHead
 uses it for V (M = 1, slots are head × expert) and O (M = heads, gates).
 
-Implementations are interchangeable and chosen per call with ``impl``:
+Implementations are interchangeable and chosen by :class:`kernels.CvmmConfig`'s
+``impl`` (or the ``impl`` argument, which overrides it):
   "reference"  the defining gather-everything version (tests only)
   "xla"        pure JAX over expert-aligned tiles (CPU, fallback)
-  "triton"     Triton kernel through jax-triton (CUDA sm80+; on Hopper the row
-               projections' fused sums run a kernel written in Gluon, Triton's
-               explicit-layout dialect: kernels/cvmm_gluon.py)
+  "triton"     Triton kernels through jax-triton (CUDA sm80+; on Hopper the fused sums
+               also run Gluon kernels): kernels/cvmm_triton/
   "triton_unfused"  the same kernels, but sums over slots go through a stored
-               [N*K, O] intermediate (faster at wide outputs; not chosen by "auto")
+               [N*K, O] intermediate (for comparison; not chosen by "auto")
   "mosaic"     Pallas on the Mosaic GPU backend (Hopper, sm90)
   "auto"       the fastest available for the default backend
 
 :func:`cvmm_pair` is the σ-MoE MLP (up, ReLU, gated down) as one op: with "triton" it
 runs fused kernels that keep each tile's middle on chip; otherwise two cvmm calls.
 
-The Triton kernels add the sums over slots with atomics (no [N*K, O] intermediate),
-in a dtype chosen by ``sum_dtype`` (or, when it is None, the environment's
-``CVMM_SUM_DTYPE``, read at trace time; :func:`kernels.cvmm_triton.half_sums`,
-bench/RESULTS.md). It only matters for 16-bit calls:
-  "float16"   (default) each output row is multiplied by a power of two, summed in
-              float16 and scaled back in float32: half the memory traffic of float32
-              sums, about their accuracy (MoEUT_244M σ-MoE output 2.46e-3 vs 2.35e-3
-              against float32 on an H200); two identical runs differ by about 1e-3
-              (the adds' order varies). The power of two comes from an estimate, and
-              rows that overflow or come out too small are recomputed in float32
-              (CVMM_F16_SCALES=checked, the default), or from a bound on the row's
-              terms, which no sum can overflow ("bound"):
-              :func:`kernels.cvmm_triton.f16_scales_kind`.
-  "float32"   float32 sums rounded once to the output dtype; runs differ by 1e-5.
-  "bfloat16"  rows rounded to bf16 and summed in bf16 (Hopper): 2.3x the error.
-Other implementations and float32 calls always sum in float32.
+The Triton kernels add the sums over slots with atomics (no [N*K, O] intermediate), in
+the dtype the config's ``sum_dtype`` names (16-bit calls only; float32 calls and the
+other implementations sum in float32): "float16" (default; scaled rows,
+kernels/cvmm_triton/scales.py), "float32" or "bfloat16".
 """
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from kernels.config import DEFAULT, IMPLEMENTATIONS, CvmmConfig
 from kernels.routing import Routing
 
 # name -> (module, function). A module also defines ``is_available() -> bool``.
@@ -58,11 +46,10 @@ _IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "triton_unfused": ("kernels.cvmm_triton", "cvmm_triton_unfused"),
     "mosaic": ("kernels.cvmm_mosaic", "cvmm_mosaic"),
 }
-# Preference order of "auto" on GPUs, fastest measured first (H200, 2026-11-28,
-# bench/RESULTS.md: Triton beats the Mosaic path on every projection and profile
-# measured); on any other backend "auto" is "xla".
+# Preference order of "auto" on GPUs, fastest measured first (H200: Triton beats the
+# Mosaic path on every projection and profile measured, bench/RESULTS.md); on any
+# other backend "auto" is "xla".
 _AUTO_GPU_ORDER = ("triton", "mosaic", "xla")
-IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS) + ("auto",)
 
 
 def _module(name: str):
@@ -108,21 +95,15 @@ def _get(impl: str) -> Callable:
   return getattr(importlib.import_module(mod_name), fn_name)
 
 
-SUM_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def sum_dtype_of(sum_dtype: str | None = None) -> str:
-  """The requested dtype of the kernels' sums over slots: ``sum_dtype``, else the
-  environment's ``CVMM_SUM_DTYPE``, else "float16". Anything else is refused."""
-  req = sum_dtype if sum_dtype is not None else os.environ.get("CVMM_SUM_DTYPE", "float16")
-  if req not in SUM_DTYPES:
-    src = "sum_dtype" if sum_dtype is not None else "CVMM_SUM_DTYPE"
-    raise ValueError(f"{src}={req!r}: expected one of {SUM_DTYPES}")
-  return req
+def _config(config: CvmmConfig | None, impl: str | None) -> CvmmConfig:
+  config = DEFAULT if config is None else config
+  if not isinstance(config, CvmmConfig):
+    raise TypeError(f"config must be a kernels.CvmmConfig, got {type(config).__name__}")
+  return config if impl is None else config.replace(impl=impl)
 
 
 def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None = None,
-         *, impl: str = "auto", sum_dtype: str | None = None) -> jax.Array:
+         *, config: CvmmConfig | None = None, impl: str | None = None) -> jax.Array:
   """Multiplies every (token, slot) by its expert's matrix; see the module docstring.
 
   Args:
@@ -130,15 +111,13 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
     routing: from :func:`kernels.make_routing` on the [N, K] expert indices.
     w: [E, I, O] expert matrices.
     gates: optional [N, K] weights of the slots; if given the slots are summed.
-    impl: implementation name (see module docstring).
-    sum_dtype: dtype of the sums over slots in the Triton kernels of 16-bit calls:
-      "float16", "float32" or "bfloat16" (see the module docstring) or None (the
-      environment's CVMM_SUM_DTYPE, default float16).
+    config: the kernels' settings (:class:`kernels.CvmmConfig`; None: the defaults).
+    impl: overrides ``config.impl`` (see the module docstring).
 
   Returns:
     [N, K, O] without gates, [N, O] with gates; dtype of x (float32 accumulation).
   """
-  sum_dtype = sum_dtype_of(sum_dtype)
+  config = _config(config, impl)
   if x.ndim == 2:
     x = x[:, None, :]
   if x.ndim != 3:
@@ -148,9 +127,9 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
   if n == 0:
     shape = (0, w.shape[2]) if gates is not None else (0, routing.k, w.shape[2])
     return jnp.zeros(shape, x.dtype)
-  name = resolve(impl)
+  name = resolve(config.impl)
   if name in ("triton", "triton_unfused"):
-    return _get(name)(x, routing, w, gates, sum_dtype=sum_dtype)
+    return _get(name)(x, routing, w, gates, config=config)
   return _get(name)(x, routing, w, gates)
 
 
@@ -173,8 +152,8 @@ def _check(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None
 
 
 def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array,
-              gates: jax.Array, *, impl: str = "auto",
-              sum_dtype: str | None = None) -> jax.Array:
+              gates: jax.Array, *, config: CvmmConfig | None = None,
+              impl: str | None = None) -> jax.Array:
   """The σ-MoE expert MLP: ``cvmm(relu(cvmm(x, routing, w_up)), routing, w_down, gates)``.
 
   out[n] = sum_s gates[n, s] * relu(x[n] @ w_up[e]) @ w_down[e], e = expert of (n, s).
@@ -185,7 +164,7 @@ def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array
 
   Args:
     x: [N, D]. routing: over [N, K]. w_up: [E, D, H]. w_down: [E, H, O]. gates: [N, K].
-    impl, sum_dtype: as for :func:`cvmm`.
+    config, impl: as for :func:`cvmm`.
   Returns:
     [N, O] in x's dtype.
   """
@@ -197,13 +176,13 @@ def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array
   if w_up.shape[0] != w_down.shape[0] or w_up.shape[2] != w_down.shape[1]:
     raise ValueError(f"w_up {w_up.shape} and w_down {w_down.shape} do not chain "
                      "([E, D, H] then [E, H, O])")
-  sum_dtype = sum_dtype_of(sum_dtype)
-  name = resolve(impl)
+  config = _config(config, impl)
+  name = resolve(config.impl)
   if name == "triton" and x.shape[0] > 0:
-    from kernels import cvmm_triton  # noqa: PLC0415
-    if cvmm_triton.pair_supported(x, w_up):
+    triton_mod = importlib.import_module("kernels.cvmm_triton")
+    if triton_mod.pair_supported(x, w_up):
       _check(x[:, None], routing, w_up, gates)
-      return cvmm_triton.cvmm_triton_pair(x, routing, w_up, w_down, gates,
-                                          sum_dtype=sum_dtype)
-  u = jax.nn.relu(cvmm(x, routing, w_up, impl=name))                # [N, K, H]
-  return cvmm(u, routing, w_down, gates, impl=name, sum_dtype=sum_dtype)  # [N, O]
+      return triton_mod.cvmm_triton_pair(x, routing, w_up, w_down, gates, config=config)
+  config = config.replace(impl=name)
+  u = jax.nn.relu(cvmm(x, routing, w_up, config=config))            # [N, K, H]
+  return cvmm(u, routing, w_down, gates, config=config)             # [N, O]

@@ -395,15 +395,3 @@ def _bwd_gated(res, dout):
 
 
 _cvmm_gated.defvjp(_fwd_gated, _bwd_gated)
-
-
-# ------------------------------------------------------------------ benchmark entry
-
-def main():
-  """Times forward and forward+backward on the MoEUT_244M σ-MoE shapes."""
-  from bench.cvmm import main as bench_main  # noqa: PLC0415
-  bench_main(["--impls", "mosaic", "--profiles", "MoEUT_244M"])
-
-
-if __name__ == "__main__":
-  main()

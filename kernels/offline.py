@@ -4,11 +4,13 @@ and what their machine code holds.
 Triton compiles for any target without a GPU: its pipeline runs on the CPU and its
 wheel carries NVIDIA's ``ptxas`` and ``cuobjdump``. That checks that a kernel variant
 builds (tests/test_cvmm_gluon.py, in CI) and shows its registers, shared memory,
-barriers and instruction counts before any GPU time is spent (bench/sass_stats.py).
+barriers and instruction counts before any GPU time is spent.
 
   compile_gluon_rows(cfg, i=128, o=1024, k=16)    the Gluon fused-sum row kernel (and,
                                                   cfg.halves 2, its two-half variant)
+  compile_gluon_pairs(cfg, ...)                   the Gluon unit-pair kernel
   compile_triton("rows" | "pair_fwd" | "pair_bwd" | "units", ...)   the Triton kernels
+  compile_unscale_checked(part="unscale" | "repair")  the checked scale-back's kernels
   sass_stats(compiled)                            registers, shared memory, counts
 """
 from __future__ import annotations
@@ -35,48 +37,40 @@ def _signature(ptrs: dict, consts: dict) -> tuple[dict, dict]:
 
 
 def compile_gluon_rows(cfg: TileConfig, *, i: int, o: int, k: int, transpose: bool = False,
-                       f16: bool = True, has_scale: bool = True, probe: int = 0,
-                       fin: str | None = None, cc: int = 90):
-  """The Gluon row kernel (:func:`kernels.cvmm_gluon._rows_sum_kernel`; with
-  ``cfg.halves`` 2 the two-half kernel, ``_rows2_sum_kernel``, tiles of 2 *
-  ``cfg.block_m`` rows) as the σ-MoE down projection calls it (every pair reads its own
-  row, one output row per token), bf16 inputs, float16 (``f16``) or bf16 sums, compiled
-  for sm``cc``; ``fin`` ("bfloat16" or "float16"): the float16 sums finished in the
-  kernel in that dtype (:func:`kernels.cvmm_triton.finish_wanted`)."""
-  from kernels import cvmm_gluon  # noqa: PLC0415
-  from kernels.cvmm_triton import gluon_rows_meta  # noqa: PLC0415
+                       f16: bool = True, has_scale: bool = True, cc: int = 90):
+  """The Gluon row kernel (:func:`kernels.cvmm_triton.gluon_rows.rows_sum_kernel`; with
+  ``cfg.halves`` 2 the two-half kernel, tiles of 2 * ``cfg.block_m`` rows) as the σ-MoE
+  down projection calls it (every pair reads its own row, one output row per token),
+  bf16 inputs, float16 (``f16``) or bf16 sums, compiled for sm``cc``."""
+  from kernels.cvmm_triton import gluon_rows  # noqa: PLC0415
+  from kernels.cvmm_triton.launch import compile_gluon  # noqa: PLC0415
   sig = dict(a_ptr="*bf16", w_ptr="*bf16", order_ptr="*i32", tiles_ptr="*i32",
-             scale_ptr="*fp32", rs_ptr="*fp32", out_ptr="*fp16" if f16 else "*bf16",
-             cnt_ptr="*i32")
+             scale_ptr="*fp32", out_ptr="*fp16" if f16 else "*bf16")
   w_shape = (1, o, i) if transpose else (1, i, o)
-  consts = gluon_rows_meta(w_shape, transpose, cfg, z=1024, k=k, a_rows=k, out_rows=1,
-                           has_scale=has_scale, f16=f16, probe=probe, fin_dtype=fin)
+  consts = gluon_rows.gluon_rows_meta(w_shape, transpose, cfg, z=1024, k=k, a_rows=k,
+                                      out_rows=1, has_scale=has_scale, f16=f16)
   sig, attrs = _signature(sig, consts)
-  kernel = cvmm_gluon._rows2_sum_kernel if cfg.halves > 1 else cvmm_gluon._rows_sum_kernel
-  return cvmm_gluon.compile_gluon(kernel, sig, consts, attrs, cc, cfg.num_warps,
-                                  cfg.num_stages)
+  kernel = gluon_rows.rows2_sum_kernel if cfg.halves > 1 else gluon_rows.rows_sum_kernel
+  return compile_gluon(kernel, sig, consts, attrs, cc, cfg.num_warps, cfg.num_stages)
 
 
 def compile_gluon_pairs(cfg: TileConfig, *, i: int = 128, o: int = 1024, k: int = 8,
                         a_rows: int = 4, transpose: bool = False, f16: bool = True,
-                        fin: str | None = None, cc: int = 90):
-  """The Gluon unit-pair kernel (:func:`kernels.cvmm_gluon._pairs_sum_kernel`) as
-  SwitchHead's O projection calls it (``a_rows`` = heads: both pairs of a unit read one
-  row; ``a_rows`` = ``k``: V's dx, each pair its own row), one output row per token,
-  bf16 inputs, float16 (``f16``) or bf16 sums, compiled for sm``cc``; ``fin`` as for
-  :func:`compile_gluon_rows`."""
-  from kernels import cvmm_gluon  # noqa: PLC0415
-  from kernels.cvmm_triton import gluon_pairs_meta  # noqa: PLC0415
+                        cc: int = 90):
+  """The Gluon unit-pair kernel (:func:`kernels.cvmm_triton.gluon_pairs.pairs_sum_kernel`)
+  as SwitchHead's O projection calls it (``a_rows`` = heads: both pairs of a unit read
+  one row; ``a_rows`` = ``k``: V's dx, each pair its own row), one output row per token,
+  bf16 inputs, float16 (``f16``) or bf16 sums, compiled for sm``cc``."""
+  from kernels.cvmm_triton import gluon_pairs  # noqa: PLC0415
+  from kernels.cvmm_triton.launch import compile_gluon  # noqa: PLC0415
   sig = dict(a_ptr="*bf16", w_ptr="*bf16", lo_ptr="*i32", hi_ptr="*i32", tiles_ptr="*i32",
-             scale_ptr="*fp32", rs_ptr="*fp32", out_ptr="*fp16" if f16 else "*bf16",
-             cnt_ptr="*i32")
+             scale_ptr="*fp32", out_ptr="*fp16" if f16 else "*bf16")
   w_shape = (1, o, i) if transpose else (1, i, o)
-  consts = gluon_pairs_meta(w_shape, transpose, cfg, z=1024, k=k, a_rows=a_rows,
-                            out_rows=1, has_scale=True, f16=f16, fin_dtype=fin)
+  consts = gluon_pairs.gluon_pairs_meta(w_shape, transpose, cfg, z=1024, k=k,
+                                        a_rows=a_rows, out_rows=1, has_scale=True, f16=f16)
   sig, attrs = _signature(sig, consts)
-  kernel = cvmm_gluon._pairs2_sum_kernel if cfg.halves == 2 else cvmm_gluon._pairs_sum_kernel
-  return cvmm_gluon.compile_gluon(kernel, sig, consts, attrs, cc, cfg.num_warps,
-                                  cfg.num_stages)
+  return compile_gluon(gluon_pairs.pairs_sum_kernel, sig, consts, attrs, cc, cfg.num_warps,
+                       cfg.num_stages)
 
 
 def compile_triton(kind: str, cfg: TileConfig, *, d: int = 1024, h: int = 128,
@@ -91,14 +85,14 @@ def compile_triton(kind: str, cfg: TileConfig, *, d: int = 1024, h: int = 128,
   from triton.backends.compiler import GPUTarget  # noqa: PLC0415
   from triton.compiler import ASTSource  # noqa: PLC0415
 
-  from kernels import cvmm_triton as ct  # noqa: PLC0415
+  from kernels.cvmm_triton import pair, primitives, rows, units  # noqa: PLC0415
   out = "*fp16" if f16 else "*bf16"
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   if kind == "rows":
-    fn = ct._rows_kernel
+    fn = rows.rows_kernel
     sig = dict(a_ptr="*bf16", w_ptr="*bf16", order_ptr="*i32", tiles_ptr="*i32",
                scale_ptr="*fp32", c_ptr="*fp32", out_ptr=out, dg_ptr="*fp32")
-    i, o_, sw = ct._w_layout((1, h, o), False)
+    i, o_, sw = primitives.w_layout((1, h, o), False)
     consts = dict(Z=1024, I=i, O=o_, K=k, A_R=k, O_R=1, C_R=1, SW_E=sw[0], SW_I=sw[1],
                   SW_O=sw[2], BM=bm, BN=bn, BK=bk, HAS_SCALE=True, ATOMIC=True,
                   DGATE=False, IEEE=False, LOOP_N=cfg.loop_n, RED=8, F16=f16)
@@ -107,24 +101,24 @@ def compile_triton(kind: str, cfg: TileConfig, *, d: int = 1024, h: int = 128,
                tiles_ptr="*i32", gates_ptr="*fp32")
     bwd = kind == "pair_bwd"
     if bwd:       # dout [N, o] through values^T, then keys^T into dx [N, d]
-      fn = ct._pair_bwd_kernel
+      fn = pair.pair_bwd_kernel
       sig.update(h_ptr="*bf16", rs_ptr="*fp32", out_ptr=out, du_ptr="*bf16",
                  dg_ptr="*fp32")
       shapes = (1, h, o), (1, d, h)
     else:         # x [N, d] through keys, then values into out [N, o]
-      fn = ct._pair_fwd_kernel
+      fn = pair.pair_fwd_kernel
       sig.update(out_ptr=out, h_ptr="*bf16")
       shapes = (1, d, h), (1, h, o)
-    d_, h_, o_, s1, s2 = ct._pair_layout(*shapes, bwd)
+    d_, h_, o_, s1, s2 = pair.pair_layout(*shapes, bwd)
     consts = dict(Z=1024, D=d_, H=h_, O=o_, K=k, S1_E=s1[0], S1_D=s1[1], S1_H=s1[2],
                   S2_E=s2[0], S2_H=s2[1], S2_O=s2[2], BM=bm, BN=bn, BK=bk, BH=h_,
                   IEEE=False, RED=8, F16=f16)
   elif kind == "units":
-    fn = ct._units_kernel
+    fn = units.units_kernel
     sig = dict(a_ptr="*bf16", w_ptr="*bf16", lo_ptr="*i32", hi_ptr="*i32",
                tiles_ptr="*i32", scale_ptr="*fp32", c_ptr="*bf16", out_ptr="*bf16",
                dg_ptr="*fp32")
-    i, o_, sw = ct._w_layout((1, h, d), True)
+    i, o_, sw = primitives.w_layout((1, h, d), True)
     consts = dict(Z=1024, I=i, O=o_, K=k, A_R=1, O_R=k // 2, C_R=k // 2, SW_E=sw[0],
                   SW_I=sw[1], SW_O=sw[2], BM=bm, BN=bn, BK=bk, HAS_SCALE=True, DGATE=True,
                   IEEE=False)
@@ -139,7 +133,7 @@ def compile_unscale_checked(*, i: int = 128, o: int = 1024, k: int = 16, a_rows:
                             out_rows: int = 1, transpose: bool = False, cc: int = 90,
                             part: str = "unscale", rows: int = 65536):
   """The two kernels of the scale-back of checked float16 sums
-  (:func:`kernels.cvmm_triton.unscale_rows_checked`): ``part`` "unscale" (the check,
+  (:func:`kernels.cvmm_triton.scales.unscale_rows_checked`): ``part`` "unscale" (the check,
   the scale-back and the list of rows to repair) or "repair" (the listed rows
   recomputed in float32), bf16 rows and matrices, gates, compiled for sm``cc`` as the
   σ-MoE down projection (or with ``transpose`` up's dx) calls them on ``rows`` output
@@ -148,19 +142,19 @@ def compile_unscale_checked(*, i: int = 128, o: int = 1024, k: int = 16, a_rows:
   from triton.backends.compiler import GPUTarget  # noqa: PLC0415
   from triton.compiler import ASTSource  # noqa: PLC0415
 
-  from kernels import cvmm_triton as ct  # noqa: PLC0415
+  from kernels.cvmm_triton import scales  # noqa: PLC0415
   if part == "unscale":
-    fn = ct._unscale_checked_kernel
+    fn = scales.unscale_checked_kernel
     sig = dict(x_ptr="*fp16", inv_ptr="*fp32", nz_ptr="*i8", y_ptr="*fp16", cnt_ptr="*i32",
                list_ptr="*i32")
     # R, as every keyword of the launch, is a compile-time argument of jax-triton's
-    consts = dict(R=rows, **ct.unscale_checked_meta(o, reverse=True, bf16=True))
+    consts = dict(R=rows, **scales.unscale_checked_meta(o, reverse=True, bf16=True))
   elif part == "repair":
-    fn = ct._repair_rows_kernel
+    fn = scales.repair_rows_kernel
     sig = dict(x_ptr="*fp16", cnt_ptr="*i32", list_ptr="*i32", a_ptr="*bf16", w_ptr="*bf16",
                eidx_ptr="*i32", g_ptr="*fp32", y_ptr="*fp16")
-    consts = ct.repair_rows_meta((1, o, i) if transpose else (1, i, o), transpose, k=k,
-                                 a_rows=a_rows, out_rows=out_rows, bf16=True, has_g=True)
+    consts = scales.repair_rows_meta((1, o, i) if transpose else (1, i, o), transpose, k=k,
+                                     a_rows=a_rows, out_rows=out_rows, bf16=True, has_g=True)
   else:
     raise ValueError(f"part {part!r}: expected unscale or repair")
   sig, attrs = _signature(sig, consts)

@@ -17,11 +17,14 @@ pass), so the sort runs once. On GPUs it also carries the GPU kernels' tile list
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+
+# Launch orders of tile lists (:meth:`Routing.ordered_tiles`).
+TILE_ORDERS = ("expert", "token")
 
 
 @jax.tree_util.register_dataclass
@@ -34,8 +37,7 @@ class Routing:
     order: [P] int32, ``order[p]`` is the pair index ``n * K + s`` at sorted position p.
       Pairs of one expert are contiguous. From :func:`make_routing` they keep their
       original relative order (token order); from :func:`make_unit_routing` they are in
-      blocks of one partner expert each, token order within a block
-      (``tokens_ascending`` False).
+      blocks of one partner expert each, token order within a block.
     group_sizes: [E] int32, pairs per expert.
     group_offsets: [E + 1] int32, exclusive prefix sum of ``group_sizes``.
     n_experts: E (static).
@@ -46,8 +48,6 @@ class Routing:
       (:class:`UnitPairs`, :meth:`with_unit_pairs`), or None. SwitchHead's routings
       carry them when asked (:func:`make_head_routing`): the fused sums then add a
       head's two products in registers before one reduction.
-    tokens_ascending: whether each expert's pairs are in token order (static); band
-      tiles (:meth:`band_tiles`) need it.
   """
 
   expert_index: jax.Array
@@ -57,7 +57,6 @@ class Routing:
   n_experts: int = dataclasses.field(metadata=dict(static=True))
   tile_lists: dict = dataclasses.field(default_factory=dict)
   pairs: Optional[UnitPairs] = None
-  tokens_ascending: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
   @property
   def n_tokens(self) -> int:
@@ -92,36 +91,22 @@ class Routing:
   def ordered_tiles(self, block_m: int, order: str = "expert") -> jax.Array:
     """[3, Z] int32 tiles of at most ``block_m`` sorted positions, launched in ``order``:
       "expert"    expert by expert (:meth:`tiles`);
-      "token"     by the first token they hold (:func:`token_ordered`);
-      "group<W>"  whole tiles grouped by the band of W tokens of their first token,
-                  expert by expert within a group (:func:`group_ordered`);
-      "band<W>"   tiles cut at bands of W tokens, band by band (:meth:`band_tiles`);
-      "split<G>"  the experts split into G consecutive groups, group by group, and
-                  by first token within a group (:func:`split_ordered`).
+      "token"     by the first token they hold (:func:`token_ordered`; the fused sums).
     Taken from :attr:`tile_lists` when it holds them, else computed."""
+    if order not in TILE_ORDERS:
+      raise ValueError(f"tile order {order!r}: expected one of {TILE_ORDERS}")
     cached = self.tile_lists.get(f"{order}/{block_m}")
     if cached is not None:
       return cached
-    kind, width = parse_tile_order(order)
-    if kind == "expert":
-      return expert_tiles(self.group_sizes, self.group_offsets, self.n_pairs, block_m)
-    if kind == "band":
-      return self.band_tiles(block_m, width)
-    tiles = self.ordered_tiles(block_m, "expert")
-    if kind == "token":
-      return token_ordered(tiles, self)
-    if kind == "split":
-      return split_ordered(tiles, self, width)
-    return group_ordered(tiles, self, width)
+    tiles = expert_tiles(self.group_sizes, self.group_offsets, self.n_pairs, block_m)
+    return tiles if order == "expert" else token_ordered(tiles, self)
 
-  def with_tiles(self, block_ms=None, orders=None) -> Routing:
+  def with_tiles(self, block_ms=None, orders=TILE_ORDERS) -> Routing:
     """This routing with the tile lists of ``block_ms`` (default: :data:`TILE_BLOCKS`,
-    the GPU kernels' row tiles) in ``orders`` (default: "expert" and the fused sums'
-    launch order, :func:`sum_tile_order`) computed now, so that every kernel call
-    that shares the routing (forward and backward) reuses them. Under ``jax.jit``
-    the lists no call uses are dropped by XLA."""
+    the GPU kernels' row tiles) in ``orders`` computed now, so that every kernel call
+    that shares the routing (forward and backward) reuses them. Under ``jax.jit`` the
+    lists no call uses are dropped by XLA."""
     block_ms = TILE_BLOCKS if block_ms is None else tuple(block_ms)
-    orders = ("expert", sum_tile_order()) if orders is None else tuple(orders)
     lists = dict(self.tile_lists)
     for o in dict.fromkeys(orders):
       for bm in block_ms:
@@ -134,56 +119,16 @@ class Routing:
     computed now."""
     return dataclasses.replace(self, pairs=make_unit_pairs(self, block, block_ms))
 
-  def band_tiles(self, block_m: int, band: int) -> jax.Array:
-    """[3, Z] int32 tiles as :meth:`tiles`, but each also within one band of ``band``
-    tokens, listed band by band and, within a band, expert by expert.
 
-    For the kernels that add their rows into a shared output (the fused sums), run in
-    this order: the programs in flight add into one band's rows (``band`` × O values,
-    which stay in L2), and the tiles of one (band, expert) run together, so each
-    expert's matrix comes from DRAM about once per band instead of once per tile.
-    Within an expert the sorted pairs are in token order, so a band is a contiguous
-    part of each expert's positions. Z is a static bound on the number of tiles; the
-    unused ones at the end have start == end.
-    """
-    if band < 1:
-      raise ValueError(f"{band=} must be at least 1")
-    if not self.tokens_ascending:
-      raise ValueError("band tiles need each expert's pairs in token order; this routing "
-                       "(make_unit_routing) orders them by partner expert first")
-    n, k, p, e = self.n_tokens, self.k, self.n_pairs, self.n_experts
-    n_bands = -(-n // band)
-    if n_bands == 1:
-      return self.tiles(block_m)
-    b = jnp.arange(n_bands, dtype=jnp.int32)
-    if (e + 1) * p < _PACKED_KEY_LIMIT:
-      # The sorted positions' keys expert * P + pair are increasing; band b of expert x
-      # starts at the first key >= x * P + b * band * K.
-      keys = self.sorted_expert() * p + self.order                           # [P]
-      q = jnp.arange(e, dtype=jnp.int32)[None, :] * p + b[:, None] * (band * k)
-      lo = jnp.searchsorted(keys, q.reshape(-1), side="left",
-                            method="scan_unrolled").astype(jnp.int32)
-      lo = lo.reshape(n_bands, e)
-    else:
-      band_of = (jnp.arange(p, dtype=jnp.int32) // k) // band              # [P]
-      counts = jnp.zeros((n_bands * e,), jnp.int32).at[
-          band_of * e + self.expert_index.reshape(-1)].add(1).reshape(n_bands, e)
-      lo = self.group_offsets[None, :-1] + jnp.cumsum(counts, axis=0) - counts
-    hi = jnp.concatenate([lo[1:], self.group_offsets[None, 1:]], axis=0)   # [bands, E]
-    expert = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (n_bands, e))
-    return segment_tiles(lo.reshape(-1), hi.reshape(-1), expert.reshape(-1), p, block_m)
+_PACKED_KEY_LIMIT = 2 ** 31       # sort keys must fit an int32
 
-
-_PACKED_KEY_LIMIT = 2 ** 31       # expert * P + pair must fit an int32
-
-# Row-tile heights of the GPU kernels' tile candidates (kernels/cvmm_triton.py).
+# Row-tile heights of the GPU kernels' tile candidates (kernels/cvmm_triton/).
 TILE_BLOCKS = (64, 128, 256)
 
 
-# Row-tile heights of the unit-pair kernels (kernels/cvmm_gluon.py, _pairs_sum_kernel;
-# 256: the two-half kernel's tiles of two 128-unit halves). Under jax.jit the lists no
-# call uses are dropped.
-PAIR_BLOCKS = (64, 128, 256)
+# Row-tile heights of the unit-pair kernels (kernels/cvmm_triton/gluon_pairs.py). Under
+# jax.jit the lists no call uses are dropped.
+PAIR_BLOCKS = (64, 128)
 
 
 @jax.tree_util.register_dataclass
@@ -267,9 +212,8 @@ def make_unit_routing(expert_index: jax.Array, n_experts: int, block: int, *,
   The units are sorted by their combination of experts (token order within one); each
   expert's pairs are then its combinations' units, one block per partner expert: first
   the combinations where it is the lower expert (by partner), then those where it is
-  the higher. Within an expert the pairs are therefore not in token order
-  (``tokens_ascending`` False: no band tiles), but each block is, so tiles launched by
-  first token keep most of their locality. Everything else is as :func:`make_routing`
+  the higher. Within an expert the pairs are therefore not in token order, but each
+  block is, so tiles launched by first token keep most of their locality. Everything else is as :func:`make_routing`
   (``tile_blocks``) and :func:`make_unit_pairs` (``block_ms``)."""
   expert_index = _check_expert_index(expert_index, n_experts)
   n, k = expert_index.shape
@@ -296,8 +240,7 @@ def make_unit_routing(expert_index: jax.Array, n_experts: int, block: int, *,
   su = unit[offs[g] + q - (ends[blk] - blocks[blk])]           # the position's unit
   order = 2 * su + jnp.where(hi_side == 1, 1 - swap[su], swap[su])
   pairs = _unit_pairs(unit, swap, offs, b, e, k, block_ms)
-  r = Routing(expert_index, order, group_sizes, group_offsets, e, pairs=pairs,
-              tokens_ascending=False)
+  r = Routing(expert_index, order, group_sizes, group_offsets, e, pairs=pairs)
   tile_blocks = _default_tile_blocks() if tile_blocks is None else tile_blocks
   return r.with_tiles(tile_blocks) if tile_blocks else r
 
@@ -333,32 +276,6 @@ def _unit_pairs(unit, swap, offs, block: int, e: int, k: int, block_ms) -> UnitP
   return dataclasses.replace(up, tile_lists=lists)
 
 
-def parse_tile_order(order: str) -> tuple[str, int]:
-  """(kind, W) of a tile order (:meth:`Routing.ordered_tiles`): ("expert", 0),
-  ("token", 0), ("group", W), ("band", W) or ("split", G) with W, G > 0; ValueError
-  otherwise."""
-  if order in ("expert", "token"):
-    return order, 0
-  for kind in ("group", "band", "split"):
-    w = order[len(kind):]
-    if order.startswith(kind) and w.isdigit() and int(w) > 0:
-      return kind, int(w)
-  raise ValueError(f"tile order {order!r}: expected expert, token, group<W>, band<W> or "
-                   f"split<G> (W, G > 0)")
-
-
-def sum_tile_order() -> str:
-  """CVMM_TILE_ORDER, the launch order of the tiles of the kernels that add their rows
-  into a shared output (the fused sums): "token" (default), "expert", "group<W>",
-  "band<W>" or "split<G>" (W, G > 0), see :meth:`Routing.ordered_tiles`."""
-  order = os.environ.get("CVMM_TILE_ORDER", "token")
-  try:
-    parse_tile_order(order)
-  except ValueError as e:
-    raise ValueError(f"CVMM_TILE_ORDER={order!r}: {e}") from None
-  return order
-
-
 def token_ordered(tiles: jax.Array, routing: Routing) -> jax.Array:
   """Tiles [3, Z] (in expert order) reordered by the first token they hold (unused
   tiles last).
@@ -376,45 +293,6 @@ def token_ordered(tiles: jax.Array, routing: Routing) -> jax.Array:
   return tiles[:, _stable_order(key, routing.n_tokens + 1)]
 
 
-def group_ordered(tiles: jax.Array, routing: Routing, band: int) -> jax.Array:
-  """Tiles [3, Z] (in expert order) grouped by the band of ``band`` tokens their first
-  token falls in, and within a group in expert order (unused tiles last).
-
-  A middle way between the token order (the rows being summed stay within a narrow
-  band of the output, but consecutive tiles use different experts) and
-  :meth:`Routing.band_tiles` (which shares the matrices but cuts tiles at the bands,
-  about 16% more tiles at 8192 tokens): the tiles are not cut, so a group adds into
-  about ``band`` + BM * E / K tokens' rows, and the tiles of one expert within a group
-  run one after another and share its matrix in L2.
-  """
-  if band < 1:
-    raise ValueError(f"{band=} must be at least 1")
-  start, end = tiles[1], tiles[2]
-  first_tok = _first_tokens(routing.order, start, routing.k)
-  n_groups = -(-routing.n_tokens // band)
-  key = jnp.where(end > start, first_tok // band, n_groups)                # [Z]
-  return tiles[:, _stable_order(key, n_groups + 1)]
-
-
-def split_ordered(tiles: jax.Array, routing: Routing, groups: int) -> jax.Array:
-  """Tiles [3, Z] (in expert order) of the experts split into ``groups`` consecutive
-  groups (expert e in group e * G // E), group by group, and within a group by the
-  first token they hold (unused tiles last).
-
-  By first token alone (:func:`token_ordered`), the programs in flight add into one
-  narrow band of output rows, but each uses another expert's matrix, and the experts'
-  matrices together may exceed the L2 (σ-MoE down at MoEUT_244M: 100 MB). Within a group
-  the matrices in use are 1/G of them, at the cost of G sweeps over the output rows."""
-  if groups < 1:
-    raise ValueError(f"{groups=} must be at least 1")
-  e, n = routing.n_experts, routing.n_tokens
-  expert, start, end = tiles[0], tiles[1], tiles[2]
-  first_tok = _first_tokens(routing.order, start, routing.k)
-  key = jnp.where(end > start, (expert * groups // e) * (n + 1) + first_tok,
-                  groups * (n + 1))                                          # [Z]
-  return tiles[:, _stable_order(key, groups * (n + 1) + 1)]
-
-
 def make_routing(expert_index: jax.Array, n_experts: int, *,
                  tile_blocks=None) -> Routing:
   """Sorts the (token, slot) pairs of ``expert_index`` [N, K] by expert.
@@ -422,8 +300,7 @@ def make_routing(expert_index: jax.Array, n_experts: int, *,
   tile_blocks: row-tile heights whose tile lists (:meth:`Routing.with_tiles`) are
     computed here, once for every kernel call that shares the routing. None: the GPU
     kernels' (:data:`TILE_BLOCKS`) when JAX's default backend is a GPU, none elsewhere
-    (the CPU implementation computes its own) or with CVMM_ROUTING_TILES=0 (each
-    kernel call then computes the list it uses).
+    (the CPU implementation computes its own).
   """
   expert_index = _check_expert_index(expert_index, n_experts)
   flat = expert_index.reshape(-1)                                   # [P]
@@ -446,20 +323,10 @@ def _check_expert_index(expert_index: jax.Array, n_experts: int) -> jax.Array:
   return expert_index.astype(jnp.int32)
 
 
-def env_switch(name: str, default: bool = True) -> bool:
-  """The on/off setting in the environment variable ``name``: "1" or "0" (``default``
-  when unset); any other value is an error."""
-  env = os.environ.get(name, "1" if default else "0")
-  if env not in ("0", "1"):
-    raise ValueError(f"{name}={env!r}: expected 0 or 1")
-  return env == "1"
-
-
 def _default_tile_blocks() -> tuple:
   """The tile heights a routing precomputes lists for by default: :data:`TILE_BLOCKS`
-  when JAX's default backend is a GPU and CVMM_ROUTING_TILES is not 0, else none."""
-  on = env_switch("CVMM_ROUTING_TILES")
-  return TILE_BLOCKS if jax.default_backend() == "gpu" and on else ()
+  when JAX's default backend is a GPU, else none."""
+  return TILE_BLOCKS if jax.default_backend() == "gpu" else ()
 
 
 # SwitchHead routings carry unit pairs by default from this many (token, head) units.
@@ -468,20 +335,16 @@ UNIT_PAIRS_MIN_UNITS = 2 ** 18
 
 def unit_pairs_wanted(n_units: int) -> bool:
   """Whether a SwitchHead routing of ``n_units`` (token, head) units carries unit pairs
-  when its caller does not say: only where the GPU kernels run (JAX's default backend
-  is a GPU), and there with CVMM_UNIT_PAIRS unset from :data:`UNIT_PAIRS_MIN_UNITS`
-  units, with 1 (or a tile BMxBNxWxB) always, with 0 never.
+  when its caller does not say (:attr:`kernels.CvmmConfig.unit_pairs` None): where the
+  GPU kernels run (JAX's default backend is a GPU), from :data:`UNIT_PAIRS_MIN_UNITS`
+  units.
 
-  Measured at MoEUT_244M on an H200 (bench/RESULTS.md, thirteenth session): with unit
-  pairs O's forward takes 0.501 instead of 0.627 ms at 65,536 tokens, and a training
-  step of 64 x 1024 tokens (2^18 units per SwitchHead routing) 290.3 / 292.4 instead of
-  293.6 / 293.7 ms (two runs each); at 16 x 1024 tokens the step took 90.1 ms with them
-  and 89.2 without (the units' sort and tile lists cost more than the kernel saves
-  while the output stays in L2)."""
-  env = os.environ.get("CVMM_UNIT_PAIRS")
-  if jax.default_backend() != "gpu" or env == "0":
-    return False
-  return env is not None or n_units >= UNIT_PAIRS_MIN_UNITS
+  Measured at MoEUT_244M on an H200: with unit pairs O's forward takes 0.501 instead of
+  0.627 ms at 65,536 tokens, and a training step of 64 x 1024 tokens (2^18 units per
+  SwitchHead routing) 290-292 instead of 294 ms; at 16 x 1024 tokens the step took 90.1
+  ms with them and 89.2 without (the units' sort and tile lists cost more than the
+  kernel saves while the output stays in L2)."""
+  return jax.default_backend() == "gpu" and n_units >= UNIT_PAIRS_MIN_UNITS
 
 
 def make_head_routing(index: jax.Array, experts_per_head: int, *, tile_blocks=None,
@@ -492,9 +355,10 @@ def make_head_routing(index: jax.Array, experts_per_head: int, *, tile_blocks=No
   its head h's s-th choice.
 
   unit_pairs: attach :class:`UnitPairs` (k = 2: one unit per head and token), which the
-    fused sums over a token's heads then use (:func:`kernels.cvmm_triton.gluon_pairs_sum`);
-    the routing is then :func:`make_unit_routing`'s (one sort, of the units). None:
-    :func:`unit_pairs_wanted`. tile_blocks: as for :func:`make_routing`."""
+    fused sums over a token's heads then use (kernels/cvmm_triton/gluon_pairs.py); the
+    routing is then :func:`make_unit_routing`'s (one sort, of the units). None:
+    :func:`unit_pairs_wanted` (on GPUs, from 2^18 units). tile_blocks: as for
+    :func:`make_routing`."""
   if index.ndim != 3:
     raise ValueError(f"index must be [N, H, k], got shape {index.shape}")
   n, h, k = index.shape

@@ -27,8 +27,8 @@ def _kernel_applies(x: jax.Array, k: int) -> bool:
     return False
   if jax.default_backend() != "gpu" and os.environ.get("CVMM_TRITON_INTERPRET", "0") != "1":
     return False                     # no GPU: do not import Triton at all
-  from kernels import cvmm_triton  # noqa: PLC0415
-  return cvmm_triton.is_available() or cvmm_triton._interpret()
+  from kernels.cvmm_triton import launch  # noqa: PLC0415
+  return launch.is_available() or launch.interpret()
 
 
 def topk_indices(x: jax.Array, k: int) -> jax.Array:
@@ -45,10 +45,9 @@ def topk_indices(x: jax.Array, k: int) -> jax.Array:
   be = max(16, 1 << (e - 1).bit_length())
   br = max(1, min(16, 4096 // be))                                    # 4096 keys per program
   grid = max(1, -(-r // br))
-  cfg = types.SimpleNamespace(num_warps=4, num_stages=1)              # what _launch reads
-  from kernels import cvmm_triton  # noqa: PLC0415
-  from kernels.topk_triton import _topk_kernel  # noqa: PLC0415
-  (idx,) = cvmm_triton._launch(_topk_kernel, (flat,),
-                               [jax.ShapeDtypeStruct((r, k), jnp.int32)], grid, cfg,
-                               R=r, E=e, K=k, BR=br, BE=be)
+  cfg = types.SimpleNamespace(num_warps=4, num_stages=1)              # what launch reads
+  from kernels.cvmm_triton.launch import launch  # noqa: PLC0415
+  from kernels.topk_triton import topk_kernel  # noqa: PLC0415
+  (idx,) = launch(topk_kernel, (flat,), [jax.ShapeDtypeStruct((r, k), jnp.int32)], grid, cfg,
+                  R=r, E=e, K=k, BR=br, BE=be)
   return idx.reshape(*lead, k)

@@ -1,13 +1,13 @@
 """The Triton kernel behind :func:`kernels.topk.topk_indices` (imports Triton; see there)."""
 from __future__ import annotations
 
-from kernels.cvmm_triton import tl, triton
+from kernels.cvmm_triton.launch import tl, triton
 
 _jit = triton.jit if triton is not None else (lambda fn: fn)
 
 
 @_jit
-def _topk_kernel(x_ptr, idx_ptr, R, E, K: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr):
+def topk_kernel(x_ptr, idx_ptr, R, E, K: tl.constexpr, BR: tl.constexpr, BE: tl.constexpr):
   rows = tl.program_id(0) * BR + tl.arange(0, BR)                     # [BR]
   cols = tl.arange(0, BE)                                             # [BE]
   inb = (rows[:, None] < R) & (cols[None, :] < E)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kernels import cvmm, make_head_routing
+from kernels import DEFAULT, CvmmConfig, cvmm, make_head_routing
 from moeut_jax import initializers as init
 from moeut_jax.parallel import per_device
 from moeut_jax.rope import apply_rope, rotary_width
@@ -49,12 +49,13 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocked: jax.Array |
   return out.astype(q.dtype)
 
 
-def _route(logits: jax.Array, drop: jax.Array | None, k: int):
+def _route(logits: jax.Array, drop: jax.Array | None, k: int, config: CvmmConfig):
   """Gates [B, T, H, k] and the routing of one SwitchHead projection from its router
   logits [B, T, H, Ea] (expert of head h, expert e: h * Ea + e)."""
   b, t, h, ea = logits.shape
   gates, index = sigmoid_topk(logits, k, drop)
-  return gates, make_head_routing(index.reshape(b * t, h, k), ea)
+  unit_pairs = config.unit_pairs if jax.default_backend() == "gpu" else False
+  return gates, make_head_routing(index.reshape(b * t, h, k), ea, unit_pairs=unit_pairs)
 
 
 class SwitchHeadRope(nn.Module):
@@ -70,8 +71,7 @@ class SwitchHeadRope(nn.Module):
   expert_dropout: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  cvmm_impl: str = "auto"
-  cvmm_sum_dtype: Optional[str] = None   # sums over experts in the kernels; see kernels.cvmm
+  cvmm: CvmmConfig = DEFAULT             # the CVMM kernels' settings
 
   def _params(self):
     d, h, dh, ea = self.d_model, self.n_heads, self.d_head, self.n_experts
@@ -138,11 +138,11 @@ class SwitchHeadRope(nn.Module):
 
       def values(lv, drop_v, v_src, w):
         """Expert-mixed values of the tokens at hand (one device's, under a mesh)."""
-        gv, rv = _route(lv, drop_v, self.k)
+        gv, rv = _route(lv, drop_v, self.k, self.cvmm)
         bl, tl = v_src.shape[:2]
         nl = bl * tl
-        vv = cvmm(v_src.reshape(nl, d).astype(cd), rv, w, impl=self.cvmm_impl,
-                  sum_dtype=self.cvmm_sum_dtype)                          # [N, H*ka, Dh]
+        vv = cvmm(v_src.reshape(nl, d).astype(cd), rv, w,
+                  config=self.cvmm)                                       # [N, H*ka, Dh]
         v = jnp.einsum("NHKD,NHK->NHD", vv.reshape(nl, h, self.k, dh),
                        gv.reshape(nl, h, self.k), preferred_element_type=jnp.float32)
         return v.reshape(bl, tl, h, dh).astype(cd)                        # [B, T, H, Dh]
@@ -171,10 +171,10 @@ class SwitchHeadRope(nn.Module):
     if self.n_experts > 1:
       def output(lo, drop_o, att, w):
         """Expert-mixed output projection of the tokens at hand (one device's)."""
-        go, ro = _route(lo, drop_o, self.k)
+        go, ro = _route(lo, drop_o, self.k, self.cvmm)
         bl, tl = att.shape[:2]
         out = cvmm(att.reshape(bl * tl, h, dh), ro, w, go.reshape(bl * tl, h * self.k),
-                   impl=self.cvmm_impl, sum_dtype=self.cvmm_sum_dtype)    # [N, D]
+                   config=self.cvmm)                                      # [N, D]
         return out.reshape(bl, tl, d)
 
       out = per_device(output, (lo, drop_o, att), (p["o"].astype(cd),))

@@ -6,6 +6,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kernels import CvmmConfig
 from moeut_jax.attention import SwitchHeadRope
 from moeut_jax.routing import entropy_accumulate
 from moeut_jax.sigma_moe import SigmaMoE
@@ -27,8 +28,7 @@ class MoEUTLayer(nn.Module):
   dropout: float
   dtype: Any
   param_dtype: Any
-  cvmm_impl: str
-  cvmm_sum_dtype: Optional[str] = None
+  cvmm: CvmmConfig
 
   @nn.compact
   def __call__(self, x, *, positions, blocked, causal_only, cache, train):
@@ -37,16 +37,16 @@ class MoEUTLayer(nn.Module):
     xn = ln("ln1")(x)
     att, kv, att_logits = SwitchHeadRope(
         self.d_model, self.n_heads, self.d_head, self.att_n_experts, self.att_k,
-        self.n_layers, self.att_expert_dropout, self.dtype, self.param_dtype, self.cvmm_impl,
-        self.cvmm_sum_dtype, name="attention")(xn, xn, x, positions=positions,
+        self.n_layers, self.att_expert_dropout, self.dtype, self.param_dtype, self.cvmm,
+        name="attention")(xn, xn, x, positions=positions,
                                                blocked=blocked, causal_only=causal_only,
                                                cache=cache, train=train)
     att = nn.Dropout(self.dropout)(att, deterministic=not train)
     x = x + att.astype(x.dtype)
     ffn, ffn_logits = SigmaMoE(
         self.d_model, self.ff_n_experts, self.ff_expert_size, self.ff_k, self.n_layers,
-        self.ff_expert_dropout, self.dtype, self.param_dtype, self.cvmm_impl,
-        self.cvmm_sum_dtype, name="ffn")(x, ln("ln2")(x), train)
+        self.ff_expert_dropout, self.dtype, self.param_dtype, self.cvmm,
+        name="ffn")(x, ln("ln2")(x), train)
     x = x + ffn.astype(x.dtype)
     return x, kv, (ffn_logits, att_logits)
 

@@ -27,7 +27,7 @@ from moeut_jax.layer import LayerGroup
 from moeut_jax.masks import AttentionMask, blocked_keys
 from moeut_jax.parallel import check_mesh_axes
 from moeut_jax.routing import entropy_init, entropy_loss
-from kernels import IMPLEMENTATIONS, SUM_DTYPES
+from kernels import DEFAULT, CvmmConfig
 
 
 @flax.struct.dataclass
@@ -85,14 +85,12 @@ def validate_config(m) -> None:
   if m.attention is not None:
     raise ValueError("attention=: only the built-in SwitchHeadRope is supported; "
                      "use att_n_experts=1 for plain RoPE attention with an output gate")
-  if m.cvmm_impl not in IMPLEMENTATIONS:
-    raise ValueError(f"cvmm_impl={m.cvmm_impl!r} must be one of {IMPLEMENTATIONS}")
+  if not isinstance(m.cvmm, CvmmConfig):
+    raise TypeError(f"cvmm must be a kernels.CvmmConfig (e.g. CvmmConfig(impl='xla')), "
+                    f"got {m.cvmm!r}")
   if m.scan_unroll is not None and (not isinstance(m.scan_unroll, (int, np.integer))
                                     or isinstance(m.scan_unroll, bool) or m.scan_unroll < 1):
     raise ValueError(f"scan_unroll={m.scan_unroll!r} must be None or a positive integer")
-  if m.cvmm_sum_dtype not in (None,) + SUM_DTYPES:
-    raise ValueError(f"cvmm_sum_dtype={m.cvmm_sum_dtype!r} must be None or one of "
-                     f"{SUM_DTYPES}")
 
 
 class MoEUT(nn.Module):
@@ -115,11 +113,8 @@ class MoEUT(nn.Module):
   attention: Any = None               # the original's SwitchHeadRope; no other is offered
   dtype: Any = jnp.float32            # compute dtype (e.g. jnp.bfloat16)
   param_dtype: Any = jnp.float32
-  cvmm_impl: str = "auto"             # see kernels.cvmm
-  # dtype of the Triton CVMM kernels' sums over experts in 16-bit compute: "float16"
-  # (scaled rows), "float32" or "bfloat16", or None (the environment's CVMM_SUM_DTYPE,
-  # else float16); see kernels.cvmm
-  cvmm_sum_dtype: Optional[str] = None
+  # the CVMM kernels' settings: implementation, dtype of the sums over experts, ...
+  cvmm: CvmmConfig = DEFAULT
   # repeats of the layer group per iteration of the scan over repeats: 1 keeps one
   # compiled copy of the group (fastest compile); R = n_layers / group_size or more
   # unrolls it fully (no loop; MoEUT_244M on an H200: 1.33x faster training steps, 2x
@@ -151,8 +146,7 @@ class MoEUT(nn.Module):
                 att_n_experts=self.att_n_experts, ff_k=self.ff_k, att_k=self.att_k,
                 ff_expert_size=self.ff_expert_size, ff_expert_dropout=self.ff_expert_dropout,
                 att_expert_dropout=self.att_expert_dropout, dropout=self.dropout,
-                dtype=self.dtype, param_dtype=self.param_dtype, cvmm_impl=self.cvmm_impl,
-                cvmm_sum_dtype=self.cvmm_sum_dtype)
+                dtype=self.dtype, param_dtype=self.param_dtype, cvmm=self.cvmm)
 
   def _start_cache(self, kv_cache, batch: int):
     if kv_cache is None or isinstance(kv_cache, KVCache):
@@ -257,8 +251,7 @@ class MoEUTLM(nn.Module):
   attention: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  cvmm_impl: str = "auto"
-  cvmm_sum_dtype: Optional[str] = None
+  cvmm: CvmmConfig = DEFAULT
   scan_unroll: Optional[int] = None
 
   def __post_init__(self):

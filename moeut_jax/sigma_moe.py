@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kernels import cvmm_pair, make_routing
+from kernels import DEFAULT, CvmmConfig, cvmm_pair, make_routing
 from moeut_jax import initializers as init
 from moeut_jax.parallel import per_device
 from moeut_jax.routing import router_logits, sigmoid_topk
@@ -28,8 +28,7 @@ class SigmaMoE(nn.Module):
   expert_dropout: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  cvmm_impl: str = "auto"
-  cvmm_sum_dtype: Optional[str] = None   # sums over experts in the kernels; see kernels.cvmm
+  cvmm: CvmmConfig = DEFAULT             # the CVMM kernels' settings
 
   @nn.compact
   def __call__(self, x: jax.Array, sel_input: jax.Array, train: bool = False):
@@ -54,7 +53,7 @@ class SigmaMoE(nn.Module):
       xf = x.reshape(b * t, d).astype(self.dtype)                     # [N, D]
       # relu(x @ keys) @ values, gated sum over the kf experts (one fused kernel on GPUs)
       out = cvmm_pair(xf, routing, keys, values, gates.reshape(b * t, self.k),
-                      impl=self.cvmm_impl, sum_dtype=self.cvmm_sum_dtype)   # [N, D]
+                      config=self.cvmm)                                     # [N, D]
       return out.reshape(b, t, d)
 
     out = per_device(experts, (logits, drop, x),

@@ -1,10 +1,7 @@
 """Shared helpers of the tests (CPU and GPU): CVMM routing kinds, inputs and outputs, the
-relative error used throughout, and running a script in Triton's CPU interpreter."""
+relative error used throughout."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import zlib
 
 import jax
@@ -57,14 +54,3 @@ def inputs(case, dtype, gated):
   g = jax.random.uniform(ks[3], (n, k)).astype(dtype) if gated else None
   ct = jax.random.normal(ks[4], (n, o) if gated else (n, k, o))
   return x, w, g, r, ct
-
-
-def run_in_triton_interpreter(script: str, done: str, timeout: int = 900):
-  """Runs ``script`` in a fresh Python with Triton's interpreter chosen (it must be set
-  before triton is imported) and JAX on the CPU; asserts it exits 0 and prints ``done``."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, CVMM_TRITON_INTERPRET="1", JAX_PLATFORMS="cpu",
-             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  res = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=timeout)
-  assert res.returncode == 0 and done in res.stdout, res.stderr[-3000:]

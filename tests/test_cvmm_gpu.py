@@ -13,12 +13,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import cvmm, is_available
+from kernels import CvmmConfig, cvmm, is_available
 from kernels.cvmm_reference import cvmm_pair_reference, cvmm_reference
 from cvmm_cases import TOL, inputs as _inputs, outputs as _outputs, rel_err as _rel
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")]
+
+
+def _sums(sum_dtype: str | None, impl: str | None = None) -> CvmmConfig:
+  """The kernels' config with the fused sums in ``sum_dtype`` (None: the default's)."""
+  cfg = CvmmConfig() if sum_dtype is None else CvmmConfig(sum_dtype=sum_dtype)
+  return cfg if impl is None else cfg.replace(impl=impl)
+
+
+def _hopper() -> bool:
+  """Whether the Gluon kernels (wgmma, sm90) run on this GPU."""
+  from kernels.cvmm_triton.launch import hopper  # noqa: PLC0415
+  return hopper()
+
 
 # (name, N, K, M, E, I, O, routing kind)
 CASES = [
@@ -96,8 +109,8 @@ def _pair_outputs(case, dtype, sum_dtype=None, mag=1.0):
     loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * ct)  # noqa: E731
     return (jax.jit(fn)(*args),) + tuple(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args))
 
-  got = outs(lambda x, wu, wd, g: cvmm_pair(x, r, wu, wd, g, impl="triton",
-                                            sum_dtype=sum_dtype), x, wu, wd, g)
+  config = _sums(sum_dtype, impl="triton")
+  got = outs(lambda x, wu, wd, g: cvmm_pair(x, r, wu, wd, g, config=config), x, wu, wd, g)
   ref = outs(lambda x, wu, wd, g: cvmm_pair_reference(x, r, wu, wd, g),
              *(a.astype(jnp.float32) for a in (x, wu, wd, g)))
   return got, ref
@@ -106,13 +119,10 @@ def _pair_outputs(case, dtype, sum_dtype=None, mag=1.0):
 PAIR_NAMES = ["out", "dx", "dw_up", "dw_down", "dgates"]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
-def test_fused_pair_matches_reference(case, dtype):
-  """cvmm_pair through the fused Triton kernels against two reference CVMMs (float32)."""
-  if not is_available("triton"):
-    pytest.skip("triton not available on this GPU")
-  got, ref = _pair_outputs(case, dtype)
+def _assert_pair_matches(case, dtype, sum_dtype=None):
+  """The fused pair's output and gradients (sums in ``sum_dtype``) in ``dtype``, finite
+  and within its tolerance of the float32 reference."""
+  got, ref = _pair_outputs(case, dtype, sum_dtype)
   for name, a, b in zip(PAIR_NAMES, got, ref):
     assert a.dtype == dtype, (name, a.dtype)
     assert np.all(np.isfinite(np.asarray(a, np.float32))), name
@@ -120,13 +130,22 @@ def test_fused_pair_matches_reference(case, dtype):
     assert err <= TOL[dtype], f"pair {case[0]} {name}: rel err {err:.2e} > {TOL[dtype]:.0e}"
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
+def test_fused_pair_matches_reference(case, dtype):
+  """cvmm_pair through the fused Triton kernels against two reference CVMMs (float32)."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  _assert_pair_matches(case, dtype)
+
+
 def _row_candidate_cases(i: int = 128, o: int = 200):
   """Every tile candidate of the row kernel for I = i, O = o, bf16 (at the default
   narrow contraction: loop_n and one program per column block)."""
   if jax.default_backend() != "gpu":
     return []
-  from kernels.cvmm_triton import _rows_candidates  # noqa: PLC0415
-  return _rows_candidates(i, o, jnp.bfloat16)
+  from kernels.cvmm_triton.rows import rows_candidates  # noqa: PLC0415
+  return rows_candidates(i, o, jnp.bfloat16)
 
 
 def _sum_inputs(seed, n, k, e, i, o, a_rows, transpose):
@@ -173,22 +192,18 @@ def _gated_sum_reference(r, a, w, g, a_rows, out_rows):
 SUM_TOL = {"float32": 1e-5, "float16": 1e-3}
 
 
-def _finished_tol(out, ref) -> float:
-  """The float16 sums' tolerance for an output that the kernel finished in a 16-bit
-  dtype (CVMM_FINISH): the sums' error plus that of rounding the exact result to
-  out's dtype (0 for float32 outputs)."""
+def _f16_tol(out, ref) -> float:
+  """The float16 sums' tolerance for an output that the Triton scale-back returned in
+  a 16-bit dtype: the sums' error plus that of rounding the exact result to out's dtype
+  (0 for float32 outputs)."""
   return SUM_TOL["float16"] + _rel(ref.astype(out.dtype), ref)
 
 
-def _sums_dtype(sums: str, a_dtype, finish: bool | None = None):
-  """The dtype rows_matmul returns a 16-bit fused sum in: a's where the Gluon kernel
-  finishes float16 sums (``finish``; None: CVMM_FINISH's setting) or adds bf16 sums,
-  or scales them back (CVMM_UNSCALE=triton), float32 where XLA scales them back."""
-  from kernels.cvmm_triton import finish_wanted, unscale_kind  # noqa: PLC0415
-  finish = finish_wanted() if finish is None else finish
-  by_kernel = sums == "float16" and unscale_kind() != "xla"   # CVMM_UNSCALE=triton
-  return (jnp.dtype(a_dtype) if sums == "bfloat16" or finish or by_kernel
-          else jnp.dtype(jnp.float32))
+def _sums_dtype(sums: str, a_dtype):
+  """The dtype rows_matmul returns a fused sum in: a's with 16-bit sums (bf16 sums add
+  into it; float16 sums are scaled back into it by the Triton kernel), float32 with
+  float32 sums."""
+  return jnp.dtype(a_dtype) if sums in ("float16", "bfloat16") else jnp.dtype(jnp.float32)
 
 
 @pytest.mark.parametrize("sums", ["float32", "float16"])
@@ -201,27 +216,28 @@ def test_row_kernel_candidates_match_reference(cfg, transpose, sums):
   no vector of 8 fits its rows)."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
-  from kernels.cvmm_triton import rows_matmul  # noqa: PLC0415
+  from kernels.cvmm_triton.rows import rows_matmul  # noqa: PLC0415
   n, k, e, i, o = 300, 4, 8, 128, 200
   r, a, w, g, w_arg = _sum_inputs(3, n, k, e, i, o, k, transpose)
+  config = CvmmConfig(sum_dtype=sums)
   out, _ = jax.jit(lambda a, w_, g: rows_matmul(a, w_, r, a_rows=k, out_rows=1,
                                                 transpose_w=transpose, scale=g,
-                                                cfg=cfg, sum_dtype=sums))(a, w_arg, g)
+                                                cfg=cfg, config=config))(a, w_arg, g)
   y = _pair_products(a, w, r.expert_index.reshape(-1))                # [P, O]
   ref = (y * g[:, None]).reshape(n, k, o).sum(1)
   err = _rel(out, ref)
   assert out.dtype == _sums_dtype(sums, a.dtype), out.dtype
-  tol = _finished_tol(out, ref) if sums == "float16" else SUM_TOL[sums]
+  tol = _f16_tol(out, ref) if sums == "float16" else SUM_TOL[sums]
   assert err <= tol, f"{cfg}: rel err {err:.2e}"
 
 
 def _gluon_row_cases():
   """The Gluon row kernel's tile candidates (empty without a GPU that runs it; the
-  two-half kernel's are GLUON_ROWS2_TILES)."""
+  two-half kernel's are tested with ROWS2_TILES)."""
   if jax.default_backend() != "gpu":
     return []
-  from kernels.cvmm_triton import _rows_candidates  # noqa: PLC0415
-  return [c for c in _rows_candidates(128, 256, jnp.bfloat16, gluon=True)
+  from kernels.cvmm_triton.rows import rows_candidates  # noqa: PLC0415
+  return [c for c in rows_candidates(128, 256, jnp.bfloat16, gluon=True)
           if c.gluon and c.halves == 1]
 
 
@@ -237,119 +253,69 @@ GLUON_SHAPES = [(300, 4, 8, 128, 256, 4, 1), (40, 2, 64, 64, 128, 2, 1),
 @pytest.mark.parametrize("shape", GLUON_SHAPES, ids=str)
 @pytest.mark.parametrize("cfg", _gluon_row_cases(), ids=str)
 def test_gluon_row_kernel_matches_reference(cfg, shape, transpose, sums):
-  """The Gluon fused-sum row kernel (kernels/cvmm_gluon.py) with each of its tile
-  candidates: gated sums over slots into 16-bit outputs, against an einsum of the same
-  bf16 inputs in float32. Row counts are not multiples of the tiles (partial tiles);
-  float16 sums within the float16 sums' tolerance, bf16 sums within bf16's."""
+  """The Gluon fused-sum row kernel (kernels/cvmm_triton/gluon_rows.py) with each of
+  its tile candidates: gated sums over slots into 16-bit outputs, against an einsum of
+  the same bf16 inputs in float32. Row counts are not multiples of the tiles (partial
+  tiles); float16 sums within the float16 sums' tolerance, bf16 sums within bf16's."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
-  from kernels.cvmm_triton import rows_matmul  # noqa: PLC0415
+  if not _hopper():
+    pytest.skip("the Gluon kernels run on Hopper GPUs only")
+  from kernels.cvmm_triton.rows import rows_matmul  # noqa: PLC0415
   n, k, e, i, o, a_rows, out_rows = shape
   cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, o), block_k=i)
   r, a, w, g, w_arg = _sum_inputs(5, n, k, e, i, o, a_rows, transpose)
+  config = CvmmConfig(sum_dtype=sums)
   out, _ = jax.jit(lambda a, w_, g: rows_matmul(a, w_, r, a_rows=a_rows,
                                                 out_rows=out_rows, transpose_w=transpose,
-                                                scale=g, cfg=cfg, sum_dtype=sums))(
+                                                scale=g, cfg=cfg, config=config))(
                                                     a, w_arg, g)
   ref = _gated_sum_reference(r, a, w, g, a_rows, out_rows)
   err = _rel(out, ref)
   assert out.dtype == _sums_dtype(sums, a.dtype), out.dtype
   assert np.all(np.isfinite(np.asarray(out, np.float32)))
-  assert err <= (_finished_tol(out, ref) if sums == "float16" else TOL[jnp.bfloat16]), (
+  assert err <= (_f16_tol(out, ref) if sums == "float16" else TOL[jnp.bfloat16]), (
       f"{cfg} {shape}: rel err {err:.2e}")
 
 
-# the two-half row kernel's tilings (BM of a half, BN, warps[, parts: 2 unless named])
-GLUON_ROWS2_TILES = [(128, 64, 8), (64, 64, 4), (128, 32, 8), (128, 64, 8, 3),
-                     (128, 64, 8, 4)]
+# the two-half row kernel's tilings (BM of a half, BN, warps)
+ROWS2_TILES = [(128, 64, 8), (64, 64, 4), (128, 32, 8)]
 
 
-@pytest.mark.parametrize("sums", ["float16", "float16-xla", "bfloat16"])
+@pytest.mark.parametrize("sums", ["float16", "bfloat16"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
 @pytest.mark.parametrize("shape", GLUON_SHAPES, ids=str)
-@pytest.mark.parametrize("tile", GLUON_ROWS2_TILES, ids=str)
+@pytest.mark.parametrize("tile", ROWS2_TILES, ids=str)
 def test_gluon_rows2_kernel_matches_reference(tile, shape, transpose, sums, monkeypatch):
   """The Gluon two-half row kernel (each column block of the expert's matrix used for
-  two halves of a tile, or 3 or 4 parts) through rows_matmul with its tile: gated sums
-  over slots into
+  two halves of a tile) through rows_matmul with its tile: gated sums over slots into
   16-bit outputs, against an einsum of the same bf16 inputs in float32; partial tiles
-  and halves, experts without pairs; float16 sums finished by the kernel (the
-  opt-in CVMM_FINISH=1) and by XLA (CVMM_FINISH=0, the default: "float16-xla")."""
+  and halves, experts without pairs; float16 sums scaled back by the Triton kernel."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
-  import kernels.cvmm_triton as ct_mod  # noqa: PLC0415
-  if not ct_mod._gluon_device():
+  if not _hopper():
     pytest.skip("the Gluon kernels run on Hopper GPUs only")
-  finish = sums != "float16-xla"
-  monkeypatch.setenv("CVMM_FINISH", "1" if finish else "0")
-  sums = sums.split("-")[0]
+  from kernels.autotune import TileConfig  # noqa: PLC0415
+  from kernels.cvmm_triton import rows as rows_mod  # noqa: PLC0415
   n, k, e, i, o, a_rows, out_rows = shape
-  bm, bn, nw = tile[:3]
-  parts = tile[3] if len(tile) > 3 else 2
-  cfg = ct_mod.TileConfig(bm, min(bn, o), i, nw, 2, loop_n=True, gluon=True, halves=parts)
+  bm, bn, nw = tile
+  cfg = TileConfig(bm, min(bn, o), i, nw, 2, loop_n=True, gluon=True, halves=2)
   r, a, w, g, w_arg = _sum_inputs(5, n, k, e, i, o, a_rows, transpose)
   launched = []
-  orig = ct_mod.gluon_rows_sum
-  monkeypatch.setattr(ct_mod, "gluon_rows_sum",        # records each launch's halves
+  orig = rows_mod.gluon_rows_sum
+  monkeypatch.setattr(rows_mod, "gluon_rows_sum",     # records each launch's halves
                       lambda *a_, **kw: launched.append(a_[5].halves) or orig(*a_, **kw))
-  out, _ = jax.jit(lambda a, w_, g: ct_mod.rows_matmul(
+  config = CvmmConfig(sum_dtype=sums)
+  out, _ = jax.jit(lambda a, w_, g: rows_mod.rows_matmul(
       a, w_, r, a_rows=a_rows, out_rows=out_rows, transpose_w=transpose, scale=g,
-      cfg=cfg, sum_dtype=sums))(a, w_arg, g)
-  assert launched == [parts]
+      cfg=cfg, config=config))(a, w_arg, g)
+  assert launched == [2]
   ref = _gated_sum_reference(r, a, w, g, a_rows, out_rows)
   err = _rel(out, ref)
-  assert out.dtype == _sums_dtype(sums, a.dtype, finish), out.dtype
+  assert out.dtype == _sums_dtype(sums, a.dtype), out.dtype
   assert np.all(np.isfinite(np.asarray(out, np.float32)))
-  assert err <= (_finished_tol(out, ref) if sums == "float16" else TOL[jnp.bfloat16]), (
+  assert err <= (_f16_tol(out, ref) if sums == "float16" else TOL[jnp.bfloat16]), (
       f"{tile} {shape}: rel err {err:.2e}")
-
-
-# (kernel, tile: BM, BN, warps, buffers) of the Gluon kernels that finish float16 sums
-FINISH_TILES = [("rows", (128, 64, 8, 4)), ("rows", (64, 64, 4, 3)),
-                ("rows2", (128, 64, 8, 2)), ("rows2", (64, 64, 4, 2))]
-# (N, K, E, I, O, a_rows, out_rows): σ-MoE down at K = 16 and O = 1024 (rows of several
-# finishing steps); 33 output rows (one row past a group of 32); SwitchHead O's sum over
-# 2 heads; 600 output rows (groups completed by different programs)
-FINISH_SHAPES = [(700, 16, 40, 128, 1024, 16, 1), (33, 4, 3, 64, 128, 4, 1),
-                 (257, 8, 40, 128, 128, 8, 2), (600, 2, 8, 128, 256, 2, 1)]
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("shape", FINISH_SHAPES, ids=str)
-@pytest.mark.parametrize("kernel,tile", FINISH_TILES, ids=str)
-def test_gluon_kernels_finish_float16_sums(kernel, tile, shape, dtype, monkeypatch):
-  """float16 sums finished in the Gluon row kernels (CVMM_FINISH=1): rows_matmul returns
-  the inputs' dtype (bf16 stored over the float16 sums, or float16), every row finished
-  (a row left unscaled or unconverted would be far off), within the float16 sums'
-  tolerance of the float32 reference plus the output's rounding, and as close to it
-  as the same sums scaled back by XLA (CVMM_FINISH=0) and rounded the same way."""
-  if not is_available("triton"):
-    pytest.skip("triton not available on this GPU")
-  import kernels.cvmm_triton as ct_mod  # noqa: PLC0415
-  if not ct_mod._gluon_device():
-    pytest.skip("the Gluon kernels run on Hopper GPUs only")
-  n, k, e, i, o, a_rows, out_rows = shape
-  bm, bn, nw, buf = tile
-  cfg = ct_mod.TileConfig(bm, min(bn, o), i, nw, buf, loop_n=True, gluon=True,
-                          halves=2 if kernel == "rows2" else 1)
-  r, a, w, g, w_arg = _sum_inputs(9, n, k, e, i, o, a_rows, False)
-  a, w = a.astype(dtype), w.astype(dtype)
-  def call(a, w_, g):
-    return ct_mod.rows_matmul(a, w_, r, a_rows=a_rows, out_rows=out_rows, scale=g,
-                              cfg=cfg, sum_dtype="float16")[0]
-
-  monkeypatch.setenv("CVMM_FINISH", "1")
-  out = jax.jit(lambda *args: call(*args))(a, w, g)
-  monkeypatch.setenv("CVMM_FINISH", "0")
-  monkeypatch.setenv("CVMM_UNSCALE", "xla")
-  by_xla = jax.jit(lambda *args: call(*args))(a, w, g)      # traced anew
-  assert out.dtype == jnp.dtype(dtype) and by_xla.dtype == jnp.float32
-  ref = _gated_sum_reference(r, a, w, g, a_rows, out_rows)
-  assert np.all(np.isfinite(np.asarray(out, np.float32)))
-  err = _rel(out, ref)
-  assert err <= _finished_tol(out, ref), f"{kernel} {tile} {shape}: rel err {err:.2e}"
-  assert err <= 1.2 * _rel(by_xla.astype(dtype), ref) + 1e-4, (
-      err, _rel(by_xla.astype(dtype), ref))
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["w", "wT"])
@@ -362,7 +328,7 @@ def test_plain_row_kernel_candidates_match_reference(cfg, transpose):
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
   from kernels import make_routing  # noqa: PLC0415
-  from kernels.cvmm_triton import rows_matmul  # noqa: PLC0415
+  from kernels.cvmm_triton.rows import rows_matmul  # noqa: PLC0415
   n, k, e, i, o = 700, 2, 5, 520, 136
   ks = jax.random.split(jax.random.key(4), 3)
   r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)
@@ -381,8 +347,8 @@ def _dw_candidate_cases():
   """Every tile candidate of the weight-gradient kernel, bf16, for the shapes below."""
   if jax.default_backend() != "gpu":
     return []
-  from kernels.cvmm_triton import _dw_candidates  # noqa: PLC0415
-  cands = _dw_candidates(300 * 4, 8, 200, 136, jnp.bfloat16)
+  from kernels.cvmm_triton.dw import dw_candidates  # noqa: PLC0415
+  cands = dw_candidates(300 * 4, 8, 200, 136, jnp.bfloat16)
   # and each expert's rows split over 2 and 4 programs (at this shape the heuristic
   # keeps 1; the autotuner's split candidates appear at larger ones)
   return cands + [dataclasses.replace(cands[0], splits=s) for s in (2, 4)]
@@ -395,7 +361,7 @@ def test_dw_kernel_candidates_match_reference(cfg):
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
   from kernels import make_routing  # noqa: PLC0415
-  from kernels.cvmm_triton import expert_gram  # noqa: PLC0415
+  from kernels.cvmm_triton.dw import expert_gram  # noqa: PLC0415
   n, k, e, i, o = 300, 4, 8, 200, 136
   ks = jax.random.split(jax.random.key(4), 4)
   idx = jax.random.randint(ks[0], (n, k), 0, e - 1)              # expert e-1 gets none
@@ -416,25 +382,26 @@ def test_dw_kernel_candidates_match_reference(cfg):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[6] % 8 == 0 and c[2] > 1],
                          ids=lambda c: c[0])
-def test_bf16_sums_match_reference(case, monkeypatch):
+def test_bf16_sums_match_reference(case):
   """sum_dtype="bfloat16": the gated sums (and the backward's sums over slots) add
   bf16 rows into a bf16 output. Same tolerance as every bf16 result."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
-  from kernels.cvmm_triton import bf16_sums, rows_matmul  # noqa: PLC0415
-  monkeypatch.delenv("CVMM_SUM_DTYPE", raising=False)
-  monkeypatch.setenv("CVMM_UNSCALE", "xla")      # float16 sums then come back in float32
+  from kernels.cvmm_triton.rows import rows_matmul  # noqa: PLC0415
+  from kernels.cvmm_triton.scales import bf16_sums  # noqa: PLC0415
   if not bf16_sums(jnp.bfloat16, case[6], "bfloat16"):
     pytest.skip("bf16 sums need sm90+")
   x, w, g, r, ct = _inputs(case, jnp.bfloat16, True)
   n, m, i = x.shape
-  rows = lambda sd: jax.jit(lambda x, w, g: rows_matmul(  # noqa: E731
+  rows = lambda config: (lambda x, w, g: rows_matmul(  # noqa: E731
       x.reshape(n * m, i), w, r, a_rows=m, out_rows=1, scale=g.reshape(-1),
-      sum_dtype=sd)[0])(x, w, g)
-  assert rows("bfloat16").dtype == jnp.bfloat16   # the bf16 sums ran ...
-  assert rows(None).dtype == jnp.float32          # ... and are not the default
-  got = _outputs(jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, impl="triton",
-                                                 sum_dtype="bfloat16")), x, w, g, r, ct)
+      config=config)[0])
+  bf16 = CvmmConfig(sum_dtype="bfloat16")
+  assert jax.jit(rows(bf16))(x, w, g).dtype == jnp.bfloat16
+  assert not _ran_float16_sums(rows(bf16), x, w, g)     # the bf16 sums ran ...
+  assert _ran_float16_sums(rows(CvmmConfig()), x, w, g)  # ... and are not the default
+  got = _outputs(jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, config=bf16.replace(
+      impl="triton"))), x, w, g, r, ct)
   up = lambda a: a.astype(jnp.float32)  # noqa: E731
   ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
   for name, a, b in zip(["out", "dx", "dw", "dgates"], got, ref):
@@ -445,22 +412,24 @@ def test_bf16_sums_match_reference(case, monkeypatch):
 
 @pytest.mark.parametrize("case", [c for c in PAIR_CASES if c[6] % 8 == 0],
                          ids=lambda c: c[0])
-def test_bf16_sums_fused_pair(case, monkeypatch):
-  """The fused pair with CVMM_SUM_DTYPE=bfloat16 in the environment (output and dx
-  summed in bf16)."""
+def test_bf16_sums_fused_pair(case):
+  """The fused pair with CvmmConfig(sum_dtype="bfloat16") (output and dx summed in
+  bf16): the fused pair's matches the reference as with the default sums."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
   from kernels import make_routing  # noqa: PLC0415
-  from kernels.cvmm_triton import bf16_sums, pair_rows  # noqa: PLC0415
-  monkeypatch.setenv("CVMM_SUM_DTYPE", "bfloat16")
-  if not bf16_sums(jnp.bfloat16, case[6]):
+  from kernels.cvmm_triton.pair import pair_rows  # noqa: PLC0415
+  from kernels.cvmm_triton.scales import bf16_sums  # noqa: PLC0415
+  if not bf16_sums(jnp.bfloat16, case[6], "bfloat16"):
     pytest.skip("bf16 sums need sm90+")
   _, n, k, e, d, h, o, _ = case
   r = make_routing(jax.random.randint(jax.random.key(0), (n, k), 0, e), e)
   z = lambda *s: jnp.zeros(s, jnp.bfloat16)  # noqa: E731
-  out = jax.jit(lambda: pair_rows(z(n, d), z(e, d, h), z(e, h, o), z(n, k), r)["out"])()
-  assert out.dtype == jnp.bfloat16               # the environment switched the sums
-  test_fused_pair_matches_reference(case, jnp.bfloat16)
+  config = CvmmConfig(sum_dtype="bfloat16")
+  out = jax.jit(lambda: pair_rows(z(n, d), z(e, d, h), z(e, h, o), z(n, k), r,
+                                  config=config)["out"])()
+  assert out.dtype == jnp.bfloat16               # the config switched the sums
+  _assert_pair_matches(case, jnp.bfloat16, "bfloat16")
 
 
 def _ran_float16_sums(fn, *args) -> bool:
@@ -483,6 +452,12 @@ def _assert_half_sums_close(label, names, got, ref, f32s, finite=True):
       assert err <= 1.5 * _rel(c, b), (label, name, err, _rel(c, b))
 
 
+def _triton_sums(sum_dtype: str):
+  """cvmm through the Triton kernels with the fused sums in ``sum_dtype``."""
+  config = CvmmConfig(impl="triton", sum_dtype=sum_dtype)
+  return lambda x, r, w, g: cvmm(x, r, w, g, config=config)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c[2] > c[3]], ids=lambda c: c[0])
 def test_float16_sums_match_reference(case):
   """sum_dtype="float16" (scaled float16 sums), bf16 inputs: every result within the
@@ -491,8 +466,7 @@ def test_float16_sums_match_reference(case):
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
   x, w, g, r, ct = _inputs(case, jnp.bfloat16, True)
-  fn = lambda sd: jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, impl="triton",  # noqa: E731
-                                                  sum_dtype=sd))
+  fn = lambda sd: jax.jit(_triton_sums(sd))  # noqa: E731
   assert _ran_float16_sums(fn("float16"), x, r, w, g)
   assert not _ran_float16_sums(fn("float32"), x, r, w, g)
   got = _outputs(fn("float16"), x, w, g, r, ct)
@@ -519,19 +493,18 @@ def test_float16_sums_fused_pair(case, mag):
 
 
 # SwitchHead's projections with k = 2 per head, whose fused sums take the unit-pair
-# kernel (kernels/cvmm_gluon.py, _pairs_sum_kernel): (name, N, H, Ea, Dh, D, kind).
-# "sparse": most expert combinations get no unit; "one_combination": every head picks
-# its experts 0 and 1, in either order.
+# kernel (kernels/cvmm_triton/gluon_pairs.py, pairs_sum_kernel): (name, N, H, Ea, Dh, D,
+# kind). "sparse": most expert combinations get no unit; "one_combination": every head
+# picks its experts 0 and 1, in either order.
 UNIT_PAIR_CASES = [
     ("basic", 300, 4, 10, 128, 256, "random"),
     ("two_heads", 257, 2, 8, 64, 128, "random"),
     ("sparse", 40, 4, 10, 128, 128, "random"),
     ("one_combination", 190, 4, 10, 128, 128, "one"),
 ]
-# CVMM_UNIT_PAIRS settings: the default tile and others (BM x BN x warps x buffers), and
-# the two-half kernel's (x 2 halves)
-UNIT_PAIR_TILES = ["1", "128x32x8x2", "64x64x4x2", "128x64x8x3", "128x64x8x2x2",
-                   "64x64x4x2x2"]
+# Tiles of the unit-pair kernel (BM, BN, warps, buffers): None the autotuner's, then
+# every candidate (kernels.cvmm_triton.gluon_pairs.UNIT_PAIRS_TILES)
+UNIT_PAIR_TILES = [None, (128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (128, 32, 8, 2)]
 
 
 def _head_inputs(case, gated):
@@ -559,7 +532,8 @@ def _head_inputs(case, gated):
   return x, w, g, r, ct
 
 
-@pytest.mark.parametrize("tile", UNIT_PAIR_TILES + ["1-xla"])
+@pytest.mark.parametrize("tile", UNIT_PAIR_TILES,
+                         ids=lambda t: "default" if t is None else "x".join(map(str, t)))
 @pytest.mark.parametrize("gated", [False, True], ids=["V", "O"])
 @pytest.mark.parametrize("case", UNIT_PAIR_CASES, ids=[c[0] for c in UNIT_PAIR_CASES])
 def test_unit_pairs_match_reference(case, gated, tile, monkeypatch):
@@ -567,36 +541,36 @@ def test_unit_pairs_match_reference(case, gated, tile, monkeypatch):
   its dx sums so) with unit pairs: forward and every gradient against the float32
   reference within bf16's tolerance, output and dx no further from it than 1.5x the
   float32 sums' error, and the unit-pair kernel did run (O's forwards, V's dx), with
-  its float16 sums finished in the kernel (CVMM_FINISH=1, every tile) or by XLA
-  ("1-xla": CVMM_FINISH=0, the default tile)."""
+  the autotuner's tile or the one named."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
-  import kernels.cvmm_triton as ct_mod  # noqa: PLC0415
-  from kernels.cvmm_triton import _gluon_device  # noqa: PLC0415
-  if not _gluon_device():
+  if not _hopper():
     pytest.skip("the unit-pair kernel runs on Hopper GPUs only")
-  finish = not tile.endswith("-xla")
-  monkeypatch.setenv("CVMM_FINISH", "1" if finish else "0")
-  monkeypatch.setenv("CVMM_UNIT_PAIRS", tile.split("-")[0])
+  from kernels.cvmm_triton import rows as rows_mod  # noqa: PLC0415
+  from kernels.cvmm_triton.gluon_rows import gluon_tile  # noqa: PLC0415
   calls = []
-  orig = ct_mod.gluon_pairs_sum
-  monkeypatch.setattr(ct_mod, "gluon_pairs_sum",
-                      lambda *a, **kw: calls.append(kw) or orig(*a, **kw))
+  orig = rows_mod.gluon_pairs_sum
+
+  def spy(*a, **kw):         # records each launch's tile (replaced by the one named)
+    if tile is not None:
+      a = a[:4] + (gluon_tile(tile, a[0].shape[1]),) + a[5:]
+    calls.append(a[4])
+    return orig(*a, **kw)
+
+  monkeypatch.setattr(rows_mod, "gluon_pairs_sum", spy)
   x, w, g, r, ct = _head_inputs(case, gated)
   assert r.pairs is not None
-  fn = lambda sd: (lambda x, r, w, g: cvmm(x, r, w, g, impl="triton",  # noqa: E731
-                                           sum_dtype=sd))
-  got = _outputs(fn("float16"), x, w, g, r, ct)
+  got = _outputs(_triton_sums("float16"), x, w, g, r, ct)
   assert len(calls) == (2 if gated else 1), calls   # O: two forwards; V: one dx
-  in_kernel = finish and not tile.endswith("x2x2")     # (the two-half kernel: by XLA)
-  assert all((kw["fin"] is not None) == in_kernel for kw in calls), calls
-  f32s = _outputs(fn("float32"), x, w, g, r, ct)
+  if tile is not None:
+    assert all((c.block_m, c.block_n, c.num_warps, c.num_stages) == tile for c in calls)
+  f32s = _outputs(_triton_sums("float32"), x, w, g, r, ct)
   up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
   ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
   _assert_half_sums_close(case[0], ["out", "dx", "dw", "dgates"], got, ref, f32s)
 
 
-# CVMM_UNIT_STORE tiles: the autotuner's default and every candidate (BMxBNxBKxWxS)
+# unit-store tiles: the autotuner's and every candidate (units_candidates' index)
 UNIT_STORE_TILES = [None, 0, 1, 2, 3]
 
 
@@ -604,29 +578,30 @@ UNIT_STORE_TILES = [None, 0, 1, 2, 3]
                          else f"cand{t}")
 @pytest.mark.parametrize("case", UNIT_PAIR_CASES, ids=[c[0] for c in UNIT_PAIR_CASES])
 def test_unit_store_matches_reference(case, tile, monkeypatch):
-  """SwitchHead's O with CVMM_UNIT_STORE=1: its dx (a head's two experts into the
-  head's row, with dgates) runs the unit-store kernel once; forward and every gradient
-  against the float32 reference within bf16's tolerance, and dx no further from it than
-  1.5x the float32 sums' dx (the kernel adds in float32 and rounds once)."""
+  """SwitchHead's O with unit pairs: its dx (a head's two experts into the head's row,
+  with dgates) runs the unit-store kernel once; forward and every gradient against the
+  float32 reference within bf16's tolerance, and dx no further from it than 1.5x that
+  of float32 sums through the row kernels (the same routing without unit pairs; the
+  unit-store kernel adds in float32 and rounds once)."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
-  import kernels.cvmm_triton as ct_mod  # noqa: PLC0415
-  monkeypatch.setenv("CVMM_UNIT_STORE", "1")
+  from kernels import make_routing  # noqa: PLC0415
+  from kernels.cvmm_triton import rows as rows_mod  # noqa: PLC0415
+  from kernels.cvmm_triton.units import units_candidates  # noqa: PLC0415
   calls = []
-  orig = ct_mod.units_store
+  orig = rows_mod.units_store
   if tile is None:
     wrap = lambda *a, **kw: calls.append(a[5]) or orig(*a, **kw)  # noqa: E731
   else:
-    cfg = ct_mod._units_candidates(case[4], jnp.bfloat16)[tile]
+    cfg = units_candidates(case[4], jnp.bfloat16)[tile]
     wrap = lambda *a, **kw: calls.append(cfg) or orig(*a[:5], cfg, *a[6:], **kw)  # noqa: E731
-  monkeypatch.setattr(ct_mod, "units_store", wrap)
+  monkeypatch.setattr(rows_mod, "units_store", wrap)
   x, w, g, r, ct = _head_inputs(case, True)
-  fn = lambda sd: (lambda x, r, w, g: cvmm(x, r, w, g, impl="triton",  # noqa: E731
-                                           sum_dtype=sd))
-  got = _outputs(fn("float16"), x, w, g, r, ct)
+  got = _outputs(_triton_sums("float16"), x, w, g, r, ct)
   assert len(calls) == 1, calls                        # O's dx
-  monkeypatch.setenv("CVMM_UNIT_STORE", "0")
-  f32s = _outputs(fn("float32"), x, w, g, r, ct)
+  plain = make_routing(r.expert_index, r.n_experts)    # no unit pairs: the row kernels
+  assert plain.pairs is None
+  f32s = _outputs(_triton_sums("float32"), x, w, g, plain, ct)
   assert len(calls) == 1, calls
   up = lambda a: a.astype(jnp.float32)  # noqa: E731
   ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
@@ -638,13 +613,13 @@ def test_unit_store_matches_reference(case, tile, monkeypatch):
 @pytest.mark.parametrize("reverse", [True, False], ids=["last_first", "first_first"])
 @pytest.mark.parametrize("shape", [(65, 1024), (300, 200), (8, 8)], ids=str)
 def test_unscale_kernel_matches_xla(shape, reverse, dtype):
-  """unscale_rows (the Triton scale-back of float16 sums, CVMM_UNSCALE=triton) equals
-  XLA's pass bit for bit, in place (its input dead after the call) and where the input
-  is used again (XLA must copy it first: the input then comes back unchanged);
-  infinities, nan and 2^120 scales included."""
+  """unscale_rows (the Triton scale-back of float16 sums) equals XLA's pass bit for
+  bit, in place (its input dead after the call) and where the input is used again (XLA
+  must copy it first: the input then comes back unchanged); infinities, nan and 2^120
+  scales included."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
-  from kernels.cvmm_triton import unscale_rows  # noqa: PLC0415
+  from kernels.cvmm_triton.scales import unscale_rows  # noqa: PLC0415
   r, o = shape
   ks = jax.random.split(jax.random.key(r + o), 2)
   x = (jax.random.normal(ks[0], (r, o)) * 300).astype(jnp.float16)
@@ -663,18 +638,16 @@ def test_unscale_kernel_matches_xla(shape, reverse, dtype):
   np.testing.assert_array_equal(bits(x_after), bits(x))
 
 
-@pytest.mark.parametrize("unscale", ["triton", "triton_fwd"])
 @pytest.mark.parametrize("case", ["down", "switchhead_o", "pair"])
-def test_unscale_kernel_in_cvmm(case, unscale, monkeypatch):
-  """The float16 sums scaled back by unscale_rows (CVMM_UNSCALE) through the library:
-  the σ-MoE down projection (gated rows, forward and dx), SwitchHead's O (unit pairs
-  where the routing carries them) and the fused pair, forward and every gradient in
-  bf16, against the float32 reference; the outputs' dtype is the inputs'."""
+def test_unscale_kernel_in_cvmm(case):
+  """The float16 sums scaled back by the Triton kernels through the library: the σ-MoE
+  down projection (gated rows, forward and dx), SwitchHead's O (unit pairs where the
+  routing carries them) and the fused pair, forward and every gradient in bf16,
+  against the float32 reference; the outputs' dtype is the inputs'."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
   from kernels import make_head_routing, make_routing  # noqa: PLC0415
-  monkeypatch.setenv("CVMM_UNSCALE", unscale)
-  monkeypatch.setenv("CVMM_SUM_DTYPE", "float16")
+  config = CvmmConfig(impl="triton", sum_dtype="float16")
   ks = jax.random.split(jax.random.key(3), 6)
   if case == "pair":
     n, k, e, d, h = 700, 8, 40, 256, 128
@@ -686,7 +659,7 @@ def test_unscale_kernel_in_cvmm(case, unscale, monkeypatch):
     ct = jax.random.normal(ks[5], (n, d))
     from kernels.cvmm_triton import cvmm_triton_pair  # noqa: PLC0415
     f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
-    fns = [lambda x, wu, wd, g: cvmm_triton_pair(x, r, wu, wd, g),
+    fns = [lambda x, wu, wd, g: cvmm_triton_pair(x, r, wu, wd, g, config=config),
            lambda x, wu, wd, g: cvmm_pair_reference(f32(x), r, f32(wu), f32(wd), g)]
     args = (x, wu, wd, g)
   else:
@@ -702,7 +675,7 @@ def test_unscale_kernel_in_cvmm(case, unscale, monkeypatch):
     w = (jax.random.normal(ks[2], (r.n_experts, i, o)) * i ** -0.5).astype(jnp.bfloat16)
     g = jax.random.uniform(ks[4], (n, k))
     ct = jax.random.normal(ks[5], (n, o))
-    fns = [lambda x, w, g: cvmm(x, r, w, g, impl="triton"),
+    fns = [lambda x, w, g: cvmm(x, r, w, g, config=config),
            lambda x, w, g: cvmm_reference(x.astype(jnp.float32), r,
                                           w.astype(jnp.float32), g)]
     args = (x, w, g)
@@ -715,7 +688,7 @@ def test_unscale_kernel_in_cvmm(case, unscale, monkeypatch):
   for j, (got, want) in enumerate(zip(*outs)):
     err = _rel(got, want)
     assert np.all(np.isfinite(np.asarray(got, np.float32))), (case, j)
-    assert err <= TOL[jnp.bfloat16], (case, unscale, j, err)
+    assert err <= TOL[jnp.bfloat16], (case, j, err)
 
 
 # (N, K, E, I, O, a_rows, out_rows, transposed): σ-MoE down (each pair's own row, one
@@ -728,36 +701,35 @@ CHECKED_SHAPES = [(700, 16, 40, 128, 1024, 16, 1, False),
 @pytest.mark.parametrize("kernel", ["rows2", "triton"])
 @pytest.mark.parametrize("shape", CHECKED_SHAPES, ids=str)
 def test_checked_f16_scales_repair_rows(shape, kernel, monkeypatch):
-  """Checked float16 scales (CVMM_F16_SCALES=checked, the default) through rows_matmul
-  with the two-half Gluon kernel and with a Triton row tile, bf16 in and out: with the
-  estimate right no row is recomputed and the sums match float32; with the estimate
-  2^20 too low (every row's sums overflow float16) or 2^30 too high (every row below
-  float16's precision) every row is recomputed in float32; a row 2^16 above its
-  token's sample (its sums overflow), or holding an infinity, alone."""
+  """Checked float16 scales (CvmmConfig(f16_scales="checked"), the default) through
+  rows_matmul with the two-half Gluon kernel and with a Triton row tile, bf16 in and
+  out: with the estimate right no row is recomputed and the sums match float32; with
+  the estimate 2^20 too low (every row's sums overflow float16) or 2^30 too high (every
+  row below float16's precision) every row is recomputed in float32; a row 2^16 above
+  its token's sample (its sums overflow), or holding an infinity, alone."""
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
-  import kernels.cvmm_triton as ct_mod  # noqa: PLC0415
-  if kernel == "rows2" and not ct_mod._gluon_device():
+  if kernel == "rows2" and not _hopper():
     pytest.skip("the Gluon kernels run on Hopper GPUs only")
-  monkeypatch.setenv("CVMM_F16_SCALES", "checked")
-  monkeypatch.setenv("CVMM_UNSCALE", "triton")
+  from kernels.autotune import TileConfig  # noqa: PLC0415
+  from kernels.cvmm_triton import rows as rows_mod, scales  # noqa: PLC0415
   n, k, e, i, o, a_rows, out_rows, transpose = shape
-  cfg = (ct_mod.TileConfig(128, 64, i, 8, 2, loop_n=True, gluon=True, halves=2)
-         if kernel == "rows2" else ct_mod._triton_rows_candidates(i, o, jnp.bfloat16)[0])
+  cfg = (TileConfig(128, 64, i, 8, 2, loop_n=True, gluon=True, halves=2)
+         if kernel == "rows2" else rows_mod.triton_rows_candidates(i, o, jnp.bfloat16)[0])
+  config = CvmmConfig(sum_dtype="float16", f16_scales="checked")
   r, a, w, g, w_arg = _sum_inputs(9, n, k, e, i, o, a_rows, transpose)
-  seen, orig = [], ct_mod.unscale_rows_checked
+  seen, orig = [], rows_mod.unscale_rows_checked
 
   def spy(out, inv_s, sampled, *args, **kw):
     seen.append((np.asarray(out, np.float32), np.asarray(sampled)))
     return orig(out, inv_s, sampled, *args, **kw)
 
-  monkeypatch.setattr(ct_mod, "unscale_rows_checked", spy)
+  monkeypatch.setattr(rows_mod, "unscale_rows_checked", spy)
   p = jnp.arange(n * k)
 
   def run(a, bad_rows=()):
-    out, _ = ct_mod.rows_matmul(a, w_arg, r, a_rows=a_rows, out_rows=out_rows,
-                                transpose_w=transpose, scale=g, cfg=cfg,
-                                sum_dtype="float16")
+    out, _ = rows_mod.rows_matmul(a, w_arg, r, a_rows=a_rows, out_rows=out_rows,
+                                  transpose_w=transpose, scale=g, cfg=cfg, config=config)
     sums, sampled = seen.pop()
     assert not seen and out.dtype == jnp.bfloat16
     top = np.where(np.isnan(sums), np.inf, np.abs(sums)).max(axis=1)
@@ -774,10 +746,11 @@ def test_checked_f16_scales_repair_rows(shape, kernel, monkeypatch):
     assert err <= SUM_TOL["float16"] + _rel(ref.astype(jnp.bfloat16), ref), err
 
   run(a)
+  # the estimate's aim (a private constant of the scales: no other way to make it wrong)
   for aim in (-20, 30):
-    monkeypatch.setattr(ct_mod, "_CHECK_AIM_BELOW", aim)
+    monkeypatch.setattr(scales, "_CHECK_AIM_BELOW", aim)
     run(a, bad_rows=np.arange(n * out_rows))
-  monkeypatch.setattr(ct_mod, "_CHECK_AIM_BELOW", 2)
+  monkeypatch.setattr(scales, "_CHECK_AIM_BELOW", 2)
   # token 3's last row (not the estimate's sample) 2^16 larger; token 5's with an inf
   last = lambda t: t * a_rows + a_rows - 1  # noqa: E731
   run(a.at[last(3)].multiply(2.0 ** 16), bad_rows=[3 * out_rows + out_rows - 1])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import profiles
+from moeut_jax import profiles
 import torch_reference as ref
 from cvmm_cases import rel_err
 from moeut_jax import AttentionMask, MoEUT, MoEUTLM, generate
@@ -66,8 +66,6 @@ def test_moeut_44m_with_odd_rotary_width_runs():
     (dict(SMALL, ff_k=9), "ff_k=9 cannot exceed ff_n_experts=8"),
     (dict(SMALL, att_k=5), "att_k=5 cannot exceed att_n_experts=4"),
     (dict(SMALL, dropout=1.5), "dropout=1.5 must be in"),
-    (dict(SMALL, cvmm_impl="cuda"), "cvmm_impl='cuda' must be one of"),
-    (dict(SMALL, cvmm_sum_dtype="half"), "cvmm_sum_dtype='half' must be None or one of"),
     (dict(SMALL, scan_unroll=0), "scan_unroll=0 must be None or a positive integer"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, message):
@@ -75,27 +73,31 @@ def test_bad_configs_raise_clear_errors(kwargs, message):
     MoEUTLM(V, **kwargs)
 
 
-def test_cvmm_sum_dtype_reaches_every_cvmm_call(monkeypatch):
-  """cvmm_sum_dtype is passed to the σ-MoE pair and to SwitchHead's V and O calls (on
-  the CPU they sum in float32 whatever it says, so the calls are recorded)."""
+def test_cvmm_config_reaches_every_cvmm_call(monkeypatch):
+  """The model's CvmmConfig is passed to the σ-MoE pair and to SwitchHead's V and O
+  calls (on the CPU they sum in float32 whatever it says, so the calls are recorded);
+  anything but a CvmmConfig is refused."""
+  from kernels import CvmmConfig
   from moeut_jax import attention, sigma_moe
   seen = []
 
   def spy(fn):
     def wrapped(*args, **kwargs):
-      seen.append((fn.__name__, kwargs.get("sum_dtype")))
+      seen.append((fn.__name__, kwargs.get("config")))
       return fn(*args, **kwargs)
     return wrapped
 
   monkeypatch.setattr(sigma_moe, "cvmm_pair", spy(sigma_moe.cvmm_pair))
   monkeypatch.setattr(attention, "cvmm", spy(attention.cvmm))
   toks = jnp.arange(6, dtype=jnp.int32)[None]
-  for sd in (None, "bfloat16"):
+  for config in (CvmmConfig(), CvmmConfig(impl="xla", sum_dtype="bfloat16")):
     seen.clear()
-    model = MoEUTLM(V, **dict(SMALL, cvmm_sum_dtype=sd))
+    model = MoEUTLM(V, **dict(SMALL, cvmm=config))
     model.apply(model.init(jax.random.PRNGKey(0), toks), toks)
     assert {name for name, _ in seen} == {"cvmm_pair", "cvmm"}
-    assert all(got == sd for _, got in seen), seen
+    assert all(got == config for _, got in seen), seen
+  with pytest.raises(TypeError, match="cvmm must be a kernels.CvmmConfig"):
+    MoEUTLM(V, **dict(SMALL, cvmm="xla"))
 
 
 def test_bad_inputs_raise_clear_errors(small):

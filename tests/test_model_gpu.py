@@ -82,12 +82,13 @@ def test_two_gpus_under_a_mesh_match_one_gpu():
   <= 1e-5. (In bf16 each side's own rounding, about 1e-2 in the embedding gradient
   here, would hide a sharding error of that size.)"""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: PLC0415
+  from kernels import CvmmConfig  # noqa: PLC0415
   from moeut_jax import MoEUTLM  # noqa: PLC0415
   from moeut_jax.parallel import batch_axes  # noqa: PLC0415
 
   m = MoEUTLM(n_tokens=512, d_model=256, n_layers=4, n_heads=4, d_head=64, ff_n_experts=32,
               att_n_experts=4, ff_expert_size=64, ff_k=4, att_k=2, group_size=2,
-              dtype=jnp.float32, cvmm_impl="auto")
+              dtype=jnp.float32, cvmm=CvmmConfig(impl="auto"))
   toks = jax.random.randint(jax.random.PRNGKey(3), (4, 256), 0, 512)
   params = m.init(jax.random.PRNGKey(0), toks)["params"]
 

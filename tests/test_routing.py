@@ -218,7 +218,6 @@ def test_unit_routing_sorts_once_into_partner_blocks(packed, monkeypatch):
   idx = (block[..., None] * b + local).reshape(n, k).astype(np.int32)
   r = kr.make_unit_routing(jnp.asarray(idx), e, b)
   plain = make_routing(jnp.asarray(idx), e)
-  assert not r.tokens_ascending and plain.tokens_ascending
   np.testing.assert_array_equal(np.asarray(r.order), _unit_layout(idx, e))
   assert r.order.dtype == r.group_sizes.dtype == r.group_offsets.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(r.group_sizes), np.asarray(plain.group_sizes))
@@ -230,8 +229,6 @@ def test_unit_routing_sorts_once_into_partner_blocks(packed, monkeypatch):
   np.testing.assert_array_equal(np.asarray(traced.order), np.asarray(r.order))
   np.testing.assert_array_equal(np.asarray(traced.tile_lists["expert/8"]),
                                 np.asarray(plain.tiles(8)))
-  with pytest.raises(ValueError, match="token order"):
-    r.band_tiles(8, 16)
   with pytest.raises(ValueError, match="different blocks"):
     kr.make_unit_routing(jnp.asarray([[0, 4]], jnp.int32), e, b)
 
@@ -256,7 +253,7 @@ def test_unit_routing_gives_the_same_cvmm(gated):
   grads = lambda r: jax.grad(loss, argnums=(1, 2, 3) if gated else (1, 2))(r, x, w, g)  # noqa: E731
   ru = make_head_routing(idx, ea, unit_pairs=True)
   rp = make_head_routing(idx, ea, unit_pairs=False)
-  assert ru.pairs is not None and not ru.tokens_ascending
+  assert ru.pairs is not None and rp.pairs is None
   np.testing.assert_allclose(cvmm(x, ru, w, g, impl="xla"), cvmm(x, rp, w, g, impl="xla"),
                              rtol=1e-6, atol=1e-6)
   for a, b in zip(grads(ru), grads(rp)):
@@ -285,28 +282,28 @@ def test_unit_pairs_refuse_what_they_cannot_group():
 
 
 def test_unit_pairs_by_default_only_for_large_routings_on_gpus(monkeypatch):
-  """SwitchHead routings carry unit pairs by default only on GPUs: with CVMM_UNIT_PAIRS
-  unset from UNIT_PAIRS_MIN_UNITS units, with 1 or a tile always, with 0 never; on
-  other backends never. make_head_routing asks with its N * H units."""
+  """SwitchHead routings carry unit pairs by default (unit_pairs None) only on GPUs, from
+  UNIT_PAIRS_MIN_UNITS units; True and False decide; make_head_routing asks with its
+  N * H units; the model passes CvmmConfig.unit_pairs on GPUs and False elsewhere."""
   import kernels.routing as kr
+  from kernels import CvmmConfig
+  from moeut_jax import attention
   big, small = kr.UNIT_PAIRS_MIN_UNITS, kr.UNIT_PAIRS_MIN_UNITS - 1
-  monkeypatch.delenv("CVMM_UNIT_PAIRS", raising=False)
   monkeypatch.setattr(kr.jax, "default_backend", lambda: "gpu")
   assert kr.unit_pairs_wanted(big) and not kr.unit_pairs_wanted(small)
-  for env in ("1", "128x64x8x2"):
-    monkeypatch.setenv("CVMM_UNIT_PAIRS", env)
-    assert kr.unit_pairs_wanted(small) and kr.unit_pairs_wanted(big)
-  monkeypatch.setenv("CVMM_UNIT_PAIRS", "0")
-  assert not kr.unit_pairs_wanted(big)
-  monkeypatch.delenv("CVMM_UNIT_PAIRS")
+  idx = jnp.zeros((6, 3, 2), jnp.int32)
+  assert kr.make_head_routing(idx, 4, unit_pairs=True).pairs is not None
+  assert kr.make_head_routing(idx, 4, unit_pairs=False).pairs is None
   asked = []
   monkeypatch.setattr(kr, "unit_pairs_wanted", lambda u: asked.append(u) or False)
-  kr.make_head_routing(jnp.zeros((6, 3, 2), jnp.int32), 4)
+  kr.make_head_routing(idx, 4)
   assert asked == [18]
   monkeypatch.undo()
   monkeypatch.setattr(kr.jax, "default_backend", lambda: "cpu")
-  monkeypatch.setenv("CVMM_UNIT_PAIRS", "1")
   assert not kr.unit_pairs_wanted(big)
+  logits = jnp.zeros((1, 6, 3, 4))
+  _, r = attention._route(logits, None, 2, CvmmConfig(unit_pairs=True))
+  assert r.pairs is None                     # the CPU path has no use for them
 
 
 def test_unit_pair_tiles_in_combination_order():

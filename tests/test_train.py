@@ -336,10 +336,10 @@ def test_cli_flags_override_the_profile_recipe(tmp_path):
   assert config.steps == 7 and config.d_model == 64
   assert config.seq_len == 128  # MoEUT_tiny's recipe
   assert config.model_kwargs()["d_model"] == 64
-  assert config.model_kwargs()["cvmm_sum_dtype"] == "float16"
+  assert config.model_kwargs()["cvmm"].sum_dtype == "float16"
   sums = train.config_from_args(train.make_parser().parse_args(
       ["--cvmm-sum-dtype", "bfloat16", "--workdir", str(tmp_path)]))
-  assert sums.model_kwargs()["cvmm_sum_dtype"] == "bfloat16"
+  assert sums.model_kwargs()["cvmm"].sum_dtype == "bfloat16"
   assert config.model_kwargs()["scan_unroll"] is None
   unrolled = train.config_from_args(train.make_parser().parse_args(
       ["--scan-unroll", "3", "--workdir", str(tmp_path)]))

@@ -12,8 +12,8 @@ import dataclasses
 import json
 from typing import Any, Optional
 
-import profiles
-from kernels import SUM_DTYPES
+from moeut_jax import profiles
+from kernels import IMPLEMENTATIONS, SUM_DTYPES, CvmmConfig
 
 # Fields of the profile dicts in profiles.py; each can be overridden one by one.
 MODEL_FIELDS = ("d_model", "n_layers", "n_heads", "ff_n_experts", "ff_expert_size",
@@ -42,7 +42,7 @@ class Config:
   """All settings of a run (defaults: the paper's recipe)."""
 
   # --- Model -------------------------------------------------------------------------------
-  profile: str = _f("MoEUT_tiny", "model profile from profiles.py",
+  profile: str = _f("MoEUT_tiny", "model profile from moeut_jax/profiles.py",
                     choices=profiles.ALL_PROFILES)
   d_model: Optional[int] = _f(None, "override the profile's d_model", group="model")
   n_layers: Optional[int] = _f(None, "override the profile's n_layers", group="model")
@@ -60,8 +60,9 @@ class Config:
                                 group="model")
   entropy_reg: Optional[float] = _f(None, "weight of the entropy regulariser (unset: the "
                                     "model's default)", group="model")
-  cvmm_impl: str = _f("auto", "CVMM implementation: auto, xla, triton, mosaic, reference",
-                      group="model")
+  cvmm_impl: str = _f("auto", "CVMM implementation: auto (Triton on GPUs, XLA elsewhere), "
+                      "xla, triton, triton_unfused, mosaic, reference",
+                      choices=IMPLEMENTATIONS, group="model")
   cvmm_sum_dtype: str = _f("float16", "dtype of the GPU CVMM kernels' sums over experts "
                            "in 16-bit runs: float16 (rows scaled against overflow) has "
                            "about float32's accuracy at half its memory traffic; float32 "
@@ -191,8 +192,7 @@ class Config:
     for name in ("dropout", "entropy_reg"):
       if getattr(self, name) is not None:
         kwargs[name] = getattr(self, name)
-    kwargs["cvmm_impl"] = self.cvmm_impl
-    kwargs["cvmm_sum_dtype"] = self.cvmm_sum_dtype
+    kwargs["cvmm"] = CvmmConfig(impl=self.cvmm_impl, sum_dtype=self.cvmm_sum_dtype)
     kwargs["scan_unroll"] = self.scan_unroll
     return kwargs
 
