@@ -15,8 +15,8 @@ add, 2 for bf16):
   *_win     token index modulo 4096 (a 16 MiB output that stays in L2)
   *_contig  consecutive rows, no gather (tiles cover rows z*BM .. z*BM+BM-1)
 
-  python3 -m bench.reduce_probe [--tokens 65536] [--experts 387] [--k 16] [--d 1024]
-  python3 -m bench.reduce_probe --once v4,store    (each variant once, for ncu)
+  python3 -m bench.probes.reduce_probe [--tokens 65536] [--experts 387] [--k 16] [--d 1024]
+  python3 -m bench.probes.reduce_probe --once v4,store    (each variant once, for ncu)
 
 Needs torch and triton (not jax); run on the GPU machine.
 """

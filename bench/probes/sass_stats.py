@@ -2,15 +2,15 @@
 kernel and tiling (registers, shared memory per block, blocks per SM those two allow,
 and counts in the machine code).
 
-  python -m bench.sass_stats                      the Gluon row kernel's tile candidates
+  python -m bench.probes.sass_stats               the Gluon row kernel's tile candidates
                                                   (and its two-half variant's),
                                                   the unit-pair kernel's (SwitchHead's O
                                                   forward, V's dx), the Triton
                                                   kernels' cached tiles and the
                                                   unit-store kernel's candidates
                                                   (SwitchHead O's dx)
-  python -m bench.sass_stats --gluon 128x64x8x4,128x64x4x4 --triton ""
-  python -m bench.sass_stats --shape 128,1024,16  (I or H, O, K)
+  python -m bench.probes.sass_stats --gluon 128x64x8x4,128x64x4x4 --triton ""
+  python -m bench.probes.sass_stats --shape 128,1024,16  (I or H, O, K)
 
 Counts are of instructions in the code, not executed ones (loops count once). See
 kernels/offline.py. Compiling needs Triton (with Gluon) only; it runs on the CPU.

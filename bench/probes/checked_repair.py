@@ -2,7 +2,7 @@
 projection's forward (a gated cvmm call) with no row, a share of the rows, or every
 row recomputed in float32 by the scale-back's repair (kernels.cvmm_triton.unscale_rows_checked).
 
-  python -m bench.checked_repair --profile MoEUT_244M [--tokens 65536] [--shares 0.001,0.01]
+  python -m bench.probes.checked_repair --profile MoEUT_244M [--tokens 65536] [--shares 0.001,0.01]
 
 A share s of the tokens gets its last input row 2^16 times larger than the others: the
 estimate, which samples each token's first row, then puts that row's sums past
