@@ -65,7 +65,8 @@ def make_parser() -> argparse.ArgumentParser:
       "  eval    perplexity of a checkpoint on given text: train.py eval --help\n"
       "  sample  text from a checkpoint: train.py sample --help\n\n"
       "Unset flags take the profile's recipe (MoEUT_tiny: a 2-core-CPU demo), else the paper's\n"
-      "recipe (SPEC §9). Compute is bfloat16 on GPU/TPU and float32 on CPU (--compute-dtype).\n"
+      "recipe (docs/semantics.md §9 in the repository). Compute is bfloat16 on GPU/TPU and\n"
+      "float32 on CPU (--compute-dtype).\n"
       "Resuming: a --workdir with checkpoints restarts from its config.json; flags given\n"
       "again override it (changing the model, data or batch is refused).")
   parser.add_argument("--workdir", default=DEFAULT_WORKDIR,

@@ -8,7 +8,7 @@ Dimension legend (used across moeut_jax/):
 The G distinct layers form one ``LayerGroup`` that ``nn.scan`` applies R times with its
 parameters broadcast: stored once, shared by every repeat, so parameters and compile
 time do not grow with depth. The entropy regulariser is carried through the scan as a
-running log-sum-exp, over time and repeats (SPEC §5).
+running log-sum-exp, over time and repeats (docs/semantics.md §5).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Parity with the PyTorch reference of SPEC (tests/torch_reference.py), float32 on both sides.
+"""Parity with the PyTorch reference of docs/semantics.md (tests/torch_reference.py),
+float32 on both sides.
 
 Weights are made by the reference, carried over with moeut_jax.convert, and the logits,
 the training-mode reg_loss and the gradient of cross-entropy + reg_loss for every

@@ -295,6 +295,7 @@ def test_cli_help_lists_the_flags(tmp_path):
   for flag in ("--profile", "--data", "--workdir", "--steps", "--batch-size", "--seq-len",
                "--lr", "--seed", "--d-model", "--grad-accum", "eval", "sample"):
     assert flag in proc.stdout, flag
+  assert "docs/semantics.md §9" in proc.stdout   # a document the repository ships
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path):

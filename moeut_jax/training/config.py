@@ -1,10 +1,10 @@
 """Every training setting in one frozen dataclass, with the paper's recipe as defaults.
 
-Precedence, lowest first: the paper's recipe (the field defaults below, SPEC §9), then the
-profile's recipe (``PROFILE_RECIPES``: the paper trains its 44M model without warm-up and with
-clipping 0.1; ``MoEUT_tiny`` gets a recipe that trains in minutes on a 2-core CPU), then explicit
-overrides (command-line flags). Model fields (``d_model`` ...) left at ``None`` come from the
-profile in ``profiles.py``.
+Precedence, lowest first: the paper's recipe (the field defaults below, docs/semantics.md §9),
+then the profile's recipe (``PROFILE_RECIPES``: the paper trains its 44M model without warm-up
+and with clipping 0.1; ``MoEUT_tiny`` gets a recipe that trains in minutes on a 2-core CPU),
+then explicit overrides (command-line flags). Model fields (``d_model`` ...) left at ``None``
+come from the profile in ``profiles.py``.
 """
 from __future__ import annotations
 
