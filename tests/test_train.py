@@ -230,10 +230,9 @@ def test_incompatible_checkpoint_is_refused_and_kept(tiny_run):
   assert _hash_tree(os.path.join(workdir, "checkpoints")) == before
 
 
-def test_corrupt_checkpoint_is_reported_and_kept(tiny_run, tmp_path):
-  config, workdir, _ = tiny_run
+def _corrupt_copy(workdir: str, copy: str) -> str:
+  """A copy of ``workdir`` whose last checkpoint (24) has its array files truncated."""
   import shutil  # pylint: disable=import-outside-toplevel
-  copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
   data_files = [p for p in glob.glob(os.path.join(copy, "checkpoints", "24", "state", "**"),
                                      recursive=True)
@@ -242,10 +241,83 @@ def test_corrupt_checkpoint_is_reported_and_kept(tiny_run, tmp_path):
   for p in data_files:
     with open(p, "r+b") as f:
       f.truncate(7)
+  return copy
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(tiny_run, tmp_path):
+  config, workdir, _ = tiny_run
+  copy = _corrupt_copy(workdir, str(tmp_path / "copy"))
   before = _hash_tree(os.path.join(copy, "checkpoints"))
   with pytest.raises(CheckpointError, match=r"cannot restore checkpoint .*24.*earlier one \(12\)"):
     train_and_evaluate(config.replace(steps=30), copy)
   assert _hash_tree(os.path.join(copy, "checkpoints")) == before
+
+
+def _abandoned_reads_report():
+  """What orbax's abandoned reads report after a failed restore, through the same channels:
+  a coroutine whose cleanup meets the closed event loop (an unraisable exception), a task
+  destroyed while pending and a failed task nobody awaited (asyncio's log)."""
+  import asyncio  # pylint: disable=import-outside-toplevel
+  import gc  # pylint: disable=import-outside-toplevel
+  loop = asyncio.new_event_loop()
+
+  async def _read_array_index_and_device_put():  # orbax's name for one array read
+    try:
+      await asyncio.sleep(3600)
+    finally:
+      loop.call_soon(lambda: None)                 # RuntimeError: Event loop is closed
+
+  async def failed_read():
+    try:
+      raise ValueError("OUT_OF_RANGE: Error reading in OCDBT database")
+    except ValueError as e:
+      raise Exception("Encountered error while reading array index: (slice(0, 4, 1),). "  # pylint: disable=broad-exception-raised
+                      "See full TensorStore details: {...}") from e
+
+  tasks = [loop.create_task(_read_array_index_and_device_put()), loop.create_task(failed_read())]
+  loop.run_until_complete(asyncio.sleep(0.01))
+  loop.close()
+  del tasks
+  gc.collect()
+
+
+def test_corrupt_checkpoint_silences_the_abandoned_reads(tiny_run, tmp_path, monkeypatch, caplog):
+  """Only the one clear message: reports of the reads a failed restore left behind are
+  dropped, other unraisable exceptions still reach the previous hook."""
+  import logging  # pylint: disable=import-outside-toplevel
+  config, workdir, _ = tiny_run
+  copy = _corrupt_copy(workdir, str(tmp_path / "copy"))
+  unraisable = []
+  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+  monkeypatch.setattr(logging.getLogger("asyncio"), "filters", [])  # as in a fresh process
+  caplog.set_level(logging.ERROR, logger="asyncio")
+  _abandoned_reads_report()                        # before: they do get through
+  assert [str(u.exc_value) for u in unraisable] == ["Event loop is closed"]
+  messages = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+  assert any("destroyed but it is pending" in m for m in messages), messages
+  assert any("exception was never retrieved" in m for m in messages), messages
+  unraisable.clear()
+  caplog.clear()
+  with pytest.raises(CheckpointError, match="cannot restore checkpoint"):
+    train_and_evaluate(config.replace(steps=30), copy, log=lambda *_: None)
+  _abandoned_reads_report()                        # after the failed restore: silent
+  assert unraisable == []
+  assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+  sys.unraisablehook(type("U", (), dict(exc_value=RuntimeError("another"), object=None)))
+  assert [str(u.exc_value) for u in unraisable] == ["another"]
+
+
+def test_cli_corrupt_checkpoint_prints_one_message(tiny_run, compilation_cache, tmp_path):
+  _, workdir, _ = tiny_run
+  _corrupt_copy(workdir, str(tmp_path / "copy"))
+  proc = _cli("--workdir", "copy", "--steps", "30", "--jax-cache", compilation_cache,
+              cwd=tmp_path)
+  assert proc.returncode == 1
+  assert proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr[-3000:]
+  assert proc.stderr.startswith("error: cannot restore checkpoint copy/checkpoints/24: it is "
+                                "corrupt")
+  assert "earlier one (12). Nothing was overwritten" in proc.stderr
+  assert "TensorStore" not in proc.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path,
