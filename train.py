@@ -117,11 +117,14 @@ def _setup_jax(cache: str) -> None:
 def config_from_args(args: argparse.Namespace):
   """Flags -> Config. A workdir with checkpoints starts from its saved config.json."""
   from moeut_jax.training import Config  # pylint: disable=import-outside-toplevel
+  from moeut_jax.training.config import INVOCATION_FIELDS  # pylint: disable=import-outside-toplevel
   given = {k: v for k, v in vars(args).items() if k not in ("workdir", "jax_cache")}
   saved = os.path.join(args.workdir, "config.json")
   if os.path.exists(saved) and os.path.isdir(os.path.join(args.workdir, "checkpoints")):
     with open(saved) as f:
       base = json.load(f)
+    for name in INVOCATION_FIELDS:  # (config.json of older versions saved them)
+      base.pop(name, None)
     if "profile" in given and given["profile"] != base.get("profile"):
       base = {}  # A new profile: the checkpoint check will report what differs.
     base.update(given)

@@ -138,3 +138,20 @@ def test_metrics_without_tensorboardx_keep_the_jsonl(tmp_path, monkeypatch):
   records = [json.loads(line) for line in open(tmp_path / metrics_lib.JSONL)]
   assert records == [{"step": 1, "split": "train", "loss": 2.5, "tokens_per_s": 10.0}]
   assert not (tmp_path / "tensorboard").exists()
+
+
+def test_one_document_is_counted_in_the_singular(tmp_path):
+  (tmp_path / "a.txt").write_text((CODE * 3 + "The quick brown fox 0123456789.\n") * 200)
+  config = Config.for_profile(data=(str(tmp_path / "a.txt"),), vocab_size=320, seq_len=8,
+                              tokenizer_train_chars=10**6)
+  said = []
+  data_lib.prepare(config, str(tmp_path / "w"), log=said.append)
+  assert any(s.startswith("Tokenizing 1 document (") for s in said), said
+
+
+def test_resume_differences_name_the_built_in_data():
+  from moeut_jax.training.config import resume_differences  # pylint: disable=import-outside-toplevel
+  saved = Config.for_profile().to_saved_dict()
+  assert resume_differences(saved, Config.for_profile(data=("corpus",))) == [
+      "data: the built-in standard-library data (checkpoint) != ['corpus'] (now)"]
+  assert "stop_at_step" not in Config.for_profile(stop_at_step=5).to_saved_dict()

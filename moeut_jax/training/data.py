@@ -266,7 +266,8 @@ def _build_cache(config, files, cdir, fingerprint, tok, what, log) -> dict:
     log(f"Training a SentencePiece BPE tokenizer ({config.vocab_size} pieces) on {what}...")
     tok = tokenizer_lib.train_tokenizer(docs, os.path.join(cdir, "tokenizer.model"),
                                         config.vocab_size, config.tokenizer_train_chars)
-  log(f"Tokenizing {len(docs)} documents ({sum(map(len, docs)) / 1e6:.1f} M characters)...")
+  log(f"Tokenizing {len(docs):,} document{'s' if len(docs) != 1 else ''} "
+      f"({sum(map(len, docs)) / 1e6:.1f} M characters)...")
   tokens = tok.encode_documents(docs)
   train, valid = _split(TokenStream([tokens]), config, what)
   for name, part in (("train", train), ("valid", valid)):
