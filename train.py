@@ -90,6 +90,9 @@ def _eval_parser() -> argparse.ArgumentParser:
                  help="text/JSON Lines/token files or folders (default: the held-out split)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--max-batches", type=int, default=None, help="evaluate at most N batches")
+  p.add_argument("--allow-binary-text", action="store_true",
+                 help="read text files that look binary (NUL bytes, or over 5%% of bytes not "
+                 "UTF-8) instead of refusing them")
   _add_common(p)
   return p
 
@@ -146,7 +149,8 @@ def main(argv=None) -> int:
       args = _eval_parser().parse_args(argv)
       _setup_jax(args.jax_cache)
       from moeut_jax.training import evaluate_checkpoint  # pylint: disable=import-outside-toplevel
-      out = evaluate_checkpoint(args.workdir, args.data, args.step, args.max_batches)
+      out = evaluate_checkpoint(args.workdir, args.data, args.step, args.max_batches,
+                                args.allow_binary_text)
       print(f"step {out['step']}: loss {out['loss']:.4f} nats/token, perplexity "
             f"{out['perplexity']:.2f} over {out['tokens']:,} tokens")
     else:

@@ -189,6 +189,16 @@ def test_missing_data(tmp_path):
   assert not os.path.exists(tmp_path / "run")    # no empty workdir or checkpoints/ left
 
 
+def test_binary_data_is_refused_before_anything_is_written(tmp_path):
+  with open(sys.executable, "rb") as f:            # a copy of an executable as .txt
+    (tmp_path / "python.txt").write_bytes(f.read(1 << 16))
+  with pytest.raises(DataError, match=r"python.txt' does not look like text: it holds NUL "
+                     r"bytes"):
+    train_and_evaluate(Config.for_profile(data=[str(tmp_path / "python.txt")], **QUIET),
+                       str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
 def test_rerunning_a_finished_run_trains_evaluates_and_writes_nothing(tiny_run, tmp_path):
   import shutil  # pylint: disable=import-outside-toplevel
   config, workdir, _ = tiny_run

@@ -81,6 +81,8 @@ class Config:
                              "(.jsonl, .jsonl.gz) or pre-tokenized token files (.npy, .bin); "
                              "none: the .py files of Python's standard library")
   text_field: str = _f("text", "field of a JSON Lines record that holds the text")
+  allow_binary_text: bool = _f(False, "read text files that look binary (NUL bytes, or over "
+                               "5%% of bytes not UTF-8) instead of refusing them")
   token_dtype: str = _f("uint16", "dtype of raw .bin token files", choices=("uint16", "uint32",
                                                                               "int32"))
   tokenizer: Optional[str] = _f(None, "SentencePiece .model file; none: train one on the data "

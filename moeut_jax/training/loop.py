@@ -50,8 +50,8 @@ def train_and_evaluate(config: Config, workdir: str, log=print) -> dict[str, Any
   sharding_lib.maybe_initialize_distributed(config)
   is_main = jax.process_index() == 0
   say = log if is_main else (lambda *_: None)
-  new_folders = [d for d in (workdir, os.path.join(workdir, "checkpoints"))
-                 if not os.path.isdir(d)]
+  new_folders = [d for d in (workdir, os.path.join(workdir, "checkpoints"),
+                             data_lib.cache_dir(workdir)) if not os.path.isdir(d)]
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints, config.async_checkpoint)
   mesh = sharding_lib.make_mesh()
@@ -62,7 +62,7 @@ def train_and_evaluate(config: Config, workdir: str, log=print) -> dict[str, Any
       return _run(config, workdir, ckpt, is_main, say, mesh)
   finally:
     ckpt.close()
-    for folder in reversed(new_folders):  # a run that failed early leaves no empty folders
+    for folder in sorted(new_folders, reverse=True):  # a failed run leaves no empty folders
       if is_main and os.path.isdir(folder) and not os.listdir(folder):
         os.rmdir(folder)
 
