@@ -329,7 +329,8 @@ def _abandoned_reads_report():
     try:
       raise ValueError("OUT_OF_RANGE: Error reading in OCDBT database")
     except ValueError as e:
-      raise Exception("Encountered error while reading array index: (slice(0, 4, 1),). "  # pylint: disable=broad-exception-raised
+      # pylint: disable-next=broad-exception-raised
+      raise Exception("Encountered error while reading array index: (slice(0, 4, 1),). "
                       "See full TensorStore details: {...}") from e
 
   tasks = [loop.create_task(_read_array_index_and_device_put()), loop.create_task(failed_read())]

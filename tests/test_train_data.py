@@ -150,7 +150,7 @@ def test_one_document_is_counted_in_the_singular(tmp_path):
 
 
 def test_resume_differences_name_the_built_in_data():
-  from moeut_jax.training.config import resume_differences  # pylint: disable=import-outside-toplevel
+  from moeut_jax.training.config import resume_differences  # noqa: PLC0415
   saved = Config.for_profile().to_saved_dict()
   assert resume_differences(saved, Config.for_profile(data=("corpus",))) == [
       "data: the built-in standard-library data (checkpoint) != ['corpus'] (now)"]
