@@ -65,7 +65,8 @@ def make_parser() -> argparse.ArgumentParser:
       "  eval    perplexity of a checkpoint on given text: train.py eval --help\n"
       "  sample  text from a checkpoint: train.py sample --help\n\n"
       "Unset flags take the profile's recipe (MoEUT_tiny: a 2-core-CPU demo), else the paper's\n"
-      "recipe (SPEC §9). Compute is bfloat16 on GPU/TPU and float32 on CPU (--compute-dtype).\n"
+      "recipe (docs/semantics.md §9 in the repository). Compute is bfloat16 on GPU/TPU and\n"
+      "float32 on CPU (--compute-dtype).\n"
       "Resuming: a --workdir with checkpoints restarts from its config.json; flags given\n"
       "again override it (changing the model, data or batch is refused).")
   parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
@@ -89,6 +90,9 @@ def _eval_parser() -> argparse.ArgumentParser:
                  help="text/JSON Lines/token files or folders (default: the held-out split)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--max-batches", type=int, default=None, help="evaluate at most N batches")
+  p.add_argument("--allow-binary-text", action="store_true",
+                 help="read text files that look binary (NUL bytes, or over 5%% of bytes not "
+                 "UTF-8) instead of refusing them")
   _add_common(p)
   return p
 
@@ -116,11 +120,14 @@ def _setup_jax(cache: str) -> None:
 def config_from_args(args: argparse.Namespace):
   """Flags -> Config. A workdir with checkpoints starts from its saved config.json."""
   from moeut_jax.training import Config  # pylint: disable=import-outside-toplevel
+  from moeut_jax.training.config import INVOCATION_FIELDS  # pylint: disable=import-outside-toplevel
   given = {k: v for k, v in vars(args).items() if k not in ("workdir", "jax_cache")}
   saved = os.path.join(args.workdir, "config.json")
   if os.path.exists(saved) and os.path.isdir(os.path.join(args.workdir, "checkpoints")):
     with open(saved) as f:
       base = json.load(f)
+    for name in INVOCATION_FIELDS:  # (config.json of older versions saved them)
+      base.pop(name, None)
     if "profile" in given and given["profile"] != base.get("profile"):
       base = {}  # A new profile: the checkpoint check will report what differs.
     base.update(given)
@@ -142,7 +149,8 @@ def main(argv=None) -> int:
       args = _eval_parser().parse_args(argv)
       _setup_jax(args.jax_cache)
       from moeut_jax.training import evaluate_checkpoint  # pylint: disable=import-outside-toplevel
-      out = evaluate_checkpoint(args.workdir, args.data, args.step, args.max_batches)
+      out = evaluate_checkpoint(args.workdir, args.data, args.step, args.max_batches,
+                                args.allow_binary_text)
       print(f"step {out['step']}: loss {out['loss']:.4f} nats/token, perplexity "
             f"{out['perplexity']:.2f} over {out['tokens']:,} tokens")
     else:

@@ -1,4 +1,5 @@
-"""SwitchHead attention with RoPE (SPEC §3): expert-mixed V and O projections per head.
+"""SwitchHead attention with RoPE (docs/semantics.md §3): expert-mixed V and O projections per
+head.
 
 With ``n_experts > 1`` each head picks ``k`` of its ``n_experts`` value experts (from
 k_src) and output experts (from q_src) by sigmoid top-k. With ``n_experts == 1`` it is

@@ -1,4 +1,5 @@
-"""Converters between PyTorch state dicts of the original (SPEC §8) and our parameters.
+"""Converters between PyTorch state dicts of the original (docs/semantics.md §8) and our
+parameters.
 
   params = from_torch_state_dict(state_dict)        # MoEUTLM or bare MoEUT, either layout
   model.apply({"params": params}, tokens)
@@ -81,8 +82,9 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model=None) -> dict:
   """Converts the original's state dict to our ``params`` (the tree under "params").
 
   Args:
-    state_dict: names of SPEC §8 -> torch tensors or numpy arrays. ``MoEUTLM`` (with
-      ``embedding.weight``) or a bare ``MoEUT``; SwitchHead or gated attention.
+    state_dict: names of docs/semantics.md §8 -> torch tensors or numpy arrays.
+      ``MoEUTLM`` (with ``embedding.weight``) or a bare ``MoEUT``; SwitchHead or gated
+      attention.
     model: optional MoEUT/MoEUTLM; if given, every shape is checked against it.
 
   Raises:

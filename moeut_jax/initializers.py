@@ -1,4 +1,5 @@
-"""Initialisation of SPEC §6 (the distributions of the original; values need not match)."""
+"""Initialisation of docs/semantics.md §6 (the distributions of the original; values need
+not match)."""
 from __future__ import annotations
 
 import math

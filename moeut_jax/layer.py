@@ -1,4 +1,5 @@
-"""One MoEUT layer (SPEC §1, peri-layernorm) and the group of G layers that repeats."""
+"""One MoEUT layer (docs/semantics.md §1, peri-layernorm) and the group of G layers that
+repeats."""
 from __future__ import annotations
 
 from typing import Any, Optional

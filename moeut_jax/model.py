@@ -8,7 +8,7 @@ Dimension legend (used across moeut_jax/):
 The G distinct layers form one ``LayerGroup`` that ``nn.scan`` applies R times with its
 parameters broadcast: stored once, shared by every repeat, so parameters and compile
 time do not grow with depth. The entropy regulariser is carried through the scan as a
-running log-sum-exp, over time and repeats (SPEC §5).
+running log-sum-exp, over time and repeats (docs/semantics.md §5).
 """
 from __future__ import annotations
 
@@ -77,7 +77,9 @@ def validate_config(m) -> None:
     raise ValueError(f"d_head={m.d_head} must be a positive integer")
   if m.ff_k > m.ff_n_experts:
     raise ValueError(f"ff_k={m.ff_k} cannot exceed ff_n_experts={m.ff_n_experts}")
-  if m.att_k > m.att_n_experts:
+  # With one attention expert there is nothing to choose: the original runs plain RoPE
+  # attention with an output gate and ignores att_k (its default 2 included); so do we.
+  if m.att_n_experts > 1 and m.att_k > m.att_n_experts:
     raise ValueError(f"att_k={m.att_k} cannot exceed att_n_experts={m.att_n_experts}")
   for name in ("dropout", "ff_expert_dropout", "att_expert_dropout"):
     if not 0.0 <= getattr(m, name) < 1.0:
@@ -94,7 +96,10 @@ def validate_config(m) -> None:
 
 
 class MoEUT(nn.Module):
-  """The MoEUT stack: inputs and outputs [B, T, D]. Arguments as in the original."""
+  """The MoEUT stack: inputs and outputs [B, T, D]. Arguments as in the original.
+
+  ``att_n_experts=1`` is plain RoPE attention with a learned output gate; ``att_k`` and
+  ``att_expert_dropout`` then have no effect (as in the original, which accepts them)."""
   d_model: int
   n_layers: int
   n_heads: int

@@ -1,4 +1,5 @@
-"""Expert selection and the entropy regulariser as pure functions (SPEC §2, §3, §5).
+"""Expert selection and the entropy regulariser as pure functions (docs/semantics.md §2, §3,
+§5).
 
 Router logits are always float32 (:func:`router_logits`). The regulariser is accumulated
 as a running log-sum-exp over time and repeats, so the scan over repeats never stores the

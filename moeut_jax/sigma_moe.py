@@ -1,4 +1,4 @@
-"""σ-MoE feed-forward block (SPEC §2): sigmoid-gated top-k experts of ReLU MLPs."""
+"""σ-MoE feed-forward block (docs/semantics.md §2): sigmoid-gated top-k experts of ReLU MLPs."""
 from __future__ import annotations
 
 from typing import Any, Optional

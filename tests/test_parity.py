@@ -1,4 +1,5 @@
-"""Parity with the PyTorch reference of SPEC (tests/torch_reference.py), float32 on both sides.
+"""Parity with the PyTorch reference of docs/semantics.md (tests/torch_reference.py),
+float32 on both sides.
 
 Weights are made by the reference, carried over with moeut_jax.convert, and the logits,
 the training-mode reg_loss and the gradient of cross-entropy + reg_loss for every
@@ -27,7 +28,13 @@ CASES = {
     "gated_Ea1": dict(BASE, att_n_experts=1, att_k=1),
     "G3_six_layers": dict(BASE, n_layers=6, group_size=3),
     "odd_rotary": dict(BASE, d_head=10, n_heads=3),                 # n_rot 5 -> 4, as MoEUT_44M
+    # One attention expert with every other argument at the original's default, att_k=2
+    # included: the original accepts it and ignores att_k (gated RoPE attention).
+    "Ea1_original_defaults": dict(d_model=128, n_layers=4, n_heads=4, ff_n_experts=16,
+                                  att_n_experts=1, d_head=32, ff_k=4),
 }
+# Cases whose training parity is checked with the default mask only.
+DEFAULT_MASK_ONLY = ("odd_rotary", "Ea1_original_defaults")
 
 
 def make_pair(cfg, lm=True, seed=0):
@@ -95,10 +102,20 @@ def test_eval_logits(case):
   assert rel_err(out.outputs, want) <= TOL["logits"]
 
 
-# Every mask with each layout; the odd rotary width with the default mask only.
+# Every mask with each layout; the odd rotary width and the original's defaults with the
+# default mask only.
 TRAIN_CASES = [(c, m) for c in sorted(CASES) for m in ("default", "none", "padding",
                                                       "custom_position")
-               if c != "odd_rotary" or m == "default"]
+               if c not in DEFAULT_MASK_ONLY or m == "default"]
+
+
+def test_one_attention_expert_takes_the_original_defaults():
+  """The original's constructor with att_n_experts=1 and the default att_k=2."""
+  tm, jm, _ = make_pair(CASES["Ea1_original_defaults"])
+  assert (jm.att_k, jm.group_size, jm.ff_expert_size) == (2, 2, 128)
+  assert tm.transformer.layers[0].attention.moe_k == 2
+  with pytest.raises(ValueError, match="att_k=3 cannot exceed att_n_experts=2"):
+    MoEUTLM(V, **dict(CASES["Ea1_original_defaults"], att_n_experts=2, att_k=3))
 
 
 @pytest.mark.parametrize("case, mask_kind", TRAIN_CASES)

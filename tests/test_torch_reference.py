@@ -1,4 +1,4 @@
-"""Self-checks of the PyTorch reference (tests/torch_reference.py) against SPEC.md."""
+"""Self-checks of the PyTorch reference (tests/torch_reference.py) against docs/semantics.md."""
 
 import math
 

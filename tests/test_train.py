@@ -112,6 +112,19 @@ def test_stop_and_resume_equals_uninterrupted_run_bitwise(tiny_run, tmp_path):
   workdir = str(tmp_path / "split")
   first = train_and_evaluate(config.replace(stop_at_step=10), workdir, log=lambda *_: None)
   assert first["stopped_early"] and first["step"] == 10
+  # --stop-at-step belongs to one invocation: the same command without it trains on.
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert "stop_at_step" not in json.load(f)
+  sys.path.insert(0, ROOT)
+  import train  # pylint: disable=import-outside-toplevel
+  rerun = train.config_from_args(train.make_parser().parse_args(["--workdir", workdir]))
+  assert rerun.stop_at_step is None and rerun.steps == config.steps
+  said = []
+  again = train_and_evaluate(config.replace(stop_at_step=10), workdir, log=said.append)
+  assert again["train_losses"] == {} and again["step"] == 10
+  assert said == [again["nothing_trained"]]
+  assert said[0].startswith(f"Nothing to train: the checkpoint {workdir}/checkpoints/10 is at "
+                            "step 10, not before --stop-at-step 10.")
   second = train_and_evaluate(config, workdir, log=lambda *_: None)
   assert second["start_step"] == 10 and second["step"] == config.steps
   resumed = {**first["train_losses"], **second["train_losses"]}
@@ -137,7 +150,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     except TrainingError as e:
       print("ERROR:", e)
     import os
-    print("CHECKPOINTS:", os.listdir(os.path.join({bad_workdir!r}, "checkpoints")))
+    print("CHECKPOINTS LEFT:", os.path.exists(os.path.join({bad_workdir!r}, "checkpoints")))
     out = train_and_evaluate(config, {workdir!r}, log=lambda *_: None)
     print("LOSSES:", json.dumps(out["train_losses"]))
     print("VALID:", out["valid"]["loss"])
@@ -158,7 +171,8 @@ def test_eight_cpu_devices_match_one_device(tiny_run, compilation_cache, tmp_pat
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = dict(l.split(": ", 1) for l in proc.stdout.splitlines() if ": " in l)
   assert "do not divide over 8 devices" in lines["ERROR"]
-  assert lines["CHECKPOINTS"] == "[]"
+  assert lines["CHECKPOINTS LEFT"] == "False"   # no empty checkpoints folder (the token
+                                                 # cache it built stays, for the next try)
   eight = {int(k): v for k, v in json.loads(lines["LOSSES"]).items()}
   assert sorted(eight) == sorted(out["train_losses"])
   for step, loss in out["train_losses"].items():
@@ -173,6 +187,51 @@ def test_missing_data(tmp_path):
   with pytest.raises(DataError, match="does not exist"):
     train_and_evaluate(Config.for_profile(data=[str(tmp_path / "nope.txt")], **QUIET),
                        str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")    # no empty workdir or checkpoints/ left
+
+
+def test_binary_data_is_refused_before_anything_is_written(tmp_path):
+  with open(sys.executable, "rb") as f:            # a copy of an executable as .txt
+    (tmp_path / "python.txt").write_bytes(f.read(1 << 16))
+  with pytest.raises(DataError, match=r"python.txt' does not look like text: it holds NUL "
+                     r"bytes"):
+    train_and_evaluate(Config.for_profile(data=[str(tmp_path / "python.txt")], **QUIET),
+                       str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_rerunning_a_finished_run_trains_evaluates_and_writes_nothing(tiny_run, tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+  config, workdir, _ = tiny_run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  before = _hash_tree(copy)
+  said = []
+  out = train_and_evaluate(config, copy, log=said.append)
+  assert said == [out["nothing_trained"]]
+  assert said[0] == (f"Nothing to train: the checkpoint {copy}/checkpoints/24 is at step 24 and "
+                     "--steps is 24: the run is finished. Give a larger --steps to train "
+                     "further; train.py eval and train.py sample read its checkpoints")
+  assert (out["step"], out["train_losses"], out["valid"]) == (24, {}, None)
+  assert _hash_tree(copy) == before            # no second held-out line, no new event file
+
+
+def test_resuming_with_more_steps_says_that_the_schedule_changes(tiny_run, tmp_path):
+  import shutil  # pylint: disable=import-outside-toplevel
+  from moeut_jax.training import optim  # pylint: disable=import-outside-toplevel
+  config, workdir, _ = tiny_run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  said = []
+  out = train_and_evaluate(config.replace(steps=26, sample_tokens=0), copy, log=said.append)
+  assert out["start_step"] == 24 and out["step"] == 26
+  old = float(optim.learning_rate(config)(24))
+  new = float(optim.learning_rate(config.replace(steps=26))(24))
+  assert new > old                             # the cosine decay goes back up
+  assert (f"Note: the learning-rate schedule changes on resuming (--steps 24 -> 26): the "
+          f"learning rate of step 25 is {new:.3g} instead of {old:.3g}") in said
+  valid_steps = [r["step"] for r in metrics_lib.read_jsonl(copy, "valid")]
+  assert valid_steps == [24, 26]
 
 
 @pytest.mark.parametrize("content", ["", "{}\n", '{"text": ""}\n'])
@@ -230,10 +289,9 @@ def test_incompatible_checkpoint_is_refused_and_kept(tiny_run):
   assert _hash_tree(os.path.join(workdir, "checkpoints")) == before
 
 
-def test_corrupt_checkpoint_is_reported_and_kept(tiny_run, tmp_path):
-  config, workdir, _ = tiny_run
+def _corrupt_copy(workdir: str, copy: str) -> str:
+  """A copy of ``workdir`` whose last checkpoint (24) has its array files truncated."""
   import shutil  # pylint: disable=import-outside-toplevel
-  copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
   data_files = [p for p in glob.glob(os.path.join(copy, "checkpoints", "24", "state", "**"),
                                      recursive=True)
@@ -242,10 +300,85 @@ def test_corrupt_checkpoint_is_reported_and_kept(tiny_run, tmp_path):
   for p in data_files:
     with open(p, "r+b") as f:
       f.truncate(7)
+  return copy
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(tiny_run, tmp_path):
+  config, workdir, _ = tiny_run
+  copy = _corrupt_copy(workdir, str(tmp_path / "copy"))
   before = _hash_tree(os.path.join(copy, "checkpoints"))
   with pytest.raises(CheckpointError, match=r"cannot restore checkpoint .*24.*earlier one \(12\)"):
     train_and_evaluate(config.replace(steps=30), copy)
   assert _hash_tree(os.path.join(copy, "checkpoints")) == before
+
+
+def _abandoned_reads_report():
+  """What orbax's abandoned reads report after a failed restore, through the same channels:
+  a coroutine whose cleanup meets the closed event loop (an unraisable exception), a task
+  destroyed while pending and a failed task nobody awaited (asyncio's log)."""
+  import asyncio  # pylint: disable=import-outside-toplevel
+  import gc  # pylint: disable=import-outside-toplevel
+  loop = asyncio.new_event_loop()
+
+  async def _read_array_index_and_device_put():  # orbax's name for one array read
+    try:
+      await asyncio.sleep(3600)
+    finally:
+      loop.call_soon(lambda: None)                 # RuntimeError: Event loop is closed
+
+  async def failed_read():
+    try:
+      raise ValueError("OUT_OF_RANGE: Error reading in OCDBT database")
+    except ValueError as e:
+      # pylint: disable-next=broad-exception-raised
+      raise Exception("Encountered error while reading array index: (slice(0, 4, 1),). "
+                      "See full TensorStore details: {...}") from e
+
+  tasks = [loop.create_task(_read_array_index_and_device_put()), loop.create_task(failed_read())]
+  loop.run_until_complete(asyncio.sleep(0.01))
+  loop.close()
+  del tasks
+  gc.collect()
+
+
+def test_corrupt_checkpoint_silences_the_abandoned_reads(tiny_run, tmp_path, monkeypatch, caplog):
+  """Only the one clear message: reports of the reads a failed restore left behind are
+  dropped, other unraisable exceptions still reach the previous hook."""
+  import logging  # pylint: disable=import-outside-toplevel
+  config, workdir, _ = tiny_run
+  copy = _corrupt_copy(workdir, str(tmp_path / "copy"))
+  unraisable = []
+  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+  monkeypatch.setattr(logging.getLogger("asyncio"), "filters", [])  # as in a fresh process
+  caplog.set_level(logging.ERROR, logger="asyncio")
+  _abandoned_reads_report()                        # before: they do get through
+  assert any(str(u.exc_value) == "Event loop is closed"
+             and "_read_array_index_and_device_put" in repr(u.object) for u in unraisable)
+  messages = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+  assert any("destroyed but it is pending" in m for m in messages), messages
+  assert any("exception was never retrieved" in m for m in messages), messages
+  unraisable.clear()
+  caplog.clear()
+  with pytest.raises(CheckpointError, match="cannot restore checkpoint"):
+    train_and_evaluate(config.replace(steps=30), copy, log=lambda *_: None)
+  _abandoned_reads_report()                        # after the failed restore: silent
+  assert unraisable == []
+  assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+  sys.unraisablehook(type("U", (), dict(exc_value=RuntimeError("another"), object=None)))
+  assert [str(u.exc_value) for u in unraisable] == ["another"]
+
+
+def test_cli_corrupt_checkpoint_prints_one_message(tiny_run, compilation_cache, tmp_path):
+  _, workdir, _ = tiny_run
+  _corrupt_copy(workdir, str(tmp_path / "copy"))
+  proc = _cli("--workdir", "copy", "--steps", "30", "--jax-cache", compilation_cache,
+              cwd=tmp_path)
+  assert proc.returncode == 1
+  assert proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr[-3000:]
+  assert proc.stderr.startswith("error: cannot restore checkpoint copy/checkpoints/24: it is "
+                                "corrupt")
+  assert "earlier one (12). Nothing was overwritten" in proc.stderr
+  assert "TensorStore" not in proc.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path,
@@ -275,6 +408,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_
 def test_settings_are_validated():
   with pytest.raises(ValueError, match="batch_size=10 is not divisible by grad_accum=4"):
     Config.for_profile(batch_size=10, grad_accum=4)
+  with pytest.raises(ValueError, match=r"batch_size=0: it must be a positive integer$"):
+    Config.for_profile(batch_size=0)
+  with pytest.raises(ValueError, match=r"eval_fraction=1.0: it must be strictly between 0 and 1"):
+    Config.for_profile(eval_fraction=1.0)
+  with pytest.raises(ValueError, match=r"stop_at_step=0: it must be unset or a positive integer"):
+    Config.for_profile(stop_at_step=0)
   with pytest.raises(ValueError, match="warmup_steps=50"):
     Config.for_profile(steps=50, warmup_steps=50)
   with pytest.raises(ValueError, match="unknown profile 'MoEUT_2T'"):
@@ -295,6 +434,7 @@ def test_cli_help_lists_the_flags(tmp_path):
   for flag in ("--profile", "--data", "--workdir", "--steps", "--batch-size", "--seq-len",
                "--lr", "--seed", "--d-model", "--grad-accum", "eval", "sample"):
     assert flag in proc.stdout, flag
+  assert "docs/semantics.md §9" in proc.stdout   # a document the repository ships
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path):

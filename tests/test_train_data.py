@@ -138,3 +138,42 @@ def test_metrics_without_tensorboardx_keep_the_jsonl(tmp_path, monkeypatch):
   records = [json.loads(line) for line in open(tmp_path / metrics_lib.JSONL)]
   assert records == [{"step": 1, "split": "train", "loss": 2.5, "tokens_per_s": 10.0}]
   assert not (tmp_path / "tensorboard").exists()
+
+
+def test_one_document_is_counted_in_the_singular(tmp_path):
+  (tmp_path / "a.txt").write_text((CODE * 3 + "The quick brown fox 0123456789.\n") * 200)
+  config = Config.for_profile(data=(str(tmp_path / "a.txt"),), vocab_size=320, seq_len=8,
+                              tokenizer_train_chars=10**6)
+  said = []
+  data_lib.prepare(config, str(tmp_path / "w"), log=said.append)
+  assert any(s.startswith("Tokenizing 1 document (") for s in said), said
+
+
+def test_resume_differences_name_the_built_in_data():
+  from moeut_jax.training.config import resume_differences  # noqa: PLC0415
+  saved = Config.for_profile().to_saved_dict()
+  assert resume_differences(saved, Config.for_profile(data=("corpus",))) == [
+      "data: the built-in standard-library data (checkpoint) != ['corpus'] (now)"]
+  assert "stop_at_step" not in Config.for_profile(stop_at_step=5).to_saved_dict()
+
+
+def test_text_that_looks_binary_is_refused_unless_allowed(tmp_path):
+  exe = tmp_path / "program.txt"                   # an executable saved as .txt
+  exe.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
+  with pytest.raises(DataError, match=r"'.*program.txt' does not look like text: it holds NUL "
+                     r"bytes \(the first at byte 7 of 2,056\).*--allow-binary-text"):
+    data_lib.read_documents([str(exe)], "text")
+  noise = tmp_path / "noise.txt"                   # no NUL, but mostly not UTF-8
+  noise.write_bytes(b"abc " + bytes(range(128, 256)) * 4)
+  with pytest.raises(DataError, match=r"noise.txt' does not look like text: 512 of its 516 bytes "
+                     r"\(99%\) are not UTF-8 \(more than 5%\)"):
+    data_lib.read_documents([str(noise)], "text")
+  assert len(data_lib.read_documents([str(exe), str(noise)], "text", allow_binary=True)) == 2
+  # Text with a few stray bytes (Latin-1 accents) or a written U+FFFD is text.
+  latin = tmp_path / "latin.txt"
+  latin.write_bytes("We met at the café on the corner and talked until it closed. "
+                    .encode("latin-1") * 20)
+  replacement = tmp_path / "replacement.txt"
+  replacement.write_text("\ufffd" * 50 + " decoded before")
+  docs = data_lib.read_documents([str(latin), str(replacement)], "text")
+  assert len(docs) == 2 and docs[1].startswith("\ufffd" * 50)

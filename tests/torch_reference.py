@@ -1,9 +1,9 @@
-"""An independent PyTorch reference of MoEUT, written from /work/shared/SPEC.md.
+"""An independent PyTorch reference of MoEUT, written from docs/semantics.md.
 
 Plain float32 torch on the CPU, meant to be obviously correct rather than fast: expert
 weights are gathered per token (``keys[idx]``), attention is an explicit masked softmax.
 Parity tests compare the JAX model against it. It implements the FIXED semantics of the
-SPEC (raise on ``n_layers % group_size``, even rotary width, queries rotated at their
+note (raise on ``n_layers % group_size``, even rotary width, queries rotated at their
 absolute positions with a KV cache, ``AttentionMask(None, None)`` = no masking, no NaN for
 a query row whose keys are all masked: its attention weights are all 0, so its attention
 output is 0).
@@ -65,7 +65,8 @@ def sigmoid_topk(logits: torch.Tensor, k: int, expert_dropout: float = 0.0,
 
 
 def usage_entropy_loss(logits: torch.Tensor) -> torch.Tensor:
-  """SPEC §5 for one module: -mean(entropy of the mean expert distribution over time).
+  """docs/semantics.md §5 for one module: -mean(entropy of the mean expert distribution
+  over time).
 
   logits: [B, N, E] or [B, N, H, E], N = T * R (all applications concatenated along time).
   Softmax over E, mean over N (in log space), entropy over E, then -mean over everything
@@ -169,7 +170,7 @@ def _renorm_rows_keep_row_std(x: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------
 
 class SigmaMoE(nn.Module):
-  """σ-MoE feed-forward (SPEC §2). forward(input, sel_input=None) -> [B, T, D]."""
+  """σ-MoE feed-forward (docs/semantics.md §2). forward(input, sel_input=None) -> [B, T, D]."""
 
   def __init__(self, d_model: int, n_experts: int, expert_size: int, k: int,
                expert_dropout: float = 0.0):
@@ -210,7 +211,8 @@ class SigmaMoE(nn.Module):
 
 
 class SwitchHeadRope(nn.Module):
-  """SwitchHead attention with RoPE (SPEC §3); Ea == 1 is RoPE attention with an output gate.
+  """SwitchHead attention with RoPE (docs/semantics.md §3); Ea == 1 is RoPE attention with an
+  output gate.
 
   forward(q_src, k_src, v_src, mask, kv_cache=None) -> (out [B, T, D], new cache or None).
   kv_cache: None = no caching; a dict, possibly empty, = the layer's past {"k", "v"}.
@@ -225,7 +227,7 @@ class SwitchHeadRope(nn.Module):
     self.expert_dropout, self.moe_k, self.rope_base = expert_dropout, moe_k, rope_base
     if n_experts > 1 and moe_k > n_experts:
       raise ValueError(f"{moe_k=} must not exceed {n_experts=}")
-    # Fix (SPEC §3): round an odd rotary width down to even (Dh = 82 -> 41 -> 40).
+    # Fix (docs/semantics.md §3): round an odd rotary width down to even (Dh = 82 -> 41 -> 40).
     n_rot = int(rotate_fraction * self.d_head)
     self.n_rot = n_rot - n_rot % 2
     h, dh, ea, d = n_heads, self.d_head, n_experts, d_model
@@ -300,7 +302,7 @@ class SwitchHeadRope(nn.Module):
     new_cache = {"k": k, "v": v} if kv_cache is not None else None
     s = n_cached + t
 
-    # Fix (SPEC §3): queries at their absolute positions C..C+T-1, keys at 0..S-1.
+    # Fix (docs/semantics.md §3): queries at their absolute positions C..C+T-1, keys at 0..S-1.
     q = self.rotate(q, torch.arange(n_cached, s, device=q.device))
     k = self.rotate(k, torch.arange(s, device=k.device))
     att = masked_attention(q, k, v, attention_bool_mask(mask, b, t, s))  # [B, H, T, Dh]
@@ -324,7 +326,9 @@ class SwitchHeadRope(nn.Module):
 
 
 class MoEUTLayer(nn.Module):
-  """One distinct layer, peri-layernorm (SPEC §1). forward(x, mask, kv_cache) -> (x, cache)."""
+  """One distinct layer, peri-layernorm (docs/semantics.md §1).
+
+  forward(x, mask, kv_cache) -> (x, cache)."""
 
   def __init__(self, d_model: int, n_heads: int, ff_expert_size: int, ff_n_experts: int,
                att_n_experts: int, d_head: Optional[int] = None, att_k: int = 2, ff_k: int = 8,
@@ -367,7 +371,8 @@ class MoEUT(nn.Module):
                entropy_reg: float = 0.01, att_entropy_reg: float = 0.001,
                attention=SwitchHeadRope):
     super().__init__()
-    # Fix (SPEC §1): the original silently truncated to n_layers // group_size repeats.
+    # Fix (docs/semantics.md §1): the original silently truncated to n_layers // group_size
+    # repeats.
     if group_size <= 0 or n_layers % group_size != 0:
       raise ValueError(f"{n_layers=} must be a positive multiple of {group_size=}")
     self.n_layers, self.group_size = n_layers, group_size

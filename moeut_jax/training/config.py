@@ -1,10 +1,10 @@
 """Every training setting in one frozen dataclass, with the paper's recipe as defaults.
 
-Precedence, lowest first: the paper's recipe (the field defaults below, SPEC §9), then the
-profile's recipe (``PROFILE_RECIPES``: the paper trains its 44M model without warm-up and with
-clipping 0.1; ``MoEUT_tiny`` gets a recipe that trains in minutes on a 2-core CPU), then explicit
-overrides (command-line flags). Model fields (``d_model`` ...) left at ``None`` come from the
-profile in ``profiles.py``.
+Precedence, lowest first: the paper's recipe (the field defaults below, docs/semantics.md §9),
+then the profile's recipe (``PROFILE_RECIPES``: the paper trains its 44M model without warm-up
+and with clipping 0.1; ``MoEUT_tiny`` gets a recipe that trains in minutes on a 2-core CPU),
+then explicit overrides (command-line flags). Model fields (``d_model`` ...) left at ``None``
+come from the profile in ``profiles.py``.
 """
 from __future__ import annotations
 
@@ -82,6 +82,8 @@ class Config:
                              "(.jsonl, .jsonl.gz) or pre-tokenized token files (.npy, .bin); "
                              "none: the .py files of Python's standard library")
   text_field: str = _f("text", "field of a JSON Lines record that holds the text")
+  allow_binary_text: bool = _f(False, "read text files that look binary (NUL bytes, or over "
+                               "5%% of bytes not UTF-8) instead of refusing them")
   token_dtype: str = _f("uint16", "dtype of raw .bin token files", choices=("uint16", "uint32",
                                                                               "int32"))
   tokenizer: Optional[str] = _f(None, "SentencePiece .model file; none: train one on the data "
@@ -156,20 +158,28 @@ class Config:
 
   def __post_init__(self):
     profiles.get(self.profile)
+    positive = "a positive integer"
     checks = [
-        ("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1),
-        ("seq_len", self.seq_len >= 2), ("grad_accum", self.grad_accum >= 1),
-        ("lr", self.lr > 0), ("warmup_steps", 0 <= self.warmup_steps < max(self.steps, 1)),
-        ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1), ("grad_clip", self.grad_clip >= 0),
-        ("checkpoint_every", self.checkpoint_every >= 1),
-        ("keep_checkpoints", self.keep_checkpoints >= 1), ("eval_every", self.eval_every >= 1),
-        ("log_every", self.log_every >= 1), ("vocab_size", self.vocab_size >= 2),
-        ("eval_fraction", 0 < self.eval_fraction < 1), ("eval_batches", self.eval_batches >= 1),
+        ("steps", self.steps >= 1, positive), ("batch_size", self.batch_size >= 1, positive),
+        ("seq_len", self.seq_len >= 2, "an integer of at least 2"),
+        ("grad_accum", self.grad_accum >= 1, positive), ("lr", self.lr > 0, "positive"),
+        ("warmup_steps", 0 <= self.warmup_steps < max(self.steps, 1),
+         f"at least 0 and less than steps={self.steps}"),
+        ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+        ("grad_clip", self.grad_clip >= 0, "0 (off) or positive"),
+        ("checkpoint_every", self.checkpoint_every >= 1, positive),
+        ("keep_checkpoints", self.keep_checkpoints >= 1, positive),
+        ("eval_every", self.eval_every >= 1, positive),
+        ("log_every", self.log_every >= 1, positive),
+        ("vocab_size", self.vocab_size >= 2, "an integer of at least 2"),
+        ("eval_fraction", 0 < self.eval_fraction < 1, "strictly between 0 and 1"),
+        ("eval_batches", self.eval_batches >= 1, positive),
+        ("stop_at_step", self.stop_at_step is None or self.stop_at_step >= 1,
+         "unset or a positive integer"),
     ]
-    for name, ok in checks:
+    for name, ok, valid in checks:
       if not ok:
-        extra = f" (must be < steps={self.steps})" if name == "warmup_steps" else ""
-        raise ValueError(f"invalid setting {name}={getattr(self, name)!r}{extra}")
+        raise ValueError(f"invalid setting {name}={getattr(self, name)!r}: it must be {valid}")
     if self.batch_size % self.grad_accum:
       raise ValueError(f"batch_size={self.batch_size} is not divisible by "
                        f"grad_accum={self.grad_accum}")
@@ -204,6 +214,14 @@ class Config:
     d["data"] = list(self.data)
     return d
 
+  def to_saved_dict(self) -> dict[str, Any]:
+    """The run's settings as saved in config.json and checkpoints: without those of one
+    invocation (``INVOCATION_FIELDS``), which a rerun must not bring back."""
+    d = self.to_dict()
+    for name in INVOCATION_FIELDS:
+      del d[name]
+    return d
+
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
@@ -219,6 +237,9 @@ class Config:
     return cls(**d)
 
 
+# Settings of one invocation of train.py, never saved with the run.
+INVOCATION_FIELDS = ("stop_at_step",)
+
 # Settings that must not change when a run resumes from a checkpoint: the model, the tokens
 # and the order in which they are read.
 RESUME_LOCKED = ("profile",) + MODEL_FIELDS + (
@@ -232,5 +253,12 @@ def resume_differences(saved: dict[str, Any], current: "Config") -> list[str]:
   out = []
   for name in RESUME_LOCKED:
     if name in saved and saved[name] != now[name]:
-      out.append(f"{name}: {saved[name]!r} (checkpoint) != {now[name]!r} (now)")
+      out.append(f"{name}: {_shown(name, saved[name])} (checkpoint) != "
+                 f"{_shown(name, now[name])} (now)")
   return out
+
+
+def _shown(name: str, value: Any) -> str:
+  if name == "data" and not value:
+    return "the built-in standard-library data"
+  return repr(value)

@@ -88,8 +88,37 @@ def resolve_sources(data: Sequence[str]) -> tuple[str, list[str]]:
   return ("tokens" if kinds == {True} else "text"), files
 
 
-def read_documents(files: Sequence[str], text_field: str) -> list[str]:
-  """One string per text file, one per JSON Lines record; empty documents are dropped."""
+# A text file that holds a NUL byte, or more than this share of bytes that are not UTF-8, is
+# refused as binary (an executable or an image saved as .txt) unless allowed explicitly.
+MAX_UNDECODABLE_SHARE = 0.05
+
+
+def _decode_text(path: str, raw: bytes, allow_binary: bool) -> str:
+  """UTF-8 text of a file (undecodable bytes replaced); a DataError if it looks binary."""
+  text = raw.decode("utf-8", errors="replace")
+  if allow_binary:
+    return text
+  advice = ("; give text, JSON Lines or token files, or --allow-binary-text to train on it "
+            "anyway")
+  nul = raw.find(b"\0")
+  if nul >= 0:
+    raise DataError(f"{path!r} does not look like text: it holds NUL bytes (the first at byte "
+                    f"{nul:,} of {len(raw):,}), as binary files do{advice}")
+  # Each undecodable sequence became one U+FFFD; U+FFFD written in the file is not counted.
+  bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+  if bad > MAX_UNDECODABLE_SHARE * len(raw):
+    raise DataError(f"{path!r} does not look like text: {bad:,} of its {len(raw):,} bytes "
+                    f"({bad / len(raw):.0%}) are not UTF-8 (more than "
+                    f"{MAX_UNDECODABLE_SHARE:.0%}){advice}")
+  return text
+
+
+def read_documents(files: Sequence[str], text_field: str,
+                   allow_binary: bool = False) -> list[str]:
+  """One string per text file, one per JSON Lines record; empty documents are dropped.
+
+  Text files that look binary (see ``MAX_UNDECODABLE_SHARE``) raise a DataError unless
+  ``allow_binary``."""
   docs = []
   for path in files:
     if _kind(path) == "jsonl":
@@ -109,8 +138,8 @@ def read_documents(files: Sequence[str], text_field: str) -> list[str]:
           if record[text_field]:
             docs.append(record[text_field])
     else:
-      with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+      with open(path, "rb") as f:
+        text = _decode_text(path, f.read(), allow_binary)
       if text:
         docs.append(text)
   return docs
@@ -256,17 +285,18 @@ def prepare(config: Config, workdir: str, *, is_main: bool = True,
 
 
 def _build_cache(config, files, cdir, fingerprint, tok, what, log) -> dict:
-  os.makedirs(cdir, exist_ok=True)
-  docs = read_documents(files, config.text_field)
+  docs = read_documents(files, config.text_field, config.allow_binary_text)
   if not docs:
     raise DataError(f"{what} is empty: no text found in {len(files)} file(s)")
+  os.makedirs(cdir, exist_ok=True)
   order = np.random.default_rng(0).permutation(len(docs))
   docs = [docs[i] for i in order]
   if tok is None:
     log(f"Training a SentencePiece BPE tokenizer ({config.vocab_size} pieces) on {what}...")
     tok = tokenizer_lib.train_tokenizer(docs, os.path.join(cdir, "tokenizer.model"),
                                         config.vocab_size, config.tokenizer_train_chars)
-  log(f"Tokenizing {len(docs)} documents ({sum(map(len, docs)) / 1e6:.1f} M characters)...")
+  log(f"Tokenizing {len(docs):,} document{'s' if len(docs) != 1 else ''} "
+      f"({sum(map(len, docs)) / 1e6:.1f} M characters)...")
   tokens = tok.encode_documents(docs)
   train, valid = _split(TokenStream([tokens]), config, what)
   for name, part in (("train", train), ("valid", valid)):

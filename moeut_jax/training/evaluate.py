@@ -28,8 +28,10 @@ def evaluate(eval_step: Callable, params, stream: data_lib.TokenStream, seq_len:
 
 
 def evaluate_checkpoint(workdir: str, data: Sequence[str] = (), step: Optional[int] = None,
-                        max_batches: Optional[int] = None) -> dict[str, float]:
-  """Perplexity of a checkpoint on ``data`` (files/folders; default: the run's held-out split)."""
+                        max_batches: Optional[int] = None,
+                        allow_binary_text: bool = False) -> dict[str, float]:
+  """Perplexity of a checkpoint on ``data`` (files/folders; default: the run's held-out split).
+  Text files that look binary are refused unless ``allow_binary_text``."""
   run = restore.load_trained(workdir, step)
   cfg = run.config
   if not data:
@@ -42,7 +44,7 @@ def evaluate_checkpoint(workdir: str, data: Sequence[str] = (), step: Optional[i
     else:
       if run.tokenizer is None:
         raise TokenizerError(f"the run in {workdir!r} has no tokenizer; give token files")
-      docs = data_lib.read_documents(files, cfg.text_field)
+      docs = data_lib.read_documents(files, cfg.text_field, allow_binary_text)
       if not docs:
         raise DataError(f"the data {', '.join(data)} is empty")
       stream = data_lib.TokenStream([run.tokenizer.encode_documents(docs)])

@@ -43,11 +43,15 @@ def train_and_evaluate(config: Config, workdir: str, log=print) -> dict[str, Any
 
   The summary has ``start_step``, ``step`` (the last completed step), ``train_losses`` of this
   invocation ({step: mean loss since the previous logging step}), ``valid`` (loss,
-  perplexity, tokens), ``sample`` (text or None) and ``stopped_early``.
+  perplexity, tokens), ``sample`` (text or None) and ``stopped_early``; where the invocation
+  had no step to train (a finished run, or --stop-at-step not after the checkpoint), also
+  ``nothing_trained`` (why), and nothing is evaluated or written.
   """
   sharding_lib.maybe_initialize_distributed(config)
   is_main = jax.process_index() == 0
   say = log if is_main else (lambda *_: None)
+  new_folders = [d for d in (workdir, os.path.join(workdir, "checkpoints"),
+                             data_lib.cache_dir(workdir)) if not os.path.isdir(d)]
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints, config.async_checkpoint)
   mesh = sharding_lib.make_mesh()
@@ -58,6 +62,9 @@ def train_and_evaluate(config: Config, workdir: str, log=print) -> dict[str, Any
       return _run(config, workdir, ckpt, is_main, say, mesh)
   finally:
     ckpt.close()
+    for folder in sorted(new_folders, reverse=True):  # a failed run leaves no empty folders
+      if is_main and os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
 
 
 @dataclasses.dataclass
@@ -65,6 +72,7 @@ class _Resume:
   step: Optional[int] = None      # None: a fresh run
   data_state: Optional[dict] = None
   n_tokens: Optional[int] = None
+  config: Optional[dict] = None   # the settings the checkpoint was written with
 
 
 def _check_resume(config: Config, ckpt) -> _Resume:
@@ -78,7 +86,41 @@ def _check_resume(config: Config, ckpt) -> _Resume:
     raise CheckpointError(f"the checkpoint {ckpt.path(latest)} was written with other "
                           "settings:\n  " + "\n  ".join(diffs) + "\nuse the same settings to "
                           "resume, or a new --workdir. Nothing was overwritten")
-  return _Resume(latest, data_state, meta["n_tokens"])
+  return _Resume(latest, data_state, meta["n_tokens"], meta["config"])
+
+
+def _nothing_to_train(config: Config, resume: _Resume, ckpt) -> Optional[str]:
+  """Why this invocation would train no step, or None."""
+  if resume.step is None:
+    return None
+  if resume.step >= config.steps:
+    return (f"Nothing to train: the checkpoint {ckpt.path(resume.step)} is at step "
+            f"{resume.step} and --steps is {config.steps}: the run is finished. Give a larger "
+            "--steps to train further; train.py eval and train.py sample read its checkpoints")
+  if config.stop_at_step is not None and config.stop_at_step <= resume.step:
+    return (f"Nothing to train: the checkpoint {ckpt.path(resume.step)} is at step "
+            f"{resume.step}, not before --stop-at-step {config.stop_at_step}. Give a later "
+            "--stop-at-step, or none to train to the end")
+  return None
+
+
+_SCHEDULE_FIELDS = ("steps", "lr", "min_lr_ratio", "warmup_steps")
+
+
+def _schedule_change(config: Config, resume: _Resume) -> Optional[str]:
+  """A note when the learning-rate schedule differs from the one the checkpoint followed."""
+  if resume.step is None or not resume.config:
+    return None
+  saved = {k: resume.config[k] for k in _SCHEDULE_FIELDS if k in resume.config}
+  changed = [k for k in saved if saved[k] != getattr(config, k)]
+  if not changed:
+    return None
+  before = float(optim.learning_rate(config.replace(**saved))(resume.step))
+  after = float(optim.learning_rate(config)(resume.step))
+  what = ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {getattr(config, k)}"
+                   for k in changed)
+  return (f"Note: the learning-rate schedule changes on resuming ({what}): the learning rate "
+          f"of step {resume.step + 1} is {after:.3g} instead of {before:.3g}")
 
 
 def _prepare_data(config: Config, workdir: str, resume: _Resume, is_main: bool, say,
@@ -146,6 +188,11 @@ class _PendingMetrics:
 
 def _run(config: Config, workdir: str, ckpt, is_main: bool, say, mesh) -> dict[str, Any]:
   resume = _check_resume(config, ckpt)
+  idle = _nothing_to_train(config, resume, ckpt)
+  if idle:  # Nothing is read, evaluated or written (no duplicate metrics or event files).
+    say(idle)
+    return dict(start_step=resume.step, step=resume.step, train_losses={}, valid=None,
+                sample=None, stopped_early=resume.step < config.steps, nothing_trained=idle)
   data = _prepare_data(config, workdir, resume, is_main, say, ckpt)
 
   model = step_lib.build_model(config, data.vocab_size)
@@ -157,7 +204,7 @@ def _run(config: Config, workdir: str, ckpt, is_main: bool, say, mesh) -> dict[s
   state = _initial_state(model, tx, config, shardings, abstract, resume, ckpt)
   start = resume.step or 0
   if is_main:
-    _write_json(os.path.join(workdir, restore.CONFIG_JSON), config.to_dict())
+    _write_json(os.path.join(workdir, restore.CONFIG_JSON), config.to_saved_dict())
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
   compute = np.dtype(step_lib.compute_dtype(config))
   say(f"{config.profile}: {n_params / 1e6:.2f} M parameters, vocabulary {data.vocab_size}, "
@@ -166,6 +213,9 @@ def _run(config: Config, workdir: str, ckpt, is_main: bool, say, mesh) -> dict[s
       f"{len(data.train):,} training tokens")
   say(f"Resuming from {ckpt.path(resume.step)}" if resume.step is not None else
       f"Training {config.steps} steps of {config.batch_size} x {config.seq_len} tokens")
+  note = _schedule_change(config, resume)
+  if note:
+    say(note)
 
   it = data_lib.train_iterator(data.train, config, jax.process_index(), jax.process_count())
   if resume.data_state is not None:
@@ -207,7 +257,7 @@ def _run(config: Config, workdir: str, ckpt, is_main: bool, say, mesh) -> dict[s
           valid = run_eval(step)
         if save:
           ckpt.save(step, state, it.get_state(),
-                    dict(config=config.to_dict(), n_tokens=data.vocab_size))
+                    dict(config=config.to_saved_dict(), n_tokens=data.vocab_size))
           last_saved = step
         if stopped_by_signal:
           logger.message(f"Stopped by a signal after step {step}; checkpoint "
@@ -218,8 +268,6 @@ def _run(config: Config, workdir: str, ckpt, is_main: bool, say, mesh) -> dict[s
       logger.close()
 
   stopped_early = stopped_by_signal or end < config.steps
-  if resume.step is not None and resume.step >= config.steps:
-    say(f"The checkpoint in {workdir} is already at step {resume.step} of {config.steps}")
   if valid is None and not stopped_early:
     valid = run_eval(int(state["step"]))
   text = None

@@ -57,10 +57,10 @@ def load_trained(workdir: str, step: Optional[int] = None) -> TrainedModel:
   ckpt = Checkpointer(workdir, read_only=True)
   steps = ckpt.steps()
   if not steps:
-    raise CheckpointError(f"no checkpoints in {ckpt.directory}")
+    raise CheckpointError(f"no checkpoints in {ckpt.shown}")
   step = steps[-1] if step is None else step
   if step not in steps:
-    raise CheckpointError(f"no checkpoint for step {step} in {ckpt.directory}; there are "
+    raise CheckpointError(f"no checkpoint for step {step} in {ckpt.shown}; there are "
                           f"{', '.join(map(str, steps))}")
   meta, _ = ckpt.restore_meta(step)
   config = Config.from_dict(meta["config"])
