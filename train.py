@@ -4,6 +4,7 @@
   python train.py --profile MoEUT_244M --data corpus.jsonl --workdir runs/244m
   python train.py --workdir runs/244m   # resumes from the last checkpoint
   python train.py eval --workdir runs/244m --data heldout.txt
+  python train.py eval --workdir runs/244m --tasks lambada_openai,piqa   # needs the eval extra
   python train.py sample --workdir runs/244m --prompt "The" --max-new-tokens 200
 
 The logic lives in ``moeut_jax.training``; this file only parses flags.
@@ -62,7 +63,8 @@ def make_parser() -> argparse.ArgumentParser:
       prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
       description=__doc__.split("\n\n")[0] + "\n\ncommands (train is the default):\n"
       "  train   train or resume the run in --workdir (all flags below)\n"
-      "  eval    perplexity of a checkpoint on given text: train.py eval --help\n"
+      "  eval    perplexity of a checkpoint on given text, or harness tasks (--tasks):\n"
+      "          train.py eval --help\n"
       "  sample  text from a checkpoint: train.py sample --help\n\n"
       "Unset flags take the profile's recipe (MoEUT_tiny: a 2-core-CPU demo), else the paper's\n"
       "recipe (docs/semantics.md §9 in the repository). Compute is bfloat16 on GPU/TPU and\n"
@@ -84,7 +86,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def _eval_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="train.py eval",
                               description="Perplexity of a checkpoint on given text (or on the "
-                              "run's held-out split).")
+                              "run's held-out split), or its zero-shot accuracy on "
+                              "lm-evaluation-harness tasks (--tasks).")
   p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="run folder")
   p.add_argument("--data", nargs="+", default=(), metavar="PATH",
                  help="text/JSON Lines/token files or folders (default: the held-out split)")
@@ -93,6 +96,15 @@ def _eval_parser() -> argparse.ArgumentParser:
   p.add_argument("--allow-binary-text", action="store_true",
                  help="read text files that look binary (NUL bytes, or over 5%% of bytes not "
                  "UTF-8) instead of refusing them")
+  h = p.add_argument_group("lm-evaluation-harness tasks (the eval extra; docs/evaluation.md)")
+  h.add_argument("--tasks", default=None, help="comma-separated harness tasks, e.g. "
+                 "lambada_openai,piqa: zero-shot accuracy instead of perplexity")
+  h.add_argument("--include-path", default=None, help="folder of extra task YAML files")
+  h.add_argument("--num-fewshot", type=int, default=None, help="examples in each prompt (0)")
+  h.add_argument("--limit", type=float, default=None,
+                 help="at most N documents per task (a fraction when below 1)")
+  h.add_argument("--batch-size", type=int, default=None,
+                 help="rows per forward pass (the run's micro-batch)")
   _add_common(p)
   return p
 
@@ -135,6 +147,21 @@ def config_from_args(args: argparse.Namespace):
   return Config.for_profile(given.pop("profile", "MoEUT_tiny"), **given)
 
 
+def _eval_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+  if args.data or args.max_batches is not None:
+    parser.error("--data and --max-batches are for perplexity; --tasks takes the task data")
+  from moeut_jax.evaluation.run import evaluate_tasks  # pylint: disable=import-outside-toplevel
+  limit = args.limit
+  if limit is not None and limit >= 1 and limit == int(limit):
+    limit = int(limit)
+  out = evaluate_tasks(args.workdir, [t for t in args.tasks.split(",") if t],
+                       step=args.step, include_path=args.include_path,
+                       num_fewshot=args.num_fewshot, limit=limit, batch_size=args.batch_size)
+  print(out["table"])
+  print(f"Results: {out['json_path']}, table: {out['table_path']}")
+  return 0
+
+
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
@@ -146,8 +173,11 @@ def main(argv=None) -> int:
       from moeut_jax.training import train_and_evaluate  # pylint: disable=import-outside-toplevel
       train_and_evaluate(config, args.workdir)
     elif command == "eval":
-      args = _eval_parser().parse_args(argv)
+      parser = _eval_parser()
+      args = parser.parse_args(argv)
       _setup_jax(args.jax_cache)
+      if args.tasks is not None:
+        return _eval_tasks(parser, args)
       from moeut_jax.training import evaluate_checkpoint  # pylint: disable=import-outside-toplevel
       out = evaluate_checkpoint(args.workdir, args.data, args.step, args.max_batches,
                                 args.allow_binary_text)
