@@ -1,4 +1,8 @@
 """Rematerialisation of the layer group (moeut_jax/remat.py): same numbers, other residuals."""
+import json
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +10,11 @@ import pytest
 
 from moeut_jax import MoEUT, MoEUTLM
 from moeut_jax.remat import REMAT_POLICIES, SAVED_NAMES, checkpoint_policy
+from moeut_jax.training import Config
+from moeut_jax.training.step import build_model
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402  pylint: disable=wrong-import-position
 
 # R = 2 repeats of a one-layer group; every dropout on, so that the recomputed forward
 # pass must draw the same masks as the first one.
@@ -103,3 +112,27 @@ def test_bad_remat_name_is_refused(cls, args):
     cls(*args, **TINY, remat="selective")
   with pytest.raises(ValueError, match="remat=None must be one of"):
     cls(*args, **TINY, remat=None)
+
+
+def test_train_flag_reaches_the_model_and_round_trips_through_the_saved_config(tmp_path):
+  parse = lambda *a: train.config_from_args(  # noqa: E731
+      train.make_parser().parse_args([*a, "--workdir", str(tmp_path)]))
+  assert parse().remat == "none"                                  # the documented default
+  config = parse("--remat", "full")
+  assert config.model_kwargs()["remat"] == "full"
+  assert build_model(config, V).remat == "full"
+  assert Config.from_dict(json.loads(config.to_json())) == config
+  with pytest.raises(SystemExit):                                # argparse's choices
+    train.make_parser().parse_args(["--remat", "selective"])
+  with pytest.raises(ValueError, match="remat='selective'; choose one of"):
+    Config(remat="selective")
+  # A run resumes with its saved setting unless the flag is given again; a config saved
+  # before the setting existed reads as "none".
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text(config.to_json())
+  assert parse().remat == "full"
+  assert parse("--remat", "save_projections").remat == "save_projections"
+  old = config.to_dict()
+  del old["remat"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert parse().remat == "none"
