@@ -179,9 +179,9 @@ def main(argv=None) -> int:
     return 2
   except Exception as e:  # pylint: disable=broad-except
     from moeut_jax.training import TrainingError  # pylint: disable=import-outside-toplevel
-    from moeut_jax.training.memory import is_out_of_memory, out_of_memory_message  # pylint: disable=import-outside-toplevel
-    if is_out_of_memory(e):
-      print(f"error: {out_of_memory_message(e, config)}", file=sys.stderr)
+    from moeut_jax.training import memory  # pylint: disable=import-outside-toplevel
+    if memory.is_out_of_memory(e):
+      print(f"error: {memory.out_of_memory_message(e, config)}", file=sys.stderr)
       return 1
     if not isinstance(e, TrainingError):
       raise

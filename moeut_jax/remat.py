@@ -3,16 +3,18 @@
 ``MoEUT(..., remat=...)`` / ``MoEUTLM(..., remat=...)`` / ``train.py --remat``:
 
 - ``"none"`` (default): every layer keeps what its backward pass reads. At MoEUT_244M in
-  bf16 that is about 60 MB per layer and 1024 tokens, most of it float32 [N, D] copies
-  of the residual stream inside the LayerNorms and at the routers' inputs.
+  bf16 that is about 60 MB per layer and 1024 tokens (attention aside), most of it
+  float32 [N, D] copies of the residual stream inside the LayerNorms and at the routers'
+  inputs, and each step keeps bf16 copies of the expert weights as well.
 - ``"save_projections"``: keeps only the values named below (router logits, the routings,
-  q and k after RoPE, SwitchHead's V and O CVMM outputs; about 10 MB per layer and 1024
+  q and k after RoPE, SwitchHead's V and O CVMM outputs; about 8 MB per layer and 1024
   tokens at MoEUT_244M) and recomputes the rest of the layer group in the backward pass:
   LayerNorms, casts, RoPE, the attention itself and the σ-MoE's fused expert MLP (whose
   backward needs the [N·k, expert size] middle that only its forward kernel makes).
 - ``"full"``: keeps only each layer group's input (the residual stream, float32, and the
   regulariser's accumulators) and recomputes the whole group in the backward pass.
 
+(Sizes from JAX's list of saved residuals, traced on a CPU with the Triton path.)
 The values are the same as without remat: the backward pass recomputes the same forward.
 (On GPUs the CVMM kernels' float16/float32 atomic sums add in a varying order, so there
 the recomputed values, and the gradients, vary between runs as every run's do.)

@@ -23,7 +23,9 @@ def is_out_of_memory(error: BaseException) -> bool:
   return False
 
 
-def _first_oom_line(error: BaseException) -> str:
+def oom_summary(error: BaseException) -> str:
+  """The first line of the RESOURCE_EXHAUSTED error in ``error``'s chain (at most 300
+  characters; XLA adds a dump of its buffers after it)."""
   while error is not None:
     if isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error):
       line = str(error).strip().splitlines()[0]
@@ -38,7 +40,7 @@ def out_of_memory_message(error: BaseException, config=None) -> str:
   config: the run's Config, whose settings the hints quote; None (eval, sample) for
   general hints.
   """
-  lines = [f"out of device memory: {_first_oom_line(error)}", "To use less memory:"]
+  lines = [f"out of device memory: {oom_summary(error)}", "To use less memory:"]
   if config is not None:
     micro = config.batch_size // config.grad_accum
     if config.remat != "full":
