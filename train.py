@@ -7,7 +7,8 @@
   python train.py eval --workdir runs/244m --tasks lambada_openai,piqa   # needs the eval extra
   python train.py sample --workdir runs/244m --prompt "The" --max-new-tokens 200
 
-The logic lives in ``moeut_jax.training``; this file only parses flags.
+The logic lives in ``moeut_jax.training``; this file only parses flags, and sets JAX's share
+of the GPU before JAX starts (``GPU_MEMORY_FRACTION``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,24 @@ import typing
 COMMANDS = ("train", "eval", "sample")
 DEFAULT_WORKDIR = os.path.join("runs", "default")
 DEFAULT_JAX_CACHE = os.path.join("~", ".cache", "moeut_jax", "xla")
+
+# JAX takes 75% of a GPU's memory at start by default. A training run is the only user of
+# its GPUs, so train.py lets JAX take 95% (the rest is for CUDA's own libraries and
+# context) unless one of these variables says otherwise. They are read when JAX starts its
+# GPU backend, so this must happen before JAX is imported. (The same names as
+# moeut_jax.training.memory.MEMORY_VARIABLES, which cannot be imported before JAX.)
+GPU_MEMORY_FRACTION = "0.95"
+_MEMORY_VARIABLES = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION",
+                     "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR")
+
+
+def set_gpu_memory_default(environ=os.environ) -> bool:
+  """XLA_PYTHON_CLIENT_MEM_FRACTION=GPU_MEMORY_FRACTION unless any of the memory variables
+  is set (then the user's choice stands). Returns whether it was set."""
+  if any(name in environ for name in _MEMORY_VARIABLES):
+    return False
+  environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = GPU_MEMORY_FRACTION
+  return True
 
 
 def _flag(name: str) -> str:
@@ -163,8 +182,10 @@ def _eval_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
 
 
 def main(argv=None) -> int:
+  set_gpu_memory_default()  # before anything imports JAX
   argv = list(sys.argv[1:] if argv is None else argv)
   command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+  config = None
   try:
     if command == "train":
       args = make_parser().parse_args(argv)
@@ -196,6 +217,10 @@ def main(argv=None) -> int:
     return 2
   except Exception as e:  # pylint: disable=broad-except
     from moeut_jax.training import TrainingError  # pylint: disable=import-outside-toplevel
+    from moeut_jax.training import memory  # pylint: disable=import-outside-toplevel
+    if memory.is_out_of_memory(e):
+      print(f"error: {memory.out_of_memory_message(e, config)}", file=sys.stderr)
+      return 1
     if not isinstance(e, TrainingError):
       raise
     print(f"error: {e}", file=sys.stderr)

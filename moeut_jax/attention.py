@@ -14,10 +14,12 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from kernels import DEFAULT, CvmmConfig, cvmm, make_head_routing
 from moeut_jax import initializers as init
 from moeut_jax.parallel import per_device
+from moeut_jax.remat import ATTENTION_QK, ROUTER_LOGITS, ROUTING, SWITCHHEAD_CVMM
 from moeut_jax.rope import apply_rope, rotary_width
 from moeut_jax.routing import router_logits, sigmoid_topk
 
@@ -56,7 +58,8 @@ def _route(logits: jax.Array, drop: jax.Array | None, k: int, config: CvmmConfig
   b, t, h, ea = logits.shape
   gates, index = sigmoid_topk(logits, k, drop)
   unit_pairs = config.unit_pairs if jax.default_backend() == "gpu" else False
-  return gates, make_head_routing(index.reshape(b * t, h, k), ea, unit_pairs=unit_pairs)
+  return checkpoint_name((gates, make_head_routing(index.reshape(b * t, h, k), ea,
+                                                  unit_pairs=unit_pairs)), ROUTING)
 
 
 class SwitchHeadRope(nn.Module):
@@ -99,6 +102,7 @@ class SwitchHeadRope(nn.Module):
     (or None)."""
     b, t, _ = src.shape
     logits = router_logits(src, sel, self.dtype).reshape(b, t, self.n_heads, self.n_experts)
+    logits = checkpoint_name(logits, ROUTER_LOGITS)
     drop = None
     if train and self.expert_dropout > 0:
       drop = jax.random.bernoulli(self.make_rng("dropout"), self.expert_dropout, logits.shape)
@@ -130,8 +134,8 @@ class SwitchHeadRope(nn.Module):
     q = jnp.einsum("BTD,DHK->BTHK", q_src.astype(cd), p["q"].astype(cd)) * qk_scale
     k = jnp.einsum("BTD,DHK->BTHK", k_src.astype(cd), p["k"].astype(cd)) * qk_scale
     n_rot = rotary_width(dh)
-    q = apply_rope(q, positions, n_rot)
-    k = apply_rope(k, positions, n_rot)
+    q = checkpoint_name(apply_rope(q, positions, n_rot), ATTENTION_QK)
+    k = checkpoint_name(apply_rope(k, positions, n_rot), ATTENTION_QK)
 
     if self.n_experts > 1:
       lv, drop_v = self._router(k_src, p["sel_v"], train)
@@ -144,6 +148,7 @@ class SwitchHeadRope(nn.Module):
         nl = bl * tl
         vv = cvmm(v_src.reshape(nl, d).astype(cd), rv, w,
                   config=self.cvmm)                                       # [N, H*ka, Dh]
+        vv = checkpoint_name(vv, SWITCHHEAD_CVMM)
         v = jnp.einsum("NHKD,NHK->NHD", vv.reshape(nl, h, self.k, dh),
                        gv.reshape(nl, h, self.k), preferred_element_type=jnp.float32)
         return v.reshape(bl, tl, h, dh).astype(cd)                        # [B, T, H, Dh]
@@ -176,7 +181,7 @@ class SwitchHeadRope(nn.Module):
         bl, tl = att.shape[:2]
         out = cvmm(att.reshape(bl * tl, h, dh), ro, w, go.reshape(bl * tl, h * self.k),
                    config=self.cvmm)                                      # [N, D]
-        return out.reshape(bl, tl, d)
+        return checkpoint_name(out, SWITCHHEAD_CVMM).reshape(bl, tl, d)
 
       out = per_device(output, (lo, drop_o, att), (p["o"].astype(cd),))
     else:

@@ -8,7 +8,9 @@ Dimension legend (used across moeut_jax/):
 The G distinct layers form one ``LayerGroup`` that ``nn.scan`` applies R times with its
 parameters broadcast: stored once, shared by every repeat, so parameters and compile
 time do not grow with depth. The entropy regulariser is carried through the scan as a
-running log-sum-exp, over time and repeats (docs/semantics.md §5).
+running log-sum-exp, over time and repeats (docs/semantics.md §5). With ``remat`` the group
+runs under ``nn.remat`` and the backward pass recomputes what it does not keep
+(moeut_jax/remat.py).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from moeut_jax.kv_cache import KVCache
 from moeut_jax.layer import LayerGroup
 from moeut_jax.masks import AttentionMask, blocked_keys
 from moeut_jax.parallel import check_mesh_axes
+from moeut_jax.remat import remat_module, validate_remat
 from moeut_jax.routing import entropy_init, entropy_loss
 from kernels import DEFAULT, CvmmConfig
 
@@ -93,6 +96,7 @@ def validate_config(m) -> None:
   if m.scan_unroll is not None and (not isinstance(m.scan_unroll, (int, np.integer))
                                     or isinstance(m.scan_unroll, bool) or m.scan_unroll < 1):
     raise ValueError(f"scan_unroll={m.scan_unroll!r} must be None or a positive integer")
+  validate_remat(m.remat)
 
 
 class MoEUT(nn.Module):
@@ -125,6 +129,10 @@ class MoEUT(nn.Module):
   # unrolls it fully (no loop; MoEUT_244M on an H200: 1.33x faster training steps, 2x
   # the compile time). None: fully unrolled on GPUs, 1 elsewhere. Numerics are the same.
   scan_unroll: Optional[int] = None
+  # what the backward pass keeps of each layer group (moeut_jax/remat.py): "none" (all it
+  # reads), "save_projections" (router logits, routings, q/k, SwitchHead's CVMM outputs;
+  # the rest is recomputed) or "full" (only the group's input). Numerics are the same.
+  remat: str = "none"
 
   def __post_init__(self):
     validate_config(self)
@@ -207,10 +215,11 @@ class MoEUT(nn.Module):
         acc["att_o"] = tuple(entropy_init((b, h, ea)) for _ in range(g))
         acc["att_v"] = tuple(entropy_init((b, h, ea)) for _ in range(g))
 
-    scanned = nn.scan(LayerGroup, variable_broadcast="params",
+    unroll = self.effective_scan_unroll()
+    scanned = nn.scan(remat_module(LayerGroup, self.remat, unroll), variable_broadcast="params",
                       split_rngs={"params": False, "dropout": True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=r,
-                      unroll=self.effective_scan_unroll())
+                      unroll=unroll)
     group = scanned(self._layer_kwargs(), g, train, is_causal and cache is None,
                     cache is not None and cache.fixed, cache is not None, name="layers")
     xs = None if cache is None else (cache.k, cache.v)
@@ -258,6 +267,7 @@ class MoEUTLM(nn.Module):
   param_dtype: Any = jnp.float32
   cvmm: CvmmConfig = DEFAULT
   scan_unroll: Optional[int] = None
+  remat: str = "none"
 
   def __post_init__(self):
     if self.n_tokens < 1:

@@ -6,10 +6,12 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from kernels import DEFAULT, CvmmConfig, cvmm_pair, make_routing
 from moeut_jax import initializers as init
 from moeut_jax.parallel import per_device
+from moeut_jax.remat import ROUTER_LOGITS, ROUTING
 from moeut_jax.routing import router_logits, sigmoid_topk
 
 
@@ -41,6 +43,7 @@ class SigmaMoE(nn.Module):
                             (d, e), self.param_dtype)
 
     logits = router_logits(sel_input, expert_sel, self.dtype)         # [B, T, Ef] f32
+    logits = checkpoint_name(logits, ROUTER_LOGITS)
     drop = None
     if train and self.expert_dropout > 0:
       drop = jax.random.bernoulli(self.make_rng("dropout"), self.expert_dropout, logits.shape)
@@ -50,6 +53,7 @@ class SigmaMoE(nn.Module):
       b, t, _ = x.shape
       gates, index = sigmoid_topk(logits, self.k, drop)               # [B, T, kf] each
       routing = make_routing(index.reshape(b * t, self.k), e)
+      gates, routing = checkpoint_name((gates, routing), ROUTING)
       xf = x.reshape(b * t, d).astype(self.dtype)                     # [N, D]
       # relu(x @ keys) @ values, gated sum over the kf experts (one fused kernel on GPUs)
       out = cvmm_pair(xf, routing, keys, values, gates.reshape(b * t, self.k),

@@ -7,7 +7,7 @@ in several ways, and prints one table (G adds/s, and GB/s of added data: 4 bytes
 add, 2 for bf16):
 
   v4        red.global.add.v4.f32 into the gathered rows (what the CVMM kernels do)
-  bf16      red.global.add.noftz.v4.bf16x2 into a bf16 output (CVMM_SUM_DTYPE=bfloat16)
+  bf16      red.global.add.noftz.v4.bf16x2 into a bf16 output (CvmmConfig(sum_dtype="bfloat16"))
   scalar    tl.atomic_add (relaxed), one float per reduction
   store     plain stores to the same rows (no reduction: a bound on the scatter)
   tma_row   one TMA bulk-tensor reduction (cp.reduce.async.bulk.tensor) per row
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.cvmm_triton import _RED_BF16_V8, _red_half_v8, _red_v4
+from kernels.cvmm_triton.primitives import RED_BF16_V8 as _RED_BF16_V8, red_half_v8 as _red_half_v8, red_v4 as _red_v4
 
 
 @triton.jit

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from kernels import cvmm_triton as ct
+from kernels.cvmm_triton import gluon_pairs, gluon_rows, units
 from kernels import offline
 from kernels.autotune import TileConfig
 
@@ -38,20 +38,20 @@ def _blocks_per_sm(st: dict, warps: int) -> int:
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--gluon", default=",".join(
-      f"{bm}x{bn}x{w}x{b}" for bm, bn, w, b in ct._GLUON_ROWS),
+      f"{bm}x{bn}x{w}x{b}" for bm, bn, w, b in gluon_rows.GLUON_ROWS_TILES),
       help="comma list of BMxBNxWARPSxBUFFERS for the Gluon row kernel")
   ap.add_argument("--pairs", default=",".join(
-      f"{bm}x{bn}x{w}x{b}" for bm, bn, w, b in ct.UNIT_PAIRS_TILES),
+      f"{bm}x{bn}x{w}x{b}" for bm, bn, w, b in gluon_pairs.UNIT_PAIRS_TILES),
       help="comma list of BMxBNxWARPSxBUFFERS for the unit-pair kernel (SwitchHead's "
            "shapes: 4 heads, k = 2, I = 128, O = d_model)")
   ap.add_argument("--triton", default=_TRITON_DEFAULT,
                   help="comma list of KIND:BMxBNxBKxWARPSxSTAGES (KIND rows, pair_fwd, "
                        "pair_bwd; rows walks the column blocks)")
-  ap.add_argument("--rows2", default=",".join(f"{bm}x{bn}x{w}" for bm, bn, w in ct._GLUON_ROWS2),
+  ap.add_argument("--rows2", default=",".join(f"{bm}x{bn}x{w}" for bm, bn, w in gluon_rows.GLUON_ROWS2_TILES),
                   help="comma list of BMxBNxWARPS (BM: a half) for the two-half row kernel")
   ap.add_argument("--units", default=",".join(
       f"{c.block_m}x{c.block_n}x{c.block_k}x{c.num_warps}x{c.num_stages}"
-      for c in ct._units_candidates(128, "bfloat16")),
+      for c in units.units_candidates(128, "bfloat16")),
                   help="comma list of BMxBNxBKxWARPSxSTAGES for the unit-store kernel "
                        "(SwitchHead O's dx: I = d_model, O = 128, 4 heads, k = 2)")
   ap.add_argument("--shape", default="128,1024,16",

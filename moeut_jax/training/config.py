@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from moeut_jax import profiles
 from kernels import IMPLEMENTATIONS, SUM_DTYPES, CvmmConfig
+from moeut_jax.remat import REMAT_POLICIES
 
 # Fields of the profile dicts in profiles.py; each can be overridden one by one.
 MODEL_FIELDS = ("d_model", "n_layers", "n_heads", "ff_n_experts", "ff_expert_size",
@@ -72,6 +73,12 @@ class Config:
   scan_unroll: Optional[int] = _f(None, "repeats of the layer group per scan iteration "
                                   "(unset: all of them on GPUs, a faster step and a "
                                   "longer compile; 1 elsewhere)", group="model")
+  remat: str = _f("none", "what the backward pass keeps of each layer group: none "
+                  "(everything it reads; fastest), save_projections (router outputs, q/k "
+                  "and SwitchHead's expert outputs; recomputes the rest), full (only the "
+                  "group's input; least memory, recomputes the whole forward pass). Same "
+                  "numerics; may change when resuming", choices=REMAT_POLICIES,
+                  group="model")
   compute_dtype: str = _f("auto", "compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU "
                           "(bf16 is emulated and slow on CPUs)", choices=COMPUTE_DTYPES)
   param_dtype: str = _f("float32", "dtype of parameters and optimizer state",
@@ -187,6 +194,8 @@ class Config:
       raise ValueError(f"compute_dtype={self.compute_dtype!r}; choose one of {COMPUTE_DTYPES}")
     if self.param_dtype not in PARAM_DTYPES:
       raise ValueError(f"param_dtype={self.param_dtype!r}; choose one of {PARAM_DTYPES}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
 
   # -------------------------------------------------------------------------------------------
   @property
@@ -204,6 +213,7 @@ class Config:
         kwargs[name] = getattr(self, name)
     kwargs["cvmm"] = CvmmConfig(impl=self.cvmm_impl, sum_dtype=self.cvmm_sum_dtype)
     kwargs["scan_unroll"] = self.scan_unroll
+    kwargs["remat"] = self.remat
     return kwargs
 
   def replace(self, **changes) -> "Config":

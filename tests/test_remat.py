@@ -1,0 +1,138 @@
+"""Rematerialisation of the layer group (moeut_jax/remat.py): same numbers, other residuals."""
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moeut_jax import MoEUT, MoEUTLM
+from moeut_jax.remat import REMAT_POLICIES, SAVED_NAMES, checkpoint_policy
+from moeut_jax.training import Config
+from moeut_jax.training.step import build_model
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402  pylint: disable=wrong-import-position
+
+# R = 2 repeats of a one-layer group; every dropout on, so that the recomputed forward
+# pass must draw the same masks as the first one.
+TINY = dict(d_model=16, n_layers=2, n_heads=2, ff_n_experts=4, att_n_experts=3, d_head=8,
+            group_size=1, ff_k=2, att_k=2, ff_expert_size=8, dropout=0.1,
+            ff_expert_dropout=0.2, att_expert_dropout=0.2)
+V = 40
+
+
+@pytest.fixture(scope="module")
+def setup():
+  toks = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 7)), jnp.int32)
+  params = jax.jit(MoEUTLM(V, **TINY).init)(jax.random.PRNGKey(0), toks)["params"]
+  return toks, params, {}
+
+
+def _loss(model, toks):
+  def loss(params):
+    out = model.apply({"params": params}, toks, train=True,
+                      rngs={"dropout": jax.random.PRNGKey(3)})
+    return out.outputs.mean() + out.reg_loss
+  return loss
+
+
+def _value_and_grad(remat, unroll, setup):
+  toks, params, cache = setup
+  if (remat, unroll) not in cache:
+    model = MoEUTLM(V, **TINY, remat=remat, scan_unroll=unroll)
+    with jax.default_matmul_precision("highest"):
+      cache[remat, unroll] = jax.jit(jax.value_and_grad(_loss(model, toks)))(params)
+  return cache[remat, unroll]
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr, those of nested jaxprs (scan and remat bodies) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)                     # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          yield from _equations(sub)
+
+
+def _checkpoints(jaxpr):
+  """The params of every checkpoint (remat) equation."""
+  return [e.params for e in _equations(jaxpr)
+          if "policy" in e.params and "prevent_cse" in e.params]
+
+
+@pytest.mark.parametrize("unroll", [1, 2], ids=["scanned", "unrolled"])
+@pytest.mark.parametrize("remat", ["save_projections", "full"])
+def test_remat_gives_the_same_loss_and_gradients(remat, unroll, setup):
+  loss0, grads0 = _value_and_grad("none", unroll, setup)
+  loss, grads = _value_and_grad(remat, unroll, setup)
+  np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+  assert jax.tree.structure(grads) == jax.tree.structure(grads0)
+  for (path, g), g0 in zip(jax.tree_util.tree_leaves_with_path(grads),
+                          jax.tree.leaves(grads0)):
+    # float32: the recomputed forward pass is the same computation, so the gradients
+    # agree to rounding (relative to each leaf's norm)
+    err = float(jnp.linalg.norm(g - g0) / jnp.maximum(jnp.linalg.norm(g0), 1e-30))
+    assert err <= 1e-6, (jax.tree_util.keystr(path), err)
+
+
+@pytest.mark.parametrize("unroll", [1, 2], ids=["scanned", "unrolled"])
+@pytest.mark.parametrize("remat", REMAT_POLICIES)
+def test_remat_wraps_the_layer_group_with_its_policy(remat, unroll, setup):
+  toks, params, _ = setup
+  model = MoEUTLM(V, **TINY, remat=remat, scan_unroll=unroll)
+  found = _checkpoints(jax.make_jaxpr(_loss(model, toks))(params).jaxpr)
+  if remat == "none":
+    assert not found
+    return
+  # One checkpoint per scanned group body (the scan traces its body once, unrolled or not)
+  assert len(found) == 1
+  assert found[0]["policy"] == checkpoint_policy(remat)
+  # Unrolled repeats are straight-line code: barriers keep XLA from merging the
+  # recomputation back into the forward pass; a rolled loop needs none.
+  assert found[0]["prevent_cse"] == (unroll > 1)
+
+
+def test_every_name_that_save_projections_keeps_is_in_the_model(setup):
+  toks, params, _ = setup
+  model = MoEUTLM(V, **TINY, remat="save_projections")
+  jaxpr = jax.make_jaxpr(_loss(model, toks))(params).jaxpr
+  names = {e.params["name"] for e in _equations(jaxpr) if e.primitive.name == "name"}
+  assert names == set(SAVED_NAMES)
+
+
+@pytest.mark.parametrize("cls,args", [(MoEUTLM, (V,)), (MoEUT, ())])
+def test_bad_remat_name_is_refused(cls, args):
+  with pytest.raises(ValueError, match=r"remat='selective' must be one of \('none', "
+                                       r"'save_projections', 'full'\)"):
+    cls(*args, **TINY, remat="selective")
+  with pytest.raises(ValueError, match="remat=None must be one of"):
+    cls(*args, **TINY, remat=None)
+
+
+def test_train_flag_reaches_the_model_and_round_trips_through_the_saved_config(tmp_path):
+  parse = lambda *a: train.config_from_args(  # noqa: E731
+      train.make_parser().parse_args([*a, "--workdir", str(tmp_path)]))
+  assert parse().remat == "none"                                  # the documented default
+  config = parse("--remat", "full")
+  assert config.model_kwargs()["remat"] == "full"
+  assert build_model(config, V).remat == "full"
+  assert Config.from_dict(json.loads(config.to_json())) == config
+  with pytest.raises(SystemExit):                                # argparse's choices
+    train.make_parser().parse_args(["--remat", "selective"])
+  with pytest.raises(ValueError, match="remat='selective'; choose one of"):
+    Config(remat="selective")
+  # A run resumes with its saved setting unless the flag is given again; a config saved
+  # before the setting existed reads as "none".
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text(config.to_json())
+  assert parse().remat == "full"
+  assert parse("--remat", "save_projections").remat == "save_projections"
+  old = config.to_dict()
+  del old["remat"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert parse().remat == "none"
