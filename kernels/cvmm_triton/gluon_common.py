@@ -24,9 +24,12 @@ from kernels.cvmm_triton.primitives import red_half_v8_asm
 try:
   from triton.experimental import gluon
   from triton.experimental.gluon import language as gl
-  from triton.experimental.gluon.language.nvidia.hopper import async_copy as cp
+  from triton.experimental.gluon.language.nvidia.hopper import (async_copy as cp,
+                                                                fence_async_shared,
+                                                                warpgroup_mma,
+                                                                warpgroup_mma_wait)
 except ImportError:  # no Triton (CPU-only installs), or a Triton without Gluon
-  gluon = gl = cp = None
+  gluon = gl = cp = fence_async_shared = warpgroup_mma = warpgroup_mma_wait = None
 
 
 def available() -> bool:

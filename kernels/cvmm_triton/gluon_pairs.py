@@ -16,23 +16,15 @@ import jax.numpy as jnp
 from kernels import autotune
 from kernels.autotune import TileConfig
 from kernels.config import DEFAULT, CvmmConfig
-from kernels.cvmm_triton.gluon_common import rows_sum_supported
+from kernels.cvmm_triton.gluon_common import (cp, fence_async_shared, gl, gluon,
+                                              rows_sum_supported, warpgroup_mma,
+                                              warpgroup_mma_wait)
 from kernels.cvmm_triton.gluon_rows import gluon_tile
 from kernels.cvmm_triton.launch import dummy_f32, hopper, install_gluon_launcher, launch
 from kernels.cvmm_triton.primitives import w_layout
 from kernels.cvmm_triton.scales import half_sums, sum_out_dtype
 from kernels.cvmm_triton.tuning import bench_or_none, head_bench_inputs
 from kernels.routing import Routing
-
-try:
-  from triton.experimental import gluon
-  from triton.experimental.gluon import language as gl
-  from triton.experimental.gluon.language.nvidia.hopper import (async_copy as cp,
-                                                                fence_async_shared,
-                                                                warpgroup_mma,
-                                                                warpgroup_mma_wait)
-except ImportError:
-  gluon = None
 
 if gluon is not None:
   from kernels.cvmm_triton.gluon_common import (RED_BF16, RED_F16, acc_layout, b_view,

@@ -14,27 +14,18 @@ import jax.numpy as jnp
 
 from kernels import autotune
 from kernels.autotune import TileConfig
-from kernels.cvmm_triton.gluon_common import rows_sum_supported
+from kernels.cvmm_triton.gluon_common import (cp, fence_async_shared, gl, gluon,
+                                              rows_sum_supported, warpgroup_mma,
+                                              warpgroup_mma_wait)
 from kernels.cvmm_triton.launch import dummy_f32, install_gluon_launcher, launch
 from kernels.cvmm_triton.primitives import w_layout
 from kernels.routing import Routing
 
-try:
-  from triton.experimental import gluon
-  from triton.experimental.gluon import language as gl
-  from triton.experimental.gluon.language.nvidia.hopper import (async_copy as cp,
-                                                                fence_async_shared,
-                                                                warpgroup_mma,
-                                                                warpgroup_mma_wait)
-except ImportError:
-  gluon = None
-
 if gluon is not None:
   from kernels.cvmm_triton.gluon_common import (RED_BF16, RED_F16, acc_layout, b_view,
                                                 copy_block, epi_smem, gather_rows,
-                                                reduce_block, reduce_epi,
-                                                rows_layout, rows_scale, unit_tile, output_rows,
-                                                w_smem)
+                                                output_rows, reduce_block, rows_layout,
+                                                rows_scale, w_smem)
 
   @gluon.jit
   def rows_sum_kernel(
@@ -250,8 +241,6 @@ def gluon_rows_sum(a, w, routing: Routing, tiles, scale, cfg: TileConfig, *, a_r
   :func:`kernels.cvmm_triton.rows.rows_matmul` (which scales float16 sums back)."""
   install_gluon_launcher()
   n, k = routing.n_tokens, routing.k
-  if cfg.halves not in (1, 2):
-    raise ValueError(f"{cfg}: the Gluon row kernels take tiles of one or two halves")
   z = tiles.shape[1]
   meta = gluon_rows_meta(w.shape, transpose_w, cfg, z=z, k=k, a_rows=a_rows,
                          out_rows=out_rows, has_scale=scale is not None,
