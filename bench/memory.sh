@@ -3,7 +3,8 @@
 # without rematerialisation, next to the official PyTorch step, one case per process
 # (a process's peak memory cannot be reset), each under its own `timeout`.
 #
-#   MoEUT_244M, batch 64 x 1024: remat none, full, save_projections; the official step
+#   MoEUT_244M, batch 64 x 1024: remat none, full, save_projections; the official step;
+#               att_n_experts=1 (one attention expert), ours and the official
 #   MoEUT_1B,   batch 32 x 1024: remat full, none (may not fit in 80 GB); the official step
 #
 # Run from the repository root, after the carried wheels are on PYTHONPATH:
@@ -28,7 +29,8 @@ export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
 export CVMM_AUTOTUNE=0 CVMM_AUTOTUNE_CACHE=$OUT/autotune.json
 cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
 
-ALL="jax_244M_none jax_244M_full jax_244M_save_projections torch_244M jax_1B_full torch_1B jax_1B_none"
+ALL="jax_244M_none jax_244M_full jax_244M_save_projections torch_244M jax_244M_att1 torch_244M_att1
+     jax_1B_full torch_1B jax_1B_none"
 CASES=${CASES:-$ALL}
 SUMMARY=$OUT/summary.txt
 start=$SECONDS
@@ -39,6 +41,12 @@ start=$SECONDS
 
 args_of() {  # the command of one case
   case $1 in
+    jax_244M_att1) echo "python3 bench/model.py --profile MoEUT_244M --batch 64 --seq 1024" \
+                     "--steps $STEPS --warmup $((WARMUP - 1)) --grad-clip 0.25 --impl auto" \
+                     "--att-n-experts 1" ;;
+    torch_244M_att1) echo "python3 bench/torch_original.py --path $ORIG --profile MoEUT_244M" \
+                     "--batch 64 --seq 1024 --steps $STEPS --warmup $WARMUP --grad-clip 0.25" \
+                     "--att-n-experts 1" ;;
     jax_244M_*) echo "python3 bench/model.py --profile MoEUT_244M --batch 64 --seq 1024" \
                      "--steps $STEPS --warmup $((WARMUP - 1)) --grad-clip 0.25 --impl auto" \
                      "--remat ${1#jax_244M_}" ;;
@@ -55,7 +63,7 @@ args_of() {  # the command of one case
 
 limit_of() {  # seconds one case may take at most (compile included)
   case $1 in
-    jax_244M_*) echo 150 ;; jax_1B_*) echo 220 ;; torch_244M) echo 120 ;; torch_1B) echo 150 ;;
+    jax_244M_*) echo 150 ;; torch_244M_att1) echo 120 ;; jax_1B_*) echo 220 ;; torch_244M) echo 120 ;; torch_1B) echo 150 ;;
   esac
 }
 

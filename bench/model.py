@@ -63,8 +63,8 @@ def make_step(profile: str, batch: int, seq: int, impl: str, mesh=None,
   parameters and optimizer state FSDP-style (or copied to every device when
   ``replicated``).
   """
-  model = MoEUTLM(8000, **profiles.get(profile), dtype=jnp.bfloat16,
-                  cvmm=CvmmConfig(impl=impl, sum_dtype=sum_dtype), **model_kw)
+  model = MoEUTLM(8000, **{**profiles.get(profile), **model_kw}, dtype=jnp.bfloat16,
+                  cvmm=CvmmConfig(impl=impl, sum_dtype=sum_dtype))
   toks = jax.random.randint(jax.random.PRNGKey(0), (batch, seq + 1), 0, 8000)
   # The parameters depend neither on the batch, nor on the scan's unrolling, nor on remat:
   # initialise through the rolled, unrematerialised model on one short sequence, which
@@ -110,7 +110,7 @@ def step_time(profile: str, batch: int, seq: int, impl: str, steps: int, mesh=No
   """(median step seconds, last loss, seconds of the first call: compile + one step).
   ``warmup`` more steps run untimed after the first call."""
   train_step, params, state, toks = make_step(profile, batch, seq, impl, mesh, replicated,
-                                              grad_clip, **model_kw)
+                                              grad_clip=grad_clip, **model_kw)
   t0 = time.perf_counter()
   params, state, loss = train_step(params, state, toks)
   jax.block_until_ready(loss)
@@ -146,6 +146,8 @@ def torch_original_row(path: str, args) -> str:
          "--profile", args.profile, "--batch", str(args.batch * args.devices), "--seq",
          str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup + 1),
          "--grad-clip", str(args.grad_clip)]
+  if args.att_n_experts is not None:
+    cmd += ["--att-n-experts", str(args.att_n_experts)]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   lines = proc.stdout.strip().splitlines()
   if proc.returncode or not lines:
@@ -175,6 +177,8 @@ def main():
                   help="MoEUTLM(remat=...): what the backward pass keeps (none)")
   ap.add_argument("--grad-clip", type=float, default=0.0,
                   help="global-norm gradient clipping, 0 = none (0; train.py's is 0.25)")
+  ap.add_argument("--att-n-experts", type=int, default=None,
+                  help="override the profile's att_n_experts (e.g. 1: one attention expert)")
   ap.add_argument("--torch-original", metavar="PATH", default=None,
                   help="folder of the official PyTorch MoEUT: time its step first")
   ap.add_argument("--devices", type=int, default=1,
@@ -202,7 +206,9 @@ def main():
         + (f" ({args.batch} per device, context mesh {not args.no_context_mesh}, "
            f"parameters {'replicated' if args.replicated else 'FSDP'})"
            if n_dev > 1 else "") + f", scan_unroll {args.scan_unroll}, remat {args.remat}, "
-        f"grad clip {args.grad_clip}, {args.steps} timed steps after {args.warmup + 1}")
+        f"grad clip {args.grad_clip}, "
+        + ("" if args.att_n_experts is None else f"att_n_experts {args.att_n_experts}, ")
+        + f"{args.steps} timed steps after {args.warmup + 1}")
   print(f"{'impl':>14} {'resolved':>14} {'step ms':>10} {'tokens/s':>12} {'per device':>11} "
         f"{'last loss':>10} {'first call s':>13} {'peak GiB':>9}")
   if torch_row is not None:
@@ -213,7 +219,9 @@ def main():
       with jax.set_mesh(mesh) if use_mesh else contextlib.nullcontext():
         t, loss, first = step_time(args.profile, batch, args.seq, impl, args.steps, mesh,
                                    args.replicated, args.warmup, args.grad_clip,
-                                   scan_unroll=args.scan_unroll, remat=args.remat)
+                                   scan_unroll=args.scan_unroll, remat=args.remat,
+                                   **({} if args.att_n_experts is None
+                                      else dict(att_n_experts=args.att_n_experts)))
       tps = batch * args.seq / t
       print(f"{impl:>14} {resolve(impl):>14} {t * 1e3:10.1f} {tps:12.0f} {tps / n_dev:11.0f} "
             f"{loss:10.4f} {first:13.1f} {peak_memory(devices):>9}", flush=True)

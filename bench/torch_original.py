@@ -43,7 +43,7 @@ def load_original(path: str):
 
 
 def step_time(path: str, profile: str, batch: int, seq: int, steps: int, warmup: int,
-              grad_clip: float) -> dict:
+              grad_clip: float, att_n_experts: int | None = None) -> dict:
   import torch  # noqa: PLC0415  pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # noqa: PLC0415,N812  pylint: disable=import-outside-toplevel
   moeut, profiles = load_original(path)
@@ -51,7 +51,10 @@ def step_time(path: str, profile: str, batch: int, seq: int, steps: int, warmup:
     raise RuntimeError("the official MoEUT's step needs a CUDA GPU (its CVMM is a Triton "
                        "kernel)")
   torch.manual_seed(0)
-  model = moeut.MoEUTLM(VOCAB, **getattr(profiles, profile)).cuda()     # float32 params
+  kw = dict(getattr(profiles, profile))
+  if att_n_experts is not None:
+    kw["att_n_experts"] = att_n_experts
+  model = moeut.MoEUTLM(VOCAB, **kw).cuda()     # float32 params
   opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4, weight_decay=0.01)
   toks = torch.randint(0, VOCAB, (batch, seq + 1), device="cuda")
 
@@ -95,11 +98,13 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=10, help="timed steps")
   ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1)")
   ap.add_argument("--grad-clip", type=float, default=0.25, help="0 = none")
+  ap.add_argument("--att-n-experts", type=int, default=None,
+                  help="override the profile's att_n_experts")
   args = ap.parse_args(argv)
   import torch  # noqa: PLC0415  pylint: disable=import-outside-toplevel
   try:
     result = step_time(args.path, args.profile, args.batch, args.seq, args.steps,
-                       args.warmup, args.grad_clip)
+                       args.warmup, args.grad_clip, args.att_n_experts)
   except torch.cuda.OutOfMemoryError as e:
     result = dict(impl="torch", oom=str(e).strip().splitlines()[0][:300])
   print(json.dumps(result), flush=True)
