@@ -8,9 +8,18 @@ sample, restore, loop.
 from moeut_jax.training.config import Config, PROFILE_RECIPES
 from moeut_jax.training.errors import (CheckpointError, DataError, NonFiniteLossError,
                                        TokenizerError, TrainingError)
-from moeut_jax.training.evaluate import evaluate_checkpoint
-from moeut_jax.training.loop import train_and_evaluate
-from moeut_jax.training.sample import sample_from_checkpoint
+import importlib
+
+# The entry points below need Grain (the data pipeline): imported on first use, so that the
+# model-side modules (memory, sharding, config) work without it, e.g. in bench/.
+_LAZY = {"evaluate_checkpoint": "evaluate", "train_and_evaluate": "loop",
+         "sample_from_checkpoint": "sample"}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return getattr(importlib.import_module(f"moeut_jax.training.{_LAZY[name]}"), name)
+  raise AttributeError(f"module 'moeut_jax.training' has no attribute {name!r}")
 
 __all__ = ["CheckpointError", "Config", "DataError", "NonFiniteLossError", "PROFILE_RECIPES",
            "TokenizerError", "TrainingError", "evaluate_checkpoint", "sample_from_checkpoint",
