@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,11 @@ def _from_torch(t) -> np.ndarray:
   return t.numpy()
 
 
+# Triton's interpreter patches triton.language while a kernel runs, and XLA's CPU runtime
+# may run independent host callbacks at the same time: one kernel at a time.
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def launch(kernel, args, out_shapes, grid, cfg, zeroed=(), aliases=None, **meta):
   """jax_triton.triton_call on GPUs; a host callback into Triton's interpreter in tests.
   ``args``: arrays, and Python ints for the kernel's scalar (not constexpr) arguments,
@@ -141,7 +147,8 @@ def launch(kernel, args, out_shapes, grid, cfg, zeroed=(), aliases=None, **meta)
             _to_torch(np.zeros(s.shape, s.dtype)) if i in zeroed else
             _to_torch(np.full(s.shape, np.nan if jnp.issubdtype(s.dtype, jnp.floating)
                               else -1, s.dtype)) for i, s in enumerate(out_shapes)]
-    fn[grid](*ins, *outs, **meta)
+    with _INTERPRETER_LOCK:
+      fn[grid](*ins, *outs, **meta)
     return tuple(_from_torch(o) for o in outs)
 
   return list(jax.pure_callback(host, tuple(out_shapes), *arrays))
