@@ -379,7 +379,7 @@ def test_original_impl_needs_the_path_of_a_clone(tmp_path):
   """impl="original" names a folder holding the official moeut/cvmm.py; other impls take
   no path; off the GPU (and without the interpreter) it is not available."""
   from kernels import CvmmConfig, is_available
-  import original_clone
+  import original_cvmm
   with pytest.raises(ValueError, match="pass original_path"):
     CvmmConfig(impl="original")
   with pytest.raises(FileNotFoundError, match="no such folder"):
@@ -388,7 +388,7 @@ def test_original_impl_needs_the_path_of_a_clone(tmp_path):
     CvmmConfig(impl="original", original_path=str(tmp_path))
   with pytest.raises(ValueError, match='used only by impl="original"'):
     CvmmConfig(impl="xla", original_path=str(tmp_path))
-  path = original_clone.required()
+  path = original_cvmm.required()
   cfg = CvmmConfig(impl="original", original_path=path)
   assert cfg == CvmmConfig(impl="original", original_path=path)
   if jax.default_backend() != "gpu":

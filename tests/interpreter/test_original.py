@@ -1,12 +1,13 @@
 """The official MoEUT's CVMM kernels through the binding (kernels/cvmm_original.py) in
-Triton's interpreter: forward and every gradient against the reference CVMM, and a model
-whose every CVMM runs them against the same model on the pure-JAX kernels."""
+Triton's interpreter: forward and every gradient against the original's own PyTorch op
+(its kernels also in the interpreter) and against the reference CVMM, and a model whose
+every CVMM runs them against the same model on the pure-JAX kernels."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import original_clone
+import original_cvmm
 from cvmm_cases import TOL, inputs, outputs, rel_err
 from kernels import CvmmConfig, cvmm
 from kernels.cvmm_reference import cvmm_reference
@@ -27,7 +28,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def config():
-  return CvmmConfig(impl="original", original_path=original_clone.required())
+  return CvmmConfig(impl="original", original_path=original_cvmm.required())
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
@@ -39,6 +40,28 @@ def test_original_kernels_match_reference(config, case, gated):
   for name, a, b in zip(["out", "dx", "dw", "dgates"], got, want):
     assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, a.dtype)
     assert rel_err(a, b) <= TOL[jnp.float32], (case[0], name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("case", CASES[:4], ids=[c[0] for c in CASES[:4]])
+def test_binding_equals_the_original_op(config, case, gated):
+  """float32, the same sorted routing and tile configuration on both sides: what one
+  kernel launch computes is the same bits (the per-pair rows, dx without a sum over
+  slots, the weight gradient: the interpreter adds in a fixed order); the sums outside
+  the kernels (PyTorch's matmuls, XLA's einsums) within float32 rounding."""
+  moeut = original_cvmm.load(config)
+  x, w, g, r, ct = inputs(case, jnp.float32, gated)
+  with original_cvmm.one_tile_configuration(moeut):
+    want = original_cvmm.original_op(moeut, x, w, g, r, ct, jnp.float32)
+  got = original_cvmm.binding(config, x, w, g, r, ct)
+  k, m = case[2], case[3]
+  for name, a, b in zip(["out", "dx", "dw", "dgates"], got, want):
+    a = np.asarray(a)
+    assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape)
+    if name == "dw" or not gated and (name == "out" or k == m):
+      assert np.array_equal(a, b), (case[0], name, rel_err(a, b))
+    else:
+      assert rel_err(a, b) <= TOL[jnp.float32], (case[0], name, rel_err(a, b))
 
 
 def test_float16_inputs_with_float32_weights_and_gates(config):
