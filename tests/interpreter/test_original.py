@@ -103,3 +103,30 @@ def test_model_with_the_original_kernels_matches_pure_jax(config):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_got),
                           jax.tree_util.tree_leaves(g_want)):
     assert rel_err(a, b) <= 10 * TOL[jnp.float32], (jax.tree_util.keystr(path), rel_err(a, b))
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("case", CASES[:3], ids=[c[0] for c in CASES[:3]])
+def test_cpu_standin_equals_the_original_op(config, case, gated):
+  """The side-by-side tool's plain-PyTorch stand-in for the original's CVMM op (its CPU
+  runs) against the op itself: output and gradients within float32 rounding."""
+  import torch
+  from moeut_jax.side_by_side.original import cvmm_standin
+  moeut = original_cvmm.load(config)
+  x, w, g, r, ct = inputs(case, jnp.float32, gated)
+  with original_cvmm.one_tile_configuration(moeut):
+    want = original_cvmm.original_op(moeut, x, w, g, r, ct, jnp.float32)
+  from kernels.cvmm_original import original_sel
+  n, m, _ = x.shape
+  sel, index, out_index = original_sel(r, m)
+  t = original_cvmm.to_torch
+  xt, wt = t(x).requires_grad_(), t(w).requires_grad_()
+  gt = None if g is None else t(g).requires_grad_()
+  choice = moeut.cvmm.CVMMSel(None, t(sel).reshape(n, r.k), t(index).long(),
+                              None if out_index is None else t(out_index).long(), gt)
+  out = cvmm_standin(moeut)(xt, choice, wt)
+  grads = torch.autograd.grad(out, [xt, wt] + ([gt] if gated else []), t(ct))
+  for name, a, b in zip(["out", "dx", "dw", "dgates"], (out,) + grads, want):
+    a = original_cvmm.to_numpy(a)
+    assert a.shape == b.shape, (name, a.shape, b.shape)
+    assert rel_err(a, b) <= TOL[jnp.float32], (case[0], name, rel_err(a, b))
