@@ -398,6 +398,25 @@ def test_original_impl_needs_the_path_of_a_clone(tmp_path):
            jnp.zeros((2, 4, 4)), config=cfg)
 
 
+@pytest.mark.parametrize("which, dtype, transpose, out_index",
+                         [("forward", "bf16", False, True), ("forward", "bf16", True, False),
+                          ("forward", "fp32", False, False), ("backward", "bf16", False, True),
+                          ("backward", "fp32", False, False)])
+def test_original_kernels_compile_for_hopper_in_their_wrappers(which, dtype, transpose,
+                                                               out_index):
+  """The wrappers of kernels/cvmm_original.py (the original's kernel called from a kernel
+  that takes the output pointer last) go through Triton's GPU pipeline to PTX and a
+  cubin, as jax-triton compiles them on the GPU."""
+  pytest.importorskip("triton")
+  pytest.importorskip("torch")
+  import original_cvmm
+  from kernels import offline
+  kern = offline.compile_original(original_cvmm.required(), which, dtype=dtype,
+                                  transpose=transpose, out_index=out_index)
+  assert kern.metadata.name == f"_{which}_wrapper"
+  assert kern.asm["cubin"] and ".entry _" + which + "_wrapper" in kern.asm["ptx"]
+
+
 def test_kernels_import_no_benchmark_and_read_only_tooling_variables():
   """Library code never imports a benchmark, and the environment holds only the
   process-level tooling switches; everything else is a CvmmConfig field."""
