@@ -16,9 +16,10 @@
 # The comparison: PROFILE (MoEUT_126M), STEPS (300) of 16 x 512 bytes of text (the .py
 # files of the machine's Python standard library: readable, and there without network),
 # bf16, runs: the original twice (its run-to-run spread), moeut-jax as it is, with both
-# original-numerics options, and with each alone. PARALLEL (3) runs share the GPU at a time;
-# each run gets half the time left after the tests and the setup (two waves), and a run
-# that overruns is stopped and reported as such, the others still in the table.
+# original-numerics options, and with each alone. PARALLEL (6: all at once; MoEUT_126M
+# at 16 x 512 needs a few GiB per run) runs share the GPU at a time; each wave of runs gets
+# its share of the time left after the tests and the setup, and a run that overruns is
+# stopped and reported as such, the others still in the table.
 #
 # Without network (the device tool): the jax-triton wheel is taken from .whl/ (see
 # bench/gpu_run.sh) when jax_triton is not importable.
@@ -29,7 +30,7 @@ ORIG=${ORIG:-.orig}
 OUT=${OUT:-bench/out/side_by_side}
 PROFILE=${PROFILE:-MoEUT_126M}
 STEPS=${STEPS:-300}
-PARALLEL=${PARALLEL:-3}
+PARALLEL=${PARALLEL:-6}
 mkdir -p "$OUT"
 if ! python3 -c "import jax_triton" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -59,7 +60,8 @@ echo "binding tests (exit $?): $(tail -1 "$OUT/gpu_tests.log")"
 
 STDLIB=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 LEFT=$((TOTAL - (SECONDS - START) - 15))
-RUN_TIMEOUT=$(((LEFT - 40) / 2))
+WAVES=$(((6 + PARALLEL - 1) / PARALLEL))
+RUN_TIMEOUT=$(((LEFT - 40) / WAVES))
 echo "side by side: $PROFILE, $STEPS steps, ${LEFT} s left, ${RUN_TIMEOUT} s per run"
 timeout "$LEFT" python3 -m moeut_jax.side_by_side --original "$ORIG" --text "$STDLIB" \
   --max-bytes $((16 << 20)) --profile "$PROFILE" --steps "$STEPS" --batch 16 --seq 512 \
