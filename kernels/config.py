@@ -9,19 +9,38 @@ and ``train.py`` builds it from its ``--cvmm-*`` flags.
 Process-level tooling stays in the environment (read by :mod:`kernels.autotune` and
 :mod:`kernels.cvmm_triton.launch`): ``CVMM_AUTOTUNE_CACHE`` (the autotuner's JSON
 file), ``CVMM_AUTOTUNE=0`` (heuristic tiles, no timing) and ``CVMM_TRITON_INTERPRET=1``
-(Triton's CPU interpreter, for tests).
+(Triton's CPU interpreter, for tests). The original MoEUT's kernels (``impl="original"``)
+come from a folder the config names (``original_path``), never from the environment.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 # Implementations of CVMM (kernels/cvmm.py says what each is); "auto" picks one.
-IMPLEMENTATIONS = ("reference", "xla", "triton", "triton_unfused", "mosaic", "auto")
+IMPLEMENTATIONS = ("reference", "xla", "triton", "triton_unfused", "mosaic", "original",
+                   "auto")
 # dtypes of the Triton kernels' sums over experts in 16-bit calls.
 SUM_DTYPES = ("float16", "float32", "bfloat16")
 # How float16 sums choose each output row's power-of-two scale.
 F16_SCALES = ("checked", "bound")
+
+
+def check_original_path(path) -> str:
+  """The absolute path of a folder that holds the official MoEUT's ``moeut/cvmm.py``;
+  a clear error otherwise."""
+  if not isinstance(path, str) or not path:
+    raise ValueError(f"original_path={path!r} must name the folder of a clone of the "
+                     "official MoEUT (the folder that holds moeut/cvmm.py)")
+  full = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(full):
+    raise FileNotFoundError(f"original_path={path!r}: no such folder ({full})")
+  if not os.path.isfile(os.path.join(full, "moeut", "cvmm.py")):
+    raise FileNotFoundError(
+        f"original_path={path!r} holds no moeut/cvmm.py: give the folder of a clone of "
+        "the official MoEUT (with its moeut/ package, profiles.py and example.py)")
+  return full
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +49,9 @@ class CvmmConfig:
 
   impl: "auto" (the fastest available: Triton on GPUs, XLA elsewhere), "triton",
     "triton_unfused" (sums over slots through a stored [P, O] intermediate), "mosaic"
-    (Pallas on Mosaic GPU, Hopper), "xla" (pure JAX) or "reference" (tests).
+    (Pallas on Mosaic GPU, Hopper), "xla" (pure JAX), "reference" (tests) or "original"
+    (the official MoEUT's own Triton kernels and its CVMM op's numerics, loaded from
+    ``original_path``: kernels/cvmm_original.py; for comparisons with the original).
   sum_dtype: dtype of the Triton kernels' sums over experts in 16-bit calls:
     "float16" (each output row scaled by a power of two, summed in float16, scaled
     back: half the traffic of float32 sums at about their accuracy), "float32", or
@@ -46,6 +67,9 @@ class CvmmConfig:
     in one tile and added before one reduction): None from 2^18 (token, head) units
     on GPUs (below that the sort costs more than it saves), True always on GPUs,
     False never.
+  original_path: the folder of a clone of the official MoEUT (holding moeut/cvmm.py),
+    whose kernels ``impl="original"`` runs; required by that implementation and refused
+    by the others.
   """
 
   impl: str = "auto"
@@ -53,6 +77,7 @@ class CvmmConfig:
   f16_scales: str = "checked"
   gluon: bool = True
   unit_pairs: Optional[bool] = None
+  original_path: Optional[str] = None
 
   def __post_init__(self):
     if self.impl not in IMPLEMENTATIONS:
@@ -65,6 +90,14 @@ class CvmmConfig:
       raise ValueError(f"gluon={self.gluon!r} must be True or False")
     if self.unit_pairs not in (None, True, False):
       raise ValueError(f"unit_pairs={self.unit_pairs!r} must be None, True or False")
+    if self.impl == "original":
+      if self.original_path is None:
+        raise ValueError('impl="original" runs the official MoEUT\'s kernels: pass '
+                         "original_path, the folder of a clone of it (holding moeut/cvmm.py)")
+      check_original_path(self.original_path)
+    elif self.original_path is not None:
+      raise ValueError(f"original_path={self.original_path!r} is used only by "
+                       f'impl="original", not impl={self.impl!r}')
 
   def replace(self, **changes) -> "CvmmConfig":
     return dataclasses.replace(self, **changes)

@@ -16,6 +16,9 @@ Implementations are interchangeable and chosen by :class:`kernels.CvmmConfig`'s
   "triton_unfused"  the same kernels, but sums over slots go through a stored
                [N*K, O] intermediate (for comparison; not chosen by "auto")
   "mosaic"     Pallas on the Mosaic GPU backend (Hopper, sm90)
+  "original"   the official MoEUT's own Triton kernels and the numerics of its CVMM op,
+               from the clone the config's ``original_path`` names
+               (kernels/cvmm_original.py; for comparisons; not chosen by "auto")
   "auto"       the fastest available for the default backend
 
 :func:`cvmm_pair` is the σ-MoE MLP (up, ReLU, gated down) as one op: with "triton" it
@@ -45,6 +48,7 @@ _IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     # Triton without the fused sum: per-pair rows are stored and summed by XLA.
     "triton_unfused": ("kernels.cvmm_triton", "cvmm_triton_unfused"),
     "mosaic": ("kernels.cvmm_mosaic", "cvmm_mosaic"),
+    "original": ("kernels.cvmm_original", "cvmm_original"),
 }
 # Preference order of "auto" on GPUs, fastest measured first (H200: Triton beats the
 # Mosaic path on every projection and profile measured, bench/RESULTS.md); on any
@@ -128,9 +132,36 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
     shape = (0, w.shape[2]) if gates is not None else (0, routing.k, w.shape[2])
     return jnp.zeros(shape, x.dtype)
   name = resolve(config.impl)
-  if name in ("triton", "triton_unfused"):
+  if name in ("triton", "triton_unfused", "original"):
     return _get(name)(x, routing, w, gates, config=config)
   return _get(name)(x, routing, w, gates)
+
+
+def expert_weights(w: jax.Array, dtype, *, config: CvmmConfig | None = None,
+                   impl: str | None = None) -> jax.Array:
+  """Expert matrices as :func:`cvmm` should get them for compute in ``dtype``: cast to
+  ``dtype``, except for "original", which takes them as stored (its kernels round them
+  in registers and return their gradient in the stored dtype, as the original does with
+  its float32 parameters under autocast)."""
+  if resolve(_config(config, impl).impl) == "original":
+    return w
+  return w.astype(dtype)
+
+
+def gated_sum(y: jax.Array, gates: jax.Array, *, config: CvmmConfig | None = None,
+              impl: str | None = None) -> jax.Array:
+  """out[..., o] = sum_s gates[..., s] y[..., s, o], in y's dtype, summed as the gated
+  :func:`cvmm` sums its slots: float32 gates and sums, rounded once; with "original", as
+  the original op's reduction ``gates.type_as(y) @ y`` (the gates rounded to y's dtype
+  first). SwitchHead sums its value experts per head with it.
+
+  y [..., S, O], gates [..., S] -> [..., O]."""
+  if resolve(_config(config, impl).impl) == "original":
+    return jnp.einsum("...SO,...S->...O", y, gates.astype(y.dtype),
+                      precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32).astype(y.dtype)
+  return jnp.einsum("...SO,...S->...O", y, gates,
+                    preferred_element_type=jnp.float32).astype(y.dtype)
 
 
 def _check(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None):

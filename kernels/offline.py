@@ -11,6 +11,8 @@ barriers and instruction counts before any GPU time is spent.
   compile_gluon_pairs(cfg, ...)                   the Gluon unit-pair kernel
   compile_triton("rows" | "pair_fwd" | "pair_bwd" | "units", ...)   the Triton kernels
   compile_unscale_checked(part="unscale" | "repair")  the checked scale-back's kernels
+  compile_original(path, "forward" | "backward")  the official MoEUT's kernels in the
+                                                  wrappers of kernels/cvmm_original.py
   sass_stats(compiled)                            registers, shared memory, counts
 """
 from __future__ import annotations
@@ -125,6 +127,46 @@ def compile_triton(kind: str, cfg: TileConfig, *, d: int = 1024, h: int = 128,
   else:
     raise ValueError(f"kind {kind!r}: expected rows, pair_fwd, pair_bwd or units")
   sig, attrs = _signature(sig, consts)
+  return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
+                        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def compile_original(path: str, which: str, *, dtype: str = "bf16", transpose: bool = False,
+                     out_index: bool = True, cc: int = 90):
+  """The official MoEUT's ``which`` kernel ("forward": products, "backward": weight
+  gradient) from the clone at ``path``, in its jax-triton wrapper, with the tile
+  configuration the binding takes and the arguments it passes (inputs in ``dtype``,
+  float32 weights and weight gradient; scalars equal to 1 are constexprs, as jax-triton
+  makes them; ``transpose``: the forward kernel on transposed weights)."""
+  import triton  # noqa: PLC0415
+  from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+  from triton.compiler import ASTSource  # noqa: PLC0415
+  from kernels import cvmm_original as co  # noqa: PLC0415
+  ids = {"fp32": 0, "fp16": 1, "bf16": 2}
+  kernels = co.original_kernels(path)
+  if which == "forward":
+    fn, cfg = kernels.forward, kernels.forward_configs[co.FORWARD_CONFIG]
+    w_runtime, w_one = ("stride_bn", "stride_bk") if transpose else ("stride_bk", "stride_bn")
+    ptrs = {"a_ptr": f"*{dtype}", "b_ptr": "*fp32", "index_ptr": "*i32", "sel_ptr": "*i32",
+            "out_index_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
+            "stride_bo": "i32", w_runtime: "i32", "stride_cm": "i32",
+            "stride_out_index": "i32", "c_ptr": f"*{dtype}"}
+    consts = {"stride_ak": 1, w_one: 1, "stride_cn": 1, "stride_index": 1, "stride_sel": 1,
+              "out_index_is_none": not out_index, "dtype_id": ids[dtype],
+              "allow_tf32": False, **cfg.kwargs}
+  elif which == "backward":
+    fn, cfg = kernels.backward, kernels.backward_configs[co.BACKWARD_CONFIG]
+    ptrs = dict(a_ptr=f"*{dtype}", b_ptr=f"*{dtype}", index_ptr="*i32", sel_ptr="*i32",
+                out_index_ptr="*i32", M="i32", N="i32", K="i32", stride_ak="i32",
+                stride_bk="i32", stride_co="i32", stride_cm="i32", stride_out_index="i32",
+                c_ptr="*fp32")
+    consts = dict(stride_am=1, stride_bn=1, stride_cn=1, stride_index=1, stride_sel=1,
+                  out_index_is_none=not out_index, out_dtype_id=0, allow_tf32=False,
+                  dtype_id=ids[dtype], **cfg.kwargs)
+  else:
+    raise ValueError(f"which={which!r}: forward or backward")
+  order = [n for n in fn.arg_names if n in ptrs]
+  sig, attrs = _signature({n: ptrs[n] for n in order}, consts)
   return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
                         options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 

@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from kernels import DEFAULT, CvmmConfig, cvmm, make_head_routing
+from kernels import DEFAULT, CvmmConfig, cvmm, expert_weights, gated_sum, make_head_routing
 from moeut_jax import initializers as init
 from moeut_jax.parallel import per_device
 from moeut_jax.remat import ATTENTION_QK, ROUTER_LOGITS, ROUTING, SWITCHHEAD_CVMM
 from moeut_jax.rope import apply_rope, rotary_width
-from moeut_jax.routing import router_logits, sigmoid_topk
+from moeut_jax.routing import gate_sigmoid, router_logits, sigmoid_topk, upcast
 
 
 def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocked: jax.Array | None,
@@ -76,6 +76,7 @@ class SwitchHeadRope(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   cvmm: CvmmConfig = DEFAULT             # the CVMM kernels' settings
+  router_dtype: Any = jnp.float32        # dtype of the routers (moeut_jax/routing.py)
 
   def _params(self):
     d, h, dh, ea = self.d_model, self.n_heads, self.d_head, self.n_experts
@@ -99,9 +100,11 @@ class SwitchHeadRope(nn.Module):
 
   def _router(self, src, sel, train):
     """Router logits of one projection [B, T, H, Ea] f32 and its expert-dropout mask
-    (or None)."""
+    (or None). 16-bit routers (``router_dtype``) round the logits, then take them to
+    float32, as the original's ``.float()``."""
     b, t, _ = src.shape
-    logits = router_logits(src, sel, self.dtype).reshape(b, t, self.n_heads, self.n_experts)
+    logits = upcast(router_logits(src, sel, self.dtype, self.router_dtype))
+    logits = logits.reshape(b, t, self.n_heads, self.n_experts)
     logits = checkpoint_name(logits, ROUTER_LOGITS)
     drop = None
     if train and self.expert_dropout > 0:
@@ -149,11 +152,12 @@ class SwitchHeadRope(nn.Module):
         vv = cvmm(v_src.reshape(nl, d).astype(cd), rv, w,
                   config=self.cvmm)                                       # [N, H*ka, Dh]
         vv = checkpoint_name(vv, SWITCHHEAD_CVMM)
-        v = jnp.einsum("NHKD,NHK->NHD", vv.reshape(nl, h, self.k, dh),
-                       gv.reshape(nl, h, self.k), preferred_element_type=jnp.float32)
+        v = gated_sum(vv.reshape(nl, h, self.k, dh), gv.reshape(nl, h, self.k),
+                      config=self.cvmm)                                   # [N, H, Dh]
         return v.reshape(bl, tl, h, dh).astype(cd)                        # [B, T, H, Dh]
 
-      v = per_device(values, (lv, drop_v, v_src), (p["v"].astype(cd),))
+      v = per_device(values, (lv, drop_v, v_src),
+                     (expert_weights(p["v"], cd, config=self.cvmm),))
       reg_logits = (lo, lv)
     else:
       v = jnp.einsum("BTD,DHK->BTHK", v_src.astype(cd), p["v"].astype(cd))
@@ -183,9 +187,11 @@ class SwitchHeadRope(nn.Module):
                    config=self.cvmm)                                      # [N, D]
         return checkpoint_name(out, SWITCHHEAD_CVMM).reshape(bl, tl, d)
 
-      out = per_device(output, (lo, drop_o, att), (p["o"].astype(cd),))
+      out = per_device(output, (lo, drop_o, att),
+                       (expert_weights(p["o"], cd, config=self.cvmm),))
     else:
-      gate = jax.nn.sigmoid(router_logits(q_src, p["sel_o"], cd))      # [B, T, H]
-      att = (att.astype(jnp.float32) * gate[..., None]).astype(cd)
+      # [B, T, H]; in router_dtype (the original's gate is bf16 under autocast)
+      gate = gate_sigmoid(router_logits(q_src, p["sel_o"], cd, self.router_dtype))
+      att = (att.astype(jnp.float32) * upcast(gate)[..., None]).astype(cd)
       out = jnp.einsum("BTHK,HKD->BTD", att, p["o"].astype(cd))
     return out, (k_all, v_all), reg_logits

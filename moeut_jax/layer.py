@@ -30,6 +30,7 @@ class MoEUTLayer(nn.Module):
   dtype: Any
   param_dtype: Any
   cvmm: CvmmConfig
+  router_dtype: Any
 
   @nn.compact
   def __call__(self, x, *, positions, blocked, causal_only, cache, train):
@@ -39,14 +40,14 @@ class MoEUTLayer(nn.Module):
     att, kv, att_logits = SwitchHeadRope(
         self.d_model, self.n_heads, self.d_head, self.att_n_experts, self.att_k,
         self.n_layers, self.att_expert_dropout, self.dtype, self.param_dtype, self.cvmm,
-        name="attention")(xn, xn, x, positions=positions,
+        self.router_dtype, name="attention")(xn, xn, x, positions=positions,
                                                blocked=blocked, causal_only=causal_only,
                                                cache=cache, train=train)
     att = nn.Dropout(self.dropout)(att, deterministic=not train)
     x = x + att.astype(x.dtype)
     ffn, ffn_logits = SigmaMoE(
         self.d_model, self.ff_n_experts, self.ff_expert_size, self.ff_k, self.n_layers,
-        self.ff_expert_dropout, self.dtype, self.param_dtype, self.cvmm,
+        self.ff_expert_dropout, self.dtype, self.param_dtype, self.cvmm, self.router_dtype,
         name="ffn")(x, ln("ln2")(x), train)
     x = x + ffn.astype(x.dtype)
     return x, kv, (ffn_logits, att_logits)

@@ -64,6 +64,17 @@ def _effective_scan_unroll(m) -> int:
   return min(m.scan_unroll, r)
 
 
+# dtypes a router may compute in (docs/semantics.md §7)
+ROUTER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _is_router_dtype(d) -> bool:
+  try:
+    return jnp.dtype(d).name in ROUTER_DTYPES
+  except TypeError:
+    return False
+
+
 def validate_config(m) -> None:
   """Clear errors for inconsistent hyper-parameters (shared by MoEUT and MoEUTLM)."""
   for name in ("d_model", "n_layers", "n_heads", "ff_n_experts", "att_n_experts", "group_size",
@@ -90,6 +101,9 @@ def validate_config(m) -> None:
   if m.attention is not None:
     raise ValueError("attention=: only the built-in SwitchHeadRope is supported; "
                      "use att_n_experts=1 for plain RoPE attention with an output gate")
+  if not _is_router_dtype(m.router_dtype):
+    raise ValueError(f"router_dtype={m.router_dtype!r} must be one of {ROUTER_DTYPES} "
+                     "(float32: ours; the compute dtype: the original under autocast)")
   if not isinstance(m.cvmm, CvmmConfig):
     raise TypeError(f"cvmm must be a kernels.CvmmConfig (e.g. CvmmConfig(impl='xla')), "
                     f"got {m.cvmm!r}")
@@ -133,6 +147,11 @@ class MoEUT(nn.Module):
   # reads), "save_projections" (router logits, routings, q/k, SwitchHead's CVMM outputs;
   # the rest is recomputed) or "full" (only the group's input). Numerics are the same.
   remat: str = "none"
+  # dtype of the routers' products, sigmoids and top-k (docs/semantics.md §7): float32
+  # (ours), or the compute dtype to compute them as the original under autocast, where
+  # the σ-MoE router is bf16 throughout (with many ties in the top-k) and SwitchHead's
+  # logits are rounded to bf16 before its float32 sigmoid.
+  router_dtype: Any = jnp.float32
 
   def __post_init__(self):
     validate_config(self)
@@ -159,7 +178,8 @@ class MoEUT(nn.Module):
                 att_n_experts=self.att_n_experts, ff_k=self.ff_k, att_k=self.att_k,
                 ff_expert_size=self.ff_expert_size, ff_expert_dropout=self.ff_expert_dropout,
                 att_expert_dropout=self.att_expert_dropout, dropout=self.dropout,
-                dtype=self.dtype, param_dtype=self.param_dtype, cvmm=self.cvmm)
+                dtype=self.dtype, param_dtype=self.param_dtype, cvmm=self.cvmm,
+                router_dtype=self.router_dtype)
 
   def _start_cache(self, kv_cache, batch: int):
     if kv_cache is None or isinstance(kv_cache, KVCache):
@@ -268,6 +288,7 @@ class MoEUTLM(nn.Module):
   cvmm: CvmmConfig = DEFAULT
   scan_unroll: Optional[int] = None
   remat: str = "none"
+  router_dtype: Any = jnp.float32
 
   def __post_init__(self):
     if self.n_tokens < 1:

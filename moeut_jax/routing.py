@@ -1,7 +1,8 @@
 """Expert selection and the entropy regulariser as pure functions (docs/semantics.md §2, §3,
 §5).
 
-Router logits are always float32 (:func:`router_logits`). The regulariser is accumulated
+Router logits are float32 (:func:`router_logits`) unless a model asks for the original's
+16-bit routers (``router_dtype``, docs/semantics.md §7). The regulariser is accumulated
 as a running log-sum-exp over time and repeats, so the scan over repeats never stores the
 logits:
   acc = logaddexp(acc, logsumexp_T(log_softmax_E(s)))      [B, ..., E]
@@ -9,6 +10,7 @@ and at the end  m = acc - log(T * R),  ent = -sum_E exp(m) m,  loss = -mean(ent)
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -74,17 +76,24 @@ def _logits_bf16x3_bwd(res, g):
 _logits_bf16x3.defvjp(_logits_bf16x3_fwd, _logits_bf16x3_bwd)
 
 
-def router_logits(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
-  """Router logits x [..., D] @ w [D, E] in float32, and their gradients.
+def router_logits(x: jax.Array, w: jax.Array, compute_dtype,
+                  router_dtype=jnp.float32) -> jax.Array:
+  """Router logits x [..., D] @ w [D, E] in ``router_dtype``, and their gradients.
 
-  With a float32 ``compute_dtype`` this is one float32 product (``Precision.HIGHEST``),
-  as the parity tests require. With a 16-bit ``compute_dtype`` the product is split into
-  three bf16 products accumulated in float32 (x = xh + xl, w = wh + wl; xh@wh + xh@wl +
-  xl@wh), forward and for both gradients: relative error a few 1e-6 against float64
-  (a float32 product's own is about 6e-7), on tensor cores instead of the float32
-  units, which are many times slower on GPUs. Either way the logits are far more exact
-  than the original's bf16 routers, so near-ties in the top-k resolve as in float32.
+  float32 (the default; docs/semantics.md §7): with a float32 ``compute_dtype`` one
+  float32 product (``Precision.HIGHEST``), as the parity tests require. With a 16-bit
+  ``compute_dtype`` the product is split into three bf16 products accumulated in float32
+  (x = xh + xl, w = wh + wl; xh@wh + xh@wl + xl@wh), forward and for both gradients:
+  relative error a few 1e-6 against float64 (a float32 product's own is about 6e-7), on
+  tensor cores instead of the float32 units, which are many times slower on GPUs. Either
+  way the logits are far more exact than the original's bf16 routers, so near-ties in the
+  top-k resolve as in float32.
+
+  A 16-bit ``router_dtype`` is the original's router under autocast: x and w rounded to
+  it, a float32 sum of the products, the logits rounded to it (their gradients too).
   """
+  if jnp.dtype(router_dtype) != jnp.float32:
+    return _logits_16bit(x, w, jnp.dtype(router_dtype))
   x = x.astype(jnp.float32)
   w = w.astype(jnp.float32)
   if jnp.dtype(compute_dtype) == jnp.float32:
@@ -93,21 +102,112 @@ def router_logits(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
   return _logits_bf16x3(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[-1])
 
 
+def _round(x: jax.Array, dtype) -> jax.Array:
+  """x rounded to the 16-bit ``dtype`` (to nearest even), as an array of that dtype.
+
+  Through ``reduce_precision``: XLA removes float32 -> 16-bit -> float32 round trips
+  (it allows "excess precision"), which would skip roundings that PyTorch does."""
+  f = jnp.finfo(dtype)
+  return jax.lax.reduce_precision(x.astype(jnp.float32), exponent_bits=f.nexp,
+                                  mantissa_bits=f.nmant).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _logits_16bit(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+  return _logits_16bit_fwd(x, w, dtype)[0]
+
+
+def _logits_16bit_fwd(x, w, dtype):
+  xr, wr = _round(x, dtype), _round(w, dtype)
+  y = jnp.einsum("...D,DE->...E", xr, wr, precision=jax.lax.Precision.HIGHEST,
+                 preferred_element_type=jnp.float32)
+  # zero-size arrays carry x's and w's dtypes (residuals must be arrays)
+  return _round(y, dtype), (xr, wr, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _logits_16bit_bwd(dtype, res, g):
+  xr, wr, x_like, w_like = res
+  g = _round(g, dtype)                                # the gradients' sum, rounded
+  dx = jnp.einsum("...E,DE->...D", g, wr, precision=jax.lax.Precision.HIGHEST,
+                  preferred_element_type=jnp.float32)
+  lead = "".join(chr(ord("a") + i) for i in range(xr.ndim - 1))
+  dw = jnp.einsum(f"{lead}D,{lead}E->DE", xr, g, precision=jax.lax.Precision.HIGHEST,
+                  preferred_element_type=jnp.float32)
+  return _round(dx, dtype).astype(x_like.dtype), _round(dw, dtype).astype(w_like.dtype)
+
+
+_logits_16bit.defvjp(_logits_16bit_fwd, _logits_16bit_bwd)
+
+
+@jax.custom_vjp
+def _sigmoid_16bit(x: jax.Array) -> jax.Array:
+  return _sigmoid_16bit_fwd(x)[0]
+
+
+def _sigmoid_16bit_fwd(x):
+  y = _round(1.0 / (1.0 + jnp.exp(-x.astype(jnp.float32))), x.dtype)
+  return y, y
+
+
+def _sigmoid_16bit_bwd(y, g):
+  y32 = y.astype(jnp.float32)
+  return (_round(g.astype(jnp.float32) * (1.0 - y32) * y32, y.dtype),)
+
+
+_sigmoid_16bit.defvjp(_sigmoid_16bit_fwd, _sigmoid_16bit_bwd)
+
+
+@jax.custom_vjp
+def _upcast_16bit(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32)
+
+
+def _upcast_16bit_fwd(x):
+  return x.astype(jnp.float32), jnp.zeros((0,), x.dtype)
+
+
+def _upcast_16bit_bwd(like, g):
+  return (_round(g, like.dtype),)
+
+
+_upcast_16bit.defvjp(_upcast_16bit_fwd, _upcast_16bit_bwd)
+
+
+def upcast(x: jax.Array) -> jax.Array:
+  """x as float32; the gradient of a 16-bit x is rounded to its dtype (explicitly, as
+  PyTorch's casts do; XLA would otherwise keep it in float32)."""
+  if jnp.dtype(x.dtype).itemsize >= 4:
+    return x.astype(jnp.float32)
+  return _upcast_16bit(x)
+
+
+def gate_sigmoid(logits: jax.Array) -> jax.Array:
+  """sigmoid of router logits in their dtype. 16-bit logits are taken as PyTorch takes
+  its bf16 sigmoid (the original's σ-MoE router under autocast): 1 / (1 + exp(-x)) in
+  float32, rounded once; the gradient g (1 - y) y in float32 from the rounded y, rounded
+  once. (XLA's own 16-bit logistic rounds differently near 0.5, where the ties are.)"""
+  if jnp.dtype(logits.dtype).itemsize >= 4:
+    return jax.nn.sigmoid(logits)
+  return _sigmoid_16bit(logits)
+
+
 def sigmoid_topk(logits: jax.Array, k: int, drop_mask: jax.Array | None = None):
   """Top-k of sigmoid(logits) over the last axis.
 
   Args:
-    logits: [..., E] float32 router logits.
+    logits: [..., E] router logits (float32, or 16-bit for the original's σ-MoE router,
+      whose sigmoid and top-k then run in that dtype, with its ties).
     k: experts to select.
     drop_mask: optional [..., E] bool, True = expert excluded from the choice (expert
       dropout). The weights are the sigmoid of the chosen experts either way.
 
   Returns:
-    (gates [..., k] float32, index [..., k] int32).
+    (gates [..., k] in the logits' dtype, index [..., k] int32).
   """
-  gate = jax.nn.sigmoid(logits)
+  gate = gate_sigmoid(logits)
   choice = gate if drop_mask is None else jnp.where(drop_mask, -jnp.inf, gate)
-  index = topk_indices(jax.lax.stop_gradient(choice), k)             # lax.top_k's order
+  # 16-bit gates are compared as float32 (exact; same order and ties)
+  index = topk_indices(jax.lax.stop_gradient(choice).astype(jnp.float32), k)
   return jnp.take_along_axis(gate, index, axis=-1), index
 
 
@@ -118,7 +218,7 @@ def entropy_init(shape) -> jax.Array:
 
 def entropy_accumulate(acc: jax.Array, logits: jax.Array, time_axis: int = 1) -> jax.Array:
   """Adds logits [B, T, ..., E] to acc [B, ..., E]: log-mean-exp numerator over time."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  logp = jax.nn.log_softmax(upcast(logits), axis=-1)
   return jnp.logaddexp(acc, jax.nn.logsumexp(logp, axis=time_axis))
 
 

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from kernels import DEFAULT, CvmmConfig, cvmm_pair, make_routing
+from kernels import DEFAULT, CvmmConfig, cvmm_pair, expert_weights, make_routing
 from moeut_jax import initializers as init
 from moeut_jax.parallel import per_device
 from moeut_jax.remat import ROUTER_LOGITS, ROUTING
-from moeut_jax.routing import router_logits, sigmoid_topk
+from moeut_jax.routing import router_logits, sigmoid_topk, upcast
 
 
 class SigmaMoE(nn.Module):
@@ -20,7 +20,7 @@ class SigmaMoE(nn.Module):
 
   Parameters: keys [Ef, D, Es], values [Ef, Es, D], expert_sel [D, Ef] (the original's
   ``expert_sel`` transposed). Returns (out [B, T, D] in ``dtype``, router logits
-  [B, T, Ef] float32, kept for the entropy regulariser).
+  [B, T, Ef] in ``router_dtype``, kept for the entropy regulariser).
   """
   d_model: int
   n_experts: int
@@ -31,6 +31,7 @@ class SigmaMoE(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   cvmm: CvmmConfig = DEFAULT             # the CVMM kernels' settings
+  router_dtype: Any = jnp.float32        # dtype of the router (moeut_jax/routing.py)
 
   @nn.compact
   def __call__(self, x: jax.Array, sel_input: jax.Array, train: bool = False):
@@ -42,7 +43,8 @@ class SigmaMoE(nn.Module):
     expert_sel = self.param("expert_sel", init.normalized_router(scale / d ** 0.5, 0, False),
                             (d, e), self.param_dtype)
 
-    logits = router_logits(sel_input, expert_sel, self.dtype)         # [B, T, Ef] f32
+    logits = router_logits(sel_input, expert_sel, self.dtype,
+                           self.router_dtype)                         # [B, T, Ef]
     logits = checkpoint_name(logits, ROUTER_LOGITS)
     drop = None
     if train and self.expert_dropout > 0:
@@ -56,10 +58,12 @@ class SigmaMoE(nn.Module):
       gates, routing = checkpoint_name((gates, routing), ROUTING)
       xf = x.reshape(b * t, d).astype(self.dtype)                     # [N, D]
       # relu(x @ keys) @ values, gated sum over the kf experts (one fused kernel on GPUs)
-      out = cvmm_pair(xf, routing, keys, values, gates.reshape(b * t, self.k),
+      # 16-bit gates (the original's router) are exact in float32: every CVMM takes
+      # float32 gates, and their gradient is rounded back to the router's dtype
+      out = cvmm_pair(xf, routing, keys, values, upcast(gates.reshape(b * t, self.k)),
                       config=self.cvmm)                                     # [N, D]
       return out.reshape(b, t, d)
 
-    out = per_device(experts, (logits, drop, x),
-                     (keys.astype(self.dtype), values.astype(self.dtype)))
+    weights = tuple(expert_weights(w, self.dtype, config=self.cvmm) for w in (keys, values))
+    out = per_device(experts, (logits, drop, x), weights)
     return out, logits

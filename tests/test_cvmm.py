@@ -375,6 +375,48 @@ def test_cvmm_pair_composes_two_cvmms():
 
 
 
+def test_original_impl_needs_the_path_of_a_clone(tmp_path):
+  """impl="original" names a folder holding the official moeut/cvmm.py; other impls take
+  no path; off the GPU (and without the interpreter) it is not available."""
+  from kernels import CvmmConfig, is_available
+  import original_cvmm
+  with pytest.raises(ValueError, match="pass original_path"):
+    CvmmConfig(impl="original")
+  with pytest.raises(FileNotFoundError, match="no such folder"):
+    CvmmConfig(impl="original", original_path=str(tmp_path / "missing"))
+  with pytest.raises(FileNotFoundError, match="holds no moeut/cvmm.py"):
+    CvmmConfig(impl="original", original_path=str(tmp_path))
+  with pytest.raises(ValueError, match='used only by impl="original"'):
+    CvmmConfig(impl="xla", original_path=str(tmp_path))
+  path = original_cvmm.required()
+  cfg = CvmmConfig(impl="original", original_path=path)
+  assert cfg == CvmmConfig(impl="original", original_path=path)
+  if jax.default_backend() != "gpu":
+    assert not is_available("original")
+    with pytest.raises(RuntimeError, match="'original' is not available"):
+      cvmm(jnp.zeros((2, 1, 4)), _routing("random", 2, 1, 2, jax.random.key(0)),
+           jnp.zeros((2, 4, 4)), config=cfg)
+
+
+@pytest.mark.parametrize("which, dtype, transpose, out_index",
+                         [("forward", "bf16", False, True), ("forward", "bf16", True, False),
+                          ("forward", "fp32", False, False), ("backward", "bf16", False, True),
+                          ("backward", "fp32", False, False)])
+def test_original_kernels_compile_for_hopper_in_their_wrappers(which, dtype, transpose,
+                                                               out_index):
+  """The wrappers of kernels/cvmm_original.py (the original's kernel called from a kernel
+  that takes the output pointer last) go through Triton's GPU pipeline to PTX and a
+  cubin, as jax-triton compiles them on the GPU."""
+  pytest.importorskip("triton")
+  pytest.importorskip("torch")
+  import original_cvmm
+  from kernels import offline
+  kern = offline.compile_original(original_cvmm.required(), which, dtype=dtype,
+                                  transpose=transpose, out_index=out_index)
+  assert kern.metadata.name == f"_{which}_wrapper"
+  assert kern.asm["cubin"] and ".entry _" + which + "_wrapper" in kern.asm["ptx"]
+
+
 def test_kernels_import_no_benchmark_and_read_only_tooling_variables():
   """Library code never imports a benchmark, and the environment holds only the
   process-level tooling switches; everything else is a CvmmConfig field."""

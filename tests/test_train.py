@@ -458,6 +458,7 @@ def test_run_header_names_the_cvmm_kernels_and_their_sums(monkeypatch):
     return loop._cvmm_note(config, np.dtype(step_lib.compute_dtype(config)))
 
   assert note(cvmm_impl="xla") == ""
+  assert note(cvmm_impl="xla", router_dtype="bfloat16") == ", bfloat16 routers"
   monkeypatch.setattr(kernels, "resolve", lambda impl: "triton")
   assert note(compute_dtype="bfloat16") == ", CVMM triton, float16 sums"
   assert (note(compute_dtype="bfloat16", cvmm_sum_dtype="float32")
@@ -465,6 +466,24 @@ def test_run_header_names_the_cvmm_kernels_and_their_sums(monkeypatch):
   assert note(compute_dtype="float32") == ", CVMM triton"
   monkeypatch.setattr(kernels, "resolve", lambda impl: "mosaic")
   assert note(compute_dtype="bfloat16") == ", CVMM mosaic"
+
+
+def test_original_numerics_flags_reach_the_model(tmp_path):
+  """--router-dtype and --cvmm-impl original with --cvmm-original-path become the model's
+  router_dtype and CvmmConfig; the impl and the path go together."""
+  (tmp_path / "moeut").mkdir()
+  (tmp_path / "moeut" / "cvmm.py").write_text("")
+  kw = Config(router_dtype="bfloat16", cvmm_impl="original",
+              cvmm_original_path=str(tmp_path)).model_kwargs()
+  assert kw["router_dtype"] == "bfloat16"
+  assert kw["cvmm"].impl == "original" and kw["cvmm"].original_path == str(tmp_path)
+  assert Config().model_kwargs()["router_dtype"] == "float32"
+  with pytest.raises(ValueError, match="go together"):
+    Config(cvmm_impl="original")
+  with pytest.raises(ValueError, match="go together"):
+    Config(cvmm_original_path=str(tmp_path))
+  with pytest.raises(ValueError, match="router_dtype"):
+    Config(router_dtype="float64")
 
 
 def test_cli_flags_override_the_profile_recipe(tmp_path):

@@ -6,13 +6,14 @@ Parity tests compare the JAX model against it. It implements the FIXED semantics
 note (raise on ``n_layers % group_size``, even rotary width, queries rotated at their
 absolute positions with a KV cache, ``AttentionMask(None, None)`` = no masking, no NaN for
 a query row whose keys are all masked: its attention weights are all 0, so its attention
-output is 0).
+output is 0). ``router_dtype=torch.bfloat16`` computes the routers as the original does
+under bf16 autocast (docs/semantics.md §7), everything else staying float32.
 
 Public API, mirroring the original ``moeut`` package:
   AttentionMask(src_length_mask, position_mask)   True = may NOT attend
   MoEUTOutput(outputs, reg_loss, cache)
   SigmaMoE, SwitchHeadRope, MoEUTLayer, MoEUT, MoEUTLM   (torch.nn.Module)
-and the pure helpers sigmoid_topk, usage_entropy_loss, rope_inv_freq, apply_rope,
+and the pure helpers router_linear, sigmoid_topk, usage_entropy_loss, rope_inv_freq, apply_rope,
 causal_mask, attention_bool_mask, masked_attention.
 
 Letters: B batch, T query length, C cached length, S = C + T key length, D d_model,
@@ -46,21 +47,33 @@ class MoEUTOutput(NamedTuple):
 # Pure helpers.
 # ----------------------------------------------------------------------------------------
 
+def router_linear(x: torch.Tensor, w: torch.Tensor,
+                  router_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+  """Router logits x @ w^T. float32: in float32. 16-bit: as a matmul under autocast, x and
+  w rounded to it, the products summed in float32, the result rounded to it."""
+  if router_dtype == torch.float32:
+    return F.linear(x.float(), w.float())
+  return F.linear(x.to(router_dtype).float(), w.to(router_dtype).float()).to(router_dtype)
+
+
 def sigmoid_topk(logits: torch.Tensor, k: int, expert_dropout: float = 0.0,
                  training: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
   """Top-k experts of sigmoid(logits) over the last axis: (indices, weights), both [..., k].
 
-  Expert dropout (training only) excludes each (token, expert) from the CHOICE with
-  probability ``expert_dropout``; the weights are always the unmasked sigmoid at the indices.
+  The sigmoid runs in the logits' dtype (16-bit: with ties); equal values are chosen by
+  increasing index. Expert dropout (training only) excludes each (token, expert) from the
+  CHOICE with probability ``expert_dropout``; the weights are always the unmasked sigmoid
+  at the indices.
   """
   if k > logits.shape[-1]:
     raise ValueError(f"{k=} must not exceed the number of experts {logits.shape[-1]}")
-  gate = torch.sigmoid(logits.float())  # [..., E]
+  gate = torch.sigmoid(logits)  # [..., E]
   choice = gate
   if training and expert_dropout > 0:
     dropped = torch.rand_like(gate) < expert_dropout
     choice = gate.masked_fill(dropped, float("-inf"))
-  _, idx = torch.topk(choice, k, dim=-1, sorted=False)  # [..., k]
+  order = torch.sort(choice.detach(), dim=-1, descending=True, stable=True).indices
+  idx = order[..., :k]  # [..., k]
   return idx, gate.gather(-1, idx)
 
 
@@ -173,12 +186,12 @@ class SigmaMoE(nn.Module):
   """σ-MoE feed-forward (docs/semantics.md §2). forward(input, sel_input=None) -> [B, T, D]."""
 
   def __init__(self, d_model: int, n_experts: int, expert_size: int, k: int,
-               expert_dropout: float = 0.0):
+               expert_dropout: float = 0.0, router_dtype: torch.dtype = torch.float32):
     super().__init__()
     if k > n_experts:
       raise ValueError(f"{k=} must not exceed {n_experts=}")
     self.d_model, self.n_experts, self.expert_size, self.k = d_model, n_experts, expert_size, k
-    self.expert_dropout = expert_dropout
+    self.expert_dropout, self.router_dtype = expert_dropout, router_dtype
     self.keys = nn.Parameter(torch.empty(n_experts, d_model, expert_size))  # [Ef, D, Es]
     self.values = nn.Parameter(torch.empty(n_experts, expert_size, d_model))  # [Ef, Es, D]
     self.expert_sel = nn.Parameter(torch.empty(n_experts, d_model))  # [Ef, D]
@@ -193,10 +206,10 @@ class SigmaMoE(nn.Module):
 
   def forward_with_logits(self, input: torch.Tensor, sel_input: Optional[torch.Tensor] = None
                           ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(output [B, T, D], raw router logits s [B, T, Ef] float32)."""
+    """(output [B, T, D], raw router logits s [B, T, Ef] in the router's dtype)."""
     if sel_input is None:
       sel_input = input
-    s = F.linear(sel_input.float(), self.expert_sel.float())  # [B, T, Ef]
+    s = router_linear(sel_input, self.expert_sel, self.router_dtype)  # [B, T, Ef]
     idx, w = sigmoid_topk(s, self.k, self.expert_dropout, self.training)  # [B, T, kf] each
     out = torch.zeros_like(input)  # [B, T, D]
     for j in range(self.k):
@@ -220,9 +233,10 @@ class SwitchHeadRope(nn.Module):
 
   def __init__(self, d_model: int, n_heads: int, n_experts: int, d_head: Optional[int] = None,
                expert_dropout: float = 0.0, moe_k: int = 2, rotate_fraction: float = 0.5,
-               rope_base: float = 10000.0):
+               rope_base: float = 10000.0, router_dtype: torch.dtype = torch.float32):
     super().__init__()
     self.d_model, self.n_heads, self.n_experts = d_model, n_heads, n_experts
+    self.router_dtype = router_dtype
     self.d_head = d_head or d_model // n_heads
     self.expert_dropout, self.moe_k, self.rope_base = expert_dropout, moe_k, rope_base
     if n_experts > 1 and moe_k > n_experts:
@@ -264,9 +278,11 @@ class SwitchHeadRope(nn.Module):
     return torch.cat([rotated, x[..., self.n_rot:]], dim=-1)
 
   def _select(self, src: torch.Tensor, sel: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """Router of each head: (logits [B,T,H,Ea] float32, indices and weights [B,T,H,ka])."""
+    """Router of each head: (logits [B,T,H,Ea] float32, indices and weights [B,T,H,ka]).
+    16-bit routers round the logits, then take them to float32 (the original's .float())."""
     b, t, _ = src.shape
-    logits = F.linear(src.float(), sel.float()).view(b, t, self.n_heads, self.n_experts)
+    logits = router_linear(src, sel, self.router_dtype).float()
+    logits = logits.view(b, t, self.n_heads, self.n_experts)
     idx, w = sigmoid_topk(logits, self.moe_k, self.expert_dropout, self.training)
     return logits, idx, w
 
@@ -315,7 +331,7 @@ class SwitchHeadRope(nn.Module):
         w_o = o_experts[heads, io[..., j]]  # [B, T, H, Dh, D]
         out = out + torch.einsum("bth,bthe,bthed->btd", wo[..., j], att, w_o)
     else:
-      gate = torch.sigmoid(F.linear(q_src.float(), self.sel_o.float()))  # [B, T, H]
+      gate = torch.sigmoid(router_linear(q_src, self.sel_o, self.router_dtype))  # [B, T, H]
       out = F.linear((att * gate[..., None]).reshape(b, t, h * dh), self.o)  # [B, T, D]
     return out, new_cache, logits
 
@@ -333,12 +349,13 @@ class MoEUTLayer(nn.Module):
   def __init__(self, d_model: int, n_heads: int, ff_expert_size: int, ff_n_experts: int,
                att_n_experts: int, d_head: Optional[int] = None, att_k: int = 2, ff_k: int = 8,
                ff_expert_dropout: float = 0.0, att_expert_dropout: float = 0.0,
-               dropout: float = 0.0, attention=SwitchHeadRope):
+               dropout: float = 0.0, attention=SwitchHeadRope,
+               router_dtype: torch.dtype = torch.float32):
     super().__init__()
     self.attention = attention(d_model, n_heads, att_n_experts, d_head=d_head, moe_k=att_k,
-                               expert_dropout=att_expert_dropout)
+                               expert_dropout=att_expert_dropout, router_dtype=router_dtype)
     self.ffn = SigmaMoE(d_model, ff_n_experts, ff_expert_size, ff_k,
-                        expert_dropout=ff_expert_dropout)
+                        expert_dropout=ff_expert_dropout, router_dtype=router_dtype)
     self.ln1 = nn.LayerNorm(d_model)
     self.ln2 = nn.LayerNorm(d_model)
     self.drop = nn.Dropout(dropout)
@@ -369,7 +386,7 @@ class MoEUT(nn.Module):
                ff_k: int = 8, att_k: int = 2, ff_expert_dropout: float = 0.0,
                att_expert_dropout: float = 0.0, ff_expert_size: int = 128, dropout: float = 0.0,
                entropy_reg: float = 0.01, att_entropy_reg: float = 0.001,
-               attention=SwitchHeadRope):
+               attention=SwitchHeadRope, router_dtype: torch.dtype = torch.float32):
     super().__init__()
     # Fix (docs/semantics.md §1): the original silently truncated to n_layers // group_size
     # repeats.
@@ -381,7 +398,8 @@ class MoEUT(nn.Module):
     self.layers = nn.ModuleList([
         MoEUTLayer(d_model, n_heads, ff_expert_size, ff_n_experts, att_n_experts, d_head=d_head,
                    att_k=att_k, ff_k=ff_k, ff_expert_dropout=ff_expert_dropout,
-                   att_expert_dropout=att_expert_dropout, dropout=dropout, attention=attention)
+                   att_expert_dropout=att_expert_dropout, dropout=dropout, attention=attention,
+                   router_dtype=router_dtype)
         for _ in range(group_size)])
     self.reset_parameters()
 
@@ -435,13 +453,15 @@ class MoEUTLM(nn.Module):
                group_size: int = 2, ff_k: int = 8, att_k: int = 2,
                ff_expert_dropout: float = 0.0, att_expert_dropout: float = 0.0,
                ff_expert_size: int = 128, dropout: float = 0.0, entropy_reg: float = 0.01,
-               att_entropy_reg: float = 0.001, attention=SwitchHeadRope):
+               att_entropy_reg: float = 0.001, attention=SwitchHeadRope,
+               router_dtype: torch.dtype = torch.float32):
     super().__init__()
     self.transformer = MoEUT(
         d_model, n_layers, n_heads, ff_n_experts, att_n_experts, d_head=d_head,
         group_size=group_size, ff_k=ff_k, att_k=att_k, ff_expert_dropout=ff_expert_dropout,
         att_expert_dropout=att_expert_dropout, ff_expert_size=ff_expert_size, dropout=dropout,
-        entropy_reg=entropy_reg, att_entropy_reg=att_entropy_reg, attention=attention)
+        entropy_reg=entropy_reg, att_entropy_reg=att_entropy_reg, attention=attention,
+        router_dtype=router_dtype)
     self.n_layers = n_layers
     self.embedding = nn.Embedding(n_tokens, d_model)  # [V, D]
     self.lm_head = nn.Linear(d_model, n_tokens)  # weight [V, D], bias [V]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -108,15 +109,23 @@ def _from_torch(t) -> np.ndarray:
   return t.numpy()
 
 
-def launch(kernel, args, out_shapes, grid: int, cfg: TileConfig, zeroed=(), aliases=None,
-           **meta):
+# Triton's interpreter patches triton.language while a kernel runs, and XLA's CPU runtime
+# may run independent host callbacks at the same time: one kernel at a time.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def launch(kernel, args, out_shapes, grid, cfg, zeroed=(), aliases=None, **meta):
   """jax_triton.triton_call on GPUs; a host callback into Triton's interpreter in tests.
-  ``aliases``: {input index: output index} whose buffers the GPU launch shares (the
+  ``args``: arrays, and Python ints for the kernel's scalar (not constexpr) arguments,
+  in the kernel's order; the output pointers follow them. ``grid``: an int or a tuple of
+  up to three. ``cfg``: anything with ``num_warps`` and ``num_stages``.
+  ``aliases``: {array input index: output index} whose buffers the GPU launch shares (the
   interpreter starts such an output as a copy of its input, as the GPU sees it).
   ``zeroed``: output indices that start as zeros (any other output is undefined)."""
+  grid = (grid,) if isinstance(grid, int) else tuple(grid)
   if not interpret():
     jt = _jax_triton()
-    return jt.triton_call(*args, kernel=kernel, out_shape=out_shapes, grid=(grid,),
+    return jt.triton_call(*args, kernel=kernel, out_shape=out_shapes, grid=grid,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                           zeroed_outputs=tuple(zeroed),
                           input_output_aliases=dict(aliases or {}), **meta)
@@ -126,18 +135,23 @@ def launch(kernel, args, out_shapes, grid: int, cfg: TileConfig, zeroed=(), alia
     raise RuntimeError("CVMM_TRITON_INTERPRET=1 must be set before triton is imported")
   fn = kernel
   _fix_interpreter_index()
+  scalars = {i: a for i, a in enumerate(args) if isinstance(a, int)}
+  arrays = [a for i, a in enumerate(args) if i not in scalars]
 
-  def host(*arrays):
-    ins = [_to_torch(np.asarray(a)) for a in arrays]
+  def host(*host_arrays):
+    tensors = [_to_torch(np.asarray(a)) for a in host_arrays]
+    it = iter(tensors)
+    ins = [scalars[i] if i in scalars else next(it) for i in range(len(args))]
     shared = {o: i for i, o in (aliases or {}).items()}
-    outs = [ins[shared[i]].clone() if i in shared else
+    outs = [tensors[shared[i]].clone() if i in shared else
             _to_torch(np.zeros(s.shape, s.dtype)) if i in zeroed else
             _to_torch(np.full(s.shape, np.nan if jnp.issubdtype(s.dtype, jnp.floating)
                               else -1, s.dtype)) for i, s in enumerate(out_shapes)]
-    fn[(grid,)](*ins, *outs, **meta)
+    with _INTERPRETER_LOCK:
+      fn[grid](*ins, *outs, **meta)
     return tuple(_from_torch(o) for o in outs)
 
-  return list(jax.pure_callback(host, tuple(out_shapes), *args))
+  return list(jax.pure_callback(host, tuple(out_shapes), *arrays))
 
 
 def _cache_dir_fallback():

@@ -30,6 +30,7 @@ PROFILE_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ROUTER_DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 
 
@@ -70,6 +71,13 @@ class Config:
                            "repeats runs more closely (1e-5 vs 1e-3); bfloat16 is less "
                            "accurate",
                            choices=SUM_DTYPES, group="model")
+  cvmm_original_path: Optional[str] = _f(None, "folder of a clone of the official MoEUT "
+                                         "whose CVMM kernels --cvmm-impl original runs",
+                                         group="model")
+  router_dtype: str = _f("float32", "dtype of the routers: float32, or bfloat16 as the "
+                         "original computes them under bf16 autocast (σ-MoE's top-k then "
+                         "ties often; docs/semantics.md §7)", choices=ROUTER_DTYPES,
+                         group="model")
   scan_unroll: Optional[int] = _f(None, "repeats of the layer group per scan iteration "
                                   "(unset: all of them on GPUs, a faster step and a "
                                   "longer compile; 1 elsewhere)", group="model")
@@ -196,6 +204,11 @@ class Config:
       raise ValueError(f"param_dtype={self.param_dtype!r}; choose one of {PARAM_DTYPES}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+    if self.router_dtype not in ROUTER_DTYPES:
+      raise ValueError(f"router_dtype={self.router_dtype!r}; choose one of {ROUTER_DTYPES}")
+    if (self.cvmm_impl == "original") != (self.cvmm_original_path is not None):
+      raise ValueError("--cvmm-impl original and --cvmm-original-path go together: the "
+                       "original's kernels come from the clone the path names")
 
   # -------------------------------------------------------------------------------------------
   @property
@@ -211,7 +224,9 @@ class Config:
     for name in ("dropout", "entropy_reg"):
       if getattr(self, name) is not None:
         kwargs[name] = getattr(self, name)
-    kwargs["cvmm"] = CvmmConfig(impl=self.cvmm_impl, sum_dtype=self.cvmm_sum_dtype)
+    kwargs["cvmm"] = CvmmConfig(impl=self.cvmm_impl, sum_dtype=self.cvmm_sum_dtype,
+                                original_path=self.cvmm_original_path)
+    kwargs["router_dtype"] = self.router_dtype
     kwargs["scan_unroll"] = self.scan_unroll
     kwargs["remat"] = self.remat
     return kwargs

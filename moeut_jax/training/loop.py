@@ -28,14 +28,16 @@ _WATCHED = ("loss", "grad_norm", "param_norm")
 
 def _cvmm_note(config: Config, compute_dtype: np.dtype) -> str:
   """", CVMM triton, float16 sums" where the GPU kernels run (the sums' dtype matters
-  only to the Triton kernels' 16-bit calls); "" where the pure-JAX implementation does."""
+  only to the Triton kernels' 16-bit calls); "" where the pure-JAX implementation does;
+  then ", bfloat16 routers" where the routers are not float32."""
   import kernels  # noqa: PLC0415
   impl = kernels.resolve(config.cvmm_impl)
+  routers = "" if config.router_dtype == "float32" else f", {config.router_dtype} routers"
   if impl in ("xla", "reference"):
-    return ""
+    return routers
   sums = (f", {config.cvmm_sum_dtype} sums"
           if impl == "triton" and compute_dtype.itemsize == 2 else "")
-  return f", CVMM {impl}{sums}"
+  return f", CVMM {impl}{sums}{routers}"
 
 
 def train_and_evaluate(config: Config, workdir: str, log=print) -> dict[str, Any]:

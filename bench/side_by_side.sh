@@ -1,0 +1,72 @@
+#!/bin/bash
+# The original's CVMM binding tested on the GPU, then the official PyTorch MoEUT and
+# moeut-jax trained side by side (python -m moeut_jax.side_by_side), in one command of at
+# most TOTAL seconds (default 520) on one H100 or H200, from the repository root:
+#
+#   bash bench/side_by_side.sh            # ORIG=.orig OUT=bench/out/side_by_side
+#
+# ORIG: folder of a clone of the official MoEUT (default .orig, git-ignored; on the device
+# tool carry it with .whl). Logs under OUT:
+#   environment.log      GPU, driver, versions, commit, date
+#   gpu_tests.log        pytest -m gpu tests/test_cvmm_original_gpu.py (TEST_TIMEOUT, 120 s)
+#   side_by_side.log     the tool's output: per-run progress, the training losses side by
+#                        side, the table of held-out losses; runs/ holds its files
+#                        (summary.json, side_by_side.png, one .json and .log per run)
+#
+# The comparison: PROFILE (MoEUT_126M), STEPS (300) of 16 x 512 bytes of text (the .py
+# files of the machine's Python standard library: readable, and there without network),
+# bf16, runs: the original twice (its run-to-run spread), moeut-jax as it is, with both
+# original-numerics options, and with each alone. PARALLEL (6: all at once; MoEUT_126M
+# at 16 x 512 needs a few GiB per run) runs share the GPU at a time; each wave of runs gets
+# its share of the time left after the tests and the setup, and a run that overruns is
+# stopped and reported as such, the others still in the table.
+#
+# Without network (the device tool): the jax-triton wheel is taken from .whl/ (see
+# bench/gpu_run.sh) when jax_triton is not importable.
+set -u
+START=$SECONDS
+TOTAL=${TOTAL:-520}
+ORIG=${ORIG:-.orig}
+OUT=${OUT:-bench/out/side_by_side}
+PROFILE=${PROFILE:-MoEUT_126M}
+STEPS=${STEPS:-300}
+PARALLEL=${PARALLEL:-6}
+mkdir -p "$OUT"
+if ! python3 -c "import jax_triton" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export CVMM_AUTOTUNE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false
+if [ ! -f "$ORIG/moeut/cvmm.py" ]; then
+  echo "ORIG=$ORIG holds no moeut/cvmm.py: give the folder of a clone of the official MoEUT"
+  exit 2
+fi
+# the tests find the clone in .orig
+[ "$ORIG" = .orig ] || [ -e .orig ] || ln -s "$(cd "$ORIG" && pwd)" .orig
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import jax, torch, triton, jax_triton as jt; print('jax', jax.__version__,
+    'torch', torch.__version__, 'triton', triton.__version__, 'jax-triton',
+    getattr(jt, '__version__', '?'), jax.devices())"
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)," \
+    "date $(date -u +%Y-%m-%d)"
+} 2>&1 | tee "$OUT/environment.log"
+
+timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -m gpu tests/test_cvmm_original_gpu.py -q \
+  -n "${TEST_WORKERS:-4}" -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+echo "binding tests (exit $?): $(tail -1 "$OUT/gpu_tests.log")"
+
+STDLIB=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+LEFT=$((TOTAL - (SECONDS - START) - 15))
+WAVES=$(((6 + PARALLEL - 1) / PARALLEL))
+RUN_TIMEOUT=$(((LEFT - 40) / WAVES))
+echo "side by side: $PROFILE, $STEPS steps, ${LEFT} s left, ${RUN_TIMEOUT} s per run"
+timeout "$LEFT" python3 -m moeut_jax.side_by_side --original "$ORIG" --text "$STDLIB" \
+  --max-bytes $((16 << 20)) --profile "$PROFILE" --steps "$STEPS" --batch 16 --seq 512 \
+  --dtype bfloat16 --eval-every 100 --eval-batches 8 --parallel "$PARALLEL" \
+  --timeout "$RUN_TIMEOUT" --out "$OUT/runs" \
+  --variants original,jax,jax+original_routers+original_cvmm,original,jax+original_routers,jax+original_cvmm \
+  2>&1 | grep -v -e FutureWarning -e impl_abstract | tee "$OUT/side_by_side.log"
+echo "total $((SECONDS - START)) s"

@@ -1,0 +1,125 @@
+"""One training run of the official PyTorch MoEUT (from a given clone) on the shared setup.
+
+On a GPU it is the original as it trains: its Triton CVMM, float32 parameters, bf16
+autocast for the forward pass (with ``dtype="bfloat16"``), the backward pass outside it.
+On a CPU its CVMM op cannot run (it needs CUDA), so :func:`cvmm_standin` takes its place:
+the same products and sums in plain PyTorch, float32 only.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import types
+
+import numpy as np
+
+from moeut_jax.side_by_side.shared import VOCAB, Setup
+
+
+def load(path: str) -> types.ModuleType:
+  """The official ``moeut`` package in folder ``path`` (kernels.cvmm_original's loader)."""
+  from kernels.cvmm_original import load_original  # noqa: PLC0415
+  return load_original(path)
+
+
+def cvmm_standin(moeut):
+  """A plain-PyTorch stand-in for the original's ``cvmm(x, sel, keys)`` (float32): what
+  its op ``CVMM`` computes, written with PyTorch operations (autograd does the backward).
+
+  Each sorted pair i multiplies input row ``sel_index[i]`` by expert ``sel[i]`` and lands
+  in output row ``out_index[i]`` (``sel_index[i]`` without one); with a
+  ``reduction_weight`` the rows of a token are summed with those weights."""
+  import torch  # noqa: PLC0415
+
+  def cvmm(x, sel, keys):
+    if not isinstance(sel, moeut.cvmm.CVMMSel):
+      sel = moeut.cvmm.cvmm_prepare_sel(sel, keys.shape[0])
+    xf = x.flatten(end_dim=-2)                                        # [R, I]
+    experts = sel.sel.flatten()                                       # [P] sorted
+    rows = xf[sel.sel_index]                                          # [P, I]
+    counts = torch.bincount(experts, minlength=keys.shape[0]).tolist()
+    y = torch.cat([part @ keys[e] for e, part in enumerate(rows.split(counts))])  # [P, O]
+    target = sel.sel_index if sel.out_index is None else sel.out_index
+    res = y.new_zeros(y.shape).index_copy(0, target, y)
+    res = res.view(*sel.sel.shape, keys.shape[-1])
+    if sel.reduction_weight is not None:
+      res = res.view(*sel.reduction_weight.shape, res.shape[-1])
+      res = (sel.reduction_weight.unsqueeze(-2).type_as(res) @ res).squeeze(-2)
+    return res
+
+  return cvmm
+
+
+@contextlib.contextmanager
+def on_device(moeut, device: str):
+  """The original's model module as it runs on ``device``: on a CPU its ``cvmm`` is the
+  stand-in for the duration."""
+  if device == "cuda":
+    yield
+    return
+  saved = moeut.moeut.cvmm
+  moeut.moeut.cvmm = cvmm_standin(moeut)
+  try:
+    yield
+  finally:
+    moeut.moeut.cvmm = saved
+
+
+def train(setup: Setup, log=print) -> dict:
+  """Trains the original on the setup; returns its curves (see :mod:`.worker`)."""
+  import torch  # noqa: PLC0415
+  import torch.nn.functional as F  # noqa: N812,PLC0415
+  moeut = load(setup.original_path)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  bf16 = setup.dtype == "bfloat16"
+  if bf16 and device != "cuda":
+    raise RuntimeError("the original in bfloat16 (its autocast) needs a CUDA GPU; use "
+                       "dtype float32 on a CPU")
+  torch.manual_seed(setup.seed)
+  model = moeut.MoEUTLM(VOCAB, **setup.model)
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in setup.init.items()})
+  model.to(device)
+  params = list(model.parameters())
+  opt = torch.optim.AdamW(params, lr=float(setup.lrs[0]), betas=setup.betas, eps=setup.eps,
+                          weight_decay=setup.weight_decay)
+  autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else (
+      contextlib.nullcontext)
+
+  def cross_entropy(tokens):
+    out = model(tokens[:, :-1])
+    logits = out.outputs.float()
+    ce = F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+    return ce, out.reg_loss
+
+  def heldout() -> float:
+    model.eval()
+    losses = []
+    with torch.no_grad(), autocast():
+      for b in setup.heldout:
+        losses.append(float(cross_entropy(torch.from_numpy(b).long().to(device))[0]))
+    model.train()
+    return float(np.mean(losses))
+
+  train_losses, held, t0 = [], [], time.time()
+  evals = set(setup.eval_steps())
+  model.train()
+  with on_device(moeut, device):
+    for s in range(setup.steps):
+      tokens = torch.from_numpy(setup.train[s]).long().to(device)
+      with autocast():
+        ce, reg = cross_entropy(tokens)
+      (ce + reg.sum()).backward()
+      if setup.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, setup.grad_clip)
+      for group in opt.param_groups:
+        group["lr"] = float(setup.lrs[s])
+      opt.step()
+      opt.zero_grad(set_to_none=True)
+      train_losses.append(float(ce))
+      if s + 1 in evals:
+        held.append((s + 1, heldout()))
+        log(f"step {s + 1}: loss {train_losses[-1]:.4f}, held-out {held[-1][1]:.4f} "
+            f"({time.time() - t0:.0f} s)")
+  name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+  return dict(train_loss=train_losses, heldout=held, seconds=time.time() - t0,
+              device=name, torch=torch.__version__)

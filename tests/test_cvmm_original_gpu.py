@@ -1,0 +1,124 @@
+"""The binding of the official MoEUT's CVMM kernels (impl="original") on the GPU: its
+outputs and gradients against the original's own PyTorch op (``moeut.cvmm.CVMM``) on
+the same inputs and the same sorted routing, and against the reference CVMM; the model
+with every original-numerics option against the official PyTorch model.
+
+Both sides run one tile configuration (the original's autotuner is given only the
+configuration the binding takes), so what comes out of one kernel launch must be the
+same bits: the per-pair rows and, where no slots are summed, dx. Sums outside the kernels
+(the gated sum over slots, dx summed over a token's slots, dgates) are computed by cuBLAS
+on one side and XLA on the other: 16-bit results within one unit in the last place,
+float32 results within float32 rounding. The weight gradient is summed with float32
+atomics in an order that changes from run to run on either side: float32 rounding.
+
+Run on the GPU machine: ``python -m pytest tests/test_cvmm_original_gpu.py -q``. Skipped
+exactly when JAX has no GPU backend or no clone of the original is found
+(tests/original_cvmm.py).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import original_cvmm as oc
+from cvmm_cases import TOL, inputs, rel_err
+from kernels import CvmmConfig
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")]
+
+# (name, N, K, M, E, I, O, routing kind)
+CASES = [
+    ("up", 300, 4, 1, 8, 128, 64, "random"),
+    ("down", 300, 4, 4, 8, 64, 128, "random"),
+    ("heads", 257, 6, 3, 5, 96, 80, "random"),
+    ("odd_sizes", 333, 5, 1, 9, 100, 72, "random"),
+    ("empty_experts", 40, 2, 1, 64, 64, 64, "random"),
+    ("all_one_expert", 190, 3, 1, 7, 64, 64, "one"),
+    ("sigma_moe_126M_up", 2048, 12, 1, 254, 768, 128, "random"),
+    ("sigma_moe_126M_down", 2048, 12, 12, 254, 128, 768, "random"),
+    ("switchhead_126M_o", 2048, 8, 4, 40, 96, 768, "random"),
+]
+NAMES = ["out", "dx", "dw", "dgates"]
+
+
+@pytest.fixture(scope="module")
+def original():
+  """(moeut package, config) of the clone the tests found."""
+  from kernels.cvmm_original import load_original  # noqa: PLC0415
+  path = oc.required()
+  return load_original(path), CvmmConfig(impl="original", original_path=path)
+
+
+def _within_one_ulp(a, b) -> bool:
+  """16-bit a and b differ by at most one unit in the last place of the larger."""
+  a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  big = np.maximum(np.abs(a32), np.abs(b32)).astype(a.dtype)
+  ulp = np.abs(np.nextafter(big, np.asarray(np.inf, a.dtype)).astype(np.float32)
+               - big.astype(np.float32))
+  return bool(np.all(np.abs(a32 - b32) <= ulp))
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_binding_equals_the_original_op(original, case, dtype, gated):
+  """x in ``dtype``, float32 weights and gates (as the model passes them)."""
+  moeut, config = original
+  x, w, g, r, ct = inputs(case, jnp.float32, gated)
+  x = x.astype(dtype)
+  with oc.one_tile_configuration(moeut):
+    want = oc.original_op(moeut, x, w, g, r, ct, dtype)
+  got = oc.binding(config, x, w, g, r, ct)
+  k, m = case[2], case[3]
+  for name, a, b in zip(NAMES, got, want):
+    a = np.asarray(a)
+    assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, a.dtype, b.shape, b.dtype)
+    one_launch = name == "out" and not gated or name == "dx" and not gated and k == m
+    if one_launch:
+      assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), (case[0], name, rel_err(a, b))
+    elif name == "dw" or a.dtype == np.float32:
+      assert rel_err(a, b) <= TOL[jnp.float32], (case[0], name, rel_err(a, b))
+    else:
+      assert _within_one_ulp(a, b), (case[0], name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", CASES[:6], ids=[c[0] for c in CASES[:6]])
+def test_binding_matches_reference(original, case, dtype):
+  """Gated, forward and every gradient, within the dtype's tolerance of float32."""
+  _, config = original
+  x, w, g, r, ct = inputs(case, dtype, True)
+  got = oc.binding(config, x, w, g, r, ct)
+  f32 = [a.astype(jnp.float32) for a in (x, w, g)]
+  want = oc.binding(CvmmConfig(impl="reference"), *f32, r, ct)
+  for name, a, b in zip(NAMES, got, want):
+    assert a.dtype == dtype, (name, a.dtype)
+    assert rel_err(a, b) <= TOL[dtype], (case[0], name, rel_err(a, b))
+
+
+def test_model_with_original_numerics_matches_the_official_model(original):
+  """MoEUTLM in bf16 with router_dtype=bfloat16 and impl="original" against the official
+  MoEUTLM under bf16 autocast, from the same weights and tokens: logits and the
+  training-mode reg_loss within bf16's tolerance."""
+  import torch  # noqa: PLC0415
+  from moeut_jax import MoEUTLM  # noqa: PLC0415
+  from moeut_jax.convert import from_torch_state_dict  # noqa: PLC0415
+  moeut, config = original
+  cfg = dict(d_model=256, n_layers=4, n_heads=4, ff_n_experts=32, att_n_experts=4,
+             d_head=64, ff_k=4, att_k=2, ff_expert_size=64)
+  torch.manual_seed(0)
+  tm = moeut.MoEUTLM(512, **cfg).cuda().train()
+  params = jax.tree_util.tree_map(jnp.asarray, from_torch_state_dict(
+      {k: v.cpu() for k, v in tm.state_dict().items()}))
+  toks = np.random.default_rng(0).integers(0, 512, (4, 128))
+  with oc.one_tile_configuration(moeut), torch.no_grad(), torch.autocast(
+      "cuda", dtype=torch.bfloat16):
+    out = tm(torch.from_numpy(toks).cuda())
+    want_logits, want_reg = out.outputs.float().cpu().numpy(), float(out.reg_loss.sum())
+  jm = MoEUTLM(512, **cfg, dtype=jnp.bfloat16, router_dtype=jnp.bfloat16, cvmm=config)
+  got = jax.jit(lambda p, t: jm.apply({"params": p}, t, train=True))(params, jnp.asarray(toks))
+  assert rel_err(got.outputs.astype(jnp.float32), want_logits) <= TOL[jnp.bfloat16]
+  assert rel_err(got.reg_loss, want_reg) <= TOL[jnp.bfloat16]
