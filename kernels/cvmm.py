@@ -128,7 +128,7 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
     shape = (0, w.shape[2]) if gates is not None else (0, routing.k, w.shape[2])
     return jnp.zeros(shape, x.dtype)
   name = resolve(config.impl)
-  if name in ("triton", "triton_unfused"):
+  if name in ("triton", "triton_unfused", "mosaic"):
     return _get(name)(x, routing, w, gates, config=config)
   return _get(name)(x, routing, w, gates)
 
