@@ -203,7 +203,7 @@ def smem_bytes(cfg: TileConfig, out_itemsize: int, dtype_itemsize: int = 2) -> i
 
 def gram_candidates(o: int) -> list[TileConfig]:
   """Tiles of the weight-gradient kernel, heuristic order first."""
-  bo_max = min(256, -(-o // CHUNK) * CHUNK)
+  bo_max = min(256, max(CHUNK, autotune.next_pow2(o)))
   raw = [(128, 128, 4), (128, 64, 6), (64, 128, 6), (128, 256, 3), (64, 64, 8)]
   out = []
   for bi, bo, st in raw:

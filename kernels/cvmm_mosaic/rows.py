@@ -42,7 +42,8 @@ from kernels.cvmm_mosaic.common import (CHUNK, ROWS_PER_WG, SMEM_BUDGET, compile
 from kernels.routing import Routing
 
 # TMA needs every row stride to be a multiple of 16 bytes: widths of 16-bit arrays are
-# padded to multiples of 8 (only odd test shapes; the model's widths are multiples of 64).
+# padded to multiples of 8, the matrices' to 64 (only odd shapes copy anything; the
+# model's widths are multiples of 64).
 _ALIGN = 8
 
 
@@ -76,9 +77,9 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   o_idx = slots.slot_rows(pairs, routing, out_rows)
   sc = None if scale is None else slots.slot_values(pairs, scale)
   c_idx = slots.slot_rows(pairs, routing, c_rows) if dgate else None
-  # 16-byte row strides for TMA
+  # TMA: 16-byte row strides; the matrices' tiled copies need whole (8, 64) tiles
   a_p = pad_to(a, 1, _ALIGN)
-  w_p = pad_to(pad_to(w, 1, _ALIGN), 2, _ALIGN)
+  w_p = pad_to(pad_to(w, 1, CHUNK), 2, CHUNK)
   kc_p, no_p = -(-kc // _ALIGN) * _ALIGN, -(-no // _ALIGN) * _ALIGN
   c_p = pad_to(dgate_rows, 1, _ALIGN) if dgate else None
   out_dtype = jnp.dtype(sum_dtype) if reduce else a.dtype
@@ -315,7 +316,7 @@ def smem_bytes(cfg: TileConfig, out_itemsize: int, dtype_itemsize: int = 2) -> i
 def rows_candidates(no: int, out_itemsize: int, dgate: bool) -> list[TileConfig]:
   """Tiles of the row kernel in heuristic order (first: the choice without autotuning):
   two consumer warpgroups of 64 rows, the widest column block the output takes."""
-  bn_max = 64 if dgate else min(256, -(-no // CHUNK) * CHUNK)
+  bn_max = 64 if dgate else min(256, max(CHUNK, autotune.next_pow2(no)))
   raw = [(128, 128, 4), (128, 256, 2), (128, 64, 6), (64, 128, 6), (128, 128, 3),
          (64, 256, 4), (64, 64, 8)]
   out = []
