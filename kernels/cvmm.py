@@ -15,7 +15,8 @@ Implementations are interchangeable and chosen by :class:`kernels.CvmmConfig`'s
                also run Gluon kernels): kernels/cvmm_triton/
   "triton_unfused"  the same kernels, but sums over slots go through a stored
                [N*K, O] intermediate (for comparison; not chosen by "auto")
-  "mosaic"     Pallas on the Mosaic GPU backend (Hopper, sm90)
+  "mosaic"     Pallas on the Mosaic GPU backend (Hopper, sm90): kernels/cvmm_mosaic/, rows
+               gathered by TMA, sums over slots fused (float32 or bfloat16)
   "auto"       the fastest available for the default backend
 
 :func:`cvmm_pair` is the σ-MoE MLP (up, ReLU, gated down) as one op: with "triton" it
@@ -46,9 +47,9 @@ _IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "triton_unfused": ("kernels.cvmm_triton", "cvmm_triton_unfused"),
     "mosaic": ("kernels.cvmm_mosaic", "cvmm_mosaic"),
 }
-# Preference order of "auto" on GPUs, fastest measured first (H200: Triton beats the
-# Mosaic path on every projection and profile measured, bench/RESULTS.md); on any
-# other backend "auto" is "xla".
+# Preference order of "auto" on GPUs, fastest measured first (H200: Triton beat the
+# earlier, padded-layout Mosaic path on every projection, bench/RESULTS.md; the current
+# Mosaic kernels are not measured yet); on any other backend "auto" is "xla".
 _AUTO_GPU_ORDER = ("triton", "mosaic", "xla")
 
 
