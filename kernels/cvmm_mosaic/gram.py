@@ -217,7 +217,7 @@ def choose_gram_config(n, k, e, i, o, dtype, a_rows, b_rows) -> TileConfig:
   shape = (n, k, e, i, o, a_rows, b_rows)
 
   def bench(cfg):
-    from kernels.cvmm_triton.tuning import synthetic_routing  # noqa: PLC0415
+    from kernels.routing import synthetic_routing  # noqa: PLC0415
     with jax.ensure_compile_time_eval():
       r = synthetic_routing(n, k, e)
       a = jax.random.normal(jax.random.key(1), (n * a_rows, i), dtype)

@@ -335,7 +335,7 @@ def choose_rows_config(n, k, e, kc, no, dtype, a_rows, out_rows, has_scale, dgat
   shape = (n, k, e, kc, no, a_rows, out_rows, int(has_scale), int(dgate), int(transpose_w))
 
   def bench(cfg):
-    from kernels.cvmm_triton.tuning import synthetic_routing  # noqa: PLC0415
+    from kernels.routing import synthetic_routing  # noqa: PLC0415
     with jax.ensure_compile_time_eval():
       r = synthetic_routing(n, k, e)
       a = jax.random.normal(jax.random.key(1), (n * a_rows, kc), dtype)
