@@ -27,6 +27,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +171,7 @@ def run(profile_names, impls, dtype, pair, check, batch_tokens, log, unit_pairs=
           tb = _time(_fwdbwd_fn(impl, gated), *args, ct)
         except Exception as err:  # report and go on: one failing impl must not hide the rest
           log(f"{pname:11s} {name:5s} {impl:6s} FAILED {type(err).__name__}: {str(err)[:300]}")
+          traceback.print_exc()   # the whole error on stderr
           rows.append(dict(profile=pname, proj=name, impl=impl, error=str(err)[:300]))
           continue
         row = dict(profile=pname, proj=name, impl=impl, fwd=tf, fwdbwd=tb, flops=v["flops"],
@@ -191,6 +193,7 @@ def run(profile_names, impls, dtype, pair, check, batch_tokens, log, unit_pairs=
           tf, tb = _time(fwd, *args), _time(fb, *args, ct)
         except Exception as err:
           log(f"{pname:11s} pair  {impl:6s} FAILED {type(err).__name__}: {str(err)[:300]}")
+          traceback.print_exc()
           rows.append(dict(profile=pname, proj="pair", impl=impl, error=str(err)[:300]))
           continue
         rows.append(dict(profile=pname, proj="pair", impl=impl, fwd=tf, fwdbwd=tb))

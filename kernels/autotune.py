@@ -41,7 +41,8 @@ class TileConfig:
     contraction per step (weight gradient: block_k is then the row step).
   block_n: output columns per program.
   block_k: contraction step.
-  num_warps: warps per program (Triton); the Mosaic kernels run one warpgroup (4).
+  num_warps: warps per program (Triton); 4 for the Mosaic kernels, whose warpgroups
+    follow block_m (one consumer warpgroup per 64 rows, plus a producer).
   num_stages: software pipeline depth (Triton ``num_stages``, Mosaic
     ``max_concurrent_steps``).
   splits: independent row chunks per expert (weight gradient only: split-K over

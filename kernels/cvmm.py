@@ -15,7 +15,8 @@ Implementations are interchangeable and chosen by :class:`kernels.CvmmConfig`'s
                also run Gluon kernels): kernels/cvmm_triton/
   "triton_unfused"  the same kernels, but sums over slots go through a stored
                [N*K, O] intermediate (for comparison; not chosen by "auto")
-  "mosaic"     Pallas on the Mosaic GPU backend (Hopper, sm90)
+  "mosaic"     Pallas on the Mosaic GPU backend (Hopper, sm90): kernels/cvmm_mosaic/, rows
+               gathered by TMA, sums over slots fused (float32 or bfloat16)
   "original"   the official MoEUT's own Triton kernels and the numerics of its CVMM op,
                from the clone the config's ``original_path`` names
                (kernels/cvmm_original.py; for comparisons; not chosen by "auto")
@@ -50,9 +51,9 @@ _IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "mosaic": ("kernels.cvmm_mosaic", "cvmm_mosaic"),
     "original": ("kernels.cvmm_original", "cvmm_original"),
 }
-# Preference order of "auto" on GPUs, fastest measured first (H200: Triton beats the
-# Mosaic path on every projection and profile measured, bench/RESULTS.md); on any
-# other backend "auto" is "xla".
+# Preference order of "auto" on GPUs, fastest measured first (H200: Triton beat the
+# earlier, padded-layout Mosaic path on every projection, bench/RESULTS.md; the current
+# Mosaic kernels are not measured yet); on any other backend "auto" is "xla".
 _AUTO_GPU_ORDER = ("triton", "mosaic", "xla")
 
 
@@ -132,7 +133,7 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
     shape = (0, w.shape[2]) if gates is not None else (0, routing.k, w.shape[2])
     return jnp.zeros(shape, x.dtype)
   name = resolve(config.impl)
-  if name in ("triton", "triton_unfused", "original"):
+  if name in ("triton", "triton_unfused", "mosaic", "original"):
     return _get(name)(x, routing, w, gates, config=config)
   return _get(name)(x, routing, w, gates)
 

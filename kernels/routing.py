@@ -445,3 +445,12 @@ def segment_tiles(lo: jax.Array, hi: jax.Array, expert: jax.Array, n_pairs: int,
   start = jnp.where(used, start, 0)
   end = jnp.where(used, end, 0)
   return jnp.stack([expert[seg], start, end]).astype(jnp.int32)           # [3, Z]
+
+
+def synthetic_routing(n: int, k: int, e: int, seed: int = 0) -> Routing:
+  """Random top-k of random logits: roughly balanced groups, like a trained router."""
+  logits = jax.random.normal(jax.random.key(seed), (n, e))
+  _, idx = jax.lax.top_k(logits, min(k, e))
+  if k > e:
+    idx = jnp.tile(idx, (1, -(-k // e)))[:, :k]
+  return make_routing(idx, e)

@@ -90,7 +90,7 @@ PAIR_CASES = [
 ]
 
 
-def _pair_outputs(case, dtype, sum_dtype=None, mag=1.0):
+def _pair_outputs(case, dtype, sum_dtype=None, mag=1.0, impl="triton"):
   """(got, ref): the fused pair's output and gradients (x, w_up, w_down, gates) through
   the Triton kernels, and the reference's in float32; x scaled by ``mag``."""
   import zlib  # noqa: PLC0415
@@ -109,7 +109,7 @@ def _pair_outputs(case, dtype, sum_dtype=None, mag=1.0):
     loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * ct)  # noqa: E731
     return (jax.jit(fn)(*args),) + tuple(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args))
 
-  config = _sums(sum_dtype, impl="triton")
+  config = _sums(sum_dtype, impl=impl)
   got = outs(lambda x, wu, wd, g: cvmm_pair(x, r, wu, wd, g, config=config), x, wu, wd, g)
   ref = outs(lambda x, wu, wd, g: cvmm_pair_reference(x, r, wu, wd, g),
              *(a.astype(jnp.float32) for a in (x, wu, wd, g)))
@@ -119,10 +119,10 @@ def _pair_outputs(case, dtype, sum_dtype=None, mag=1.0):
 PAIR_NAMES = ["out", "dx", "dw_up", "dw_down", "dgates"]
 
 
-def _assert_pair_matches(case, dtype, sum_dtype=None):
+def _assert_pair_matches(case, dtype, sum_dtype=None, impl="triton"):
   """The fused pair's output and gradients (sums in ``sum_dtype``) in ``dtype``, finite
   and within its tolerance of the float32 reference."""
-  got, ref = _pair_outputs(case, dtype, sum_dtype)
+  got, ref = _pair_outputs(case, dtype, sum_dtype, impl=impl)
   for name, a, b in zip(PAIR_NAMES, got, ref):
     assert a.dtype == dtype, (name, a.dtype)
     assert np.all(np.isfinite(np.asarray(a, np.float32))), name
@@ -137,6 +137,15 @@ def test_fused_pair_matches_reference(case, dtype):
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
   _assert_pair_matches(case, dtype)
+
+
+@pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
+def test_mosaic_pair_matches_reference(case):
+  """cvmm_pair through the Mosaic GPU kernels (two cvmm calls), bf16, against the float32
+  reference: output and every gradient."""
+  if not is_available("mosaic"):
+    pytest.skip("mosaic not available on this GPU")
+  _assert_pair_matches(case, jnp.bfloat16, impl="mosaic")
 
 
 def _row_candidate_cases(i: int = 128, o: int = 200):

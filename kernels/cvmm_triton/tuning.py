@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from kernels.cvmm_triton.launch import interpret, is_available
 from kernels.cvmm_triton.scales import half_sums
-from kernels.routing import Routing, make_head_routing, make_routing
+from kernels.routing import make_head_routing, synthetic_routing  # noqa: F401
 
 
 def head_bench_inputs(n, k, e, block, i, o, dtype, a_rows, has_scale, transpose_w):
@@ -20,15 +20,6 @@ def head_bench_inputs(n, k, e, block, i, o, dtype, a_rows, has_scale, transpose_
     w = jax.random.normal(jax.random.key(2), (e, o, i) if transpose_w else (e, i, o), dtype)
     sc = jax.random.uniform(jax.random.key(3), (n * k,), jnp.float32) if has_scale else None
   return r, a, w, sc
-
-
-def synthetic_routing(n: int, k: int, e: int, seed: int = 0) -> Routing:
-  """Random top-k of random logits: roughly balanced groups, like a trained router."""
-  logits = jax.random.normal(jax.random.key(seed), (n, e))
-  _, idx = jax.lax.top_k(logits, min(k, e))
-  if k > e:
-    idx = jnp.tile(idx, (1, -(-k // e)))[:, :k]
-  return make_routing(idx, e)
 
 
 def bench_or_none(make):

@@ -1,0 +1,63 @@
+#!/bin/bash
+# The Pallas Mosaic GPU CVMM kernels (kernels/cvmm_mosaic/) on one Hopper GPU, in one
+# call of at most 9 minutes, from the repository root. Every step runs under its own
+# timeout and writes its log under $OUT (default bench/out), so a step that fails or
+# hangs leaves the others' results:
+#   environment.log     GPU, driver, jax / jaxlib / triton versions, commit, date
+#   probe.log           python3 -m bench.mosaic_probe: every kernel once on a small
+#                       problem against XLA, whole tracebacks of failures (~1-2 min)
+#   tests_fast.log      the mosaic GPU tests of the edge cases (bf16)
+#   cvmm.log            python3 -m bench.cvmm at MoEUT_244M: mosaic, triton and XLA's
+#                       dense matmul per projection, forward and forward+backward, and
+#                       the σ-MoE pair; the table last (cvmm.json: every figure)
+#   tests_full.log      every mosaic GPU test
+# CVMM_AUTOTUNE=0 throughout: each kernel takes its first tile candidate (cached
+# choices in bench/autotune_cache.json still apply), no timing of candidates.
+#
+# On the device machine (nothing can be downloaded there; .whl/ carried):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+#     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && OUT=$OUT bash bench/mosaic_gpu.sh
+# BUDGET (seconds, default 530) bounds the whole run; each step gets its own limit
+# within what is left.
+set -u
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export CVMM_AUTOTUNE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export CVMM_AUTOTUNE_CACHE=$OUT/autotune_cache.json
+cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
+START=$(date +%s)
+BUDGET=${BUDGET:-530}
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+# step NAME SECONDS COMMAND...: runs COMMAND under min(SECONDS, time left) into $OUT/NAME.log
+step() {
+  local name=$1 limit=$2; shift 2
+  local rest; rest=$(left)
+  (( rest < limit )) && limit=$rest
+  if (( limit < 15 )); then echo "== $name: skipped, ${rest}s left"; return; fi
+  echo "== $name (limit ${limit}s): $*"
+  local t0; t0=$(date +%s)
+  timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $(( $(date +%s) - t0 ))s$( ((rc == 124)) && echo ", timed out")"
+  tail -n "${TAIL:-25}" "$OUT/$name.log"
+}
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
+  python3 -c "import triton, jax_triton; print('triton', triton.__version__, 'jax-triton', getattr(jax_triton, '__version__', '?'))"
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), date $(date -u +%Y-%m-%d)"
+} > "$OUT/environment.log" 2>&1
+cat "$OUT/environment.log"
+
+TAIL=60 step probe 150 python3 -m bench.mosaic_probe
+step tests_fast 100 python3 -m pytest tests/test_cvmm_gpu.py -q -rf --tb=long -p no:cacheprovider \
+  -k "mosaic and bf16 and (basic or k1 or empty_experts or odd_sizes or one_expert)"
+TAIL=40 step cvmm 200 python3 -m bench.cvmm --profiles MoEUT_244M --impls mosaic,triton --pair \
+  --json "$OUT/cvmm.json"
+step tests_full 150 python3 -m pytest tests/test_cvmm_gpu.py tests/test_cvmm_mosaic.py -q -rf \
+  --tb=short -p no:cacheprovider -k "mosaic and not interpreted"
+echo "== done after $(( $(date +%s) - START ))s"

@@ -1,0 +1,13 @@
+"""CVMM as Pallas kernels on the Mosaic GPU backend (Hopper, sm90: TMA, wgmma).
+
+Modules, from the bottom up:
+  common   availability, gathered-row buffers, compiler parameters, the interpreter hook
+  slots    per-slot row maps of the tile lists, in plain JAX
+  rows     the gathered row kernel (every product: forward, gated sums, dx, dgates)
+  gram     the weight-gradient kernel (ragged contraction over each expert's rows)
+  ops      the custom_vjp ops: cvmm_mosaic
+"""
+from kernels.cvmm_mosaic.common import is_available
+from kernels.cvmm_mosaic.ops import cvmm_mosaic
+
+__all__ = ["cvmm_mosaic", "is_available"]

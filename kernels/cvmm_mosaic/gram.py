@@ -1,0 +1,232 @@
+"""The weight-gradient kernel: dW[e] = sum over e's pairs p of a[arow(p)]^T b[brow(p)],
+both operands' rows gathered by index. Legend in :mod:`kernels.routing`.
+
+Work items are (expert, block of I, block of O), walked by one persistent CUDA block per
+multiprocessor. Each item contracts the expert's sorted positions [off[e], off[e+1]) in
+steps of 64 rows: the producer warpgroup gathers the step's 64 rows of a (block_m
+columns) and of b (block_n columns) with one TMA copy per row and 64-column chunk
+(kernels/cvmm_mosaic/common.py), positions past the expert's end reading zeros; each
+consumer warpgroup owns 64 columns of I and accumulates a^T b for them with wgmma
+(a's chunk used transposed). The row indices of the next step are prefetched while the
+current step's rows are issued. Experts without pairs store zeros.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kernels import autotune
+from kernels.arrays import pad_to
+from kernels.autotune import TileConfig
+from kernels.cvmm_mosaic import slots
+from kernels.cvmm_mosaic.common import (CHUNK, ROWS_PER_WG, SMEM_BUDGET, gather_buffer,
+                                        gather_views, launch, pl, plgpu)
+from kernels.routing import Routing
+
+_ALIGN = 8
+STEP = 64          # rows contracted per pipeline step
+
+
+def expert_gram(a: jax.Array, b: jax.Array, routing: Routing, *, a_rows: int, b_rows: int,
+                out_dtype, cfg: TileConfig | None = None) -> jax.Array:
+  """[E, I, O]: dW[e] = sum_{p of e} a[arow(p)]^T b[brow(p)]; a [N * a_rows, I],
+  b [N * b_rows, O] (rows per token as in :mod:`kernels.cvmm_mosaic.slots`)."""
+  n, e = routing.n_tokens, routing.n_experts
+  i, o = a.shape[1], b.shape[1]
+  assert a.shape[0] == n * a_rows and b.shape[0] == n * b_rows, (a.shape, b.shape, n)
+  if cfg is None:
+    cfg = choose_gram_config(n, routing.k, e, i, o, a.dtype, a_rows, b_rows)
+  check_gram_config(cfg)
+  a_pos = slots.sorted_rows(routing, a_rows, STEP)                   # [P + 64]
+  b_pos = slots.sorted_rows(routing, b_rows, STEP)
+  a_p, b_p = pad_to(a, 1, _ALIGN), pad_to(b, 1, _ALIGN)
+  dw = _launch(a_p, b_p, a_pos, b_pos, routing.group_offsets, e, n * a_rows, n * b_rows,
+               jnp.dtype(out_dtype), cfg)
+  return dw[:, :i, :o]
+
+
+def check_gram_config(cfg: TileConfig):
+  if cfg.block_m % ROWS_PER_WG or cfg.block_m // ROWS_PER_WG not in (1, 2):
+    raise ValueError(f"block_m={cfg.block_m}: one or two consumer warpgroups of "
+                     f"{ROWS_PER_WG} columns of I")
+  if cfg.block_n % CHUNK or cfg.block_n > 256:
+    raise ValueError(f"block_n={cfg.block_n} must be a multiple of {CHUNK} up to 256")
+  if cfg.block_k != STEP:
+    raise ValueError(f"block_k={cfg.block_k}: the gram contracts {STEP} rows a step")
+
+
+def _launch(a, b, a_pos, b_pos, offsets, e, a_oob, b_oob, out_dtype, cfg):
+  dtype = a.dtype
+  i, o = a.shape[1], b.shape[1]
+  bi, bo, stages = cfg.block_m, cfg.block_n, cfg.num_stages
+  n_cons, n_bc = bi // CHUNK, bo // CHUNK
+  n_ib, n_ob = -(-i // bi), -(-o // bo)
+  n_items = e * n_ib * n_ob
+  nsm = autotune.multiprocessor_count()
+
+  def body(off_g, a_pos_g, b_pos_g, a_g, b_g, dw_g, a_buf, b_buf, full, empty, idx, idx_bar,
+           o_smem):
+    a_mma, a_rows = gather_views(a_buf)
+    b_mma, b_rows = gather_views(b_buf)
+    wg = lax.axis_index("wg")
+
+    def item_of(lin):
+      ex = lin // (n_ib * n_ob)
+      ii = (lin // n_ob) % n_ib
+      oo = lin % n_ob
+      lo, hi = off_g[ex], off_g[ex + 1]
+      return ex, ii, oo, lo, hi, (hi - lo + STEP - 1) // STEP
+
+    @pl.when(wg == n_cons)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def fetch(pos0, buf):
+        plgpu.copy_gmem_to_smem(a_pos_g.at[pl.ds(pos0, STEP)], idx.at[buf, 0], idx_bar.at[buf])
+        plgpu.copy_gmem_to_smem(b_pos_g.at[pl.ds(pos0, STEP)], idx.at[buf, 1], idx_bar.at[buf])
+
+      @plgpu.nd_loop((n_items,), collective_axes="sm", init_carry=jnp.int32(0))
+      def steps(info, carry):
+        (lin,) = info.index
+        ex, ii, oo, lo, hi, n_k = item_of(lin)
+
+        @pl.when(n_k > 0)
+        def _():
+          fetch(lo, carry % 2)
+
+        def kstep(kk, t):
+          buf = t % 2
+          plgpu.barrier_wait(idx_bar.at[buf])
+
+          @pl.when(kk + 1 < n_k)
+          def _():
+            fetch(lo + (kk + 1) * STEP, 1 - buf)
+
+          s = t % stages
+
+          @pl.when(t >= stages)
+          def _():
+            plgpu.barrier_wait(empty.at[s])
+
+          pos0 = lo + kk * STEP
+
+          def row(r, c):
+            inside = pos0 + r < hi
+            ra = jnp.where(inside, idx[buf, 0, r], a_oob)
+            rb = jnp.where(inside, idx[buf, 1, r], b_oob)
+            for ch in range(n_cons):
+              plgpu.copy_gmem_to_smem(
+                  a_g.at[pl.ds(ra, 1), pl.ds(ii * bi + ch * CHUNK, CHUNK)],
+                  a_rows.at[s, ch, pl.ds(r, 1)], full.at[s])
+            for ch in range(n_bc):
+              plgpu.copy_gmem_to_smem(
+                  b_g.at[pl.ds(rb, 1), pl.ds(oo * bo + ch * CHUNK, CHUNK)],
+                  b_rows.at[s, ch, pl.ds(r, 1)], full.at[s])
+            return c
+
+          lax.fori_loop(0, STEP, row, 0)
+          return t + 1
+
+        return lax.fori_loop(0, n_k, kstep, carry)
+
+      # Drain: wait for the consumers' last release of every stage used.
+      for s in range(stages):
+        @pl.when(s < steps)
+        def _():
+          plgpu.barrier_wait(empty.at[s])
+
+    def consumer(c_i: int):
+      plgpu.set_max_registers(232, action="increase")
+
+      @plgpu.nd_loop((n_items,), collective_axes="sm", init_carry=jnp.int32(0))
+      def _steps(info, carry):
+        (lin,) = info.index
+        ex, ii, oo, lo, hi, n_k = item_of(lin)
+
+        def acc_scope(acc_ref):
+          def kstep(kk, t):
+            s = t % stages
+            plgpu.barrier_wait(full.at[s])
+            lhs = a_mma.at[s, c_i].transpose((1, 0))                     # [64 of I, 64 rows]
+            for ch in range(n_bc):
+              plgpu.wgmma(acc_ref.at[:, pl.ds(ch * CHUNK, CHUNK)], lhs, b_mma.at[s, ch])
+            plgpu.wgmma_wait(1)
+
+            @pl.when(kk > 0)
+            def _():
+              plgpu.barrier_arrive(empty.at[(t - 1) % stages])
+            return t + 1
+
+          t_end = lax.fori_loop(0, n_k, kstep, carry)
+          plgpu.wgmma_wait(0)
+
+          @pl.when(n_k > 0)
+          def _():
+            plgpu.barrier_arrive(empty.at[(t_end - 1) % stages])
+          return acc_ref[...], t_end
+
+        acc, t_end = pl.run_scoped(acc_scope, plgpu.ACC((ROWS_PER_WG, bo)))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last item's store read
+        o_smem.at[c_i][...] = acc.astype(out_dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(
+            o_smem.at[c_i],
+            dw_g.at[ex, pl.ds(ii * bi + c_i * CHUNK, ROWS_PER_WG), pl.ds(oo * bo, bo)])
+        return t_end
+
+      plgpu.wait_smem_to_gmem(0)
+
+    for c_i in range(n_cons):
+      pl.when(wg == c_i)(functools.partial(consumer, c_i))
+
+  scratch = [
+      gather_buffer((stages, n_cons, STEP, CHUNK), dtype),                      # a_buf
+      gather_buffer((stages, n_bc, STEP, CHUNK), dtype),                        # b_buf
+      plgpu.Barrier(num_arrivals=STEP * (n_cons + n_bc), num_barriers=stages),  # full
+      plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages),                  # empty
+      plgpu.SMEM((2, 2, STEP), jnp.int32),                                      # idx
+      plgpu.Barrier(num_arrivals=2, num_barriers=2),                            # idx_bar
+      plgpu.SMEM((n_cons, ROWS_PER_WG, bo), out_dtype),                         # o_smem
+  ]
+  out_type = jax.ShapeDtypeStruct((e, i, o), out_dtype)
+  (dw,) = launch(body, [offsets, a_pos, b_pos, a, b], [out_type], scratch, nsm, n_cons + 1)
+  return dw
+
+
+def smem_bytes(cfg: TileConfig, out_itemsize: int, dtype_itemsize: int = 2) -> int:
+  stage = (cfg.block_m + cfg.block_n) * STEP * dtype_itemsize
+  return cfg.num_stages * stage + cfg.block_m * cfg.block_n * out_itemsize
+
+
+def gram_candidates(o: int) -> list[TileConfig]:
+  """Tiles of the weight-gradient kernel, heuristic order first."""
+  bo_max = min(256, max(CHUNK, autotune.next_pow2(o)))
+  raw = [(128, 128, 4), (128, 64, 6), (64, 128, 6), (128, 256, 3), (64, 64, 8)]
+  out = []
+  for bi, bo, st in raw:
+    cfg = TileConfig(bi, min(bo, bo_max), STEP, 4, st)
+    if smem_bytes(cfg, 4) <= SMEM_BUDGET:
+      out.append(cfg)
+  return list(dict.fromkeys(out))
+
+
+def choose_gram_config(n, k, e, i, o, dtype, a_rows, b_rows) -> TileConfig:
+  shape = (n, k, e, i, o, a_rows, b_rows)
+
+  def bench(cfg):
+    from kernels.routing import synthetic_routing  # noqa: PLC0415
+    with jax.ensure_compile_time_eval():
+      r = synthetic_routing(n, k, e)
+      a = jax.random.normal(jax.random.key(1), (n * a_rows, i), dtype)
+      b = jax.random.normal(jax.random.key(2), (n * b_rows, o), dtype)
+    f = autotune.compile_now(
+        lambda a, b, r: expert_gram(a, b, r, a_rows=a_rows, b_rows=b_rows, out_dtype=dtype,
+                                    cfg=cfg), a, b, r)
+    return autotune.time_call(lambda: f(a, b, r))
+
+  from kernels.cvmm_mosaic.common import is_available  # noqa: PLC0415
+  return autotune.tuner().choose("mosaic_gram", shape, dtype, gram_candidates(o),
+                                 bench if is_available() else None)

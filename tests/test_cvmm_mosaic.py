@@ -1,0 +1,143 @@
+"""The Pallas Mosaic GPU kernels on a CPU host (kernels/cvmm_mosaic/): their slot maps
+against plain definitions, their lowering to CUDA (jax's Python side of Mosaic GPU:
+layout inference and lowering to NVVM, arch sm90), and forward and every gradient in
+Pallas's Mosaic GPU interpreter against the reference (jax >= 0.11, whose interpreter
+fills out-of-bounds TMA reads with zeros). On GPUs: tests/test_cvmm_gpu.py."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvmm_cases import inputs as _inputs, outputs as _outputs, rel_err as _rel
+from cvmm_cases import routing_of_kind as _routing
+import mosaic_interpret
+
+pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+
+# (name, N, K, M, E, I, O, routing kind): small enough for the interpreter
+CASES = [
+    ("gated_m1", 40, 4, 1, 5, 64, 72, "random"),
+    ("plain_m_eq_k", 40, 4, 4, 5, 64, 72, "random"),
+    ("gated_m_divisor", 40, 4, 2, 5, 64, 72, "random"),
+    ("k1_empty_experts", 24, 1, 1, 40, 64, 64, "random"),
+    ("odd_sizes_one_expert", 30, 2, 1, 3, 100, 36, "one"),
+]
+
+
+def test_slot_maps():
+  """Slot pairs cover every pair once, in tile order; rows follow the row map; padding
+  slots read row N * R (out of bounds) and gate 0; used tiles come first."""
+  from kernels.cvmm_mosaic import slots  # noqa: PLC0415
+  n, k, e, t = 37, 3, 11, 16
+  r = _routing("random", n, k, e, jax.random.key(3))
+  tiles = r.ordered_tiles(t, "token")
+  pairs = np.asarray(slots.slot_pairs(r, tiles, t))
+  got = np.sort(pairs[pairs >= 0])
+  np.testing.assert_array_equal(got, np.arange(n * k))
+  tz = np.asarray(tiles)
+  order = np.asarray(r.order)
+  for z in range(tz.shape[1]):
+    _, start, end = tz[:, z]
+    np.testing.assert_array_equal(pairs[z * t:z * t + end - start], order[start:end])
+    assert np.all(pairs[z * t + end - start:(z + 1) * t] == -1)
+  for rows_per_token in (1, 3):
+    rows = np.asarray(slots.slot_rows(jnp.asarray(pairs), r, rows_per_token))
+    p = pairs[pairs >= 0]
+    np.testing.assert_array_equal(rows[pairs >= 0], (p // k) * rows_per_token
+                                  + (p % k) // (k // rows_per_token))
+    assert np.all(rows[pairs < 0] == n * rows_per_token)
+  g = jax.random.uniform(jax.random.key(1), (n * k,))
+  v = np.asarray(slots.slot_values(jnp.asarray(pairs), g))
+  np.testing.assert_allclose(v[pairs >= 0], np.asarray(g)[pairs[pairs >= 0]])
+  assert np.all(v[pairs < 0] == 0)
+  used = int(slots.used_tiles(tiles)[0])
+  assert np.all(tz[2, :used] > tz[1, :used]) and np.all(tz[2, used:] == tz[1, used:])
+  srt = np.asarray(slots.sorted_rows(r, 1, 5))
+  np.testing.assert_array_equal(srt[:n * k], order // k)
+  assert np.all(srt[n * k:] == n)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_mosaic_lowers_forward_and_backward(case):
+  """cvmm_mosaic's forward and its gradients (every kernel: the row kernel stored,
+  added, gated, with dgates; the weight gradient) lower to CUDA for sm90."""
+  from kernels.cvmm_mosaic import cvmm_mosaic  # noqa: PLC0415
+  gated = case[0].startswith("gated") or "odd" in case[0]
+  x, w, g, r, _ = _inputs(case, jnp.bfloat16, gated)
+
+  def loss(x, w, g):
+    return jnp.sum(cvmm_mosaic(x, r, w, g).astype(jnp.float32))
+
+  argn = (0, 1, 2) if gated else (0, 1)
+  text = jax.jit(jax.value_and_grad(loss, argnums=argn)).trace(x, w, g).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 3      # forward, dx, dW
+
+
+def test_mosaic_refuses_float32():
+  from kernels.cvmm_mosaic import cvmm_mosaic  # noqa: PLC0415
+  x, w, g, r, _ = _inputs(CASES[0], jnp.float32, True)
+  with pytest.raises(NotImplementedError, match="tf32"):
+    cvmm_mosaic(x, r, w, g)
+
+
+@pytest.mark.skipif(not mosaic_interpret.SUPPORTED,
+                    reason="the Mosaic GPU interpreter of jax < 0.11 fills no out-of-bounds TMA reads")
+@pytest.mark.parametrize("sums", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_mosaic_interpreted_matches_reference(case, sums):
+  """Forward and every gradient (x, w, gates) through the Mosaic GPU kernels in Pallas's
+  interpreter, bf16 inputs, against the float32 reference: sums over slots in float32
+  or bfloat16 (the config's sum_dtype)."""
+  from kernels import CvmmConfig  # noqa: PLC0415
+  from kernels.cvmm_mosaic import cvmm_mosaic  # noqa: PLC0415
+  from kernels.cvmm_reference import cvmm_reference  # noqa: PLC0415
+  if sums == "bfloat16" and not case[0].startswith("gated"):
+    pytest.skip("bf16 sums change only calls that add rows")
+  gated = case[0].startswith("gated") or "odd" in case[0]
+  x, w, g, r, ct = _inputs(case, jnp.bfloat16, gated)
+  config = CvmmConfig(sum_dtype=sums)
+  with mosaic_interpret.interpret():
+    got = _outputs(lambda x, r, w, g: cvmm_mosaic(x, r, w, g, config=config), x, w, g, r, ct)
+  up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+  ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
+  tol = 1e-2 if sums == "float32" else 2e-2
+  for name, a, b in zip(["out", "dx", "dw", "dgates"], got, ref):
+    assert a.dtype == jnp.bfloat16 and a.shape == b.shape, (name, a.dtype, a.shape)
+    err = _rel(a, b)
+    assert err <= tol, f"{case[0]} {name}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("proj", ["up", "down", "V", "O"])
+def test_mosaic_lowers_at_moeut_244m(proj):
+  """Every projection of MoEUT_244M (65,536 tokens), forward and gradients, lowers to
+  CUDA with the kernels' first tile candidates (abstract inputs: nothing is computed),
+  within sm90's shared memory."""
+  from kernels import make_head_routing, make_routing  # noqa: PLC0415
+  from kernels.cvmm_mosaic import cvmm_mosaic  # noqa: PLC0415
+  from moeut_jax import profiles  # noqa: PLC0415
+  p = profiles.get("MoEUT_244M")
+  n, d, es, e, k = 65536, p["d_model"], p["ff_expert_size"], p["ff_n_experts"], p["ff_k"]
+  h, ea, dh, ka = p["n_heads"], p["att_n_experts"], p["d_head"], p["att_k"]
+  bf = jnp.bfloat16
+  if proj in ("up", "down"):
+    r = jax.eval_shape(lambda i: make_routing(i, e, tile_blocks=()),
+                       jax.ShapeDtypeStruct((n, k), jnp.int32))
+    m, i, o, ne, gated = (1, d, es, e, False) if proj == "up" else (k, es, d, e, True)
+  else:
+    r = jax.eval_shape(lambda i: make_head_routing(i, ea, tile_blocks=(), unit_pairs=False),
+                       jax.ShapeDtypeStruct((n, h, ka), jnp.int32))
+    m, i, o, ne, gated = (1, d, dh, h * ea, False) if proj == "V" else (h, dh, d, h * ea, True)
+  x = jax.ShapeDtypeStruct((n, m, i), bf)
+  w = jax.ShapeDtypeStruct((ne, i, o), bf)
+  g = jax.ShapeDtypeStruct((n, r.k), bf) if gated else None
+
+  def loss(x, w, g, r):
+    return jnp.sum(cvmm_mosaic(x, r, w, g).astype(jnp.float32))
+
+  argn = (0, 1, 2) if gated else (0, 1)
+  text = jax.jit(jax.value_and_grad(loss, argnums=argn)).trace(x, w, g, r).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 3
