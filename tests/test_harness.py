@@ -17,6 +17,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 lm_eval = pytest.importorskip("lm_eval")
+pytest.importorskip("grain")            # train.py's data pipeline (train_and_evaluate)
 
 # pylint: disable=wrong-import-position
 import train as train_cli
