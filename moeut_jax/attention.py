@@ -19,7 +19,8 @@ from jax.ad_checkpoint import checkpoint_name
 from kernels import DEFAULT, CvmmConfig, cvmm, expert_weights, gated_sum, make_head_routing
 from moeut_jax import initializers as init
 from moeut_jax.parallel import per_device
-from moeut_jax.remat import ATTENTION_QK, ROUTER_LOGITS, ROUTING, SWITCHHEAD_CVMM
+from moeut_jax.remat import (ATTENTION_OUT, ATTENTION_QK, ATTENTION_V, ROUTER_LOGITS, ROUTING,
+                             SWITCHHEAD_CVMM, WEIGHTS)
 from moeut_jax.rope import apply_rope, rotary_width
 from moeut_jax.routing import gate_sigmoid, router_logits, sigmoid_topk, upcast
 
@@ -133,9 +134,13 @@ class SwitchHeadRope(nn.Module):
     b, t, d = q_src.shape
     h, dh = self.n_heads, self.d_head
     cd = self.dtype
+    # the parameters in the compute dtype (the CVMM kernels' expert weights as they take them)
+    weight = lambda name: checkpoint_name(p[name].astype(cd), WEIGHTS)  # noqa: E731
+    experts = lambda name: checkpoint_name(  # noqa: E731
+        expert_weights(p[name], cd, config=self.cvmm), WEIGHTS)
     qk_scale = dh ** -0.25
-    q = jnp.einsum("BTD,DHK->BTHK", q_src.astype(cd), p["q"].astype(cd)) * qk_scale
-    k = jnp.einsum("BTD,DHK->BTHK", k_src.astype(cd), p["k"].astype(cd)) * qk_scale
+    q = jnp.einsum("BTD,DHK->BTHK", q_src.astype(cd), weight("q")) * qk_scale
+    k = jnp.einsum("BTD,DHK->BTHK", k_src.astype(cd), weight("k")) * qk_scale
     n_rot = rotary_width(dh)
     q = checkpoint_name(apply_rope(q, positions, n_rot), ATTENTION_QK)
     k = checkpoint_name(apply_rope(k, positions, n_rot), ATTENTION_QK)
@@ -157,11 +162,12 @@ class SwitchHeadRope(nn.Module):
         return v.reshape(bl, tl, h, dh).astype(cd)                        # [B, T, H, Dh]
 
       v = per_device(values, (lv, drop_v, v_src),
-                     (expert_weights(p["v"], cd, config=self.cvmm),))
+                     (experts("v"),))
       reg_logits = (lo, lv)
     else:
-      v = jnp.einsum("BTD,DHK->BTHK", v_src.astype(cd), p["v"].astype(cd))
+      v = jnp.einsum("BTD,DHK->BTHK", v_src.astype(cd), weight("v"))
       reg_logits = None
+    v = checkpoint_name(v, ATTENTION_V)
 
     if cache is None:
       k_all, v_all = k, v
@@ -177,6 +183,7 @@ class SwitchHeadRope(nn.Module):
 
     att = dot_attention(q, k_all.astype(cd), v_all.astype(cd), blocked,
                         causal_only and cache is None)                # [B, T, H, Dh]
+    att = checkpoint_name(att, ATTENTION_OUT)
 
     if self.n_experts > 1:
       def output(lo, drop_o, att, w):
@@ -188,10 +195,10 @@ class SwitchHeadRope(nn.Module):
         return checkpoint_name(out, SWITCHHEAD_CVMM).reshape(bl, tl, d)
 
       out = per_device(output, (lo, drop_o, att),
-                       (expert_weights(p["o"], cd, config=self.cvmm),))
+                       (experts("o"),))
     else:
       # [B, T, H]; in router_dtype (the original's gate is bf16 under autocast)
       gate = gate_sigmoid(router_logits(q_src, p["sel_o"], cd, self.router_dtype))
       att = (att.astype(jnp.float32) * upcast(gate)[..., None]).astype(cd)
-      out = jnp.einsum("BTHK,HKD->BTD", att, p["o"].astype(cd))
+      out = jnp.einsum("BTHK,HKD->BTD", att, weight("o"))
     return out, (k_all, v_all), reg_logits

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from kernels import CvmmConfig
 from moeut_jax.attention import SwitchHeadRope
+from moeut_jax.layernorm import LayerNorm
 from moeut_jax.routing import entropy_accumulate
 from moeut_jax.sigma_moe import SigmaMoE
 
@@ -34,8 +34,7 @@ class MoEUTLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, positions, blocked, causal_only, cache, train):
-    ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32,
-                                   param_dtype=self.param_dtype, name=name)
+    ln = lambda name: LayerNorm(1e-5, self.param_dtype, name=name)  # noqa: E731
     xn = ln("ln1")(x)
     att, kv, att_logits = SwitchHeadRope(
         self.d_model, self.n_heads, self.d_head, self.att_n_experts, self.att_k,

@@ -26,6 +26,7 @@ import numpy as np
 from moeut_jax import initializers as init
 from moeut_jax.kv_cache import KVCache
 from moeut_jax.layer import LayerGroup
+from moeut_jax.layernorm import LayerNorm
 from moeut_jax.masks import AttentionMask, blocked_keys
 from moeut_jax.parallel import check_mesh_axes
 from moeut_jax.remat import remat_module, validate_remat
@@ -144,8 +145,10 @@ class MoEUT(nn.Module):
   # the compile time). None: fully unrolled on GPUs, 1 elsewhere. Numerics are the same.
   scan_unroll: Optional[int] = None
   # what the backward pass keeps of each layer group (moeut_jax/remat.py): "none" (all it
-  # reads), "save_projections" (router logits, routings, q/k, SwitchHead's CVMM outputs;
-  # the rest is recomputed) or "full" (only the group's input). Numerics are the same.
+  # reads), "elementwise" (all but what elementwise operations make: LayerNorms, casts,
+  # residual sums, which it recomputes), "save_projections" (router logits, routings,
+  # q/k, SwitchHead's CVMM outputs; the rest is recomputed) or "full" (only the group's
+  # input). Numerics are the same.
   remat: str = "none"
   # dtype of the routers' products, sigmoids and top-k (docs/semantics.md §7): float32
   # (ours), or the compute dtype to compute them as the original under autocast, where
@@ -328,8 +331,7 @@ class MoEUTLM(nn.Module):
     h = jnp.take(embedding, tokens, axis=0).astype(jnp.float32)      # [B, T, D]
     out = MoEUT(**self._stack_kwargs(), name="transformer")(h, mask, kv_cache, train,
                                                             causal=True)
-    hn = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=self.param_dtype,
-                      name="out_norm")(out.outputs)
+    hn = LayerNorm(1e-5, self.param_dtype, name="out_norm")(out.outputs)
     logits = nn.Dense(self.n_tokens, dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=init.uniform(d ** -0.5), bias_init=init.uniform(d ** -0.5),
                       name="lm_head")(hn.astype(self.dtype))         # [B, T, V]

@@ -11,7 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 from kernels import DEFAULT, CvmmConfig, cvmm_pair, expert_weights, make_routing
 from moeut_jax import initializers as init
 from moeut_jax.parallel import per_device
-from moeut_jax.remat import ROUTER_LOGITS, ROUTING
+from moeut_jax.remat import ROUTER_LOGITS, ROUTING, WEIGHTS
 from moeut_jax.routing import router_logits, sigmoid_topk, upcast
 
 
@@ -64,6 +64,7 @@ class SigmaMoE(nn.Module):
                       config=self.cvmm)                                     # [N, D]
       return out.reshape(b, t, d)
 
-    weights = tuple(expert_weights(w, self.dtype, config=self.cvmm) for w in (keys, values))
+    weights = tuple(checkpoint_name(expert_weights(w, self.dtype, config=self.cvmm), WEIGHTS)
+                    for w in (keys, values))
     out = per_device(experts, (logits, drop, x), weights)
     return out, logits

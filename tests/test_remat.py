@@ -1,6 +1,8 @@
 """Rematerialisation of the layer group (moeut_jax/remat.py): same numbers, other residuals."""
 import json
+import math
 import os
+import re
 import sys
 
 import jax
@@ -9,7 +11,9 @@ import numpy as np
 import pytest
 
 from moeut_jax import MoEUT, MoEUTLM
-from moeut_jax.remat import REMAT_POLICIES, SAVED_NAMES, checkpoint_policy
+from kernels import CvmmConfig
+from moeut_jax.remat import (ELEMENTWISE_PRIMITIVES, NAMES, REMAT_POLICIES, SAVED_NAMES,
+                             SWITCHHEAD_CVMM, checkpoint_policy, layer_group_residuals, nbytes)
 from moeut_jax.training import Config
 from moeut_jax.training.step import build_model
 
@@ -66,7 +70,7 @@ def _checkpoints(jaxpr):
 
 
 @pytest.mark.parametrize("unroll", [1, 2], ids=["scanned", "unrolled"])
-@pytest.mark.parametrize("remat", ["save_projections", "full"])
+@pytest.mark.parametrize("remat", ["elementwise", "save_projections", "full"])
 def test_remat_gives_the_same_loss_and_gradients(remat, unroll, setup):
   loss0, grads0 = _value_and_grad("none", unroll, setup)
   loss, grads = _value_and_grad(remat, unroll, setup)
@@ -97,18 +101,65 @@ def test_remat_wraps_the_layer_group_with_its_policy(remat, unroll, setup):
   assert found[0]["prevent_cse"] == (unroll > 1)
 
 
-def test_every_name_that_save_projections_keeps_is_in_the_model(setup):
+def test_every_name_is_in_the_model(setup):
   toks, params, _ = setup
   model = MoEUTLM(V, **TINY, remat="save_projections")
   jaxpr = jax.make_jaxpr(_loss(model, toks))(params).jaxpr
   names = {e.params["name"] for e in _equations(jaxpr) if e.primitive.name == "name"}
-  assert names == set(SAVED_NAMES)
+  assert names == set(NAMES) and set(SAVED_NAMES) < names
+
+
+# Two layers per group; d_model unlike any other width of the layer (H*Dh, k*Es, ...), so
+# that [N, D] values are told apart by their shape.
+GROUP = dict(TINY, d_model=24, n_layers=4, group_size=2)
+
+
+def _stream_copies(remat, dtype):
+  """The [N, D] values (N = B*T tokens) that one application of the layer group keeps for
+  its backward pass: (dtype name, origin) each."""
+  b, t, d = 2, 7, GROUP["d_model"]
+  stack = MoEUT(**GROUP, dtype=dtype, cvmm=CvmmConfig(impl="xla"))
+  return [(str(v.dtype), origin) for v, origin in layer_group_residuals(stack, remat, b, t)
+          if v.ndim >= 2 and v.shape[-1] == d and math.prod(v.shape[:-1]) == b * t]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_elementwise_keeps_the_group_input_and_the_branch_outputs_of_the_residual_stream(dtype):
+  """Every [N, D] value of the layer except the products is elementwise (the sums, the
+  LayerNorms, the casts): "elementwise" keeps the group's input (float32) and the outputs
+  of the branches that the next sums read: each layer's attention output projection
+  (SwitchHead's O CVMM) and the σ-MoE output of every layer but the last. "none" keeps
+  the sums and LayerNorm outputs as well, and in bf16 their casts."""
+  g = GROUP["group_size"]
+  kept = _stream_copies("elementwise", dtype)
+  assert [o for _, o in kept if o.startswith("from the argument")] == ["from the argument x"]
+  assert sum(f"'{SWITCHHEAD_CVMM}'" in o for _, o in kept) == g
+  assert sum("kernels/" in o for _, o in kept) == g - 1     # the σ-MoE's CVMM pair
+  assert len(kept) == 1 + g + (g - 1), kept
+  none = _stream_copies("none", dtype)
+  sums = [o for _, o in none if "output of add" in o and "layer.py" in o]
+  assert len(sums) >= 2 * g - 1, none                     # every sum but the group's output
+  assert len(none) > len(kept) + g, none
+
+
+def test_elementwise_keeps_nothing_an_elementwise_operation_makes():
+  stack = MoEUT(**GROUP, dtype=jnp.bfloat16, cvmm=CvmmConfig(impl="xla"))
+  made = re.compile(r"^output of (\w+) ")
+  # (outside the group: layer_group_residuals's dropout key)
+  prims = lambda remat: {m.group(1) for _, o in layer_group_residuals(stack, remat, 2, 7)  # noqa: E731
+                         if (m := made.match(o)) and "remat.py" not in o}
+  assert prims("elementwise") & ELEMENTWISE_PRIMITIVES == set()
+  # ...which "none" keeps, and the bytes drop with them
+  assert {"add", "convert_element_type", "mul"} <= prims("none")
+  total = lambda remat, b: sum(nbytes(v) for v, _ in layer_group_residuals(stack, remat, b, 7))  # noqa: E731
+  size = lambda remat: total(remat, 2) - total(remat, 1)  # noqa: E731  (per sequence)
+  assert size("full") < size("save_projections") < size("elementwise") < size("none")
 
 
 @pytest.mark.parametrize("cls,args", [(MoEUTLM, (V,)), (MoEUT, ())])
 def test_bad_remat_name_is_refused(cls, args):
   with pytest.raises(ValueError, match=r"remat='selective' must be one of \('none', "
-                                       r"'save_projections', 'full'\)"):
+                                       r"'elementwise', 'save_projections', 'full'\)"):
     cls(*args, **TINY, remat="selective")
   with pytest.raises(ValueError, match="remat=None must be one of"):
     cls(*args, **TINY, remat=None)

@@ -82,8 +82,10 @@ class Config:
                                   "(unset: all of them on GPUs, a faster step and a "
                                   "longer compile; 1 elsewhere)", group="model")
   remat: str = _f("none", "what the backward pass keeps of each layer group: none "
-                  "(everything it reads; fastest), save_projections (router outputs, q/k "
-                  "and SwitchHead's expert outputs; recomputes the rest), full (only the "
+                  "(everything it reads; fastest), elementwise (all but what elementwise "
+                  "operations make: recomputes LayerNorms, casts and residual sums; 40%% "
+                  "of none's activations), save_projections (router outputs, q/k and "
+                  "SwitchHead's expert outputs; recomputes the rest), full (only the "
                   "group's input; least memory, recomputes the whole forward pass). Same "
                   "numerics; may change when resuming", choices=REMAT_POLICIES,
                   group="model")

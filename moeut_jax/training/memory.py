@@ -6,6 +6,8 @@ from typing import Optional
 
 import jax
 
+from moeut_jax.remat import REMAT_POLICIES
+
 # The environment variables that set how much of a GPU JAX takes (read when JAX starts
 # its GPU backend). train.py sets the first to its default when none is set.
 MEMORY_VARIABLES = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION",
@@ -43,11 +45,13 @@ def out_of_memory_message(error: BaseException, config=None) -> str:
   lines = [f"out of device memory: {oom_summary(error)}", "To use less memory:"]
   if config is not None:
     micro = config.batch_size // config.grad_accum
-    if config.remat != "full":
-      lines.append(f"  --remat full (now {config.remat}): the backward pass recomputes each "
-                   "layer group's activations instead of keeping them"
-                   + (", or --remat save_projections, which recomputes less"
-                      if config.remat == "none" else ""))
+    later = REMAT_POLICIES[REMAT_POLICIES.index(config.remat) + 1:]   # each keeps less
+    if later:
+      choices = " or ".join([", ".join(later[:-1]), later[-1]] if len(later) > 1 else later)
+      lines.append(f"  --remat {choices} (now {config.remat}): the backward pass recomputes "
+                   "more of each layer group's activations instead of keeping them"
+                   + (" (elementwise: only its LayerNorms, casts and sums)"
+                      if "elementwise" in later else ""))
     lines.append(f"  --grad-accum: micro-batches per step (now {config.grad_accum}, "
                  f"{micro} sequences each); same optimizer step, less memory")
     lines.append(f"  a smaller --batch-size (now {config.batch_size}) or --seq-len "
