@@ -3,7 +3,8 @@
 # without rematerialisation, next to the official PyTorch step, one case per process
 # (a process's peak memory cannot be reset), each under its own `timeout`.
 #
-#   MoEUT_244M, batch 64 x 1024: remat none, full, save_projections; the official step;
+#   MoEUT_244M, batch 64 x 1024: remat none, elementwise, full, save_projections, full
+#               with --scan-unroll 3 (3 loop iterations of 3 repeats); the official step;
 #               att_n_experts=1 (one attention expert), ours and the official
 #   MoEUT_1B,   batch 32 x 1024: remat full, none (may not fit in 80 GB); the official step
 #
@@ -29,8 +30,9 @@ export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
 export CVMM_AUTOTUNE=0 CVMM_AUTOTUNE_CACHE=$OUT/autotune.json
 cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
 
-ALL="jax_244M_none jax_244M_full jax_244M_save_projections torch_244M jax_244M_att1 torch_244M_att1
-     jax_1B_full torch_1B jax_1B_none"
+ALL="jax_244M_none jax_244M_elementwise jax_244M_full jax_244M_save_projections
+     jax_244M_full_unroll3 torch_244M jax_244M_att1 torch_244M_att1 jax_1B_full torch_1B
+     jax_1B_none"
 CASES=${CASES:-$ALL}
 SUMMARY=$OUT/summary.txt
 start=$SECONDS
@@ -47,6 +49,9 @@ args_of() {  # the command of one case
     torch_244M_att1) echo "python3 bench/torch_original.py --path $ORIG --profile MoEUT_244M" \
                      "--batch 64 --seq 1024 --steps $STEPS --warmup $WARMUP --grad-clip 0.25" \
                      "--att-n-experts 1" ;;
+    jax_244M_full_unroll3) echo "python3 bench/model.py --profile MoEUT_244M --batch 64" \
+                     "--seq 1024 --steps $STEPS --warmup $((WARMUP - 1)) --grad-clip 0.25" \
+                     "--impl auto --remat full --scan-unroll 3" ;;
     jax_244M_*) echo "python3 bench/model.py --profile MoEUT_244M --batch 64 --seq 1024" \
                      "--steps $STEPS --warmup $((WARMUP - 1)) --grad-clip 0.25 --impl auto" \
                      "--remat ${1#jax_244M_}" ;;
@@ -63,7 +68,7 @@ args_of() {  # the command of one case
 
 limit_of() {  # seconds one case may take at most (compile included)
   case $1 in
-    jax_244M_*) echo 150 ;; torch_244M_att1) echo 120 ;; jax_1B_*) echo 220 ;; torch_244M) echo 120 ;; torch_1B) echo 150 ;;
+    jax_244M_full) echo 240 ;; jax_244M_*) echo 150 ;; torch_244M_att1) echo 120 ;; jax_1B_*) echo 220 ;; torch_244M) echo 120 ;; torch_1B) echo 150 ;;
   esac
 }
 

@@ -4,6 +4,9 @@
   python bench/model.py --devices 2            # data parallel, as train.py runs it
   python bench/model.py --batch 64 --remat full --grad-clip 0.25 \
       --torch-original ../shared/original      # and the official PyTorch step, same GPU
+  python bench/model.py --batch 64 --remat elementwise --grad-clip 0.25 --warmup 2
+
+--remat takes moeut_jax/remat.py's policies (what they keep: bench/residuals.py).
 
 Prints one row per CVMM implementation: step time (median of --steps after the first
 call and --warmup more untimed steps), tokens/s and the peak device memory

@@ -50,7 +50,11 @@ def _jax_triton():
 
 
 def is_available() -> bool:
-  """Whether the Triton kernels run here: Triton, jax-triton and a GPU backend."""
+  """Whether the Triton kernels run here: Triton, jax-triton and a GPU backend, or
+  Triton's interpreter (CVMM_TRITON_INTERPRET=1: tests, and tracing the GPU path on a
+  CPU)."""
+  if triton is not None and interpret():
+    return True
   if triton is None or jax.default_backend() != "gpu":
     return False
   try:

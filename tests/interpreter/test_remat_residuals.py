@@ -1,0 +1,71 @@
+"""What each remat policy keeps per layer at MoEUT_244M's shapes on the GPU path (the Triton
+CVMM kernels, traced through the interpreter; nothing runs): the figures of
+moeut_jax/remat.py's docstring, as claims that hold for the traced lists."""
+import math
+import re
+
+import jax.numpy as jnp
+import pytest
+
+from kernels import CvmmConfig
+from moeut_jax import MoEUT, profiles
+from moeut_jax.remat import (ELEMENTWISE_PRIMITIVES, SWITCHHEAD_CVMM, layer_group_residuals,
+                             nbytes)
+
+SEQ = 1024
+STACK = MoEUT(**profiles.MoEUT_244M, dtype=jnp.bfloat16, cvmm=CvmmConfig(impl="triton"))
+G, D = STACK.group_size, STACK.d_model
+MADE_BY = re.compile(r"^output of (\w+) ")
+
+
+def _attention_matrix(value, origin) -> bool:
+  """[B, H, T, S] arrays of XLA's attention, which runs on CPUs (cuDNN's on GPUs keeps
+  q, k, v, its output and [B, H, T] statistics instead)."""
+  return "(dot_attention)" in origin and value.ndim == 4 and value.shape[-2:] == (SEQ, SEQ)
+
+
+def _stream(value) -> bool:
+  return value.ndim >= 2 and value.shape[-1] == D and math.prod(value.shape[:-1]) == SEQ
+
+
+@pytest.fixture(scope="module")
+def per_layer():
+  """{remat: [(value, origin, bytes per layer and SEQ tokens)]} of the residuals that grow
+  with the batch (traces at batch 1 and 2), XLA's attention matrices left out."""
+  out = {}
+  for remat in ("none", "elementwise", "save_projections", "full"):
+    rows1 = layer_group_residuals(STACK, remat, 1, SEQ)
+    rows2 = layer_group_residuals(STACK, remat, 2, SEQ)
+    assert [o for _, o in rows1] == [o for _, o in rows2]
+    out[remat] = [(v1, o, (nbytes(v2) - nbytes(v1)) / G) for (v1, o), (v2, _) in zip(rows1, rows2)
+                  if nbytes(v2) > nbytes(v1) and not _attention_matrix(v1, o)]
+  return out
+
+
+def _mib(rows) -> float:
+  return sum(b for _, _, b in rows) / 2 ** 20
+
+
+def test_elementwise_drops_what_elementwise_operations_make(per_layer):
+  """Of "none"'s list, "elementwise" drops everything an elementwise primitive makes and
+  keeps in its place the [N, D] outputs of the branches (O's CVMM, the σ-MoE pair but in
+  the last layer) and attention's output: no more than that."""
+  none, elementwise = per_layer["none"], per_layer["elementwise"]
+  made = [r for r in none if (m := MADE_BY.match(r[1])) and m.group(1) in ELEMENTWISE_PRIMITIVES]
+  assert not [r for r in elementwise
+              if (m := MADE_BY.match(r[1])) and m.group(1) in ELEMENTWISE_PRIMITIVES]
+  stream = [r for r in elementwise if _stream(r[0])]
+  assert len(stream) == 1 + G + (G - 1), stream            # the group's input and the branches
+  assert sum(f"'{SWITCHHEAD_CVMM}'" in o for _, o, _ in stream) == G
+  added = [r for r in elementwise if _stream(r[0]) or "'moeut_attention_out'" in r[1]]
+  assert _mib(elementwise) <= _mib(none) - _mib(made) + _mib(added) + 0.5   # routing's ints
+  # the float32 and bf16 [N, D] copies are most of what "none" keeps
+  assert _mib([r for r in made if _stream(r[0])]) > 0.5 * _mib(none)
+  assert _mib(elementwise) < 0.45 * _mib(none)
+
+
+def test_the_policies_keep_less_in_order(per_layer):
+  sizes = [_mib(per_layer[r]) for r in ("none", "elementwise", "save_projections", "full")]
+  assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4, sizes
+  # "full": the group's float32 input, shared by its layers, and the regulariser's sums
+  assert sizes[-1] == pytest.approx(SEQ * D * 4 / G / 2 ** 20, rel=1e-2)
