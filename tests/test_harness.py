@@ -2,6 +2,7 @@
 train.py trained for two steps (CPU, offline: the tasks read local JSON Lines files)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sysconfig
@@ -59,10 +60,16 @@ def text_ids(lm) -> list[int]:
     return lm.tok_encode(f.read())
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model, params, tokens):
+  """The model's logits, compiled once per input length (eager calls compile again)."""
+  return model.apply({"params": params}, tokens).outputs
+
+
 def direct_logprob(lm, context, continuation) -> tuple[float, bool]:
   """One unpadded forward pass over the last T + 1 tokens, as the harness's HF model."""
   seq = np.asarray(list(context) + list(continuation))[-(T + 1):]
-  logits = lm.model.apply({"params": lm.params}, jnp.asarray(seq[None, :-1])).outputs[0]
+  logits = _logits(lm.model, lm.params, jnp.asarray(seq[None, :-1]))[0]
   logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))   # [n, V]
   n = len(continuation)
   targets = seq[1:][-n:]

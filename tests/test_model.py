@@ -1,4 +1,6 @@
 """The model's own contract: sizes, errors, precision, caches and generation."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,11 +21,19 @@ def n_params(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames="train")
+def apply(model, variables, toks, mask=None, train=False, rngs=None):
+  """model.apply compiled once per model, shapes and mode (an eager call compiles the
+  layer-group scan again each time). Eager calls are kept where eager behaviour is what
+  a test checks (errors raised from concrete values)."""
+  return model.apply(variables, toks, mask, train=train, rngs=rngs)
+
+
 @pytest.fixture(scope="module")
 def small():
   model = MoEUTLM(V, **SMALL)
   toks = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 10)), jnp.int32)
-  return model, model.init(jax.random.PRNGKey(0), toks), toks
+  return model, jax.jit(model.init)(jax.random.PRNGKey(0), toks), toks
 
 
 @pytest.mark.parametrize("name", profiles.PAPER_PROFILES)
@@ -54,8 +64,8 @@ def test_parameters_stored_once_per_distinct_layer():
 def test_moeut_44m_with_odd_rotary_width_runs():
   model = MoEUTLM(100, **profiles.MoEUT_44M)
   toks = jnp.arange(6, dtype=jnp.int32)[None]
-  variables = model.init(jax.random.PRNGKey(0), toks)
-  out = model.apply(variables, toks)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), toks)
+  out = apply(model, variables, toks)
   assert out.outputs.shape == (1, 6, 100)
   assert bool(jnp.all(jnp.isfinite(out.outputs)))
 
@@ -75,8 +85,8 @@ def test_bad_configs_raise_clear_errors(kwargs, message):
 
 def test_cvmm_config_reaches_every_cvmm_call(monkeypatch):
   """The model's CvmmConfig is passed to the σ-MoE pair and to SwitchHead's V and O
-  calls (on the CPU they sum in float32 whatever it says, so the calls are recorded);
-  anything but a CvmmConfig is refused."""
+  calls (on the CPU they sum in float32 whatever it says, so the calls are recorded while
+  tracing); anything but a CvmmConfig is refused."""
   from kernels import CvmmConfig
   from moeut_jax import attention, sigma_moe
   seen = []
@@ -93,7 +103,7 @@ def test_cvmm_config_reaches_every_cvmm_call(monkeypatch):
   for config in (CvmmConfig(), CvmmConfig(impl="xla", sum_dtype="bfloat16")):
     seen.clear()
     model = MoEUTLM(V, **dict(SMALL, cvmm=config))
-    model.apply(model.init(jax.random.PRNGKey(0), toks), toks)
+    jax.eval_shape(model.apply, jax.eval_shape(model.init, jax.random.PRNGKey(0), toks), toks)
     assert {name for name, _ in seen} == {"cvmm_pair", "cvmm"}
     assert all(got == config for _, got in seen), seen
   with pytest.raises(TypeError, match="cvmm must be a kernels.CvmmConfig"):
@@ -133,41 +143,55 @@ def test_fixed_cache_overflow(small):
 def test_bf16_compute_with_float32_params(small):
   model, variables, toks = small
   fast = MoEUTLM(V, **SMALL, dtype=jnp.bfloat16)
-  out32 = model.apply(variables, toks, train=True)
-  out16 = fast.apply(variables, toks, train=True)
+  out32 = apply(model, variables, toks, train=True)
+
+  def mean_output(params):
+    out = fast.apply({"params": params}, toks, train=True)
+    return out.outputs.astype(jnp.float32).mean(), out
+  (_, out16), grads = jax.jit(jax.value_and_grad(mean_output, has_aux=True))(
+      variables["params"])                                 # the outputs and their gradient
   assert out16.outputs.dtype == jnp.bfloat16
   assert out16.reg_loss.dtype == jnp.float32
   err = jnp.linalg.norm(out16.outputs.astype(jnp.float32) - out32.outputs) / jnp.linalg.norm(
       out32.outputs)
   assert float(err) < 2e-2
-  grads = jax.grad(lambda p: fast.apply({"params": p}, toks, train=True).outputs.astype(
-      jnp.float32).mean())(variables["params"])
   leaves = jax.tree_util.tree_leaves(grads)
   assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in leaves)
 
 
+def _loss_and_grads(model, params, toks):
+  """(loss, outputs), grads of outputs.mean() + reg_loss in training mode, compiled.
+
+  True float32 products: on GPUs XLA's default precision is TF32, and graphs that fuse
+  differently would round differently."""
+  def run(p):
+    out = model.apply({"params": p}, toks, train=True)
+    return out.outputs.mean() + out.reg_loss, out
+  with jax.default_matmul_precision("highest"):
+    return jax.jit(jax.value_and_grad(run, has_aux=True))(params)
+
+
+@pytest.fixture(scope="module")
+def scanned(small):
+  """The scanned loop's (scan_unroll=1) loss, outputs and gradients, for both unrolls."""
+  _, variables, toks = small
+  return _loss_and_grads(MoEUTLM(V, **SMALL, scan_unroll=1), variables["params"], toks)
+
+
 @pytest.mark.parametrize("unroll", [2, 5])
-def test_scan_unroll_changes_nothing_but_the_loop(small, unroll):
+def test_scan_unroll_changes_nothing_but_the_loop(small, scanned, unroll):
   """scan_unroll=2 (the whole scan: R = 2) and 5 (clamped to R): the same parameters,
   outputs, regulariser and gradients as the scanned loop."""
   model, variables, toks = small
   assert model.effective_scan_unroll() == (2 if jax.default_backend() == "gpu" else 1)
-  model = MoEUTLM(V, **SMALL, scan_unroll=1)
   unrolled = MoEUTLM(V, **SMALL, scan_unroll=unroll)
   assert unrolled.effective_scan_unroll() == 2
-  assert jax.tree_util.tree_structure(unrolled.init(jax.random.PRNGKey(0), toks)) == \
+  assert jax.tree_util.tree_structure(
+      jax.eval_shape(unrolled.init, jax.random.PRNGKey(0), toks)) == \
       jax.tree_util.tree_structure(variables)
 
-  def run(m, p):
-    out = m.apply({"params": p}, toks, train=True)
-    return out.outputs.mean() + out.reg_loss, out
-  # True float32 products: on GPUs XLA's default precision is TF32, and the two graphs
-  # fuse differently, so TF32 roundings would differ between them.
-  with jax.default_matmul_precision("highest"):
-    (l1, o1), g1 = jax.value_and_grad(lambda p: run(model, p), has_aux=True)(
-        variables["params"])
-    (l2, o2), g2 = jax.value_and_grad(lambda p: run(unrolled, p), has_aux=True)(
-        variables["params"])
+  (l1, o1), g1 = scanned
+  (l2, o2), g2 = _loss_and_grads(unrolled, variables["params"], toks)
   np.testing.assert_allclose(o2.outputs, o1.outputs, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(o2.reg_loss, o1.reg_loss, rtol=1e-5)
   # Per leaf, relative to its norm: on GPUs the CVMM kernels sum over experts with float32
@@ -179,11 +203,11 @@ def test_scan_unroll_changes_nothing_but_the_loop(small, unroll):
 def test_dropout_is_active_only_in_training(small):
   _, variables, toks = small
   model = MoEUTLM(V, **dict(SMALL, dropout=0.5, ff_expert_dropout=0.3, att_expert_dropout=0.3))
-  e1 = model.apply(variables, toks).outputs
-  e2 = model.apply(variables, toks).outputs
+  e1 = apply(model, variables, toks).outputs
+  e2 = apply(model, variables, toks).outputs
   assert bool(jnp.array_equal(e1, e2))
-  t1 = model.apply(variables, toks, train=True, rngs={"dropout": jax.random.PRNGKey(1)}).outputs
-  t2 = model.apply(variables, toks, train=True, rngs={"dropout": jax.random.PRNGKey(2)}).outputs
+  t1 = apply(model, variables, toks, train=True, rngs={"dropout": jax.random.PRNGKey(1)}).outputs
+  t2 = apply(model, variables, toks, train=True, rngs={"dropout": jax.random.PRNGKey(2)}).outputs
   assert not bool(jnp.allclose(t1, t2))
   assert not bool(jnp.allclose(t1, e1))
 
@@ -191,7 +215,7 @@ def test_dropout_is_active_only_in_training(small):
 def test_fully_masked_rows_give_zeros_not_nan(small):
   model, variables, toks = small
   blocked = jnp.zeros((2, 10), bool).at[1].set(True)              # every key of row 1
-  out = model.apply(variables, toks, AttentionMask(blocked, None))
+  out = apply(model, variables, toks, AttentionMask(blocked, None))
   assert bool(jnp.all(jnp.isfinite(out.outputs)))
 
 
@@ -199,7 +223,7 @@ def test_generate_greedy_agrees_with_full_forward(small):
   model, variables, toks = small
   seq = generate(model, variables, toks[:, :4], 6)
   assert seq.shape == (2, 10) and bool(jnp.array_equal(seq[:, :4], toks[:, :4]))
-  logits = model.apply(variables, seq).outputs
+  logits = apply(model, variables, seq).outputs
   assert bool(jnp.array_equal(jnp.argmax(logits[:, 3:-1], -1), seq[:, 4:]))
 
 
@@ -207,7 +231,7 @@ def test_generate_top_k_sampling(small):
   model, variables, toks = small
   seq = generate(model, variables, toks[:, :4], 5, temperature=1.0, top_k=2,
                  rng=jax.random.PRNGKey(0))
-  logits = model.apply(variables, seq).outputs[:, 3:-1]            # [B, 5, V]
+  logits = apply(model, variables, seq).outputs[:, 3:-1]           # [B, 5, V]
   top2 = jax.lax.top_k(logits, 2)[1]
   assert bool(jnp.all(jnp.any(top2 == seq[:, 4:, None], axis=-1)))
   with pytest.raises(ValueError, match="needs rng"):

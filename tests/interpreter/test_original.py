@@ -94,7 +94,7 @@ def test_model_with_the_original_kernels_matches_pure_jax(config):
       logp = jax.nn.log_softmax(out.outputs, axis=-1)
       ce = -jnp.mean(jnp.take_along_axis(logp, toks[:, 1:, None], -1))
       return ce + out.reg_loss, out.outputs
-    return jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
   (l_got, logits_got), g_got = run(config)
   (l_want, logits_want), g_want = run(CvmmConfig(impl="xla"))
