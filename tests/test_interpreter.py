@@ -21,7 +21,7 @@ def test_interpreter_module(module):
              JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        os.path.join("tests", "interpreter", module)],
+                        "-n", "0", os.path.join("tests", "interpreter", module)],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
   assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
   assert " passed" in res.stdout and " failed" not in res.stdout, res.stdout[-2000:]
