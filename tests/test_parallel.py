@@ -97,7 +97,8 @@ def test_four_devices_route_their_own_tokens_and_match_one_device():
   """Under a 4-device mesh the σ-MoE and SwitchHead routing sorts hold one device's pairs,
   nothing is all-gathered, and the loss and every gradient (expert dropout on) equal
   the unsharded computation's."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + " --xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
                         text=True, timeout=600, cwd=ROOT)

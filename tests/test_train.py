@@ -167,7 +167,8 @@ def test_eight_cpu_devices_match_one_device(tiny_run, compilation_cache, tmp_pat
   script = EIGHT_DEVICES.format(root=ROOT, config=json.dumps(config.to_dict()),
                                 workdir=str(tmp_path / "eight"),
                                 bad_workdir=str(tmp_path / "bad"))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + " --xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=compilation_cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
