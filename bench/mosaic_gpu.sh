@@ -54,10 +54,10 @@ step() {
 cat "$OUT/environment.log"
 
 TAIL=60 step probe 150 python3 -m bench.mosaic_probe
-step tests_fast 100 python3 -m pytest tests/test_cvmm_gpu.py -q -rf --tb=long -p no:cacheprovider \
+step tests_fast 100 python3 -m pytest tests/test_cvmm_gpu.py -q -n 0 -rf --tb=long -p no:cacheprovider \
   -k "mosaic and bf16 and (basic or k1 or empty_experts or odd_sizes or one_expert)"
 TAIL=40 step cvmm 200 python3 -m bench.cvmm --profiles MoEUT_244M --impls mosaic,triton --pair \
   --json "$OUT/cvmm.json"
-step tests_full 150 python3 -m pytest tests/test_cvmm_gpu.py tests/test_cvmm_mosaic.py -q -rf \
+step tests_full 150 python3 -m pytest tests/test_cvmm_gpu.py tests/test_cvmm_mosaic.py -q -n 0 -rf \
   --tb=short -p no:cacheprovider -k "mosaic and not interpreted"
 echo "== done after $(( $(date +%s) - START ))s"
