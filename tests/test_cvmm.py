@@ -437,3 +437,24 @@ def test_kernels_import_no_benchmark_and_read_only_tooling_variables():
         with open(os.path.join(folder, f), encoding="utf-8") as fh:
           names |= set(re.findall(r"\bCVMM_[A-Z0-9_]+", fh.read()))
   assert names <= {"CVMM_AUTOTUNE", "CVMM_AUTOTUNE_CACHE", "CVMM_TRITON_INTERPRET"}, names
+
+
+def test_importing_jax_triton_keeps_triton_compile_cache(tmp_path, monkeypatch):
+  """jax-triton 0.3.1 sets TRITON_CACHE_DIR to "" on import, which breaks every other
+  Triton kernel compiled in the process (the original MoEUT's op in the binding's GPU
+  tests); kernels import it through launch._jax_triton, which puts the variable back."""
+  import sys  # noqa: PLC0415
+  from kernels.cvmm_triton import launch  # noqa: PLC0415
+  fake = tmp_path / "jax_triton"
+  fake.mkdir()
+  (fake / "__init__.py").write_text('import os\nos.environ["TRITON_CACHE_DIR"] = ""\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  for value in (None, str(tmp_path / "cache")):
+    monkeypatch.delitem(sys.modules, "jax_triton", raising=False)
+    if value is None:
+      monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    else:
+      monkeypatch.setenv("TRITON_CACHE_DIR", value)
+    assert launch._jax_triton().__file__ == str(fake / "__init__.py")
+    import os  # noqa: PLC0415
+    assert os.environ.get("TRITON_CACHE_DIR") == value

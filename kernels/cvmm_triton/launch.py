@@ -45,7 +45,16 @@ except ImportError:  # CPU-only installs: the modules import, is_available() is 
 
 
 def _jax_triton():
+  """jax_triton, imported without its side effect on Triton's compile cache: jax-triton
+  0.3.1 sets TRITON_CACHE_DIR to "" when imported, after which every ``triton.jit``
+  kernel compiled the usual way in the process (PyTorch's, the original MoEUT's) fails
+  with "Could not create or locate cache dir". The variable is put back as it was."""
+  before = os.environ.get("TRITON_CACHE_DIR")
   import jax_triton  # noqa: PLC0415  (needs a CUDA jaxlib; absent on CPU)
+  if before is None:
+    os.environ.pop("TRITON_CACHE_DIR", None)
+  else:
+    os.environ["TRITON_CACHE_DIR"] = before
   return jax_triton
 
 
@@ -196,7 +205,7 @@ def install_gluon_launcher():
   jax-triton's launch layer (``TritonKernel``); other kernels take jax-triton's path
   unchanged. Kernels that need global scratch memory are refused (jax-triton does not
   provide it). Idempotent."""
-  from jax_triton import triton_lib as tlib  # noqa: PLC0415
+  tlib = _jax_triton().triton_lib
   from triton.experimental.gluon._runtime import GluonJITFunction  # noqa: PLC0415
   orig = tlib.get_or_create_triton_kernel
   if getattr(orig, "_gluon", False):
