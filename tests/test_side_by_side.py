@@ -40,8 +40,9 @@ def test_tool_gives_moeut_jax_the_originals_curve_in_float32(tmp_path, capsys):
                "--out", str(out)])
   printed = capsys.readouterr().out
   assert code == 0, printed
-  runs = {name: json.loads((out / f"{name}.json").read_text())
-          for name in ("original#1", "original#2", "jax")}
+  runs = {name: json.loads((out / f"{stem}.json").read_text())
+          for name, stem in (("original#1", "original_1"), ("original#2", "original_2"),
+                             ("jax", "jax"))}
   want = runs["original#1"]
   assert len(want["train_loss"]) == 8 and [s for s, _ in want["heldout"]] == [4, 8]
   # Its second run differs from the first at float32 rounding (PyTorch's CPU threads).

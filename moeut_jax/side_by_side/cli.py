@@ -3,7 +3,9 @@ most ``--parallel`` at a time, each under ``--timeout``), prints their results a
 come, then the curves side by side, the held-out table and the PNG's path.
 
 Files in ``--out``: setup.json and setup.npz (the shared setup), LABEL.json and LABEL.log
-per run, summary.json (the held-out table's numbers), side_by_side.png.
+per run (LABEL with characters other than letters, digits, ``.``, ``_`` and ``-`` as
+``_``: original_1.json for "original#1"), summary.json (the held-out table's numbers),
+side_by_side.png.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import time
 
 from moeut_jax import profiles
 from moeut_jax.side_by_side import report
-from moeut_jax.side_by_side.shared import OPTIONS, labels, parse_variant, prepare, read_text
+from moeut_jax.side_by_side.shared import (OPTIONS, file_stem, labels, parse_variant, prepare,
+                                           read_text)
 
 DEFAULT_VARIANTS = ("original,original,jax,jax+original_routers,jax+original_cvmm,"
                     "jax+original_routers+original_cvmm")
@@ -80,7 +83,7 @@ class _Run:
 
   def __init__(self, out: str, label: str, variant: str, env: dict):
     self.label, self.out = label, out
-    self.log = open(os.path.join(out, f"{label}.log"), "w", encoding="utf-8")  # noqa: SIM115
+    self.log = open(os.path.join(out, f"{file_stem(label)}.log"), "w", encoding="utf-8")  # noqa: SIM115
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "moeut_jax.side_by_side.worker", out, label, variant],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -105,12 +108,12 @@ class _Run:
   def result(self) -> dict:
     self.reader.join(timeout=10)
     self.log.close()
-    path = os.path.join(self.out, f"{self.label}.json")
+    path = os.path.join(self.out, f"{file_stem(self.label)}.json")
     if os.path.isfile(path):
       with open(path, encoding="utf-8") as f:
         return json.load(f)
     return dict(label=self.label, error=f"exited with status {self.proc.returncode} and no "
-                f"result (see {self.label}.log)")
+                f"result (see {file_stem(self.label)}.log)")
 
 
 def run_variants(out: str, runs: list[tuple[str, str]], parallel: int,

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from typing import Any, Optional
 
 import numpy as np
@@ -30,6 +31,13 @@ class Variant:
   @property
   def name(self) -> str:
     return "+".join((self.kind,) + self.options)
+
+
+def file_stem(label: str) -> str:
+  """A run's label as a file name: characters other than letters, digits, ``.``, ``_``
+  and ``-`` become ``_`` ("original#1" -> "original_1", "jax+original_cvmm" ->
+  "jax_original_cvmm"), so that the files copy and archive anywhere."""
+  return re.sub(r"[^A-Za-z0-9._-]", "_", label)
 
 
 def parse_variant(text: str) -> Variant:

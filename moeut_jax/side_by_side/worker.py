@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 
-from moeut_jax.side_by_side.shared import Setup, Variant, parse_variant
+from moeut_jax.side_by_side.shared import Setup, Variant, file_stem, parse_variant
 
 
 def run(setup: Setup, variant: Variant, log=print) -> dict:
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     first = (str(e).strip().splitlines() or [""])[0][:300]
     result["error"] = f"{type(e).__name__}: {first}"
     code = 1
-  with open(os.path.join(out, f"{label}.json"), "w", encoding="utf-8") as f:
+  with open(os.path.join(out, f"{file_stem(label)}.json"), "w", encoding="utf-8") as f:
     json.dump(result, f)
   return code
 
