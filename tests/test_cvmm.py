@@ -3,6 +3,9 @@ every gradient; routing tiles, tile configs, the autotuner and the kernels' sett
 (The Triton kernels in Triton's CPU interpreter: tests/interpreter/.)"""
 from __future__ import annotations
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -420,10 +423,8 @@ def test_original_kernels_compile_for_hopper_in_their_wrappers(which, dtype, tra
 def test_kernels_import_no_benchmark_and_read_only_tooling_variables():
   """Library code never imports a benchmark, and the environment holds only the
   process-level tooling switches; everything else is a CvmmConfig field."""
-  import os
   import re
   import subprocess
-  import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = ("import kernels, kernels.cvmm_triton, kernels.offline, kernels.topk, sys; "
           "assert not any(m.startswith('bench') for m in sys.modules), 'bench imported'")
@@ -443,7 +444,6 @@ def test_importing_jax_triton_keeps_triton_compile_cache(tmp_path, monkeypatch):
   """jax-triton 0.3.1 sets TRITON_CACHE_DIR to "" on import, which breaks every other
   Triton kernel compiled in the process (the original MoEUT's op in the binding's GPU
   tests); kernels import it through launch._jax_triton, which puts the variable back."""
-  import sys  # noqa: PLC0415
   from kernels.cvmm_triton import launch  # noqa: PLC0415
   fake = tmp_path / "jax_triton"
   fake.mkdir()
@@ -456,5 +456,4 @@ def test_importing_jax_triton_keeps_triton_compile_cache(tmp_path, monkeypatch):
     else:
       monkeypatch.setenv("TRITON_CACHE_DIR", value)
     assert launch._jax_triton().__file__ == str(fake / "__init__.py")
-    import os  # noqa: PLC0415
     assert os.environ.get("TRITON_CACHE_DIR") == value

@@ -169,8 +169,9 @@ def launch(kernel, args, out_shapes, grid, cfg, zeroed=(), aliases=None, **meta)
 
 def _cache_dir_fallback():
   """Triton's compile cache (``triton.knobs.cache.dir``: TRITON_CACHE_DIR, else under
-  $HOME). Where it is empty (TRITON_CACHE_DIR set to "", as on some batch machines) or
-  cannot be written, ``triton.compile`` fails; use a temporary directory instead."""
+  $HOME). Where it is empty (TRITON_CACHE_DIR set to "": jax-triton's import did that
+  before :func:`_jax_triton` put it back, and a user may set it so) or cannot be
+  written, ``triton.compile`` fails; use a temporary directory instead."""
   from triton import knobs  # noqa: PLC0415
   d = knobs.cache.dir
   if d:

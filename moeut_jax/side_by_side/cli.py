@@ -82,8 +82,8 @@ class _Run:
   """One variant's process; its output lines are printed with its label and logged."""
 
   def __init__(self, out: str, label: str, variant: str, env: dict):
-    self.label, self.out = label, out
-    self.log = open(os.path.join(out, f"{file_stem(label)}.log"), "w", encoding="utf-8")  # noqa: SIM115
+    self.label, self.out, self.stem = label, out, file_stem(label)
+    self.log = open(os.path.join(out, f"{self.stem}.log"), "w", encoding="utf-8")  # noqa: SIM115
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "moeut_jax.side_by_side.worker", out, label, variant],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -108,12 +108,12 @@ class _Run:
   def result(self) -> dict:
     self.reader.join(timeout=10)
     self.log.close()
-    path = os.path.join(self.out, f"{file_stem(self.label)}.json")
+    path = os.path.join(self.out, f"{self.stem}.json")
     if os.path.isfile(path):
       with open(path, encoding="utf-8") as f:
         return json.load(f)
     return dict(label=self.label, error=f"exited with status {self.proc.returncode} and no "
-                f"result (see {file_stem(self.label)}.log)")
+                f"result (see {self.stem}.log)")
 
 
 def run_variants(out: str, runs: list[tuple[str, str]], parallel: int,
