@@ -58,6 +58,21 @@ def test_out_of_memory_message_says_what_to_change(monkeypatch):
   assert "a smaller batch" in general and "XLA_PYTHON_CLIENT_MEM_FRACTION" in general
 
 
+def test_remat_auto_is_elementwise_on_gpus_and_none_elsewhere(monkeypatch):
+  config = Config.for_profile("MoEUT_244M")
+  assert config.remat == "auto"
+  assert config.remat_policy("gpu") == "elementwise"
+  assert config.remat_policy("cpu") == "none"
+  assert config.replace(remat="full").remat_policy("gpu") == "full"
+  assert config.model_kwargs()["remat"] == config.remat_policy(jax.default_backend())
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert config.model_kwargs()["remat"] == "elementwise"
+  text = out_of_memory_message(_oom(), config)
+  assert "--remat save_projections or full (now auto: elementwise)" in text
+  with pytest.raises(ValueError, match="remat='some'"):
+    Config.for_profile("MoEUT_244M", remat="some")
+
+
 def test_cli_reports_out_of_memory_without_traceback(monkeypatch, tmp_path, capsys):
   import moeut_jax.training  # pylint: disable=import-outside-toplevel
 

@@ -16,6 +16,8 @@ from moeut_jax import profiles
 from kernels import IMPLEMENTATIONS, SUM_DTYPES, CvmmConfig
 from moeut_jax.remat import REMAT_POLICIES
 
+REMAT_CHOICES = ("auto",) + REMAT_POLICIES
+
 # Fields of the profile dicts in profiles.py; each can be overridden one by one.
 MODEL_FIELDS = ("d_model", "n_layers", "n_heads", "ff_n_experts", "ff_expert_size",
                 "att_n_experts", "d_head", "group_size", "ff_k", "att_k")
@@ -81,14 +83,15 @@ class Config:
   scan_unroll: Optional[int] = _f(None, "repeats of the layer group per scan iteration "
                                   "(unset: all of them on GPUs, a faster step and a "
                                   "longer compile; 1 elsewhere)", group="model")
-  remat: str = _f("none", "what the backward pass keeps of each layer group: none "
+  remat: str = _f("auto", "what the backward pass keeps of each layer group: none "
                   "(everything it reads; fastest), elementwise (all but what elementwise "
-                  "operations make: recomputes LayerNorms, casts and residual sums; 40%% "
-                  "of none's activations), save_projections (router outputs, q/k and "
-                  "SwitchHead's expert outputs; recomputes the rest), full (only the "
-                  "group's input; least memory, recomputes the whole forward pass). Same "
-                  "numerics; may change when resuming", choices=REMAT_POLICIES,
-                  group="model")
+                  "operations make: recomputes LayerNorms, casts and residual sums; about "
+                  "half of none's memory for 2-3%% of the step time on an H200), "
+                  "save_projections (router outputs, q/k and SwitchHead's expert outputs; "
+                  "recomputes the rest), full (only the group's input; least memory, "
+                  "recomputes the whole forward pass); auto = elementwise on GPUs, none "
+                  "on CPUs (where compile time weighs more than memory). Same numerics; "
+                  "may change when resuming", choices=REMAT_CHOICES, group="model")
   compute_dtype: str = _f("auto", "compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU "
                           "(bf16 is emulated and slow on CPUs)", choices=COMPUTE_DTYPES)
   param_dtype: str = _f("float32", "dtype of parameters and optimizer state",
@@ -204,8 +207,8 @@ class Config:
       raise ValueError(f"compute_dtype={self.compute_dtype!r}; choose one of {COMPUTE_DTYPES}")
     if self.param_dtype not in PARAM_DTYPES:
       raise ValueError(f"param_dtype={self.param_dtype!r}; choose one of {PARAM_DTYPES}")
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+    if self.remat not in REMAT_CHOICES:
+      raise ValueError(f"remat={self.remat!r}; choose one of {REMAT_CHOICES}")
     if self.router_dtype not in ROUTER_DTYPES:
       raise ValueError(f"router_dtype={self.router_dtype!r}; choose one of {ROUTER_DTYPES}")
     if (self.cvmm_impl == "original") != (self.cvmm_original_path is not None):
@@ -230,8 +233,20 @@ class Config:
                                 original_path=self.cvmm_original_path)
     kwargs["router_dtype"] = self.router_dtype
     kwargs["scan_unroll"] = self.scan_unroll
-    kwargs["remat"] = self.remat
+    kwargs["remat"] = self.remat_policy()
     return kwargs
+
+  def remat_policy(self, backend: Optional[str] = None) -> str:
+    """The remat policy the model gets: ``remat``, with "auto" resolved for ``backend``
+    (default: JAX's default backend): "elementwise" on GPUs, where it keeps about half of
+    what "none" keeps for 2-3% of the step time (MoEUT_244M at 64 x 1024 tokens on an
+    H200: 29.0 GiB against 56.3, bench/RESULTS.md), and "none" elsewhere."""
+    if self.remat != "auto":
+      return self.remat
+    if backend is None:
+      import jax  # noqa: PLC0415
+      backend = jax.default_backend()
+    return "elementwise" if backend == "gpu" else "none"
 
   def replace(self, **changes) -> "Config":
     return dataclasses.replace(self, **changes)

@@ -45,10 +45,12 @@ def out_of_memory_message(error: BaseException, config=None) -> str:
   lines = [f"out of device memory: {oom_summary(error)}", "To use less memory:"]
   if config is not None:
     micro = config.batch_size // config.grad_accum
-    later = REMAT_POLICIES[REMAT_POLICIES.index(config.remat) + 1:]   # each keeps less
+    remat = config.remat_policy()
+    later = REMAT_POLICIES[REMAT_POLICIES.index(remat) + 1:]   # each keeps less
     if later:
       choices = " or ".join([", ".join(later[:-1]), later[-1]] if len(later) > 1 else later)
-      lines.append(f"  --remat {choices} (now {config.remat}): the backward pass recomputes "
+      now = remat if remat == config.remat else f"{config.remat}: {remat}"
+      lines.append(f"  --remat {choices} (now {now}): the backward pass recomputes "
                    "more of each layer group's activations instead of keeping them"
                    + (" (elementwise: only its LayerNorms, casts and sums)"
                       if "elementwise" in later else ""))
