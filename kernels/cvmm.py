@@ -16,7 +16,8 @@ Implementations are interchangeable and chosen by :class:`kernels.CvmmConfig`'s
   "triton_unfused"  the same kernels, but sums over slots go through a stored
                [N*K, O] intermediate (for comparison; not chosen by "auto")
   "mosaic"     Pallas on the Mosaic GPU backend (Hopper, sm90): kernels/cvmm_mosaic/, rows
-               gathered by TMA, sums over slots fused (float32 or bfloat16)
+               gathered by TMA, sums over slots fused (float32 or bfloat16). Not usable
+               yet: it fails its GPU checks and raises on GPUs (not chosen by "auto")
   "original"   the official MoEUT's own Triton kernels and the numerics of its CVMM op,
                from the clone the config's ``original_path`` names
                (kernels/cvmm_original.py; for comparisons; not chosen by "auto")
@@ -51,10 +52,10 @@ _IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "mosaic": ("kernels.cvmm_mosaic", "cvmm_mosaic"),
     "original": ("kernels.cvmm_original", "cvmm_original"),
 }
-# Preference order of "auto" on GPUs, fastest measured first (H200: Triton beat the
-# earlier, padded-layout Mosaic path on every projection, bench/RESULTS.md; the current
-# Mosaic kernels are not measured yet); on any other backend "auto" is "xla".
-_AUTO_GPU_ORDER = ("triton", "mosaic", "xla")
+# Preference order of "auto" on GPUs, fastest measured first (bench/RESULTS.md); on any
+# other backend "auto" is "xla". The Mosaic path is not among them: it fails its GPU
+# checks (kernels/cvmm_mosaic/ops.py says which) and refuses to run on GPUs.
+_AUTO_GPU_ORDER = ("triton", "xla")
 
 
 def _module(name: str):

@@ -62,6 +62,11 @@ def test_gpu_impl_matches_reference(impl, case, dtype, gated):
     with pytest.raises(NotImplementedError, match="tf32"):
       fn(x, r, w, g)
     return
+  if impl == "mosaic":
+    # the path fails its GPU checks (kernels/cvmm_mosaic/ops.py) and says so
+    with pytest.raises(NotImplementedError, match="fails its GPU checks"):
+      fn(x, r, w, g)
+    return
   got = _outputs(fn, x, w, g, r, ct)
   up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
   ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
@@ -75,7 +80,7 @@ def test_gpu_impl_matches_reference(impl, case, dtype, gated):
 
 def test_auto_resolves_to_a_gpu_kernel():
   from kernels import resolve
-  assert resolve("auto") in ("triton", "mosaic")
+  assert resolve("auto") == ("triton" if is_available("triton") else "xla")
 
 
 # (name, N, K, E, D, H, O, routing kind) for the σ-MoE pair
@@ -145,7 +150,9 @@ def test_mosaic_pair_matches_reference(case):
   reference: output and every gradient."""
   if not is_available("mosaic"):
     pytest.skip("mosaic not available on this GPU")
-  _assert_pair_matches(case, jnp.bfloat16, impl="mosaic")
+  # the path fails its GPU checks (kernels/cvmm_mosaic/ops.py) and says so
+  with pytest.raises(NotImplementedError, match="fails its GPU checks"):
+    _assert_pair_matches(case, jnp.bfloat16, impl="mosaic")
 
 
 def _row_candidate_cases(i: int = 128, o: int = 200):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from kernels.arrays import gated_rows
 from kernels.config import DEFAULT, CvmmConfig
-from kernels.cvmm_mosaic.common import check_dtype
+from kernels.cvmm_mosaic.common import check_dtype, interpreting
 from kernels.cvmm_mosaic.gram import expert_gram
 from kernels.cvmm_mosaic.rows import rows_matmul
 from kernels.routing import Routing
@@ -29,10 +29,25 @@ def sum_dtype(config: CvmmConfig):
   return jnp.bfloat16 if config.sum_dtype == "bfloat16" else jnp.float32
 
 
+# What keeps this path off GPUs: measured by ``python3 -m bench.mosaic_probe`` (kernels
+# called one by one against XLA) on an H200, b6f0ff4, 2026-12-06 (bench/RESULTS.md).
+GPU_FAILURES = (
+    "the Pallas Mosaic GPU CVMM fails its GPU checks: on an H200 its stored forward "
+    "(CVMM without gates) returned rows 0.40 away from XLA's (relative error), and its "
+    "weight-gradient kernel stopped the GPU with an illegal instruction (bench/RESULTS.md, "
+    "'Pallas Mosaic GPU'); use impl='triton' or 'xla'. `python3 -m bench.mosaic_probe` "
+    "runs the kernels one by one")
+
+
 def cvmm_mosaic(x: jax.Array, routing: Routing, w: jax.Array,
                 gates: jax.Array | None = None, *, config: CvmmConfig = DEFAULT) -> jax.Array:
-  """See :func:`kernels.cvmm`. x [N, M, I], w [E, I, O], gates [N, K] or None."""
+  """See :func:`kernels.cvmm`. x [N, M, I], w [E, I, O], gates [N, K] or None.
+
+  Raises NotImplementedError on GPUs (:data:`GPU_FAILURES`); runs in Pallas's Mosaic GPU
+  interpreter (tests on a CPU) and lowers anywhere."""
   check_dtype(x.dtype)
+  if jax.default_backend() == "gpu" and not interpreting():
+    raise NotImplementedError(GPU_FAILURES)
   w = w.astype(x.dtype) if w.dtype != x.dtype else w
   plain, gated = _ops(jnp.dtype(sum_dtype(config)).name)
   if gates is None:
