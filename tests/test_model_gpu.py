@@ -26,7 +26,8 @@ def _masked_reference(q, k, v):
     return dot_attention(f(q), f(k), f(v), blocked, causal_only=False)
 
 
-@pytest.mark.parametrize("shape", [(2, 256, 4, 128), (3, 200, 2, 64), (1, 1024, 4, 128)],
+@pytest.mark.parametrize("shape", [(2, 256, 4, 128), (3, 200, 2, 64), (1, 1024, 4, 128),
+                                   (2, 512, 4, 96)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_fused_causal_attention_matches_float32(shape):
   """bf16 causal attention (cuDNN where it accepts the shapes) against the float32 masked
@@ -49,6 +50,34 @@ def test_fused_causal_attention_matches_float32(shape):
       bf(q), bf(k), bf(v))
   for name, a, b in zip("qkv", grads, ref_grads):
     assert rel_err(a, b) <= 1e-2, name
+
+
+def causality_violations(attend, shape, pos):
+  """(largest change of the outputs at positions <= pos when the keys and values after pos
+  change, largest gradient of those outputs with respect to the keys and values after
+  pos): both 0 for causal attention. ``attend(q, k, v)`` on bf16 [B, T, H, Dh]."""
+  ks = jax.random.split(jax.random.PRNGKey(1), 5)
+  q, k, v, k2, v2 = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16)
+                     for kk in ks)
+  late = jnp.arange(shape[1])[None, :, None, None] > pos
+  k2, v2 = jnp.where(late, k2, k), jnp.where(late, v2, v)
+  f = jax.jit(attend)
+  early = lambda o: o[:, :pos + 1].astype(jnp.float32)  # noqa: E731
+  change = float(jnp.max(jnp.abs(early(f(q, k, v)) - early(f(q, k2, v2)))))
+  gk, gv = jax.jit(jax.grad(lambda k, v: jnp.sum(early(attend(q, k, v))), argnums=(0, 1)))(k, v)
+  grad = max(float(jnp.max(jnp.abs(g[:, pos + 1:].astype(jnp.float32)))) for g in (gk, gv))
+  return change, grad
+
+
+@pytest.mark.parametrize("shape", [(2, 512, 4, 96), (2, 512, 4, 128), (2, 512, 4, 82)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fused_causal_attention_is_causal(shape):
+  """No output of the causal bf16 path depends on later keys or values, at the head sizes
+  of the paper's profiles (96: MoEUT_126M; 82: MoEUT_44M): changing them leaves the
+  earlier outputs as they are, and their gradient there is zero."""
+  fused = lambda q, k, v: dot_attention(q, k, v, None, causal_only=True)  # noqa: E731
+  change, grad = causality_violations(fused, shape, pos=shape[1] // 2 - 3)
+  assert change <= 1e-6 and grad == 0.0, (change, grad)
 
 
 def test_fused_attention_path_is_cudnn():
