@@ -168,7 +168,8 @@ def test_bad_remat_name_is_refused(cls, args):
 def test_train_flag_reaches_the_model_and_round_trips_through_the_saved_config(tmp_path):
   parse = lambda *a: train.config_from_args(  # noqa: E731
       train.make_parser().parse_args([*a, "--workdir", str(tmp_path)]))
-  assert parse().remat == "none"                                  # the documented default
+  assert parse().remat == "auto"                                  # the documented default
+  assert build_model(parse(), V).remat == parse().remat_policy()   # none here, on a CPU
   config = parse("--remat", "full")
   assert config.model_kwargs()["remat"] == "full"
   assert build_model(config, V).remat == "full"
@@ -178,7 +179,7 @@ def test_train_flag_reaches_the_model_and_round_trips_through_the_saved_config(t
   with pytest.raises(ValueError, match="remat='selective'; choose one of"):
     Config(remat="selective")
   # A run resumes with its saved setting unless the flag is given again; a config saved
-  # before the setting existed reads as "none".
+  # before the setting existed reads as the default, "auto".
   (tmp_path / "checkpoints").mkdir()
   (tmp_path / "config.json").write_text(config.to_json())
   assert parse().remat == "full"
@@ -186,4 +187,4 @@ def test_train_flag_reaches_the_model_and_round_trips_through_the_saved_config(t
   old = config.to_dict()
   del old["remat"]
   (tmp_path / "config.json").write_text(json.dumps(old))
-  assert parse().remat == "none"
+  assert parse().remat == "auto"
