@@ -101,8 +101,17 @@ def test_binding_matches_reference(original, case, dtype):
 
 def test_model_with_original_numerics_matches_the_official_model(original):
   """MoEUTLM in bf16 with router_dtype=bfloat16 and impl="original" against the official
-  MoEUTLM under bf16 autocast, from the same weights and tokens: logits and the
-  training-mode reg_loss within bf16's tolerance."""
+  MoEUTLM under bf16 autocast, from the same weights and tokens.
+
+  Two bf16 forward passes that round at different points do not agree element by element
+  to bf16's precision after a few layers: the bf16 routers' top-k ties and near-ties send
+  some tokens to other experts. (On a CPU with a CUDA-like autocast, this model's bf16
+  logits are 3.9e-2 (relative) from its own float32 logits; moeut-jax's with bf16 routers
+  3.9e-2 from them and 4.3e-2 from the original's bf16 logits; with float32 routers 1.1e-2
+  from float32.) So the test asks what the options are for: that moeut-jax with them is as
+  far from the original's float32 logits as the original's bf16 logits are (between half
+  and 1.5 times), and as far from the original's bf16 logits as those are from float32
+  (at most 1.5 times); the training-mode reg_loss within bf16's tolerance."""
   import torch  # noqa: PLC0415
   from moeut_jax import MoEUTLM  # noqa: PLC0415
   from moeut_jax.convert import from_torch_state_dict  # noqa: PLC0415
@@ -114,11 +123,16 @@ def test_model_with_original_numerics_matches_the_official_model(original):
   params = jax.tree_util.tree_map(jnp.asarray, from_torch_state_dict(
       {k: v.cpu() for k, v in tm.state_dict().items()}))
   toks = np.random.default_rng(0).integers(0, 512, (4, 128))
-  with oc.one_tile_configuration(moeut), torch.no_grad(), torch.autocast(
-      "cuda", dtype=torch.bfloat16):
-    out = tm(torch.from_numpy(toks).cuda())
-    want_logits, want_reg = out.outputs.float().cpu().numpy(), float(out.reg_loss.sum())
+  want = {}
+  for name, autocast in (("f32", False), ("bf16", True)):
+    with oc.one_tile_configuration(moeut), torch.no_grad(), torch.autocast(
+        "cuda", dtype=torch.bfloat16, enabled=autocast):
+      out = tm(torch.from_numpy(toks).cuda())
+      want[name] = out.outputs.float().cpu().numpy(), float(out.reg_loss.sum())
   jm = MoEUTLM(512, **cfg, dtype=jnp.bfloat16, router_dtype=jnp.bfloat16, cvmm=config)
   got = jax.jit(lambda p, t: jm.apply({"params": p}, t, train=True))(params, jnp.asarray(toks))
-  assert rel_err(got.outputs.astype(jnp.float32), want_logits) <= TOL[jnp.bfloat16]
-  assert rel_err(got.reg_loss, want_reg) <= TOL[jnp.bfloat16]
+  logits = got.outputs.astype(jnp.float32)
+  own = rel_err(want["bf16"][0], want["f32"][0])           # the original's bf16 against f32
+  assert 0.5 * own <= rel_err(logits, want["f32"][0]) <= 1.5 * own
+  assert rel_err(logits, want["bf16"][0]) <= 1.5 * own
+  assert rel_err(got.reg_loss, want["bf16"][1]) <= TOL[jnp.bfloat16]
