@@ -8,16 +8,22 @@
 # ORIG: folder of a clone of the official MoEUT (default .orig, git-ignored; on the device
 # tool carry it with .whl). Logs under OUT:
 #   environment.log      GPU, driver, versions, commit, date
-#   gpu_tests.log        pytest -m gpu tests/test_cvmm_original_gpu.py (TEST_TIMEOUT, 120 s;
-#                        TESTS=0 leaves the tests out and gives their time to the runs)
+#   gpu_tests.log        pytest -m gpu tests/test_cvmm_original_gpu.py and the attention
+#                        tests of tests/test_model_gpu.py (causal at the profiles' head
+#                        sizes, accurate against float32) (TEST_TIMEOUT, 120 s; TESTS=0
+#                        leaves the tests out and gives their time to the runs)
 #   side_by_side.log     the tool's output: per-run progress, the training losses side by
 #                        side, the table of held-out losses; runs/ holds its files
 #                        (summary.json, side_by_side.png, one .json and .log per run)
+#   side_by_side_f32.log the same in float32 for F32_VARIANTS (default "original,jax";
+#                        empty: none), at the same time as the bf16 runs; runs_f32/
 #
 # The comparison: PROFILE (MoEUT_126M), STEPS (300) of 16 x 512 bytes of text (the .py
 # files of the machine's Python standard library: readable, and there without network),
-# bf16, runs: the original twice (its run-to-run spread), moeut-jax as it is, with both
-# original-numerics options, and with each alone. PARALLEL (6: all at once; MoEUT_126M
+# bf16, runs (VARIANTS): the original twice (its run-to-run spread), moeut-jax as it is,
+# with both original-numerics options, and with each alone; and, in float32, the
+# original and moeut-jax (neither uses a 16-bit kernel there: where the bf16 gap is not
+# in float32, it comes from the bf16 GPU path). PARALLEL (6: all at once; MoEUT_126M
 # at 16 x 512 needs a few GiB per run) runs share the GPU at a time; each wave of runs gets
 # its share of the time left after the tests and the setup, and a run that overruns is
 # stopped and reported as such, the others still in the table.
@@ -32,6 +38,8 @@ OUT=${OUT:-bench/out/side_by_side}
 PROFILE=${PROFILE:-MoEUT_126M}
 STEPS=${STEPS:-300}
 PARALLEL=${PARALLEL:-6}
+VARIANTS=${VARIANTS:-original,jax,jax+original_routers+original_cvmm,original,jax+original_routers,jax+original_cvmm}
+F32_VARIANTS=${F32_VARIANTS-original,jax}
 mkdir -p "$OUT"
 if ! python3 -c "import jax_triton" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -56,20 +64,30 @@ fi
 } 2>&1 | tee "$OUT/environment.log"
 
 if [ "${TESTS:-1}" != 0 ]; then
-  timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -m gpu tests/test_cvmm_original_gpu.py -q \
+  timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -m gpu tests/test_cvmm_original_gpu.py \
+    tests/test_model_gpu.py -k "original or causal_attention" -q -rf \
     -n "${TEST_WORKERS:-4}" -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
   echo "binding tests (exit $?): $(tail -1 "$OUT/gpu_tests.log")"
 fi
 
 STDLIB=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 LEFT=$((TOTAL - (SECONDS - START) - 15))
-WAVES=$(((6 + PARALLEL - 1) / PARALLEL))
+N_BF16=$(tr ',' '\n' <<< "$VARIANTS" | grep -c .)
+WAVES=$(((N_BF16 + PARALLEL - 1) / PARALLEL))      # the float32 runs go beside them
 RUN_TIMEOUT=$(((LEFT - 40) / WAVES))
 echo "side by side: $PROFILE, $STEPS steps, ${LEFT} s left, ${RUN_TIMEOUT} s per run"
-timeout "$LEFT" python3 -m moeut_jax.side_by_side --original "$ORIG" --text "$STDLIB" \
-  --max-bytes $((16 << 20)) --profile "$PROFILE" --steps "$STEPS" --batch 16 --seq 512 \
-  --dtype bfloat16 --eval-every 100 --eval-batches 8 --parallel "$PARALLEL" \
-  --timeout "$RUN_TIMEOUT" --out "$OUT/runs" \
-  --variants original,jax,jax+original_routers+original_cvmm,original,jax+original_routers,jax+original_cvmm \
-  2>&1 | grep -v -e FutureWarning -e impl_abstract | tee "$OUT/side_by_side.log"
+compare() {  # compare DTYPE VARIANTS PARALLEL NAME: one run of the tool into $OUT/NAME
+  timeout "$LEFT" python3 -m moeut_jax.side_by_side --original "$ORIG" --text "$STDLIB" \
+    --max-bytes $((16 << 20)) --profile "$PROFILE" --steps "$STEPS" --batch 16 --seq 512 \
+    --dtype "$1" --eval-every 100 --eval-batches 8 --parallel "$3" \
+    --timeout "$RUN_TIMEOUT" --out "$OUT/$4" --variants "$2" \
+    2>&1 | grep -v -e FutureWarning -e impl_abstract > "$OUT/side_by_side${4#runs}.log"
+}
+if [ -n "$F32_VARIANTS" ]; then       # all at once, beside the bf16 runs
+  compare float32 "$F32_VARIANTS" "$(tr ',' '\n' <<< "$F32_VARIANTS" | grep -c .)" runs_f32 &
+fi
+compare bfloat16 "$VARIANTS" "$PARALLEL" runs
+wait
+cat "$OUT/side_by_side.log"
+[ -n "$F32_VARIANTS" ] && cat "$OUT/side_by_side_f32.log"
 echo "total $((SECONDS - START)) s"
