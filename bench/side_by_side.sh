@@ -21,9 +21,10 @@
 # The comparison: PROFILE (MoEUT_126M), STEPS (300) of 16 x 512 bytes of text (the .py
 # files of the machine's Python standard library: readable, and there without network),
 # bf16, runs (VARIANTS): the original twice (its run-to-run spread), moeut-jax as it is,
-# with both original-numerics options, and with each alone; and, in float32, the
+# with both original-numerics options, and with each alone, and the original with its
+# attention on PyTorch's memory-efficient kernel instead of cuDNN's; and, in float32, the
 # original and moeut-jax (neither uses a 16-bit kernel there: where the bf16 gap is not
-# in float32, it comes from the bf16 GPU path). PARALLEL (6: all at once; MoEUT_126M
+# in float32, it comes from the bf16 GPU path). PARALLEL (7: all at once; MoEUT_126M
 # at 16 x 512 needs a few GiB per run) runs share the GPU at a time; each wave of runs gets
 # its share of the time left after the tests and the setup, and a run that overruns is
 # stopped and reported as such, the others still in the table.
@@ -37,8 +38,8 @@ ORIG=${ORIG:-.orig}
 OUT=${OUT:-bench/out/side_by_side}
 PROFILE=${PROFILE:-MoEUT_126M}
 STEPS=${STEPS:-300}
-PARALLEL=${PARALLEL:-6}
-VARIANTS=${VARIANTS:-original,jax,jax+original_routers+original_cvmm,original,jax+original_routers,jax+original_cvmm}
+PARALLEL=${PARALLEL:-7}
+VARIANTS=${VARIANTS:-original,jax,jax+original_routers+original_cvmm,original,jax+original_routers,jax+original_cvmm,original+efficient_attention}
 F32_VARIANTS=${F32_VARIANTS-original,jax}
 mkdir -p "$OUT"
 if ! python3 -c "import jax_triton" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then

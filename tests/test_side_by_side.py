@@ -66,7 +66,10 @@ def test_variants_labels_and_refusals(tmp_path, capsys):
       "jax", ("original_routers", "original_cvmm"))
   vs = [shared.parse_variant(v) for v in ("original", "jax", "original")]
   assert shared.labels(vs) == ["original#1", "jax", "original#2"]
-  for bad in ("torch", "original+original_cvmm", "jax+fast", "jax+original_cvmm+original_cvmm"):
+  assert shared.parse_variant("original+efficient_attention") == shared.Variant(
+      "original", ("efficient_attention",))
+  for bad in ("torch", "original+original_cvmm", "jax+fast", "jax+original_cvmm+original_cvmm",
+              "jax+efficient_attention", "original+efficient_attention+efficient_attention"):
     with pytest.raises(ValueError, match="variant"):
       shared.parse_variant(bad)
   text = _text(tmp_path / "t.txt", 100)
@@ -103,3 +106,14 @@ def test_learning_rates_batches_and_text(tmp_path):
   assert shared.read_text([str(tmp_path / "b")], 5) == b"one\nt"
   with pytest.raises(FileNotFoundError, match="no such file"):
     shared.read_text([str(tmp_path / "missing")], 10)
+
+
+def test_efficient_attention_turns_the_cudnn_backend_off_for_the_run():
+  import torch  # noqa: PLC0415
+  from moeut_jax.side_by_side.original import attention_backends  # noqa: PLC0415
+  assert torch.backends.cuda.cudnn_sdp_enabled()
+  with attention_backends(shared.parse_variant("original")):
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+  with attention_backends(shared.parse_variant("original+efficient_attention")):
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+  assert torch.backends.cuda.cudnn_sdp_enabled()

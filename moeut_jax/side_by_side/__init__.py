@@ -11,6 +11,10 @@ paper's recipe, docs/semantics.md §9). Each run (a *variant*) is a process of i
   original            the official model from PATH (its own Triton CVMM on a GPU, under
                       bf16 autocast; on a CPU, in float32, with a plain-PyTorch stand-in
                       for its CVMM op, :mod:`.original`); given twice, its run-to-run spread
+  original+efficient_attention
+                      the same with PyTorch's cuDNN attention backend off (its attention,
+                      called with a boolean mask, then runs the memory-efficient kernel;
+                      not counted in the spread)
   jax                 moeut-jax as it is
   jax+OPTION[+...]    moeut-jax with options that compute as the original does:
                       original_routers  router_dtype = the compute dtype

@@ -35,6 +35,8 @@ def make_parser() -> argparse.ArgumentParser:
       "same initial weights on the same byte-level batches; prints both loss curves, the "
       "held-out losses and the original's run-to-run spread, and writes a PNG.",
       epilog=f"Variants: 'original' (the official model; give it twice for its spread), "
+      "'original+efficient_attention' (its attention on PyTorch's memory-efficient kernel, "
+      "cuDNN's off), "
       f"'jax', 'jax+OPTION[+OPTION]' with OPTION one of {', '.join(OPTIONS)}: "
       "original_routers = routers in the compute dtype, as the original under autocast; "
       "original_cvmm = the original's CVMM kernels (CvmmConfig(impl='original')).")

@@ -13,7 +13,7 @@ import types
 
 import numpy as np
 
-from moeut_jax.side_by_side.shared import VOCAB, Setup
+from moeut_jax.side_by_side.shared import VOCAB, Setup, Variant
 
 
 def load(path: str) -> types.ModuleType:
@@ -65,8 +65,29 @@ def on_device(moeut, device: str):
     moeut.moeut.cvmm = saved
 
 
-def train(setup: Setup, log=print) -> dict:
+@contextlib.contextmanager
+def attention_backends(variant: Variant):
+  """PyTorch's attention backends as the variant asks: with "efficient_attention" the
+  cuDNN backend is off for the duration (then as it was)."""
+  import torch  # noqa: PLC0415
+  if "efficient_attention" not in variant.options:
+    yield
+    return
+  was = torch.backends.cuda.cudnn_sdp_enabled()
+  torch.backends.cuda.enable_cudnn_sdp(False)
+  try:
+    yield
+  finally:
+    torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+def train(setup: Setup, variant: Variant = Variant("original"), log=print) -> dict:
   """Trains the original on the setup; returns its curves (see :mod:`.worker`)."""
+  with attention_backends(variant):
+    return _train(setup, log)
+
+
+def _train(setup: Setup, log) -> dict:
   import torch  # noqa: PLC0415
   import torch.nn.functional as F  # noqa: N812,PLC0415
   moeut = load(setup.original_path)

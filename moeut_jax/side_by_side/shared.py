@@ -19,12 +19,17 @@ import numpy as np
 
 VOCAB = 256
 OPTIONS = ("original_routers", "original_cvmm")
+# Options of the original's runs: "efficient_attention" turns PyTorch's cuDNN attention
+# backend off, so that its scaled_dot_product_attention (called with a boolean mask) runs
+# the memory-efficient kernel (PyTorch prefers cuDNN's on Hopper with a recent cuDNN).
+ORIGINAL_OPTIONS = ("efficient_attention",)
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """One run: ``kind`` "original" or "jax", with moeut-jax's ``options``."""
+  """One run: ``kind`` "original" (with ``ORIGINAL_OPTIONS``) or "jax" (with
+  ``OPTIONS``)."""
   kind: str
   options: tuple[str, ...] = ()
 
@@ -41,17 +46,17 @@ def file_stem(label: str) -> str:
 
 
 def parse_variant(text: str) -> Variant:
-  """"original", "jax" or "jax+OPTION[+OPTION...]" (OPTIONS); a clear error otherwise."""
+  """"original[+OPTION]" (ORIGINAL_OPTIONS), "jax" or "jax+OPTION[+OPTION...]" (OPTIONS);
+  a clear error otherwise."""
   kind, *options = text.strip().split("+")
-  if kind == "original" and not options:
-    return Variant("original")
-  if kind != "jax":
-    raise ValueError(f"variant {text!r}: expected 'original', 'jax' or 'jax+OPTION', "
-                     f"with OPTION one of {OPTIONS}")
-  bad = [o for o in options if o not in OPTIONS]
+  if kind not in ("original", "jax"):
+    raise ValueError(f"variant {text!r}: expected 'original[+OPTION]' with OPTION one of "
+                     f"{ORIGINAL_OPTIONS}, 'jax' or 'jax+OPTION' with OPTION one of {OPTIONS}")
+  allowed = ORIGINAL_OPTIONS if kind == "original" else OPTIONS
+  bad = [o for o in options if o not in allowed]
   if bad or len(set(options)) != len(options):
-    raise ValueError(f"variant {text!r}: options must be distinct, from {OPTIONS}")
-  return Variant("jax", tuple(sorted(options, key=OPTIONS.index)))
+    raise ValueError(f"variant {text!r}: options must be distinct, from {allowed}")
+  return Variant(kind, tuple(sorted(options, key=allowed.index)))
 
 
 def labels(variants: list[Variant]) -> list[str]:

@@ -18,7 +18,7 @@ def run(setup: Setup, variant: Variant, log=print) -> dict:
   """The variant's curves (in this process)."""
   if variant.kind == "original":
     from moeut_jax.side_by_side import original  # noqa: PLC0415
-    return original.train(setup, log=log)
+    return original.train(setup, variant, log=log)
   from moeut_jax.side_by_side import ours  # noqa: PLC0415
   return ours.train(setup, variant, log=log)
 
