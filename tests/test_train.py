@@ -320,7 +320,8 @@ def test_corrupt_checkpoint_is_reported_and_kept(tiny_run, tmp_path):
 def _abandoned_reads_report():
   """What orbax's abandoned reads report after a failed restore, through the same channels:
   a coroutine whose cleanup meets the closed event loop (an unraisable exception), a task
-  destroyed while pending and a failed task nobody awaited (asyncio's log)."""
+  destroyed while pending and failed tasks nobody awaited (asyncio's log), one of them a
+  deserialisation failing with TensorStore's error."""
   import asyncio  # pylint: disable=import-outside-toplevel
   import gc  # pylint: disable=import-outside-toplevel
   loop = asyncio.new_event_loop()
@@ -339,7 +340,12 @@ def _abandoned_reads_report():
       raise Exception("Encountered error while reading array index: (slice(0, 4, 1),). "
                       "See full TensorStore details: {...}") from e
 
-  tasks = [loop.create_task(_read_array_index_and_device_put()), loop.create_task(failed_read())]
+  async def async_deserialize():  # orbax's name for one array's deserialisation
+    raise ValueError('OUT_OF_RANGE: Error opening "cast" driver: Error reading "params/.zarray" '
+                     "in OCDBT database [tensorstore_spec='{...}']")
+
+  tasks = [loop.create_task(_read_array_index_and_device_put()), loop.create_task(failed_read()),
+           loop.create_task(async_deserialize())]
   loop.run_until_complete(asyncio.sleep(0.01))
   loop.close()
   del tasks
@@ -362,6 +368,7 @@ def test_corrupt_checkpoint_silences_the_abandoned_reads(tiny_run, tmp_path, mon
   messages = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
   assert any("destroyed but it is pending" in m for m in messages), messages
   assert any("exception was never retrieved" in m for m in messages), messages
+  assert any("async_deserialize" in m for m in messages), messages
   unraisable.clear()
   caplog.clear()
   with pytest.raises(CheckpointError, match="cannot restore checkpoint"):

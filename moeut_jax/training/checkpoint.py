@@ -26,7 +26,9 @@ FORMAT_VERSION = 1
 # closed") and asyncio's log ("Task exception was never retrieved", with TensorStore's whole
 # JSON spec), from a few to thousands of lines, mostly at interpreter exit. Only those reports
 # are dropped, during a restore and, once a restore failed, for the rest of the process.
-_ORBAX_READ = "_read_array_index_and_device_put"
+# orbax's coroutines of one read: an array's index read and device_put, and the
+# deserialisation of an array (whose failure is TensorStore's error, with its JSON spec)
+_ORBAX_READS = ("_read_array_index_and_device_put", "async_deserialize")
 _ORBAX_READ_ERROR = "Encountered error while reading array index"
 
 
@@ -47,7 +49,8 @@ class _OrphanedReadLogFilter(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
-    return not (_is_orphaned_read_error(exc) or _ORBAX_READ in record.getMessage())
+    message = record.getMessage()
+    return not (_is_orphaned_read_error(exc) or any(name in message for name in _ORBAX_READS))
 
 
 def _silence_orphaned_reads() -> Callable[[], None]:
