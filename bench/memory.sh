@@ -6,7 +6,8 @@
 #   MoEUT_244M, batch 64 x 1024: remat none, elementwise, full, save_projections, full
 #               with --scan-unroll 3 (3 loop iterations of 3 repeats); the official step;
 #               att_n_experts=1 (one attention expert), ours and the official
-#   MoEUT_1B,   batch 32 x 1024: remat full, none (may not fit in 80 GB); the official step
+#   MoEUT_1B,   batch 32 x 1024: remat full, full with --scan-unroll 3, elementwise (train.py's
+#               default on GPUs), none (may not fit in 80 GB); the official step
 #
 # Run from the repository root, after the carried wheels are on PYTHONPATH:
 #   ORIG=shared/original bash bench/memory.sh        # logs and summary.txt under $OUT
@@ -31,8 +32,8 @@ export CVMM_AUTOTUNE=0 CVMM_AUTOTUNE_CACHE=$OUT/autotune.json
 cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
 
 ALL="jax_244M_none jax_244M_elementwise jax_244M_full jax_244M_save_projections
-     jax_244M_full_unroll3 torch_244M jax_244M_att1 torch_244M_att1 jax_1B_full torch_1B
-     jax_1B_none"
+     jax_244M_full_unroll3 torch_244M jax_244M_att1 torch_244M_att1 jax_1B_full
+     jax_1B_full_unroll3 jax_1B_elementwise torch_1B jax_1B_none"
 CASES=${CASES:-$ALL}
 SUMMARY=$OUT/summary.txt
 start=$SECONDS
@@ -55,6 +56,9 @@ args_of() {  # the command of one case
     jax_244M_*) echo "python3 bench/model.py --profile MoEUT_244M --batch 64 --seq 1024" \
                      "--steps $STEPS --warmup $((WARMUP - 1)) --grad-clip 0.25 --impl auto" \
                      "--remat ${1#jax_244M_}" ;;
+    jax_1B_full_unroll3) echo "python3 bench/model.py --profile MoEUT_1B --batch 32" \
+                     "--seq 1024 --steps $STEPS --warmup $((WARMUP - 1)) --grad-clip 0.25" \
+                     "--impl auto --remat full --scan-unroll 3" ;;
     jax_1B_*)   echo "python3 bench/model.py --profile MoEUT_1B --batch 32 --seq 1024" \
                      "--steps $STEPS --warmup $((WARMUP - 1)) --grad-clip 0.25 --impl auto" \
                      "--remat ${1#jax_1B_}" ;;
