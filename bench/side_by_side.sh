@@ -73,8 +73,8 @@ fi
 
 STDLIB=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 LEFT=$((TOTAL - (SECONDS - START) - 15))
-N_BF16=$(tr ',' '\n' <<< "$VARIANTS" | grep -c .)
-WAVES=$(((N_BF16 + PARALLEL - 1) / PARALLEL))      # the float32 runs go beside them
+count() { tr ',' '\n' <<< "$1" | grep -c .; }   # entries of a comma-separated list
+WAVES=$((($(count "$VARIANTS") + PARALLEL - 1) / PARALLEL))      # the float32 runs go beside them
 RUN_TIMEOUT=$(((LEFT - 40) / WAVES))
 echo "side by side: $PROFILE, $STEPS steps, ${LEFT} s left, ${RUN_TIMEOUT} s per run"
 compare() {  # compare DTYPE VARIANTS PARALLEL NAME: one run of the tool into $OUT/NAME
@@ -85,7 +85,7 @@ compare() {  # compare DTYPE VARIANTS PARALLEL NAME: one run of the tool into $O
     2>&1 | grep -v -e FutureWarning -e impl_abstract > "$OUT/side_by_side${4#runs}.log"
 }
 if [ -n "$F32_VARIANTS" ]; then       # all at once, beside the bf16 runs
-  compare float32 "$F32_VARIANTS" "$(tr ',' '\n' <<< "$F32_VARIANTS" | grep -c .)" runs_f32 &
+  compare float32 "$F32_VARIANTS" "$(count "$F32_VARIANTS")" runs_f32 &
 fi
 compare bfloat16 "$VARIANTS" "$PARALLEL" runs
 wait

@@ -62,20 +62,23 @@ def _within_one_ulp(a, b, slack=0.0) -> bool:
   return bool(np.all(np.abs(a32 - b32) <= ulp + np.asarray(slack, np.float32)))
 
 
-def _summation_slack(x, w, g, r, ct, terms: int):
-  """What a different order of float32 additions may move each 16-bit sum over slots by,
-  before its one rounding: (terms - 1) float32 roundings of the sum of the terms' sizes,
-  twice (either side), for the gated output [N, O] and the input gradient [N, M, I].
-
-  The terms are products of 16-bit numbers (exact in float32), and their sizes are
-  bounded by the same CVMM on absolute values: sum_s |g_s| |x W_s| <= sum_s |g_s| |x| |W_s|
-  and likewise for dx with |ct| (times 1.01 for the 16-bit rounding of the cotangent)."""
+def _term_sizes(x, w, g, r, ct):
+  """Sums of the sizes of the terms that the gated output [N, O] and the input gradient
+  [N, M, I] add over slots. The terms are products of 16-bit numbers (exact in float32),
+  bounded by the same CVMM on absolute values: sum_s |g_s| |x W_s| <= sum_s |g_s| |x| |W_s|,
+  and likewise for dx with |ct|."""
   from kernels.cvmm_reference import cvmm_reference  # noqa: PLC0415
   f32 = lambda v: None if v is None else jnp.abs(jnp.asarray(v, jnp.float32))  # noqa: E731
   out_sizes, vjp = jax.vjp(lambda a: cvmm_reference(a, r, f32(w), f32(g)), f32(x))
   (dx_sizes,) = vjp(f32(ct))
-  per_term = 2.0 * max(terms - 1, 0) * 2.0 ** -24 * 1.01
-  return np.asarray(out_sizes) * per_term, np.asarray(dx_sizes) * per_term
+  return np.asarray(out_sizes), np.asarray(dx_sizes)
+
+
+def _order_slack(terms: int) -> float:
+  """What another order of float32 additions may move a sum of ``terms`` terms by, before
+  its one rounding, per unit of the terms' summed sizes: (terms - 1) float32 roundings,
+  twice (either side), times 1.01 for the 16-bit rounding of the cotangent."""
+  return 2.0 * max(terms - 1, 0) * 2.0 ** -24 * 1.01
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
@@ -93,8 +96,8 @@ def test_binding_equals_the_original_op(original, case, dtype, gated):
   # 16-bit sums over slots (gated output: k terms; dx: k // m) are added in float32 in an
   # order of cuBLAS's on one side and XLA's on the other: where the terms cancel, that
   # order moves the sum by more than one unit in the last place of the result
-  out_slack, _ = _summation_slack(x, w, g, r, ct, k)
-  _, dx_slack = _summation_slack(x, w, g, r, ct, k // m)
+  out_sizes, dx_sizes = _term_sizes(x, w, g, r, ct)
+  out_slack, dx_slack = out_sizes * _order_slack(k), dx_sizes * _order_slack(k // m)
   for name, a, b in zip(NAMES, got, want):
     a = np.asarray(a)
     assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, a.dtype, b.shape, b.dtype)
