@@ -51,6 +51,7 @@ import optax
 from moeut_jax import profiles
 from kernels import CvmmConfig, resolve
 from moeut_jax import MoEUTLM
+from moeut_jax.losses import token_nll
 from moeut_jax.remat import REMAT_POLICIES
 from moeut_jax.training.memory import is_out_of_memory, oom_summary
 
@@ -97,8 +98,7 @@ def make_step(profile: str, batch: int, seq: int, impl: str, mesh=None,
   def train_step(params, state, toks):
     def loss_fn(p):
       out = model.apply({"params": p}, toks[:, :-1], train=True)
-      ce = optax.softmax_cross_entropy_with_integer_labels(
-          out.outputs.astype(jnp.float32), toks[:, 1:]).mean()
+      ce = token_nll(out.outputs, toks[:, 1:]).mean()
       return ce + out.reg_loss
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, state = opt.update(grads, state, params)

@@ -39,10 +39,10 @@ if importlib.util.find_spec("triton") is not None:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
 
 from kernels import CvmmConfig, is_available  # noqa: E402
 from moeut_jax import MoEUT, MoEUTLM, profiles  # noqa: E402
+from moeut_jax.losses import token_nll  # noqa: E402
 from moeut_jax.remat import (REMAT_POLICIES, layer_group_residuals, nbytes,  # noqa: E402
                              saved_residuals)
 
@@ -105,8 +105,7 @@ def outside_layers(lm, seq: int) -> float:
   groups (remat "none")."""
   def loss(params, toks):
     out = lm.apply({"params": params}, toks[:, :-1], train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(
-        out.outputs.astype(jnp.float32), toks[:, 1:]).mean() + out.reg_loss
+    return token_nll(out.outputs, toks[:, 1:]).mean() + out.reg_loss
 
   def traced(batch):
     toks = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)

@@ -139,8 +139,10 @@ class SwitchHeadRope(nn.Module):
     experts = lambda name: checkpoint_name(  # noqa: E731
         expert_weights(p[name], cd, config=self.cvmm), WEIGHTS)
     qk_scale = dh ** -0.25
-    q = jnp.einsum("BTD,DHK->BTHK", q_src.astype(cd), weight("q")) * qk_scale
-    k = jnp.einsum("BTD,DHK->BTHK", k_src.astype(cd), weight("k")) * qk_scale
+    q_in = q_src.astype(cd)
+    k_in = q_in if k_src is q_src else k_src.astype(cd)    # one copy kept when they are one
+    q = jnp.einsum("BTD,DHK->BTHK", q_in, weight("q")) * qk_scale
+    k = jnp.einsum("BTD,DHK->BTHK", k_in, weight("k")) * qk_scale
     n_rot = rotary_width(dh)
     q = checkpoint_name(apply_rope(q, positions, n_rot), ATTENTION_QK)
     k = checkpoint_name(apply_rope(k, positions, n_rot), ATTENTION_QK)

@@ -59,18 +59,21 @@ def _logits_bf16x3(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _logits_bf16x3_fwd(x, w):
+  # x [..., D] is kept as given (not reshaped): routers of one input share it
   e = w.shape[1]
-  y = _dot_bf16x3(x, pad_to(w, 1, _E_ALIGN), 1, 0)[:, :e]             # [N, E]
-  return y, (x, w)
+  x2 = x.reshape(-1, x.shape[-1])
+  y = _dot_bf16x3(x2, pad_to(w, 1, _E_ALIGN), 1, 0)[:, :e]            # [N, E]
+  return y.reshape(*x.shape[:-1], e), (x, w)
 
 
 def _logits_bf16x3_bwd(res, g):
   x, w = res
   e = w.shape[1]
-  g = pad_to(g, 1, _E_ALIGN)                                          # [N, Ep]
+  x2 = x.reshape(-1, x.shape[-1])
+  g = pad_to(g.reshape(-1, e), 1, _E_ALIGN)                           # [N, Ep]
   dx = _dot_bf16x3(g, pad_to(w, 1, _E_ALIGN), 1, 1)                   # [N, D]
-  dw = _dot_bf16x3(x, g, 0, 0)[:, :e]                                  # [D, E]
-  return dx, dw
+  dw = _dot_bf16x3(x2, g, 0, 0)[:, :e]                                 # [D, E]
+  return dx.reshape(x.shape), dw
 
 
 _logits_bf16x3.defvjp(_logits_bf16x3_fwd, _logits_bf16x3_bwd)
@@ -98,8 +101,7 @@ def router_logits(x: jax.Array, w: jax.Array, compute_dtype,
   w = w.astype(jnp.float32)
   if jnp.dtype(compute_dtype) == jnp.float32:
     return jnp.einsum("...D,DE->...E", x, w, precision=jax.lax.Precision.HIGHEST)
-  lead = x.shape[:-1]
-  return _logits_bf16x3(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[-1])
+  return _logits_bf16x3(x, w)
 
 
 def _round(x: jax.Array, dtype) -> jax.Array:
@@ -187,8 +189,28 @@ def gate_sigmoid(logits: jax.Array) -> jax.Array:
   float32, rounded once; the gradient g (1 - y) y in float32 from the rounded y, rounded
   once. (XLA's own 16-bit logistic rounds differently near 0.5, where the ties are.)"""
   if jnp.dtype(logits.dtype).itemsize >= 4:
-    return jax.nn.sigmoid(logits)
+    return _sigmoid_keep_input(logits)
   return _sigmoid_16bit(logits)
+
+
+@jax.custom_vjp
+def _sigmoid_keep_input(x: jax.Array) -> jax.Array:
+  """jax.nn.sigmoid whose backward keeps its input instead of its output: the router
+  logits are kept anyway (the regulariser's backward recomputes from them), so the gates
+  [..., E] cost no memory of their own between the passes."""
+  return jax.nn.sigmoid(x)
+
+
+def _sigmoid_keep_input_fwd(x):
+  return jax.nn.sigmoid(x), x
+
+
+def _sigmoid_keep_input_bwd(x, g):
+  y = jax.nn.sigmoid(x)
+  return (g * y * (1 - y),)
+
+
+_sigmoid_keep_input.defvjp(_sigmoid_keep_input_fwd, _sigmoid_keep_input_bwd)
 
 
 def sigmoid_topk(logits: jax.Array, k: int, drop_mask: jax.Array | None = None):
@@ -218,8 +240,33 @@ def entropy_init(shape) -> jax.Array:
 
 def entropy_accumulate(acc: jax.Array, logits: jax.Array, time_axis: int = 1) -> jax.Array:
   """Adds logits [B, T, ..., E] to acc [B, ..., E]: log-mean-exp numerator over time."""
-  logp = jax.nn.log_softmax(upcast(logits), axis=-1)
-  return jnp.logaddexp(acc, jax.nn.logsumexp(logp, axis=time_axis))
+  return jnp.logaddexp(acc, _time_logsumexp_of_log_softmax(upcast(logits), time_axis))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _time_logsumexp_of_log_softmax(s: jax.Array, time_axis: int) -> jax.Array:
+  """logsumexp over ``time_axis`` of log_softmax(s) over the last axis (float32 s).
+
+  Its backward keeps s and the [B, ..., E] result and recomputes log_softmax, where
+  automatic differentiation would keep log_softmax(s) and exp of it: two more
+  [B, T, ..., E] float32 arrays per router between the passes."""
+  return jax.nn.logsumexp(jax.nn.log_softmax(s, axis=-1), axis=time_axis)
+
+
+def _time_lse_fwd(s, time_axis):
+  out = _time_logsumexp_of_log_softmax(s, time_axis)
+  return out, (s, out)
+
+
+def _time_lse_bwd(time_axis, res, g):
+  s, out = res
+  logp = jax.nn.log_softmax(s, axis=-1)
+  # d out / d logp: softmax of logp over time; d logp / d s: (1 - softmax over E)
+  dlogp = jnp.expand_dims(g, time_axis) * jnp.exp(logp - jnp.expand_dims(out, time_axis))
+  return (dlogp - jnp.exp(logp) * jnp.sum(dlogp, axis=-1, keepdims=True),)
+
+
+_time_logsumexp_of_log_softmax.defvjp(_time_lse_fwd, _time_lse_bwd)
 
 
 def entropy_loss(acc: jax.Array, n_steps: int) -> jax.Array:

@@ -53,6 +53,41 @@ def test_entropy_over_repeats_matches_reference_on_concatenated_time(shape):
   assert float(got) < 0
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 8), (3, 4, 2, 6)])
+def test_entropy_gradient_over_repeats_matches_reference(shape):
+  """The regulariser's hand-written backward (it recomputes log_softmax from the logits)
+  against PyTorch's autograd of the reference loss on the logits concatenated in time."""
+  rng = np.random.default_rng(2)
+  reps = [rng.standard_normal(shape).astype(np.float32) * 3 for _ in range(3)]
+
+  def loss(*logits):
+    acc = entropy_init(shape[:1] + shape[2:])
+    for lg in logits:
+      acc = entropy_accumulate(acc, lg)
+    return entropy_loss(acc, shape[1] * len(logits))
+
+  got = jax.grad(loss, argnums=(0, 1, 2))(*map(jnp.asarray, reps))
+  cat = torch.from_numpy(np.concatenate(reps, axis=1)).requires_grad_()
+  ref.usage_entropy_loss(cat).backward()
+  want = np.split(cat.grad.numpy(), 3, axis=1)
+  for g, w in zip(got, want):
+    assert rel_err(g, w) <= 1e-5
+
+
+def test_sigmoid_topk_gradient_matches_reference():
+  """The gates' gradient (float32 sigmoid, backward from the kept logits) against torch."""
+  rng = np.random.default_rng(3)
+  logits = rng.standard_normal((6, 10)).astype(np.float32) * 2
+  cot = rng.standard_normal((6, 3)).astype(np.float32)
+  got = jax.grad(lambda s: jnp.sum(sigmoid_topk(s, 3)[0] * cot))(jnp.asarray(logits))
+  t = torch.from_numpy(logits).requires_grad_()
+  gates = torch.sigmoid(t)
+  idx = torch.topk(gates, 3, dim=-1).indices
+  (torch.gather(gates, -1, idx) * torch.from_numpy(cot)).sum().backward()
+  assert rel_err(got, t.grad.numpy()) <= 1e-6
+  assert np.count_nonzero(np.asarray(got)) == 6 * 3
+
+
 @pytest.mark.parametrize("d_head, want", [(82, 40), (128, 64), (10, 4), (3, 0), (2, 0)])
 def test_rotary_width(d_head, want):
   assert rotary_width(d_head) == want

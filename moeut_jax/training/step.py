@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moeut_jax.losses import token_nll
 from moeut_jax.training.config import Config
 
 State = dict[str, Any]
@@ -42,8 +43,7 @@ def _losses(model, params, tokens, weights, rng, train: bool):
   """tokens [M, T + 1], weights [M, T] -> (cross-entropy sum, weight sum, reg_loss)."""
   rngs = {"dropout": rng} if train else None
   out = model.apply({"params": params}, tokens[:, :-1], train=train, rngs=rngs)
-  logits = out.outputs.astype(jnp.float32)                                  # [M, T, V]
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])  # [M, T]
+  nll = token_nll(out.outputs, tokens[:, 1:])                               # [M, T]
   return jnp.sum(nll * weights), jnp.sum(weights), out.reg_loss
 
 
