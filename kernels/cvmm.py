@@ -16,8 +16,8 @@ Implementations are interchangeable and chosen by :class:`kernels.CvmmConfig`'s
   "triton_unfused"  the same kernels, but sums over slots go through a stored
                [N*K, O] intermediate (for comparison; not chosen by "auto")
   "mosaic"     Pallas on the Mosaic GPU backend (Hopper, sm90): kernels/cvmm_mosaic/, rows
-               gathered by TMA, sums over slots fused (float32 or bfloat16). Not usable
-               yet: it fails its GPU checks and raises on GPUs (not chosen by "auto")
+               gathered by TMA, sums over slots fused (float32 or bfloat16). Off on GPUs
+               until it passes its GPU tests: raises there (not chosen by "auto")
   "original"   the official MoEUT's own Triton kernels and the numerics of its CVMM op,
                from the clone the config's ``original_path`` names
                (kernels/cvmm_original.py; for comparisons; not chosen by "auto")
@@ -53,8 +53,8 @@ _IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "original": ("kernels.cvmm_original", "cvmm_original"),
 }
 # Preference order of "auto" on GPUs, fastest measured first (bench/RESULTS.md); on any
-# other backend "auto" is "xla". The Mosaic path is not among them: it fails its GPU
-# checks (kernels/cvmm_mosaic/ops.py says which) and refuses to run on GPUs.
+# other backend "auto" is "xla". The Mosaic path is not among them: it refuses to run
+# on GPUs until it passes its GPU tests (kernels/cvmm_mosaic/ops.py).
 _AUTO_GPU_ORDER = ("triton", "xla")
 
 

@@ -475,5 +475,5 @@ def test_auto_never_picks_the_mosaic_path_which_refuses_gpus(monkeypatch):
   assert kc.resolve("auto") == "triton"
   monkeypatch.setattr(kc, "is_available", lambda name: name != "triton")
   assert kc.resolve("auto") == "xla"
-  with pytest.raises(NotImplementedError, match="fails its GPU checks"):
+  with pytest.raises(NotImplementedError, match="until it passes its GPU tests"):
     cvmm_mosaic(x, r, w)

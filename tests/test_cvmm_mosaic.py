@@ -141,3 +141,40 @@ def test_mosaic_lowers_at_moeut_244m(proj):
   text = jax.jit(jax.value_and_grad(loss, argnums=argn)).trace(x, w, g, r).lower(
       lowering_platforms=("cuda",)).as_text()
   assert text.count("mosaic_gpu") >= 3
+
+
+def test_mosaic_kernels_write_whole_blocks_and_align_index_reads():
+  """Two GPU traps Pallas's interpreter does not model (found on an H100,
+  bench/probes/mosaic_variants.py; bench/RESULTS.md, 'Pallas Mosaic GPU'):
+  - a stored (not added) row is written by a linear bulk copy, which is clamped only at
+    the end of the whole array: a partial last column block would run into the next
+    row. So the row kernel's stored output, and the weight gradient's, are allocated in
+    whole blocks (192 columns in blocks of 128: 256) and cut after the kernel.
+  - a TMA copy whose start is not 16-byte aligned traps (illegal instruction): the weight
+    gradient reads its int32 row indices from 4-aligned starts, so the index lists carry
+    STEP + IDX_SLACK entries of padding."""
+  from kernels import make_routing  # noqa: PLC0415
+  from kernels.cvmm_mosaic import gram, slots  # noqa: PLC0415
+  from kernels.cvmm_mosaic.rows import rows_candidates, rows_matmul  # noqa: PLC0415
+  n, k, e, i, o = 40, 4, 5, 64, 192
+  ks = jax.random.split(jax.random.key(0), 3)
+  r = make_routing(jax.lax.top_k(jax.random.normal(ks[0], (n, e)), k)[1], e)
+  x = jax.random.normal(ks[1], (n, i)).astype(jnp.bfloat16)
+  w = jax.random.normal(ks[2], (e, i, o)).astype(jnp.bfloat16)
+  cfg = next(c for c in rows_candidates(o, 2, False) if c.block_n == 128)
+  text = jax.jit(lambda x, w: rows_matmul(x, w, r, a_rows=1, out_rows=k, cfg=cfg)[0]).trace(
+      x, w).lower(lowering_platforms=("cuda",)).as_text()
+  assert f"tensor<{n * k}x256xbf16>" in text and f"tensor<{n * k}x{o}xbf16>" in text
+
+  dy = jnp.ones((n * k, 100), jnp.bfloat16)
+  gcfg = next(c for c in gram.gram_candidates(100) if c.block_n == 64)   # bo 64, I 64 x 2
+  xi = jnp.ones((n, 100), jnp.bfloat16)
+  text = jax.jit(lambda a, b: gram.expert_gram(a, b, r, a_rows=1, b_rows=k,
+                                               out_dtype=jnp.float32, cfg=gcfg)).trace(
+      xi, dy).lower(lowering_platforms=("cuda",)).as_text()
+  bi = gcfg.block_m
+  whole_i = -(-100 // bi) * bi
+  assert f"tensor<{e}x{whole_i}x128xf32>" in text
+  assert gram.IDX_SLACK % gram.IDX_ALIGN == 0 and gram.IDX_ALIGN * 4 == 16
+  pos = np.asarray(slots.sorted_rows(r, 1, gram.STEP + gram.IDX_SLACK))
+  assert pos.shape[0] >= n * k + gram.STEP + gram.IDX_SLACK

@@ -28,6 +28,12 @@ from kernels.routing import Routing
 
 _ALIGN = 8
 STEP = 64          # rows contracted per pipeline step
+# A TMA copy's start in global memory must be 16-byte aligned (an unaligned start
+# coordinate of the innermost dimension traps: illegal instruction). Index windows
+# start at an expert's offset, anywhere, so they are read from the 4-aligned position
+# at or before it, STEP + IDX_SLACK entries (a multiple of 32: 128-byte copies).
+IDX_ALIGN = 4
+IDX_SLACK = 32
 
 
 def expert_gram(a: jax.Array, b: jax.Array, routing: Routing, *, a_rows: int, b_rows: int,
@@ -40,8 +46,8 @@ def expert_gram(a: jax.Array, b: jax.Array, routing: Routing, *, a_rows: int, b_
   if cfg is None:
     cfg = choose_gram_config(n, routing.k, e, i, o, a.dtype, a_rows, b_rows)
   check_gram_config(cfg)
-  a_pos = slots.sorted_rows(routing, a_rows, STEP)                   # [P + 64]
-  b_pos = slots.sorted_rows(routing, b_rows, STEP)
+  a_pos = slots.sorted_rows(routing, a_rows, STEP + IDX_SLACK)       # [P + 96]
+  b_pos = slots.sorted_rows(routing, b_rows, STEP + IDX_SLACK)
   a_p, b_p = pad_to(a, 1, _ALIGN), pad_to(b, 1, _ALIGN)
   dw = _launch(a_p, b_p, a_pos, b_pos, routing.group_offsets, e, n * a_rows, n * b_rows,
                jnp.dtype(out_dtype), cfg)
@@ -85,8 +91,10 @@ def _launch(a, b, a_pos, b_pos, offsets, e, a_oob, b_oob, out_dtype, cfg):
       plgpu.set_max_registers(40, action="decrease")
 
       def fetch(pos0, buf):
-        plgpu.copy_gmem_to_smem(a_pos_g.at[pl.ds(pos0, STEP)], idx.at[buf, 0], idx_bar.at[buf])
-        plgpu.copy_gmem_to_smem(b_pos_g.at[pl.ds(pos0, STEP)], idx.at[buf, 1], idx_bar.at[buf])
+        base = pos0 - pos0 % IDX_ALIGN            # 16-byte aligned TMA start
+        win = pl.ds(base, STEP + IDX_SLACK)
+        plgpu.copy_gmem_to_smem(a_pos_g.at[win], idx.at[buf, 0], idx_bar.at[buf])
+        plgpu.copy_gmem_to_smem(b_pos_g.at[win], idx.at[buf, 1], idx_bar.at[buf])
 
       @plgpu.nd_loop((n_items,), collective_axes="sm", init_carry=jnp.int32(0))
       def steps(info, carry):
@@ -112,11 +120,12 @@ def _launch(a, b, a_pos, b_pos, offsets, e, a_oob, b_oob, out_dtype, cfg):
             plgpu.barrier_wait(empty.at[s])
 
           pos0 = lo + kk * STEP
+          shift = pos0 % IDX_ALIGN                  # where pos0 lies in the window
 
           def row(r, c):
             inside = pos0 + r < hi
-            ra = jnp.where(inside, idx[buf, 0, r], a_oob)
-            rb = jnp.where(inside, idx[buf, 1, r], b_oob)
+            ra = jnp.where(inside, idx[buf, 0, shift + r], a_oob)
+            rb = jnp.where(inside, idx[buf, 1, shift + r], b_oob)
             for ch in range(n_cons):
               plgpu.copy_gmem_to_smem(
                   a_g.at[pl.ds(ra, 1), pl.ds(ii * bi + ch * CHUNK, CHUNK)],
@@ -187,11 +196,13 @@ def _launch(a, b, a_pos, b_pos, offsets, e, a_oob, b_oob, out_dtype, cfg):
       gather_buffer((stages, n_bc, STEP, CHUNK), dtype),                        # b_buf
       plgpu.Barrier(num_arrivals=STEP * (n_cons + n_bc), num_barriers=stages),  # full
       plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages),                  # empty
-      plgpu.SMEM((2, 2, STEP), jnp.int32),                                      # idx
+      plgpu.SMEM((2, 2, STEP + IDX_SLACK), jnp.int32),                          # idx
       plgpu.Barrier(num_arrivals=2, num_barriers=2),                            # idx_bar
       plgpu.SMEM((n_cons, ROWS_PER_WG, bo), out_dtype),                         # o_smem
   ]
-  out_type = jax.ShapeDtypeStruct((e, i, o), out_dtype)
+  # Whole blocks: where a [64, bo] block is contiguous in dW (bo == o) its store is a
+  # linear bulk copy (see rows._launch), which a partial block of I would run past.
+  out_type = jax.ShapeDtypeStruct((e, n_ib * bi, n_ob * bo), out_dtype)
   (dw,) = launch(body, [offsets, a_pos, b_pos, a, b], [out_type], scratch, nsm, n_cons + 1)
   return dw
 

@@ -85,7 +85,7 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   out_dtype = jnp.dtype(sum_dtype) if reduce else a.dtype
   out, dg = _launch(a_p, w_p, tiles[0], slots.used_tiles(tiles), a_idx, o_idx, sc, c_idx,
                     c_p, n * out_rows, kc_p, no_p, out_dtype, transpose_w, reduce, cfg)
-  out = out[:, :no] if no_p != no else out
+  out = out[:, :no] if out.shape[1] != no else out
   if dgate:
     z = tiles.shape[1]
     valid = pairs >= 0
@@ -244,10 +244,18 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
         plgpu.commit_smem()
 
         def store_row(r, carry):
-          plgpu.copy_smem_to_gmem(
-              o_smem.at[c_i, pl.ds(r, 1)],
-              out_g.at[pl.ds(oidx[c_i, r], 1), pl.ds(nb * bn, bn)],
-              reduction_op="add" if reduce else None, commit_group=False)
+          row = oidx[c_i, r]
+
+          def store():
+            plgpu.copy_smem_to_gmem(
+                o_smem.at[c_i, pl.ds(r, 1)],
+                out_g.at[pl.ds(row, 1), pl.ds(nb * bn, bn)],
+                reduction_op="add" if reduce else None, commit_group=False)
+
+          if reduce:   # a TMA tensor reduction: the engine drops out-of-bounds rows
+            store()
+          else:        # a linear bulk copy (see _launch): skip padding slots' rows
+            pl.when(row < n_out)(store)
           return carry
 
         lax.fori_loop(0, ROWS_PER_WG, store_row, 0)
@@ -297,7 +305,11 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
     out_ref = jax.new_ref(jnp.zeros((n_out, no), out_dtype))
     inputs.append(out_ref)
   else:
-    out_types.append(jax.ShapeDtypeStruct((n_out, no), out_dtype))
+    # Stored rows are whole column blocks: Mosaic GPU lowers a copy_smem_to_gmem that
+    # does not reduce, of a contiguous [1, bn] slice and an unswizzled source, to a
+    # linear cp.async.bulk (no tensor map), clamped only at the end of the array; a
+    # partial last column block would run into the next row's first columns.
+    out_types.append(jax.ShapeDtypeStruct((n_out, n_nb * bn), out_dtype))
   if dgate:
     out_types.append(jax.ShapeDtypeStruct((n_nb, z_slots), jnp.float32))
   outs = list(launch(body, inputs, out_types, scratch, nsm, n_cons + 1))
