@@ -33,6 +33,12 @@
 # its share of the time left after the tests and the setup, and a run that overruns is
 # stopped and reported as such, the others still in the table.
 #
+# Runs stopped at their time keep their curves up to their last evaluation. Where one call
+# cannot run every variant to STEPS (with nine processes on one H100 the original's runs
+# took over 2 s a step), spread them over calls with the same settings, each into its own
+# OUT, e.g. VARIANTS=original,original then VARIANTS=jax,jax+original_routers,..., and
+# join them: python -m moeut_jax.side_by_side.collect OUT1/runs OUT2/runs --out joined
+#
 # Without network (the device tool): the jax-triton wheel is taken from .whl/ (see
 # bench/gpu_run.sh) when jax_triton is not importable.
 set -u

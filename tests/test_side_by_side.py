@@ -58,7 +58,8 @@ def test_tool_gives_moeut_jax_the_originals_curve_in_float32(tmp_path, capsys):
   assert summary["original_spread"] <= TOL * summary["original_mean"]
   assert [r["label"] for r in summary["rows"]] == list(runs)
   assert (out / "side_by_side.png").stat().st_size > 10_000
-  assert "Held-out loss after the last step" in printed and "original mean:" in printed
+  assert "Held-out loss by step" in printed and "original mean after step 8:" in printed
+  assert json.loads((out / "setup.json").read_text())["digest"] == want["setup_digest"]
 
 
 def test_variants_labels_and_refusals(tmp_path, capsys):
@@ -117,3 +118,107 @@ def test_efficient_attention_turns_the_cudnn_backend_off_for_the_run():
   with attention_backends(shared.parse_variant("original+efficient_attention")):
     assert not torch.backends.cuda.cudnn_sdp_enabled()
   assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def _run(label, variant, held, error=None, n_steps=None):
+  r = dict(label=label, variant=variant, heldout=[list(h) for h in held],
+           train_loss=[3.0] * (n_steps or (held[-1][0] if held else 0)), seconds=1.0)
+  if error:
+    r["error"] = error
+  return r
+
+
+def test_report_compares_stopped_runs_where_the_original_got_to():
+  """A run that went further than the originals is compared at the last step they
+  reached; a stopped original's curve up to there still counts."""
+  from moeut_jax.side_by_side import report  # noqa: PLC0415
+  results = [
+      _run("original#1", "original", [(100, 1.90), (200, 1.50)]),
+      _run("original#2", "original", [(100, 1.80)], error="timed out after 384 s"),
+      _run("jax", "jax", [(100, 1.70), (200, 1.40), (300, 1.30)]),
+      _run("broken", "jax", [], error="OutOfMemoryError: CUDA"),
+  ]
+  s = report.summary(results)
+  assert s["original_step"] == 100
+  assert s["original_mean"] == pytest.approx(1.85) and s["original_spread"] == pytest.approx(0.1)
+  rows = {r["label"]: r for r in s["rows"]}
+  assert rows["jax"]["step"] == 200 and rows["jax"]["diff"] == pytest.approx(-0.1)
+  assert rows["jax"]["spreads"] is None                # one original at step 200
+  assert rows["jax"]["last"] == [300, 1.30]
+  assert rows["original#2"]["step"] == 100
+  assert rows["original#2"]["spreads"] == pytest.approx(0.5)
+  assert rows["broken"]["loss"] is None
+  by_step = report.heldout_by_step(results).splitlines()
+  assert by_step[0].split()[1:] == ["100", "200", "300"]
+  assert by_step[2].split()[1:] == ["1.8000", "-", "-"]
+  table = report.heldout_table(results)
+  assert "timed out after 384 s" in table and "OutOfMemoryError" in table
+
+
+def test_worker_keeps_the_curves_of_a_run_that_fails(tmp_path, monkeypatch):
+  """The worker writes the curves after each evaluation, so a failing (or stopped) run
+  keeps them; the final file adds the error."""
+  from moeut_jax.side_by_side import worker  # noqa: PLC0415
+  (tmp_path / "setup.json").write_text(json.dumps({"digest": "abc"}))
+  seen = {}
+
+  def run(setup, variant, log, progress):
+    progress(dict(train_loss=[3.0, 2.5], heldout=[[2, 2.4]], seconds=1.0))
+    seen["partial"] = json.loads((tmp_path / "jax_original_routers.json").read_text())
+    raise RuntimeError("out of memory\nmore")
+
+  monkeypatch.setattr(worker, "run", run)
+  monkeypatch.setattr(worker.Setup, "load", classmethod(lambda cls, out: None))
+  assert worker.main([str(tmp_path), "jax+original_routers", "jax+original_routers"]) == 1
+  assert seen["partial"]["partial"] is True and seen["partial"]["heldout"] == [[2, 2.4]]
+  final = json.loads((tmp_path / "jax_original_routers.json").read_text())
+  assert final["heldout"] == [[2, 2.4]] and final["error"] == "RuntimeError: out of memory"
+  assert final["setup_digest"] == "abc" and "partial" not in final
+
+
+def _folder(path, digest="d1", steps=300, runs=()):
+  path.mkdir()
+  (path / "setup.json").write_text(json.dumps(dict(
+      model={}, original_path=str(path), steps=steps, batch=16, seq=512, dtype="bfloat16",
+      digest=digest)))
+  for r in runs:
+    (path / f"{shared.file_stem(r['label'])}.json").write_text(
+        json.dumps(dict(r, setup_digest=digest)))
+  return str(path)
+
+
+def test_collect_joins_runs_of_one_setup_from_several_folders(tmp_path, capsys):
+  from moeut_jax.side_by_side import collect  # noqa: PLC0415
+  a = _folder(tmp_path / "a", runs=[_run("original#1", "original", [(100, 1.9), (200, 1.5)]),
+                                    _run("original#2", "original", [(100, 1.8), (200, 1.6)])])
+  b = _folder(tmp_path / "b", runs=[_run("jax", "jax", [(100, 1.7), (200, 1.4)]),
+                                    _run("original#1", "original", [(100, 1.85)])])
+  out = tmp_path / "merged"
+  assert collect.main([a, b, "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  summary = json.loads((out / "summary.json").read_text())
+  labels = [r["label"] for r in summary["rows"]]
+  assert labels == ["original#1", "original#2", "jax", "original#1@b"]
+  assert summary["original_step"] == 100
+  assert summary["original_mean"] == pytest.approx((1.9 + 1.8 + 1.85) / 3)
+  jax_row = summary["rows"][2]
+  assert jax_row["step"] == 200 and jax_row["diff"] == pytest.approx(-0.15)
+  assert "original#1@b" in printed and (out / "side_by_side.png").is_file()
+
+
+def test_collect_refuses_folders_of_other_setups(tmp_path, capsys):
+  from moeut_jax.side_by_side import collect  # noqa: PLC0415
+  a = _folder(tmp_path / "a")
+  other_steps = _folder(tmp_path / "b", steps=200)
+  other_digest = _folder(tmp_path / "c", digest="d2")
+  assert collect.main([a, other_steps]) == 2
+  assert "differ in steps" in capsys.readouterr().err
+  assert collect.main([a, other_digest]) == 2
+  assert "differ in digest" in capsys.readouterr().err
+  d = tmp_path / "d"
+  _folder(d)
+  (d / "x.json").write_text(json.dumps(dict(label="x", variant="jax", setup_digest="zz")))
+  assert collect.main([a, str(d)]) == 2
+  assert "another setup" in capsys.readouterr().err
+  assert collect.main([str(tmp_path / "nowhere")]) == 2
+  assert "no setup.json" in capsys.readouterr().err

@@ -25,7 +25,8 @@ from the original's and the original's own spread, and writes the curves to a PN
 
 Modules: :mod:`.shared` (the shared data, weights and learning rates), :mod:`.original`
 and :mod:`.ours` (one training run each), :mod:`.report` (tables and the PNG),
-:mod:`.cli` (the command and its processes), :mod:`.worker` (one variant's process).
+:mod:`.cli` (the command and its processes), :mod:`.worker` (one variant's process),
+:mod:`.collect` (one table from runs of one setup made by several commands).
 """
 from moeut_jax.side_by_side.shared import Setup, Variant, parse_variant, prepare
 

@@ -141,17 +141,17 @@ def run_variants(out: str, runs: list[tuple[str, str]], parallel: int,
       if late and run.proc.poll() is None:
         run.kill()
         run.proc.wait()
-        res = dict(label=run.label, error=f"timed out after {timeout:.0f} s")
-        run.reader.join(timeout=10)
-        run.log.close()
+        res = run.result()                     # its curves up to the last evaluation
+        res["error"] = f"timed out after {timeout:.0f} s"
       else:
         res = run.result()
       res.setdefault("variant", dict(runs)[run.label])
       results[run.label] = res
       active.remove(run)
       held = res.get("heldout")
-      said = (f"held-out loss {held[-1][1]:.4f} after step {held[-1][0]}" if held
-              else res.get("error", "no result"))
+      said = "; ".join(
+          ([f"held-out loss {held[-1][1]:.4f} after step {held[-1][0]}"] if held else [])
+          + ([res["error"]] if "error" in res else [])) or "no result"
       print(f"[{run.label}] finished in {time.time() - run.start:.0f} s: {said}", flush=True)
   return [results[label] for label, _ in runs]
 
@@ -190,7 +190,9 @@ def main(argv=None) -> int:
   every = args.print_every or max(1, args.steps // 10)
   print("\nTraining loss (cross-entropy, mean over the steps of each row)")
   print(report.curves(results, every))
-  print("\nHeld-out loss after the last step")
+  print("\nHeld-out loss by step")
+  print(report.heldout_by_step(results))
+  print("\nHeld-out loss after each run's last evaluation, against the original's there")
   print(report.heldout_table(results))
   with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(dict(settings=setup.settings(), **report.summary(results)), f, indent=2)

@@ -81,13 +81,15 @@ def attention_backends(variant: Variant):
     torch.backends.cuda.enable_cudnn_sdp(was)
 
 
-def train(setup: Setup, variant: Variant = Variant("original"), log=print) -> dict:
-  """Trains the original on the setup; returns its curves (see :mod:`.worker`)."""
+def train(setup: Setup, variant: Variant = Variant("original"), log=print,
+          progress=None) -> dict:
+  """Trains the original on the setup; returns its curves (see :mod:`.worker`).
+  ``progress``, if given, gets the curves so far after every held-out evaluation."""
   with attention_backends(variant):
-    return _train(setup, log)
+    return _train(setup, log, progress)
 
 
-def _train(setup: Setup, log) -> dict:
+def _train(setup: Setup, log, progress=None) -> dict:
   import torch  # noqa: PLC0415
   import torch.nn.functional as F  # noqa: N812,PLC0415
   moeut = load(setup.original_path)
@@ -141,6 +143,9 @@ def _train(setup: Setup, log) -> dict:
         held.append((s + 1, heldout()))
         log(f"step {s + 1}: loss {train_losses[-1]:.4f}, held-out {held[-1][1]:.4f} "
             f"({time.time() - t0:.0f} s)")
+        if progress is not None:
+          progress(dict(train_loss=list(train_losses), heldout=list(held),
+                        seconds=time.time() - t0))
   name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
   return dict(train_loss=train_losses, heldout=held, seconds=time.time() - t0,
               device=name, torch=torch.__version__)

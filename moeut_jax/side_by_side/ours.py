@@ -21,8 +21,9 @@ def build_model(setup: Setup, variant: Variant):
                  scan_unroll=setup.scan_unroll)
 
 
-def train(setup: Setup, variant: Variant, log=print) -> dict:
-  """Trains moeut-jax on the setup; returns its curves (see :mod:`.worker`)."""
+def train(setup: Setup, variant: Variant, log=print, progress=None) -> dict:
+  """Trains moeut-jax on the setup; returns its curves (see :mod:`.worker`).
+  ``progress``, if given, gets the curves so far after every held-out evaluation."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import optax  # noqa: PLC0415
@@ -66,6 +67,9 @@ def train(setup: Setup, variant: Variant, log=print) -> dict:
       held.append((s + 1, heldout()))
       log(f"step {s + 1}: loss {train_losses[-1]:.4f}, held-out {held[-1][1]:.4f} "
           f"({time.time() - t0:.0f} s)")
+      if progress is not None:
+        progress(dict(train_loss=list(train_losses), heldout=list(held),
+                      seconds=time.time() - t0))
   device = jax.devices()[0]
   return dict(train_loss=train_losses, heldout=held, seconds=time.time() - t0,
               device=getattr(device, "device_kind", device.platform), jax=jax.__version__)

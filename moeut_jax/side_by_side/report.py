@@ -30,45 +30,82 @@ def curves(results: list[dict], every: int) -> str:
   return "\n".join(lines)
 
 
-def _final(r: dict):
-  return r["heldout"][-1][1] if r.get("heldout") else None
+def _heldout(r: dict) -> dict:
+  """{step: held-out loss} of a run (a stopped run's up to its last evaluation)."""
+  return {int(step): loss for step, loss in r.get("heldout") or []}
+
+
+def _originals(results: list[dict]) -> list[dict]:
+  return [r for r in results if r["variant"] == "original"]
+
+
+def _reference(results: list[dict], step: int):
+  """(mean, spread or None) of the original runs' held-out losses at ``step``."""
+  vals = [_heldout(r)[step] for r in _originals(results) if step in _heldout(r)]
+  if not vals:
+    return None, None
+  return float(np.mean(vals)), (float(max(vals) - min(vals)) if len(vals) > 1 else None)
 
 
 def summary(results: list[dict]) -> dict:
-  """The original runs' held-out losses, their mean and spread (max - min), and each
-  other run's difference from that mean, in nats and in spreads."""
-  orig = [_final(r) for r in results if r["variant"] == "original" and _final(r) is not None]
-  mean = float(np.mean(orig)) if orig else None
-  spread = float(max(orig) - min(orig)) if len(orig) > 1 else None
-  # a spread that rounds to 0.0000 (runs that repeat exactly, as on a CPU) measures nothing
-  usable = spread is not None and round(spread, 4) > 0
+  """Each run's held-out loss against the original runs' mean and spread (max - min) at
+  the same step: the run's last step at which an original run was evaluated too (runs
+  stopped early are compared where they got to). ``original_mean`` and
+  ``original_spread`` are the original's at the last step all its runs reached."""
+  orig_steps = [set(_heldout(r)) for r in _originals(results) if _heldout(r)]
+  common = set.intersection(*orig_steps) if orig_steps else set()
+  at = max(common) if common else None
+  mean, spread = _reference(results, at) if at is not None else (None, None)
   rows = []
   for r in results:
-    loss = _final(r)
-    diff = None if loss is None or mean is None else loss - mean
-    rows.append(dict(label=r["label"], loss=loss, diff=diff,
-                     spreads=(abs(diff) / spread if diff is not None and usable else None),
-                     step=r["heldout"][-1][0] if r.get("heldout") else None,
+    held = _heldout(r)
+    shared = [s for s in held if _reference(results, s)[0] is not None]
+    step = max(shared) if shared else (max(held) if held else None)
+    loss = held.get(step) if step is not None else None
+    ref, ref_spread = _reference(results, step) if step is not None else (None, None)
+    diff = None if loss is None or ref is None else loss - ref
+    # a spread that rounds to 0.0000 (runs that repeat exactly, as on a CPU) measures nothing
+    usable = ref_spread is not None and round(ref_spread, 4) > 0
+    rows.append(dict(label=r["label"], step=step, loss=loss, diff=diff,
+                     spreads=abs(diff) / ref_spread if diff is not None and usable else None,
+                     last=[max(held), held[max(held)]] if held else None,
                      seconds=r.get("seconds"), error=r.get("error")))
-  return dict(original_mean=mean, original_spread=spread, rows=rows)
+  return dict(original_step=at, original_mean=mean, original_spread=spread, rows=rows)
+
+
+def heldout_by_step(results: list[dict]) -> str:
+  """Every run's held-out losses, one column per evaluated step ("-": not reached)."""
+  steps = sorted(set().union(*(_heldout(r) for r in results)))
+  if not steps:
+    return "(no held-out evaluation)"
+  lines = [f"{'run':<44}" + "".join(f"{s:>9}" for s in steps)]
+  for r in results:
+    held = _heldout(r)
+    lines.append(f"{r['label']:<44}" + "".join(
+        f"{held[s]:>9.4f}" if s in held else f"{'-':>9}" for s in steps))
+  return "\n".join(lines)
 
 
 def heldout_table(results: list[dict]) -> str:
-  """Held-out loss of every run after its last step, against the original's."""
+  """Each run's held-out loss against the original's at the same step (see summary)."""
   s = summary(results)
-  lines = [f"{'run':<44} {'held-out':>9} {'- original':>11} {'/ spread':>9} {'time':>7}"]
+  lines = [f"{'run':<44} {'step':>5} {'held-out':>9} {'- original':>11} {'/ spread':>9} "
+           f"{'time':>7}"]
   for row in s["rows"]:
     if row["loss"] is None:
-      lines.append(f"{row['label']:<44} {'-':>9}  {row['error'] or 'no result'}")
+      lines.append(f"{row['label']:<44} {'-':>5} {'-':>9}  {row['error'] or 'no result'}")
       continue
     diff = "" if row["diff"] is None else f"{row['diff']:+.4f}"
     ratio = "" if row["spreads"] is None else f"{row['spreads']:.1f}x"
     secs = "" if row["seconds"] is None else f"{row['seconds']:.0f} s"
-    lines.append(f"{row['label']:<44} {row['loss']:>9.4f} {diff:>11} {ratio:>9} {secs:>7}")
+    note = f"  {row['error']}" if row["error"] else ""
+    lines.append(f"{row['label']:<44} {row['step']:>5} {row['loss']:>9.4f} {diff:>11} "
+                 f"{ratio:>9} {secs:>7}{note}")
   if s["original_mean"] is not None:
     spread = "" if s["original_spread"] is None else (
         f"; its run-to-run spread (max - min): {s['original_spread']:.4f}")
-    lines.append(f"original mean: {s['original_mean']:.4f}{spread}")
+    lines.append(f"original mean after step {s['original_step']}: "
+                 f"{s['original_mean']:.4f}{spread}")
   return "\n".join(lines)
 
 

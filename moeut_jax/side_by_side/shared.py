@@ -9,6 +9,7 @@ out. Training batch s takes ``batch`` windows of ``seq + 1`` bytes at offsets dr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -163,10 +164,22 @@ class Setup:
     """Steps after which the held-out loss is measured (every eval_every, and the last)."""
     return sorted(set(range(self.eval_every, self.steps + 1, self.eval_every)) | {self.steps})
 
+  def digest(self) -> str:
+    """sha256 of the batches, learning rates and initial weights: runs whose setups have
+    the same digest and settings can be compared, whichever folder or call made them."""
+    h = hashlib.sha256()
+    arrays = [("train", self.train), ("heldout", self.heldout), ("lrs", self.lrs)]
+    arrays += sorted(("init/" + k, v) for k, v in self.init.items())
+    for name, a in arrays:
+      a = np.ascontiguousarray(a)
+      h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+      h.update(a.tobytes())
+    return h.hexdigest()
+
   def save(self, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "setup.json"), "w", encoding="utf-8") as f:
-      json.dump(self.settings(), f, indent=2)
+      json.dump(dict(self.settings(), digest=self.digest()), f, indent=2)
     np.savez(os.path.join(out, "setup.npz"), train=self.train, heldout=self.heldout,
              lrs=self.lrs, **{"init/" + k: v for k, v in self.init.items()})
 
@@ -175,6 +188,7 @@ class Setup:
     with open(os.path.join(out, "setup.json"), encoding="utf-8") as f:
       d = json.load(f)
     d["betas"] = tuple(d["betas"])
+    d.pop("digest", None)
     with np.load(os.path.join(out, "setup.npz")) as z:
       arrays = {k: z[k] for k in z.files}
     init = {k[len("init/"):]: v for k, v in arrays.items() if k.startswith("init/")}
