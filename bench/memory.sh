@@ -4,10 +4,16 @@
 # (a process's peak memory cannot be reset), each under its own `timeout`.
 #
 #   MoEUT_244M, batch 64 x 1024: remat none, elementwise, full, save_projections, full
-#               with --scan-unroll 3 (3 loop iterations of 3 repeats); the official step;
+#               with --scan-unroll 3 (3 loop iterations of 3 repeats), none with the layer
+#               groups in a loop (--scan-unroll 1) and in 3 iterations; the official step;
 #               att_n_experts=1 (one attention expert), ours and the official
 #   MoEUT_1B,   batch 32 x 1024: remat full, full with --scan-unroll 3, elementwise (train.py's
-#               default on GPUs), none (may not fit in 80 GB); the official step
+#               default on GPUs), none (may not fit in 80 GB), none in a loop; the official
+#               step
+#   Any jax case name takes _unrollN for --scan-unroll N (jax_244M_elementwise_unroll1).
+#   On a CPU, XLA's compiled temporary memory of MoEUT_44M's step with the Triton path
+#   (interpreted) is less than half with the groups in a loop than fully unrolled (the
+#   GPU default): 238 against 515 MiB at batch 2.
 #
 # Run from the repository root, after the carried wheels are on PYTHONPATH:
 #   ORIG=shared/original bash bench/memory.sh        # logs and summary.txt under $OUT
@@ -32,8 +38,9 @@ export CVMM_AUTOTUNE=0 CVMM_AUTOTUNE_CACHE=$OUT/autotune.json
 cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
 
 ALL="jax_244M_none jax_244M_elementwise jax_244M_full jax_244M_save_projections
-     jax_244M_full_unroll3 torch_244M jax_244M_att1 torch_244M_att1 jax_1B_full
-     jax_1B_full_unroll3 jax_1B_elementwise torch_1B jax_1B_none"
+     jax_244M_full_unroll3 jax_244M_none_unroll1 jax_244M_none_unroll3 torch_244M
+     jax_244M_att1 torch_244M_att1 jax_1B_full jax_1B_full_unroll3 jax_1B_elementwise
+     torch_1B jax_1B_none jax_1B_none_unroll1"
 CASES=${CASES:-$ALL}
 SUMMARY=$OUT/summary.txt
 start=$SECONDS
@@ -43,25 +50,24 @@ start=$SECONDS
 } | tee "$SUMMARY"
 
 args_of() {  # the command of one case
-  case $1 in
+  local unroll=""
+  local name=$1
+  if [[ $name =~ ^(jax_.*)_unroll([0-9]+)$ ]]; then   # jax_..._unrollN: --scan-unroll N
+    name=${BASH_REMATCH[1]}; unroll=" --scan-unroll ${BASH_REMATCH[2]}"
+  fi
+  case $name in
     jax_244M_att1) echo "python3 bench/model.py --profile MoEUT_244M --batch 64 --seq 1024" \
                      "--steps $STEPS --warmup $((WARMUP - 1)) --grad-clip 0.25 --impl auto" \
-                     "--att-n-experts 1" ;;
+                     "--att-n-experts 1$unroll" ;;
     torch_244M_att1) echo "python3 bench/torch_original.py --path $ORIG --profile MoEUT_244M" \
                      "--batch 64 --seq 1024 --steps $STEPS --warmup $WARMUP --grad-clip 0.25" \
                      "--att-n-experts 1" ;;
-    jax_244M_full_unroll3) echo "python3 bench/model.py --profile MoEUT_244M --batch 64" \
-                     "--seq 1024 --steps $STEPS --warmup $((WARMUP - 1)) --grad-clip 0.25" \
-                     "--impl auto --remat full --scan-unroll 3" ;;
     jax_244M_*) echo "python3 bench/model.py --profile MoEUT_244M --batch 64 --seq 1024" \
                      "--steps $STEPS --warmup $((WARMUP - 1)) --grad-clip 0.25 --impl auto" \
-                     "--remat ${1#jax_244M_}" ;;
-    jax_1B_full_unroll3) echo "python3 bench/model.py --profile MoEUT_1B --batch 32" \
-                     "--seq 1024 --steps $STEPS --warmup $((WARMUP - 1)) --grad-clip 0.25" \
-                     "--impl auto --remat full --scan-unroll 3" ;;
+                     "--remat ${name#jax_244M_}$unroll" ;;
     jax_1B_*)   echo "python3 bench/model.py --profile MoEUT_1B --batch 32 --seq 1024" \
                      "--steps $STEPS --warmup $((WARMUP - 1)) --grad-clip 0.25 --impl auto" \
-                     "--remat ${1#jax_1B_}" ;;
+                     "--remat ${name#jax_1B_}$unroll" ;;
     torch_244M) echo "python3 bench/torch_original.py --path $ORIG --profile MoEUT_244M" \
                      "--batch 64 --seq 1024 --steps $STEPS --warmup $WARMUP --grad-clip 0.25" ;;
     torch_1B)   echo "python3 bench/torch_original.py --path $ORIG --profile MoEUT_1B" \
