@@ -16,8 +16,8 @@ Implementations are interchangeable and chosen by :class:`kernels.CvmmConfig`'s
   "triton_unfused"  the same kernels, but sums over slots go through a stored
                [N*K, O] intermediate (for comparison; not chosen by "auto")
   "mosaic"     Pallas on the Mosaic GPU backend (Hopper, sm90): kernels/cvmm_mosaic/, rows
-               gathered by TMA, sums over slots fused (float32 or bfloat16). Off on GPUs
-               until it passes its GPU tests: raises there (not chosen by "auto")
+               gathered by TMA, sums over slots fused (float32 or bfloat16); 16-bit
+               inputs only (not chosen by "auto": slower than "triton", RESULTS.md)
   "original"   the official MoEUT's own Triton kernels and the numerics of its CVMM op,
                from the clone the config's ``original_path`` names
                (kernels/cvmm_original.py; for comparisons; not chosen by "auto")
@@ -53,8 +53,8 @@ _IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "original": ("kernels.cvmm_original", "cvmm_original"),
 }
 # Preference order of "auto" on GPUs, fastest measured first (bench/RESULTS.md); on any
-# other backend "auto" is "xla". The Mosaic path is not among them: it refuses to run
-# on GPUs until it passes its GPU tests (kernels/cvmm_mosaic/ops.py).
+# other backend "auto" is "xla". The Mosaic path is not among them: slower than Triton
+# on every operation (bench/RESULTS.md, 'Pallas Mosaic GPU').
 _AUTO_GPU_ORDER = ("triton", "xla")
 
 

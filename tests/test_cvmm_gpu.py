@@ -62,13 +62,6 @@ def test_gpu_impl_matches_reference(impl, case, dtype, gated):
     with pytest.raises(NotImplementedError, match="tf32"):
       fn(x, r, w, g)
     return
-  if impl == "mosaic":
-    # off on GPUs until these tests pass (kernels/cvmm_mosaic/ops.py); they check its
-    # kernels through the entry without the refusal
-    with pytest.raises(NotImplementedError, match="until it passes its GPU tests"):
-      fn(x, r, w, g)
-    from kernels.cvmm_mosaic.ops import cvmm_mosaic_on_gpu  # noqa: PLC0415
-    fn = jax.jit(cvmm_mosaic_on_gpu)
   got = _outputs(fn, x, w, g, r, ct)
   up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
   ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
@@ -152,15 +145,7 @@ def test_mosaic_pair_matches_reference(case):
   reference: output and every gradient."""
   if not is_available("mosaic"):
     pytest.skip("mosaic not available on this GPU")
-  # off on GPUs until these tests pass (kernels/cvmm_mosaic/ops.py): the pair through
-  # the entry without the refusal
-  from kernels.cvmm_mosaic import ops  # noqa: PLC0415
-  with pytest.raises(NotImplementedError, match="until it passes its GPU tests"):
-    _assert_pair_matches(case, jnp.bfloat16, impl="mosaic")
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(ops, "cvmm_mosaic", ops.cvmm_mosaic_on_gpu)
-    mp.setattr("kernels.cvmm_mosaic.cvmm_mosaic", ops.cvmm_mosaic_on_gpu)
-    _assert_pair_matches(case, jnp.bfloat16, impl="mosaic")
+  _assert_pair_matches(case, jnp.bfloat16, impl="mosaic")
 
 
 def _row_candidate_cases(i: int = 128, o: int = 200):

@@ -29,35 +29,11 @@ def sum_dtype(config: CvmmConfig):
   return jnp.bfloat16 if config.sum_dtype == "bfloat16" else jnp.float32
 
 
-# What keeps this path off GPUs. On an H200 (b6f0ff4) its stored forward returned wrong
-# rows and its weight-gradient kernel trapped; both causes are repaired (rows.py, gram.py:
-# whole-block outputs, aligned index reads), and every kernel is right in
-# bench/probes/mosaic_variants.py on an H100 (025b959, 2026-12-06). The path's own GPU
-# tests (tests/test_cvmm_gpu.py) have not run since, so it stays off (bench/RESULTS.md).
-GPU_FAILURES = (
-    "the Pallas Mosaic GPU CVMM is off on GPUs until it passes its GPU tests "
-    "(tests/test_cvmm_gpu.py; bench/RESULTS.md, 'Pallas Mosaic GPU'); use impl='triton' "
-    "or 'xla'. `python3 -m bench.mosaic_probe` and bench/probes/mosaic_variants.py run "
-    "its kernels one by one")
-
-
 def cvmm_mosaic(x: jax.Array, routing: Routing, w: jax.Array,
                 gates: jax.Array | None = None, *, config: CvmmConfig = DEFAULT) -> jax.Array:
-  """See :func:`kernels.cvmm`. x [N, M, I], w [E, I, O], gates [N, K] or None.
-
-  Raises NotImplementedError on GPUs (:data:`GPU_FAILURES`); runs in Pallas's Mosaic GPU
-  interpreter (tests on a CPU) and lowers anywhere."""
-  check_dtype(x.dtype)
-  if jax.default_backend() == "gpu" and not interpreting():
-    raise NotImplementedError(GPU_FAILURES)
-  return cvmm_mosaic_on_gpu(x, routing, w, gates, config=config)
-
-
-def cvmm_mosaic_on_gpu(x: jax.Array, routing: Routing, w: jax.Array,
-                       gates: jax.Array | None = None, *,
-                       config: CvmmConfig = DEFAULT) -> jax.Array:
-  """:func:`cvmm_mosaic` without its GPU refusal: for the path's GPU tests
-  (tests/test_cvmm_gpu.py), which decide whether the refusal can go."""
+  """See :func:`kernels.cvmm`. x [N, M, I], w [E, I, O], gates [N, K] or None; 16-bit
+  inputs (wgmma multiplies float32 only as tf32). Runs on Hopper GPUs and in Pallas's
+  Mosaic GPU interpreter (tests on a CPU)."""
   check_dtype(x.dtype)
   w = w.astype(x.dtype) if w.dtype != x.dtype else w
   plain, gated = _ops(jnp.dtype(sum_dtype(config)).name)
