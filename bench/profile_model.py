@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 
+from kernels.config import SUM_DTYPES  # noqa: E402
 from model import make_step  # noqa: E402  (bench/model.py)
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", re.M)
@@ -160,13 +161,16 @@ def main():
   ap.add_argument("--impl", default="auto")
   ap.add_argument("--sum-dtype", default="float16", choices=SUM_DTYPES,
                   help="the CVMM kernels' sums over experts (CvmmConfig.sum_dtype)")
+  ap.add_argument("--grad-clip", type=float, default=0.25)
+  ap.add_argument("--remat", default="none", help="MoEUTLM's remat policy")
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--top", type=int, default=40)
   ap.add_argument("--out", default="/tmp/moeut_profile")
   a = ap.parse_args()
   os.makedirs(a.out, exist_ok=True)
   step, params, state, toks = make_step(a.profile, a.batch, a.seq, a.impl,
-                                        sum_dtype=a.sum_dtype)
+                                        sum_dtype=a.sum_dtype, grad_clip=a.grad_clip,
+                                        remat=a.remat)
   hlo = step.lower(params, state, toks).compile().as_text()
   with open(os.path.join(a.out, "train_step.hlo.txt"), "w") as f:
     f.write(hlo)
@@ -187,7 +191,7 @@ def main():
   shutil.copy(path, os.path.join(a.out, "perfetto_trace.json.gz"))
   events = device_events(trace)
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {a.profile}, "
-        f"batch {a.batch} x {a.seq}, impl {a.impl}, sum dtype {a.sum_dtype}; "
+        f"batch {a.batch} x {a.seq}, impl {a.impl}, sum dtype {a.sum_dtype}, remat {a.remat}, grad clip {a.grad_clip}; "
         f"{a.steps} traced steps, {len(events)} kernel events; trace {path}")
   if not events:
     print("no device kernel events in the trace (no GPU?)")
