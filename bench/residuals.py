@@ -100,9 +100,10 @@ def layer_report(stack, remat: str, seq: int, details: bool):
           _batch_independent(rows1, rows2) / MIB)
 
 
-def outside_layers(lm, seq: int) -> float:
-  """MiB per seq tokens that the whole loss keeps outside the scan over the layer
-  groups (remat "none")."""
+def outside_layers(lm, seq: int) -> tuple[float, float]:
+  """(MiB per seq tokens that the whole loss keeps outside the scan over the layer
+  groups, remat "none"; of them, MiB of XLA's [B, H, T, S] attention arrays, which the
+  CPU's attention keeps and cuDNN's does not)."""
   def loss(params, toks):
     out = lm.apply({"params": params}, toks[:, :-1], train=True)
     return token_nll(out.outputs, toks[:, 1:]).mean() + out.reg_loss
@@ -113,8 +114,10 @@ def outside_layers(lm, seq: int) -> float:
     return saved_residuals(loss, params["params"], toks)
 
   per_token = _per_token(traced(1), traced(2))
-  return sum(b for (origin, _, _), (_, b) in per_token.items()
-             if not origin.startswith("output of scan")) / MIB
+  outside = {k: b for k, (_, b) in per_token.items() if not k[0].startswith("output of scan")}
+  matrices = sum(b for (origin, _, shape), b in outside.items()
+                 if _is_attention_matrix(origin, shape, seq))
+  return sum(outside.values()) / MIB, matrices / MIB
 
 
 def main():
@@ -139,8 +142,9 @@ def main():
   for remat, per_layer, matrices, fixed in rows:
     print(f"{remat:>18} {per_layer:10.2f} {per_layer * stack.n_layers:9.1f} "
           f"{matrices:14.2f} {fixed:14.1f}")
-  print(f"outside the layers (embedding, output norm, head, loss): "
-        f"{outside_layers(lm, args.seq):.1f} MiB per {args.seq} tokens")
+  outside, matrices = outside_layers(lm, args.seq)
+  print(f"outside the layers (embedding, output norm, head, loss): {outside - matrices:.1f} "
+        f"MiB per {args.seq} tokens, and {matrices:.1f} MiB of XLA attention arrays")
 
 
 if __name__ == "__main__":
