@@ -13,7 +13,8 @@ call and --warmup more untimed steps), tokens/s and the peak device memory
 (``memory_stats()["peak_bytes_in_use"]``, the largest over the devices used; n/a where
 the backend keeps no statistics, e.g. CPUs). The peak is the process's: with several
 --impl, each row's includes the rows before it, so measure memory one case per process.
-Random tokens, vocabulary 8000. Like train.py, lets JAX take 95% of a GPU
+Random tokens, vocabulary 8000. Like train.py's, the step donates the parameters and
+optimizer state (their buffers take the updated values). Like train.py, lets JAX take 95% of a GPU
 (XLA_PYTHON_CLIENT_MEM_FRACTION) unless a memory variable is set. A case that runs out
 of memory prints "out of memory" and the next one runs.
 --torch-original PATH first times the official PyTorch MoEUT from that folder
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -65,7 +67,8 @@ def make_step(profile: str, batch: int, seq: int, impl: str, mesh=None,
   clipping (when ``grad_clip`` > 0) and the AdamW update, bf16 compute with float32
   parameters. With a ``mesh`` the tokens are split over its "data" axis and the
   parameters and optimizer state FSDP-style (or copied to every device when
-  ``replicated``).
+  ``replicated``). As in train.py, the step donates ``params`` and ``state`` (their
+  buffers take the updated values): call it again with the ones it returned.
   """
   model = MoEUTLM(8000, **{**profiles.get(profile), **model_kw}, dtype=jnp.bfloat16,
                   cvmm=CvmmConfig(impl=impl, sum_dtype=sum_dtype))
@@ -79,7 +82,7 @@ def make_step(profile: str, batch: int, seq: int, impl: str, mesh=None,
   if grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(grad_clip), opt)
   state = opt.init(params)
-  jit = jax.jit
+  jit = functools.partial(jax.jit, donate_argnums=(0, 1))
   if mesh is not None:
     from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
     from moeut_jax.training.sharding import DATA_AXIS, fsdp_shardings  # noqa: PLC0415
@@ -92,7 +95,7 @@ def make_step(profile: str, batch: int, seq: int, impl: str, mesh=None,
     params, state, toks = (jax.device_put(params, p_sh), jax.device_put(state, s_sh),
                            jax.device_put(toks, t_sh))
     jit = lambda f: jax.jit(f, in_shardings=(p_sh, s_sh, t_sh),  # noqa: E731
-                            out_shardings=(p_sh, s_sh, None))
+                            out_shardings=(p_sh, s_sh, None), donate_argnums=(0, 1))
 
   @jit
   def train_step(params, state, toks):
