@@ -54,6 +54,11 @@ def test_tool_gives_moeut_jax_the_originals_curve_in_float32(tmp_path, capsys):
   assert errors.max() <= TOL, errors
   for (s1, a), (s2, b) in zip(got["heldout"], want["heldout"]):
     assert s1 == s2 and abs(a - b) / b <= TOL
+  # every step's gradient norm before clipping, from both frameworks
+  assert len(got["grad_norm"]) == len(want["grad_norm"]) == 8
+  norms = np.abs(np.subtract(got["grad_norm"], want["grad_norm"])) / np.asarray(
+      want["grad_norm"])
+  assert norms.max() <= TOL, norms
   summary = json.loads((out / "summary.json").read_text())
   assert summary["original_spread"] <= TOL * summary["original_mean"]
   assert [r["label"] for r in summary["rows"]] == list(runs)

@@ -123,7 +123,7 @@ def _train(setup: Setup, log, progress=None) -> dict:
     model.train()
     return float(np.mean(losses))
 
-  train_losses, held, t0 = [], [], time.time()
+  train_losses, grad_norms, held, t0 = [], [], [], time.time()
   evals = set(setup.eval_steps())
   model.train()
   with on_device(moeut, device):
@@ -133,7 +133,11 @@ def _train(setup: Setup, log, progress=None) -> dict:
         ce, reg = cross_entropy(tokens)
       (ce + reg.sum()).backward()
       if setup.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, setup.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, setup.grad_clip)
+      else:
+        norm = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
+      grad_norms.append(float(norm))
       for group in opt.param_groups:
         group["lr"] = float(setup.lrs[s])
       opt.step()
@@ -144,8 +148,8 @@ def _train(setup: Setup, log, progress=None) -> dict:
         log(f"step {s + 1}: loss {train_losses[-1]:.4f}, held-out {held[-1][1]:.4f} "
             f"({time.time() - t0:.0f} s)")
         if progress is not None:
-          progress(dict(train_loss=list(train_losses), heldout=list(held),
-                        seconds=time.time() - t0))
+          progress(dict(train_loss=list(train_losses), grad_norm=list(grad_norms),
+                        heldout=list(held), seconds=time.time() - t0))
   name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-  return dict(train_loss=train_losses, heldout=held, seconds=time.time() - t0,
-              device=name, torch=torch.__version__)
+  return dict(train_loss=train_losses, grad_norm=grad_norms, heldout=held,
+              seconds=time.time() - t0, device=name, torch=torch.__version__)

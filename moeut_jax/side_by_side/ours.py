@@ -51,25 +51,27 @@ def train(setup: Setup, variant: Variant, log=print, progress=None) -> dict:
       return ce + reg, ce
     (_, ce), grads = jax.value_and_grad(loss, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, ce
+    return optax.apply_updates(params, updates), opt_state, ce, optax.global_norm(grads)
 
   evaluate = jax.jit(lambda params, tokens: cross_entropy(params, tokens, False)[0])
 
   def heldout() -> float:
     return float(np.mean([float(evaluate(params, jnp.asarray(b))) for b in setup.heldout]))
 
-  train_losses, held, t0 = [], [], time.time()
+  train_losses, grad_norms, held, t0 = [], [], [], time.time()
   evals = set(setup.eval_steps())
   for s in range(setup.steps):
-    params, opt_state, ce = step(params, opt_state, jnp.asarray(setup.train[s]))
+    params, opt_state, ce, norm = step(params, opt_state, jnp.asarray(setup.train[s]))
     train_losses.append(float(ce))
+    grad_norms.append(float(norm))
     if s + 1 in evals:
       held.append((s + 1, heldout()))
       log(f"step {s + 1}: loss {train_losses[-1]:.4f}, held-out {held[-1][1]:.4f} "
           f"({time.time() - t0:.0f} s)")
       if progress is not None:
-        progress(dict(train_loss=list(train_losses), heldout=list(held),
-                      seconds=time.time() - t0))
+        progress(dict(train_loss=list(train_losses), grad_norm=list(grad_norms),
+                      heldout=list(held), seconds=time.time() - t0))
   device = jax.devices()[0]
-  return dict(train_loss=train_losses, heldout=held, seconds=time.time() - t0,
+  return dict(train_loss=train_losses, grad_norm=grad_norms, heldout=held,
+              seconds=time.time() - t0,
               device=getattr(device, "device_kind", device.platform), jax=jax.__version__)

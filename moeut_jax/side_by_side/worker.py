@@ -1,8 +1,9 @@
 """One variant's process: ``python -m moeut_jax.side_by_side.worker OUT LABEL VARIANT``.
 
 Reads the setup from folder OUT, trains the variant, and writes ``OUT/LABEL.json``:
-``{"label", "variant", "setup_digest", "train_loss": [per step], "heldout": [[step,
-loss], ...], "seconds", "device", ...}``; with ``"error": message`` added where it
+``{"label", "variant", "setup_digest", "train_loss": [per step], "grad_norm": [the
+global gradient norm of each step, before clipping], "heldout": [[step, loss], ...],
+"seconds", "device", ...}``; with ``"error": message`` added where it
 failed. The file is also written after every held-out evaluation, with ``"partial":
 true``, so a run that is stopped or fails keeps its curves up to there.
 """
