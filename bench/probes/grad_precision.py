@@ -5,8 +5,9 @@ side by side on one GPU, per kind of parameter.
 
 One batch of the side-by-side tool's text (the Python standard library's sources, byte
 tokens), the original's initial weights (``moeut_jax.side_by_side.prepare``), optionally
-moved first by ``--after`` AdamW steps of moeut-jax in float32 (both sides then start from
-those weights). The gradient of ce + reg of every parameter, for:
+moved first by ``--after`` AdamW steps of moeut-jax in float32, or of the original as it
+trains on a GPU (``--moved-by original``); both sides then start from those weights.
+The gradient of ce + reg of every parameter, for:
 
   original f32         the official model in float32, TF32 off: the reference
   original bf16        under bf16 autocast, as it trains (twice: the second run shows its
@@ -98,10 +99,15 @@ def jax_grads(setup, params: dict, dtype: str, options: tuple = ()) -> tuple[dic
   return {k: np.asarray(v, np.float32) for k, v in to_torch_state_dict(g).items()}, float(ce)
 
 
-def moved(setup, steps: int) -> dict:
-  """The initial weights after ``steps`` AdamW steps of moeut-jax in float32 (state dict)."""
+def moved(setup, steps: int, by: str = "jax") -> dict:
+  """The initial weights after ``steps`` AdamW steps (lr 1e-3, the setup's clipping and
+  decay) on the setup's next batches, as a state dict: by moeut-jax in float32 (``by``
+  "jax") or by the official model as it trains on a GPU, under bf16 autocast (``by``
+  "original"; float32 with the CVMM stand-in where there is no GPU)."""
   if steps == 0:
     return setup.init
+  if by == "original":
+    return _moved_by_original(setup, steps)
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import optax  # noqa: PLC0415
@@ -129,6 +135,41 @@ def moved(setup, steps: int) -> dict:
   return {k: np.asarray(v, np.float32) for k, v in to_torch_state_dict(p).items()}
 
 
+def _moved_by_original(setup, steps: int) -> dict:
+  import torch  # noqa: PLC0415
+  import torch.nn.functional as F  # noqa: N812,PLC0415
+  from moeut_jax.side_by_side.original import cvmm_standin, load  # noqa: PLC0415
+  moeut = load(setup.original_path)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = moeut.MoEUTLM(VOCAB, **setup.model)
+  model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
+                         for k, v in setup.init.items()})
+  model.to(device).train()
+  params = list(model.parameters())
+  opt = torch.optim.AdamW(params, lr=1e-3, betas=setup.betas, eps=setup.eps,
+                          weight_decay=setup.weight_decay)
+  ctx = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda"
+         else contextlib.nullcontext)
+  saved = moeut.moeut.cvmm
+  if device == "cpu":
+    moeut.moeut.cvmm = cvmm_standin(moeut)
+  try:
+    for s in range(steps):
+      tokens = torch.from_numpy(setup.train[1 + s]).long().to(device)
+      with ctx():
+        out = model(tokens[:, :-1])
+        ce = F.cross_entropy(out.outputs.float().reshape(-1, VOCAB),
+                             tokens[:, 1:].reshape(-1))
+        loss = ce + out.reg_loss.sum()
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(params, setup.grad_clip)
+      opt.step()
+      opt.zero_grad(set_to_none=True)
+  finally:
+    moeut.moeut.cvmm = saved
+  return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+
+
 def distances(g: dict, ref: dict) -> dict:
   """{kind: rel distance} plus 'all' and 'cos'."""
   num, den = collections.defaultdict(float), collections.defaultdict(float)
@@ -152,8 +193,11 @@ def main(argv=None) -> int:
   ap.add_argument("--profile", default="MoEUT_126M")
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--seq", type=int, default=512)
+  ap.add_argument("--moved-by", choices=("jax", "original"), default="jax",
+                  help="who trains the --after steps: moeut-jax in float32, or the original "
+                  "under bf16 autocast (as it trains on a GPU)")
   ap.add_argument("--after", type=int, default=0,
-                  help="AdamW steps (lr 1e-3) of moeut-jax in float32 before the comparison")
+                  help="AdamW steps (lr 1e-3) before the comparison (by --moved-by)")
   ap.add_argument("--modes", default="original:bf16,original:bf16,original:bf16+fr,"
                   "original:bf16+pt,jax:f32,jax:bf16,jax:bf16+original_routers,"
                   "jax:bf16+original_cvmm")
@@ -161,11 +205,12 @@ def main(argv=None) -> int:
   text = read_text([sysconfig.get_paths()["stdlib"]], 12_000_000)
   setup = prepare(model=profiles.get(args.profile), original_path=args.original, text=text,
                   steps=args.after + 1, batch=args.batch, seq=args.seq, dtype="bfloat16")
-  params = moved(setup, args.after)
+  params = moved(setup, args.after, args.moved_by)
   t0 = time.time()
   ref, ref_ce = original_grads(setup, params, "f32")
   print(f"{args.profile}, {args.batch} x {args.seq} bytes, weights after {args.after} "
-        f"float32 steps ({time.time() - t0:.0f} s); reference: the original in float32, ce {ref_ce:.5f}", flush=True)
+        f"steps by {args.moved_by} ({time.time() - t0:.0f} s); reference: the original in "
+        f"float32, ce {ref_ce:.5f}", flush=True)
   rows = []
   for mode in args.modes.split(","):
     side, how = mode.split(":")
