@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from kernels.arrays import gated_rows
 from kernels.config import DEFAULT, CvmmConfig
-from kernels.cvmm_mosaic.common import check_dtype, interpreting
+from kernels.cvmm_mosaic.common import check_dtype
 from kernels.cvmm_mosaic.gram import expert_gram
 from kernels.cvmm_mosaic.rows import rows_matmul
 from kernels.routing import Routing
