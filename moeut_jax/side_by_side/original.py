@@ -132,11 +132,9 @@ def _train(setup: Setup, log, progress=None) -> dict:
       with autocast():
         ce, reg = cross_entropy(tokens)
       (ce + reg.sum()).backward()
-      if setup.grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, setup.grad_clip)
-      else:
-        norm = torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
+      # the norm before clipping (an infinite bound leaves the gradients as they are)
+      norm = torch.nn.utils.clip_grad_norm_(
+          params, setup.grad_clip if setup.grad_clip > 0 else float("inf"))
       grad_norms.append(float(norm))
       for group in opt.param_groups:
         group["lr"] = float(setup.lrs[s])
