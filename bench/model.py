@@ -14,8 +14,8 @@ call and --warmup more untimed steps), tokens/s and the peak device memory
 the backend keeps no statistics, e.g. CPUs). The peak is the process's: with several
 --impl, each row's includes the rows before it, so measure memory one case per process.
 Random tokens, vocabulary 8000. Like train.py's, the step donates the parameters and
-optimizer state (their buffers take the updated values). Like train.py, lets JAX take 95% of a GPU
-(XLA_PYTHON_CLIENT_MEM_FRACTION) unless a memory variable is set. A case that runs out
+optimizer state (their buffers take the updated values), and like train.py it lets JAX
+take 95% of a GPU (XLA_PYTHON_CLIENT_MEM_FRACTION) unless a memory variable is set. A case that runs out
 of memory prints "out of memory" and the next one runs.
 --torch-original PATH first times the official PyTorch MoEUT from that folder
 (bench/torch_original.py, in a child process that has the GPU to itself: bf16 autocast,

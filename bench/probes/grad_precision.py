@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
-import contextlib
 import os
 import re
 import sys
@@ -49,54 +49,91 @@ def kind_of(name: str) -> str:
   return re.sub(r"^transformer\.layers\.\d+\.", "", name)
 
 
+def _original(setup, params: dict):
+  """(moeut package, the official MoEUTLM holding ``params`` on the GPU or else the CPU,
+  its device)."""
+  import torch  # noqa: PLC0415
+  from moeut_jax.side_by_side.original import load  # noqa: PLC0415
+  moeut = load(setup.original_path)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = moeut.MoEUTLM(VOCAB, **setup.model)
+  model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()})
+  return moeut, model.to(device).train(), device
+
+
+def _original_loss(model, tokens, bf16: bool, device: str):
+  """(ce + reg, ce) of the official model on ``tokens``, under bf16 autocast if asked."""
+  import torch  # noqa: PLC0415
+  import torch.nn.functional as F  # noqa: N812,PLC0415
+  ctx = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+  with ctx:
+    out = model(tokens[:, :-1])
+    ce = F.cross_entropy(out.outputs.float().reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+    return ce + out.reg_loss.sum(), ce
+
+
+@contextlib.contextmanager
+def _cvmm_standin(moeut, on: bool):
+  """The official model's CVMM op replaced by the plain-PyTorch stand-in while ``on``."""
+  from moeut_jax.side_by_side.original import cvmm_standin  # noqa: PLC0415
+  saved = moeut.moeut.cvmm
+  if on:
+    moeut.moeut.cvmm = cvmm_standin(moeut)
+  try:
+    yield
+  finally:
+    moeut.moeut.cvmm = saved
+
+
 def original_grads(setup, params: dict, mode: str) -> tuple[dict, float]:
   """{state-dict name: gradient} and the loss of the official model on the first batch."""
   import torch  # noqa: PLC0415
-  import torch.nn.functional as F  # noqa: N812,PLC0415
-  from moeut_jax.side_by_side.original import cvmm_standin, load  # noqa: PLC0415
-  moeut = load(setup.original_path)
+  from moeut_jax.side_by_side.original import on_device  # noqa: PLC0415
   torch.backends.cuda.matmul.allow_tf32 = False
   torch.backends.cudnn.allow_tf32 = False
   torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = "+fr" not in mode
-  model = moeut.MoEUTLM(VOCAB, **setup.model)
-  model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()})
-  device = "cuda" if torch.cuda.is_available() else "cpu"   # a CPU: f32 and the stand-in
-  model.to(device).train()
-  bf16 = mode.startswith("bf16")
+  moeut, model, device = _original(setup, params)   # on a CPU: float32 and the stand-in
   tokens = torch.from_numpy(setup.train[0]).long().to(device)
-  saved = moeut.moeut.cvmm
-  if "+pt" in mode or device == "cpu":
-    moeut.moeut.cvmm = cvmm_standin(moeut)
-  try:
-    ctx = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with ctx:
-      out = model(tokens[:, :-1])
-      ce = F.cross_entropy(out.outputs.float().reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
-      loss = ce + out.reg_loss.sum()
+  with on_device(moeut, device), _cvmm_standin(moeut, "+pt" in mode and device == "cuda"):
+    loss, ce = _original_loss(model, tokens, mode.startswith("bf16"), device)
     loss.backward()
-  finally:
-    moeut.moeut.cvmm = saved
   grads = {k: p.grad.detach().float().cpu().numpy() for k, p in model.named_parameters()}
   return grads, float(ce)
+
+
+def _jax_model(setup, params: dict, dtype: str, options: tuple = ()):
+  """(moeut-jax model of the variant, ``params`` as its parameter tree)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from moeut_jax.convert import from_torch_state_dict  # noqa: PLC0415
+  from moeut_jax.side_by_side.ours import build_model  # noqa: PLC0415
+  model = build_model(dataclasses.replace(setup, dtype=dtype), Variant("jax", options))
+  return model, jax.tree_util.tree_map(jnp.asarray, from_torch_state_dict(params, model=model))
+
+
+def _jax_loss(model, p, tokens):
+  """(ce + reg, ce) of moeut-jax on ``tokens``."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  out = model.apply({"params": p}, tokens[:, :-1], train=True)
+  logp = jax.nn.log_softmax(out.outputs.astype(jnp.float32), axis=-1)
+  ce = -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+  return ce + out.reg_loss, ce
+
+
+def _state_dict(tree) -> dict:
+  from moeut_jax.convert import to_torch_state_dict  # noqa: PLC0415
+  return {k: np.asarray(v, np.float32) for k, v in to_torch_state_dict(tree).items()}
 
 
 def jax_grads(setup, params: dict, dtype: str, options: tuple = ()) -> tuple[dict, float]:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
-  from moeut_jax.convert import from_torch_state_dict, to_torch_state_dict  # noqa: PLC0415
-  from moeut_jax.side_by_side.ours import build_model  # noqa: PLC0415
-  model = build_model(dataclasses.replace(setup, dtype=dtype), Variant("jax", options))
-  tree = jax.tree_util.tree_map(jnp.asarray, from_torch_state_dict(params, model=model))
+  model, tree = _jax_model(setup, params, dtype, options)
   tokens = jnp.asarray(setup.train[0])
-
-  def loss(p):
-    out = model.apply({"params": p}, tokens[:, :-1], train=True)
-    logp = jax.nn.log_softmax(out.outputs.astype(jnp.float32), axis=-1)
-    ce = -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
-    return ce + out.reg_loss, ce
-
-  (_, ce), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(tree)
-  return {k: np.asarray(v, np.float32) for k, v in to_torch_state_dict(g).items()}, float(ce)
+  grad = jax.jit(jax.value_and_grad(lambda p: _jax_loss(model, p, tokens), has_aux=True))
+  (_, ce), g = grad(tree)
+  return _state_dict(g), float(ce)
 
 
 def moved(setup, steps: int, by: str = "jax") -> dict:
@@ -111,10 +148,7 @@ def moved(setup, steps: int, by: str = "jax") -> dict:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import optax  # noqa: PLC0415
-  from moeut_jax.convert import from_torch_state_dict, to_torch_state_dict  # noqa: PLC0415
-  from moeut_jax.side_by_side.ours import build_model  # noqa: PLC0415
-  model = build_model(dataclasses.replace(setup, dtype="float32"), Variant("jax"))
-  p = jax.tree_util.tree_map(jnp.asarray, from_torch_state_dict(setup.init, model=model))
+  model, p = _jax_model(setup, setup.init, "float32")
   tx = optax.chain(optax.clip_by_global_norm(setup.grad_clip),
                    optax.adamw(1e-3, b1=setup.betas[0], b2=setup.betas[1], eps=setup.eps,
                                weight_decay=setup.weight_decay))
@@ -122,68 +156,45 @@ def moved(setup, steps: int, by: str = "jax") -> dict:
 
   @jax.jit
   def step(p, state, tokens):
-    def loss(p):
-      out = model.apply({"params": p}, tokens[:, :-1], train=True)
-      logp = jax.nn.log_softmax(out.outputs.astype(jnp.float32), axis=-1)
-      return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)) + out.reg_loss
-    g = jax.grad(loss)(p)
+    g = jax.grad(lambda p: _jax_loss(model, p, tokens)[0])(p)
     u, state = tx.update(g, state, p)
     return optax.apply_updates(p, u), state
 
   for s in range(steps):
     p, state = step(p, state, jnp.asarray(setup.train[1 + s]))
-  return {k: np.asarray(v, np.float32) for k, v in to_torch_state_dict(p).items()}
+  return _state_dict(p)
 
 
 def _moved_by_original(setup, steps: int) -> dict:
   import torch  # noqa: PLC0415
-  import torch.nn.functional as F  # noqa: N812,PLC0415
-  from moeut_jax.side_by_side.original import cvmm_standin, load  # noqa: PLC0415
-  moeut = load(setup.original_path)
-  device = "cuda" if torch.cuda.is_available() else "cpu"
-  model = moeut.MoEUTLM(VOCAB, **setup.model)
-  model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
-                         for k, v in setup.init.items()})
-  model.to(device).train()
+  from moeut_jax.side_by_side.original import on_device  # noqa: PLC0415
+  moeut, model, device = _original(setup, setup.init)
   params = list(model.parameters())
   opt = torch.optim.AdamW(params, lr=1e-3, betas=setup.betas, eps=setup.eps,
                           weight_decay=setup.weight_decay)
-  ctx = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda"
-         else contextlib.nullcontext)
-  saved = moeut.moeut.cvmm
-  if device == "cpu":
-    moeut.moeut.cvmm = cvmm_standin(moeut)
-  try:
+  with on_device(moeut, device):
     for s in range(steps):
       tokens = torch.from_numpy(setup.train[1 + s]).long().to(device)
-      with ctx():
-        out = model(tokens[:, :-1])
-        ce = F.cross_entropy(out.outputs.float().reshape(-1, VOCAB),
-                             tokens[:, 1:].reshape(-1))
-        loss = ce + out.reg_loss.sum()
-      loss.backward()
+      _original_loss(model, tokens, device == "cuda", device)[0].backward()
       torch.nn.utils.clip_grad_norm_(params, setup.grad_clip)
       opt.step()
       opt.zero_grad(set_to_none=True)
-  finally:
-    moeut.moeut.cvmm = saved
   return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
 
 
 def distances(g: dict, ref: dict) -> dict:
   """{kind: rel distance} plus 'all' and 'cos'."""
   num, den = collections.defaultdict(float), collections.defaultdict(float)
-  dot = na = nb = 0.0
+  dot = na = 0.0
   for k, r in ref.items():
-    d = g[k].astype(np.float64) - r
-    num[kind_of(k)] += float(np.sum(d * d))
-    den[kind_of(k)] += float(np.sum(r.astype(np.float64) ** 2))
-    dot += float(np.sum(g[k].astype(np.float64) * r))
-    na += float(np.sum(g[k].astype(np.float64) ** 2))
-    nb += float(np.sum(r.astype(np.float64) ** 2))
+    a, r = g[k].astype(np.float64), r.astype(np.float64)
+    num[kind_of(k)] += float(np.sum((a - r) ** 2))
+    den[kind_of(k)] += float(np.sum(r * r))
+    dot += float(np.sum(a * r))
+    na += float(np.sum(a * a))
   out = {k: (num[k] / den[k]) ** 0.5 if den[k] > 0 else float("nan") for k in num}
   out["all"] = (sum(num.values()) / sum(den.values())) ** 0.5
-  out["cos"] = dot / (na * nb) ** 0.5
+  out["cos"] = dot / (na * sum(den.values())) ** 0.5
   return out
 
 
@@ -220,8 +231,9 @@ def main(argv=None) -> int:
       dtype, *opts = how.split("+")
       g, ce = jax_grads(setup, params, "float32" if dtype == "f32" else "bfloat16", tuple(opts))
     rows.append((mode, ce, distances(g, ref)))
-    print(f"  {mode:32s} {time.time() - t0:5.0f} s  ce {ce:.6f}  all {rows[-1][2]['all']:.5f}  cos "
-          f"{rows[-1][2]['cos']:.7f}  " + json.dumps(rows[-1][2]), flush=True)
+    d = rows[-1][2]
+    print(f"  {mode:32s} {time.time() - t0:5.0f} s  ce {ce:.6f}  all {d['all']:.5f}  "
+          f"cos {d['cos']:.7f}  " + json.dumps(d), flush=True)
   kinds = sorted(k for k in rows[0][2] if k not in ("all", "cos"))
   print("\nrelative distance from the float32 original's gradient, by parameter")
   w = max(len(m) for m, _, _ in rows) + 2
