@@ -22,6 +22,9 @@
 # case (5 timed after 3 untimed, the first of which compiles); CASES, the names of the
 # cases to run, in order (default all, as listed below). A case left without time is
 # reported as skipped; one that runs out of memory as such, and the script goes on.
+# HLO_CASES: JAX cases whose compiled step is also dumped and read by bench/hlo_memory.py
+# (what is live at the peak of XLA's schedule, into $OUT/<case>.hlo.txt; the dump is
+# deleted after).
 # JAX takes 95% of the GPU (bench/model.py sets XLA_PYTHON_CLIENT_MEM_FRACTION unless a
 # memory variable is set); the official step runs in its own process with the GPU to
 # itself. Peaks: JAX's peak_bytes_in_use, PyTorch's max_memory_allocated.
@@ -96,8 +99,15 @@ for name in $CASES; do
   log=$OUT/$name.log
   echo "\$ $cmd" > "$log"
   t0=$SECONDS
-  timeout -k 10 "$limit" $cmd >> "$log" 2>&1
+  dump=""
+  [[ " ${HLO_CASES:-} " == *" $name "* ]] && dump=$OUT/dump_$name
+  XLA_FLAGS="${XLA_FLAGS:-}${dump:+ --xla_dump_to=$dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=train_step}" \
+    timeout -k 10 "$limit" $cmd >> "$log" 2>&1
   rc=$?
+  if [[ -n $dump ]]; then
+    timeout 60 python3 bench/hlo_memory.py "$dump" > "$OUT/$name.hlo.txt" 2>&1
+    rm -rf "$dump"
+  fi
   took=$((SECONDS - t0))
   if [[ $name == torch_* ]]; then
     result=$(tail -n 1 "$log")                       # one JSON line, or the error's last line
