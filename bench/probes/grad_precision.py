@@ -20,7 +20,9 @@ The gradient of ce + reg of every parameter, for:
   jax bf16             moeut-jax in bf16, and with each original-numerics option
 
 Printed: ‖g - g_ref‖ / ‖g_ref‖ per kind of parameter (summed over layers) and over all,
-and the cosine between g and g_ref over all. A path whose distance is far above another's
+and the cosine between g and g_ref over all; and for every mode after the first, its
+distance over all from the first mode's gradient (two paths equally far from float32
+may still be far from each other: this says whether they round the same way). A path whose distance is far above another's
 moves the weights differently in every step.
 """
 from __future__ import annotations
@@ -222,7 +224,7 @@ def main(argv=None) -> int:
   print(f"{args.profile}, {args.batch} x {args.seq} bytes, weights after {args.after} "
         f"steps by {args.moved_by} ({time.time() - t0:.0f} s); reference: the original in "
         f"float32, ce {ref_ce:.5f}", flush=True)
-  rows = []
+  rows, first = [], None
   for mode in args.modes.split(","):
     side, how = mode.split(":")
     if side == "original":
@@ -232,14 +234,22 @@ def main(argv=None) -> int:
       g, ce = jax_grads(setup, params, "float32" if dtype == "f32" else "bfloat16", tuple(opts))
     rows.append((mode, ce, distances(g, ref)))
     d = rows[-1][2]
+    if first is None:
+      first, versus = (mode, g), ""
+    else:
+      v = distances(g, first[1])
+      d["vs_first"] = v["all"]
+      versus = f"  from {first[0]}: {v['all']:.5f}"
     print(f"  {mode:32s} {time.time() - t0:5.0f} s  ce {ce:.6f}  all {d['all']:.5f}  "
-          f"cos {d['cos']:.7f}  " + json.dumps(d), flush=True)
-  kinds = sorted(k for k in rows[0][2] if k not in ("all", "cos"))
+          f"cos {d['cos']:.7f}{versus}  " + json.dumps(d), flush=True)
+  kinds = sorted(k for k in rows[0][2] if k not in ("all", "cos", "vs_first"))
   print("\nrelative distance from the float32 original's gradient, by parameter")
   w = max(len(m) for m, _, _ in rows) + 2
   print(f"{'parameter':24s}" + "".join(f"{m:>{w}s}" for m, _, _ in rows))
   for k in kinds + ["all", "cos"]:
     print(f"{k:24s}" + "".join(f"{r[k]:{w}.3g}" for _, _, r in rows))
+  print(f"{'from ' + rows[0][0]:24s}" + "".join(
+      f"{r.get('vs_first', 0.0):{w}.3g}" for _, _, r in rows))
   return 0
 
 
