@@ -227,3 +227,72 @@ def test_collect_refuses_folders_of_other_setups(tmp_path, capsys):
   assert "another setup" in capsys.readouterr().err
   assert collect.main([str(tmp_path / "nowhere")]) == 2
   assert "no setup.json" in capsys.readouterr().err
+
+
+def _original_tiny():
+  """The official model at a tiny size on the CPU (its CVMM op replaced by the stand-in
+  by the caller), with a fixed input."""
+  import torch  # noqa: PLC0415
+  from moeut_jax.side_by_side import original  # noqa: PLC0415
+  moeut = original.load(original_cvmm.required())
+  torch.manual_seed(0)
+  model = moeut.MoEUTLM(64, d_model=32, n_layers=2, n_heads=2, ff_n_experts=8,
+                        att_n_experts=3, d_head=8, ff_k=3, group_size=2)
+  tokens = torch.randint(0, 64, (2, 12))
+  return moeut, model, tokens
+
+
+@pytest.mark.parametrize("option,part", [
+    ("float32_sigma_moe", "ffn"), ("float32_attention", "attention"),
+    ("float32_routers", "router"), ("float32_cvmm", "ffn")])
+def test_float32_options_take_their_part_of_the_original_out_of_autocast(option, part):
+  """Under bf16 autocast (CPU), the option's part computes in float32: the σ-MoE or
+  SwitchHead module's output equals its float32 output bit for bit; the routers'
+  logits (kept for the reg loss) are float32 and equal float32 logits; with the CVMM
+  calls in float32 the σ-MoE output is float32. Without the option the same part is
+  bf16. After the run the model and the original's module are as they were."""
+  import torch  # noqa: PLC0415
+  from moeut_jax.side_by_side import original  # noqa: PLC0415
+  moeut, model, tokens = _original_tiny()
+  layer = model.transformer.layers[0]
+  seen = {}
+  layer.ffn.register_forward_hook(lambda m, i, o: seen.__setitem__("ffn", (i, o)))
+  layer.attention.register_forward_hook(
+      lambda m, i, o: seen.__setitem__("attention", (i, o[0])))
+
+  def run(variant, autocast):
+    seen.clear()
+    ffn_hist, att_hist = [], []   # the model empties them by reassigning
+    layer.ffn.sel_hist, layer.attention.sel_hist = ffn_hist, att_hist
+    with original.on_device(moeut, "cpu"), original.float32_parts(moeut, model, variant), \
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
+      model(tokens)
+    if part == "router":
+      return ffn_hist[0], att_hist[0][0]
+    inputs, out = seen[part]
+    return out, inputs
+
+  plain = run(shared.parse_variant("original"), autocast=True)
+  got = run(shared.parse_variant(f"original+{option}"), autocast=True)
+  if part == "router":
+    # the σ-MoE router's logits and the SwitchHead output router's (which the original
+    # casts to float32 after its bf16 product): float32 products of the float32 inputs
+    want_ffn = torch.nn.functional.linear(seen["ffn"][0][1].float(), layer.ffn.expert_sel)
+    want_att = torch.nn.functional.linear(seen["attention"][0][0].float(),
+                                          layer.attention.sel_o).view(got[1].shape)
+    assert plain[0].dtype == torch.bfloat16 and got[0].dtype == torch.float32
+    assert torch.equal(got[0], want_ffn) and torch.equal(got[1], want_att)
+    assert not torch.equal(plain[1], want_att)
+  else:
+    assert plain[0].dtype == torch.bfloat16
+    assert got[0].dtype == torch.float32
+    if option != "float32_cvmm":
+      # the module on the same inputs without autocast: the same float32 numbers
+      module = layer.ffn if part == "ffn" else layer.attention
+      with original.on_device(moeut, "cpu"), torch.no_grad():
+        args = [a.float() if torch.is_tensor(a) else a for a in got[1]]
+        want = module(*args)
+      want = want if part == "ffn" else want[0]
+      assert torch.equal(got[0], want)
+  assert "forward" not in vars(layer.ffn) and "forward" not in vars(layer.attention)
+  assert moeut.moeut.F is torch.nn.functional

@@ -15,6 +15,10 @@ paper's recipe, docs/semantics.md §9). Each run (a *variant*) is a process of i
                       the same with PyTorch's cuDNN attention backend off (its attention,
                       called with a boolean mask, then runs the memory-efficient kernel;
                       not counted in the spread)
+  original+float32_routers, +float32_cvmm, +float32_sigma_moe, +float32_attention
+                      the original with one part out of its bf16 autocast (in float32):
+                      its routers' logits, its CVMM calls, its σ-MoE modules, its
+                      SwitchHead modules; to find which part's rounding changes its curve
   jax                 moeut-jax as it is
   jax+OPTION[+...]    moeut-jax with options that compute as the original does:
                       original_routers  router_dtype = the compute dtype

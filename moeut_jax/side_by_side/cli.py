@@ -36,7 +36,8 @@ def make_parser() -> argparse.ArgumentParser:
       "held-out losses and the original's run-to-run spread, and writes a PNG.",
       epilog=f"Variants: 'original' (the official model; give it twice for its spread), "
       "'original+efficient_attention' (its attention on PyTorch's memory-efficient kernel, "
-      "cuDNN's off), "
+      "cuDNN's off), 'original+float32_routers' (or float32_cvmm, float32_sigma_moe, "
+      "float32_attention: that part of the original out of its bf16 autocast), "
       f"'jax', 'jax+OPTION[+OPTION]' with OPTION one of {', '.join(OPTIONS)}: "
       "original_routers = routers in the compute dtype, as the original under autocast; "
       "original_cvmm = the original's CVMM kernels (CvmmConfig(impl='original')).")

@@ -81,15 +81,73 @@ def attention_backends(variant: Variant):
     torch.backends.cuda.enable_cudnn_sdp(was)
 
 
+def _float32(fn):
+  """``fn`` with autocast off and its floating-point tensor arguments in float32."""
+  import torch  # noqa: PLC0415
+
+  def run(*args, **kwargs):
+    cast = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+    device = next((a.device.type for a in cast if torch.is_tensor(a)), "cuda")
+    with torch.autocast(device, enabled=False):
+      return fn(*cast, **kwargs)
+  return run
+
+
+class _RouterLinear:
+  """``torch.nn.functional`` as the original's model module sees it, except that its
+  ``linear`` with one of the routers' weights runs in float32."""
+
+  def __init__(self, functional, router_weights):
+    self._functional = functional
+    self._router_ids = {id(w) for w in router_weights}
+
+  def __getattr__(self, name):
+    return getattr(self._functional, name)
+
+  def linear(self, x, weight, bias=None):
+    if id(weight) in self._router_ids:
+      return _float32(self._functional.linear)(x, weight, bias)
+    return self._functional.linear(x, weight, bias)
+
+
+@contextlib.contextmanager
+def float32_parts(moeut, model, variant: Variant):
+  """The parts of ``model`` that the variant's float32_* options name (shared.py), out of
+  autocast for the duration; nothing else changes."""
+  opts = variant.options
+  model_module = moeut.moeut
+  saved = dict(F=model_module.F, cvmm=model_module.cvmm)
+  patched = []
+  try:
+    if "float32_routers" in opts:
+      routers = [p for name, p in model.named_parameters()
+                 if name.rsplit(".", 1)[-1] in ("expert_sel", "sel_v", "sel_o")]
+      model_module.F = _RouterLinear(saved["F"], routers)
+    if "float32_cvmm" in opts:
+      model_module.cvmm = _float32(saved["cvmm"])
+    for option, kind in (("float32_sigma_moe", model_module.SigmaMoE),
+                         ("float32_attention", model_module.SwitchHeadCore)):
+      if option in opts:
+        for m in model.modules():
+          if isinstance(m, kind):
+            m.forward = _float32(m.forward)
+            patched.append(m)
+    yield
+  finally:
+    model_module.F, model_module.cvmm = saved["F"], saved["cvmm"]
+    for m in patched:
+      del m.forward
+
+
 def train(setup: Setup, variant: Variant = Variant("original"), log=print,
           progress=None) -> dict:
   """Trains the original on the setup; returns its curves (see :mod:`.worker`).
   ``progress``, if given, gets the curves so far after every held-out evaluation."""
   with attention_backends(variant):
-    return _train(setup, log, progress)
+    return _train(setup, variant, log, progress)
 
 
-def _train(setup: Setup, log, progress=None) -> dict:
+def _train(setup: Setup, variant: Variant, log, progress=None) -> dict:
   import torch  # noqa: PLC0415
   import torch.nn.functional as F  # noqa: N812,PLC0415
   moeut = load(setup.original_path)
@@ -126,7 +184,7 @@ def _train(setup: Setup, log, progress=None) -> dict:
   train_losses, grad_norms, held, t0 = [], [], [], time.time()
   evals = set(setup.eval_steps())
   model.train()
-  with on_device(moeut, device):
+  with on_device(moeut, device), float32_parts(moeut, model, variant):
     for s in range(setup.steps):
       tokens = torch.from_numpy(setup.train[s]).long().to(device)
       with autocast():

@@ -23,7 +23,14 @@ OPTIONS = ("original_routers", "original_cvmm")
 # Options of the original's runs: "efficient_attention" turns PyTorch's cuDNN attention
 # backend off, so that its scaled_dot_product_attention (called with a boolean mask) runs
 # the memory-efficient kernel (PyTorch prefers cuDNN's on Hopper with a recent cuDNN).
-ORIGINAL_OPTIONS = ("efficient_attention",)
+# The float32_* options take one part of the original out of its bf16 autocast (inputs
+# cast to float32, autocast off inside), to find which part's 16-bit rounding changes its
+# training: float32_routers its routers' logits (the F.linear of SigmaMoE.forward and
+# SwitchHeadCore.get_sel: moeut-jax's default router_dtype), float32_cvmm every CVMM call
+# (its Triton kernels then run in float32), float32_sigma_moe the whole σ-MoE modules,
+# float32_attention the whole SwitchHead modules (projections, RoPE, attention).
+ORIGINAL_OPTIONS = ("efficient_attention", "float32_routers", "float32_cvmm",
+                    "float32_sigma_moe", "float32_attention")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 
 
