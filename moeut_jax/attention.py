@@ -99,12 +99,12 @@ class SwitchHeadRope(nn.Module):
       p["sel_o"] = self.param("sel_o", sel, (d, h), self.param_dtype)
     return p
 
-  def _router(self, src, sel, train):
+  def _router(self, src, sel, train, source=None):
     """Router logits of one projection [B, T, H, Ea] f32 and its expert-dropout mask
     (or None). 16-bit routers (``router_dtype``) round the logits, then take them to
     float32, as the original's ``.float()``."""
     b, t, _ = src.shape
-    logits = upcast(router_logits(src, sel, self.dtype, self.router_dtype))
+    logits = upcast(router_logits(src, sel, self.dtype, self.router_dtype, source))
     logits = logits.reshape(b, t, self.n_heads, self.n_experts)
     logits = checkpoint_name(logits, ROUTER_LOGITS)
     drop = None
@@ -114,7 +114,7 @@ class SwitchHeadRope(nn.Module):
 
   @nn.compact
   def __call__(self, q_src, k_src, v_src, *, positions, blocked, causal_only,
-               cache=None, train: bool = False):
+               cache=None, train: bool = False, src_source=None):
     """One attention application.
 
     Args:
@@ -125,6 +125,8 @@ class SwitchHeadRope(nn.Module):
         values. ``fixed`` (static): a fixed-capacity buffer written at ``offset``;
         otherwise the new keys are appended.
       train: expert dropout.
+      src_source: when q_src and k_src are one LayerNorm's output, its
+        :class:`~moeut_jax.layernorm.NormSource`: the routers' backward recomputes it.
 
     Returns:
       (out [B, T, D], (k_all, v_all) the keys/values to cache, router logits for the
@@ -148,8 +150,9 @@ class SwitchHeadRope(nn.Module):
     k = checkpoint_name(apply_rope(k, positions, n_rot), ATTENTION_QK)
 
     if self.n_experts > 1:
-      lv, drop_v = self._router(k_src, p["sel_v"], train)
-      lo, drop_o = self._router(q_src, p["sel_o"], train)
+      shared = src_source if k_src is q_src else None
+      lv, drop_v = self._router(k_src, p["sel_v"], train, shared)
+      lo, drop_o = self._router(q_src, p["sel_o"], train, shared)
 
       def values(lv, drop_v, v_src, w):
         """Expert-mixed values of the tokens at hand (one device's, under a mesh)."""

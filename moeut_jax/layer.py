@@ -35,19 +35,22 @@ class MoEUTLayer(nn.Module):
   @nn.compact
   def __call__(self, x, *, positions, blocked, causal_only, cache, train):
     ln = lambda name: LayerNorm(1e-5, self.param_dtype, name=name)  # noqa: E731
-    xn = ln("ln1")(x)
+    # the routers' backward passes recompute the LayerNorms' outputs from x
+    xn, xn_source = ln("ln1")(x, with_source=True)
     att, kv, att_logits = SwitchHeadRope(
         self.d_model, self.n_heads, self.d_head, self.att_n_experts, self.att_k,
         self.n_layers, self.att_expert_dropout, self.dtype, self.param_dtype, self.cvmm,
         self.router_dtype, name="attention")(xn, xn, x, positions=positions,
                                                blocked=blocked, causal_only=causal_only,
-                                               cache=cache, train=train)
+                                               cache=cache, train=train,
+                                               src_source=xn_source)
     att = nn.Dropout(self.dropout)(att, deterministic=not train)
     x = x + att.astype(x.dtype)
+    xn2, xn2_source = ln("ln2")(x, with_source=True)
     ffn, ffn_logits = SigmaMoE(
         self.d_model, self.ff_n_experts, self.ff_expert_size, self.ff_k, self.n_layers,
         self.ff_expert_dropout, self.dtype, self.param_dtype, self.cvmm, self.router_dtype,
-        name="ffn")(x, ln("ln2")(x), train)
+        name="ffn")(x, xn2, train, sel_source=xn2_source)
     x = x + ffn.astype(x.dtype)
     return x, kv, (ffn_logits, att_logits)
 

@@ -10,7 +10,7 @@ which the model keeps anyway (or, with ``remat="elementwise"``, recomputes).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -42,7 +42,9 @@ def _layer_norm_fwd(x, scale, bias, eps):
 
 def _layer_norm_bwd(eps, res, g):
   del eps
-  x, mean, rstd, scale, bias_like = res
+  # the barrier keeps XLA from sharing x - mean etc. with the forward pass (it would keep
+  # them from there to here)
+  x, mean, rstd, scale, bias_like, g = jax.lax.optimization_barrier((*res, g))
   lead = tuple(range(x.ndim - 1))
   xhat = (x.astype(jnp.float32) - mean) * rstd                       # [..., D]
   g = g.astype(jnp.float32)
@@ -64,8 +66,24 @@ class LayerNorm(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, with_source: bool = False):
+    """The normalised x [..., D] float32; with ``with_source``, (it, its
+    :class:`NormSource`), for consumers that recompute it instead of keeping it."""
     d = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
-    return layer_norm(x, scale, bias, self.epsilon)
+    y = layer_norm(x, scale, bias, self.epsilon)
+    return (y, NormSource(x, scale, bias, self.epsilon)) if with_source else y
+
+
+class NormSource(NamedTuple):
+  """What a LayerNorm's output is made from: ``recompute()`` gives the same values
+  (the forward pass's operations), so a backward pass may keep these (x is the residual
+  stream, which the model keeps anyway) instead of the float32 output."""
+  x: jax.Array
+  scale: jax.Array
+  bias: jax.Array
+  eps: float
+
+  def recompute(self) -> jax.Array:
+    return _layer_norm_fwd(self.x, self.scale, self.bias, self.eps)[0]

@@ -6,12 +6,17 @@ bf16, from JAX's list of saved residuals traced on a CPU with the Triton path
 (``python bench/residuals.py``, which lists every residual; the attention counted as
 cuDNN's fused attention keeps it on GPUs: q, k, v, its output and [B, H, T] statistics).
 
-- ``"none"`` (default): every layer keeps what its backward pass reads: 34.4 MiB, most
-  of them float32 and bf16 [N, D] copies of the residual stream: the LayerNorms' outputs
-  (the routers' and projections' inputs), the sums after each branch and the bf16 casts
-  that the projections and CVMM kernels read. (These are JAX's counts; XLA shares
-  reshapes and repeated casts, and may fuse an elementwise residual's producer into the
-  backward pass instead: the GPU's peak is what bench/memory.sh measures.)
+- ``"none"`` (default): every layer keeps what its backward pass reads: 26.4 MiB, most
+  of them float32 and bf16 [N, D] copies of the residual stream: the sums after each
+  branch (float32) and the bf16 casts that the projections and CVMM kernels read. The
+  LayerNorms' float32 outputs are not kept: the routers' backward passes recompute them
+  from the residual stream (``router_logits(..., source=...)``), 8 MiB less. (These are
+  JAX's counts; XLA shares reshapes and repeated casts, and may fuse an elementwise
+  residual's producer into the backward pass instead: the GPU's peak is what
+  bench/memory.sh measures. Optimization barriers tied to the cotangent keep XLA from
+  merging the backward passes' recomputations with the forward pass's operations, which
+  would keep the forward's arrays alive until the backward: on an H100 they take
+  MoEUT_244M's step from 54.7 to 41.3 GiB.)
 - ``"elementwise"``: recomputes every value that an elementwise operation makes (adds,
   casts, LayerNorm's normalisation, RoPE, sigmoids, softmaxes, reshapes, dropout's
   random bits: ``ELEMENTWISE_PRIMITIVES``) and keeps everything else: products, kernel

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from kernels.arrays import pad_to
 from kernels.topk import topk_indices
+from moeut_jax.layernorm import NormSource
 
 
 def _split_bf16(a: jax.Array):
@@ -67,7 +68,10 @@ def _logits_bf16x3_fwd(x, w):
 
 
 def _logits_bf16x3_bwd(res, g):
-  x, w = res
+  # the barrier keeps XLA from sharing the bf16 splits below with the forward pass's
+  # (the same operations on the same arrays): it would keep both halves of x's split
+  # from the forward to here, beside x itself
+  x, w, g = jax.lax.optimization_barrier((*res, g))    # tied to g: not before the backward
   e = w.shape[1]
   x2 = x.reshape(-1, x.shape[-1])
   g = pad_to(g.reshape(-1, e), 1, _E_ALIGN)                           # [N, Ep]
@@ -79,8 +83,34 @@ def _logits_bf16x3_bwd(res, g):
 _logits_bf16x3.defvjp(_logits_bf16x3_fwd, _logits_bf16x3_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _logits_bf16x3_normed(x, source_x, scale, bias, w, eps):
+  """_logits_bf16x3 of a LayerNorm's output x = layer_norm(source_x, scale, bias, eps),
+  keeping source_x (the residual stream, kept anyway), scale and bias instead of x: the
+  backward pass recomputes x for w's gradient. x's gradient is x's alone (the LayerNorm's
+  own backward takes it further); source_x, scale and bias get none from here."""
+  return _logits_bf16x3_fwd(x, w)[0]
+
+
+def _logits_bf16x3_normed_fwd(x, source_x, scale, bias, w, eps):
+  return _logits_bf16x3_fwd(x, w)[0], (source_x, scale, bias, w)
+
+
+def _logits_bf16x3_normed_bwd(eps, res, g):
+  # the barrier keeps XLA from replacing the recomputation with the forward pass's output
+  # (the same operations on the same arrays), which it would then keep until here
+  # (tied to g, it cannot move into the forward pass either)
+  source_x, scale, bias, w, g = jax.lax.optimization_barrier((*res, g))
+  x = NormSource(source_x, scale, bias, eps).recompute()
+  dx, dw = _logits_bf16x3_bwd((x, w), g)
+  return dx, None, None, None, dw
+
+
+_logits_bf16x3_normed.defvjp(_logits_bf16x3_normed_fwd, _logits_bf16x3_normed_bwd)
+
+
 def router_logits(x: jax.Array, w: jax.Array, compute_dtype,
-                  router_dtype=jnp.float32) -> jax.Array:
+                  router_dtype=jnp.float32, source: NormSource | None = None) -> jax.Array:
   """Router logits x [..., D] @ w [D, E] in ``router_dtype``, and their gradients.
 
   float32 (the default; docs/semantics.md §7): with a float32 ``compute_dtype`` one
@@ -94,6 +124,13 @@ def router_logits(x: jax.Array, w: jax.Array, compute_dtype,
 
   A 16-bit ``router_dtype`` is the original's router under autocast: x and w rounded to
   it, a float32 sum of the products, the logits rounded to it (their gradients too).
+
+  ``source``: when x is a LayerNorm's output, what it is made from (``LayerNorm(...,
+  with_source=True)``). With the three bf16 products the backward pass then keeps that
+  (the residual stream, which the model keeps anyway) and recomputes x for w's gradient,
+  instead of keeping x in float32: 4 bytes per token and d_model per router input (8 MiB
+  per layer and 1024 tokens at MoEUT_244M), for a pass over x in the backward. The
+  values are the same.
   """
   if jnp.dtype(router_dtype) != jnp.float32:
     return _logits_16bit(x, w, jnp.dtype(router_dtype))
@@ -101,6 +138,8 @@ def router_logits(x: jax.Array, w: jax.Array, compute_dtype,
   w = w.astype(jnp.float32)
   if jnp.dtype(compute_dtype) == jnp.float32:
     return jnp.einsum("...D,DE->...E", x, w, precision=jax.lax.Precision.HIGHEST)
+  if source is not None:
+    return _logits_bf16x3_normed(x, source.x, source.scale, source.bias, w, source.eps)
   return _logits_bf16x3(x, w)
 
 

@@ -34,7 +34,11 @@ class SigmaMoE(nn.Module):
   router_dtype: Any = jnp.float32        # dtype of the router (moeut_jax/routing.py)
 
   @nn.compact
-  def __call__(self, x: jax.Array, sel_input: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, sel_input: jax.Array, train: bool = False,
+               sel_source=None):
+    """x [B, T, D] the experts' input; sel_input [B, T, D] the router's; sel_source: when
+    sel_input is a LayerNorm's output, its :class:`~moeut_jax.layernorm.NormSource` (the
+    router's backward recomputes sel_input instead of keeping it)."""
     d, e, es = self.d_model, self.n_experts, self.expert_size
     scale = init.layer_scale(self.n_layers)
     keys = self.param("keys", init.normal(scale / d ** 0.5), (e, d, es), self.param_dtype)
@@ -43,8 +47,8 @@ class SigmaMoE(nn.Module):
     expert_sel = self.param("expert_sel", init.normalized_router(scale / d ** 0.5, 0, False),
                             (d, e), self.param_dtype)
 
-    logits = router_logits(sel_input, expert_sel, self.dtype,
-                           self.router_dtype)                         # [B, T, Ef]
+    logits = router_logits(sel_input, expert_sel, self.dtype, self.router_dtype,
+                           sel_source)                                # [B, T, Ef]
     logits = checkpoint_name(logits, ROUTER_LOGITS)
     drop = None
     if train and self.expert_dropout > 0:

@@ -352,3 +352,27 @@ def test_unit_pair_tiles_in_combination_order():
   assert np.all(np.diff(used[2]) > 0)
   key = lambda t: sorted(map(tuple, t.T.tolist()))  # noqa: E731
   assert key(a) == key(b)
+
+
+def test_router_logits_of_a_layernorm_recompute_its_output_with_the_same_gradients():
+  """router_logits(..., source=NormSource) keeps the LayerNorm's input instead of its
+  float32 output; the logits and the gradients of the input, scale, bias and router weight
+  through the LayerNorm are those of the plain call (bits apart from summation order)."""
+  from moeut_jax.layernorm import NormSource, layer_norm
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 64, 96)) * 3 + 1, jnp.float32)
+  scale = jnp.asarray(1 + rng.standard_normal(96) / 5, jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(96) / 5, jnp.float32)
+  w = jnp.asarray(rng.standard_normal((96, 37)) / 10, jnp.float32)
+  g = jnp.asarray(rng.standard_normal((2, 64, 37)), jnp.float32)
+
+  def run(with_source):
+    def f(x, scale, bias, w):
+      y = layer_norm(x, scale, bias, 1e-5)
+      src = NormSource(x, scale, bias, 1e-5) if with_source else None
+      return router_logits(y, w, jnp.bfloat16, source=src)
+    out, vjp = jax.vjp(f, x, scale, bias, w)
+    return (out,) + vjp(g)
+  plain, recomputed = jax.jit(lambda: run(False))(), jax.jit(lambda: run(True))()
+  for a, b, name in zip(plain, recomputed, ("logits", "dx", "dscale", "dbias", "dw")):
+    assert rel_err(b, np.asarray(a, np.float64)) <= 1e-6, name

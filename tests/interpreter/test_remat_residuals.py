@@ -59,21 +59,24 @@ def test_elementwise_drops_what_elementwise_operations_make(per_layer):
   assert sum(f"'{SWITCHHEAD_CVMM}'" in o for _, o, _ in stream) == G
   added = [r for r in elementwise if _stream(r[0]) or "'moeut_attention_out'" in r[1]]
   assert _mib(elementwise) <= _mib(none) - _mib(made) + _mib(added) + 0.5   # routing's ints
-  # the float32 and bf16 [N, D] copies are most of what "none" keeps
-  assert _mib([r for r in made if _stream(r[0])]) > 0.5 * _mib(none)
-  assert _mib(elementwise) < 0.55 * _mib(none)
+  # the float32 and bf16 [N, D] copies made by elementwise operations are over 40% of
+  # what "none" keeps (the residual stream's sums, the 16-bit casts the kernels read)
+  assert _mib([r for r in made if _stream(r[0])]) > 0.4 * _mib(none)
+  assert _mib(elementwise) < 0.7 * _mib(none)
 
 
 def test_none_keeps_one_copy_of_each_shared_input(per_layer):
   """A layer's two attention routers and q, k read one LayerNorm output: "none" keeps it
-  once in float32 (the routers' input, not one reshaped copy per router) and once in
-  bf16 (q's and k's input); the σ-MoE router keeps its LayerNorm output once. And the
-  regulariser and the float32 sigmoid keep the router logits, not log_softmax, exp or
-  the gates."""
+  once, in bf16 (q's and k's input); the routers' backward recomputes the LayerNorms'
+  float32 outputs from the residual stream, so no LayerNorm output is kept in float32
+  (the residual stream is: the group's input and the sum after each attention). And
+  the regulariser and the float32 sigmoid keep the router logits, not log_softmax, exp
+  or the gates."""
   none = per_layer["none"]
   f32 = [o for v, o, _ in none if _stream(v) and v.dtype == jnp.float32]
-  assert sum("(_layer_norm_fwd)" in o for o in f32) == 2 * G, f32
-  assert not [o for o in f32 if "(router_logits)" in o]
+  assert not [o for o in f32 if "(_layer_norm_fwd)" in o or "(router_logits)" in o], f32
+  assert len(f32) == 2 * G, f32   # the group's input, each layer's sum after attention, and
+  #                                the sums after the σ-MoE that feed the next layer
   bf16_att = [o for v, o, _ in none if _stream(v) and v.dtype == jnp.bfloat16
               and "attention.py" in o and "convert_element_type" in o]
   assert len(bf16_att) == G, bf16_att
