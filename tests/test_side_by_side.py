@@ -296,3 +296,32 @@ def test_float32_options_take_their_part_of_the_original_out_of_autocast(option,
       assert torch.equal(got[0], want)
   assert "forward" not in vars(layer.ffn) and "forward" not in vars(layer.attention)
   assert moeut.moeut.F is torch.nn.functional
+
+
+def test_float32_qk_and_sdpa_take_the_attentions_products_out_of_autocast():
+  """float32_qk: SwitchHead's q and k projections give float32 products of float32
+  inputs under bf16 autocast (bf16 without the option); float32_sdpa: the attention
+  the model module calls returns float32 for bf16 inputs."""
+  import torch  # noqa: PLC0415
+  from moeut_jax.side_by_side import original  # noqa: PLC0415
+  moeut, model, tokens = _original_tiny()
+  att = model.transformer.layers[0].attention
+  seen = []
+  att.q.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
+
+  def run(variant):
+    seen.clear()
+    with original.on_device(moeut, "cpu"), original.float32_parts(moeut, model, variant), \
+        torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+      model(tokens)
+      q = torch.randn(2, 2, 5, 4, dtype=torch.bfloat16)
+      return seen[0], moeut.moeut.F.scaled_dot_product_attention(q, q, q)
+
+  (x, q), attn = run(shared.parse_variant("original"))
+  assert q.dtype == torch.bfloat16 and attn.dtype == torch.bfloat16
+  (x, q), attn = run(shared.parse_variant("original+float32_qk"))
+  assert torch.equal(q, torch.nn.functional.linear(x.float(), att.q.weight))
+  assert attn.dtype == torch.bfloat16
+  (x, q), attn = run(shared.parse_variant("original+float32_sdpa"))
+  assert q.dtype == torch.bfloat16 and attn.dtype == torch.float32
+  assert "forward" not in vars(att.q) and moeut.moeut.F is torch.nn.functional

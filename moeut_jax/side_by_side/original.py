@@ -93,13 +93,16 @@ def _float32(fn):
   return run
 
 
-class _RouterLinear:
+class _Functional:
   """``torch.nn.functional`` as the original's model module sees it, except that its
-  ``linear`` with one of the routers' weights runs in float32."""
+  ``linear`` with one of ``router_weights`` runs in float32, and with ``sdpa`` its
+  ``scaled_dot_product_attention`` too."""
 
-  def __init__(self, functional, router_weights):
+  def __init__(self, functional, router_weights=(), sdpa=False):
     self._functional = functional
     self._router_ids = {id(w) for w in router_weights}
+    if sdpa:
+      self.scaled_dot_product_attention = _float32(functional.scaled_dot_product_attention)
 
   def __getattr__(self, name):
     return getattr(self._functional, name)
@@ -119,19 +122,24 @@ def float32_parts(moeut, model, variant: Variant):
   saved = dict(F=model_module.F, cvmm=model_module.cvmm)
   patched = []
   try:
-    if "float32_routers" in opts:
-      routers = [p for name, p in model.named_parameters()
-                 if name.rsplit(".", 1)[-1] in ("expert_sel", "sel_v", "sel_o")]
-      model_module.F = _RouterLinear(saved["F"], routers)
+    routers = [p for name, p in model.named_parameters()
+               if "float32_routers" in opts
+               and name.rsplit(".", 1)[-1] in ("expert_sel", "sel_v", "sel_o")]
+    if routers or "float32_sdpa" in opts:
+      model_module.F = _Functional(saved["F"], routers, "float32_sdpa" in opts)
     if "float32_cvmm" in opts:
       model_module.cvmm = _float32(saved["cvmm"])
+    modules = []
     for option, kind in (("float32_sigma_moe", model_module.SigmaMoE),
                          ("float32_attention", model_module.SwitchHeadCore)):
       if option in opts:
-        for m in model.modules():
-          if isinstance(m, kind):
-            m.forward = _float32(m.forward)
-            patched.append(m)
+        modules += [m for m in model.modules() if isinstance(m, kind)]
+    if "float32_qk" in opts:
+      modules += [p for m in model.modules() if isinstance(m, model_module.SwitchHeadCore)
+                  for p in (m.q, m.k)]
+    for m in modules:
+      m.forward = _float32(m.forward)
+      patched.append(m)
     yield
   finally:
     model_module.F, model_module.cvmm = saved["F"], saved["cvmm"]

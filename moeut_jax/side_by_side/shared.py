@@ -28,9 +28,10 @@ OPTIONS = ("original_routers", "original_cvmm")
 # training: float32_routers its routers' logits (the F.linear of SigmaMoE.forward and
 # SwitchHeadCore.get_sel: moeut-jax's default router_dtype), float32_cvmm every CVMM call
 # (its Triton kernels then run in float32), float32_sigma_moe the whole σ-MoE modules,
-# float32_attention the whole SwitchHead modules (projections, RoPE, attention).
+# float32_attention the whole SwitchHead modules (projections, RoPE, attention),
+# float32_qk its q and k projections, float32_sdpa its scaled_dot_product_attention.
 ORIGINAL_OPTIONS = ("efficient_attention", "float32_routers", "float32_cvmm",
-                    "float32_sigma_moe", "float32_attention")
+                    "float32_sigma_moe", "float32_attention", "float32_qk", "float32_sdpa")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 
 
