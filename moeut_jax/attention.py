@@ -78,6 +78,7 @@ class SwitchHeadRope(nn.Module):
   param_dtype: Any = jnp.float32
   cvmm: CvmmConfig = DEFAULT             # the CVMM kernels' settings
   router_dtype: Any = jnp.float32        # dtype of the routers (moeut_jax/routing.py)
+  rope_table_dtype: Any = jnp.float32    # dtype of the RoPE angles (moeut_jax/rope.py)
 
   def _params(self):
     d, h, dh, ea = self.d_model, self.n_heads, self.d_head, self.n_experts
@@ -146,8 +147,8 @@ class SwitchHeadRope(nn.Module):
     q = jnp.einsum("BTD,DHK->BTHK", q_in, weight("q")) * qk_scale
     k = jnp.einsum("BTD,DHK->BTHK", k_in, weight("k")) * qk_scale
     n_rot = rotary_width(dh)
-    q = checkpoint_name(apply_rope(q, positions, n_rot), ATTENTION_QK)
-    k = checkpoint_name(apply_rope(k, positions, n_rot), ATTENTION_QK)
+    q = checkpoint_name(apply_rope(q, positions, n_rot, self.rope_table_dtype), ATTENTION_QK)
+    k = checkpoint_name(apply_rope(k, positions, n_rot, self.rope_table_dtype), ATTENTION_QK)
 
     if self.n_experts > 1:
       shared = src_source if k_src is q_src else None

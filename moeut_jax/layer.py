@@ -31,6 +31,7 @@ class MoEUTLayer(nn.Module):
   param_dtype: Any
   cvmm: CvmmConfig
   router_dtype: Any
+  rope_table_dtype: Any
 
   @nn.compact
   def __call__(self, x, *, positions, blocked, causal_only, cache, train):
@@ -40,7 +41,8 @@ class MoEUTLayer(nn.Module):
     att, kv, att_logits = SwitchHeadRope(
         self.d_model, self.n_heads, self.d_head, self.att_n_experts, self.att_k,
         self.n_layers, self.att_expert_dropout, self.dtype, self.param_dtype, self.cvmm,
-        self.router_dtype, name="attention")(xn, xn, x, positions=positions,
+        self.router_dtype, self.rope_table_dtype,
+        name="attention")(xn, xn, x, positions=positions,
                                                blocked=blocked, causal_only=causal_only,
                                                cache=cache, train=train,
                                                src_source=xn_source)

@@ -76,6 +76,9 @@ def _is_router_dtype(d) -> bool:
     return False
 
 
+_is_rope_table_dtype = _is_router_dtype     # the same three dtypes
+
+
 def validate_config(m) -> None:
   """Clear errors for inconsistent hyper-parameters (shared by MoEUT and MoEUTLM)."""
   for name in ("d_model", "n_layers", "n_heads", "ff_n_experts", "att_n_experts", "group_size",
@@ -105,6 +108,10 @@ def validate_config(m) -> None:
   if not _is_router_dtype(m.router_dtype):
     raise ValueError(f"router_dtype={m.router_dtype!r} must be one of {ROUTER_DTYPES} "
                      "(float32: ours; the compute dtype: the original under autocast)")
+  if not _is_rope_table_dtype(m.rope_table_dtype):
+    raise ValueError(f"rope_table_dtype={m.rope_table_dtype!r} must be one of "
+                     f"{ROUTER_DTYPES} (float32: ours; the compute dtype: the original under "
+                     "CUDA autocast)")
   if not isinstance(m.cvmm, CvmmConfig):
     raise TypeError(f"cvmm must be a kernels.CvmmConfig (e.g. CvmmConfig(impl='xla')), "
                     f"got {m.cvmm!r}")
@@ -155,6 +162,10 @@ class MoEUT(nn.Module):
   # the σ-MoE router is bf16 throughout (with many ties in the top-k) and SwitchHead's
   # logits are rounded to bf16 before its float32 sigmoid.
   router_dtype: Any = jnp.float32
+  # dtype of the RoPE angle table and rotation (moeut_jax/rope.py): float32 (ours), or the
+  # compute dtype as the original under CUDA autocast, whose torch.einsum of positions
+  # and frequencies runs in bf16 there (at 512 positions, angles off by up to 2.4 rad).
+  rope_table_dtype: Any = jnp.float32
 
   def __post_init__(self):
     validate_config(self)
@@ -182,7 +193,7 @@ class MoEUT(nn.Module):
                 ff_expert_size=self.ff_expert_size, ff_expert_dropout=self.ff_expert_dropout,
                 att_expert_dropout=self.att_expert_dropout, dropout=self.dropout,
                 dtype=self.dtype, param_dtype=self.param_dtype, cvmm=self.cvmm,
-                router_dtype=self.router_dtype)
+                router_dtype=self.router_dtype, rope_table_dtype=self.rope_table_dtype)
 
   def _start_cache(self, kv_cache, batch: int):
     if kv_cache is None or isinstance(kv_cache, KVCache):
@@ -292,6 +303,7 @@ class MoEUTLM(nn.Module):
   scan_unroll: Optional[int] = None
   remat: str = "none"
   router_dtype: Any = jnp.float32
+  rope_table_dtype: Any = jnp.float32
 
   def __post_init__(self):
     if self.n_tokens < 1:

@@ -77,6 +77,7 @@ def test_moeut_44m_with_odd_rotary_width_runs():
     (dict(SMALL, att_k=5), "att_k=5 cannot exceed att_n_experts=4"),
     (dict(SMALL, dropout=1.5), "dropout=1.5 must be in"),
     (dict(SMALL, scan_unroll=0), "scan_unroll=0 must be None or a positive integer"),
+    (dict(SMALL, rope_table_dtype="int8"), "rope_table_dtype='int8' must be one of"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

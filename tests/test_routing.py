@@ -376,3 +376,39 @@ def test_router_logits_of_a_layernorm_recompute_its_output_with_the_same_gradien
   plain, recomputed = jax.jit(lambda: run(False))(), jax.jit(lambda: run(True))()
   for a, b, name in zip(plain, recomputed, ("logits", "dx", "dscale", "dbias", "dw")):
     assert rel_err(b, np.asarray(a, np.float64)) <= 1e-6, name
+
+
+def test_bf16_rope_table_is_the_originals_under_cuda_autocast(monkeypatch):
+  """rope_table_dtype bf16 against the official RotaryPosEncoding as it runs under CUDA's
+  bf16 autocast, which runs torch.einsum (its angle table) in bf16: emulated here by an
+  einsum that casts its float inputs to bf16 first, as PyTorch's AutocastCUDA kernel for
+  aten::einsum does (the CPU's autocast has none). The rotations of the same bf16 q
+  agree bit for bit at 512 positions; float32 angles (our default) do not."""
+  import torch  # noqa: PLC0415
+  import original_cvmm  # noqa: PLC0415
+  from moeut_jax.side_by_side import original  # noqa: PLC0415
+  moeut = original.load(original_cvmm.required())
+  # PyTorch registers a CUDA autocast kernel for einsum (and none for the CPU)
+  dump = torch._C._dispatch_dump("aten::einsum")  # noqa: SLF001
+  assert "AutocastCUDA" in dump and "AutocastCPU" not in dump
+  einsum = torch.einsum
+
+  def einsum_bf16(eq, *ops):
+    return einsum(eq, *[o.to(torch.bfloat16) if o.is_floating_point() else o for o in ops])
+
+  t, n_rot = 512, 48
+  rng = np.random.default_rng(0)
+  q = torch.from_numpy(rng.normal(size=(2, 3, t, n_rot)).astype(np.float32)).to(torch.bfloat16)
+  pe = moeut.moeut.RotaryPosEncoding(n_rot, seq_dim=-2)
+  monkeypatch.setattr(torch, "einsum", einsum_bf16)
+  sin, cos = pe.get(q)
+  assert cos.dtype == torch.bfloat16
+  want = pe.apply_rot(q, sin, cos, -2, 0)                            # [B, H, T, n_rot] bf16
+  monkeypatch.setattr(torch, "einsum", einsum)
+  x = jnp.asarray(q.float().numpy(), jnp.bfloat16).transpose(0, 2, 1, 3)   # [B, T, H, n]
+  pos = jnp.arange(t)
+  got = apply_rope(x, pos, n_rot, table_dtype=jnp.bfloat16).transpose(0, 2, 1, 3)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), want.float().numpy())
+  ours = apply_rope(x, pos, n_rot).transpose(0, 2, 1, 3)
+  far = np.abs(np.asarray(ours, np.float32) - want.float().numpy())[:, :, 256:]
+  assert far.max() > 0.5                    # scrambled high-frequency rotations

@@ -325,3 +325,47 @@ def test_float32_qk_and_sdpa_take_the_attentions_products_out_of_autocast():
   (x, q), attn = run(shared.parse_variant("original+float32_sdpa"))
   assert q.dtype == torch.bfloat16 and attn.dtype == torch.float32
   assert "forward" not in vars(att.q) and moeut.moeut.F is torch.nn.functional
+
+
+def test_float32_rope_table_makes_the_originals_angles_in_float32(monkeypatch):
+  """Under an einsum that runs in bf16 (what CUDA's autocast does to the original's RoPE
+  table), the original's cached cos/sin are bf16; with float32_rope_table they are the
+  float32 table; afterwards the modules are as they were. jax+original_rope builds
+  moeut-jax with bf16 RoPE angles."""
+  import torch  # noqa: PLC0415
+  from moeut_jax.side_by_side import original  # noqa: PLC0415
+  from moeut_jax.side_by_side.ours import build_model  # noqa: PLC0415
+  moeut, model, tokens = _original_tiny()
+  einsum = torch.einsum
+
+  def autocast_einsum(eq, *ops):      # as CUDA's autocast runs it: in bf16 when enabled
+    if torch.is_autocast_enabled("cpu"):
+      ops = [o.to(torch.bfloat16) if o.is_floating_point() else o for o in ops]
+    return einsum(eq, *ops)
+
+  monkeypatch.setattr(torch, "einsum", autocast_einsum)
+  pe = model.transformer.layers[0].attention.pe
+
+  def table(variant):
+    pe.seq_len_cached = 0                                   # the cache is made anew
+    with original.on_device(moeut, "cpu"), original.float32_parts(moeut, model, variant), \
+        torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+      model(tokens)
+    return pe.cos_cached
+
+  assert table(shared.parse_variant("original")).dtype == torch.bfloat16
+  got = table(shared.parse_variant("original+float32_rope_table"))
+  monkeypatch.setattr(torch, "einsum", einsum)
+  assert "get" not in vars(pe)
+  want = pe.get(torch.zeros(1, 1, tokens.shape[1] + 5, pe.inv_freq.shape[0] * 2))[1]
+  assert got.dtype == torch.float32
+  torch.testing.assert_close(got, want[..., :tokens.shape[1], :], rtol=0, atol=0)
+  import jax.numpy as jnp  # noqa: PLC0415
+  setup = shared.Setup.__new__(shared.Setup)
+  for field, value in dict(dtype="bfloat16", model=dict(d_model=32, n_layers=2, n_heads=2,
+                           ff_n_experts=8, att_n_experts=3, d_head=8, ff_k=3, group_size=2),
+                           original_path="", scan_unroll=None).items():
+    object.__setattr__(setup, field, value)
+  assert build_model(setup, shared.parse_variant("jax+original_rope")).rope_table_dtype == \
+      jnp.bfloat16
+  assert build_model(setup, shared.parse_variant("jax")).rope_table_dtype == jnp.float32

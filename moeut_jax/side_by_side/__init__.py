@@ -15,14 +15,18 @@ paper's recipe, docs/semantics.md §9). Each run (a *variant*) is a process of i
                       the same with PyTorch's cuDNN attention backend off (its attention,
                       called with a boolean mask, then runs the memory-efficient kernel;
                       not counted in the spread)
-  original+float32_routers, +float32_cvmm, +float32_sigma_moe, +float32_attention
+  original+float32_routers, +float32_cvmm, +float32_sigma_moe, +float32_attention,
+  +float32_qk, +float32_sdpa, +float32_rope_table
                       the original with one part out of its bf16 autocast (in float32):
                       its routers' logits, its CVMM calls, its σ-MoE modules, its
-                      SwitchHead modules; to find which part's rounding changes its curve
+                      SwitchHead modules, its q and k projections, its attention kernel,
+                      its RoPE angle table; to find which part's rounding changes its curve
   jax                 moeut-jax as it is
   jax+OPTION[+...]    moeut-jax with options that compute as the original does:
                       original_routers  router_dtype = the compute dtype
                       original_cvmm     CvmmConfig(impl="original"): the original's kernels
+                      original_rope     rope_table_dtype = the compute dtype (its RoPE
+                                        angles in bf16, as on a GPU)
 
 It prints the training losses side by side, the held-out losses with each run's distance
 from the original's and the original's own spread, and writes the curves to a PNG.

@@ -37,10 +37,12 @@ def make_parser() -> argparse.ArgumentParser:
       epilog=f"Variants: 'original' (the official model; give it twice for its spread), "
       "'original+efficient_attention' (its attention on PyTorch's memory-efficient kernel, "
       "cuDNN's off), 'original+float32_routers' (or float32_cvmm, float32_sigma_moe, "
-      "float32_attention: that part of the original out of its bf16 autocast), "
+      "float32_attention, float32_qk, float32_sdpa, float32_rope_table: that part of the "
+      "original out of its bf16 autocast), "
       f"'jax', 'jax+OPTION[+OPTION]' with OPTION one of {', '.join(OPTIONS)}: "
       "original_routers = routers in the compute dtype, as the original under autocast; "
-      "original_cvmm = the original's CVMM kernels (CvmmConfig(impl='original')).")
+      "original_cvmm = the original's CVMM kernels (CvmmConfig(impl='original')); "
+      "original_rope = RoPE angles in the compute dtype, as the original on a GPU.")
   p.add_argument("--original", required=True, metavar="PATH",
                  help="folder of a clone of the official MoEUT (its moeut/ and profiles.py)")
   p.add_argument("--text", required=True, nargs="+", metavar="PATH",

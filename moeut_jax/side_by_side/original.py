@@ -120,7 +120,7 @@ def float32_parts(moeut, model, variant: Variant):
   opts = variant.options
   model_module = moeut.moeut
   saved = dict(F=model_module.F, cvmm=model_module.cvmm)
-  patched = []
+  patched, patched_get = [], []
   try:
     routers = [p for name, p in model.named_parameters()
                if "float32_routers" in opts
@@ -140,11 +140,18 @@ def float32_parts(moeut, model, variant: Variant):
     for m in modules:
       m.forward = _float32(m.forward)
       patched.append(m)
+    if "float32_rope_table" in opts:     # the table is made (and cached) by get()
+      for m in model.modules():
+        if isinstance(m, model_module.RotaryPosEncoding):
+          m.get = _float32(m.get)
+          patched_get.append(m)
     yield
   finally:
     model_module.F, model_module.cvmm = saved["F"], saved["cvmm"]
     for m in patched:
       del m.forward
+    for m in patched_get:
+      del m.get
 
 
 def train(setup: Setup, variant: Variant = Variant("original"), log=print,

@@ -17,8 +17,9 @@ def build_model(setup: Setup, variant: Variant):
   cvmm = (CvmmConfig(impl="original", original_path=setup.original_path)
           if "original_cvmm" in variant.options else CvmmConfig())
   router = compute if "original_routers" in variant.options else jnp.float32
+  rope = compute if "original_rope" in variant.options else jnp.float32
   return MoEUTLM(VOCAB, **setup.model, dtype=compute, router_dtype=router, cvmm=cvmm,
-                 scan_unroll=setup.scan_unroll)
+                 rope_table_dtype=rope, scan_unroll=setup.scan_unroll)
 
 
 def train(setup: Setup, variant: Variant, log=print, progress=None) -> dict:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 VOCAB = 256
-OPTIONS = ("original_routers", "original_cvmm")
+OPTIONS = ("original_routers", "original_cvmm", "original_rope")
 # Options of the original's runs: "efficient_attention" turns PyTorch's cuDNN attention
 # backend off, so that its scaled_dot_product_attention (called with a boolean mask) runs
 # the memory-efficient kernel (PyTorch prefers cuDNN's on Hopper with a recent cuDNN).
@@ -29,9 +29,12 @@ OPTIONS = ("original_routers", "original_cvmm")
 # SwitchHeadCore.get_sel: moeut-jax's default router_dtype), float32_cvmm every CVMM call
 # (its Triton kernels then run in float32), float32_sigma_moe the whole σ-MoE modules,
 # float32_attention the whole SwitchHead modules (projections, RoPE, attention),
-# float32_qk its q and k projections, float32_sdpa its scaled_dot_product_attention.
+# float32_qk its q and k projections, float32_sdpa its scaled_dot_product_attention,
+# float32_rope_table its RoPE angle table (which CUDA's autocast makes in bf16:
+# docs/semantics.md §7).
 ORIGINAL_OPTIONS = ("efficient_attention", "float32_routers", "float32_cvmm",
-                    "float32_sigma_moe", "float32_attention", "float32_qk", "float32_sdpa")
+                    "float32_sigma_moe", "float32_attention", "float32_qk", "float32_sdpa",
+                    "float32_rope_table")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 
 
