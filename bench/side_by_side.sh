@@ -24,8 +24,9 @@
 # The comparison: PROFILE (MoEUT_126M), STEPS (300) of 16 x 512 bytes of text (the .py
 # files of the machine's Python standard library: readable, and there without network),
 # bf16, runs (VARIANTS): the original twice (its run-to-run spread), moeut-jax as it is,
-# with both original-numerics options, and with each alone, and the original with its
-# attention on PyTorch's memory-efficient kernel instead of cuDNN's; and, if asked, in
+# with the original's bf16 RoPE angles (original_rope), with all three original-numerics
+# options and with original_routers alone, and the original with its RoPE angle table
+# in float32 (float32_rope_table); and, if asked, in
 # float32 the original and moeut-jax (neither uses a 16-bit kernel there: where the bf16
 # gap is not in float32, it comes from the bf16 GPU path). PARALLEL (7: all at once;
 # MoEUT_126M at 16 x 512 needs a few GiB per run; the original's runs then take over 2 s
@@ -49,7 +50,7 @@ OUT=${OUT:-bench/out/side_by_side}
 PROFILE=${PROFILE:-MoEUT_126M}
 STEPS=${STEPS:-300}
 PARALLEL=${PARALLEL:-7}
-VARIANTS=${VARIANTS:-original,jax,jax+original_routers+original_cvmm,original,jax+original_routers,jax+original_cvmm,original+efficient_attention}
+VARIANTS=${VARIANTS:-original,jax,jax+original_rope,original,original+float32_rope_table,jax+original_routers+original_cvmm+original_rope,jax+original_routers}
 F32_VARIANTS=${F32_VARIANTS-}
 mkdir -p "$OUT"
 if ! python3 -c "import jax_triton" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then

@@ -25,7 +25,7 @@ from moeut_jax.side_by_side.shared import (OPTIONS, file_stem, labels, parse_var
                                            read_text)
 
 DEFAULT_VARIANTS = ("original,original,jax,jax+original_routers,jax+original_cvmm,"
-                    "jax+original_routers+original_cvmm")
+                    "jax+original_rope,jax+original_routers+original_cvmm+original_rope")
 
 
 def make_parser() -> argparse.ArgumentParser:
