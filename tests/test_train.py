@@ -471,6 +471,8 @@ def test_run_header_names_the_cvmm_kernels_and_their_sums(monkeypatch):
 
   assert note(cvmm_impl="xla") == ""
   assert note(cvmm_impl="xla", router_dtype="bfloat16") == ", bfloat16 routers"
+  assert (note(cvmm_impl="xla", router_dtype="bfloat16", rope_table_dtype="bfloat16")
+          == ", bfloat16 routers, bfloat16 RoPE angles")
   monkeypatch.setattr(kernels, "resolve", lambda impl: "triton")
   assert note(compute_dtype="bfloat16") == ", CVMM triton, float16 sums"
   assert (note(compute_dtype="bfloat16", cvmm_sum_dtype="float32")
@@ -490,6 +492,10 @@ def test_original_numerics_flags_reach_the_model(tmp_path):
   assert kw["router_dtype"] == "bfloat16"
   assert kw["cvmm"].impl == "original" and kw["cvmm"].original_path == str(tmp_path)
   assert Config().model_kwargs()["router_dtype"] == "float32"
+  assert Config().model_kwargs()["rope_table_dtype"] == "float32"
+  assert Config(rope_table_dtype="bfloat16").model_kwargs()["rope_table_dtype"] == "bfloat16"
+  with pytest.raises(ValueError, match="rope_table_dtype"):
+    Config(rope_table_dtype="float64")
   with pytest.raises(ValueError, match="go together"):
     Config(cvmm_impl="original")
   with pytest.raises(ValueError, match="go together"):

@@ -80,6 +80,10 @@ class Config:
                          "original computes them under bf16 autocast (σ-MoE's top-k then "
                          "ties often; docs/semantics.md §7)", choices=ROUTER_DTYPES,
                          group="model")
+  rope_table_dtype: str = _f("float32", "dtype of the RoPE angles and rotation: float32, or "
+                             "bfloat16 as the original computes them on a GPU (CUDA's "
+                             "autocast runs its einsum angle table in bf16; "
+                             "docs/semantics.md §7)", choices=ROUTER_DTYPES, group="model")
   scan_unroll: Optional[int] = _f(None, "repeats of the layer group per scan iteration "
                                   "(unset: all of them on GPUs, a faster step and a "
                                   "longer compile; 1 elsewhere)", group="model")
@@ -211,6 +215,9 @@ class Config:
       raise ValueError(f"remat={self.remat!r}; choose one of {REMAT_CHOICES}")
     if self.router_dtype not in ROUTER_DTYPES:
       raise ValueError(f"router_dtype={self.router_dtype!r}; choose one of {ROUTER_DTYPES}")
+    if self.rope_table_dtype not in ROUTER_DTYPES:
+      raise ValueError(f"rope_table_dtype={self.rope_table_dtype!r}; choose one of "
+                       f"{ROUTER_DTYPES}")
     if (self.cvmm_impl == "original") != (self.cvmm_original_path is not None):
       raise ValueError("--cvmm-impl original and --cvmm-original-path go together: the "
                        "original's kernels come from the clone the path names")
@@ -232,6 +239,7 @@ class Config:
     kwargs["cvmm"] = CvmmConfig(impl=self.cvmm_impl, sum_dtype=self.cvmm_sum_dtype,
                                 original_path=self.cvmm_original_path)
     kwargs["router_dtype"] = self.router_dtype
+    kwargs["rope_table_dtype"] = self.rope_table_dtype
     kwargs["scan_unroll"] = self.scan_unroll
     kwargs["remat"] = self.remat_policy()
     return kwargs

@@ -33,6 +33,8 @@ def _cvmm_note(config: Config, compute_dtype: np.dtype) -> str:
   import kernels  # noqa: PLC0415
   impl = kernels.resolve(config.cvmm_impl)
   routers = "" if config.router_dtype == "float32" else f", {config.router_dtype} routers"
+  if config.rope_table_dtype != "float32":
+    routers += f", {config.rope_table_dtype} RoPE angles"
   if impl in ("xla", "reference"):
     return routers
   sums = (f", {config.cvmm_sum_dtype} sums"
