@@ -76,9 +76,6 @@ def _is_router_dtype(d) -> bool:
     return False
 
 
-_is_rope_table_dtype = _is_router_dtype     # the same three dtypes
-
-
 def validate_config(m) -> None:
   """Clear errors for inconsistent hyper-parameters (shared by MoEUT and MoEUTLM)."""
   for name in ("d_model", "n_layers", "n_heads", "ff_n_experts", "att_n_experts", "group_size",
@@ -108,7 +105,7 @@ def validate_config(m) -> None:
   if not _is_router_dtype(m.router_dtype):
     raise ValueError(f"router_dtype={m.router_dtype!r} must be one of {ROUTER_DTYPES} "
                      "(float32: ours; the compute dtype: the original under autocast)")
-  if not _is_rope_table_dtype(m.rope_table_dtype):
+  if not _is_router_dtype(m.rope_table_dtype):        # the same three dtypes
     raise ValueError(f"rope_table_dtype={m.rope_table_dtype!r} must be one of "
                      f"{ROUTER_DTYPES} (float32: ours; the compute dtype: the original under "
                      "CUDA autocast)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moeut_jax.routing import round_in_float32
+
 ROPE_BASE = 10000.0
 
 
@@ -15,13 +17,6 @@ def rotary_width(d_head: int) -> int:
   """
   n = int(0.5 * d_head)
   return n - n % 2
-
-
-def _round(x: jax.Array, dtype) -> jax.Array:
-  """float32 x rounded to the 16-bit ``dtype`` (to nearest even), kept in float32
-  (``reduce_precision``: XLA does not drop it as it may a round trip of casts)."""
-  f = jnp.finfo(dtype)
-  return jax.lax.reduce_precision(x, exponent_bits=f.nexp, mantissa_bits=f.nmant)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, n_rot: int,
@@ -45,14 +40,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, n_rot: int,
   pos = positions.astype(jnp.float32)
   low = jnp.dtype(table_dtype).itemsize < 4
   if low:
-    pos, inv_freq = _round(pos, table_dtype), _round(inv_freq, table_dtype)
+    pos, inv_freq = (round_in_float32(a, table_dtype) for a in (pos, inv_freq))
   angles = pos[:, None] * inv_freq[None, :]                                       # [T, n_rot/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]           # [1, T, 1, n_rot]
   xr = x[..., :n_rot].astype(jnp.float32)
   x1, x2 = xr[..., :half], xr[..., half:]
   turned = jnp.concatenate([-x2, x1], axis=-1)
   if low:     # every operation rounded to the 16-bit dtype, as PyTorch's 16-bit ops
-    r = lambda v: _round(v, table_dtype)  # noqa: E731
+    r = lambda v: round_in_float32(v, table_dtype)  # noqa: E731
     angles = r(angles)
     xr, turned = r(xr), r(turned)
     rotated = r(r(xr * r(jnp.cos(angles))) + r(turned * r(jnp.sin(angles))))

@@ -143,14 +143,19 @@ def router_logits(x: jax.Array, w: jax.Array, compute_dtype,
   return _logits_bf16x3(x, w)
 
 
-def _round(x: jax.Array, dtype) -> jax.Array:
-  """x rounded to the 16-bit ``dtype`` (to nearest even), as an array of that dtype.
+def round_in_float32(x: jax.Array, dtype) -> jax.Array:
+  """x rounded to the 16-bit ``dtype`` (to nearest even), kept in float32.
 
   Through ``reduce_precision``: XLA removes float32 -> 16-bit -> float32 round trips
   (it allows "excess precision"), which would skip roundings that PyTorch does."""
   f = jnp.finfo(dtype)
   return jax.lax.reduce_precision(x.astype(jnp.float32), exponent_bits=f.nexp,
-                                  mantissa_bits=f.nmant).astype(dtype)
+                                  mantissa_bits=f.nmant)
+
+
+def _round(x: jax.Array, dtype) -> jax.Array:
+  """x rounded to the 16-bit ``dtype``, as an array of that dtype."""
+  return round_in_float32(x, dtype).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -120,7 +120,7 @@ def float32_parts(moeut, model, variant: Variant):
   opts = variant.options
   model_module = moeut.moeut
   saved = dict(F=model_module.F, cvmm=model_module.cvmm)
-  patched, patched_get = [], []
+  patched = []                       # (module, the attribute set on it)
   try:
     routers = [p for name, p in model.named_parameters()
                if "float32_routers" in opts
@@ -137,21 +137,18 @@ def float32_parts(moeut, model, variant: Variant):
     if "float32_qk" in opts:
       modules += [p for m in model.modules() if isinstance(m, model_module.SwitchHeadCore)
                   for p in (m.q, m.k)]
-    for m in modules:
-      m.forward = _float32(m.forward)
-      patched.append(m)
+    patched += [(m, "forward") for m in modules]
     if "float32_rope_table" in opts:     # the table is made (and cached) by get()
-      for m in model.modules():
-        if isinstance(m, model_module.RotaryPosEncoding):
-          m.get = _float32(m.get)
-          patched_get.append(m)
+      patched += [(m, "get") for m in model.modules()
+                  if isinstance(m, model_module.RotaryPosEncoding)]
+    for m, attr in patched:
+      setattr(m, attr, _float32(getattr(m, attr)))
     yield
   finally:
     model_module.F, model_module.cvmm = saved["F"], saved["cvmm"]
-    for m in patched:
-      del m.forward
-    for m in patched_get:
-      del m.get
+    for m, attr in patched:
+      if attr in vars(m):
+        delattr(m, attr)
 
 
 def train(setup: Setup, variant: Variant = Variant("original"), log=print,
