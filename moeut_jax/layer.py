@@ -41,11 +41,9 @@ class MoEUTLayer(nn.Module):
     att, kv, att_logits = SwitchHeadRope(
         self.d_model, self.n_heads, self.d_head, self.att_n_experts, self.att_k,
         self.n_layers, self.att_expert_dropout, self.dtype, self.param_dtype, self.cvmm,
-        self.router_dtype, self.rope_table_dtype,
-        name="attention")(xn, xn, x, positions=positions,
-                                               blocked=blocked, causal_only=causal_only,
-                                               cache=cache, train=train,
-                                               src_source=xn_source)
+        self.router_dtype, self.rope_table_dtype, name="attention")(
+            xn, xn, x, positions=positions, blocked=blocked, causal_only=causal_only,
+            cache=cache, train=train, src_source=xn_source)
     att = nn.Dropout(self.dropout)(att, deterministic=not train)
     x = x + att.astype(x.dtype)
     xn2, xn2_source = ln("ln2")(x, with_source=True)
