@@ -250,6 +250,7 @@ def _sigmoid_keep_input_fwd(x):
 
 
 def _sigmoid_keep_input_bwd(x, g):
+  x, g = jax.lax.optimization_barrier((x, g))     # tied to g: not merged with the forward
   y = jax.nn.sigmoid(x)
   return (g * y * (1 - y),)
 
@@ -303,7 +304,7 @@ def _time_lse_fwd(s, time_axis):
 
 
 def _time_lse_bwd(time_axis, res, g):
-  s, out = res
+  s, out, g = jax.lax.optimization_barrier((*res, g))    # recomputed in the backward
   logp = jax.nn.log_softmax(s, axis=-1)
   # d out / d logp: softmax of logp over time; d logp / d s: (1 - softmax over E)
   dlogp = jnp.expand_dims(g, time_axis) * jnp.exp(logp - jnp.expand_dims(out, time_axis))
