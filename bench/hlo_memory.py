@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import os
 import re
 import sys
@@ -176,7 +177,9 @@ def _group(op_name: str, typ: str) -> str:
 
 
 def report(path: str, top: int = 30, points: int = 12) -> None:
-  text = open(path).read()
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    text = f.read()
   ins = entry_instructions(text)
   args = sum(nbytes(d[5]) for d in ins if d[2] == "parameter")
   peak, at, live, curve, size = walk(ins)
@@ -219,7 +222,8 @@ def find_module(path: str, pattern: str) -> str:
 def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("path", help="an XLA dump folder or one *after_optimizations.txt file")
+  ap.add_argument("path", help="an XLA dump folder or one *after_optimizations.txt file "
+                  "(or .txt.gz, as bench/memory.sh's HLO_KEEP=1 keeps it)")
   ap.add_argument("--module", default="train_step", help="regex of the module's file name")
   ap.add_argument("--top", type=int, default=30, help="groups listed at the peak")
   args = ap.parse_args()

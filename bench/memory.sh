@@ -24,7 +24,8 @@
 # reported as skipped; one that runs out of memory as such, and the script goes on.
 # HLO_CASES: JAX cases whose compiled step is also dumped and read by bench/hlo_memory.py
 # (what is live at the peak of XLA's schedule, into $OUT/<case>.hlo.txt; the dump is
-# deleted after).
+# deleted after; HLO_KEEP=1 keeps the scheduled module as $OUT/<case>.after_optimizations.txt.gz,
+# which bench/hlo_memory.py reads on any machine).
 # JAX takes 95% of the GPU (bench/model.py sets XLA_PYTHON_CLIENT_MEM_FRACTION unless a
 # memory variable is set); the official step runs in its own process with the GPU to
 # itself. Peaks: JAX's peak_bytes_in_use, PyTorch's max_memory_allocated.
@@ -106,6 +107,10 @@ for name in $CASES; do
   rc=$?
   if [[ -n $dump ]]; then
     timeout 60 python3 bench/hlo_memory.py "$dump" > "$OUT/$name.hlo.txt" 2>&1
+    if [[ ${HLO_KEEP:-0} == 1 ]]; then   # the scheduled module, for reading elsewhere
+      module=$(ls -S "$dump"/*train_step*after_optimizations.txt 2>/dev/null | head -n 1)
+      [[ -n $module ]] && gzip -9 -c "$module" > "$OUT/$name.after_optimizations.txt.gz"
+    fi
     rm -rf "$dump"
   fi
   took=$((SECONDS - t0))

@@ -37,3 +37,18 @@ def test_a_barriers_elements_live_as_long_as_their_own_readers():
   # after c reads b, b is freed: when d is made, live = a, c, d
   curve = hlo_memory.walk(ins)[3]
   assert curve[names.index("d")] == 4096 + 1024 + 2048
+
+
+def test_a_gzipped_module_reads_as_the_text(tmp_path, capsys):
+  """report() of the module gzipped (bench/memory.sh's HLO_KEEP=1) prints what it prints
+  for the plain text: the same peak, instruction and list."""
+  import gzip  # noqa: PLC0415
+  plain, packed = tmp_path / "m.after_optimizations.txt", tmp_path / "m.txt.gz"
+  plain.write_text(MODULE)
+  with gzip.open(packed, "wt") as f:
+    f.write(MODULE)
+  hlo_memory.report(str(plain))
+  want = capsys.readouterr().out.split("\n", 1)[1]     # the first line names the file
+  hlo_memory.report(str(packed))
+  got = capsys.readouterr().out.split("\n", 1)[1]
+  assert "peak of the buffers it makes" in want and got == want
