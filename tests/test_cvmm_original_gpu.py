@@ -126,8 +126,9 @@ def test_binding_matches_reference(original, case, dtype):
 
 
 def test_model_with_original_numerics_matches_the_official_model(original):
-  """MoEUTLM in bf16 with router_dtype=bfloat16 and impl="original" against the official
-  MoEUTLM under bf16 autocast, from the same weights and tokens.
+  """MoEUTLM in bf16 with every original-numerics option (router_dtype and
+  rope_table_dtype bfloat16, impl="original") against the official MoEUTLM under CUDA's
+  bf16 autocast, from the same weights and tokens.
 
   Two bf16 forward passes that round at different points do not agree element by element
   to bf16's precision after a few layers: the bf16 routers' top-k ties and near-ties send
@@ -155,7 +156,8 @@ def test_model_with_original_numerics_matches_the_official_model(original):
         "cuda", dtype=torch.bfloat16, enabled=autocast):
       out = tm(torch.from_numpy(toks).cuda())
       want[name] = out.outputs.float().cpu().numpy(), float(out.reg_loss.sum())
-  jm = MoEUTLM(512, **cfg, dtype=jnp.bfloat16, router_dtype=jnp.bfloat16, cvmm=config)
+  jm = MoEUTLM(512, **cfg, dtype=jnp.bfloat16, router_dtype=jnp.bfloat16,
+               rope_table_dtype=jnp.bfloat16, cvmm=config)
   got = jax.jit(lambda p, t: jm.apply({"params": p}, t, train=True))(params, jnp.asarray(toks))
   logits = got.outputs.astype(jnp.float32)
   own = rel_err(want["bf16"][0], want["f32"][0])           # the original's bf16 against f32
