@@ -53,6 +53,9 @@ class TileConfig:
   gluon: a tile of the Gluon fused-sum kernels (kernels/cvmm_triton/gluon_*.py).
   halves: 2 for the Gluon two-half row kernel (tiles of 2 * block_m rows whose halves
     share each column block of the matrix; two buffers, num_stages 2); else 1.
+  producers: warpgroups that issue the Mosaic row kernel's copies (1 or 2; the rows of
+    a tile are split between them: one TMA copy per gathered row and 64 columns); 1
+    elsewhere.
   """
 
   block_m: int
@@ -64,6 +67,7 @@ class TileConfig:
   loop_n: bool = False
   gluon: bool = False
   halves: int = 1
+  producers: int = 1
 
   def __post_init__(self):
     for name in ("block_m", "block_n", "block_k"):
@@ -82,6 +86,8 @@ class TileConfig:
       raise ValueError(f"halves={self.halves}: 1, or 2 for a Gluon tile of 2 "
                        f"buffers (num_stages 2), got gluon={self.gluon}, "
                        f"num_stages={self.num_stages}")
+    if self.producers not in (1, 2):
+      raise ValueError(f"producers={self.producers} must be 1 or 2")
     if self.gluon and not (self.loop_n and self.num_stages >= 2):
       raise ValueError("gluon tiles walk the column blocks (loop_n) with at least 2 "
                        f"buffers (num_stages), got loop_n={self.loop_n}, "

@@ -73,6 +73,35 @@ def test_gpu_impl_matches_reference(impl, case, dtype, gated):
     assert err <= TOL[dtype], f"{impl} {case[0]} {name}: rel err {err:.2e} > {TOL[dtype]:.0e}"
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("m_divisor", "empty_experts",
+                                                               "odd_sizes", "switchhead_like")],
+                         ids=lambda c: c[0])
+def test_mosaic_two_producers_match_reference(case, gated, monkeypatch):
+  """The Mosaic row kernel with two producer warpgroups (TileConfig.producers=2, the
+  autotuner's other candidates): forward and every gradient, bf16, against the
+  reference. The CPU interpreter checks the same (tests/test_cvmm_mosaic.py); here the
+  copies, barriers and registers run on the GPU."""
+  if not is_available("mosaic"):
+    pytest.skip("mosaic not available on this GPU")
+  from kernels import autotune  # noqa: PLC0415
+  from kernels.cvmm_mosaic import rows  # noqa: PLC0415
+  every = rows.rows_candidates
+  monkeypatch.setattr(rows, "rows_candidates",
+                      lambda *a, **kw: [c for c in every(*a, **kw) if c.producers == 2])
+  # a tuner of its own, not timing: the first of those candidates, whatever is cached
+  monkeypatch.setenv("CVMM_AUTOTUNE", "0")
+  monkeypatch.setattr(autotune, "_TUNER", autotune.Autotuner(cache_file=""))
+  x, w, g, r, ct = _inputs(case, jnp.bfloat16, gated)
+  got = _outputs(jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, impl="mosaic")), x, w, g, r, ct)
+  up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+  ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
+  for name, a, b in zip(["out", "dx", "dw", "dgates"], got, ref):
+    assert a.dtype == jnp.bfloat16, (name, a.dtype)
+    err = _rel(a, b)
+    assert err <= TOL[jnp.bfloat16], f"{case[0]} {name}: rel err {err:.2e}"
+
+
 def test_auto_resolves_to_a_gpu_kernel():
   from kernels import resolve
   assert resolve("auto") == ("triton" if is_available("triton") else "xla")

@@ -110,6 +110,64 @@ def test_mosaic_interpreted_matches_reference(case, sums):
     assert err <= tol, f"{case[0]} {name}: rel err {err:.2e}"
 
 
+def _two_producers_only(monkeypatch):
+  """The row kernel's tiles restricted to those with two producer warpgroups."""
+  from kernels import autotune  # noqa: PLC0415
+  from kernels.cvmm_mosaic import rows  # noqa: PLC0415
+  every = rows.rows_candidates
+  monkeypatch.setattr(rows, "rows_candidates",
+                      lambda *a, **kw: [c for c in every(*a, **kw) if c.producers == 2])
+  assert rows.rows_candidates(72, 2, False) and rows.rows_candidates(64, 4, True)
+  # a tuner of its own, not timing: the first of those candidates, whatever is cached
+  monkeypatch.setenv("CVMM_AUTOTUNE", "0")
+  monkeypatch.setattr(autotune, "_TUNER", autotune.Autotuner(cache_file=""))
+
+
+@pytest.mark.skipif(not mosaic_interpret.SUPPORTED,
+                    reason="the Mosaic GPU interpreter of jax < 0.11 fills no out-of-bounds TMA reads")
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]],
+                         ids=[CASES[0][0], CASES[1][0], CASES[4][0]])
+def test_mosaic_two_producers_interpreted_matches_reference(case, monkeypatch):
+  """The row kernel with two producer warpgroups (each copying every other row of a
+  tile, their own index buffers, the first also the matrix block): forward and every
+  gradient (x, w, gates; stored, added and gated rows, dgates) against the reference."""
+  from kernels.cvmm_mosaic import cvmm_mosaic  # noqa: PLC0415
+  from kernels.cvmm_reference import cvmm_reference  # noqa: PLC0415
+  _two_producers_only(monkeypatch)
+  gated = case[0].startswith("gated") or "odd" in case[0]
+  x, w, g, r, ct = _inputs(case, jnp.bfloat16, gated)
+  with mosaic_interpret.interpret():
+    got = _outputs(cvmm_mosaic, x, w, g, r, ct)
+  up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+  ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
+  for name, a, b in zip(["out", "dx", "dw", "dgates"], got, ref):
+    assert a.dtype == jnp.bfloat16 and a.shape == b.shape, (name, a.dtype, a.shape)
+    assert _rel(a, b) <= 1e-2, f"{case[0]} {name}: rel err {_rel(a, b):.2e}"
+
+
+def test_mosaic_two_producers_lower_at_moeut_244m_up(monkeypatch):
+  """The σ-MoE up projection of MoEUT_244M with two producer warpgroups lowers to CUDA
+  (forward and gradients): 2 consumers + 2 producers within the register file."""
+  from kernels import make_routing  # noqa: PLC0415
+  from kernels.cvmm_mosaic import cvmm_mosaic  # noqa: PLC0415
+  from kernels.cvmm_mosaic.rows import _consumer_registers  # noqa: PLC0415
+  _two_producers_only(monkeypatch)
+  assert _consumer_registers(2, 1) == 232 and _consumer_registers(2, 2) == 216
+  assert 2 * 128 * 216 + 2 * 128 * 40 <= 65536
+  n, d, es, e, k = 65536, 1024, 128, 387, 16
+  r = jax.eval_shape(lambda i: make_routing(i, e, tile_blocks=()),
+                     jax.ShapeDtypeStruct((n, k), jnp.int32))
+  x = jax.ShapeDtypeStruct((n, 1, d), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((e, d, es), jnp.bfloat16)
+
+  def loss(x, w, r):
+    return jnp.sum(cvmm_mosaic(x, r, w, None).astype(jnp.float32))
+
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(x, w, r).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 3
+
+
 @pytest.mark.parametrize("proj", ["up", "down", "V", "O"])
 def test_mosaic_lowers_at_moeut_244m(proj):
   """Every projection of MoEUT_244M (65,536 tokens), forward and gradients, lowers to

@@ -12,11 +12,14 @@ are added: each tile adds its rows into the output with TMA reductions.
 
 Structure (one CUDA block per multiprocessor, persistent): work items are (tile, column
 block) pairs of the used tiles, walked by every block in steps of the grid. Warpgroups:
-  producer (the last one, few registers): per item, the tile's row indices come into
-  shared memory (prefetched one item ahead); per contraction step of 64 columns it
-  waits for a free stage, then issues one TMA copy for the matrix block and one per
-  row of the tile (kernels/cvmm_mosaic/common.py: gathered rows), all arriving on the
-  stage's barrier;
+  producers (the last ``cfg.producers``, one or two, few registers): per item, the tile's
+  row indices come into shared memory (each producer its own copy, prefetched one item
+  ahead); per contraction step of 64 columns each waits for a free stage, then the
+  first issues one TMA copy for the matrix block, and each one copy per row of its
+  share of the tile's rows (rows r with r % producers == its number;
+  kernels/cvmm_mosaic/common.py: gathered rows), all arriving on the stage's barrier.
+  One thread issues a warpgroup's copies one after the other, so a second producer
+  halves the copies each thread issues;
   consumers (``block_m / 64`` of them, 64 rows each): per step they wait for the stage,
   issue the wgmma, and release the previous stage once its wgmma retired (one wgmma in
   flight); the epilogue scales the rows by their gates, writes them to shared memory
@@ -45,6 +48,17 @@ from kernels.routing import Routing
 # padded to multiples of 8, the matrices' to 64 (only odd shapes copy anything; the
 # model's widths are multiples of 64).
 _ALIGN = 8
+# Registers per thread: producers give theirs up to the consumers' accumulators, within
+# the multiprocessor's 64K (setmaxnreg takes multiples of 8, at most 256).
+_PRODUCER_REGISTERS = 40
+_REGISTER_FILE = 65536
+
+
+def _consumer_registers(n_cons: int, n_prod: int) -> int:
+  """Registers per consumer thread with ``n_prod`` producers at _PRODUCER_REGISTERS: 232
+  (the most a [64, 256] float32 accumulator needs) where the register file allows."""
+  per_thread = _REGISTER_FILE // 128 - n_prod * _PRODUCER_REGISTERS
+  return min(232, per_thread // n_cons // 8 * 8)
 
 
 def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
@@ -112,13 +126,14 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
             transpose_w, reduce, cfg):
   dtype = a.dtype
   bm, bn, stages = cfg.block_m, cfg.block_n, cfg.num_stages
-  n_cons = bm // ROWS_PER_WG
+  n_cons, n_prod = bm // ROWS_PER_WG, cfg.producers
   grid_k = -(-kc // CHUNK)
   n_nb = -(-no // bn)
   n_items = (n_used * n_nb).astype(jnp.int32)                         # [1]
   nsm = autotune.multiprocessor_count()
   has_scale, dgate = sc is not None, c is not None
   z_slots = a_idx.shape[0]
+  consumer_registers = _consumer_registers(n_cons, n_prod)
 
   def body(*refs):
     it = iter(refs)
@@ -136,13 +151,13 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
     sm = lax.axis_index("sm")
     items = n_items_g[0]
 
-    @pl.when(wg == n_cons)
-    def _producer():
-      plgpu.set_max_registers(40, action="decrease")
+    def producer(p: int):
+      plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
 
-      def fetch_idx(lin, b):
+      def fetch_idx(lin, b):   # into this producer's own double buffer: rows 2p, 2p + 1
         z = lin // n_nb
-        plgpu.copy_gmem_to_smem(a_idx_g.at[pl.ds(z * bm, bm)], aidx.at[b], aidx_bar.at[b])
+        plgpu.copy_gmem_to_smem(a_idx_g.at[pl.ds(z * bm, bm)], aidx.at[2 * p + b],
+                                aidx_bar.at[2 * p + b])
 
       @pl.when(sm < items)
       def _():
@@ -155,7 +170,7 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
         b = j % 2
         z, nb = lin // n_nb, lin % n_nb
         ex = tile_e_g[z]
-        plgpu.barrier_wait(aidx_bar.at[b])
+        plgpu.barrier_wait(aidx_bar.at[2 * p + b])
 
         @pl.when(lin + nsm < items)
         def _():
@@ -169,19 +184,21 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
           def _():
             plgpu.barrier_wait(empty.at[s])
 
-          if transpose_w:
-            src = w_g.at[ex, pl.ds(nb * bn, bn), pl.ds(kk * CHUNK, CHUNK)]
-          else:
-            src = w_g.at[ex, pl.ds(kk * CHUNK, CHUNK), pl.ds(nb * bn, bn)]
-          plgpu.copy_gmem_to_smem(src, w_buf.at[s], full.at[s])
+          if p == 0:
+            if transpose_w:
+              src = w_g.at[ex, pl.ds(nb * bn, bn), pl.ds(kk * CHUNK, CHUNK)]
+            else:
+              src = w_g.at[ex, pl.ds(kk * CHUNK, CHUNK), pl.ds(nb * bn, bn)]
+            plgpu.copy_gmem_to_smem(src, w_buf.at[s], full.at[s])
 
-          def row(r, carry):
-            src_row = aidx[b, r]
+          def row(i, carry):
+            r = i * n_prod + p
+            src_row = aidx[2 * p + b, r]
             plgpu.copy_gmem_to_smem(a_g.at[pl.ds(src_row, 1), pl.ds(kk * CHUNK, CHUNK)],
                                     a_rows.at[s, pl.ds(r, 1)], full.at[s])
             return carry
 
-          return lax.fori_loop(0, bm, row, carry)
+          return lax.fori_loop(0, bm // n_prod, row, carry)
 
         lax.fori_loop(0, grid_k, kstep, 0)
 
@@ -194,7 +211,7 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
           plgpu.barrier_wait(empty.at[s])
 
     def consumer(c_i: int):
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(consumer_registers, action="increase")
 
       @plgpu.nd_loop((items,), collective_axes="sm")
       def _item(info):
@@ -210,7 +227,7 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
                                   epi_bar.at[c_i])
         if dgate:
           plgpu.copy_gmem_to_smem(c_idx_g.at[pl.ds(slot0, ROWS_PER_WG)],
-                                  aidx.at[2 + c_i, pl.ds(0, ROWS_PER_WG)],
+                                  aidx.at[2 * n_prod + c_i, pl.ds(0, ROWS_PER_WG)],
                                   epi_bar.at[c_i])
 
         def acc_scope(acc_ref):
@@ -268,7 +285,8 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
       c_mma, c_rows_v = gather_views(c_buf)
 
       def row(r, carry):
-        plgpu.copy_gmem_to_smem(c_g.at[pl.ds(aidx[2 + c_i, r], 1), pl.ds(nb * bn, bn)],
+        plgpu.copy_gmem_to_smem(c_g.at[pl.ds(aidx[2 * n_prod + c_i, r], 1),
+                                     pl.ds(nb * bn, bn)],
                                 c_rows_v.at[c_i, pl.ds(r, 1)], c_bar.at[c_i])
         return carry
 
@@ -281,6 +299,8 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
 
     for c_i in range(n_cons):
       pl.when(wg == c_i)(functools.partial(consumer, c_i))
+    for p in range(n_prod):
+      pl.when(wg == n_cons + p)(functools.partial(producer, p))
 
   w_block = (bn, CHUNK) if transpose_w else (CHUNK, bn)
   scratch = [
@@ -288,8 +308,8 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
       plgpu.SMEM((stages, *w_block), dtype, transforms=tiled(dtype)),           # w_buf
       plgpu.Barrier(num_arrivals=bm + 1, num_barriers=stages),                  # full
       plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages),                  # empty
-      plgpu.SMEM((4, bm), jnp.int32),                   # aidx: producer x2, dgates' rows
-      plgpu.Barrier(num_arrivals=1, num_barriers=2),                            # aidx_bar
+      plgpu.SMEM((2 * n_prod + 2, bm), jnp.int32),   # aidx: 2 per producer, dgates' rows
+      plgpu.Barrier(num_arrivals=1, num_barriers=2 * n_prod),                   # aidx_bar
       plgpu.SMEM((n_cons, ROWS_PER_WG), jnp.int32),                             # oidx
       plgpu.SMEM((n_cons, ROWS_PER_WG), jnp.float32),                           # osc
       plgpu.Barrier(num_arrivals=1 + has_scale + dgate, num_barriers=n_cons),   # epi_bar
@@ -312,7 +332,7 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
     out_types.append(jax.ShapeDtypeStruct((n_out, n_nb * bn), out_dtype))
   if dgate:
     out_types.append(jax.ShapeDtypeStruct((n_nb, z_slots), jnp.float32))
-  outs = list(launch(body, inputs, out_types, scratch, nsm, n_cons + 1))
+  outs = list(launch(body, inputs, out_types, scratch, nsm, n_cons + n_prod))
   out = out_ref[...] if reduce else outs.pop(0)
   dg = outs.pop(0) if dgate else None
   return out, dg
@@ -327,13 +347,15 @@ def smem_bytes(cfg: TileConfig, out_itemsize: int, dtype_itemsize: int = 2) -> i
 
 def rows_candidates(no: int, out_itemsize: int, dgate: bool) -> list[TileConfig]:
   """Tiles of the row kernel in heuristic order (first: the choice without autotuning):
-  two consumer warpgroups of 64 rows, the widest column block the output takes."""
+  two consumer warpgroups of 64 rows, the widest column block the output takes; then
+  the same with two producer warpgroups."""
   bn_max = 64 if dgate else min(256, max(CHUNK, autotune.next_pow2(no)))
   raw = [(128, 128, 4), (128, 256, 2), (128, 64, 6), (64, 128, 6), (128, 128, 3),
          (64, 256, 4), (64, 64, 8)]
+  raw = [(*t, 1) for t in raw] + [(*t, 2) for t in raw[:4]]
   out = []
-  for bm, bn, st in raw:
-    cfg = TileConfig(bm, min(bn, bn_max), CHUNK, 4, st)
+  for bm, bn, st, prod in raw:
+    cfg = TileConfig(bm, min(bn, bn_max), CHUNK, 4, st, producers=prod)
     if smem_bytes(cfg, out_itemsize) <= SMEM_BUDGET:
       out.append(cfg)
   return list(dict.fromkeys(out))
