@@ -21,16 +21,16 @@
 #                        out of memory: give the float32 runs a call with few bf16 runs
 #                        (VARIANTS=original F32_VARIANTS=original,jax TESTS=0)
 #
-# The comparison: PROFILE (MoEUT_126M), STEPS (300) of 16 x 512 bytes of text (the .py
+# The comparison: PROFILE (MoEUT_126M), STEPS (200) of 16 x 512 bytes of text (the .py
 # files of the machine's Python standard library: readable, and there without network),
 # bf16, runs (VARIANTS): the original twice (its run-to-run spread), moeut-jax as it is,
-# with the original's bf16 RoPE angles (original_rope), with all three original-numerics
-# options and with original_routers alone, and the original with its RoPE angle table
-# in float32 (float32_rope_table); and, if asked, in
-# float32 the original and moeut-jax (neither uses a 16-bit kernel there: where the bf16
-# gap is not in float32, it comes from the bf16 GPU path). PARALLEL (7: all at once;
-# MoEUT_126M at 16 x 512 needs a few GiB per run; the original's runs then take over 2 s
-# a step on an H100) runs share the GPU at a time; each wave of runs gets
+# with each original-numerics option (original_routers, original_cvmm, original_rope) and
+# with all three: bench/RESULTS.md's table (on an H200 the seven runs took 327 s, the
+# original's about 1.3 s a step); e.g. VARIANTS=original,original,original+float32_rope_table
+# runs the original with its RoPE angle table in float32. And, if asked, in float32 the
+# original and moeut-jax (neither uses a 16-bit kernel there: where the bf16 gap is not in
+# float32, it comes from the bf16 GPU path). PARALLEL (7: all at once; MoEUT_126M at
+# 16 x 512 needs a few GiB per run) runs share the GPU at a time; each wave of runs gets
 # its share of the time left after the tests and the setup, and a run that overruns is
 # stopped and reported as such, the others still in the table.
 #
@@ -48,9 +48,9 @@ TOTAL=${TOTAL:-520}
 ORIG=${ORIG:-.orig}
 OUT=${OUT:-bench/out/side_by_side}
 PROFILE=${PROFILE:-MoEUT_126M}
-STEPS=${STEPS:-300}
+STEPS=${STEPS:-200}
 PARALLEL=${PARALLEL:-7}
-VARIANTS=${VARIANTS:-original,jax,jax+original_rope,original,original+float32_rope_table,jax+original_routers+original_cvmm+original_rope,jax+original_routers}
+VARIANTS=${VARIANTS:-original,original,jax,jax+original_routers,jax+original_cvmm,jax+original_rope,jax+original_routers+original_cvmm+original_rope}
 F32_VARIANTS=${F32_VARIANTS-}
 mkdir -p "$OUT"
 if ! python3 -c "import jax_triton" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
