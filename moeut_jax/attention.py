@@ -100,18 +100,35 @@ class SwitchHeadRope(nn.Module):
       p["sel_o"] = self.param("sel_o", sel, (d, h), self.param_dtype)
     return p
 
-  def _router(self, src, sel, train, source=None):
-    """Router logits of one projection [B, T, H, Ea] f32 and its expert-dropout mask
-    (or None). 16-bit routers (``router_dtype``) round the logits, then take them to
-    float32, as the original's ``.float()``."""
-    b, t, _ = src.shape
-    logits = upcast(router_logits(src, sel, self.dtype, self.router_dtype, source))
-    logits = logits.reshape(b, t, self.n_heads, self.n_experts)
-    logits = checkpoint_name(logits, ROUTER_LOGITS)
-    drop = None
-    if train and self.expert_dropout > 0:
-      drop = jax.random.bernoulli(self.make_rng("dropout"), self.expert_dropout, logits.shape)
-    return logits, drop
+  def _routers(self, p, q_src, k_src, train, source=None):
+    """Router logits of the V projection (from k_src) and the O projection (from q_src),
+    [B, T, H, Ea] f32 each, with their expert-dropout masks (or None). 16-bit routers
+    (``router_dtype``) round the logits, then take them to float32, as the original's
+    ``.float()``.
+
+    float32 routers of one source (q_src is k_src, as in MoEUT's layers) are one product
+    with the two weights side by side: the same logits, and one gradient of the source
+    instead of two to be added. 16-bit routers stay two products, each gradient rounded
+    on its own, as the original's two bf16 linears."""
+    b, t, _ = q_src.shape
+    shape = (b, t, self.n_heads, self.n_experts)
+    if k_src is q_src and jnp.dtype(self.router_dtype) == jnp.float32:
+      both = router_logits(q_src, jnp.concatenate([p["sel_v"], p["sel_o"]], axis=1),
+                           self.dtype, self.router_dtype, source)           # [B, T, 2HEa]
+      lv, lo = jnp.split(both, 2, axis=-1)
+    else:
+      lv = upcast(router_logits(k_src, p["sel_v"], self.dtype, self.router_dtype,
+                                source if k_src is q_src else None))
+      lo = upcast(router_logits(q_src, p["sel_o"], self.dtype, self.router_dtype,
+                                source if k_src is q_src else None))
+    out = []
+    for logits in (lv, lo):
+      logits = checkpoint_name(logits.reshape(shape), ROUTER_LOGITS)
+      drop = None
+      if train and self.expert_dropout > 0:
+        drop = jax.random.bernoulli(self.make_rng("dropout"), self.expert_dropout, shape)
+      out += [logits, drop]
+    return tuple(out)
 
   @nn.compact
   def __call__(self, q_src, k_src, v_src, *, positions, blocked, causal_only,
@@ -143,17 +160,19 @@ class SwitchHeadRope(nn.Module):
         expert_weights(p[name], cd, config=self.cvmm), WEIGHTS)
     qk_scale = dh ** -0.25
     q_in = q_src.astype(cd)
-    k_in = q_in if k_src is q_src else k_src.astype(cd)    # one copy kept when they are one
-    q = jnp.einsum("BTD,DHK->BTHK", q_in, weight("q")) * qk_scale
-    k = jnp.einsum("BTD,DHK->BTHK", k_in, weight("k")) * qk_scale
+    if k_src is q_src:   # one product with both weights: one gradient of the source
+      qk = jnp.einsum("BTD,DHK->BTHK", q_in,
+                      jnp.concatenate([weight("q"), weight("k")], axis=1)) * qk_scale
+      q, k = qk[:, :, :h], qk[:, :, h:]
+    else:
+      q = jnp.einsum("BTD,DHK->BTHK", q_in, weight("q")) * qk_scale
+      k = jnp.einsum("BTD,DHK->BTHK", k_src.astype(cd), weight("k")) * qk_scale
     n_rot = rotary_width(dh)
     q = checkpoint_name(apply_rope(q, positions, n_rot, self.rope_table_dtype), ATTENTION_QK)
     k = checkpoint_name(apply_rope(k, positions, n_rot, self.rope_table_dtype), ATTENTION_QK)
 
     if self.n_experts > 1:
-      shared = src_source if k_src is q_src else None
-      lv, drop_v = self._router(k_src, p["sel_v"], train, shared)
-      lo, drop_o = self._router(q_src, p["sel_o"], train, shared)
+      lv, drop_v, lo, drop_o = self._routers(p, q_src, k_src, train, src_source)
 
       def values(lv, drop_v, v_src, w):
         """Expert-mixed values of the tokens at hand (one device's, under a mesh)."""
