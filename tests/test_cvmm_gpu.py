@@ -78,17 +78,19 @@ def test_gpu_impl_matches_reference(impl, case, dtype, gated):
                                                                "odd_sizes", "switchhead_like")],
                          ids=lambda c: c[0])
 def test_mosaic_two_producers_match_reference(case, gated, monkeypatch):
-  """The Mosaic row kernel with two producer warpgroups (TileConfig.producers=2, the
-  autotuner's other candidates): forward and every gradient, bf16, against the
-  reference. The CPU interpreter checks the same (tests/test_cvmm_mosaic.py); here the
+  """The Mosaic row and weight-gradient kernels with two producer warpgroups
+  (TileConfig.producers=2, among the autotuner's candidates): forward and every
+  gradient, bf16, against the reference. The CPU interpreter checks the same (tests/test_cvmm_mosaic.py); here the
   copies, barriers and registers run on the GPU."""
   if not is_available("mosaic"):
     pytest.skip("mosaic not available on this GPU")
   from kernels import autotune  # noqa: PLC0415
-  from kernels.cvmm_mosaic import rows  # noqa: PLC0415
-  every = rows.rows_candidates
+  from kernels.cvmm_mosaic import gram, rows  # noqa: PLC0415
+  every_rows, every_gram = rows.rows_candidates, gram.gram_candidates
   monkeypatch.setattr(rows, "rows_candidates",
-                      lambda *a, **kw: [c for c in every(*a, **kw) if c.producers == 2])
+                      lambda *a, **kw: [c for c in every_rows(*a, **kw) if c.producers == 2])
+  monkeypatch.setattr(gram, "gram_candidates",
+                      lambda *a, **kw: [c for c in every_gram(*a, **kw) if c.producers == 2])
   # a tuner of its own, not timing: the first of those candidates, whatever is cached
   monkeypatch.setenv("CVMM_AUTOTUNE", "0")
   monkeypatch.setattr(autotune, "_TUNER", autotune.Autotuner(cache_file=""))

@@ -42,6 +42,18 @@ SWIZZLE = 128         # bytes
 ROWS_PER_WG = 64      # rows of one wgmma (one consumer warpgroup)
 # Shared memory a kernel may plan for (sm90 has 227 KiB per block).
 SMEM_BUDGET = 220 * 1024
+# Registers per thread: producer warpgroups give theirs up to the consumers'
+# accumulators, within the multiprocessor's 64K (setmaxnreg takes multiples of 8).
+PRODUCER_REGISTERS = 40
+_REGISTER_FILE = 65536
+
+
+def consumer_registers(n_cons: int, n_prod: int) -> int:
+  """Registers per consumer thread beside ``n_prod`` producer warpgroups at
+  PRODUCER_REGISTERS: 232 (what a [64, 256] float32 accumulator needs, with room) where
+  the register file allows it."""
+  per_thread = _REGISTER_FILE // 128 - n_prod * PRODUCER_REGISTERS
+  return min(232, per_thread // n_cons // 8 * 8)
 
 
 def is_available() -> bool:

@@ -3,9 +3,11 @@ both operands' rows gathered by index. Legend in :mod:`kernels.routing`.
 
 Work items are (expert, block of I, block of O), walked by one persistent CUDA block per
 multiprocessor. Each item contracts the expert's sorted positions [off[e], off[e+1]) in
-steps of 64 rows: the producer warpgroup gathers the step's 64 rows of a (block_m
-columns) and of b (block_n columns) with one TMA copy per row and 64-column chunk
-(kernels/cvmm_mosaic/common.py), positions past the expert's end reading zeros; each
+steps of 64 rows: the producer warpgroups (``cfg.producers``, one or two: rows r with
+r % producers == a producer's number, each with its own copy of the row indices) gather
+the step's 64 rows of a (block_m columns) and of b (block_n columns) with one TMA copy
+per row and 64-column chunk (kernels/cvmm_mosaic/common.py), positions past the
+expert's end reading zeros; each
 consumer warpgroup owns 64 columns of I and accumulates a^T b for them with wgmma
 (a's chunk used transposed). The row indices of the next step are prefetched while the
 current step's rows are issued. Experts without pairs store zeros.
@@ -22,8 +24,9 @@ from kernels import autotune
 from kernels.arrays import pad_to
 from kernels.autotune import TileConfig
 from kernels.cvmm_mosaic import slots
-from kernels.cvmm_mosaic.common import (CHUNK, ROWS_PER_WG, SMEM_BUDGET, gather_buffer,
-                                        gather_views, launch, pl, plgpu)
+from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, SMEM_BUDGET,
+                                        consumer_registers, gather_buffer, gather_views,
+                                        launch, pl, plgpu)
 from kernels.routing import Routing
 
 _ALIGN = 8
@@ -68,7 +71,8 @@ def _launch(a, b, a_pos, b_pos, offsets, e, a_oob, b_oob, out_dtype, cfg):
   dtype = a.dtype
   i, o = a.shape[1], b.shape[1]
   bi, bo, stages = cfg.block_m, cfg.block_n, cfg.num_stages
-  n_cons, n_bc = bi // CHUNK, bo // CHUNK
+  n_cons, n_bc, n_prod = bi // CHUNK, bo // CHUNK, cfg.producers
+  cons_regs = consumer_registers(n_cons, n_prod)
   n_ib, n_ob = -(-i // bi), -(-o // bo)
   n_items = e * n_ib * n_ob
   nsm = autotune.multiprocessor_count()
@@ -86,15 +90,14 @@ def _launch(a, b, a_pos, b_pos, offsets, e, a_oob, b_oob, out_dtype, cfg):
       lo, hi = off_g[ex], off_g[ex + 1]
       return ex, ii, oo, lo, hi, (hi - lo + STEP - 1) // STEP
 
-    @pl.when(wg == n_cons)
-    def _producer():
-      plgpu.set_max_registers(40, action="decrease")
+    def producer(p: int):
+      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
-      def fetch(pos0, buf):
+      def fetch(pos0, buf):   # into this producer's own double buffer
         base = pos0 - pos0 % IDX_ALIGN            # 16-byte aligned TMA start
         win = pl.ds(base, STEP + IDX_SLACK)
-        plgpu.copy_gmem_to_smem(a_pos_g.at[win], idx.at[buf, 0], idx_bar.at[buf])
-        plgpu.copy_gmem_to_smem(b_pos_g.at[win], idx.at[buf, 1], idx_bar.at[buf])
+        plgpu.copy_gmem_to_smem(a_pos_g.at[win], idx.at[p, buf, 0], idx_bar.at[2 * p + buf])
+        plgpu.copy_gmem_to_smem(b_pos_g.at[win], idx.at[p, buf, 1], idx_bar.at[2 * p + buf])
 
       @plgpu.nd_loop((n_items,), collective_axes="sm", init_carry=jnp.int32(0))
       def steps(info, carry):
@@ -107,7 +110,7 @@ def _launch(a, b, a_pos, b_pos, offsets, e, a_oob, b_oob, out_dtype, cfg):
 
         def kstep(kk, t):
           buf = t % 2
-          plgpu.barrier_wait(idx_bar.at[buf])
+          plgpu.barrier_wait(idx_bar.at[2 * p + buf])
 
           @pl.when(kk + 1 < n_k)
           def _():
@@ -122,10 +125,11 @@ def _launch(a, b, a_pos, b_pos, offsets, e, a_oob, b_oob, out_dtype, cfg):
           pos0 = lo + kk * STEP
           shift = pos0 % IDX_ALIGN                  # where pos0 lies in the window
 
-          def row(r, c):
+          def row(j, c):
+            r = j * n_prod + p
             inside = pos0 + r < hi
-            ra = jnp.where(inside, idx[buf, 0, shift + r], a_oob)
-            rb = jnp.where(inside, idx[buf, 1, shift + r], b_oob)
+            ra = jnp.where(inside, idx[p, buf, 0, shift + r], a_oob)
+            rb = jnp.where(inside, idx[p, buf, 1, shift + r], b_oob)
             for ch in range(n_cons):
               plgpu.copy_gmem_to_smem(
                   a_g.at[pl.ds(ra, 1), pl.ds(ii * bi + ch * CHUNK, CHUNK)],
@@ -136,7 +140,7 @@ def _launch(a, b, a_pos, b_pos, offsets, e, a_oob, b_oob, out_dtype, cfg):
                   b_rows.at[s, ch, pl.ds(r, 1)], full.at[s])
             return c
 
-          lax.fori_loop(0, STEP, row, 0)
+          lax.fori_loop(0, STEP // n_prod, row, 0)
           return t + 1
 
         return lax.fori_loop(0, n_k, kstep, carry)
@@ -148,7 +152,7 @@ def _launch(a, b, a_pos, b_pos, offsets, e, a_oob, b_oob, out_dtype, cfg):
           plgpu.barrier_wait(empty.at[s])
 
     def consumer(c_i: int):
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(cons_regs, action="increase")
 
       @plgpu.nd_loop((n_items,), collective_axes="sm", init_carry=jnp.int32(0))
       def _steps(info, carry):
@@ -190,20 +194,23 @@ def _launch(a, b, a_pos, b_pos, offsets, e, a_oob, b_oob, out_dtype, cfg):
 
     for c_i in range(n_cons):
       pl.when(wg == c_i)(functools.partial(consumer, c_i))
+    for p in range(n_prod):
+      pl.when(wg == n_cons + p)(functools.partial(producer, p))
 
   scratch = [
       gather_buffer((stages, n_cons, STEP, CHUNK), dtype),                      # a_buf
       gather_buffer((stages, n_bc, STEP, CHUNK), dtype),                        # b_buf
       plgpu.Barrier(num_arrivals=STEP * (n_cons + n_bc), num_barriers=stages),  # full
       plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages),                  # empty
-      plgpu.SMEM((2, 2, STEP + IDX_SLACK), jnp.int32),                          # idx
-      plgpu.Barrier(num_arrivals=2, num_barriers=2),                            # idx_bar
+      plgpu.SMEM((n_prod, 2, 2, STEP + IDX_SLACK), jnp.int32),                  # idx
+      plgpu.Barrier(num_arrivals=2, num_barriers=2 * n_prod),                   # idx_bar
       plgpu.SMEM((n_cons, ROWS_PER_WG, bo), out_dtype),                         # o_smem
   ]
   # Whole blocks: where a [64, bo] block is contiguous in dW (bo == o) its store is a
   # linear bulk copy (see rows._launch), which a partial block of I would run past.
   out_type = jax.ShapeDtypeStruct((e, n_ib * bi, n_ob * bo), out_dtype)
-  (dw,) = launch(body, [offsets, a_pos, b_pos, a, b], [out_type], scratch, nsm, n_cons + 1)
+  (dw,) = launch(body, [offsets, a_pos, b_pos, a, b], [out_type], scratch, nsm,
+                 n_cons + n_prod)
   return dw
 
 
@@ -213,12 +220,14 @@ def smem_bytes(cfg: TileConfig, out_itemsize: int, dtype_itemsize: int = 2) -> i
 
 
 def gram_candidates(o: int) -> list[TileConfig]:
-  """Tiles of the weight-gradient kernel, heuristic order first."""
+  """Tiles of the weight-gradient kernel, heuristic order first; then the first three
+  with two producer warpgroups."""
   bo_max = min(256, max(CHUNK, autotune.next_pow2(o)))
   raw = [(128, 128, 4), (128, 64, 6), (64, 128, 6), (128, 256, 3), (64, 64, 8)]
+  raw = [(*t, 1) for t in raw] + [(*t, 2) for t in raw[:3]]
   out = []
-  for bi, bo, st in raw:
-    cfg = TileConfig(bi, min(bo, bo_max), STEP, 4, st)
+  for bi, bo, st, prod in raw:
+    cfg = TileConfig(bi, min(bo, bo_max), STEP, 4, st, producers=prod)
     if smem_bytes(cfg, 4) <= SMEM_BUDGET:
       out.append(cfg)
   return list(dict.fromkeys(out))

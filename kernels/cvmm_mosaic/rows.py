@@ -38,27 +38,15 @@ from kernels import autotune
 from kernels.arrays import pad_to
 from kernels.autotune import TileConfig
 from kernels.cvmm_mosaic import slots
-from kernels.cvmm_mosaic.common import (CHUNK, ROWS_PER_WG, SMEM_BUDGET, compiler_params,
-                                        gather_buffer, gather_views, launch, load, pl,
-                                        plgpu,
-                                        tiled)
+from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, SMEM_BUDGET,
+                                        compiler_params, consumer_registers, gather_buffer,
+                                        gather_views, launch, load, pl, plgpu, tiled)
 from kernels.routing import Routing
 
 # TMA needs every row stride to be a multiple of 16 bytes: widths of 16-bit arrays are
 # padded to multiples of 8, the matrices' to 64 (only odd shapes copy anything; the
 # model's widths are multiples of 64).
 _ALIGN = 8
-# Registers per thread: producers give theirs up to the consumers' accumulators, within
-# the multiprocessor's 64K (setmaxnreg takes multiples of 8, at most 256).
-_PRODUCER_REGISTERS = 40
-_REGISTER_FILE = 65536
-
-
-def _consumer_registers(n_cons: int, n_prod: int) -> int:
-  """Registers per consumer thread with ``n_prod`` producers at _PRODUCER_REGISTERS: 232
-  (the most a [64, 256] float32 accumulator needs) where the register file allows."""
-  per_thread = _REGISTER_FILE // 128 - n_prod * _PRODUCER_REGISTERS
-  return min(232, per_thread // n_cons // 8 * 8)
 
 
 def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
@@ -133,7 +121,7 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
   nsm = autotune.multiprocessor_count()
   has_scale, dgate = sc is not None, c is not None
   z_slots = a_idx.shape[0]
-  consumer_registers = _consumer_registers(n_cons, n_prod)
+  cons_regs = consumer_registers(n_cons, n_prod)
 
   def body(*refs):
     it = iter(refs)
@@ -152,7 +140,7 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
     items = n_items_g[0]
 
     def producer(p: int):
-      plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
       def fetch_idx(lin, b):   # into this producer's own double buffer: rows 2p, 2p + 1
         z = lin // n_nb
@@ -211,7 +199,7 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
           plgpu.barrier_wait(empty.at[s])
 
     def consumer(c_i: int):
-      plgpu.set_max_registers(consumer_registers, action="increase")
+      plgpu.set_max_registers(cons_regs, action="increase")
 
       @plgpu.nd_loop((items,), collective_axes="sm")
       def _item(info):
