@@ -54,3 +54,20 @@ def inputs(case, dtype, gated):
   g = jax.random.uniform(ks[3], (n, k)).astype(dtype) if gated else None
   ct = jax.random.normal(ks[4], (n, o) if gated else (n, k, o))
   return x, w, g, r, ct
+
+
+def two_producers_only(monkeypatch):
+  """The Mosaic row and weight-gradient kernels' tiles restricted to those with two
+  producer warpgroups (``TileConfig.producers``), chosen without timing by a tuner of
+  their own (the first of those candidates, whatever another test cached)."""
+  from kernels import autotune  # noqa: PLC0415
+  from kernels.cvmm_mosaic import gram, rows  # noqa: PLC0415
+  every_rows, every_gram = rows.rows_candidates, gram.gram_candidates
+  monkeypatch.setattr(rows, "rows_candidates",
+                      lambda *a, **kw: [c for c in every_rows(*a, **kw) if c.producers == 2])
+  monkeypatch.setattr(gram, "gram_candidates",
+                      lambda *a, **kw: [c for c in every_gram(*a, **kw) if c.producers == 2])
+  assert rows.rows_candidates(72, 2, False) and rows.rows_candidates(64, 4, True)
+  assert gram.gram_candidates(72) and gram.gram_candidates(1024)
+  monkeypatch.setenv("CVMM_AUTOTUNE", "0")
+  monkeypatch.setattr(autotune, "_TUNER", autotune.Autotuner(cache_file=""))

@@ -16,6 +16,7 @@ import pytest
 from kernels import CvmmConfig, cvmm, is_available
 from kernels.cvmm_reference import cvmm_pair_reference, cvmm_reference
 from cvmm_cases import TOL, inputs as _inputs, outputs as _outputs, rel_err as _rel
+from cvmm_cases import two_producers_only
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")]
@@ -80,20 +81,11 @@ def test_gpu_impl_matches_reference(impl, case, dtype, gated):
 def test_mosaic_two_producers_match_reference(case, gated, monkeypatch):
   """The Mosaic row and weight-gradient kernels with two producer warpgroups
   (TileConfig.producers=2, among the autotuner's candidates): forward and every
-  gradient, bf16, against the reference. The CPU interpreter checks the same (tests/test_cvmm_mosaic.py); here the
-  copies, barriers and registers run on the GPU."""
+  gradient, bf16, against the reference. The CPU interpreter checks the same
+  (tests/test_cvmm_mosaic.py); here the copies, barriers and registers run on the GPU."""
   if not is_available("mosaic"):
     pytest.skip("mosaic not available on this GPU")
-  from kernels import autotune  # noqa: PLC0415
-  from kernels.cvmm_mosaic import gram, rows  # noqa: PLC0415
-  every_rows, every_gram = rows.rows_candidates, gram.gram_candidates
-  monkeypatch.setattr(rows, "rows_candidates",
-                      lambda *a, **kw: [c for c in every_rows(*a, **kw) if c.producers == 2])
-  monkeypatch.setattr(gram, "gram_candidates",
-                      lambda *a, **kw: [c for c in every_gram(*a, **kw) if c.producers == 2])
-  # a tuner of its own, not timing: the first of those candidates, whatever is cached
-  monkeypatch.setenv("CVMM_AUTOTUNE", "0")
-  monkeypatch.setattr(autotune, "_TUNER", autotune.Autotuner(cache_file=""))
+  two_producers_only(monkeypatch)
   x, w, g, r, ct = _inputs(case, jnp.bfloat16, gated)
   got = _outputs(jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, impl="mosaic")), x, w, g, r, ct)
   up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731

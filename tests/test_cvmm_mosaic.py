@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cvmm_cases import inputs as _inputs, outputs as _outputs, rel_err as _rel
-from cvmm_cases import routing_of_kind as _routing
+from cvmm_cases import routing_of_kind as _routing, two_producers_only
 import mosaic_interpret
 
 pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
@@ -110,23 +110,6 @@ def test_mosaic_interpreted_matches_reference(case, sums):
     assert err <= tol, f"{case[0]} {name}: rel err {err:.2e}"
 
 
-def _two_producers_only(monkeypatch):
-  """The row and weight-gradient kernels' tiles restricted to those with two producer
-  warpgroups."""
-  from kernels import autotune  # noqa: PLC0415
-  from kernels.cvmm_mosaic import gram, rows  # noqa: PLC0415
-  every_rows, every_gram = rows.rows_candidates, gram.gram_candidates
-  monkeypatch.setattr(rows, "rows_candidates",
-                      lambda *a, **kw: [c for c in every_rows(*a, **kw) if c.producers == 2])
-  monkeypatch.setattr(gram, "gram_candidates",
-                      lambda *a, **kw: [c for c in every_gram(*a, **kw) if c.producers == 2])
-  assert rows.rows_candidates(72, 2, False) and rows.rows_candidates(64, 4, True)
-  assert gram.gram_candidates(72) and gram.gram_candidates(1024)
-  # a tuner of its own, not timing: the first of those candidates, whatever is cached
-  monkeypatch.setenv("CVMM_AUTOTUNE", "0")
-  monkeypatch.setattr(autotune, "_TUNER", autotune.Autotuner(cache_file=""))
-
-
 @pytest.mark.skipif(not mosaic_interpret.SUPPORTED,
                     reason="the Mosaic GPU interpreter of jax < 0.11 fills no out-of-bounds TMA reads")
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]],
@@ -143,7 +126,7 @@ def test_mosaic_two_producers_interpreted_matches_reference(case, monkeypatch):
   this file under ``-n 2``, never alone: 10 of 10 calls of this case's kernels)."""
   from kernels.cvmm_mosaic import cvmm_mosaic  # noqa: PLC0415
   from kernels.cvmm_reference import cvmm_reference  # noqa: PLC0415
-  _two_producers_only(monkeypatch)
+  two_producers_only(monkeypatch)
   gated = case[0].startswith("gated") or "odd" in case[0]
   x, w, g, r, ct = _inputs(case, jnp.bfloat16, gated)
   with mosaic_interpret.interpret():
@@ -162,7 +145,7 @@ def test_mosaic_two_producers_lower_at_moeut_244m_up(monkeypatch):
   from kernels import make_routing  # noqa: PLC0415
   from kernels.cvmm_mosaic import cvmm_mosaic  # noqa: PLC0415
   from kernels.cvmm_mosaic.common import consumer_registers  # noqa: PLC0415
-  _two_producers_only(monkeypatch)
+  two_producers_only(monkeypatch)
   assert consumer_registers(2, 1) == 232 and consumer_registers(2, 2) == 216
   assert 2 * 128 * 216 + 2 * 128 * 40 <= 65536
   n, d, es, e, k = 65536, 1024, 128, 387, 16
