@@ -112,15 +112,14 @@ class SwitchHeadRope(nn.Module):
     on its own, as the original's two bf16 linears."""
     b, t, _ = q_src.shape
     shape = (b, t, self.n_heads, self.n_experts)
+    source = source if k_src is q_src else None
     if k_src is q_src and jnp.dtype(self.router_dtype) == jnp.float32:
       both = router_logits(q_src, jnp.concatenate([p["sel_v"], p["sel_o"]], axis=1),
                            self.dtype, self.router_dtype, source)           # [B, T, 2HEa]
       lv, lo = jnp.split(both, 2, axis=-1)
     else:
-      lv = upcast(router_logits(k_src, p["sel_v"], self.dtype, self.router_dtype,
-                                source if k_src is q_src else None))
-      lo = upcast(router_logits(q_src, p["sel_o"], self.dtype, self.router_dtype,
-                                source if k_src is q_src else None))
+      lv = upcast(router_logits(k_src, p["sel_v"], self.dtype, self.router_dtype, source))
+      lo = upcast(router_logits(q_src, p["sel_o"], self.dtype, self.router_dtype, source))
     out = []
     for logits in (lv, lo):
       logits = checkpoint_name(logits.reshape(shape), ROUTER_LOGITS)
