@@ -24,4 +24,9 @@ def test_interpreter_module(module):
                         "-n", "0", os.path.join("tests", "interpreter", module)],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
   assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-  assert " passed" in res.stdout and " failed" not in res.stdout, res.stdout[-2000:]
+  assert " failed" not in res.stdout, res.stdout[-2000:]
+  if " passed" not in res.stdout and " skipped" in res.stdout:
+    # every test of the module skipped itself (e.g. test_original.py without a clone of
+    # the official MoEUT): say so, as the module's own tests do
+    pytest.skip(f"{module}: {res.stdout.strip().splitlines()[-1]}")
+  assert " passed" in res.stdout, res.stdout[-2000:]
