@@ -234,6 +234,10 @@ def main(argv=None):
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, impls {impls}, "
         f"16-bit sums {kernels.DEFAULT.sum_dtype}, unit pairs "
         f"{'always' if a.unit_pairs else 'the default (from 2^18 units)'}", flush=True)
+  tune_log = open(a.tune_log, "w") if a.tune_log else None  # noqa: SIM115
+  if tune_log is not None:
+    from kernels import autotune  # noqa: PLC0415
+    autotune.tuner().log_stream = tune_log    # each timing as it is made
   rows = run([s for s in a.profiles.split(",") if s], impls, jnp.dtype(a.dtype), a.pair,
              a.check, a.tokens, lambda s: print(s, flush=True),
              unit_pairs=True if a.unit_pairs else None)
@@ -241,10 +245,8 @@ def main(argv=None):
   if a.json:
     with open(a.json, "w") as f:
       json.dump(rows, f, indent=1)
-  if a.tune_log:
-    from kernels import autotune  # noqa: PLC0415
-    with open(a.tune_log, "w") as f:
-      f.write("\n".join(autotune.tuner().log) + "\n")
+  if tune_log is not None:
+    tune_log.close()
   return rows
 
 

@@ -165,10 +165,19 @@ class Autotuner:
     self._lock = threading.Lock()
     self._mem: dict[str, TileConfig] = {}
     self.log: list[str] = []
+    # where each log line is also written as it is made (a file opened by a benchmark),
+    # so that a run stopped by its time limit keeps the timings it got
+    self.log_stream = None
     if self.cache_file and os.path.exists(self.cache_file):
       with open(self.cache_file) as f:
         for k, v in json.load(f).items():
           self._mem[k] = TileConfig.from_json(v)
+
+  def _log(self, line: str) -> None:
+    self.log.append(line)
+    if self.log_stream is not None:
+      self.log_stream.write(line + "\n")
+      self.log_stream.flush()
 
   @staticmethod
   def key(kernel: str, shape: Sequence[int], dtype, config=None) -> str:
@@ -207,9 +216,9 @@ class Autotuner:
       try:
         t = bench(c)
       except Exception as err:  # a candidate that does not compile (e.g. shared memory)
-        self.log.append(f"{k} {c}: failed ({type(err).__name__}: {str(err)[:120]})")
+        self._log(f"{k} {c}: failed ({type(err).__name__}: {str(err)[:120]})")
         continue
-      self.log.append(f"{k} {c}: {t * 1e3:.3f} ms")
+      self._log(f"{k} {c}: {t * 1e3:.3f} ms")
       timed.append((t, c))
     if not timed:
       raise RuntimeError(f"every tile candidate failed for {k}; see Autotuner.log")
