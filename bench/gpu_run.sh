@@ -2,8 +2,8 @@
 # The GPU tests and the benchmarks behind bench/RESULTS.md's MoEUT_244M tables, on one GPU
 # machine, from the repository root. Every log goes under $OUT (default bench/out, ignored):
 #   environment.log         GPU, driver, jax / triton / jax-triton versions, commit, date
-#   gpu_tests.log           python3 -m pytest -m gpu tests (CVMM_AUTOTUNE=0: cached or
-#                           heuristic tiles, no timing)
+#   gpu_tests.log           python3 -m pytest -m gpu tests -rs (CVMM_AUTOTUNE=0: cached or
+#                           heuristic tiles, no timing; each skip listed with its reason)
 #   cvmm_MoEUT_244M.log     python3 -m bench.cvmm: every projection against dense, the pair
 #   train_step_MoEUT_244M.log  python3 bench/model.py: a training step, batch 64 x 1024
 #   autotune_cache.json     bench/autotune_cache.json plus the tiles timed for new shapes
@@ -47,7 +47,7 @@ for part in $PARTS; do
   case $part in
     tests)
       XLA_PYTHON_CLIENT_PREALLOCATE=false CVMM_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-540}" \
-        python3 -m pytest -m gpu tests -q -n "${TEST_WORKERS:-12}" -p no:cacheprovider \
+        python3 -m pytest -m gpu tests -q -rs -n "${TEST_WORKERS:-12}" -p no:cacheprovider \
         > "$OUT/gpu_tests.log" 2>&1
       echo "tests (exit $?): $(tail -1 "$OUT/gpu_tests.log")" ;;
     cvmm)

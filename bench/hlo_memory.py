@@ -96,6 +96,36 @@ def entry_instructions(text: str):
   return out
 
 
+def strip_module(text: str) -> str:
+  """The module cut to what :func:`report` reads: its first line and the entry
+  computation, each instruction with its name, type, opcode, operands, tuple index and
+  JAX op name (kernels' backend configs, other metadata and the called computations
+  dropped: a tenth of the size or less, so that it comes back from a GPU machine)."""
+  start = text.index("\nENTRY")
+  end = text.index("\n}", start)
+  lines = [text.split("\n", 1)[0], ""] + [text[start + 1:].split("\n", 1)[0]]
+  for line in text[start:end].split("\n")[2:]:
+    stripped = line.strip()
+    m = _INSTRUCTION.match(stripped)
+    if not m:
+      lines.append(line)
+      continue
+    name, typ, op, rest = m.groups()
+    depth, i = 1, 0
+    while depth and i < len(rest):
+      depth += {"(": 1, ")": -1}.get(rest[i], 0)
+      i += 1
+    out = f"{'ROOT ' if stripped.startswith('ROOT ') else ''}%{name} = {typ} {op}({rest[:i]}"
+    index = re.search(r"\bindex=(\d+)", rest) if op == "get-tuple-element" else None
+    if index:
+      out += f", index={index.group(1)}"
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    if op_name:
+      out += f', metadata={{op_name="{op_name.group(1)}"}}'
+    lines.append("  " + out)
+  return "\n".join(lines) + "\n}\n"
+
+
 def phase(op_name: str) -> str:
   if "transpose(" in op_name:
     return "backward"
@@ -176,11 +206,15 @@ def _group(op_name: str, typ: str) -> str:
   return f"{name[-80:]}  {m.group(0) if m else typ[:40]}"
 
 
-def report(path: str, top: int = 30, points: int = 12) -> None:
+def read_module(path: str) -> str:
+  """The module's text, from a .txt or a gzipped .txt.gz."""
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rt") as f:
-    text = f.read()
-  ins = entry_instructions(text)
+    return f.read()
+
+
+def report(path: str, top: int = 30, points: int = 12) -> None:
+  ins = entry_instructions(read_module(path))
   args = sum(nbytes(d[5]) for d in ins if d[2] == "parameter")
   peak, at, live, curve, size = walk(ins)
   by = {d[0]: (d[4], d[5]) for d in ins}
@@ -226,8 +260,16 @@ def main():
                   "(or .txt.gz, as bench/memory.sh's HLO_KEEP=1 keeps it)")
   ap.add_argument("--module", default="train_step", help="regex of the module's file name")
   ap.add_argument("--top", type=int, default=30, help="groups listed at the peak")
+  ap.add_argument("--strip-to", default="", metavar="FILE.txt.gz",
+                  help="write the module cut to what this walk reads (strip_module), "
+                       "gzipped, instead of reporting")
   args = ap.parse_args()
-  report(find_module(args.path, args.module), args.top)
+  path = find_module(args.path, args.module)
+  if args.strip_to:
+    with gzip.open(args.strip_to, "wt", compresslevel=9) as f:
+      f.write(strip_module(read_module(path)))
+    return
+  report(path, args.top)
 
 
 if __name__ == "__main__":

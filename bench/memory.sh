@@ -24,7 +24,9 @@
 # reported as skipped; one that runs out of memory as such, and the script goes on.
 # HLO_CASES: JAX cases whose compiled step is also dumped and read by bench/hlo_memory.py
 # (what is live at the peak of XLA's schedule, into $OUT/<case>.hlo.txt; the dump is
-# deleted after; HLO_KEEP=1 keeps the scheduled module as $OUT/<case>.after_optimizations.txt.gz,
+# deleted after; HLO_KEEP=1 keeps the scheduled module's entry computation, cut to what the
+# walk reads, as $OUT/<case>.after_optimizations.txt.gz (MoEUT_1B's whole module, gzipped,
+# was 19.8 MB: over what a device call brings back),
 # which bench/hlo_memory.py reads on any machine).
 # JAX takes 95% of the GPU (bench/model.py sets XLA_PYTHON_CLIENT_MEM_FRACTION unless a
 # memory variable is set); the official step runs in its own process with the GPU to
@@ -109,7 +111,8 @@ for name in $CASES; do
     timeout 60 python3 bench/hlo_memory.py "$dump" > "$OUT/$name.hlo.txt" 2>&1
     if [[ ${HLO_KEEP:-0} == 1 ]]; then   # the scheduled module, for reading elsewhere
       module=$(ls -S "$dump"/*train_step*after_optimizations.txt 2>/dev/null | head -n 1)
-      [[ -n $module ]] && gzip -9 -c "$module" > "$OUT/$name.after_optimizations.txt.gz"
+      [[ -n $module ]] && timeout 120 python3 bench/hlo_memory.py "$module" \
+        --strip-to "$OUT/$name.after_optimizations.txt.gz"
     fi
     rm -rf "$dump"
   fi

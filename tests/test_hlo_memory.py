@@ -52,3 +52,40 @@ def test_a_gzipped_module_reads_as_the_text(tmp_path, capsys):
   hlo_memory.report(str(packed))
   got = capsys.readouterr().out.split("\n", 1)[1]
   assert "peak of the buffers it makes" in want and got == want
+
+
+CALLED = """HloModule big, is_scheduled=true, entry_computation_layout={(f32[256]{0})->f32[256]{0}}
+
+%fused (x: f32[256]) -> f32[1024] {
+  %x = f32[256]{0} parameter(0)
+  ROOT %y = f32[1024]{0} broadcast(f32[256]{0} %x), dimensions={}
+}
+
+ENTRY %main (p0: f32[256]) -> f32[256] {
+  %p0 = f32[256]{0} parameter(0), metadata={op_name="jit(f)/in" source_file="a.py" source_line=3}
+  %a = f32[1024]{0} fusion(f32[256]{0} %p0), kind=kLoop, calls=%fused, metadata={op_name="jit(f)/jvp(g)/mul" source_file="a.py" source_line=4}, backend_config={"outer_dimension_partitions":[]}
+  %k = (f32[2048]{0}, s8[64]{0}) custom-call(f32[1024]{0} %a), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/transpose(jvp(g))/kernel"}, backend_config={"name":"kernel","ir":"IR"}
+  %kb = f32[2048]{0} get-tuple-element((f32[2048]{0}, s8[64]{0}) %k), index=0
+  %c = f32[256]{0} slice(f32[2048]{0} %kb), slice={[0:256]}
+  ROOT %r = f32[256]{0} add(f32[256]{0} %c, f32[256]{0} %p0), metadata={op_name="jit(f)/add"}
+}
+""".replace("IR", "x" * 5000)
+
+
+def test_a_stripped_module_reports_as_the_whole(tmp_path, capsys, monkeypatch):
+  """strip_module (bench/memory.sh's HLO_KEEP=1, through --strip-to) keeps what the walk
+  reads: the same instructions, sizes, tuple indices and JAX names, hence the same
+  report; the called computation and the kernel's backend config are gone."""
+  small = hlo_memory.strip_module(CALLED)
+  assert len(small) < len(CALLED) / 4
+  assert "backend_config" not in small and "%fused" not in small and "source_line" not in small
+  assert hlo_memory.entry_instructions(small) == hlo_memory.entry_instructions(CALLED)
+  whole, packed = tmp_path / "m.after_optimizations.txt", tmp_path / "s.txt.gz"
+  whole.write_text(CALLED)
+  monkeypatch.setattr(sys, "argv", ["hlo_memory.py", str(whole), "--strip-to", str(packed)])
+  hlo_memory.main()
+  hlo_memory.report(str(whole))
+  want = capsys.readouterr().out.split("\n", 1)[1]
+  hlo_memory.report(str(packed))
+  got = capsys.readouterr().out.split("\n", 1)[1]
+  assert "jvp(g)/mul" in want and "peak of the buffers it makes" in want and got == want
