@@ -34,6 +34,7 @@ kernels/cvmm_triton/scales.py), "float32" or "bfloat16".
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Callable
 
 import jax
@@ -91,8 +92,29 @@ def resolve(impl: str) -> str:
   if jax.default_backend() == "gpu":
     for name in _AUTO_GPU_ORDER:
       if is_available(name):
+        if name == "xla":
+          _warn_xla_on_gpu()
         return name
   return "xla"
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_xla_on_gpu() -> None:
+  """Once per process: "auto" fell back to the pure-JAX path on a GPU, which is slow and
+  needs far more memory at model sizes (MoEUT_244M's training step asked for 352 GiB on
+  an H200 without jax-triton)."""
+  if "xla_on_gpu" in _WARNED:
+    return
+  _WARNED.add("xla_on_gpu")
+  why = ("jax-triton is not importable" if _module("triton") is None
+         else "the Triton path is not available on this GPU")
+  warnings.warn(
+      f'CVMM impl="auto" runs the pure-JAX "xla" path on this GPU because {why}. It '
+      "is slow and needs far more memory than the GPU kernels: install jax-triton "
+      '(pip install "moeut-jax[gpu]") or choose impl="mosaic" on Hopper GPUs.',
+      RuntimeWarning, stacklevel=3)
 
 
 def _get(impl: str) -> Callable:

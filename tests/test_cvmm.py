@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -461,11 +462,22 @@ def test_importing_jax_triton_keeps_triton_compile_cache(tmp_path, monkeypatch):
 
 def test_auto_on_gpus_is_triton_then_xla(monkeypatch):
   """On a GPU "auto" is Triton, else XLA: the measured order (bench/RESULTS.md; the
-  Mosaic path is slower than Triton on every operation and is never picked)."""
+  Mosaic path is slower than Triton on every operation and is never picked). Falling
+  back to XLA on a GPU warns once, saying why; on a CPU it is the path and says nothing."""
   import importlib  # noqa: PLC0415
   kc = importlib.import_module("kernels.cvmm")     # the module, not the function
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(kc, "is_available", lambda name: True)
   assert kc.resolve("auto") == "triton"
   monkeypatch.setattr(kc, "is_available", lambda name: name != "triton")
-  assert kc.resolve("auto") == "xla"
+  monkeypatch.setattr(kc, "_WARNED", set())
+  with pytest.warns(RuntimeWarning, match='runs the pure-JAX "xla" path on this GPU'):
+    assert kc.resolve("auto") == "xla"
+  with warnings.catch_warnings():          # once per process
+    warnings.simplefilter("error")
+    assert kc.resolve("auto") == "xla"
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  monkeypatch.setattr(kc, "_WARNED", set())
+  with warnings.catch_warnings():          # the CPU's own path: nothing to say
+    warnings.simplefilter("error")
+    assert kc.resolve("auto") == "xla"
