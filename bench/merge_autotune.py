@@ -24,7 +24,8 @@ def _fmt(d: dict) -> str:
   c = TileConfig(**d)
   s = f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
   return (s + (f" S{c.splits}" if c.splits > 1 else "") + (" loopN" if c.loop_n else "")
-          + (" gluon" if c.gluon else "") + (f" x{c.halves}" if c.halves > 1 else ""))
+          + (" gluon" if c.gluon else "") + (f" x{c.halves}" if c.halves > 1 else "")
+          + (f" p{c.producers}" if c.producers > 1 else ""))
 
 
 def merge(new: dict, old: dict, replace: bool) -> tuple[dict, list[str]]:

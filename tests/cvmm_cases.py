@@ -56,17 +56,18 @@ def inputs(case, dtype, gated):
   return x, w, g, r, ct
 
 
-def two_producers_only(monkeypatch):
-  """The Mosaic row and weight-gradient kernels' tiles restricted to those with two
-  producer warpgroups (``TileConfig.producers``), chosen without timing by a tuner of
-  their own (the first of those candidates, whatever another test cached)."""
+def producers_only(monkeypatch, producers: int):
+  """The Mosaic row and weight-gradient kernels' tiles restricted to those with
+  ``producers`` producer warpgroups (``TileConfig.producers``, 1 or 2), chosen without
+  timing by a tuner of their own (the first of those candidates, whatever another test
+  cached)."""
   from kernels import autotune  # noqa: PLC0415
   from kernels.cvmm_mosaic import gram, rows  # noqa: PLC0415
   every_rows, every_gram = rows.rows_candidates, gram.gram_candidates
-  monkeypatch.setattr(rows, "rows_candidates",
-                      lambda *a, **kw: [c for c in every_rows(*a, **kw) if c.producers == 2])
-  monkeypatch.setattr(gram, "gram_candidates",
-                      lambda *a, **kw: [c for c in every_gram(*a, **kw) if c.producers == 2])
+  monkeypatch.setattr(rows, "rows_candidates", lambda *a, **kw: [
+      c for c in every_rows(*a, **kw) if c.producers == producers])
+  monkeypatch.setattr(gram, "gram_candidates", lambda *a, **kw: [
+      c for c in every_gram(*a, **kw) if c.producers == producers])
   assert rows.rows_candidates(72, 2, False) and rows.rows_candidates(64, 4, True)
   assert gram.gram_candidates(72) and gram.gram_candidates(1024)
   monkeypatch.setenv("CVMM_AUTOTUNE", "0")

@@ -16,7 +16,7 @@ import pytest
 from kernels import CvmmConfig, cvmm, is_available
 from kernels.cvmm_reference import cvmm_pair_reference, cvmm_reference
 from cvmm_cases import TOL, inputs as _inputs, outputs as _outputs, rel_err as _rel
-from cvmm_cases import two_producers_only
+from cvmm_cases import producers_only
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")]
@@ -78,14 +78,15 @@ def test_gpu_impl_matches_reference(impl, case, dtype, gated):
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("m_divisor", "empty_experts",
                                                                "odd_sizes", "switchhead_like")],
                          ids=lambda c: c[0])
-def test_mosaic_two_producers_match_reference(case, gated, monkeypatch):
-  """The Mosaic row and weight-gradient kernels with two producer warpgroups
-  (TileConfig.producers=2, among the autotuner's candidates): forward and every
-  gradient, bf16, against the reference. The CPU interpreter checks the same
-  (tests/test_cvmm_mosaic.py); here the copies, barriers and registers run on the GPU."""
+def test_mosaic_one_producer_matches_reference(case, gated, monkeypatch):
+  """The Mosaic row and weight-gradient kernels with one producer warpgroup
+  (TileConfig.producers=1: the autotuner's candidates after the default's two):
+  forward and every gradient, bf16, against the reference. The CPU interpreter checks
+  the same (tests/test_cvmm_mosaic.py); here the copies, barriers and registers run on
+  the GPU."""
   if not is_available("mosaic"):
     pytest.skip("mosaic not available on this GPU")
-  two_producers_only(monkeypatch)
+  producers_only(monkeypatch, 1)
   x, w, g, r, ct = _inputs(case, jnp.bfloat16, gated)
   got = _outputs(jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, impl="mosaic")), x, w, g, r, ct)
   up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731

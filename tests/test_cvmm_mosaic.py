@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cvmm_cases import inputs as _inputs, outputs as _outputs, rel_err as _rel
-from cvmm_cases import routing_of_kind as _routing, two_producers_only
+from cvmm_cases import producers_only, routing_of_kind as _routing
 import mosaic_interpret
 
 pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
@@ -87,16 +87,19 @@ def test_mosaic_refuses_float32():
                     reason="the Mosaic GPU interpreter of jax < 0.11 fills no out-of-bounds TMA reads")
 @pytest.mark.parametrize("sums", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_mosaic_interpreted_matches_reference(case, sums):
+def test_mosaic_interpreted_matches_reference(case, sums, monkeypatch):
   """Forward and every gradient (x, w, gates) through the Mosaic GPU kernels in Pallas's
   interpreter, bf16 inputs, against the float32 reference: sums over slots in float32
-  or bfloat16 (the config's sum_dtype)."""
+  or bfloat16 (the config's sum_dtype). Tiles with one producer warpgroup; the default
+  tiles, with two, in the next test (on fewer cases: the interpreter runs a thread per
+  warpgroup)."""
   from kernels import CvmmConfig  # noqa: PLC0415
   from kernels.cvmm_mosaic import cvmm_mosaic  # noqa: PLC0415
   from kernels.cvmm_reference import cvmm_reference  # noqa: PLC0415
   if sums == "bfloat16" and not case[0].startswith("gated"):
     pytest.skip("bf16 sums change only calls that add rows")
   gated = case[0].startswith("gated") or "odd" in case[0]
+  producers_only(monkeypatch, 1)
   x, w, g, r, ct = _inputs(case, jnp.bfloat16, gated)
   config = CvmmConfig(sum_dtype=sums)
   with mosaic_interpret.interpret():
@@ -115,10 +118,10 @@ def test_mosaic_interpreted_matches_reference(case, sums):
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]],
                          ids=[CASES[0][0], CASES[1][0], CASES[4][0]])
 def test_mosaic_two_producers_interpreted_matches_reference(case, monkeypatch):
-  """The row and weight-gradient kernels with two producer warpgroups (each copying
-  every other row of a tile, with its own index buffers; in the row kernel the first
-  also copies the matrix block): forward and every gradient (x, w, gates; stored, added
-  and gated rows, dgates) against the reference.
+  """The row and weight-gradient kernels with two producer warpgroups (the default
+  tiles; each producer copies every other row of a tile, with its own index buffers; in
+  the row kernel the first also copies the matrix block): forward and every gradient
+  (x, w, gates; stored, added and gated rows, dgates) against the reference.
 
   The interpreter runs each warpgroup as a thread whose XLA executions wait at the
   barriers; with four warpgroups on a 2-core host busy with another process it has hung
@@ -126,7 +129,7 @@ def test_mosaic_two_producers_interpreted_matches_reference(case, monkeypatch):
   this file under ``-n 2``, never alone: 10 of 10 calls of this case's kernels)."""
   from kernels.cvmm_mosaic import cvmm_mosaic  # noqa: PLC0415
   from kernels.cvmm_reference import cvmm_reference  # noqa: PLC0415
-  two_producers_only(monkeypatch)
+  producers_only(monkeypatch, 2)
   gated = case[0].startswith("gated") or "odd" in case[0]
   x, w, g, r, ct = _inputs(case, jnp.bfloat16, gated)
   with mosaic_interpret.interpret():
@@ -138,14 +141,15 @@ def test_mosaic_two_producers_interpreted_matches_reference(case, monkeypatch):
     assert _rel(a, b) <= 1e-2, f"{case[0]} {name}: rel err {_rel(a, b):.2e}"
 
 
-def test_mosaic_two_producers_lower_at_moeut_244m_up(monkeypatch):
-  """The σ-MoE up projection of MoEUT_244M with two producer warpgroups lowers to CUDA
-  (forward and gradients: row and weight-gradient kernels): 2 consumers + 2 producers
-  within the register file."""
+def test_mosaic_one_producer_lowers_at_moeut_244m_up(monkeypatch):
+  """The σ-MoE up projection of MoEUT_244M with one producer warpgroup (the autotuner's
+  other tiles; the default's two in the next test) lowers to CUDA (forward and
+  gradients: row and weight-gradient kernels), and the register split of 2 consumers
+  with 1 or 2 producers fits the register file."""
   from kernels import make_routing  # noqa: PLC0415
   from kernels.cvmm_mosaic import cvmm_mosaic  # noqa: PLC0415
   from kernels.cvmm_mosaic.common import consumer_registers  # noqa: PLC0415
-  two_producers_only(monkeypatch)
+  producers_only(monkeypatch, 1)
   assert consumer_registers(2, 1) == 232 and consumer_registers(2, 2) == 216
   assert 2 * 128 * 216 + 2 * 128 * 40 <= 65536
   n, d, es, e, k = 65536, 1024, 128, 387, 16
@@ -165,8 +169,8 @@ def test_mosaic_two_producers_lower_at_moeut_244m_up(monkeypatch):
 @pytest.mark.parametrize("proj", ["up", "down", "V", "O"])
 def test_mosaic_lowers_at_moeut_244m(proj):
   """Every projection of MoEUT_244M (65,536 tokens), forward and gradients, lowers to
-  CUDA with the kernels' first tile candidates (abstract inputs: nothing is computed),
-  within sm90's shared memory."""
+  CUDA with the kernels' first tile candidates (two producer warpgroups; abstract
+  inputs: nothing is computed), within sm90's shared memory."""
   from kernels import make_head_routing, make_routing  # noqa: PLC0415
   from kernels.cvmm_mosaic import cvmm_mosaic  # noqa: PLC0415
   from moeut_jax import profiles  # noqa: PLC0415
