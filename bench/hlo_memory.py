@@ -10,7 +10,9 @@ makes a new buffer its size, frees it after its last reader, and prints the larg
 of live buffers, where in the step it happens (forward, backward or the update after
 them, from the JAX names in XLA's metadata) and what is live there, grouped by the JAX
 operation that made it (layer numbers folded) and shape. Bitcasts, tuples and their
-elements are views of their operands; the step's inputs (parameters, optimizer state,
+elements are views of their operands, and so is an output that a kernel writes into one
+of its operands (``output_to_operand_aliasing``: the Triton kernels' atomic sums into
+zeroed buffers); the step's inputs (parameters, optimizer state,
 tokens) are counted apart, as XLA's memory analysis does. An optimization barrier's
 output (where the dump still has one) and a tuple's elements are followed element by
 element, so that a barrier over many arrays keeps each alive only as long as its own
@@ -92,8 +94,36 @@ def entry_instructions(text: str):
       index = re.search(r"\bindex=(\d+)", rest) if op == "get-tuple-element" else None
       out.append((name, 0 if op in _VIEWS else nbytes(typ), op, _operands(rest),
                   op_name.group(1) if op_name else "", typ,
-                  int(index.group(1)) if index else None))
+                  int(index.group(1)) if index else None, aliasing(rest)))
   return out
+
+
+def _braced(text: str, key: str) -> str | None:
+  """The text inside ``key={...}`` (nested braces matched), or None."""
+  start = text.find(key + "={")
+  if start < 0:
+    return None
+  i, depth = start + len(key) + 1, 0
+  while i < len(text):
+    depth += {"{": 1, "}": -1}.get(text[i], 0)
+    if depth == 0:
+      return text[start + len(key) + 2:i]
+    i += 1
+  return None
+
+
+def aliasing(rest: str) -> tuple[tuple[int | None, int], ...]:
+  """An instruction's ``output_to_operand_aliasing`` (kernels that write into an operand's
+  buffer, e.g. atomic sums into zeros): (output tuple index, or None for the whole
+  output; operand number) pairs."""
+  body = _braced(rest, "output_to_operand_aliasing")
+  if not body:
+    return ()
+  pairs = []
+  for out_index, operand in re.findall(r"\{([0-9,\s]*)\}:\s*\((\d+),", body):
+    first = out_index.split(",")[0].strip()
+    pairs.append((int(first) if first else None, int(operand)))
+  return tuple(pairs)
 
 
 def strip_module(text: str) -> str:
@@ -119,6 +149,9 @@ def strip_module(text: str) -> str:
     index = re.search(r"\bindex=(\d+)", rest) if op == "get-tuple-element" else None
     if index:
       out += f", index={index.group(1)}"
+    alias = _braced(rest, "output_to_operand_aliasing")
+    if alias:
+      out += f", output_to_operand_aliasing={{{alias}}}"
     op_name = re.search(r'op_name="([^"]*)"', line)
     if op_name:
       out += f', metadata={{op_name="{op_name.group(1)}"}}'
@@ -142,7 +175,23 @@ def walk(instructions):
   reader."""
   sources, size, made_at = {}, {}, {}   # name -> {buffer}; buffer -> bytes; buffer -> index
   parts = {}   # a tuple's (or a barrier of a tuple's) buffers element by element
-  for i, (name, s, op, ops, _, typ, index) in enumerate(instructions):
+  for i, (name, s, op, ops, _, typ, index, aliases) in enumerate(instructions):
+    if aliases:   # outputs written into operands' buffers: views of those, not new
+      elements = tuple_elements(typ)
+      tupled = len(elements) > 1 or typ.strip().startswith("(")
+      by_out = {o: ops[j] for o, j in aliases if j < len(ops)}
+      if not tupled or None in by_out:
+        sources[name] = sources.get(by_out.get(None, by_out.get(0)), set())
+        continue
+      parts[name] = []
+      for k, t in enumerate(elements):
+        if k in by_out:
+          parts[name].append(sources.get(by_out[k], set()))
+        else:
+          parts[name].append({f"{name}#{k}"})
+          size[f"{name}#{k}"], made_at[f"{name}#{k}"] = nbytes(t), i
+      sources[name] = set().union(*parts[name])
+      continue
     if op == "parameter":
       sources[name] = set()
     elif op == "tuple":

@@ -89,3 +89,40 @@ def test_a_stripped_module_reports_as_the_whole(tmp_path, capsys, monkeypatch):
   hlo_memory.report(str(packed))
   got = capsys.readouterr().out.split("\n", 1)[1]
   assert "jvp(g)/mul" in want and "peak of the buffers it makes" in want and got == want
+
+
+ALIASED = """HloModule k, is_scheduled=true
+
+ENTRY %main (p0: f32[256]) -> f32[256] {
+  %p0 = f32[256]{0} parameter(0)
+  %z = f32[4096]{0} broadcast(f32[256]{0} %p0), dimensions={}
+  %y = f32[4096]{0} custom-call(f32[256]{0} %p0, f32[4096]{0} %z), custom_call_target="sum", output_to_operand_aliasing={{}: (1, {})}, backend_config={"a":{"b":1}}
+  %z2 = f32[2048]{0} broadcast(f32[256]{0} %p0), dimensions={}
+  %t = (f32[2048]{0}, f32[1024]{0}) custom-call(f32[256]{0} %p0, f32[2048]{0} %z2), custom_call_target="two", output_to_operand_aliasing={{0}: (1, {})}
+  %t0 = f32[2048]{0} get-tuple-element((f32[2048]{0}, f32[1024]{0}) %t), index=0
+  %t1 = f32[1024]{0} get-tuple-element((f32[2048]{0}, f32[1024]{0}) %t), index=1
+  %c = f32[256]{0} slice(f32[4096]{0} %y), slice={[0:256]}
+  %d = f32[256]{0} slice(f32[2048]{0} %t0), slice={[0:256]}
+  %e = f32[256]{0} slice(f32[1024]{0} %t1), slice={[0:256]}
+  %f = f32[256]{0} add(f32[256]{0} %c, f32[256]{0} %d)
+  ROOT %r = f32[256]{0} add(f32[256]{0} %f, f32[256]{0} %e)
+}
+"""
+
+
+def test_outputs_written_into_operands_are_not_new_buffers():
+  """A kernel whose output aliases an operand (output_to_operand_aliasing: atomic sums
+  into a zeroed buffer) makes no buffer of its own; the operand lives as long as the
+  output's readers. A tuple's aliased element is its operand, the other element new."""
+  ins = hlo_memory.entry_instructions(ALIASED)
+  by = {d[0]: d for d in ins}
+  assert by["y"][7] == ((None, 1),) and by["t"][7] == ((0, 1),)
+  peak, at, live, curve, size = hlo_memory.walk(ins)
+  assert "y" not in size and "t#0" not in size and size["t#1"] == 4096
+  names = [d[0] for d in ins]
+  # z (16 KiB) is y: alive until c reads y; at t, z + z2 + t#1 are live
+  assert curve[names.index("t")] == 16384 + 8192 + 4096
+  # the peak: when c (1 KiB) is made from y, before z is freed
+  assert peak == 16384 + 8192 + 4096 + 1024 and names[at] == "c"
+  # the stripped module keeps the aliasing
+  assert hlo_memory.entry_instructions(hlo_memory.strip_module(ALIASED)) == ins
