@@ -52,13 +52,18 @@ def nbytes(type_text: str) -> int:
   return total
 
 
-def _operands(rest: str) -> list[str]:
-  """Names in the operand list that opens ``rest`` (up to its closing parenthesis)."""
+def _operand_list(rest: str) -> str:
+  """The operand list that opens ``rest``, up to and with its closing parenthesis."""
   depth, i = 1, 0
   while depth and i < len(rest):
     depth += {"(": 1, ")": -1}.get(rest[i], 0)
     i += 1
-  return re.findall(r"%([\w.\-]+)", rest[:i])
+  return rest[:i]
+
+
+def _operands(rest: str) -> list[str]:
+  """Names in the operand list that opens ``rest``."""
+  return re.findall(r"%([\w.\-]+)", _operand_list(rest))
 
 
 def tuple_elements(type_text: str) -> list[str]:
@@ -141,11 +146,8 @@ def strip_module(text: str) -> str:
       lines.append(line)
       continue
     name, typ, op, rest = m.groups()
-    depth, i = 1, 0
-    while depth and i < len(rest):
-      depth += {"(": 1, ")": -1}.get(rest[i], 0)
-      i += 1
-    out = f"{'ROOT ' if stripped.startswith('ROOT ') else ''}%{name} = {typ} {op}({rest[:i]}"
+    root = "ROOT " if stripped.startswith("ROOT ") else ""
+    out = f"{root}%{name} = {typ} {op}({_operand_list(rest)}"
     index = re.search(r"\bindex=(\d+)", rest) if op == "get-tuple-element" else None
     if index:
       out += f", index={index.group(1)}"

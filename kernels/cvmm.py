@@ -98,16 +98,17 @@ def resolve(impl: str) -> str:
   return "xla"
 
 
-_WARNED: set[str] = set()
+_warned_xla_on_gpu = False
 
 
 def _warn_xla_on_gpu() -> None:
   """Once per process: "auto" fell back to the pure-JAX path on a GPU, which is slow and
   needs far more memory at model sizes (MoEUT_244M's training step asked for 352 GiB on
   an H200 without jax-triton)."""
-  if "xla_on_gpu" in _WARNED:
+  global _warned_xla_on_gpu
+  if _warned_xla_on_gpu:
     return
-  _WARNED.add("xla_on_gpu")
+  _warned_xla_on_gpu = True
   why = ("jax-triton is not importable" if _module("triton") is None
          else "the Triton path is not available on this GPU")
   warnings.warn(

@@ -470,14 +470,14 @@ def test_auto_on_gpus_is_triton_then_xla(monkeypatch):
   monkeypatch.setattr(kc, "is_available", lambda name: True)
   assert kc.resolve("auto") == "triton"
   monkeypatch.setattr(kc, "is_available", lambda name: name != "triton")
-  monkeypatch.setattr(kc, "_WARNED", set())
+  monkeypatch.setattr(kc, "_warned_xla_on_gpu", False)
   with pytest.warns(RuntimeWarning, match='runs the pure-JAX "xla" path on this GPU'):
     assert kc.resolve("auto") == "xla"
   with warnings.catch_warnings():          # once per process
     warnings.simplefilter("error")
     assert kc.resolve("auto") == "xla"
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-  monkeypatch.setattr(kc, "_WARNED", set())
+  monkeypatch.setattr(kc, "_warned_xla_on_gpu", False)
   with warnings.catch_warnings():          # the CPU's own path: nothing to say
     warnings.simplefilter("error")
     assert kc.resolve("auto") == "xla"

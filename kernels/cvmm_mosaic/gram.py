@@ -7,9 +7,8 @@ steps of 64 rows: the producer warpgroups (``cfg.producers``, one or two: rows r
 r % producers == a producer's number, each with its own copy of the row indices) gather
 the step's 64 rows of a (block_m columns) and of b (block_n columns) with one TMA copy
 per row and 64-column chunk (kernels/cvmm_mosaic/common.py), positions past the
-expert's end reading zeros; each
-consumer warpgroup owns 64 columns of I and accumulates a^T b for them with wgmma
-(a's chunk used transposed). The row indices of the next step are prefetched while the
+expert's end reading zeros; each consumer warpgroup owns 64 columns of I and
+accumulates a^T b for them with wgmma (a's chunk used transposed). The row indices of the next step are prefetched while the
 current step's rows are issued. Experts without pairs store zeros.
 """
 from __future__ import annotations
