@@ -22,7 +22,8 @@ from moeut_jax.parallel import per_device
 from moeut_jax.remat import (ATTENTION_OUT, ATTENTION_QK, ATTENTION_V, ROUTER_LOGITS, ROUTING,
                              SWITCHHEAD_CVMM, WEIGHTS)
 from moeut_jax.rope import apply_rope, rotary_width
-from moeut_jax.routing import gate_sigmoid, router_logits, sigmoid_topk, upcast
+from moeut_jax.routing import (gate_sigmoid, router_logits, sigmoid_topk,
+                               sigmoid_topk_balanced, upcast)
 
 
 def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocked: jax.Array | None,
@@ -53,14 +54,21 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocked: jax.Array |
   return out.astype(q.dtype)
 
 
-def _route(logits: jax.Array, drop: jax.Array | None, k: int, config: CvmmConfig):
+def _route(logits: jax.Array, drop: jax.Array | None, k: int, config: CvmmConfig,
+           train: bool = False):
   """Gates [B, T, H, k] and the routing of one SwitchHead projection from its router
-  logits [B, T, H, Ea] (expert of head h, expert e: h * Ea + e)."""
+  logits [B, T, H, Ea] (expert of head h, expert e: h * Ea + e), and when ``train`` the
+  entropy regulariser's term [B, H, Ea] (else None)."""
   b, t, h, ea = logits.shape
-  gates, index = sigmoid_topk(logits, k, drop)
+  term = None
+  if train:
+    gates, index, term = sigmoid_topk_balanced(logits, k, drop)
+  else:
+    gates, index = sigmoid_topk(logits, k, drop)
   unit_pairs = config.unit_pairs if jax.default_backend() == "gpu" else False
-  return checkpoint_name((gates, make_head_routing(index.reshape(b * t, h, k), ea,
-                                                  unit_pairs=unit_pairs)), ROUTING)
+  gates, routing = checkpoint_name((gates, make_head_routing(index.reshape(b * t, h, k), ea,
+                                                            unit_pairs=unit_pairs)), ROUTING)
+  return gates, routing, term
 
 
 class SwitchHeadRope(nn.Module):
@@ -146,8 +154,9 @@ class SwitchHeadRope(nn.Module):
         :class:`~moeut_jax.layernorm.NormSource`: the routers' backward recomputes it.
 
     Returns:
-      (out [B, T, D], (k_all, v_all) the keys/values to cache, router logits for the
-      regulariser: (lo, lv) [B, T, H, Ea] f32, or None when Ea == 1).
+      (out [B, T, D], (k_all, v_all) the keys/values to cache, the entropy regulariser's
+      terms of the O and V routers when ``train``: (term_o, term_v) [B, H, Ea] f32 (see
+      :func:`moeut_jax.routing.sigmoid_topk_balanced`), else None, and None when Ea == 1).
     """
     p = self._params()
     b, t, d = q_src.shape
@@ -175,7 +184,7 @@ class SwitchHeadRope(nn.Module):
 
       def values(lv, drop_v, v_src, w):
         """Expert-mixed values of the tokens at hand (one device's, under a mesh)."""
-        gv, rv = _route(lv, drop_v, self.k, self.cvmm)
+        gv, rv, term = _route(lv, drop_v, self.k, self.cvmm, train)
         bl, tl = v_src.shape[:2]
         nl = bl * tl
         vv = cvmm(v_src.reshape(nl, d).astype(cd), rv, w,
@@ -183,14 +192,13 @@ class SwitchHeadRope(nn.Module):
         vv = checkpoint_name(vv, SWITCHHEAD_CVMM)
         v = gated_sum(vv.reshape(nl, h, self.k, dh), gv.reshape(nl, h, self.k),
                       config=self.cvmm)                                   # [N, H, Dh]
-        return v.reshape(bl, tl, h, dh).astype(cd)                        # [B, T, H, Dh]
+        return v.reshape(bl, tl, h, dh).astype(cd), term                  # [B, T, H, Dh]
 
-      v = per_device(values, (lv, drop_v, v_src),
-                     (experts("v"),))
-      reg_logits = (lo, lv)
+      v, term_v = per_device(values, (lv, drop_v, v_src),
+                             (experts("v"),))
     else:
       v = jnp.einsum("BTD,DHK->BTHK", v_src.astype(cd), weight("v"))
-      reg_logits = None
+      reg_terms = None
     v = checkpoint_name(v, ATTENTION_V)
 
     if cache is None:
@@ -212,17 +220,18 @@ class SwitchHeadRope(nn.Module):
     if self.n_experts > 1:
       def output(lo, drop_o, att, w):
         """Expert-mixed output projection of the tokens at hand (one device's)."""
-        go, ro = _route(lo, drop_o, self.k, self.cvmm)
+        go, ro, term = _route(lo, drop_o, self.k, self.cvmm, train)
         bl, tl = att.shape[:2]
         out = cvmm(att.reshape(bl * tl, h, dh), ro, w, go.reshape(bl * tl, h * self.k),
                    config=self.cvmm)                                      # [N, D]
-        return checkpoint_name(out, SWITCHHEAD_CVMM).reshape(bl, tl, d)
+        return checkpoint_name(out, SWITCHHEAD_CVMM).reshape(bl, tl, d), term
 
-      out = per_device(output, (lo, drop_o, att),
-                       (experts("o"),))
+      out, term_o = per_device(output, (lo, drop_o, att),
+                               (experts("o"),))
+      reg_terms = None if term_o is None else (term_o, term_v)
     else:
       # [B, T, H]; in router_dtype (the original's gate is bf16 under autocast)
       gate = gate_sigmoid(router_logits(q_src, p["sel_o"], cd, self.router_dtype))
       att = (att.astype(jnp.float32) * upcast(gate)[..., None]).astype(cd)
       out = jnp.einsum("BTHK,HKD->BTD", att, weight("o"))
-    return out, (k_all, v_all), reg_logits
+    return out, (k_all, v_all), reg_terms

@@ -9,7 +9,7 @@ import flax.linen as nn
 from kernels import CvmmConfig
 from moeut_jax.attention import SwitchHeadRope
 from moeut_jax.layernorm import LayerNorm
-from moeut_jax.routing import entropy_accumulate
+from moeut_jax.routing import entropy_accumulate_term
 from moeut_jax.sigma_moe import SigmaMoE
 
 
@@ -38,7 +38,7 @@ class MoEUTLayer(nn.Module):
     ln = lambda name: LayerNorm(1e-5, self.param_dtype, name=name)  # noqa: E731
     # the routers' backward passes recompute the LayerNorms' outputs from x
     xn, xn_source = ln("ln1")(x, with_source=True)
-    att, kv, att_logits = SwitchHeadRope(
+    att, kv, att_terms = SwitchHeadRope(
         self.d_model, self.n_heads, self.d_head, self.att_n_experts, self.att_k,
         self.n_layers, self.att_expert_dropout, self.dtype, self.param_dtype, self.cvmm,
         self.router_dtype, self.rope_table_dtype, name="attention")(
@@ -47,12 +47,12 @@ class MoEUTLayer(nn.Module):
     att = nn.Dropout(self.dropout)(att, deterministic=not train)
     x = x + att.astype(x.dtype)
     xn2, xn2_source = ln("ln2")(x, with_source=True)
-    ffn, ffn_logits = SigmaMoE(
+    ffn, ffn_term = SigmaMoE(
         self.d_model, self.ff_n_experts, self.ff_expert_size, self.ff_k, self.n_layers,
         self.ff_expert_dropout, self.dtype, self.param_dtype, self.cvmm, self.router_dtype,
         name="ffn")(x, xn2, train, sel_source=xn2_source)
     x = x + ffn.astype(x.dtype)
-    return x, kv, (ffn_logits, att_logits)
+    return x, kv, (ffn_term, att_terms)
 
 
 class LayerGroup(nn.Module):
@@ -76,16 +76,16 @@ class LayerGroup(nn.Module):
     for g in range(self.group_size):
       layer_cache = None if cache is None else (cache[0][g], cache[1][g], offset,
                                                 self.fixed_cache)
-      x, (k, v), (ffn_logits, att_logits) = MoEUTLayer(**self.layer_kwargs, name=f"layer_{g}")(
+      x, (k, v), (ffn_term, att_terms) = MoEUTLayer(**self.layer_kwargs, name=f"layer_{g}")(
           x, positions=positions, blocked=blocked, causal_only=self.causal_only,
           cache=layer_cache, train=self.train)
       new_k.append(k)
       new_v.append(v)
       if acc is not None:
-        acc["ffn"][g] = entropy_accumulate(acc["ffn"][g], ffn_logits)
-        if att_logits is not None:
-          acc["att_o"][g] = entropy_accumulate(acc["att_o"][g], att_logits[0])
-          acc["att_v"][g] = entropy_accumulate(acc["att_v"][g], att_logits[1])
+        acc["ffn"][g] = entropy_accumulate_term(acc["ffn"][g], ffn_term)
+        if att_terms is not None:
+          acc["att_o"][g] = entropy_accumulate_term(acc["att_o"][g], att_terms[0])
+          acc["att_v"][g] = entropy_accumulate_term(acc["att_v"][g], att_terms[1])
     acc = None if acc is None else {name: tuple(a) for name, a in acc.items()}
     ys = (tuple(new_k), tuple(new_v)) if self.return_cache else None
     return (x, acc), ys

@@ -278,6 +278,67 @@ def sigmoid_topk(logits: jax.Array, k: int, drop_mask: jax.Array | None = None):
   return jnp.take_along_axis(gate, index, axis=-1), index
 
 
+def sigmoid_topk_balanced(logits: jax.Array, k: int, drop_mask: jax.Array | None = None,
+                          time_axis: int = 1):
+  """:func:`sigmoid_topk` and the entropy regulariser's term of the same logits.
+
+  Returns (gates [..., k], index [..., k], term [B, ..., E] float32), term =
+  logsumexp over ``time_axis`` of log_softmax(logits) over the last axis: what
+  :func:`entropy_accumulate_term` adds to the regulariser's accumulator. The values and
+  gradients are those of ``sigmoid_topk(logits, k, drop_mask)`` and
+  ``entropy_accumulate(acc, logits, time_axis)``.
+
+  Why one function: the regulariser's cotangent exists from the start of the backward
+  pass (the loss reads the accumulators after the last layer), so XLA could compute every
+  layer's [B, T, ..., E] float32 gradient of it there and keep them all until each
+  layer's router takes them. Float32 logits go through one backward that also takes the
+  gates' cotangent, which only the layer's own backward makes, and it computes both
+  gradients then, into one [B, T, ..., E] array. (16-bit logits, the original's routers,
+  take the two functions one after the other.)
+  """
+  if jnp.dtype(logits.dtype).itemsize < 4:
+    gates, index = sigmoid_topk(logits, k, drop_mask)
+    return gates, index, _time_logsumexp_of_log_softmax(upcast(logits), time_axis)
+  choice = jax.nn.sigmoid(jax.lax.stop_gradient(logits))
+  if drop_mask is not None:
+    choice = jnp.where(drop_mask, -jnp.inf, choice)
+  index = topk_indices(choice, k)
+  gates, term = _gates_and_term(logits, index, time_axis)
+  return gates, index, term
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _gates_and_term(s: jax.Array, index: jax.Array, time_axis: int):
+  """(sigmoid(s) at index, logsumexp over time of log_softmax(s)); float32 s."""
+  return _gates_and_term_fwd(s, index, time_axis)[0]
+
+
+def _gates_and_term_fwd(s, index, time_axis):
+  gates = jax.nn.sigmoid(jnp.take_along_axis(s, index, axis=-1))
+  term = jax.nn.logsumexp(jax.nn.log_softmax(s, axis=-1), axis=time_axis)
+  return (gates, term), (s, index, term)
+
+
+def _gates_and_term_bwd(time_axis, res, g):
+  # tied to the gates' cotangent: computed in the layer's backward, not where the
+  # regulariser's cotangent appears
+  s, index, term, g_gates, g_term = jax.lax.optimization_barrier((*res, *g))
+  ds = _time_lse_grad(s, term, g_term, time_axis)                     # [B, T, ..., E]
+  y = jax.nn.sigmoid(jnp.take_along_axis(s, index, axis=-1))
+  picked = jnp.take_along_axis(ds, index, axis=-1) + g_gates * y * (1 - y)
+  # the k indices of a row are distinct: setting the picked entries adds the gates' part
+  ds = jnp.put_along_axis(ds, index, picked, axis=-1, inplace=False)
+  return ds, None
+
+
+_gates_and_term.defvjp(_gates_and_term_fwd, _gates_and_term_bwd)
+
+
+def entropy_accumulate_term(acc: jax.Array, term: jax.Array) -> jax.Array:
+  """Adds a term of :func:`sigmoid_topk_balanced` to acc [B, ..., E]."""
+  return jnp.logaddexp(acc, term)
+
+
 def entropy_init(shape) -> jax.Array:
   """An empty log-sum-exp accumulator."""
   return jnp.full(shape, -jnp.inf, jnp.float32)
@@ -303,12 +364,17 @@ def _time_lse_fwd(s, time_axis):
   return out, (s, out)
 
 
-def _time_lse_bwd(time_axis, res, g):
-  s, out, g = jax.lax.optimization_barrier((*res, g))    # recomputed in the backward
+def _time_lse_grad(s, out, g, time_axis):
+  """s's gradient of out = logsumexp over time of log_softmax(s), for out's cotangent g."""
   logp = jax.nn.log_softmax(s, axis=-1)
   # d out / d logp: softmax of logp over time; d logp / d s: (1 - softmax over E)
   dlogp = jnp.expand_dims(g, time_axis) * jnp.exp(logp - jnp.expand_dims(out, time_axis))
-  return (dlogp - jnp.exp(logp) * jnp.sum(dlogp, axis=-1, keepdims=True),)
+  return dlogp - jnp.exp(logp) * jnp.sum(dlogp, axis=-1, keepdims=True)
+
+
+def _time_lse_bwd(time_axis, res, g):
+  s, out, g = jax.lax.optimization_barrier((*res, g))    # recomputed in the backward
+  return (_time_lse_grad(s, out, g, time_axis),)
 
 
 _time_logsumexp_of_log_softmax.defvjp(_time_lse_fwd, _time_lse_bwd)

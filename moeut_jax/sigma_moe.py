@@ -12,15 +12,16 @@ from kernels import DEFAULT, CvmmConfig, cvmm_pair, expert_weights, make_routing
 from moeut_jax import initializers as init
 from moeut_jax.parallel import per_device
 from moeut_jax.remat import ROUTER_LOGITS, ROUTING, WEIGHTS
-from moeut_jax.routing import router_logits, sigmoid_topk, upcast
+from moeut_jax.routing import router_logits, sigmoid_topk, sigmoid_topk_balanced, upcast
 
 
 class SigmaMoE(nn.Module):
   """out = sum_j w_j * relu(x @ keys[i_j]) @ values[i_j], i, w = top-k(sigmoid(sel @ expert_sel)).
 
   Parameters: keys [Ef, D, Es], values [Ef, Es, D], expert_sel [D, Ef] (the original's
-  ``expert_sel`` transposed). Returns (out [B, T, D] in ``dtype``, router logits
-  [B, T, Ef] in ``router_dtype``, kept for the entropy regulariser).
+  ``expert_sel`` transposed). Returns (out [B, T, D] in ``dtype``, the entropy
+  regulariser's term of the router logits [B, Ef] float32 when ``train``, else None: see
+  :func:`moeut_jax.routing.sigmoid_topk_balanced`).
   """
   d_model: int
   n_experts: int
@@ -57,7 +58,11 @@ class SigmaMoE(nn.Module):
     def experts(logits, drop, x, keys, values):
       """Routing and the expert MLP for the tokens at hand (one device's, under a mesh)."""
       b, t, _ = x.shape
-      gates, index = sigmoid_topk(logits, self.k, drop)               # [B, T, kf] each
+      term = None
+      if train:                                  # [B, T, kf] each, and the term [B, Ef]
+        gates, index, term = sigmoid_topk_balanced(logits, self.k, drop)
+      else:
+        gates, index = sigmoid_topk(logits, self.k, drop)
       routing = make_routing(index.reshape(b * t, self.k), e)
       gates, routing = checkpoint_name((gates, routing), ROUTING)
       xf = x.reshape(b * t, d).astype(self.dtype)                     # [N, D]
@@ -66,9 +71,9 @@ class SigmaMoE(nn.Module):
       # float32 gates, and their gradient is rounded back to the router's dtype
       out = cvmm_pair(xf, routing, keys, values, upcast(gates.reshape(b * t, self.k)),
                       config=self.cvmm)                                     # [N, D]
-      return out.reshape(b, t, d)
+      return out.reshape(b, t, d), term
 
     weights = tuple(checkpoint_name(expert_weights(w, self.dtype, config=self.cvmm), WEIGHTS)
                     for w in (keys, values))
-    out = per_device(experts, (logits, drop, x), weights)
-    return out, logits
+    out, term = per_device(experts, (logits, drop, x), weights)
+    return out, term

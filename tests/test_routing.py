@@ -11,8 +11,9 @@ from cvmm_cases import rel_err
 from kernels import make_routing
 from moeut_jax.masks import AttentionMask, blocked_keys
 from moeut_jax.rope import apply_rope, rotary_width
-from moeut_jax.routing import (entropy_accumulate, entropy_init, entropy_loss, router_logits,
-                               sigmoid_topk)
+from moeut_jax.routing import (entropy_accumulate, entropy_accumulate_term, entropy_init,
+                               entropy_loss, router_logits, sigmoid_topk,
+                               sigmoid_topk_balanced)
 
 
 @pytest.mark.parametrize("shape, k", [((3, 7, 12), 4), ((2, 5, 3, 6), 2), ((4, 9), 1),
@@ -86,6 +87,48 @@ def test_sigmoid_topk_gradient_matches_reference():
   (torch.gather(gates, -1, idx) * torch.from_numpy(cot)).sum().backward()
   assert rel_err(got, t.grad.numpy()) <= 1e-6
   assert np.count_nonzero(np.asarray(got)) == 6 * 3
+
+
+@pytest.mark.parametrize("shape, drop", [((2, 5, 8), False), ((3, 4, 2, 6), False),
+                                         ((2, 5, 8), True)])
+def test_sigmoid_topk_balanced_matches_reference(shape, drop):
+  """Gates, choice and regulariser term from one function with one backward (the model's
+  training path): the reference's gathered sigmoid and entropy loss over three repeats
+  concatenated in time, values and the logits' gradient through both at once."""
+  rng = np.random.default_rng(4)
+  k = 2
+  reps = [rng.standard_normal(shape).astype(np.float32) * 3 for _ in range(3)]
+  cots = [rng.standard_normal(shape[:-1] + (k,)).astype(np.float32) for _ in range(3)]
+  masks = [rng.random(shape) < 0.3 if drop else None for _ in range(3)]
+
+  for lg, m in zip(reps, masks):
+    m = None if m is None else jnp.asarray(m)
+    gates, idx, _ = sigmoid_topk_balanced(jnp.asarray(lg), k, m)
+    want_gates, want_idx = sigmoid_topk(jnp.asarray(lg), k, m)
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
+    np.testing.assert_array_equal(np.asarray(gates), np.asarray(want_gates))
+
+  def loss(*logits):
+    acc = entropy_init(shape[:1] + shape[2:])
+    total = 0.0
+    for lg, cot, m in zip(logits, cots, masks):
+      gates, _, term = sigmoid_topk_balanced(lg, k, None if m is None else jnp.asarray(m))
+      acc = entropy_accumulate_term(acc, term)
+      total = total + jnp.sum(gates * cot)
+    return total + entropy_loss(acc, shape[1] * len(logits))
+
+  value, got = jax.value_and_grad(loss, argnums=(0, 1, 2))(*map(jnp.asarray, reps))
+  ts = [torch.from_numpy(r).requires_grad_() for r in reps]
+  want = ref.usage_entropy_loss(torch.cat(ts, 1))
+  for t, cot, m in zip(ts, cots, masks):
+    g = torch.sigmoid(t)
+    choice = g if m is None else g.masked_fill(torch.from_numpy(m), -float("inf"))
+    idx = torch.topk(choice, k, dim=-1).indices
+    want = want + (torch.gather(g, -1, idx) * torch.from_numpy(cot)).sum()
+  want.backward()
+  assert rel_err(value, want.detach().numpy()) <= 1e-6
+  for g, t in zip(got, ts):
+    assert rel_err(g, t.grad.numpy()) <= 1e-5
 
 
 @pytest.mark.parametrize("d_head, want", [(82, 40), (128, 64), (10, 4), (3, 0), (2, 0)])
@@ -337,7 +380,7 @@ def test_unit_pairs_by_default_only_for_large_routings_on_gpus(monkeypatch):
   monkeypatch.setattr(kr.jax, "default_backend", lambda: "cpu")
   assert not kr.unit_pairs_wanted(big)
   logits = jnp.zeros((1, 6, 3, 4))
-  _, r = attention._route(logits, None, 2, CvmmConfig(unit_pairs=True))
+  _, r, _ = attention._route(logits, None, 2, CvmmConfig(unit_pairs=True))
   assert r.pairs is None                     # the CPU path has no use for them
 
 
