@@ -62,8 +62,11 @@ def _operand_list(rest: str) -> str:
 
 
 def _operands(rest: str) -> list[str]:
-  """Names in the operand list that opens ``rest``."""
-  return re.findall(r"%([\w.\-]+)", _operand_list(rest))
+  """Names in the operand list that opens ``rest``. An operand that reads one element of
+  a tuple-shaped output directly (``%fusion#1``, how newer XLA prints what a
+  get-tuple-element would read) keeps its ``#k``."""
+  return ["#".join(filter(None, m)) for m in
+          re.findall(r"%([\w.\-]+)(?:#(\d+))?", _operand_list(rest))]
 
 
 def tuple_elements(type_text: str) -> list[str]:
@@ -177,18 +180,34 @@ def walk(instructions):
   reader."""
   sources, size, made_at = {}, {}, {}   # name -> {buffer}; buffer -> bytes; buffer -> index
   parts = {}   # a tuple's (or a barrier of a tuple's) buffers element by element
+
+  def element(name: str, index: int | None) -> set:
+    """The buffers of element ``index`` of name's tuple-shaped output (all of them
+    when that is not known)."""
+    src = sources.get(name, set())
+    if index is None:
+      return src
+    if name in parts and index < len(parts[name]):
+      return parts[name][index]
+    return {b for b in src if b.endswith(f"#{index}")} or src
+
+  def of(operand: str) -> set:
+    """The buffers an operand reads: ``name``, or ``name#k`` for one element."""
+    name, _, k = operand.partition("#")
+    return element(name, int(k) if k else None)
+
   for i, (name, s, op, ops, _, typ, index, aliases) in enumerate(instructions):
     if aliases:   # outputs written into operands' buffers: views of those, not new
       elements = tuple_elements(typ)
       tupled = len(elements) > 1 or typ.strip().startswith("(")
       by_out = {o: ops[j] for o, j in aliases if j < len(ops)}
       if not tupled or None in by_out:
-        sources[name] = sources.get(by_out.get(None, by_out.get(0)), set())
+        sources[name] = of(by_out.get(None, by_out.get(0)) or "")
         continue
       parts[name] = []
       for k, t in enumerate(elements):
         if k in by_out:
-          parts[name].append(sources.get(by_out[k], set()))
+          parts[name].append(of(by_out[k]))
         else:
           parts[name].append({f"{name}#{k}"})
           size[f"{name}#{k}"], made_at[f"{name}#{k}"] = nbytes(t), i
@@ -197,22 +216,17 @@ def walk(instructions):
     if op == "parameter":
       sources[name] = set()
     elif op == "tuple":
-      parts[name] = [sources.get(o, set()) for o in ops]
+      parts[name] = [of(o) for o in ops]
       sources[name] = set().union(*parts[name]) if ops else set()
     elif op in _BARRIERS and len(ops) == 1:
       # its output aliases its operand, element by element
       if ops[0] in parts:
         parts[name] = parts[ops[0]]
-      sources[name] = sources.get(ops[0], set())
+      sources[name] = of(ops[0])
     elif op == "get-tuple-element" and ops:
-      src = sources.get(ops[0], set())
-      if ops[0] in parts and index is not None and index < len(parts[ops[0]]):
-        sources[name] = parts[ops[0]][index]
-        continue
-      picked = {b for b in src if b.endswith(f"#{index}")}
-      sources[name] = picked or src
+      sources[name] = element(ops[0], index)
     elif op in _VIEWS:
-      sources[name] = set().union(*(sources.get(o, set()) for o in ops)) if ops else set()
+      sources[name] = set().union(*(of(o) for o in ops)) if ops else set()
     else:
       elements = tuple_elements(typ)
       if len(elements) > 1 or typ.strip().startswith("("):
@@ -225,10 +239,12 @@ def walk(instructions):
   last = {}
   for i, (_, _, _, ops, *_rest) in enumerate(instructions):
     for o in ops:
-      for b in sources.get(o, ()):
+      for b in of(o):
         last[b] = i
   for b in sources.get(instructions[-1][0], ()):   # the step's outputs live to the end
     last[b] = len(instructions)
+  for b, i in made_at.items():   # read by nothing (a GEMM's workspace): freed when made
+    last.setdefault(b, i)
   frees, makes = collections.defaultdict(list), collections.defaultdict(list)
   for b, i in last.items():
     frees[i].append(b)

@@ -39,6 +39,63 @@ def test_a_barriers_elements_live_as_long_as_their_own_readers():
   assert curve[names.index("d")] == 4096 + 1024 + 2048
 
 
+# The same as MODULE, with the elements read as newer XLA prints them: no
+# get-tuple-element, the operand ``%t#k`` names element k of a tuple-shaped output.
+HASH_ELEMENTS = """HloModule m, is_scheduled=true
+
+%fused (x: f32[256]) -> (f32[1024], f32[2048]) {
+  %x = f32[256]{0} parameter(0)
+  %xa = f32[1024]{0} broadcast(f32[256]{0} %x), dimensions={}
+  %xb = f32[2048]{0} broadcast(f32[256]{0} %x), dimensions={}
+  ROOT %xt = (f32[1024]{0}, f32[2048]{0}) tuple(f32[1024]{0} %xa, f32[2048]{0} %xb)
+}
+
+ENTRY %main (p0: f32[256]) -> f32[256] {
+  %p0 = f32[256]{0} parameter(0)
+  %t = (f32[1024]{0}, f32[2048]{0}) fusion(f32[256]{0} %p0), kind=kLoop, calls=%fused
+  %c = f32[256]{0} slice(f32[2048]{0} %t#1), slice={[0:256]}
+  %d = f32[512]{0} broadcast(f32[256]{0} %c), dimensions={}
+  %e = f32[256]{0} slice(f32[1024]{0} %t#0), slice={[0:256]}
+  ROOT %r = f32[256]{0} add(f32[256]{0} %e, f32[256]{0} %p0)
+}
+"""
+
+
+def test_elements_read_as_name_hash_k_live_as_long_as_their_own_readers():
+  """t#1 (8 KiB) is last read by c: when d is made, t#0, c and d are live, not t#1. Read
+  as all of t, t#1 would live until e reads t#0, and be counted at d."""
+  ins = hlo_memory.entry_instructions(HASH_ELEMENTS)
+  assert [d[3] for d in ins if d[0] == "c"] == [["t#1"]]
+  _, _, _, curve, size = hlo_memory.walk(ins)
+  names = [d[0] for d in ins]
+  assert size["t#0"] == 4096 and size["t#1"] == 8192
+  assert curve[names.index("c")] == 4096 + 8192 + 1024
+  assert curve[names.index("d")] == 4096 + 1024 + 2048
+
+
+UNREAD = """HloModule m, is_scheduled=true
+
+ENTRY %main (p0: f32[256]) -> f32[256] {
+  %p0 = f32[256]{0} parameter(0)
+  %g = (f32[256]{0}, s8[4096]{0}) custom-call(f32[256]{0} %p0), custom_call_target="__cublas$gemm"
+  %d = f32[512]{0} broadcast(f32[256]{0} %g#0), dimensions={}
+  %e = f32[256]{0} slice(f32[512]{0} %d), slice={[0:256]}
+  ROOT %r = f32[256]{0} add(f32[256]{0} %e, f32[256]{0} %p0)
+}
+"""
+
+
+def test_an_element_nobody_reads_is_freed_where_it_is_made():
+  """The GEMM's workspace (g#1, 4 KiB) is read by nothing: live while g is made, not
+  after (held to the end it would add 4 KiB to every later point)."""
+  ins = hlo_memory.entry_instructions(UNREAD)
+  peak, at, _, curve, _ = hlo_memory.walk(ins)
+  names = [d[0] for d in ins]
+  assert curve[names.index("g")] == 1024 + 4096
+  assert curve[names.index("d")] == 1024 + 2048
+  assert peak == 1024 + 4096 and names[at] == "g"
+
+
 def test_a_gzipped_module_reads_as_the_text(tmp_path, capsys):
   """report() of the module gzipped (bench/memory.sh's HLO_KEEP=1) prints what it prints
   for the plain text: the same peak, instruction and list."""
