@@ -81,6 +81,9 @@ def _ops(sums: str):
 
   def _bwd_gated(res, dout):
     x, w, gates, routing = res
+    # tied to dout: gated_rows below reads only forward values, and XLA could otherwise
+    # compute it in the forward pass and keep it until here (kernels/cvmm_triton/ops.py)
+    x, gates, dout = jax.lax.optimization_barrier((x, gates, dout))
     n, m, i = x.shape
     x2 = x.reshape(n * m, i)
     dout = dout.astype(x.dtype)                                              # [N, O]
