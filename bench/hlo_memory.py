@@ -280,8 +280,34 @@ def read_module(path: str) -> str:
     return f.read()
 
 
-def report(path: str, top: int = 30, points: int = 12) -> None:
+def defer(instructions, pattern: str):
+  """The schedule with every instruction whose JAX op name and type (``"op_name type"``)
+  match the regex ``pattern``, and the bitcasts of it, moved to just before the first
+  other instruction that reads them: what an optimization barrier tied to a later value
+  asks of XLA, to see what it would take off the peak before compiling it.
+  Returns (the instructions, how many were moved)."""
+  ins = list(instructions)
+  wanted = [d[0] for d in ins if d[2] not in _VIEWS | {"parameter"}
+            and re.search(pattern, f"{d[4]} {d[5]}")]
+  for name in wanted:
+    group = {name}
+    for d in ins:   # views of the group, in schedule order
+      if d[2] == "bitcast" and d[3] and d[3][0].partition("#")[0] in group:
+        group.add(d[0])
+    rest = [d for d in ins if d[0] not in group]
+    first = next((k for k, d in enumerate(rest)
+                  if any(o.partition("#")[0] in group for o in d[3])), None)
+    if first is None:
+      continue
+    ins = rest[:first] + [d for d in ins if d[0] in group] + rest[first:]
+  return ins, len(wanted)
+
+
+def report(path: str, top: int = 30, points: int = 12, defer_pattern: str = "") -> None:
   ins = entry_instructions(read_module(path))
+  if defer_pattern:
+    ins, moved = defer(ins, defer_pattern)
+    print(f"deferred to their first reader: {moved} instructions matching {defer_pattern!r}")
   args = sum(nbytes(d[5]) for d in ins if d[2] == "parameter")
   peak, at, live, curve, size = walk(ins)
   by = {d[0]: (d[4], d[5]) for d in ins}
@@ -330,13 +356,16 @@ def main():
   ap.add_argument("--strip-to", default="", metavar="FILE.txt.gz",
                   help="write the module cut to what this walk reads (strip_module), "
                        "gzipped, instead of reporting")
+  ap.add_argument("--defer", default="", metavar="REGEX",
+                  help="first move the instructions whose 'op_name type' matches REGEX to "
+                       "just before their first reader (defer(); a what-if, not XLA's)")
   args = ap.parse_args()
   path = find_module(args.path, args.module)
   if args.strip_to:
     with gzip.open(args.strip_to, "wt", compresslevel=9) as f:
       f.write(strip_module(read_module(path)))
     return
-  report(path, args.top)
+  report(path, args.top, defer_pattern=args.defer)
 
 
 if __name__ == "__main__":

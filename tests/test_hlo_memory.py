@@ -96,6 +96,32 @@ def test_an_element_nobody_reads_is_freed_where_it_is_made():
   assert peak == 1024 + 4096 and names[at] == "g"
 
 
+EARLY = """HloModule m, is_scheduled=true
+
+ENTRY %main (p0: f32[256]) -> f32[256] {
+  %p0 = f32[256]{0} parameter(0)
+  %early = f32[1024]{0} broadcast(f32[256]{0} %p0), dimensions={}, metadata={op_name="jit(f)/transpose(jvp(g))/rows"}
+  %view = f32[1024]{0} bitcast(f32[1024]{0} %early)
+  %big = f32[2048]{0} broadcast(f32[256]{0} %p0), dimensions={}, metadata={op_name="jit(f)/jvp(g)/big"}
+  %c = f32[256]{0} slice(f32[2048]{0} %big), slice={[0:256]}
+  %e = f32[256]{0} slice(f32[1024]{0} %view), slice={[0:256]}
+  ROOT %r = f32[256]{0} add(f32[256]{0} %e, f32[256]{0} %c)
+}
+"""
+
+
+def test_defer_moves_an_early_value_and_its_views_to_its_first_reader():
+  """early (4 KiB) is made first and read last, through a bitcast: at big it is live
+  (peak 4 + 8 + 1 KiB when c is made). Deferred, it and its view go just before e, after
+  big is freed: the peak is big and c, 8 + 1 KiB. Nothing else moves."""
+  ins = hlo_memory.entry_instructions(EARLY)
+  assert hlo_memory.walk(ins)[0] == 4096 + 8192 + 1024
+  moved, n = hlo_memory.defer(ins, r"transpose\(.*/rows")
+  assert n == 1
+  assert [d[0] for d in moved] == ["p0", "big", "c", "early", "view", "e", "r"]
+  assert hlo_memory.walk(moved)[0] == 8192 + 1024
+
+
 def test_a_gzipped_module_reads_as_the_text(tmp_path, capsys):
   """report() of the module gzipped (bench/memory.sh's HLO_KEEP=1) prints what it prints
   for the plain text: the same peak, instruction and list."""
