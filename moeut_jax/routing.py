@@ -272,10 +272,15 @@ def sigmoid_topk(logits: jax.Array, k: int, drop_mask: jax.Array | None = None):
     (gates [..., k] in the logits' dtype, index [..., k] int32).
   """
   gate = gate_sigmoid(logits)
+  index = _topk_choice(gate, k, drop_mask)
+  return jnp.take_along_axis(gate, index, axis=-1), index
+
+
+def _topk_choice(gate: jax.Array, k: int, drop_mask: jax.Array | None) -> jax.Array:
+  """Indices [..., k] of the k largest gates [..., E] not excluded by drop_mask."""
   choice = gate if drop_mask is None else jnp.where(drop_mask, -jnp.inf, gate)
   # 16-bit gates are compared as float32 (exact; same order and ties)
-  index = topk_indices(jax.lax.stop_gradient(choice).astype(jnp.float32), k)
-  return jnp.take_along_axis(gate, index, axis=-1), index
+  return topk_indices(jax.lax.stop_gradient(choice).astype(jnp.float32), k)
 
 
 def sigmoid_topk_balanced(logits: jax.Array, k: int, drop_mask: jax.Array | None = None,
@@ -298,11 +303,8 @@ def sigmoid_topk_balanced(logits: jax.Array, k: int, drop_mask: jax.Array | None
   """
   if jnp.dtype(logits.dtype).itemsize < 4:
     gates, index = sigmoid_topk(logits, k, drop_mask)
-    return gates, index, _time_logsumexp_of_log_softmax(upcast(logits), time_axis)
-  choice = jax.nn.sigmoid(jax.lax.stop_gradient(logits))
-  if drop_mask is not None:
-    choice = jnp.where(drop_mask, -jnp.inf, choice)
-  index = topk_indices(choice, k)
+    return gates, index, _entropy_term(logits, time_axis)
+  index = _topk_choice(jax.nn.sigmoid(logits), k, drop_mask)
   gates, term = _gates_and_term(logits, index, time_axis)
   return gates, index, term
 
@@ -346,7 +348,12 @@ def entropy_init(shape) -> jax.Array:
 
 def entropy_accumulate(acc: jax.Array, logits: jax.Array, time_axis: int = 1) -> jax.Array:
   """Adds logits [B, T, ..., E] to acc [B, ..., E]: log-mean-exp numerator over time."""
-  return jnp.logaddexp(acc, _time_logsumexp_of_log_softmax(upcast(logits), time_axis))
+  return entropy_accumulate_term(acc, _entropy_term(logits, time_axis))
+
+
+def _entropy_term(logits: jax.Array, time_axis: int) -> jax.Array:
+  """What logits [B, T, ..., E] add to the accumulator, [B, ..., E] float32."""
+  return _time_logsumexp_of_log_softmax(upcast(logits), time_axis)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
