@@ -9,6 +9,7 @@ equals the full forward.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ from moeut_jax import initializers as init
 from moeut_jax.parallel import per_device
 from moeut_jax.remat import (ATTENTION_OUT, ATTENTION_QK, ATTENTION_V, ROUTER_LOGITS, ROUTING,
                              SWITCHHEAD_CVMM, WEIGHTS)
+from moeut_jax.recompute import Cast, recompute_input
 from moeut_jax.rope import apply_rope, rotary_width
 from moeut_jax.routing import (gate_sigmoid, router_logits, sigmoid_topk,
                                sigmoid_topk_balanced, upcast)
@@ -52,6 +54,11 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocked: jax.Array |
   out = jnp.einsum("BHTS,BSHK->BTHK", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return out.astype(q.dtype)
+
+
+def _project(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [B, T, D] @ w [D, H, Dh] -> [B, T, H, Dh]."""
+  return jnp.einsum("BTD,DHK->BTHK", x, w)
 
 
 def _route(logits: jax.Array, drop: jax.Array | None, k: int, config: CvmmConfig,
@@ -139,7 +146,7 @@ class SwitchHeadRope(nn.Module):
 
   @nn.compact
   def __call__(self, q_src, k_src, v_src, *, positions, blocked, causal_only,
-               cache=None, train: bool = False, src_source=None):
+               cache=None, train: bool = False, src_source=None, v_src_kept: bool = False):
     """One attention application.
 
     Args:
@@ -151,7 +158,10 @@ class SwitchHeadRope(nn.Module):
         otherwise the new keys are appended.
       train: expert dropout.
       src_source: when q_src and k_src are one LayerNorm's output, its
-        :class:`~moeut_jax.layernorm.NormSource`: the routers' backward recomputes it.
+        :class:`~moeut_jax.layernorm.NormSource`: the backward passes of the routers and
+        of the q, k projection recompute it (and its cast) instead of keeping it.
+      v_src_kept: v_src is kept for the backward pass anyway (MoEUT's residual stream):
+        the V projection's backward pass casts it again instead of keeping the cast.
 
     Returns:
       (out [B, T, D], (k_all, v_all) the keys/values to cache, the entropy regulariser's
@@ -167,14 +177,17 @@ class SwitchHeadRope(nn.Module):
     experts = lambda name: checkpoint_name(  # noqa: E731
         expert_weights(p[name], cd, config=self.cvmm), WEIGHTS)
     qk_scale = dh ** -0.25
-    q_in = q_src.astype(cd)
     if k_src is q_src:   # one product with both weights: one gradient of the source
-      qk = jnp.einsum("BTD,DHK->BTHK", q_in,
-                      jnp.concatenate([weight("q"), weight("k")], axis=1)) * qk_scale
+      w_qk = jnp.concatenate([weight("q"), weight("k")], axis=1)
+      if src_source is None:
+        qk = _project(q_src.astype(cd), w_qk)
+      else:   # the backward pass recomputes the cast LayerNorm output from its source
+        qk = recompute_input(_project, q_src.astype(cd), Cast(src_source, cd), w_qk)
+      qk = qk * qk_scale
       q, k = qk[:, :, :h], qk[:, :, h:]
     else:
-      q = jnp.einsum("BTD,DHK->BTHK", q_in, weight("q")) * qk_scale
-      k = jnp.einsum("BTD,DHK->BTHK", k_src.astype(cd), weight("k")) * qk_scale
+      q = _project(q_src.astype(cd), weight("q")) * qk_scale
+      k = _project(k_src.astype(cd), weight("k")) * qk_scale
     n_rot = rotary_width(dh)
     q = checkpoint_name(apply_rope(q, positions, n_rot, self.rope_table_dtype), ATTENTION_QK)
     k = checkpoint_name(apply_rope(k, positions, n_rot, self.rope_table_dtype), ATTENTION_QK)
@@ -187,8 +200,12 @@ class SwitchHeadRope(nn.Module):
         gv, rv, term = _route(lv, drop_v, self.k, self.cvmm, train)
         bl, tl = v_src.shape[:2]
         nl = bl * tl
-        vv = cvmm(v_src.reshape(nl, d).astype(cd), rv, w,
-                  config=self.cvmm)                                       # [N, H*ka, Dh]
+        v_in = v_src.reshape(nl, 1, d)
+        project = functools.partial(cvmm, config=self.cvmm)
+        if v_src_kept:   # the backward pass casts v_src again rather than keeping the cast
+          vv = recompute_input(project, v_in.astype(cd), Cast(v_src, cd, v_in.shape), rv, w)
+        else:
+          vv = project(v_in.astype(cd), rv, w)                            # [N, H*ka, Dh]
         vv = checkpoint_name(vv, SWITCHHEAD_CVMM)
         v = gated_sum(vv.reshape(nl, h, self.k, dh), gv.reshape(nl, h, self.k),
                       config=self.cvmm)                                   # [N, H, Dh]

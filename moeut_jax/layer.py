@@ -36,21 +36,22 @@ class MoEUTLayer(nn.Module):
   @nn.compact
   def __call__(self, x, *, positions, blocked, causal_only, cache, train):
     ln = lambda name: LayerNorm(1e-5, self.param_dtype, name=name)  # noqa: E731
-    # the routers' backward passes recompute the LayerNorms' outputs from x
+    # the backward passes recompute the LayerNorms' outputs and the 16-bit casts of x
+    # from x (kept anyway) instead of keeping them (moeut_jax/recompute.py)
     xn, xn_source = ln("ln1")(x, with_source=True)
     att, kv, att_terms = SwitchHeadRope(
         self.d_model, self.n_heads, self.d_head, self.att_n_experts, self.att_k,
         self.n_layers, self.att_expert_dropout, self.dtype, self.param_dtype, self.cvmm,
         self.router_dtype, self.rope_table_dtype, name="attention")(
             xn, xn, x, positions=positions, blocked=blocked, causal_only=causal_only,
-            cache=cache, train=train, src_source=xn_source)
+            cache=cache, train=train, src_source=xn_source, v_src_kept=True)
     att = nn.Dropout(self.dropout)(att, deterministic=not train)
     x = x + att.astype(x.dtype)
     xn2, xn2_source = ln("ln2")(x, with_source=True)
     ffn, ffn_term = SigmaMoE(
         self.d_model, self.ff_n_experts, self.ff_expert_size, self.ff_k, self.n_layers,
         self.ff_expert_dropout, self.dtype, self.param_dtype, self.cvmm, self.router_dtype,
-        name="ffn")(x, xn2, train, sel_source=xn2_source)
+        name="ffn")(x, xn2, train, sel_source=xn2_source, x_kept=True)
     x = x + ffn.astype(x.dtype)
     return x, kv, (ffn_term, att_terms)
 

@@ -1,6 +1,7 @@
 """σ-MoE feed-forward block (docs/semantics.md §2): sigmoid-gated top-k experts of ReLU MLPs."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -11,6 +12,7 @@ from jax.ad_checkpoint import checkpoint_name
 from kernels import DEFAULT, CvmmConfig, cvmm_pair, expert_weights, make_routing
 from moeut_jax import initializers as init
 from moeut_jax.parallel import per_device
+from moeut_jax.recompute import Cast, recompute_input
 from moeut_jax.remat import ROUTER_LOGITS, ROUTING, WEIGHTS
 from moeut_jax.routing import router_logits, sigmoid_topk, sigmoid_topk_balanced, upcast
 
@@ -36,10 +38,12 @@ class SigmaMoE(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, sel_input: jax.Array, train: bool = False,
-               sel_source=None):
+               sel_source=None, x_kept: bool = False):
     """x [B, T, D] the experts' input; sel_input [B, T, D] the router's; sel_source: when
     sel_input is a LayerNorm's output, its :class:`~moeut_jax.layernorm.NormSource` (the
-    router's backward recomputes sel_input instead of keeping it)."""
+    router's backward recomputes sel_input instead of keeping it); x_kept: x is kept for
+    the backward pass anyway (MoEUT's residual stream), so the experts' backward pass casts
+    it to ``dtype`` again instead of keeping the cast."""
     d, e, es = self.d_model, self.n_experts, self.expert_size
     scale = init.layer_scale(self.n_layers)
     keys = self.param("keys", init.normal(scale / d ** 0.5), (e, d, es), self.param_dtype)
@@ -65,12 +69,16 @@ class SigmaMoE(nn.Module):
         gates, index = sigmoid_topk(logits, self.k, drop)
       routing = make_routing(index.reshape(b * t, self.k), e)
       gates, routing = checkpoint_name((gates, routing), ROUTING)
-      xf = x.reshape(b * t, d).astype(self.dtype)                     # [N, D]
+      xf = x.reshape(b * t, d)                                        # [N, D]
       # relu(x @ keys) @ values, gated sum over the kf experts (one fused kernel on GPUs)
       # 16-bit gates (the original's router) are exact in float32: every CVMM takes
       # float32 gates, and their gradient is rounded back to the router's dtype
-      out = cvmm_pair(xf, routing, keys, values, upcast(gates.reshape(b * t, self.k)),
-                      config=self.cvmm)                                     # [N, D]
+      mlp = functools.partial(cvmm_pair, config=self.cvmm)
+      args = (routing, keys, values, upcast(gates.reshape(b * t, self.k)))
+      if x_kept:   # the backward pass casts x again instead of keeping the cast
+        out = recompute_input(mlp, xf.astype(self.dtype), Cast(x, self.dtype, xf.shape), *args)
+      else:
+        out = mlp(xf.astype(self.dtype), *args)                       # [N, D]
       return out.reshape(b, t, d), term
 
     weights = tuple(checkpoint_name(expert_weights(w, self.dtype, config=self.cvmm), WEIGHTS)

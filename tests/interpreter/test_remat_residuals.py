@@ -59,27 +59,27 @@ def test_elementwise_drops_what_elementwise_operations_make(per_layer):
   assert sum(f"'{SWITCHHEAD_CVMM}'" in o for _, o, _ in stream) == G
   added = [r for r in elementwise if _stream(r[0]) or "'moeut_attention_out'" in r[1]]
   assert _mib(elementwise) <= _mib(none) - _mib(made) + _mib(added) + 0.5   # routing's ints
-  # the float32 and bf16 [N, D] copies made by elementwise operations are over 40% of
-  # what "none" keeps (the residual stream's sums, the 16-bit casts the kernels read)
-  assert _mib([r for r in made if _stream(r[0])]) > 0.4 * _mib(none)
-  assert _mib(elementwise) < 0.7 * _mib(none)
+  # the [N, D] copies made by elementwise operations that "none" keeps are the residual
+  # stream's float32 sums, no 16-bit casts (recomputed: moeut_jax/recompute.py)
+  made_stream = [r for r in made if _stream(r[0])]
+  assert made_stream and all(v.dtype == jnp.float32 and "layer.py" in o
+                             for v, o, _ in made_stream), made_stream
+  assert _mib(elementwise) < 0.9 * _mib(none)
 
 
-def test_none_keeps_one_copy_of_each_shared_input(per_layer):
-  """A layer's two attention routers and q, k read one LayerNorm output: "none" keeps it
-  once, in bf16 (q's and k's input); the routers' backward recomputes the LayerNorms'
-  float32 outputs from the residual stream, so no LayerNorm output is kept in float32
-  (the residual stream is: the group's input and the sum after each attention). And
-  the regulariser and the float32 sigmoid keep the router logits, not log_softmax, exp
-  or the gates."""
+def test_none_keeps_the_residual_stream_and_no_copy_made_from_it(per_layer):
+  """The backward passes of the routers, of q, k and of the V and σ-MoE kernels recompute
+  the LayerNorms' outputs and the 16-bit casts they read from the residual stream, so
+  "none" keeps neither (the residual stream is: the group's input and the sum after each
+  attention). And the regulariser and the float32 sigmoid keep the router logits, not
+  log_softmax, exp or the gates."""
   none = per_layer["none"]
   f32 = [o for v, o, _ in none if _stream(v) and v.dtype == jnp.float32]
   assert not [o for o in f32 if "(_layer_norm_fwd)" in o or "(router_logits)" in o], f32
   assert len(f32) == 2 * G, f32   # the group's input, each layer's sum after attention, and
   #                                the sums after the σ-MoE that feed the next layer
-  bf16_att = [o for v, o, _ in none if _stream(v) and v.dtype == jnp.bfloat16
-              and "attention.py" in o and "convert_element_type" in o]
-  assert len(bf16_att) == G, bf16_att
+  casts = [o for v, o, _ in none if _stream(v) and "convert_element_type" in o]
+  assert not casts, casts
   routing = [o for v, o, _ in none if v.size >= SEQ            # per token, not the [B, E] sums
              and ("(entropy_accumulate)" in o or "(gate_sigmoid)" in o)]
   assert not routing, routing
