@@ -6,11 +6,13 @@ bf16, from JAX's list of saved residuals traced on a CPU with the Triton path
 (``python bench/residuals.py``, which lists every residual; the attention counted as
 cuDNN's fused attention keeps it on GPUs: q, k, v, its output and [B, H, T] statistics).
 
-- ``"none"`` (default): every layer keeps what its backward pass reads: 26.4 MiB, most
-  of them float32 and bf16 [N, D] copies of the residual stream: the sums after each
-  branch (float32) and the bf16 casts that the projections and CVMM kernels read. The
-  LayerNorms' float32 outputs are not kept: the routers' backward passes recompute them
-  from the residual stream (``router_logits(..., source=...)``), 8 MiB less. (These are
+- ``"none"`` (default): every layer keeps what its backward pass reads: 20.4 MiB, the
+  largest part the residual stream's float32 sums after each branch. Neither the
+  LayerNorms' float32 outputs nor the bf16 casts of the stream and of LN1's output that
+  the projections and CVMM kernels read are kept: the backward passes of the routers
+  (``router_logits(..., source=...)``), of q and k and of the kernels
+  (:func:`moeut_jax.recompute.recompute_input`) make them again from the residual
+  stream, 8 and 6 MiB less. (These are
   JAX's counts; XLA shares reshapes and repeated casts, and may fuse an elementwise
   residual's producer into the backward pass instead: the GPU's peak is what
   bench/memory.sh measures. Optimization barriers tied to the cotangent keep XLA from
