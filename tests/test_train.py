@@ -320,8 +320,8 @@ def test_corrupt_checkpoint_is_reported_and_kept(tiny_run, tmp_path):
 def _abandoned_reads_report():
   """What orbax's abandoned reads report after a failed restore, through the same channels:
   a coroutine whose cleanup meets the closed event loop (an unraisable exception), a task
-  destroyed while pending and failed tasks nobody awaited (asyncio's log), one of them a
-  deserialisation failing with TensorStore's error."""
+  destroyed while pending, failed tasks nobody awaited (asyncio's log), one of them a
+  deserialisation failing with TensorStore's error, and a failed future nobody awaited."""
   import asyncio  # pylint: disable=import-outside-toplevel
   import gc  # pylint: disable=import-outside-toplevel
   loop = asyncio.new_event_loop()
@@ -346,9 +346,12 @@ def _abandoned_reads_report():
 
   tasks = [loop.create_task(_read_array_index_and_device_put()), loop.create_task(failed_read()),
            loop.create_task(async_deserialize())]
+  future = loop.create_future()         # a read's future that failed and was never awaited
+  future.set_exception(ValueError('OUT_OF_RANGE: Error opening "cast" driver: Error reading '
+                                  "\"params/.zarray\" in OCDBT database [tensorstore_spec='{...}']"))
   loop.run_until_complete(asyncio.sleep(0.01))
   loop.close()
-  del tasks
+  del tasks, future
   gc.collect()
 
 
@@ -369,6 +372,7 @@ def test_corrupt_checkpoint_silences_the_abandoned_reads(tiny_run, tmp_path, mon
   assert any("destroyed but it is pending" in m for m in messages), messages
   assert any("exception was never retrieved" in m for m in messages), messages
   assert any("async_deserialize" in m for m in messages), messages
+  assert any(m.startswith("Future exception was never retrieved") for m in messages), messages
   unraisable.clear()
   caplog.clear()
   with pytest.raises(CheckpointError, match="cannot restore checkpoint"):

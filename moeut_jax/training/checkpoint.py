@@ -23,13 +23,16 @@ FORMAT_VERSION = 1
 # while the reads of the other arrays are still running in TensorStore. Those finish later and
 # report through channels that bypass our error: unraisable exceptions ("Exception ignored in:
 # <coroutine object _read_array_index_and_device_put ...>", "RuntimeError: Event loop is
-# closed") and asyncio's log ("Task exception was never retrieved", with TensorStore's whole
-# JSON spec), from a few to thousands of lines, mostly at interpreter exit. Only those reports
+# closed") and asyncio's log ("Task exception was never retrieved" and "Future exception was
+# never retrieved", with TensorStore's whole JSON spec), from a few to thousands of lines, mostly at interpreter exit. Only those reports
 # are dropped, during a restore and, once a restore failed, for the rest of the process.
 # orbax's coroutines of one read: an array's index read and device_put, and the
 # deserialisation of an array (whose failure is TensorStore's error, with its JSON spec)
 _ORBAX_READS = ("_read_array_index_and_device_put", "async_deserialize")
 _ORBAX_READ_ERROR = "Encountered error while reading array index"
+# TensorStore's errors end with the spec of the store they were reading; a future that
+# held one and was never awaited is reported as "Future exception was never retrieved"
+_TENSORSTORE_SPEC = "[tensorstore_spec="
 
 
 def _is_orphaned_read_error(exc: Optional[BaseException]) -> bool:
@@ -38,7 +41,7 @@ def _is_orphaned_read_error(exc: Optional[BaseException]) -> bool:
     seen.add(id(exc))
     text = str(exc)
     if ((isinstance(exc, RuntimeError) and text == "Event loop is closed")
-        or text.startswith(_ORBAX_READ_ERROR)):
+        or text.startswith(_ORBAX_READ_ERROR) or _TENSORSTORE_SPEC in text):
       return True
     exc = exc.__cause__ or exc.__context__
   return False
