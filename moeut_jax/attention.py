@@ -214,7 +214,10 @@ class SwitchHeadRope(nn.Module):
       v, term_v = per_device(values, (lv, drop_v, v_src),
                              (experts("v"),))
     else:
-      v = jnp.einsum("BTD,DHK->BTHK", v_src.astype(cd), weight("v"))
+      if v_src_kept:
+        v = recompute_input(_project, v_src.astype(cd), Cast(v_src, cd), weight("v"))
+      else:
+        v = _project(v_src.astype(cd), weight("v"))
       reg_terms = None
     v = checkpoint_name(v, ATTENTION_V)
 
@@ -248,7 +251,8 @@ class SwitchHeadRope(nn.Module):
       reg_terms = None if term_o is None else (term_o, term_v)
     else:
       # [B, T, H]; in router_dtype (the original's gate is bf16 under autocast)
-      gate = gate_sigmoid(router_logits(q_src, p["sel_o"], cd, self.router_dtype))
+      gate = gate_sigmoid(router_logits(q_src, p["sel_o"], cd, self.router_dtype,
+                                        src_source))
       att = (att.astype(jnp.float32) * upcast(gate)[..., None]).astype(cd)
       out = jnp.einsum("BTHK,HKD->BTD", att, weight("o"))
     return out, (k_all, v_all), reg_terms
