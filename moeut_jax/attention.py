@@ -178,12 +178,10 @@ class SwitchHeadRope(nn.Module):
         expert_weights(p[name], cd, config=self.cvmm), WEIGHTS)
     qk_scale = dh ** -0.25
     if k_src is q_src:   # one product with both weights: one gradient of the source
-      w_qk = jnp.concatenate([weight("q"), weight("k")], axis=1)
-      if src_source is None:
-        qk = _project(q_src.astype(cd), w_qk)
-      else:   # the backward pass recomputes the cast LayerNorm output from its source
-        qk = recompute_input(_project, q_src.astype(cd), Cast(src_source, cd), w_qk)
-      qk = qk * qk_scale
+      # with src_source, the backward pass recomputes the cast LayerNorm output from it
+      qk = recompute_input(_project, q_src.astype(cd),
+                           None if src_source is None else Cast(src_source, cd),
+                           jnp.concatenate([weight("q"), weight("k")], axis=1)) * qk_scale
       q, k = qk[:, :, :h], qk[:, :, h:]
     else:
       q = _project(q_src.astype(cd), weight("q")) * qk_scale
@@ -201,11 +199,10 @@ class SwitchHeadRope(nn.Module):
         bl, tl = v_src.shape[:2]
         nl = bl * tl
         v_in = v_src.reshape(nl, 1, d)
-        project = functools.partial(cvmm, config=self.cvmm)
-        if v_src_kept:   # the backward pass casts v_src again rather than keeping the cast
-          vv = recompute_input(project, v_in.astype(cd), Cast(v_src, cd, v_in.shape), rv, w)
-        else:
-          vv = project(v_in.astype(cd), rv, w)                            # [N, H*ka, Dh]
+        # with v_src_kept, the backward pass casts v_src again rather than keeping the cast
+        vv = recompute_input(functools.partial(cvmm, config=self.cvmm), v_in.astype(cd),
+                             Cast(v_src, cd, v_in.shape) if v_src_kept else None,
+                             rv, w)                                       # [N, H*ka, Dh]
         vv = checkpoint_name(vv, SWITCHHEAD_CVMM)
         v = gated_sum(vv.reshape(nl, h, self.k, dh), gv.reshape(nl, h, self.k),
                       config=self.cvmm)                                   # [N, H, Dh]
@@ -214,10 +211,8 @@ class SwitchHeadRope(nn.Module):
       v, term_v = per_device(values, (lv, drop_v, v_src),
                              (experts("v"),))
     else:
-      if v_src_kept:
-        v = recompute_input(_project, v_src.astype(cd), Cast(v_src, cd), weight("v"))
-      else:
-        v = _project(v_src.astype(cd), weight("v"))
+      v = recompute_input(_project, v_src.astype(cd), Cast(v_src, cd) if v_src_kept else None,
+                          weight("v"))
       reg_terms = None
     v = checkpoint_name(v, ATTENTION_V)
 

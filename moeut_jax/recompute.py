@@ -63,10 +63,11 @@ class _Kept:
     return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
-def recompute_input(fn: Callable, x: jax.Array, source: Cast, *args) -> Any:
+def recompute_input(fn: Callable, x: jax.Array, source: Cast | None, *args) -> Any:
   """``fn(x, *args)``, whose backward pass makes x again from ``source`` instead of keeping
-  it. ``source.value()`` must equal x (it is x's own computation, from arrays that are
-  kept anyway). Gradients flow to x and ``args`` as through ``fn``; none to ``source``.
+  it (``source`` None: simply ``fn(x, *args)``). ``source.value()`` must equal x (it is
+  x's own computation, from arrays that are kept anyway). Gradients flow to x and
+  ``args`` as through ``fn``; none to ``source``.
 
   fn: a function of arrays (not closing over traced values), e.g. a ``functools.partial``
   of a kernel with its static settings. Where fn's backward pass does not keep x itself
@@ -74,6 +75,8 @@ def recompute_input(fn: Callable, x: jax.Array, source: Cast, *args) -> Any:
   nothing left out. Without a cast (``source`` a float32 array and ``dtype`` float32),
   fn is simply called.
   """
+  if source is None:
+    return fn(x, *args)
   src = source.source
   if not hasattr(src, "recompute") and src.dtype == source.dtype:   # no cast: x is src
     return fn(x, *args)

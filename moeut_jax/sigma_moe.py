@@ -73,12 +73,12 @@ class SigmaMoE(nn.Module):
       # relu(x @ keys) @ values, gated sum over the kf experts (one fused kernel on GPUs)
       # 16-bit gates (the original's router) are exact in float32: every CVMM takes
       # float32 gates, and their gradient is rounded back to the router's dtype
-      mlp = functools.partial(cvmm_pair, config=self.cvmm)
-      args = (routing, keys, values, upcast(gates.reshape(b * t, self.k)))
-      if x_kept:   # the backward pass casts x again instead of keeping the cast
-        out = recompute_input(mlp, xf.astype(self.dtype), Cast(x, self.dtype, xf.shape), *args)
-      else:
-        out = mlp(xf.astype(self.dtype), *args)                       # [N, D]
+      # with x_kept, the backward pass casts x again instead of keeping the cast
+      out = recompute_input(functools.partial(cvmm_pair, config=self.cvmm),
+                            xf.astype(self.dtype),
+                            Cast(x, self.dtype, xf.shape) if x_kept else None,
+                            routing, keys, values,
+                            upcast(gates.reshape(b * t, self.k)))          # [N, D]
       return out.reshape(b, t, d), term
 
     weights = tuple(checkpoint_name(expert_weights(w, self.dtype, config=self.cvmm), WEIGHTS)

@@ -24,8 +24,9 @@ FORMAT_VERSION = 1
 # report through channels that bypass our error: unraisable exceptions ("Exception ignored in:
 # <coroutine object _read_array_index_and_device_put ...>", "RuntimeError: Event loop is
 # closed") and asyncio's log ("Task exception was never retrieved" and "Future exception was
-# never retrieved", with TensorStore's whole JSON spec), from a few to thousands of lines, mostly at interpreter exit. Only those reports
-# are dropped, during a restore and, once a restore failed, for the rest of the process.
+# never retrieved", with TensorStore's whole JSON spec), from a few to thousands of lines,
+# mostly at interpreter exit. Only those reports are dropped, during a restore and, once a
+# restore failed, for the rest of the process.
 # orbax's coroutines of one read: an array's index read and device_put, and the
 # deserialisation of an array (whose failure is TensorStore's error, with its JSON spec)
 _ORBAX_READS = ("_read_array_index_and_device_put", "async_deserialize")
