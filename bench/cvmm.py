@@ -8,7 +8,8 @@ Per profile (batch 64 x 1024 tokens; the 1B at 32 x 1024) it times the four CVMM
 projections of MoEUT, forward and forward+backward (gradients of every float input):
   up    σ-MoE   cvmm(x [N, D], r, keys [E, D, Es])              K = ff_k
   down  σ-MoE   cvmm(u [N, K, Es], r, values [E, Es, D], gates)  (weighted sum fused)
-  V     SwitchHead cvmm(x [N, D], r_v, v [H*Ea, D, Dh])          K = H * att_k
+  V     SwitchHead cvmm(x [N, D], r_v, v [H*Ea, D, Dh], gates [N, H*att_k], out_rows=H)
+        (each head's att_k experts summed with their gates: [N, H, Dh])
   O     SwitchHead cvmm(att [N, H, Dh], r_o, o [H*Ea, Dh, D], gates [N, H*att_k])
 and "dense", one [P, I] @ [I, O] matmul with the same FLOPs (P = N*K pairs).
 ``--pair`` adds the σ-MoE pair (up, ReLU, gated down) as one function. Routing is
@@ -84,7 +85,8 @@ def projections(profile: dict, n: int, dtype, seed: int = 0, unit_pairs=None):
       "down": dict(x=nrm(ks[4], (n, k, es)), w=nrm(ks[5], (e, es, d), es ** -0.5), r=r,
                    g=jax.nn.softmax(jax.random.normal(ks[6], (n, k))).astype(dtype),
                    dense=(n * k, es, d)),
-      "V": dict(x=x, w=nrm(ks[7], (h * ea, d, dh), d ** -0.5), r=rh, g=None,
+      "V": dict(x=x, w=nrm(ks[7], (h * ea, d, dh), d ** -0.5), r=rh,
+                g=jax.random.uniform(ks[11], (n, h * ka)).astype(dtype), out_rows=h,
                 dense=(n * h * ka, d, dh)),
       "O": dict(x=nrm(ks[8], (n, h, dh)), w=nrm(ks[9], (h * ea, dh, d), dh ** -0.5), r=rh,
                 g=jax.random.uniform(ks[10], (n, h * ka)).astype(dtype),
@@ -96,9 +98,9 @@ def projections(profile: dict, n: int, dtype, seed: int = 0, unit_pairs=None):
   return out
 
 
-def _fwd_fn(impl, gated):
+def _fwd_fn(impl, gated, out_rows=1):
   if gated:
-    return jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, impl=impl))
+    return jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, out_rows=out_rows, impl=impl))
   return jax.jit(lambda x, r, w, g: cvmm(x, r, w, impl=impl))
 
 
@@ -114,9 +116,10 @@ def _dot(y, ct):
   return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32))
 
 
-def _fwdbwd_fn(impl, gated):
+def _fwdbwd_fn(impl, gated, out_rows=1):
   def loss(x, w, g, r, ct):
-    y = cvmm(x, r, w, g, impl=impl) if gated else cvmm(x, r, w, impl=impl)
+    y = (cvmm(x, r, w, g, out_rows=out_rows, impl=impl) if gated
+         else cvmm(x, r, w, impl=impl))
     return _dot(y, ct)
   argn = (0, 1, 2) if gated else (0, 1)
   vg = jax.value_and_grad(loss, argnums=argn)
@@ -157,6 +160,7 @@ def run(profile_names, impls, dtype, pair, check, batch_tokens, log, unit_pairs=
     projs = projections(prof, n, dtype, unit_pairs=unit_pairs)
     for name, v in projs.items():
       gated = v["g"] is not None
+      rows_out = v.get("out_rows", 1)
       p, i, o = v["dense"]
       dfw, dfb = _dense(p, i, o, dtype, jax.random.key(7))
       rows.append(dict(profile=pname, proj=name, impl="dense", fwd=dfw, fwdbwd=dfb,
@@ -165,10 +169,10 @@ def run(profile_names, impls, dtype, pair, check, batch_tokens, log, unit_pairs=
       for impl in impls:
         args = (v["x"], v["r"], v["w"], v["g"])
         try:
-          fwd = _fwd_fn(impl, gated)
+          fwd = _fwd_fn(impl, gated, rows_out)
           tf = _time(fwd, *args)
           ct = _cotangent(jax.eval_shape(fwd, *args).shape, dtype)
-          tb = _time(_fwdbwd_fn(impl, gated), *args, ct)
+          tb = _time(_fwdbwd_fn(impl, gated, rows_out), *args, ct)
         except Exception as err:  # report and go on: one failing impl must not hide the rest
           log(f"{pname:11s} {name:5s} {impl:6s} FAILED {type(err).__name__}: {str(err)[:300]}")
           traceback.print_exc()   # the whole error on stderr
@@ -177,8 +181,8 @@ def run(profile_names, impls, dtype, pair, check, batch_tokens, log, unit_pairs=
         row = dict(profile=pname, proj=name, impl=impl, fwd=tf, fwdbwd=tb, flops=v["flops"],
                    fwd_vs_dense=dfw / tf, fwdbwd_vs_dense=dfb / tb)
         if check:
-          ref = _fwd_fn("xla", gated)(*args)
-          row["rel_err_fwd_vs_xla"] = _rel(_fwd_fn(impl, gated)(*args), ref)
+          ref = _fwd_fn("xla", gated, rows_out)(*args)
+          row["rel_err_fwd_vs_xla"] = _rel(_fwd_fn(impl, gated, rows_out)(*args), ref)
         rows.append(row)
         log(f"{pname:11s} {name:5s} {impl:6s} fwd {tf * 1e3:8.3f} ms ({dfw / tf:5.0%} of dense)"
             f"  fwd+bwd {tb * 1e3:8.3f} ms ({dfb / tb:5.0%})"

@@ -11,9 +11,12 @@ The σ-MoE pair (up, ReLU, gated down) runs six kernels, forward and backward:
   up_dx     dx[n] += dy[p] @ keys[e]^T            rows, I = Es, O = D, fused sum (atomic)
   up_dw     dkeys[e] = sum_p x[n]^T dy[p]                  ragged contraction
 and SwitchHead's V and O projections, forward and backward:
-  v_fwd     y[p] = x[n] @ V[e]                     rows, stored
-  v_dx      dx[n] += dy[p] @ V[e]^T                fused sum over heads × experts
-  v_dw      dV[e] = sum_p x[n]^T dy[p]                    ragged contraction
+  v_fwd     v[n, h] += g[p] x[n] @ V[e]            fused sum over the head's experts
+                                                   (unit store with unit pairs)
+  v_dg      dg[p] = (x[n] @ V[e]) . dv[n, h]      rows again, + dgates
+  v_dx      dx[n] += g[p] dv[n, h] @ V[e]^T        fused sum over heads × experts
+  v_dw      dV[e] = sum_p x[n]^T g[p] dv[n, h]            ragged contraction (the gated
+            rows scaled first)
   o_fwd     out[n] += g[p] att[n, h] @ O[e]        fused sum over heads × experts
   o_dx      datt[n, h] = sum_p g[p] dout[n] @ O[e]^T + dgates (unit store with unit pairs)
   o_dw      dO[e] = sum_p (g[p] att[n, h])^T dout[n]      ragged contraction (the gated
@@ -66,13 +69,14 @@ def kernels(prof: dict, n: int, dtype):
   heads = att.shape[0] // n
   dh = att.shape[1]
   dyv = jax.random.normal(jax.random.key(7), (ro.n_pairs, dh)).astype(dtype)
+  dv = jax.random.normal(jax.random.key(8), (n * heads, dh)).astype(dtype)
   rm = rows.rows_matmul
   # The arrays are passed to each jitted call as arguments: closed over, they would be
   # constants, and XLA would fold the work on them (the float16 sums' row maxima) into
   # the compilation instead of timing it.
   v = dict(x=x, keys=keys, values=values, h=h, g=g, g2=down["g"], dout=dout, dy=dy,
            hv=jax.nn.relu(h), att=att, ow=o_["w"], og=o_["g"].reshape(-1),
-           vw=pr["V"]["w"], r=r, ro=ro, dyv=dyv)
+           vw=pr["V"]["w"], r=r, ro=ro, dyv=dyv, dv=dv)
   return v, {
       "pair_fwd": (lambda c, k_, v: pair.pair_rows(v["x"], v["keys"], v["values"], v["g2"],
                                              v["r"], cfg=c, config=k_)["out"],
@@ -103,11 +107,18 @@ def kernels(prof: dict, n: int, dtype):
       "up_dw": (lambda c, k_, v: dw.expert_gram(v["x"], v["dy"], v["r"], a_rows=1, b_rows=k,
                                             cfg=c),
                 (p, d, es), "dw"),
-      "v_fwd": (lambda c, k_, v: rm(v["x"], v["vw"], v["ro"], a_rows=1, out_rows=ro.k,
-                                cfg=c, config=k_)[0],
-                (ro.n_pairs, d, pr["V"]["w"].shape[2]), "rows"),
-      "v_dx": (lambda c, k_, v: rm(v["dyv"], v["vw"], v["ro"], a_rows=ro.k, out_rows=1,
-                               transpose_w=True, cfg=c, config=k_)[0],
+      # SwitchHead V: each head's two experts summed with their gates (cvmm's out_rows);
+      # the unit-store kernel where unit pairs allow (cfg None: the library's choice)
+      "v_fwd": (lambda c, k_, v: rm(v["x"], v["vw"], v["ro"], a_rows=1, out_rows=heads,
+                                scale=v["og"], cfg=c, config=k_)[0],
+                (ro.n_pairs, d, pr["V"]["w"].shape[2]), "atomic"),
+      # the backward's dgates: the products again, dotted with the output gradient
+      "v_dg": (lambda c, k_, v: rm(v["x"], v["vw"], v["ro"], a_rows=1,
+                               out_rows=heads if v["ro"].pairs is not None else ro.k,
+                               dgate_rows=v["dv"], c_rows=heads, cfg=c, config=k_)[1],
+               (ro.n_pairs, d, pr["V"]["w"].shape[2]), "rows"),
+      "v_dx": (lambda c, k_, v: rm(v["dv"], v["vw"], v["ro"], a_rows=heads, out_rows=1,
+                               transpose_w=True, scale=v["og"], cfg=c, config=k_)[0],
                (ro.n_pairs, dh, d), "atomic"),
       "v_dw": (lambda c, k_, v: dw.expert_gram(v["x"], v["dyv"], v["ro"], a_rows=1,
                                            b_rows=ro.k, cfg=c),

@@ -132,7 +132,8 @@ def _config(config: CvmmConfig | None, impl: str | None) -> CvmmConfig:
 
 
 def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None = None,
-         *, config: CvmmConfig | None = None, impl: str | None = None) -> jax.Array:
+         *, out_rows: int = 1, config: CvmmConfig | None = None,
+         impl: str | None = None) -> jax.Array:
   """Multiplies every (token, slot) by its expert's matrix; see the module docstring.
 
   Args:
@@ -140,11 +141,15 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
     routing: from :func:`kernels.make_routing` on the [N, K] expert indices.
     w: [E, I, O] expert matrices.
     gates: optional [N, K] weights of the slots; if given the slots are summed.
+    out_rows: with gates, R sums per token, each over K // R consecutive slots (R divides
+      K): out[n, r] = sum_s gates[n, s] y[n, s] over the slots s // (K // R) == r.
+      SwitchHead's V sums each head's k value experts (R = heads). 1: all slots.
     config: the kernels' settings (:class:`kernels.CvmmConfig`; None: the defaults).
     impl: overrides ``config.impl`` (see the module docstring).
 
   Returns:
-    [N, K, O] without gates, [N, O] with gates; dtype of x (float32 accumulation).
+    [N, K, O] without gates; with gates [N, O] (out_rows 1) or [N, R, O]; dtype of x
+    (float32 accumulation).
   """
   config = _config(config, impl)
   if x.ndim == 2:
@@ -152,14 +157,37 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
   if x.ndim != 3:
     raise ValueError(f"x must be [N, M, I] or [N, I], got shape {x.shape}")
   _check(x, routing, w, gates)
+  if out_rows != 1:
+    if gates is None:
+      raise ValueError("out_rows sums gated slots: it needs gates")
+    if out_rows < 1 or routing.k % out_rows:
+      raise ValueError(f"out_rows={out_rows} must divide the slots per token k={routing.k}")
   n = x.shape[0]
+  o = w.shape[2]
   if n == 0:
-    shape = (0, w.shape[2]) if gates is not None else (0, routing.k, w.shape[2])
+    shape = (((0, o) if out_rows == 1 else (0, out_rows, o)) if gates is not None
+             else (0, routing.k, o))
     return jnp.zeros(shape, x.dtype)
   name = resolve(config.impl)
+  if out_rows != 1:
+    return _grouped_sums(x, routing, w, gates, out_rows, config.replace(impl=name))
   if name in ("triton", "triton_unfused", "mosaic", "original"):
     return _get(name)(x, routing, w, gates, config=config)
   return _get(name)(x, routing, w, gates)
+
+
+def _grouped_sums(x, routing, w, gates, out_rows, config):
+  """The gated sums of :func:`cvmm` in ``out_rows`` groups of slots. The Triton kernels
+  add each group's rows themselves (no per-slot [N, K, O] products stored) where the
+  products are narrower than the input rows (SwitchHead V): their backward pass makes
+  the products again for the gates' gradient, cheap there. Otherwise, and with the
+  other implementations, the products are made and :func:`gated_sum` adds them."""
+  n, k, o = x.shape[0], routing.k, w.shape[2]
+  if config.impl in ("triton", "triton_unfused") and o < x.shape[2]:
+    return _get(config.impl)(x, routing, w, gates, out_rows=out_rows, config=config)
+  y = cvmm(x, routing, w, config=config)                            # [N, K, O]
+  return gated_sum(y.reshape(n, out_rows, k // out_rows, o),
+                   gates.reshape(n, out_rows, k // out_rows), config=config)
 
 
 def expert_weights(w: jax.Array, dtype, *, config: CvmmConfig | None = None,
@@ -178,7 +206,8 @@ def gated_sum(y: jax.Array, gates: jax.Array, *, config: CvmmConfig | None = Non
   """out[..., o] = sum_s gates[..., s] y[..., s, o], in y's dtype, summed as the gated
   :func:`cvmm` sums its slots: float32 gates and sums, rounded once; with "original", as
   the original op's reduction ``gates.type_as(y) @ y`` (the gates rounded to y's dtype
-  first). SwitchHead sums its value experts per head with it.
+  first). :func:`cvmm` with ``out_rows`` sums its groups of slots with it where no kernel
+  fuses them.
 
   y [..., S, O], gates [..., S] -> [..., O]."""
   if resolve(_config(config, impl).impl) == "original":

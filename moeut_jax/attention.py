@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from kernels import DEFAULT, CvmmConfig, cvmm, expert_weights, gated_sum, make_head_routing
+from kernels import DEFAULT, CvmmConfig, cvmm, expert_weights, make_head_routing
 from moeut_jax import initializers as init
 from moeut_jax.parallel import per_device
 from moeut_jax.remat import (ATTENTION_OUT, ATTENTION_QK, ATTENTION_V, ROUTER_LOGITS, ROUTING,
@@ -199,13 +199,13 @@ class SwitchHeadRope(nn.Module):
         bl, tl = v_src.shape[:2]
         nl = bl * tl
         v_in = v_src.reshape(nl, 1, d)
-        # with v_src_kept, the backward pass casts v_src again rather than keeping the cast
-        vv = recompute_input(functools.partial(cvmm, config=self.cvmm), v_in.astype(cd),
-                             Cast(v_src, cd, v_in.shape) if v_src_kept else None,
-                             rv, w)                                       # [N, H*ka, Dh]
-        vv = checkpoint_name(vv, SWITCHHEAD_CVMM)
-        v = gated_sum(vv.reshape(nl, h, self.k, dh), gv.reshape(nl, h, self.k),
-                      config=self.cvmm)                                   # [N, H, Dh]
+        # each head's k experts summed with their gates; with v_src_kept, the backward
+        # pass casts v_src again rather than keeping the cast
+        v = recompute_input(functools.partial(cvmm, out_rows=h, config=self.cvmm),
+                            v_in.astype(cd),
+                            Cast(v_src, cd, v_in.shape) if v_src_kept else None,
+                            rv, w, gv.reshape(nl, h * self.k))            # [N, H, Dh]
+        v = checkpoint_name(v, SWITCHHEAD_CVMM)
         return v.reshape(bl, tl, h, dh).astype(cd), term                  # [B, T, H, Dh]
 
       v, term_v = per_device(values, (lv, drop_v, v_src),

@@ -63,6 +63,38 @@ def test_reference_definition():
   assert _rel(cvmm_reference(x, r, w, g), out) < 1e-6
 
 
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+@pytest.mark.parametrize("out_rows", [2, 3, 6])
+def test_gated_sums_per_group_of_slots(impl, out_rows):
+  """cvmm's out_rows: out[n, r] = sum of gates[n, s] y[n, s] over the K // R slots of
+  group r, written out by loops in float64; gradients equal those of the products
+  summed by an einsum; bad out_rows are refused."""
+  x, w, g, r, _ = _inputs(CASES[2], jnp.float32, True)      # K = 6, M = 3
+  n, k, o = x.shape[0], r.k, w.shape[2]
+  y = np.asarray(cvmm_reference(x, r, w), np.float64)
+  gn = np.asarray(g, np.float64)
+  want = np.zeros((n, out_rows, o))
+  for t in range(n):
+    for s in range(k):
+      want[t, s // (k // out_rows)] += gn[t, s] * y[t, s]
+  got = cvmm(x, r, w, g, out_rows=out_rows, impl=impl)
+  assert got.shape == (n, out_rows, o)
+  assert _rel(got, want) < 1e-6
+  ct = jax.random.normal(jax.random.key(0), (n, out_rows, o))
+  split = lambda x, r, w, g: jnp.einsum(  # noqa: E731
+      "NRSO,NRS->NRO", cvmm(x, r, w, impl=impl).reshape(n, out_rows, -1, o),
+      g.reshape(n, out_rows, -1), precision="highest")
+  loss = lambda fn: lambda x, w, g: jnp.sum(fn(x, r, w, g) * ct)  # noqa: E731
+  grads = jax.grad(loss(lambda x, r, w, g: cvmm(x, r, w, g, out_rows=out_rows, impl=impl)),
+                   argnums=(0, 1, 2))(x, w, g)
+  for a, b in zip(grads, jax.grad(loss(split), argnums=(0, 1, 2))(x, w, g)):
+    assert _rel(a, b) < 1e-5
+  with pytest.raises(ValueError, match="divide"):
+    cvmm(x, r, w, g, out_rows=4, impl=impl)
+  with pytest.raises(ValueError, match="needs gates"):
+    cvmm(x, r, w, out_rows=out_rows, impl=impl)
+
+
 def test_routing_tiles_cover_every_pair_once():
   r = _routing("random", 37, 3, 11, jax.random.key(3))
   for bm in (16, 64):

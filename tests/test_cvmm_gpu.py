@@ -603,6 +603,62 @@ def test_unit_pairs_match_reference(case, gated, tile, monkeypatch):
   _assert_half_sums_close(case[0], ["out", "dx", "dw", "dgates"], got, ref, f32s)
 
 
+def _grouped_reference(h):
+  """The float32 reference of SwitchHead V's gated sums per head (cvmm with out_rows=h)."""
+  def fn(x, r, w, g):
+    y = cvmm_reference(x, r, w).astype(jnp.float32)                  # [N, K, O]
+    n, k, o = y.shape
+    return jnp.einsum("NHSO,NHS->NHO", y.reshape(n, h, k // h, o),
+                      g.astype(jnp.float32).reshape(n, h, k // h),
+                      precision=jax.lax.Precision.HIGHEST)
+  return fn
+
+
+@pytest.mark.parametrize("units", [True, False], ids=["unit_pairs", "pairs"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", UNIT_PAIR_CASES, ids=[c[0] for c in UNIT_PAIR_CASES])
+def test_head_sums_match_reference(case, dtype, units, monkeypatch):
+  """SwitchHead's V with its gated sum per head (cvmm's out_rows = heads) through the
+  Triton kernels, the routing with and without unit pairs: forward and every gradient
+  (x, w, gates) against the float32 reference within the dtype's tolerance; in bf16
+  the output and dx no further from it than 1.5x the float32 sums'. With unit pairs
+  and d_head < d_model the unit-store kernel writes the forward sums and makes the
+  backward's dgates (d_head == d_model: the per-slot products, summed in XLA)."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  from kernels import make_routing  # noqa: PLC0415
+  from kernels.cvmm_triton import rows as rows_mod  # noqa: PLC0415
+  calls = []
+  orig = rows_mod.units_store
+  monkeypatch.setattr(rows_mod, "units_store",
+                      lambda *a, **kw: calls.append(a[4] is None) or orig(*a, **kw))
+  x, w, _, r, _ = _head_inputs(case, False)
+  if not units:
+    r = make_routing(r.expert_index, r.n_experts)
+  _, n, h, _, dh, _, _ = case
+  ks = jax.random.split(jax.random.key(n), 2)
+  g = jax.random.uniform(ks[0], (n, 2 * h)).astype(dtype)
+  ct = jax.random.normal(ks[1], (n, h, dh))
+  x, w = x.astype(dtype), w.astype(dtype)
+
+  def sums(sum_dtype):
+    config = CvmmConfig(impl="triton", sum_dtype=sum_dtype)
+    return lambda x, r, w, g: cvmm(x, r, w, g, out_rows=h, config=config)
+
+  got = _outputs(sums("float16"), x, w, g, r, ct)
+  # the forward; grad's forward and its dgates (dgate rows given)
+  assert calls == ([True, True, False] if units and dh < case[5] else []), calls
+  assert got[0].shape == (n, h, dh) and got[0].dtype == dtype
+  up = lambda a: a.astype(jnp.float32)  # noqa: E731
+  ref = _outputs(_grouped_reference(h), up(x), up(w), up(g), r, ct)
+  f32s = _outputs(sums("float32"), x, w, g, r, ct)
+  for name, a, b, c in zip(["out", "dx", "dw", "dgates"], got, ref, f32s):
+    err = _rel(a, b)
+    assert err <= TOL[dtype], f"{case[0]} {name}: rel err {err:.2e}"
+    if dtype == jnp.bfloat16 and name in ("out", "dx"):
+      assert err <= 1.5 * _rel(c, b), (case[0], name, err, _rel(c, b))
+
+
 # unit-store tiles: the autotuner's and every candidate (units_candidates' index)
 UNIT_STORE_TILES = [None, 0, 1, 2, 3]
 

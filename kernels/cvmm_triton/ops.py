@@ -19,13 +19,16 @@ from kernels.config import DEFAULT, CvmmConfig
 from kernels.cvmm_triton.dw import expert_gram
 from kernels.cvmm_triton.pair import pair_rows
 from kernels.cvmm_triton.rows import rows_matmul
+from kernels.cvmm_triton.units import units_store_applies
 from kernels.routing import Routing
 
 
 def cvmm_triton(x: jax.Array, routing: Routing, w: jax.Array,
-                gates: jax.Array | None = None, *, fuse_sum: bool = True,
+                gates: jax.Array | None = None, *, out_rows: int = 1, fuse_sum: bool = True,
                 config: CvmmConfig = DEFAULT) -> jax.Array:
-  """See :func:`kernels.cvmm`. x [N, M, I], w [E, I, O], gates [N, K] or None.
+  """See :func:`kernels.cvmm`. x [N, M, I], w [E, I, O], gates [N, K] or None; with
+  gates, ``out_rows`` R sums of K // R slots each per token ([N, O] for R = 1, else
+  [N, R, O], which needs O < I: SwitchHead V's d_head against d_model).
 
   fuse_sum: add the rows that share an output row (the gated sum over slots; in the
     backward pass the slots that read one x row) with float32 atomics inside the kernel
@@ -33,22 +36,27 @@ def cvmm_triton(x: jax.Array, routing: Routing, w: jax.Array,
   config: the kernels' settings (the sums' dtype, float16 scales, Gluon kernels); one
     custom_vjp op per config, so the backward pass sums the same way.
   """
+  if gates is not None and out_rows > 1 and w.shape[2] >= x.shape[2]:
+    raise ValueError(f"cvmm_triton sums groups of slots (out_rows={out_rows}) where the "
+                     f"products are narrower than the input rows; got I={x.shape[2]}, "
+                     f"O={w.shape[2]} (kernels.cvmm adds the products in XLA there)")
   w = w.astype(x.dtype) if w.dtype != x.dtype else w
-  plain, gated = _ops(fuse_sum, config)
+  plain, gated = _ops(fuse_sum, config, out_rows)
   if gates is None:
     return plain(x, w, routing)
   return gated(x, w, gates, routing)
 
 
-def cvmm_triton_unfused(x, routing, w, gates=None, *, config: CvmmConfig = DEFAULT):
+def cvmm_triton_unfused(x, routing, w, gates=None, *, out_rows: int = 1,
+                        config: CvmmConfig = DEFAULT):
   """:func:`cvmm_triton` with ``fuse_sum=False`` (for benchmarks and comparison)."""
-  return cvmm_triton(x, routing, w, gates, fuse_sum=False, config=config)
+  return cvmm_triton(x, routing, w, gates, out_rows=out_rows, fuse_sum=False, config=config)
 
 
 @functools.lru_cache(maxsize=None)
-def _ops(fuse: bool, config: CvmmConfig):
-  """The two custom_vjp ops (without and with gates) for one reduction strategy and
-  kernel config."""
+def _ops(fuse: bool, config: CvmmConfig, r: int = 1):
+  """The two custom_vjp ops (without and with gates, the latter summing into ``r`` rows
+  per token) for one reduction strategy and kernel config."""
 
   # Without gates: y [N, K, O].
   @jax.custom_vjp
@@ -74,35 +82,52 @@ def _ops(fuse: bool, config: CvmmConfig):
 
   plain.defvjp(_fwd, _bwd)
 
-  # With gates: out [N, O] = sum_s gates[n, s] y[n, s].
+  # With gates: out [N, R, O], out[n, r] = sum of gates[n, s] y[n, s] over the K // R
+  # slots s of group r ([N, O] for R = 1).
   @jax.custom_vjp
   def gated(x, w, gates, routing):
     return _fwd_gated(x, w, gates, routing)[0]
 
   def _fwd_gated(x, w, gates, routing):
     n, m, i = x.shape
-    out, _ = rows_matmul(x.reshape(n * m, i), w, routing, a_rows=m, out_rows=1,
-                         scale=gates.reshape(-1), fuse_sum=fuse, config=config)  # [N, O]
-    return out.astype(x.dtype), (x, w, gates, routing)
+    out, _ = rows_matmul(x.reshape(n * m, i), w, routing, a_rows=m, out_rows=r,
+                         scale=gates.reshape(-1), fuse_sum=fuse, config=config)  # [N*R, O]
+    shape = (n, w.shape[2]) if r == 1 else (n, r, w.shape[2])
+    return out.reshape(shape).astype(x.dtype), (x, w, gates, routing)
 
   def _bwd_gated(res, dout):
     x, w, gates, routing = res
-    # gated_rows below reads only forward values: tied to dout by the barrier, XLA cannot
-    # compute it in the forward pass (on an H100 it did for SwitchHead's O projection,
-    # keeping every layer's [N*k, I] rows from there to the backward pass: 3.4 GiB at
-    # MoEUT_1B, batch 32)
+    # everything below that reads only forward values (gated_rows, the products again):
+    # tied to dout by the barrier, XLA cannot compute it in the forward pass (on an H100
+    # it did for SwitchHead's O projection, keeping every layer's [N*k, I] rows from
+    # there to the backward pass: 3.4 GiB at MoEUT_1B, batch 32)
     x, gates, dout = jax.lax.optimization_barrier((x, gates, dout))
     n, m, i = x.shape
+    k, o = routing.k, w.shape[2]
     x2 = x.reshape(n * m, i)
-    dout = dout.astype(x.dtype)                                              # [N, O]
+    dout2 = dout.astype(x.dtype).reshape(n * r, o)                          # [N*R, O]
     g = gates.reshape(-1)
-    dx, dg = rows_matmul(dout, w, routing, a_rows=1, out_rows=m, transpose_w=True,
-                         scale=g, dgate_rows=x2, c_rows=m, fuse_sum=fuse,
-                         config=config)                                       # [N*M, I], [P]
-    dw = expert_gram(gated_rows(x, gates), dout, routing, a_rows=routing.k, b_rows=1,
-                     out_dtype=w.dtype)
+    if r > 1:
+      # The forward's products are the narrower (SwitchHead V: d_head against d_model;
+      # cvmm_triton checks): dgates dot them, made again, with the output gradient rows
+      # (per unit with unit pairs, else stored per pair and dropped), and dx needs no
+      # dgates epilogue, so its sums take the Gluon kernels.
+      units = units_store_applies(routing, o, m, r, r)
+      _, dg = rows_matmul(x2, w, routing, a_rows=m, out_rows=r if units else k,
+                          dgate_rows=dout2, c_rows=r, config=config)
+      dx, _ = rows_matmul(dout2, w, routing, a_rows=r, out_rows=m, transpose_w=True,
+                          scale=g, fuse_sum=fuse, config=config)            # [N*M, I]
+      # the weight gradient's rows g * dout per pair ([P, O], narrower than g * x)
+      dw = expert_gram(x2, gated_rows(dout2.reshape(n, r, o), gates), routing, a_rows=m,
+                       b_rows=k, out_dtype=w.dtype)
+    else:
+      dx, dg = rows_matmul(dout2, w, routing, a_rows=1, out_rows=m, transpose_w=True,
+                           scale=g, dgate_rows=x2, c_rows=m, fuse_sum=fuse,
+                           config=config)                                   # [N*M, I], [P]
+      dw = expert_gram(gated_rows(x, gates), dout2, routing, a_rows=k, b_rows=1,
+                       out_dtype=w.dtype)
     return (dx.reshape(n, m, i).astype(x.dtype), dw,
-            dg.reshape(n, routing.k).astype(gates.dtype), None)
+            dg.reshape(n, k).astype(gates.dtype), None)
 
   gated.defvjp(_fwd_gated, _bwd_gated)
   return plain, gated

@@ -107,3 +107,50 @@ def test_fused_pair_matches_two_reference_cvmms(shape):
     assert a.dtype == primal.dtype, ("pair dtype", a.dtype, primal.dtype)
     tol = 1e-5 if primal.dtype == jnp.float32 else 1e-2     # bf16: its rounding
     assert rel(a, b) <= tol, ("pair mixed", rel(a, b))
+
+
+@pytest.mark.parametrize("io", [(40, 24), (24, 40)], ids=["narrow_out", "wide_out"])
+@pytest.mark.parametrize("units", [True, False], ids=["unit_pairs", "pairs"])
+@pytest.mark.parametrize("m", [1, 2])
+def test_grouped_gated_sums_match_reference(m, units, io, monkeypatch):
+  """cvmm's gated sums per group of slots (SwitchHead V: out_rows = heads, each head's
+  two experts): the output and every gradient against the reference's grouped sums.
+  With unit pairs the unit-store kernel writes the forward sums and, in the backward
+  pass, makes the products again for the dgates. Where the products are not narrower
+  than the input rows (``wide_out``) the products are stored and summed in XLA, and
+  cvmm_triton refuses the grouped sums."""
+  from kernels import cvmm, make_head_routing
+  from kernels.cvmm_triton import rows as rows_mod
+  calls = []
+  orig = rows_mod.units_store
+  monkeypatch.setattr(rows_mod, "units_store",
+                      lambda *a, **kw: calls.append(a[4] is None) or orig(*a, **kw))
+  n, h, ea = 37, 4, 5
+  i, o = io
+  ks = jax.random.split(jax.random.key(3), 5)
+  idx = jax.lax.top_k(jax.random.normal(ks[0], (n, h, ea)), 2)[1]
+  r = make_head_routing(idx, ea, unit_pairs=units)
+  assert (r.pairs is not None) == units
+  x = jax.random.normal(ks[1], (n, m, i))
+  w = jax.random.normal(ks[2], (h * ea, i, o)) / np.sqrt(i)
+  g = jax.random.uniform(ks[3], (n, 2 * h))
+  ct = jax.random.normal(ks[4], (n, h, o))
+
+  def grouped_reference(x, r, w, g):
+    y = cvmm_reference(x, r, w)                                        # [N, K, O]
+    return jnp.einsum("NHSO,NHS->NHO", y.reshape(n, h, 2, o), g.reshape(n, h, 2),
+                      precision="highest")
+
+  def outs(fn):
+    loss = lambda x, w, g: jnp.sum(fn(x, r, w, g) * ct)  # noqa: E731
+    return (fn(x, r, w, g),) + tuple(jax.grad(loss, argnums=(0, 1, 2))(x, w, g))
+
+  got = outs(lambda x, r, w, g: cvmm(x, r, w, g, out_rows=h, impl="triton"))
+  # with unit pairs: the forward; grad's forward, then its dgates (dgate rows given)
+  assert calls == ([True, True, False] if units and o < i else [])
+  if o >= i:
+    with pytest.raises(ValueError, match="narrower"):
+      cvmm_triton(x, r, w, g, out_rows=h)
+  assert got[0].shape == (n, h, o)
+  for name, a, b in zip(["out", "dx", "dw", "dgates"], got, outs(grouped_reference)):
+    assert rel(a, b) <= 1e-5, (name, rel(a, b))
