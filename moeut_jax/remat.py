@@ -6,14 +6,14 @@ bf16, from JAX's list of saved residuals traced on a CPU with the Triton path
 (``python bench/residuals.py``, which lists every residual; the attention counted as
 cuDNN's fused attention keeps it on GPUs: q, k, v, its output and [B, H, T] statistics).
 
-- ``"none"`` (default): every layer keeps what its backward pass reads: 20.4 MiB, the
+- ``"none"`` (default): every layer keeps what its backward pass reads: 18.4 MiB, the
   largest part the residual stream's float32 sums after each branch. Neither the
   LayerNorms' float32 outputs nor the bf16 casts of the stream and of LN1's output that
   the projections and CVMM kernels read are kept: the backward passes of the routers
   (``router_logits(..., source=...)``), of q and k and of the kernels
   (:func:`moeut_jax.recompute.recompute_input`) make them again from the residual
-  stream, 8 and 6 MiB less. (These are
-  JAX's counts; XLA shares reshapes and repeated casts, and may fuse an elementwise
+  stream, 8 and 6 MiB less; SwitchHead's V adds each head's experts in the kernels and
+  keeps no per-expert products (2 MiB less). (These are JAX's counts; XLA shares reshapes and repeated casts, and may fuse an elementwise
   residual's producer into the backward pass instead: the GPU's peak is what
   bench/memory.sh measures. Optimization barriers tied to the cotangent keep XLA from
   merging the backward passes' recomputations with the forward pass's operations, which
@@ -22,13 +22,13 @@ cuDNN's fused attention keeps it on GPUs: q, k, v, its output and [B, H, T] stat
 - ``"elementwise"``: recomputes every value that an elementwise operation makes (adds,
   casts, LayerNorm's normalisation, RoPE, sigmoids, softmaxes, reshapes, dropout's
   random bits: ``ELEMENTWISE_PRIMITIVES``) and keeps everything else: products, kernel
-  outputs, reductions (LayerNorm's statistics) and every named value below: 17.4 MiB.
+  outputs, reductions (LayerNorm's statistics) and every named value below: 15.4 MiB.
   Of the residual stream it keeps the group's input (float32) and each branch's output
   (16-bit); no product, kernel or attention runs twice, the backward pass only adds
   passes over [N, D] arrays (LayerNorms and casts, each fused into its consumers).
 - ``"save_projections"``: keeps only the values named in ``SAVED_NAMES`` (router logits,
   the routings, q and k after RoPE, SwitchHead's V and O CVMM outputs, the weights in
-  the compute dtype): 10.2 MiB, and recomputes the rest of the layer group in the
+  the compute dtype): 9.2 MiB, and recomputes the rest of the layer group in the
   backward pass: LayerNorms, casts, RoPE, the attention itself and the σ-MoE's fused
   expert MLP (whose backward needs the [N·k, expert size] middle that only its forward
   kernel makes).

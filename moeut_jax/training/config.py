@@ -89,8 +89,8 @@ class Config:
                                   "longer compile; 1 elsewhere)", group="model")
   remat: str = _f("auto", "what the backward pass keeps of each layer group: none "
                   "(everything it reads; fastest), elementwise (all but what elementwise "
-                  "operations make: recomputes LayerNorms, casts and residual sums; about "
-                  "half of none's memory for 2-3%% of the step time on an H200), "
+                  "operations make: recomputes LayerNorms, casts and residual sums; 11-13%% "
+                  "less memory than none for 1.6%% of the tokens/s on an H100), "
                   "save_projections (router outputs, q/k and SwitchHead's expert outputs; "
                   "recomputes the rest), full (only the group's input; least memory, "
                   "recomputes the whole forward pass); auto = elementwise on GPUs, none "
@@ -246,9 +246,10 @@ class Config:
 
   def remat_policy(self, backend: Optional[str] = None) -> str:
     """The remat policy the model gets: ``remat``, with "auto" resolved for ``backend``
-    (default: JAX's default backend): "elementwise" on GPUs, where it keeps about half of
-    what "none" keeps for 2-3% of the step time (MoEUT_244M at 64 x 1024 tokens on an
-    H200: 29.0 GiB against 56.3, bench/RESULTS.md), and "none" elsewhere."""
+    (default: JAX's default backend): "elementwise" on GPUs, where it peaks lower than
+    "none" for 1.6% of the tokens/s (on an H100, MoEUT_244M at 64 x 1024 tokens: 22.8
+    against 26.1 GiB; MoEUT_1B at 32 x 1024: 41.3 against 46.6 GiB; bench/RESULTS.md),
+    and "none" elsewhere."""
     if self.remat != "auto":
       return self.remat
     if backend is None:
