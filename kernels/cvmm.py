@@ -2,10 +2,13 @@
 
   y[n, s] = x[n, s // (K // M)] @ w[expert_index[n, s]]            -> [N, K, O]
   with gates:  out[n] = sum_s gates[n, s] * y[n, s]                -> [N, O]
+  with gates and out_rows R:  out[n, r] = the same sum over the slots of group r
+               (s // (K // R) == r)                                 -> [N, R, O]
 
 σ-MoE uses it twice per layer with one :class:`Routing`: up (M = 1, no gates, then
 ReLU) and down (M = K, gates: the weighted sum over the K experts is fused). SwitchHead
-uses it for V (M = 1, slots are head × expert) and O (M = heads, gates).
+uses it for V (M = 1, slots are head × expert, gates, out_rows = heads: each head's
+experts summed) and O (M = heads, gates).
 
 Implementations are interchangeable and chosen by :class:`kernels.CvmmConfig`'s
 ``impl`` (or the ``impl`` argument, which overrides it):
