@@ -39,8 +39,7 @@ cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import jax, triton, jax_triton as jt; print('jax', jax.__version__, 'triton',
     triton.__version__, 'jax-triton', getattr(jt, '__version__', '?'), jax.devices())"
-  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)," \
-    "date $(date -u +%Y-%m-%d)"
+  echo "$(bash bench/code_id.sh), date $(date -u +%Y-%m-%d)"
 } 2>&1 | tee "$OUT/environment.log"
 
 for part in $PARTS; do

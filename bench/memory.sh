@@ -52,7 +52,7 @@ SUMMARY=$OUT/summary.txt
 start=$SECONDS
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-  echo "git $(git rev-parse --short HEAD 2>/dev/null); steps $STEPS timed after $WARMUP; batch x 1024 tokens"
+  echo "$(bash bench/code_id.sh); steps $STEPS timed after $WARMUP; batch x 1024 tokens"
 } | tee "$SUMMARY"
 
 args_of() {  # the command of one case

@@ -49,7 +49,7 @@ step() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
   python3 -c "import triton, jax_triton; print('triton', triton.__version__, 'jax-triton', getattr(jax_triton, '__version__', '?'))"
-  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), date $(date -u +%Y-%m-%d)"
+  echo "$(bash bench/code_id.sh), date $(date -u +%Y-%m-%d)"
 } > "$OUT/environment.log" 2>&1
 cat "$OUT/environment.log"
 

@@ -71,8 +71,7 @@ fi
   python3 -c "import jax, torch, triton, jax_triton as jt; print('jax', jax.__version__,
     'torch', torch.__version__, 'triton', triton.__version__, 'jax-triton',
     getattr(jt, '__version__', '?'), jax.devices())"
-  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)," \
-    "date $(date -u +%Y-%m-%d)"
+  echo "$(bash bench/code_id.sh), date $(date -u +%Y-%m-%d)"
 } 2>&1 | tee "$OUT/environment.log"
 
 if [ "${TESTS:-1}" != 0 ]; then
