@@ -11,6 +11,9 @@ the time belongs to:
   2. by part of the model (σ-MoE, attention, routing, norms, optimizer, ...), fwd / bwd;
   3. the ``--top`` instructions, with their kernels and source ops.
 The trace (``perfetto_trace.json.gz``) and the HLO text are kept under ``--out``.
+Kernels that XLA runs inside a command buffer (a CUDA graph) report the buffer, not their
+instruction; those whose kernel name does not name the instruction (cuBLAS, cuDNN, custom
+calls) stay unattributed unless ``--no-command-buffers`` turns the buffers off.
 """
 from __future__ import annotations
 
@@ -27,6 +30,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# XLA reads its flags when JAX starts: --no-command-buffers is acted on here, before
+# the import, and parsed with the other arguments in main()
+if "--no-command-buffers" in sys.argv[1:]:
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_gpu_enable_command_buffer=").strip()
 
 import jax  # noqa: E402
 
@@ -166,6 +175,10 @@ def main():
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--top", type=int, default=40)
   ap.add_argument("--out", default="/tmp/moeut_profile")
+  ap.add_argument("--no-command-buffers", action="store_true",
+                  help="XLA without command buffers (CUDA graphs): every kernel then names "
+                       "its HLO instruction, none is left unattributed; the step may take "
+                       "longer than with them")
   a = ap.parse_args()
   os.makedirs(a.out, exist_ok=True)
   step, params, state, toks = make_step(a.profile, a.batch, a.seq, a.impl,
@@ -191,7 +204,8 @@ def main():
   shutil.copy(path, os.path.join(a.out, "perfetto_trace.json.gz"))
   events = device_events(trace)
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; {a.profile}, "
-        f"batch {a.batch} x {a.seq}, impl {a.impl}, sum dtype {a.sum_dtype}, remat {a.remat}, grad clip {a.grad_clip}; "
+        f"batch {a.batch} x {a.seq}, impl {a.impl}, sum dtype {a.sum_dtype}, remat {a.remat}, grad clip {a.grad_clip}, "
+        f"command buffers {'off' if a.no_command_buffers else 'on'}; "
         f"{a.steps} traced steps, {len(events)} kernel events; trace {path}")
   if not events:
     print("no device kernel events in the trace (no GPU?)")
