@@ -68,7 +68,7 @@ REMAT_POLICIES = ("none", "elementwise", "save_projections", "full")
 ROUTER_LOGITS = "moeut_router_logits"     # σ-MoE [B, T, Ef] and SwitchHead [B, T, H, Ea] f32
 ROUTING = "moeut_routing"                 # gates and sorted token-expert pairs (top-k, sort)
 ATTENTION_QK = "moeut_attention_qk"       # q, k [B, T, H, Dh] after RoPE
-SWITCHHEAD_CVMM = "moeut_switchhead_cvmm"  # V's [N, H*ka, Dh] and O's [N, D] CVMM outputs
+SWITCHHEAD_CVMM = "moeut_switchhead_cvmm"  # V's [N, H, Dh] (per-head sums) and O's [N, D] outputs
 WEIGHTS = "moeut_weights"                 # the parameters in the compute dtype
 # what "save_projections" keeps
 SAVED_NAMES = (ROUTER_LOGITS, ROUTING, ATTENTION_QK, SWITCHHEAD_CVMM, WEIGHTS)
