@@ -3,13 +3,12 @@
 # without rematerialisation, next to the official PyTorch step, one case per process
 # (a process's peak memory cannot be reset), each under its own `timeout`.
 #
-#   MoEUT_244M, batch 64 x 1024: remat none, elementwise, full, save_projections, full
+#   MoEUT_244M, batch 64 x 1024: remat none, elementwise, lean, full, save_projections, full
 #               with --scan-unroll 3 (3 loop iterations of 3 repeats), none with the layer
 #               groups in a loop (--scan-unroll 1) and in 3 iterations; the official step;
 #               att_n_experts=1 (one attention expert), ours and the official
 #   MoEUT_1B,   batch 32 x 1024: remat full, full with --scan-unroll 3, elementwise (train.py's
-#               default on GPUs), none (may not fit in 80 GB), none in a loop; the official
-#               step
+#               default on GPUs), lean, none, none in a loop; the official step
 #   Any jax case name takes _unrollN for --scan-unroll N (jax_244M_elementwise_unroll1).
 #   On a CPU, XLA's compiled temporary memory of MoEUT_44M's step with the Triton path
 #   (interpreted) is less than half with the groups in a loop than fully unrolled (the
@@ -43,9 +42,9 @@ export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
 export CVMM_AUTOTUNE=0 CVMM_AUTOTUNE_CACHE=$OUT/autotune.json
 cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
 
-ALL="jax_244M_none jax_244M_elementwise jax_244M_full jax_244M_save_projections
+ALL="jax_244M_none jax_244M_elementwise jax_244M_lean jax_244M_full jax_244M_save_projections
      jax_244M_full_unroll3 jax_244M_none_unroll1 jax_244M_none_unroll3 torch_244M
-     jax_244M_att1 torch_244M_att1 jax_1B_full jax_1B_full_unroll3 jax_1B_elementwise
+     jax_244M_att1 torch_244M_att1 jax_1B_full jax_1B_full_unroll3 jax_1B_elementwise jax_1B_lean
      torch_1B jax_1B_none jax_1B_none_unroll1"
 CASES=${CASES:-$ALL}
 SUMMARY=$OUT/summary.txt

@@ -240,8 +240,8 @@ def _check(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None
 
 
 def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array,
-              gates: jax.Array, *, config: CvmmConfig | None = None,
-              impl: str | None = None) -> jax.Array:
+              gates: jax.Array, *, keep_middle: bool = True,
+              config: CvmmConfig | None = None, impl: str | None = None) -> jax.Array:
   """The σ-MoE expert MLP: ``cvmm(relu(cvmm(x, routing, w_up)), routing, w_down, gates)``.
 
   out[n] = sum_s gates[n, s] * relu(x[n] @ w_up[e]) @ w_down[e], e = expert of (n, s).
@@ -252,6 +252,10 @@ def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array
 
   Args:
     x: [N, D]. routing: over [N, K]. w_up: [E, D, H]. w_down: [E, H, O]. gates: [N, K].
+    keep_middle: the backward pass reads the forward's [N*K, H] middle relu(x @ w_up),
+      kept from the forward pass (True) or made again from x with the up projection
+      alone (False: one more up projection, no [N*K, H] array between the passes;
+      the same values).
     config, impl: as for :func:`cvmm`.
   Returns:
     [N, O] in x's dtype.
@@ -270,7 +274,14 @@ def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array
     triton_mod = importlib.import_module("kernels.cvmm_triton")
     if triton_mod.pair_supported(x, w_up):
       _check(x[:, None], routing, w_up, gates)
-      return triton_mod.cvmm_triton_pair(x, routing, w_up, w_down, gates, config=config)
+      return triton_mod.cvmm_triton_pair(x, routing, w_up, w_down, gates,
+                                         keep_middle=keep_middle, config=config)
   config = config.replace(impl=name)
-  u = jax.nn.relu(cvmm(x, routing, w_up, config=config))            # [N, K, H]
-  return cvmm(u, routing, w_down, gates, config=config)             # [N, O]
+
+  def pair(x, routing, w_up, w_down, gates):
+    u = jax.nn.relu(cvmm(x, routing, w_up, config=config))            # [N, K, H]
+    return cvmm(u, routing, w_down, gates, config=config)             # [N, O]
+
+  # not keeping the middle: the backward pass makes what it reads of both products again
+  # (the down projection's weight gradient reads the middle too)
+  return (pair if keep_middle else jax.checkpoint(pair))(x, routing, w_up, w_down, gates)

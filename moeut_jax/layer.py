@@ -32,6 +32,7 @@ class MoEUTLayer(nn.Module):
   cvmm: CvmmConfig
   router_dtype: Any
   rope_table_dtype: Any
+  ff_keep_middle: bool = True
 
   @nn.compact
   def __call__(self, x, *, positions, blocked, causal_only, cache, train):
@@ -51,7 +52,7 @@ class MoEUTLayer(nn.Module):
     ffn, ffn_term = SigmaMoE(
         self.d_model, self.ff_n_experts, self.ff_expert_size, self.ff_k, self.n_layers,
         self.ff_expert_dropout, self.dtype, self.param_dtype, self.cvmm, self.router_dtype,
-        name="ffn")(x, xn2, train, sel_source=xn2_source, x_kept=True)
+        self.ff_keep_middle, name="ffn")(x, xn2, train, sel_source=xn2_source, x_kept=True)
     x = x + ffn.astype(x.dtype)
     return x, kv, (ffn_term, att_terms)
 

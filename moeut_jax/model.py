@@ -29,7 +29,7 @@ from moeut_jax.layer import LayerGroup
 from moeut_jax.layernorm import LayerNorm
 from moeut_jax.masks import AttentionMask, blocked_keys
 from moeut_jax.parallel import check_mesh_axes
-from moeut_jax.remat import remat_module, validate_remat
+from moeut_jax.remat import keeps_middle, remat_module, validate_remat
 from moeut_jax.routing import entropy_init, entropy_loss
 from kernels import DEFAULT, CvmmConfig
 
@@ -150,7 +150,8 @@ class MoEUT(nn.Module):
   scan_unroll: Optional[int] = None
   # what the backward pass keeps of each layer group (moeut_jax/remat.py): "none" (all it
   # reads), "elementwise" (all but what elementwise operations make: LayerNorms, casts,
-  # residual sums, which it recomputes), "save_projections" (router logits, routings,
+  # residual sums, which it recomputes), "lean" (elementwise, and the q|k product and
+  # the σ-MoE's up projection run again), "save_projections" (router logits, routings,
   # q/k, SwitchHead's CVMM outputs; the rest is recomputed) or "full" (only the group's
   # input). Numerics are the same.
   remat: str = "none"
@@ -190,7 +191,8 @@ class MoEUT(nn.Module):
                 ff_expert_size=self.ff_expert_size, ff_expert_dropout=self.ff_expert_dropout,
                 att_expert_dropout=self.att_expert_dropout, dropout=self.dropout,
                 dtype=self.dtype, param_dtype=self.param_dtype, cvmm=self.cvmm,
-                router_dtype=self.router_dtype, rope_table_dtype=self.rope_table_dtype)
+                router_dtype=self.router_dtype, rope_table_dtype=self.rope_table_dtype,
+                ff_keep_middle=keeps_middle(self.remat))
 
   def _start_cache(self, kv_cache, batch: int):
     if kv_cache is None or isinstance(kv_cache, KVCache):

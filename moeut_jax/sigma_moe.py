@@ -35,6 +35,9 @@ class SigmaMoE(nn.Module):
   param_dtype: Any = jnp.float32
   cvmm: CvmmConfig = DEFAULT             # the CVMM kernels' settings
   router_dtype: Any = jnp.float32        # dtype of the router (moeut_jax/routing.py)
+  # the backward pass keeps the experts' [N*k, Es] middle (True) or makes it again with
+  # the up projection (False: remat="lean", moeut_jax/remat.py)
+  keep_middle: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, sel_input: jax.Array, train: bool = False,
@@ -74,7 +77,8 @@ class SigmaMoE(nn.Module):
       # 16-bit gates (the original's router) are exact in float32: every CVMM takes
       # float32 gates, and their gradient is rounded back to the router's dtype
       # with x_kept, the backward pass casts x again instead of keeping the cast
-      out = recompute_input(functools.partial(cvmm_pair, config=self.cvmm),
+      out = recompute_input(functools.partial(cvmm_pair, keep_middle=self.keep_middle,
+                                              config=self.cvmm),
                             xf.astype(self.dtype),
                             Cast(x, self.dtype, xf.shape) if x_kept else None,
                             routing, keys, values,

@@ -380,9 +380,13 @@ def test_mosaic_lowers_for_cuda(gated):
   assert "mosaic_gpu" in lowered.as_text()
 
 
-def test_cvmm_pair_composes_two_cvmms():
+@pytest.mark.parametrize("keep_middle", [True, False], ids=["kept", "remade"])
+def test_cvmm_pair_composes_two_cvmms(keep_middle):
   """cvmm_pair off the fused path (xla here) equals relu(cvmm) then gated cvmm of the
-  reference, forward and every gradient, float32; bad shapes are refused."""
+  reference, forward and every gradient, float32, with the [N, K, H] middle kept for
+  the backward pass or made again there (then not among the saved residuals); bad
+  shapes are refused."""
+  from moeut_jax.remat import saved_residuals
   from kernels import cvmm_pair, make_routing
   from kernels.cvmm_reference import cvmm_pair_reference
   n, k, e, d, h, o = 37, 3, 6, 20, 12, 28
@@ -399,10 +403,16 @@ def test_cvmm_pair_composes_two_cvmms():
     loss = lambda *a: jnp.sum(fn(*a) * ct)  # noqa: E731
     return (fn(x, wu, wd, g),) + jax.grad(loss, argnums=(0, 1, 2, 3))(x, wu, wd, g)
 
-  got = outs(lambda x, wu, wd, g: cvmm_pair(x, r, wu, wd, g, impl="xla"))
+  pair = lambda x, wu, wd, g: cvmm_pair(x, r, wu, wd, g, keep_middle=keep_middle,  # noqa: E731
+                                        impl="xla")
+  got = outs(pair)
   ref = outs(lambda x, wu, wd, g: cvmm_pair_reference(x, r, wu, wd, g))
   for a, b in zip(got, ref):
     assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) <= 1e-5
+  # (the xla path keeps the middle in its tiles' layout: rows of width H)
+  middles = [(v, o) for v, o in saved_residuals(pair, x, wu, wd, g)
+             if v.shape[-1] == h and v.size >= n * k * h and "argument" not in o]
+  assert bool(middles) == keep_middle, middles
   with pytest.raises(ValueError, match="do not chain"):
     cvmm_pair(x, r, wu, jnp.zeros((e, h + 1, o)), g, impl="xla")
   with pytest.raises(ValueError, match=r"x must be \[N, D\]"):

@@ -114,9 +114,10 @@ PAIR_CASES = [
 ]
 
 
-def _pair_outputs(case, dtype, sum_dtype=None, mag=1.0, impl="triton"):
+def _pair_outputs(case, dtype, sum_dtype=None, mag=1.0, impl="triton", keep_middle=True):
   """(got, ref): the fused pair's output and gradients (x, w_up, w_down, gates) through
-  the Triton kernels, and the reference's in float32; x scaled by ``mag``."""
+  the Triton kernels, and the reference's in float32; x scaled by ``mag``; the backward
+  pass keeps the forward's middle or makes it again (``keep_middle``)."""
   import zlib  # noqa: PLC0415
   from kernels import cvmm_pair  # noqa: PLC0415
   from cvmm_cases import routing_of_kind  # noqa: PLC0415
@@ -134,7 +135,8 @@ def _pair_outputs(case, dtype, sum_dtype=None, mag=1.0, impl="triton"):
     return (jax.jit(fn)(*args),) + tuple(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args))
 
   config = _sums(sum_dtype, impl=impl)
-  got = outs(lambda x, wu, wd, g: cvmm_pair(x, r, wu, wd, g, config=config), x, wu, wd, g)
+  got = outs(lambda x, wu, wd, g: cvmm_pair(x, r, wu, wd, g, keep_middle=keep_middle,
+                                            config=config), x, wu, wd, g)
   ref = outs(lambda x, wu, wd, g: cvmm_pair_reference(x, r, wu, wd, g),
              *(a.astype(jnp.float32) for a in (x, wu, wd, g)))
   return got, ref
@@ -143,10 +145,10 @@ def _pair_outputs(case, dtype, sum_dtype=None, mag=1.0, impl="triton"):
 PAIR_NAMES = ["out", "dx", "dw_up", "dw_down", "dgates"]
 
 
-def _assert_pair_matches(case, dtype, sum_dtype=None, impl="triton"):
+def _assert_pair_matches(case, dtype, sum_dtype=None, impl="triton", keep_middle=True):
   """The fused pair's output and gradients (sums in ``sum_dtype``) in ``dtype``, finite
   and within its tolerance of the float32 reference."""
-  got, ref = _pair_outputs(case, dtype, sum_dtype, impl=impl)
+  got, ref = _pair_outputs(case, dtype, sum_dtype, impl=impl, keep_middle=keep_middle)
   for name, a, b in zip(PAIR_NAMES, got, ref):
     assert a.dtype == dtype, (name, a.dtype)
     assert np.all(np.isfinite(np.asarray(a, np.float32))), name
@@ -161,6 +163,16 @@ def test_fused_pair_matches_reference(case, dtype):
   if not is_available("triton"):
     pytest.skip("triton not available on this GPU")
   _assert_pair_matches(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
+def test_fused_pair_remaking_the_middle_matches_reference(case, dtype):
+  """The same with ``keep_middle=False`` (remat="lean"): the backward pass makes the
+  [P, H] middle again with the row kernel instead of keeping the forward's."""
+  if not is_available("triton"):
+    pytest.skip("triton not available on this GPU")
+  _assert_pair_matches(case, dtype, keep_middle=False)
 
 
 @pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])

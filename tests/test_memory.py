@@ -47,7 +47,7 @@ def test_out_of_memory_message_says_what_to_change(monkeypatch):
   assert text.startswith("out of device memory: RESOURCE_EXHAUSTED: Out of memory while "
                          "trying to allocate 25769803776 bytes.\n")
   assert "BufferAssignment" not in text and len(text.splitlines()) <= 8
-  for hint in ("--remat elementwise, save_projections or full (now none)",
+  for hint in ("--remat elementwise, lean, save_projections or full (now none)",
                "--grad-accum: micro-batches per step (now 2, 32 sequences each)",
                "--batch-size (now 64)", "--seq-len (now 1024)",
                "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95"):
@@ -68,7 +68,7 @@ def test_remat_auto_is_elementwise_on_gpus_and_none_elsewhere(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert config.model_kwargs()["remat"] == "elementwise"
   text = out_of_memory_message(_oom(), config)
-  assert "--remat save_projections or full (now auto: elementwise)" in text
+  assert "--remat lean, save_projections or full (now auto: elementwise)" in text
   with pytest.raises(ValueError, match="remat='some'"):
     Config.for_profile("MoEUT_244M", remat="some")
 

@@ -13,7 +13,8 @@ import pytest
 from moeut_jax import MoEUT, MoEUTLM
 from kernels import CvmmConfig
 from moeut_jax.remat import (ELEMENTWISE_PRIMITIVES, NAMES, REMAT_POLICIES, SAVED_NAMES,
-                             SWITCHHEAD_CVMM, checkpoint_policy, layer_group_residuals, nbytes)
+                             SWITCHHEAD_CVMM, WEIGHTS, checkpoint_policy, layer_group_residuals,
+                             nbytes)
 from moeut_jax.training import Config
 from moeut_jax.training.step import build_model
 
@@ -70,7 +71,7 @@ def _checkpoints(jaxpr):
 
 
 @pytest.mark.parametrize("unroll", [1, 2], ids=["scanned", "unrolled"])
-@pytest.mark.parametrize("remat", ["elementwise", "save_projections", "full"])
+@pytest.mark.parametrize("remat", ["elementwise", "lean", "save_projections", "full"])
 def test_remat_gives_the_same_loss_and_gradients(remat, unroll, setup):
   loss0, grads0 = _value_and_grad("none", unroll, setup)
   loss, grads = _value_and_grad(remat, unroll, setup)
@@ -89,7 +90,9 @@ def test_remat_gives_the_same_loss_and_gradients(remat, unroll, setup):
 def test_remat_wraps_the_layer_group_with_its_policy(remat, unroll, setup):
   toks, params, _ = setup
   model = MoEUTLM(V, **TINY, remat=remat, scan_unroll=unroll)
-  found = _checkpoints(jax.make_jaxpr(_loss(model, toks))(params).jaxpr)
+  # (policy None: the checkpoint of the σ-MoE pair's two CVMMs that keep no middle)
+  found = [c for c in _checkpoints(jax.make_jaxpr(_loss(model, toks))(params).jaxpr)
+           if c["policy"] is not None]
   if remat == "none":
     assert not found
     return
@@ -161,10 +164,32 @@ def test_elementwise_keeps_nothing_an_elementwise_operation_makes():
   assert size("full") < size("save_projections") < size("elementwise") < size("none")
 
 
+def test_lean_keeps_neither_the_experts_middle_nor_q_and_k():
+  """"lean" is "elementwise" with the σ-MoE's [N, k, expert size] middle, the q|k
+  product and q, k after RoPE made again in the backward pass: none of them is kept,
+  and it keeps less than "elementwise"."""
+  es = 12                                          # unlike every other width of the layer
+  stack = MoEUT(**dict(GROUP, ff_expert_size=es), dtype=jnp.bfloat16,
+                cvmm=CvmmConfig(impl="xla"))
+  b, t = 2, 7
+  rows = {r: layer_group_residuals(stack, r, b, t) for r in ("elementwise", "lean")}
+  # the σ-MoE's middle (rows of width Es in the xla path's tiled layout) and what its
+  # CVMMs keep of the weights per tile
+  middle = lambda remat: [(v, o) for v, o in rows[remat]  # noqa: E731
+                          if v.shape[-1] == es and "argument" not in o
+                          and f"'{WEIGHTS}'" not in o]
+  assert middle("elementwise") and not middle("lean"), middle("lean")
+  named_qk = lambda remat: [o for _, o in rows[remat] if "'moeut_attention_qk'" in o]  # noqa: E731
+  assert named_qk("elementwise") and not named_qk("lean"), named_qk("lean")
+  assert not [o for _, o in rows["lean"] if "output of dot_general" in o]
+  assert (sum(nbytes(v) for v, _ in rows["lean"])
+          < sum(nbytes(v) for v, _ in rows["elementwise"]))
+
+
 @pytest.mark.parametrize("cls,args", [(MoEUTLM, (V,)), (MoEUT, ())])
 def test_bad_remat_name_is_refused(cls, args):
   with pytest.raises(ValueError, match=r"remat='selective' must be one of \('none', "
-                                       r"'elementwise', 'save_projections', 'full'\)"):
+                                       r"'elementwise', 'lean', 'save_projections', 'full'\)"):
     cls(*args, **TINY, remat="selective")
   with pytest.raises(ValueError, match="remat=None must be one of"):
     cls(*args, **TINY, remat=None)

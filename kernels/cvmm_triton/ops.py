@@ -135,7 +135,8 @@ def _ops(fuse: bool, config: CvmmConfig, r: int = 1):
 
 
 def cvmm_triton_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array,
-                     gates: jax.Array, *, config: CvmmConfig = DEFAULT) -> jax.Array:
+                     gates: jax.Array, *, keep_middle: bool = True,
+                     config: CvmmConfig = DEFAULT) -> jax.Array:
   """out[n] = sum_s gates[n, s] relu(x[n] @ w_up[e]) @ w_down[e], e = expert of (n, s).
 
   x [N, D], w_up [E, D, H], w_down [E, H, O], gates [N, K] -> [N, O] in x's dtype.
@@ -145,37 +146,45 @@ def cvmm_triton_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: ja
   du @ w_up^T into dx the same way. The weight gradients are ragged contractions.
   The weights are cast to x's dtype outside the custom VJP, so their gradients come
   back in the weights' own dtype (as for :func:`cvmm_triton`). config: as for
-  :func:`cvmm_triton` (the output and dx sums).
+  :func:`cvmm_triton` (the output and dx sums). keep_middle False: the backward pass
+  makes the [P, H] middle again with the row kernel (x @ w_up, ReLU) instead of keeping
+  the forward's.
   """
-  op = _pair_op(config)
+  op = _pair_op(config, keep_middle)
   return op(x, routing, w_up.astype(x.dtype), w_down.astype(x.dtype), gates)
 
 
 @functools.lru_cache(maxsize=None)
-def _pair_op(config: CvmmConfig):
+def _pair_op(config: CvmmConfig, keep_middle: bool = True):
   """The fused pair as a custom_vjp op for one kernel config."""
 
   @jax.custom_vjp
   def op(x, routing, w_up, w_down, gates):
-    return _pair_fwd(x, routing, w_up, w_down, gates, config)[0]
+    return _pair_fwd(x, routing, w_up, w_down, gates, config, keep_middle)[0]
 
-  op.defvjp(functools.partial(_pair_fwd, config=config),
+  op.defvjp(functools.partial(_pair_fwd, config=config, keep_middle=keep_middle),
             functools.partial(_pair_bwd, config=config))
   return op
 
 
-def _pair_fwd(x, routing, w_up, w_down, gates, config):
+def _pair_fwd(x, routing, w_up, w_down, gates, config, keep_middle):
   r = pair_rows(x, w_up, w_down, gates, routing, config=config)
-  return r["out"].astype(x.dtype), (x, w_up, w_down, gates, routing, r["h"])
+  h = r["h"] if keep_middle else None
+  return r["out"].astype(x.dtype), (x, w_up, w_down, gates, routing, h)
 
 
 def _pair_bwd(res, dout, config):
   x, w_up, w_down, gates, routing, h = res
   k = routing.k
   dout = dout.astype(x.dtype)
-  # gated_rows below reads only forward values: tied to dout by the barrier, XLA cannot
-  # move it into the forward pass (on an H100 it did, keeping a second [N*k, H] array
-  # per layer from the forward to the backward pass: 4.5 GiB at MoEUT_244M, batch 64)
+  # gated_rows below (and the middle made again) read only forward values: tied to dout
+  # by the barrier, XLA cannot move them into the forward pass (on an H100 it did,
+  # keeping a second [N*k, H] array per layer from the forward to the backward pass:
+  # 4.5 GiB at MoEUT_244M, batch 64)
+  if h is None:
+    x, gates, dout = jax.lax.optimization_barrier((x, gates, dout))
+    y, _ = rows_matmul(x, w_up, routing, a_rows=1, out_rows=k)           # [P, H]
+    h = jax.nn.relu(y).astype(x.dtype)
   h, gates, dout = jax.lax.optimization_barrier((h, gates, dout))
   r = pair_rows(dout, w_down, w_up, gates, routing, h=h, config=config)
   # dvalues from rows pre-scaled by the gates (see gated_rows): g * h per pair.

@@ -80,8 +80,13 @@ def test_weight_gradient_with_split_rows():
   assert rel(dw, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("keep_middle", [True, False], ids=["kept", "remade"])
 @pytest.mark.parametrize("shape", [(21, 4, 5, 24, 16, 40), (13, 2, 1, 70, 24, 20)])
-def test_fused_pair_matches_two_reference_cvmms(shape):
+def test_fused_pair_matches_two_reference_cvmms(shape, keep_middle):
+  """The fused pair kernels against two reference CVMMs, forward and every gradient, with
+  the [P, H] middle kept for the backward pass or made again there by the row kernel
+  (then no [P, H] array is among the saved residuals)."""
+  from moeut_jax.remat import saved_residuals
   n, k, e, d, h, o = shape
   ks = jax.random.split(jax.random.key(n), 6)
   r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)
@@ -91,12 +96,17 @@ def test_fused_pair_matches_two_reference_cvmms(shape):
   g = jax.random.uniform(ks[4], (n, k))
   ct = jax.random.normal(ks[5], (n, o))
   ref_fn = lambda x, wu, wd, g: cvmm_pair_reference(x, r, wu, wd, g)  # noqa: E731
-  got_fn = lambda x, wu, wd, g: cvmm_triton_pair(x, r, wu, wd, g)     # noqa: E731
+  got_fn = lambda x, wu, wd, g: cvmm_triton_pair(x, r, wu, wd, g,     # noqa: E731
+                                                 keep_middle=keep_middle)
   outs = [(f(x, wu, wd, g),) + tuple(jax.grad(lambda *a: jnp.sum(f(*a) * ct),
                                               argnums=(0, 1, 2, 3))(x, wu, wd, g))
           for f in (got_fn, ref_fn)]
   for a, b in zip(*outs):
     assert rel(a, b) <= 1e-5, (shape, rel(a, b))
+  middles = [v for v, _ in saved_residuals(got_fn, x, wu, wd, g) if v.shape == (n * k, h)]
+  assert len(middles) == (1 if keep_middle else 0), middles
+  if not keep_middle:
+    return
   # bf16 weights with float32 x: computed in float32, gradients in each input's dtype.
   wu16, wd16 = wu.astype(jnp.bfloat16), wd.astype(jnp.bfloat16)
   grads = jax.grad(lambda *a: jnp.sum(cvmm_triton_pair(a[0], r, *a[1:]) * ct),
