@@ -42,6 +42,7 @@ from moeut_jax import profiles
 from bench.cvmm import _time, projections
 from kernels import CvmmConfig
 from kernels.cvmm_triton import dw, gluon_rows, ops, pair, rows, scales
+from kernels.cvmm_triton.units import units_store_applies
 
 
 def _dense_ms(p, i, o, dtype):
@@ -114,7 +115,8 @@ def kernels(prof: dict, n: int, dtype):
                 (ro.n_pairs, d, pr["V"]["w"].shape[2]), "atomic"),
       # the backward's dgates: the products again, dotted with the output gradient
       "v_dg": (lambda c, k_, v: rm(v["x"], v["vw"], v["ro"], a_rows=1,
-                               out_rows=heads if v["ro"].pairs is not None else ro.k,
+                               out_rows=heads if units_store_applies(
+                                   v["ro"], dh, 1, heads, heads) else ro.k,
                                dgate_rows=v["dv"], c_rows=heads, cfg=c, config=k_)[1],
                (ro.n_pairs, d, pr["V"]["w"].shape[2]), "rows"),
       "v_dx": (lambda c, k_, v: rm(v["dv"], v["vw"], v["ro"], a_rows=heads, out_rows=1,

@@ -13,8 +13,9 @@ cuDNN's fused attention keeps it on GPUs: q, k, v, its output and [B, H, T] stat
   (``router_logits(..., source=...)``), of q and k and of the kernels
   (:func:`moeut_jax.recompute.recompute_input`) make them again from the residual
   stream, 8 and 6 MiB less; SwitchHead's V adds each head's experts in the kernels and
-  keeps no per-expert products (2 MiB less). (These are JAX's counts; XLA shares reshapes and repeated casts, and may fuse an elementwise
-  residual's producer into the backward pass instead: the GPU's peak is what
+  keeps no per-expert products (2 MiB less). (These are JAX's counts; XLA shares
+  reshapes and repeated casts, and may fuse an elementwise residual's producer into the
+  backward pass instead: the GPU's peak is what
   bench/memory.sh measures. Optimization barriers tied to the cotangent keep XLA from
   merging the backward passes' recomputations with the forward pass's operations, which
   would keep the forward's arrays alive until the backward: on an H100 they take

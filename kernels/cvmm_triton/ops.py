@@ -185,7 +185,8 @@ def _pair_bwd(res, dout, config):
     x, gates, dout = jax.lax.optimization_barrier((x, gates, dout))
     y, _ = rows_matmul(x, w_up, routing, a_rows=1, out_rows=k)           # [P, H]
     h = jax.nn.relu(y).astype(x.dtype)
-  h, gates, dout = jax.lax.optimization_barrier((h, gates, dout))
+  else:
+    h, gates, dout = jax.lax.optimization_barrier((h, gates, dout))
   r = pair_rows(dout, w_down, w_up, gates, routing, h=h, config=config)
   # dvalues from rows pre-scaled by the gates (see gated_rows): g * h per pair.
   dw_down = expert_gram(gated_rows(h.reshape(-1, k, h.shape[1]), gates), dout, routing,
