@@ -234,3 +234,26 @@ def test_mosaic_kernels_write_whole_blocks_and_align_index_reads():
   assert gram.IDX_SLACK % gram.IDX_ALIGN == 0 and gram.IDX_ALIGN * 4 == 16
   pos = np.asarray(slots.sorted_rows(r, 1, gram.STEP + gram.IDX_SLACK))
   assert pos.shape[0] >= n * k + gram.STEP + gram.IDX_SLACK
+
+
+def test_mosaic_kernels_gather_rows_with_cp_async():
+  """The row kernel and the weight gradient gather rows with cp.async (every thread of a
+  warpgroup 16-byte pieces, kernels/cvmm_mosaic/common.py), not one TMA copy per row, and
+  wait for them by commit group."""
+  from kernels import make_routing  # noqa: PLC0415
+  from kernels.cvmm_mosaic import gram  # noqa: PLC0415
+  from kernels.cvmm_mosaic.rows import rows_matmul  # noqa: PLC0415
+  n, k, e, i, o = 40, 4, 5, 128, 64
+  ks = jax.random.split(jax.random.key(0), 3)
+  r = make_routing(jax.lax.top_k(jax.random.normal(ks[0], (n, e)), k)[1], e)
+  x = jax.random.normal(ks[1], (n, i)).astype(jnp.bfloat16)
+  w = jax.random.normal(ks[2], (e, i, o)).astype(jnp.bfloat16)
+  dy = jnp.ones((n * k, o), jnp.bfloat16)
+  calls = [lambda x, w, dy: rows_matmul(x, w, r, a_rows=1, out_rows=k)[0],
+           lambda x, w, dy: gram.expert_gram(x, dy, r, a_rows=1, b_rows=k,
+                                             out_dtype=jnp.float32)]
+  for f in calls:
+    text = jax.jit(f).trace(x, w, dy).lower(lowering_platforms=("cuda",)).as_text()
+    for op in ("nvvm.cp.async.shared.global", "nvvm.cp.async.commit.group",
+               "nvvm.cp.async.wait.group", "nvvm.fence.proxy"):
+      assert op in text, op

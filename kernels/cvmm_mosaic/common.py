@@ -2,25 +2,32 @@
 rows, compiler parameters, the interpreter hook. Legend in :mod:`kernels.routing`.
 
 Gathered rows. Hopper's TMA copies rectangles (no row gather; that is Blackwell's
-``gather4``), so the kernels gather a tile's rows as one TMA copy per row and 64-column
-chunk: a box of [1, 64] 16-bit values, 128 bytes, into row r of a [T, 64] shared-memory
-buffer with the 128-byte swizzle. The swizzle permutes the eight 16-byte pieces of a
-128-byte row by the row's index modulo 8, which the TMA engine takes from the
-destination address, so a one-row copy lands exactly where a whole [8, 64]-tiled copy
-would have put that row: the buffer's physical layout is the tiled, swizzled layout that
-``wgmma`` reads. Pallas cannot slice a tiled buffer at one row, so each gather buffer is
-allocated as a :class:`~jax.experimental.pallas.mosaic_gpu.RefUnion` of two views of
-the same bytes: [T, 64] swizzled without tiling (the copies' destination, sliced per row)
-and [T, 64] tiled (8, 64) and swizzled (the matmul operand). Both views are one group
-of one buffer each, so they start at the union's offset 0 (checked at trace time).
+``gather4``), so the kernels gather a tile's rows with ``cp.async``: every thread of the
+gathering warpgroup copies 16-byte pieces of rows, eight threads a 128-byte row chunk of
+64 16-bit values, into row r of a [T, 64] shared-memory buffer laid out as the tiled
+(8, 64), 128-byte-swizzled operand that ``wgmma`` reads. The swizzle permutes the eight
+16-byte pieces of a 128-byte row by bits 7..9 of its shared-memory address (the row's
+index modulo 8 in a 1024-byte aligned buffer); :func:`gather_rows` applies it to each
+piece's address, so the copies land exactly where a tiled TMA copy would have put them.
+Pallas cannot slice a tiled buffer at one row, so each gather buffer is a
+:class:`~jax.experimental.pallas.mosaic_gpu.RefUnion` of two views of the same bytes:
+[T, 64] tiled (8, 64) and swizzled (the matmul operand) and [T, 64] without transforms
+(the copies' destination, addressed by hand). Both views are one group of one buffer
+each, so they start at the union's offset 0 (checked at trace time). Completion is per
+thread: :func:`gathers_done` waits for a thread's older copy groups and orders their
+writes before the tensor cores' reads (a proxy fence); a barrier arrival of the
+warpgroup after it tells the consumers.
 
-Padding rows of a tile (past the tile's end) copy row R of an [R, C] source: out of
-bounds, so the TMA engine fills zeros (and a store to row R of an output is dropped).
-Tiles therefore need no masks, and the weight gradient's sums over rows add zeros.
+Rows whose index is past the source's last row (padding rows of a tile) are filled
+with zeros (``cp.async`` with a source size of 0), so tiles need no masks and the
+weight gradient's sums over rows add zeros; a store to row R of an [R, C] output is
+dropped by the TMA engine.
 
-Pallas's Mosaic GPU interpreter (jax >= 0.11, CPU) allocates every view of a union
-separately, so under it (:func:`interpreting`) a gather buffer is one swizzled [T, 64]
-buffer used by the copies and the matmul alike (the interpreter keeps logical layouts).
+Pallas's Mosaic GPU interpreter (jax >= 0.11, CPU) runs no inline Mosaic GPU code and
+allocates every view of a union separately, so under it (:func:`interpreting`) a
+gather buffer is one swizzled [T, 64] buffer, rows are gathered by one TMA copy each
+into it (out-of-bounds rows read as zeros) and waited for at once; the pipeline around
+them (barriers, arrivals) is the same.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import inspect
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 try:
   from jax.experimental import pallas as pl
@@ -82,15 +90,16 @@ def tiled(dtype):
 
 
 def gather_buffer(shape, dtype):
-  """Scratch for gathered rows: ``shape`` (..., T, 64); see the module docstring."""
-  rows = plgpu.SMEM(shape, dtype, transforms=(plgpu.SwizzleTransform(SWIZZLE),))
+  """Scratch for rows gathered by :func:`gather_rows`: ``shape`` (..., T, 64); see the
+  module docstring."""
   if interpreting():
-    return rows
-  return plgpu.RefUnion(plgpu.SMEM(shape, dtype, transforms=tiled(dtype)), rows)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.SwizzleTransform(SWIZZLE),))
+  return plgpu.RefUnion(plgpu.SMEM(shape, dtype, transforms=tiled(dtype)),
+                        plgpu.SMEM(shape, dtype))
 
 
 def gather_views(buf):
-  """(matmul view, row-copy view) of a :func:`gather_buffer`."""
+  """(matmul view, copy view) of a :func:`gather_buffer`."""
   if interpreting():
     return buf, buf
   mma, rows = buf
@@ -99,6 +108,137 @@ def gather_views(buf):
     if any(offsets):
       raise AssertionError(f"gather buffer views must both start at offset 0: {offsets}")
   return mma, rows
+
+
+GATHER_THREADS = 128   # one warpgroup issues a gather
+_PIECE = 16            # bytes of one cp.async
+
+
+def gather_rows(src, idx, dst, bar, limit=None):
+  """Starts ``dst[r] = src[idx[r]]`` for the T rows of ``dst`` (a copy view [T, 64] of a
+  :func:`gather_buffer`), zeros where ``idx[r]`` is not a row of ``src`` [R, 64] (a GMEM
+  ref, sliced to its 64 columns) or ``r >= limit`` (an int32 scalar; None: no limit);
+  ``idx``: [T] int32 in shared memory. Called by a whole warpgroup; T a multiple of 16.
+  On the GPU the copies are asynchronous: :func:`gather_commit` closes a group of them,
+  :func:`gathers_done` waits for groups. ``bar`` (a barrier of T arrivals) is only used
+  by the interpreter, which copies each row with TMA and waits."""
+  if interpreting():
+    oob = src.shape[0]
+
+    def row(r, carry):
+      i = idx[r] if limit is None else jnp.where(r < limit, idx[r], oob)
+      plgpu.copy_gmem_to_smem(src.at[pl.ds(i, 1)], dst.at[pl.ds(r, 1)], bar)
+      return carry
+
+    lax.fori_loop(0, dst.shape[0], row, 0)
+    plgpu.barrier_wait(bar)
+    return
+  if limit is None:
+    _cp_async_rows(False)(src, idx, dst)
+  else:
+    _cp_async_rows(True)(src, idx, dst, jnp.asarray(limit, jnp.int32))
+
+
+def gather_commit():
+  """Closes this thread's :func:`gather_rows` copies issued since the last commit into
+  one group."""
+  if not interpreting():
+    _cp_async_commit()()
+
+
+def gathers_done(pending: int):
+  """Waits until at most ``pending`` of this thread's latest :func:`gather_commit`
+  groups are in flight, then orders their shared-memory writes before later
+  asynchronous-proxy reads (wgmma, TMA stores). Each thread waits for its own copies:
+  arrive on a barrier after it to tell other warpgroups (or pass a warpgroup barrier)."""
+  if interpreting():
+    return
+  _cp_async_wait(pending)()
+
+
+@functools.lru_cache(maxsize=None)
+def _cp_async_rows(limited: bool):
+  refs = (plgpu.RefType(), plgpu.RefType(), plgpu.RefType())
+  scalar = (plgpu.Layout.WG_SPLAT(shape=()),) if limited else ()
+
+  @plgpu.inline_mgpu(arg_types=refs + scalar)
+  def gather(ctx, src, idx, dst, *limit):
+    del ctx
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith, llvm, memref, nvvm  # noqa: PLC0415
+    from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
+    i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
+    i8 = ir.IntegerType.get_signless(8)
+
+    def c32(v):
+      return arith.constant(i32, ir.IntegerAttr.get(i32, v))
+
+    src_ty, dst_ty = ir.MemRefType(src.type), ir.MemRefType(dst.type)
+    elem = mu.bitwidth(src_ty.element_type) // 8
+    n_src, width = src_ty.shape
+    n_rows, dst_width = dst_ty.shape
+    (row_stride, col_stride), _ = src_ty.get_strides_and_offset()
+    dst_strides, _ = dst_ty.get_strides_and_offset()
+    row_bytes = width * elem
+    if (row_bytes != SWIZZLE or dst_width != width or col_stride != 1
+        or list(dst_strides) != [width, 1]
+        or n_rows % (GATHER_THREADS * _PIECE // row_bytes)):
+      raise ValueError(f"gather_rows: {src_ty} rows into {dst_ty}")
+    pieces = row_bytes // _PIECE                     # 8 threads a row
+    rows_per_pass = GATHER_THREADS // pieces         # 16 rows a pass
+    tid = arith.remui(mu.thread_idx(), c32(GATHER_THREADS))
+    piece = arith.andi(tid, c32(pieces - 1))
+    row0 = arith.divui(tid, c32(pieces))
+    src_base = llvm.addrspacecast(llvm.PointerType.get(address_space=1),
+                                  mu.memref_ptr(src))
+    dst_ptr_ty = llvm.PointerType.get(address_space=3)
+    dst_base = llvm.ptrtoint(i32, mu.memref_ptr(dst))
+    piece_off = arith.muli(piece, c32(_PIECE))
+    src_piece = arith.extui(i64, piece_off)
+    index = ir.IndexType.get()
+    for i in range(n_rows // rows_per_pass):
+      r = arith.addi(row0, c32(i * rows_per_pass))
+      row = memref.load(idx, [arith.index_cast(index, r)])
+      valid = arith.cmpi(arith.CmpIPredicate.ult, row, c32(n_src))
+      if limit:
+        lim = limit[0].registers.item()
+        valid = arith.andi(valid, arith.cmpi(arith.CmpIPredicate.slt, r, lim))
+      row = arith.select(valid, row, c32(0))
+      src_off = arith.addi(arith.muli(arith.extui(i64, row),
+                                      arith.constant(i64, ir.IntegerAttr.get(
+                                          i64, row_stride * elem))), src_piece)
+      src_ptr = mu.getelementptr(src_base, [src_off], i8)
+      addr = arith.addi(dst_base, arith.addi(arith.muli(r, c32(row_bytes)), piece_off))
+      # 128-byte swizzle: 16-byte piece bits 4..6 ^= 128-byte row bits 7..9
+      addr = arith.xori(addr, arith.andi(arith.shrui(addr, c32(3)), c32(0x70)))
+      nvvm.cp_async_shared_global(llvm.inttoptr(dst_ptr_ty, addr), src_ptr, _PIECE,
+                                  nvvm.LoadCacheModifierKind.CG,
+                                  cp_size=arith.select(valid, c32(_PIECE), c32(0)))
+
+  return gather
+
+
+@functools.lru_cache(maxsize=None)
+def _cp_async_commit():
+  @plgpu.inline_mgpu()
+  def commit(ctx):
+    del ctx
+    from jax._src.lib.mlir.dialects import nvvm  # noqa: PLC0415
+    nvvm.cp_async_commit_group()
+
+  return commit
+
+
+@functools.lru_cache(maxsize=None)
+def _cp_async_wait(pending: int):
+  @plgpu.inline_mgpu()
+  def wait(ctx):
+    del ctx
+    from jax._src.lib.mlir.dialects import nvvm  # noqa: PLC0415
+    nvvm.cp_async_wait_group(pending)
+    nvvm.fence_proxy(nvvm.ProxyKind.async_shared, space=nvvm.SharedSpace.shared_cta)
+
+  return wait
 
 
 def load(ref, layout):

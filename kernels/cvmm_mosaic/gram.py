@@ -3,13 +3,15 @@ both operands' rows gathered by index. Legend in :mod:`kernels.routing`.
 
 Work items are (expert, block of I, block of O), walked by one persistent CUDA block per
 multiprocessor. Each item contracts the expert's sorted positions [off[e], off[e+1]) in
-steps of 64 rows: the producer warpgroups (``cfg.producers``, one or two: rows r with
-r % producers == a producer's number, each with its own copy of the row indices) gather
-the step's 64 rows of a (block_m columns) and of b (block_n columns) with one TMA copy
-per row and 64-column chunk (kernels/cvmm_mosaic/common.py), positions past the
-expert's end reading zeros; each consumer warpgroup owns 64 columns of I and
-accumulates a^T b for them with wgmma (a's chunk used transposed). The row indices of the next step are prefetched while the
-current step's rows are issued. Experts without pairs store zeros.
+steps of 64 rows: the producer warpgroups (``cfg.producers``, one or two, each with its
+own copy of the row indices and a contiguous share of the step's rows) gather the
+step's rows of a (block_m columns) and of b (block_n columns) with cp.async
+(kernels/cvmm_mosaic/common.py: gathered rows), rows past the expert's end reading
+zeros, and tell the consumers that a stage is full ``num_stages - 2`` steps later, once
+its copies have landed; each consumer warpgroup owns 64 columns of I and accumulates
+a^T b for them with wgmma (a's chunk used transposed). The row indices of the next step
+are prefetched while the current step's rows are issued. Experts without pairs store
+zeros.
 """
 from __future__ import annotations
 
@@ -24,11 +26,11 @@ from kernels.arrays import pad_to
 from kernels.autotune import TileConfig
 from kernels.cvmm_mosaic import slots
 from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, SMEM_BUDGET,
-                                        consumer_registers, gather_buffer, gather_views,
-                                        launch, pl, plgpu)
+                                        consumer_registers, gather_buffer, gather_commit,
+                                        gather_rows, gather_views, gathers_done, launch, pl,
+                                        plgpu)
 from kernels.routing import Routing
 
-_ALIGN = 8
 STEP = 64          # rows contracted per pipeline step
 # A TMA copy's start in global memory must be 16-byte aligned (an unaligned start
 # coordinate of the innermost dimension traps: illegal instruction). Index windows
@@ -50,9 +52,8 @@ def expert_gram(a: jax.Array, b: jax.Array, routing: Routing, *, a_rows: int, b_
   check_gram_config(cfg)
   a_pos = slots.sorted_rows(routing, a_rows, STEP + IDX_SLACK)       # [P + 96]
   b_pos = slots.sorted_rows(routing, b_rows, STEP + IDX_SLACK)
-  a_p, b_p = pad_to(a, 1, _ALIGN), pad_to(b, 1, _ALIGN)
-  dw = _launch(a_p, b_p, a_pos, b_pos, routing.group_offsets, e, n * a_rows, n * b_rows,
-               jnp.dtype(out_dtype), cfg)
+  a_p, b_p = pad_to(a, 1, CHUNK), pad_to(b, 1, CHUNK)   # whole 64-column chunks
+  dw = _launch(a_p, b_p, a_pos, b_pos, routing.group_offsets, e, jnp.dtype(out_dtype), cfg)
   return dw[:, :i, :o]
 
 
@@ -66,18 +67,24 @@ def check_gram_config(cfg: TileConfig):
     raise ValueError(f"block_k={cfg.block_k}: the gram contracts {STEP} rows a step")
 
 
-def _launch(a, b, a_pos, b_pos, offsets, e, a_oob, b_oob, out_dtype, cfg):
+def _launch(a, b, a_pos, b_pos, offsets, e, out_dtype, cfg):
   dtype = a.dtype
   i, o = a.shape[1], b.shape[1]
   bi, bo, stages = cfg.block_m, cfg.block_n, cfg.num_stages
   n_cons, n_bc, n_prod = bi // CHUNK, bo // CHUNK, cfg.producers
   cons_regs = consumer_registers(n_cons, n_prod)
+  share = STEP // n_prod        # rows of a step each producer gathers
+  # Steps whose row copies stay in flight after the newest step's are issued. A stage
+  # is released by the consumers one step after it was filled, and a producer waits
+  # for that release ``stages`` steps on, before it tells that step's stage full: a lag
+  # of stages - 1 would wait for itself.
+  lag = max(0, stages - 2)
   n_ib, n_ob = -(-i // bi), -(-o // bo)
   n_items = e * n_ib * n_ob
   nsm = autotune.multiprocessor_count()
 
   def body(off_g, a_pos_g, b_pos_g, a_g, b_g, dw_g, a_buf, b_buf, full, empty, idx, idx_bar,
-           o_smem):
+           o_smem, gather_bar):
     a_mma, a_rows = gather_views(a_buf)
     b_mma, b_rows = gather_views(b_buf)
     wg = lax.axis_index("wg")
@@ -123,26 +130,30 @@ def _launch(a, b, a_pos, b_pos, offsets, e, a_oob, b_oob, out_dtype, cfg):
 
           pos0 = lo + kk * STEP
           shift = pos0 % IDX_ALIGN                  # where pos0 lies in the window
+          mine = pl.ds(shift + p * share, share)
+          limit = hi - pos0 - p * share             # rows of mine within the expert
+          rows_mine = pl.ds(p * share, share)
+          for ch in range(n_cons):
+            gather_rows(a_g.at[:, pl.ds(ii * bi + ch * CHUNK, CHUNK)], idx.at[p, buf, 0, mine],
+                        a_rows.at[s, ch, rows_mine], gather_bar.at[p], limit)
+          for ch in range(n_bc):
+            gather_rows(b_g.at[:, pl.ds(oo * bo + ch * CHUNK, CHUNK)], idx.at[p, buf, 1, mine],
+                        b_rows.at[s, ch, rows_mine], gather_bar.at[p], limit)
+          gather_commit()
 
-          def row(j, c):
-            r = j * n_prod + p
-            inside = pos0 + r < hi
-            ra = jnp.where(inside, idx[p, buf, 0, shift + r], a_oob)
-            rb = jnp.where(inside, idx[p, buf, 1, shift + r], b_oob)
-            for ch in range(n_cons):
-              plgpu.copy_gmem_to_smem(
-                  a_g.at[pl.ds(ra, 1), pl.ds(ii * bi + ch * CHUNK, CHUNK)],
-                  a_rows.at[s, ch, pl.ds(r, 1)], full.at[s])
-            for ch in range(n_bc):
-              plgpu.copy_gmem_to_smem(
-                  b_g.at[pl.ds(rb, 1), pl.ds(oo * bo + ch * CHUNK, CHUNK)],
-                  b_rows.at[s, ch, pl.ds(r, 1)], full.at[s])
-            return c
-
-          lax.fori_loop(0, STEP // n_prod, row, 0)
+          @pl.when(t >= lag)   # step t - lag's rows have landed: its stage is full
+          def _():
+            gathers_done(lag)
+            plgpu.barrier_arrive(full.at[(t - lag) % stages])
           return t + 1
 
         return lax.fori_loop(0, n_k, kstep, carry)
+
+      gathers_done(0)
+      for back in range(lag, 0, -1):    # the last lag steps' arrivals
+        @pl.when(steps >= back)
+        def _():
+          plgpu.barrier_arrive(full.at[(steps - back) % stages])
 
       # Drain: wait for the consumers' last release of every stage used.
       for s in range(stages):
@@ -199,11 +210,12 @@ def _launch(a, b, a_pos, b_pos, offsets, e, a_oob, b_oob, out_dtype, cfg):
   scratch = [
       gather_buffer((stages, n_cons, STEP, CHUNK), dtype),                      # a_buf
       gather_buffer((stages, n_bc, STEP, CHUNK), dtype),                        # b_buf
-      plgpu.Barrier(num_arrivals=STEP * (n_cons + n_bc), num_barriers=stages),  # full
+      plgpu.Barrier(num_arrivals=n_prod, num_barriers=stages),                  # full
       plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages),                  # empty
       plgpu.SMEM((n_prod, 2, 2, STEP + IDX_SLACK), jnp.int32),                  # idx
       plgpu.Barrier(num_arrivals=2, num_barriers=2 * n_prod),                   # idx_bar
       plgpu.SMEM((n_cons, ROWS_PER_WG, bo), out_dtype),                         # o_smem
+      plgpu.Barrier(num_arrivals=share, num_barriers=n_prod),                   # gather_bar
   ]
   # Whole blocks: where a [64, bo] block is contiguous in dW (bo == o) its store is a
   # linear bulk copy (see rows._launch), which a partial block of I would run past.

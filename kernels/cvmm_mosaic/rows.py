@@ -15,11 +15,11 @@ block) pairs of the used tiles, walked by every block in steps of the grid. Warp
   producers (the last ``cfg.producers``, one or two, few registers): per item, the tile's
   row indices come into shared memory (each producer its own copy, prefetched one item
   ahead); per contraction step of 64 columns each waits for a free stage, then the
-  first issues one TMA copy for the matrix block, and each one copy per row of its
-  share of the tile's rows (rows r with r % producers == its number;
-  kernels/cvmm_mosaic/common.py: gathered rows), all arriving on the stage's barrier.
-  One thread issues a warpgroup's copies one after the other, so a second producer
-  halves the copies each thread issues;
+  first issues one TMA copy for the matrix block, and each gathers its share of the
+  tile's rows (a contiguous block) with cp.async, every thread 16-byte pieces
+  (kernels/cvmm_mosaic/common.py: gathered rows). A producer tells the consumers that a
+  stage is full ``num_stages - 2`` steps later, once its copies of that step have
+  landed, so that many steps of row copies are in flight;
   consumers (``block_m / 64`` of them, 64 rows each): per step they wait for the stage,
   issue the wgmma, and release the previous stage once its wgmma retired (one wgmma in
   flight); the epilogue scales the rows by their gates, writes them to shared memory
@@ -39,8 +39,9 @@ from kernels.arrays import pad_to
 from kernels.autotune import TileConfig
 from kernels.cvmm_mosaic import slots
 from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, SMEM_BUDGET,
-                                        compiler_params, consumer_registers, gather_buffer,
-                                        gather_views, launch, load, pl, plgpu, tiled)
+                                        consumer_registers, gather_buffer, gather_commit,
+                                        gather_rows, gather_views, gathers_done, launch, load,
+                                        pl, plgpu, tiled)
 from kernels.routing import Routing
 
 # TMA needs every row stride to be a multiple of 16 bytes: widths of 16-bit arrays are
@@ -80,10 +81,10 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   sc = None if scale is None else slots.slot_values(pairs, scale)
   c_idx = slots.slot_rows(pairs, routing, c_rows) if dgate else None
   # TMA: 16-byte row strides; the matrices' tiled copies need whole (8, 64) tiles
-  a_p = pad_to(a, 1, _ALIGN)
+  a_p = pad_to(a, 1, CHUNK)   # gathered in whole 64-column chunks
   w_p = pad_to(pad_to(w, 1, CHUNK), 2, CHUNK)
   kc_p, no_p = -(-kc // _ALIGN) * _ALIGN, -(-no // _ALIGN) * _ALIGN
-  c_p = pad_to(dgate_rows, 1, _ALIGN) if dgate else None
+  c_p = pad_to(dgate_rows, 1, CHUNK) if dgate else None
   out_dtype = jnp.dtype(sum_dtype) if reduce else a.dtype
   out, dg = _launch(a_p, w_p, tiles[0], slots.used_tiles(tiles), a_idx, o_idx, sc, c_idx,
                     c_p, n * out_rows, kc_p, no_p, out_dtype, transpose_w, reduce, cfg)
@@ -122,6 +123,12 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
   has_scale, dgate = sc is not None, c is not None
   z_slots = a_idx.shape[0]
   cons_regs = consumer_registers(n_cons, n_prod)
+  share = bm // n_prod          # rows each producer gathers
+  # Steps whose row copies stay in flight after the newest step's are issued. A stage
+  # is released by the consumers one step after it was filled, and a producer waits
+  # for that release ``stages`` steps on, before it tells that step's stage full: a lag
+  # of stages - 1 would wait for itself.
+  lag = max(0, stages - 2)
 
   def body(*refs):
     it = iter(refs)
@@ -133,7 +140,7 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
     out_g = next(it)
     dg_g = next(it) if dgate else None
     (a_buf, w_buf, full, empty, aidx, aidx_bar, oidx, osc, epi_bar, o_smem,
-     c_buf, c_bar, dg_smem) = (next(it) for _ in range(13))
+     c_buf, c_bar, dg_smem, gather_bar) = (next(it) for _ in range(14))
     a_mma, a_rows = gather_views(a_buf)
     wg = lax.axis_index("wg")
     sm = lax.axis_index("sm")
@@ -178,21 +185,28 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
             else:
               src = w_g.at[ex, pl.ds(kk * CHUNK, CHUNK), pl.ds(nb * bn, bn)]
             plgpu.copy_gmem_to_smem(src, w_buf.at[s], full.at[s])
+          mine = pl.ds(p * share, share)
+          gather_rows(a_g.at[:, pl.ds(kk * CHUNK, CHUNK)], aidx.at[2 * p + b, mine],
+                      a_rows.at[s, mine], gather_bar.at[p])
+          gather_commit()
 
-          def row(i, carry):
-            r = i * n_prod + p
-            src_row = aidx[2 * p + b, r]
-            plgpu.copy_gmem_to_smem(a_g.at[pl.ds(src_row, 1), pl.ds(kk * CHUNK, CHUNK)],
-                                    a_rows.at[s, pl.ds(r, 1)], full.at[s])
-            return carry
-
-          return lax.fori_loop(0, bm // n_prod, row, carry)
+          @pl.when(t >= lag)   # step t - lag's rows have landed: its stage is full
+          def _():
+            gathers_done(lag)
+            plgpu.barrier_arrive(full.at[(t - lag) % stages])
+          return carry
 
         lax.fori_loop(0, grid_k, kstep, 0)
 
-      # Drain: wait for the consumers' last release of every stage used.
       local_items = jnp.where(sm < items, (items - sm + nsm - 1) // nsm, 0)
       steps = local_items * grid_k
+      gathers_done(0)
+      for back in range(lag, 0, -1):    # the last lag steps' arrivals
+        @pl.when(steps >= back)
+        def _():
+          plgpu.barrier_arrive(full.at[(steps - back) % stages])
+
+      # Drain: wait for the consumers' last release of every stage used.
       for s in range(stages):
         @pl.when(s < steps)
         def _():
@@ -271,15 +285,11 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
     def _dgates(acc, c_i, nb, slot0):
       """dgates partials of this column block: <acc row, c row>, c gathered here."""
       c_mma, c_rows_v = gather_views(c_buf)
-
-      def row(r, carry):
-        plgpu.copy_gmem_to_smem(c_g.at[pl.ds(aidx[2 * n_prod + c_i, r], 1),
-                                     pl.ds(nb * bn, bn)],
-                                c_rows_v.at[c_i, pl.ds(r, 1)], c_bar.at[c_i])
-        return carry
-
-      lax.fori_loop(0, ROWS_PER_WG, row, 0)
-      plgpu.barrier_wait(c_bar.at[c_i])
+      gather_rows(c_g.at[:, pl.ds(nb * bn, bn)], aidx.at[2 * n_prod + c_i, pl.ds(0, ROWS_PER_WG)],
+                  c_rows_v.at[c_i], c_bar.at[c_i])
+      gather_commit()
+      gathers_done(0)
+      plgpu.commit_smem()   # every thread's rows are in
       cv = load(c_mma.at[c_i], plgpu.Layout.WGMMA).astype(jnp.float32)
       dg_smem.at[c_i][...] = jnp.sum(acc * cv, axis=1)
       plgpu.commit_smem()
@@ -294,7 +304,7 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
   scratch = [
       gather_buffer((stages, bm, CHUNK), dtype),                                # a_buf
       plgpu.SMEM((stages, *w_block), dtype, transforms=tiled(dtype)),           # w_buf
-      plgpu.Barrier(num_arrivals=bm + 1, num_barriers=stages),                  # full
+      plgpu.Barrier(num_arrivals=n_prod + 1, num_barriers=stages),              # full
       plgpu.Barrier(num_arrivals=n_cons, num_barriers=stages),                  # empty
       plgpu.SMEM((2 * n_prod + 2, bm), jnp.int32),   # aidx: 2 per producer, dgates' rows
       plgpu.Barrier(num_arrivals=1, num_barriers=2 * n_prod),                   # aidx_bar
@@ -305,6 +315,7 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
       gather_buffer((n_cons, ROWS_PER_WG, CHUNK), dtype),                       # c_buf
       plgpu.Barrier(num_arrivals=ROWS_PER_WG, num_barriers=n_cons),             # c_bar
       plgpu.SMEM((n_cons, ROWS_PER_WG), jnp.float32),                           # dg_smem
+      plgpu.Barrier(num_arrivals=bm // n_prod, num_barriers=n_prod),           # gather_bar
   ]
   inputs = [n_items, tile_e, a_idx, o_idx] + ([sc] if has_scale else []) + (
       [c_idx] if dgate else []) + [a, w] + ([c] if dgate else [])
