@@ -232,8 +232,9 @@ def smem_bytes(cfg: TileConfig, out_itemsize: int, dtype_itemsize: int = 2) -> i
 
 def gram_candidates(o: int) -> list[TileConfig]:
   """Tiles of the weight-gradient kernel in heuristic order: the first three with two
-  producer warpgroups (faster than one by 11-12% at MoEUT_244M's shapes on an H200,
-  bench/RESULTS.md), then every tile with one."""
+  producer warpgroups, then every tile with one. Two producers were faster by 11-12% at
+  MoEUT_244M's shapes on an H200 when rows came by one TMA copy each; with cp.async
+  gathers the order has not been timed again."""
   bo_max = min(256, max(CHUNK, autotune.next_pow2(o)))
   raw = [(128, 128, 4), (128, 64, 6), (64, 128, 6), (128, 256, 3), (64, 64, 8)]
   raw = [(*t, 2) for t in raw[:3]] + [(*t, 1) for t in raw]

@@ -347,9 +347,9 @@ def smem_bytes(cfg: TileConfig, out_itemsize: int, dtype_itemsize: int = 2) -> i
 def rows_candidates(no: int, out_itemsize: int, dgate: bool) -> list[TileConfig]:
   """Tiles of the row kernel in heuristic order (first: the choice without autotuning):
   two consumer warpgroups of 64 rows, the widest column block the output takes, two
-  producer warpgroups; then tiles with one producer. On an H200 at MoEUT_244M's shapes
-  two producers were faster for every row-kernel call (28-39% less time than the best
-  one-producer tile, bench/RESULTS.md)."""
+  producer warpgroups; then tiles with one producer. The order was measured when rows
+  came by one TMA copy each (two producers took 28-39% less time on an H200 at
+  MoEUT_244M's shapes); with cp.async gathers it has not been timed again."""
   bn_max = 64 if dgate else min(256, max(CHUNK, autotune.next_pow2(no)))
   raw = [(128, 128, 4), (128, 256, 2), (128, 64, 6), (64, 128, 6), (128, 128, 3),
          (64, 256, 4), (64, 64, 8)]
