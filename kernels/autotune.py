@@ -53,9 +53,8 @@ class TileConfig:
   gluon: a tile of the Gluon fused-sum kernels (kernels/cvmm_triton/gluon_*.py).
   halves: 2 for the Gluon two-half row kernel (tiles of 2 * block_m rows whose halves
     share each column block of the matrix; two buffers, num_stages 2); else 1.
-  producers: warpgroups that issue the Mosaic kernels' copies (1 or 2; the rows of a
-    tile are split between them: one TMA copy per gathered row and 64 columns); 1
-    elsewhere.
+  producers: warpgroups that gather the Mosaic kernels' rows (1 or 2; each copies a
+    contiguous share of a tile's rows with cp.async); 1 elsewhere.
   """
 
   block_m: int
