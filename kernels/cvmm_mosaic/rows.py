@@ -44,9 +44,9 @@ from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, 
                                         pl, plgpu, tiled)
 from kernels.routing import Routing
 
-# TMA needs every row stride to be a multiple of 16 bytes: widths of 16-bit arrays are
-# padded to multiples of 8, the matrices' to 64 (only odd shapes copy anything; the
-# model's widths are multiples of 64).
+# TMA needs every row stride to be a multiple of 16 bytes: output widths are padded to
+# multiples of 8; the gathered inputs and the matrices are padded to 64 columns (whole
+# chunks; only odd shapes copy anything: the model's widths are multiples of 64).
 _ALIGN = 8
 
 
@@ -80,8 +80,8 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   o_idx = slots.slot_rows(pairs, routing, out_rows)
   sc = None if scale is None else slots.slot_values(pairs, scale)
   c_idx = slots.slot_rows(pairs, routing, c_rows) if dgate else None
-  # TMA: 16-byte row strides; the matrices' tiled copies need whole (8, 64) tiles
-  a_p = pad_to(a, 1, CHUNK)   # gathered in whole 64-column chunks
+  # gathered in whole 64-column chunks; the matrices' tiled copies need whole (8, 64) tiles
+  a_p = pad_to(a, 1, CHUNK)
   w_p = pad_to(pad_to(w, 1, CHUNK), 2, CHUNK)
   kc_p, no_p = -(-kc // _ALIGN) * _ALIGN, -(-no // _ALIGN) * _ALIGN
   c_p = pad_to(dgate_rows, 1, CHUNK) if dgate else None
