@@ -53,7 +53,6 @@ import optax
 from moeut_jax import profiles
 from kernels import CvmmConfig, resolve
 from moeut_jax import MoEUTLM
-from moeut_jax.losses import token_nll
 from moeut_jax.remat import REMAT_POLICIES
 from moeut_jax.training.memory import is_out_of_memory, oom_summary
 
@@ -100,8 +99,8 @@ def make_step(profile: str, batch: int, seq: int, impl: str, mesh=None,
   @jit
   def train_step(params, state, toks):
     def loss_fn(p):
-      out = model.apply({"params": p}, toks[:, :-1], train=True)
-      ce = token_nll(out.outputs, toks[:, 1:]).mean()
+      out = model.apply({"params": p}, toks[:, :-1], train=True, labels=toks[:, 1:])
+      ce = out.outputs.mean()
       return ce + out.reg_loss
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, state = opt.update(grads, state, params)

@@ -42,7 +42,6 @@ import jax.numpy as jnp  # noqa: E402
 
 from kernels import CvmmConfig, is_available  # noqa: E402
 from moeut_jax import MoEUT, MoEUTLM, profiles  # noqa: E402
-from moeut_jax.losses import token_nll  # noqa: E402
 from moeut_jax.remat import (REMAT_POLICIES, layer_group_residuals, nbytes,  # noqa: E402
                              saved_residuals)
 
@@ -105,8 +104,8 @@ def outside_layers(lm, seq: int) -> tuple[float, float]:
   groups, remat "none"; of them, MiB of XLA's [B, H, T, S] attention arrays, which the
   CPU's attention keeps and cuDNN's does not)."""
   def loss(params, toks):
-    out = lm.apply({"params": params}, toks[:, :-1], train=True)
-    return token_nll(out.outputs, toks[:, 1:]).mean() + out.reg_loss
+    out = lm.apply({"params": params}, toks[:, :-1], train=True, labels=toks[:, 1:])
+    return out.outputs.mean() + out.reg_loss
 
   def traced(batch):
     toks = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)

@@ -10,7 +10,7 @@ import torch
 from moeut_jax import profiles
 import torch_reference as ref
 from cvmm_cases import rel_err
-from moeut_jax import AttentionMask, MoEUT, MoEUTLM, generate
+from moeut_jax import AttentionMask, MoEUT, MoEUTLM, generate, token_nll
 
 SMALL = dict(d_model=32, n_layers=4, n_heads=2, ff_n_experts=8, att_n_experts=4, d_head=16,
              group_size=2, ff_k=3, att_k=2, ff_expert_size=16)
@@ -126,6 +126,38 @@ def test_bad_inputs_raise_clear_errors(small):
     model.apply(variables, toks, kv_cache={"0": 1})
   with pytest.raises(ValueError, match=r"x must be \[B, T, d_model=32\]"):
     MoEUT(**SMALL).init(jax.random.PRNGKey(0), jnp.zeros((2, 3, 31)))
+
+
+def test_labels_give_the_losses_and_gradients_of_the_logits(small):
+  """MoEUTLM(..., labels=...) (the head inside the loss, blocked) against the logits'
+  token_nll, float32: the same losses, and the same gradients of every parameter."""
+  model, variables, toks = small
+  labels = jnp.roll(toks, -1, axis=1)
+  g = jnp.asarray(np.random.default_rng(5).standard_normal(toks.shape), jnp.float32)
+  rngs = {"dropout": jax.random.PRNGKey(2)}
+
+  def through_logits(params):
+    out = model.apply({"params": params}, toks, train=True, rngs=rngs)
+    nll = token_nll(out.outputs, labels)
+    return jnp.sum(nll * g) + out.reg_loss, nll
+
+  def with_labels(params):
+    out = model.apply({"params": params}, toks, train=True, rngs=rngs, labels=labels)
+    return jnp.sum(out.outputs * g) + out.reg_loss, out.outputs
+
+  (_, want), want_grads = jax.jit(jax.value_and_grad(through_logits, has_aux=True))(
+      variables["params"])
+  (_, got), grads = jax.jit(jax.value_and_grad(with_labels, has_aux=True))(
+      variables["params"])
+  assert got.shape == toks.shape and got.dtype == jnp.float32
+  assert rel_err(got, want) <= 1e-6
+  for path, want_leaf in jax.tree_util.tree_leaves_with_path(want_grads):
+    got_leaf = functools.reduce(lambda t, k: t[k.key], path, grads)
+    assert rel_err(got_leaf, want_leaf) <= 1e-5, jax.tree_util.keystr(path)
+  with pytest.raises(ValueError, match="labels must be in"):
+    model.apply(variables, toks, labels=labels.at[0, 0].set(V))
+  with pytest.raises(ValueError, match="must have the tokens' shape"):
+    model.apply(variables, toks, labels=labels[:, 1:])
 
 
 def test_fixed_cache_overflow(small):

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moeut_jax.losses import token_nll
 from moeut_jax.training.config import Config
 
 State = dict[str, Any]
@@ -42,8 +41,9 @@ def init_state(model, tx: optax.GradientTransformation, config: Config) -> State
 def _losses(model, params, tokens, weights, rng, train: bool):
   """tokens [M, T + 1], weights [M, T] -> (cross-entropy sum, weight sum, reg_loss)."""
   rngs = {"dropout": rng} if train else None
-  out = model.apply({"params": params}, tokens[:, :-1], train=train, rngs=rngs)
-  nll = token_nll(out.outputs, tokens[:, 1:])                               # [M, T]
+  out = model.apply({"params": params}, tokens[:, :-1], train=train, rngs=rngs,
+                    labels=tokens[:, 1:])
+  nll = out.outputs                                                         # [M, T]
   return jnp.sum(nll * weights), jnp.sum(weights), out.reg_loss
 
 
