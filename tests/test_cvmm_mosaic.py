@@ -202,10 +202,12 @@ def test_mosaic_lowers_at_moeut_244m(proj):
 def test_mosaic_kernels_write_whole_blocks_and_align_index_reads():
   """Two GPU traps Pallas's interpreter does not model (found on an H100,
   bench/probes/mosaic_variants.py; bench/RESULTS.md, 'Pallas Mosaic GPU'):
-  - a stored (not added) row is written by a linear bulk copy, which is clamped only at
-    the end of the whole array: a partial last column block would run into the next
-    row. So the row kernel's stored output, and the weight gradient's, are allocated in
-    whole blocks (192 columns in blocks of 128: 256) and cut after the kernel.
+  - a stored (not added) TMA copy of a row is a linear bulk copy, which is clamped only
+    at the end of the whole array: a partial last column block would run into the next
+    row. So the weight gradient's output is allocated in whole blocks and cut after the
+    kernel. The row kernel's threads write its rows and skip columns past the output
+    (kernels/cvmm_mosaic/common.py: store_rows): its output has the output's width
+    (192 columns in blocks of 128, not 256).
   - a TMA copy whose start is not 16-byte aligned traps (illegal instruction): the weight
     gradient reads its int32 row indices from 4-aligned starts, so the index lists carry
     STEP + IDX_SLACK entries of padding."""
@@ -220,7 +222,7 @@ def test_mosaic_kernels_write_whole_blocks_and_align_index_reads():
   cfg = next(c for c in rows_candidates(o, 2, False) if c.block_n == 128)
   text = jax.jit(lambda x, w: rows_matmul(x, w, r, a_rows=1, out_rows=k, cfg=cfg)[0]).trace(
       x, w).lower(lowering_platforms=("cuda",)).as_text()
-  assert f"tensor<{n * k}x256xbf16>" in text and f"tensor<{n * k}x{o}xbf16>" in text
+  assert f"tensor<{n * k}x256xbf16>" not in text and f"tensor<{n * k}x{o}xbf16>" in text
 
   dy = jnp.ones((n * k, 100), jnp.bfloat16)
   gcfg = next(c for c in gram.gram_candidates(100) if c.block_n == 64)   # bo 64, I 64 x 2
@@ -257,3 +259,35 @@ def test_mosaic_kernels_gather_rows_with_cp_async():
     for op in ("nvvm.cp.async.shared.global", "nvvm.cp.async.commit.group",
                "nvvm.cp.async.wait.group", "nvvm.fence.proxy"):
       assert op in text, op
+
+
+def test_mosaic_row_kernel_writes_rows_from_every_thread():
+  """The row kernel's epilogue: every thread of a consumer warpgroup writes 16-byte
+  pieces of the tile's rows (kernels/cvmm_mosaic/common.py: store_rows), stored with
+  st.global.v4 or added with a vector red.global.add in the output's dtype (float32 or
+  bfloat16 sums), not by one TMA copy per row: the kernels without dgates issue no bulk
+  copies into global memory."""
+  from kernels import make_routing  # noqa: PLC0415
+  from kernels.cvmm_mosaic.rows import rows_matmul  # noqa: PLC0415
+  n, k, e, i, o = 40, 4, 5, 128, 72
+  ks = jax.random.split(jax.random.key(0), 4)
+  r = make_routing(jax.lax.top_k(jax.random.normal(ks[0], (n, e)), k)[1], e)
+  x = jax.random.normal(ks[1], (n, i)).astype(jnp.bfloat16)
+  w = jax.random.normal(ks[2], (e, i, o)).astype(jnp.bfloat16)
+  g = jax.random.uniform(ks[3], (n * k,))
+  dy = jnp.ones((n * k, o), jnp.bfloat16)
+  store = "st.global.v4.b32"
+  add_f32, add_bf16 = "red.global.add.v4.f32", "red.global.add.noftz.v4.bf16x2"
+  calls = {
+      store: lambda: rows_matmul(x, w, r, a_rows=1, out_rows=k)[0],
+      add_f32: lambda: rows_matmul(x, w, r, a_rows=1, out_rows=1, scale=g)[0],
+      add_bf16: lambda: rows_matmul(x, w, r, a_rows=1, out_rows=1, scale=g,
+                                    sum_dtype=jnp.bfloat16)[0],
+      "dx " + add_f32: lambda: rows_matmul(dy, w, r, a_rows=k, out_rows=1,
+                                           transpose_w=True)[0],
+  }
+  for name, f in calls.items():
+    text = jax.jit(f).trace().lower(lowering_platforms=("cuda",)).as_text()
+    for op in (store, add_f32, add_bf16):
+      assert (op in text) == name.endswith(op), (name, op)
+    assert "nvvm.cp.async.bulk.commit.group" not in text, name

@@ -1,5 +1,6 @@
 """What the Mosaic GPU CVMM kernels share: availability, shared-memory layouts of gathered
-rows, compiler parameters, the interpreter hook. Legend in :mod:`kernels.routing`.
+rows, rows stored by index, compiler parameters, the interpreter hook. Legend in
+:mod:`kernels.routing`.
 
 Gathered rows. Hopper's TMA copies rectangles (no row gather; that is Blackwell's
 ``gather4``), so the kernels gather a tile's rows with ``cp.async``: every thread of the
@@ -20,14 +21,21 @@ warpgroup after it tells the consumers.
 
 Rows whose index is past the source's last row (padding rows of a tile) are filled
 with zeros (``cp.async`` with a source size of 0), so tiles need no masks and the
-weight gradient's sums over rows add zeros; a store to row R of an [R, C] output is
-dropped by the TMA engine.
+weight gradient's sums over rows add zeros.
+
+Stored rows. The row kernel writes a tile's rows into their output rows by index
+(:func:`store_rows`): every thread of the warpgroup reads 16-byte pieces of the tile
+from shared memory and stores them (``st.global.v4``) or adds them (``red.global.add``
+of a 16-byte vector, sm_90) into global memory, consecutive threads taking consecutive
+pieces of a row; pieces in rows past the output's last (padding rows: row R of an
+[R, C] output) or in columns past its width are skipped.
 
 Pallas's Mosaic GPU interpreter (jax >= 0.11, CPU) runs no inline Mosaic GPU code and
 allocates every view of a union separately, so under it (:func:`interpreting`) a
 gather buffer is one swizzled [T, 64] buffer, rows are gathered by one TMA copy each
-into it (out-of-bounds rows read as zeros) and waited for at once; the pipeline around
-them (barriers, arrivals) is the same.
+into it (out-of-bounds rows read as zeros) and waited for at once, and rows are stored
+(or added) by one TMA copy each, whose engine drops them out of bounds; the pipeline
+around them (barriers, arrivals) is the same.
 """
 from __future__ import annotations
 
@@ -239,6 +247,114 @@ def _cp_async_wait(pending: int):
     nvvm.fence_proxy(nvvm.ProxyKind.async_shared, space=nvvm.SharedSpace.shared_cta)
 
   return wait
+
+
+def store_rows(src, idx, dst, col0, *, add: bool):
+  """``dst[idx[r], col0:col0 + C] = src[r]`` (``add``: ``+=``) for the T rows of ``src``
+  [T, C] (shared memory, no transforms), skipping rows ``idx[r]`` that are not rows of
+  ``dst`` [R, N] (a GMEM ref) and columns past its N; ``idx``: [T] int32 in shared
+  memory; ``col0``: an int32 scalar. Called by a whole warpgroup right after it wrote
+  ``src``; ``src`` may be written again once it returns.
+
+  On the GPU every thread of the warpgroup moves 16-byte pieces: a row of C values is
+  C * itemsize / 16 pieces, taken by consecutive threads (a warp reads consecutive bytes
+  of ``src`` and writes consecutive bytes of a row of ``dst``): ``ld.shared.v4``, then
+  ``st.global.v4.b32`` or, adding, ``red.global.add`` of a 16-byte vector (sm_90, PTX ISA
+  8.1: ``.v4.f32``; ``.noftz.v4.bf16x2`` / ``.noftz.v4.f16x2`` for 16-bit outputs), all
+  pieces in flight at once (the reductions are relaxed, gpu-scoped atomics; nothing
+  waits for them). A warpgroup barrier before makes the warpgroup's writes of ``src``
+  visible to all its threads, one after keeps them from writing ``src`` again before
+  every thread has read it. A piece lies in one row and on one side of the column
+  bound: N and ``col0`` must be multiples of 16 bytes' values, rows of ``dst`` a multiple
+  of 16 bytes apart (checked at lowering, but for ``col0``). The interpreter copies each
+  row with one TMA copy (its engine drops rows and columns out of bounds) and waits."""
+  if interpreting():
+    plgpu.commit_smem()
+    width = src.shape[1]
+
+    def row(r, carry):
+      plgpu.copy_smem_to_gmem(src.at[pl.ds(r, 1)], dst.at[pl.ds(idx[r], 1), pl.ds(col0, width)],
+                              reduction_op="add" if add else None, commit_group=False)
+      return carry
+
+    lax.fori_loop(0, src.shape[0], row, 0)
+    plgpu.commit_smem_to_gmem_group()
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    return
+  _thread_store_rows(add)(src, idx, dst, jnp.asarray(col0, jnp.int32))
+
+
+_STORE_THREADS = 128   # one warpgroup stores a tile's rows
+# The 16-byte global write of four 32-bit registers, by output dtype: stored, added.
+_ST_V4 = "st.global.v4.b32 [$0], {$1, $2, $3, $4};"
+_RED_V4 = {"float32": "red.global.add.v4.f32 [$0], {$1, $2, $3, $4};",
+           "bfloat16": "red.global.add.noftz.v4.bf16x2 [$0], {$1, $2, $3, $4};",
+           "float16": "red.global.add.noftz.v4.f16x2 [$0], {$1, $2, $3, $4};"}
+
+
+@functools.lru_cache(maxsize=None)
+def _thread_store_rows(add: bool):
+  refs = (plgpu.RefType(), plgpu.RefType(), plgpu.RefType())
+
+  @plgpu.inline_mgpu(arg_types=refs + (plgpu.Layout.WG_SPLAT(shape=()),))
+  def store(ctx, src, idx, dst, col0):
+    del ctx
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith, llvm, memref  # noqa: PLC0415
+    from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
+    i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
+    i8, f32 = ir.IntegerType.get_signless(8), ir.F32Type.get()
+
+    def c32(v):
+      return arith.constant(i32, ir.IntegerAttr.get(i32, v))
+
+    src_ty, dst_ty = ir.MemRefType(src.type), ir.MemRefType(dst.type)
+    ety = dst_ty.element_type
+    elem = mu.bitwidth(ety) // 8
+    dtype = next((name for name, ty in (("float32", ir.F32Type), ("bfloat16", ir.BF16Type),
+                                        ("float16", ir.F16Type)) if isinstance(ety, ty)), None)
+    n_rows, width = src_ty.shape
+    n_dst, n_cols = dst_ty.shape
+    src_strides, _ = src_ty.get_strides_and_offset()
+    (row_stride, col_stride), _ = dst_ty.get_strides_and_offset()
+    per_piece = _PIECE // elem                      # values of a 16-byte piece
+    if (src_ty.element_type != ety or list(src_strides) != [width, 1]
+        or col_stride != 1 or (row_stride * elem) % _PIECE or n_cols % per_piece
+        or (n_rows * width) % (_STORE_THREADS * per_piece) or (add and dtype is None)):
+      raise ValueError(f"store_rows: {src_ty} rows into {dst_ty}, add={add}")
+    pieces = width // per_piece                     # pieces of a row
+    tid = arith.remui(mu.thread_idx(), c32(_STORE_THREADS))
+    col0 = col0.registers.item()
+    src_base = mu.memref_ptr(src)
+    dst_base = llvm.ptrtoint(i64, llvm.addrspacecast(llvm.PointerType.get(address_space=1),
+                                                     mu.memref_ptr(dst)))
+    # 32-bit registers: float32 values where float32 values are added, else raw bits
+    reg, constraint = (f32, "f") if add and dtype == "float32" else (i32, "r")
+    vec = ir.VectorType.get([4], reg)
+    asm = _RED_V4[dtype] if add else _ST_V4
+    index = ir.IndexType.get()
+    row_bytes = arith.constant(i64, ir.IntegerAttr.get(i64, row_stride * elem))
+    mu.warpgroup_barrier()           # the warpgroup's writes of src are visible
+    for i in range(n_rows * pieces // _STORE_THREADS):
+      q = arith.addi(tid, c32(i * _STORE_THREADS))       # piece q of src, row-major
+      r, piece = arith.divui(q, c32(pieces)), arith.remui(q, c32(pieces))
+      values = llvm.load(vec, mu.getelementptr(src_base, [arith.muli(q, c32(_PIECE))], i8),
+                         alignment=_PIECE)
+      row = memref.load(idx, [arith.index_cast(index, r)])
+      col = arith.addi(col0, arith.muli(piece, c32(per_piece)))
+      valid = arith.andi(arith.cmpi(arith.CmpIPredicate.ult, row, c32(n_dst)),
+                         arith.cmpi(arith.CmpIPredicate.ult, col, c32(n_cols)))
+      offset = arith.addi(arith.muli(arith.extui(i64, row), row_bytes),
+                          arith.extui(i64, arith.muli(col, c32(elem))))
+      with mu.when(valid):
+        llvm.inline_asm(ir.Type.parse("!llvm.void"),
+                        [arith.addi(dst_base, offset)]
+                        + [llvm.extractelement(values, c32(v)) for v in range(4)],
+                        asm, "l," + ",".join([constraint] * 4) + ",~{memory}",
+                        has_side_effects=True)
+    mu.warpgroup_barrier()           # every thread has read src
+
+  return store
 
 
 def load(ref, layout):

@@ -8,7 +8,7 @@ One kernel serves every CVMM product, as the Triton row kernel does
 forward (out [N, O]: the gated sum over the K slots, added), dx (W^T; added where
 several slots read one x row) and the gated dx with dgates[p] = <dout[n] @ W_e^T,
 x[arow(p)]> taken from the same product. Nothing of size [P, O] is written where rows
-are added: each tile adds its rows into the output with TMA reductions.
+are added: each tile adds its rows into the output with vector atomic adds.
 
 Structure (one CUDA block per multiprocessor, persistent): work items are (tile, column
 block) pairs of the used tiles, walked by every block in steps of the grid. Warpgroups:
@@ -22,8 +22,11 @@ block) pairs of the used tiles, walked by every block in steps of the grid. Warp
   landed, so that many steps of row copies are in flight;
   consumers (``block_m / 64`` of them, 64 rows each): per step they wait for the stage,
   issue the wgmma, and release the previous stage once its wgmma retired (one wgmma in
-  flight); the epilogue scales the rows by their gates, writes them to shared memory
-  and stores (or adds) each row into its output row with one TMA copy.
+  flight); the epilogue scales the rows by their gates, writes them to shared memory,
+  and every thread of the warpgroup stores (or adds) 16-byte pieces of them into their
+  output rows: ``st.global.v4`` or ``red.global.add`` of a 16-byte vector, padding
+  slots' rows and columns past the output skipped (kernels/cvmm_mosaic/common.py:
+  stored rows).
 ``num_stages`` stages of (rows, matrix block) are in flight.
 """
 from __future__ import annotations
@@ -41,12 +44,13 @@ from kernels.cvmm_mosaic import slots
 from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, SMEM_BUDGET,
                                         consumer_registers, gather_buffer, gather_commit,
                                         gather_rows, gather_views, gathers_done, launch, load,
-                                        pl, plgpu, tiled)
+                                        pl, plgpu, store_rows, tiled)
 from kernels.routing import Routing
 
-# TMA needs every row stride to be a multiple of 16 bytes: output widths are padded to
-# multiples of 8; the gathered inputs and the matrices are padded to 64 columns (whole
-# chunks; only odd shapes copy anything: the model's widths are multiples of 64).
+# The epilogue writes output rows in 16-byte pieces (common.store_rows): output widths
+# are padded to multiples of 8 (16 bytes of 16-bit values); the gathered inputs and the
+# matrices are padded to 64 columns (whole chunks; only odd shapes copy anything: the
+# model's widths are multiples of 64).
 _ALIGN = 8
 
 
@@ -253,34 +257,18 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
 
         acc = pl.run_scoped(acc_scope, plgpu.ACC((ROWS_PER_WG, bn)))   # [64, BN] f32
         plgpu.barrier_wait(epi_bar.at[c_i])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last item's stores read
         if dgate:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last item's dgates read
           _dgates(acc, c_i, nb, slot0)
         if has_scale:
           g = load(osc.at[c_i], plgpu.Layout.WGMMA.reduce(1))
           acc = acc * lax.broadcast_in_dim(g, acc.shape, [0])
         o_smem.at[c_i][...] = acc.astype(out_dtype)
-        plgpu.commit_smem()
+        # every thread writes (or adds) 16-byte pieces of the rows; padding slots' rows
+        # (row N * out_rows) and columns past the output's are skipped
+        store_rows(o_smem.at[c_i], oidx.at[c_i], out_g, nb * bn, add=reduce)
 
-        def store_row(r, carry):
-          row = oidx[c_i, r]
-
-          def store():
-            plgpu.copy_smem_to_gmem(
-                o_smem.at[c_i, pl.ds(r, 1)],
-                out_g.at[pl.ds(row, 1), pl.ds(nb * bn, bn)],
-                reduction_op="add" if reduce else None, commit_group=False)
-
-          if reduce:   # a TMA tensor reduction: the engine drops out-of-bounds rows
-            store()
-          else:        # a linear bulk copy (see _launch): skip padding slots' rows
-            pl.when(row < n_out)(store)
-          return carry
-
-        lax.fori_loop(0, ROWS_PER_WG, store_row, 0)
-        plgpu.commit_smem_to_gmem_group()
-
-      plgpu.wait_smem_to_gmem(0)
+      plgpu.wait_smem_to_gmem(0)   # the dgates' stores (and the interpreter's row copies)
 
     def _dgates(acc, c_i, nb, slot0):
       """dgates partials of this column block: <acc row, c row>, c gathered here."""
@@ -324,11 +312,7 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
     out_ref = jax.new_ref(jnp.zeros((n_out, no), out_dtype))
     inputs.append(out_ref)
   else:
-    # Stored rows are whole column blocks: Mosaic GPU lowers a copy_smem_to_gmem that
-    # does not reduce, of a contiguous [1, bn] slice and an unswizzled source, to a
-    # linear cp.async.bulk (no tensor map), clamped only at the end of the array; a
-    # partial last column block would run into the next row's first columns.
-    out_types.append(jax.ShapeDtypeStruct((n_out, n_nb * bn), out_dtype))
+    out_types.append(jax.ShapeDtypeStruct((n_out, no), out_dtype))
   if dgate:
     out_types.append(jax.ShapeDtypeStruct((n_nb, z_slots), jnp.float32))
   outs = list(launch(body, inputs, out_types, scratch, nsm, n_cons + n_prod))
@@ -349,7 +333,8 @@ def rows_candidates(no: int, out_itemsize: int, dgate: bool) -> list[TileConfig]
   two consumer warpgroups of 64 rows, the widest column block the output takes, two
   producer warpgroups; then tiles with one producer. The order was measured when rows
   came by one TMA copy each (two producers took 28-39% less time on an H200 at
-  MoEUT_244M's shapes); with cp.async gathers it has not been timed again."""
+  MoEUT_244M's shapes); with cp.async gathers and thread stores it has not been timed
+  again."""
   bn_max = 64 if dgate else min(256, max(CHUNK, autotune.next_pow2(no)))
   raw = [(128, 128, 4), (128, 256, 2), (128, 64, 6), (64, 128, 6), (128, 128, 3),
          (64, 256, 4), (64, 64, 8)]

@@ -5,7 +5,7 @@ expert and its sorted positions [start, end), at most T of them. Slot (z, r) is
 position start + r of tile z; the kernels read, per slot, the row of an input it
 multiplies and the row of the output it writes, and (gated calls) its gate. Slots past
 a tile's end ("padding") read and write row R of an [R, C] array: out of bounds, so the
-TMA engine reads zeros there and drops the writes (kernels/cvmm_mosaic/common.py).
+gathers read zeros there and the writes are skipped (kernels/cvmm_mosaic/common.py).
 
 Row maps: pair p = n * K + s lives in row ``(p // K) * R + (p % K) // (K // R)`` of an
 array with R rows per token (R = 1: the token's row; R = K: the pair's own row; R = M:
