@@ -28,11 +28,12 @@ cuDNN's fused attention keeps it on GPUs: q, k, v, its output and [B, H, T] stat
   (16-bit); no product, kernel or attention runs twice, the backward pass only adds
   passes over [N, D] arrays (LayerNorms and casts, each fused into its consumers).
 - ``"lean"``: as "elementwise", and the cheap products run again too: XLA's matrix
-  products (the q|k projection, the routers' products; on CPUs XLA's attention) and q
-  and k after RoPE are not kept, and the σ-MoE's fused expert MLP keeps no [N·k,
-  expert size] middle: its backward pass makes it again with the up projection alone
-  (``kernels.cvmm_pair(..., keep_middle=False)``): 9.4 MiB, 6 MiB less than
-  "elementwise" for one more up projection and q|k product per layer.
+  products (the q|k projection, the routers' products; on CPUs XLA's attention), q and
+  k after RoPE and the routers' float32 logits are not kept, and the σ-MoE's fused
+  expert MLP keeps no [N·k, expert size] middle: its backward pass makes it again with
+  the up projection alone (``kernels.cvmm_pair(..., keep_middle=False)``): 7.6 MiB,
+  7.8 MiB less than "elementwise" for one more up projection, q|k product and router
+  products per layer (the σ-MoE router's three bf16 products: [N, D] x [D, Ef]).
 - ``"save_projections"``: keeps only the values named in ``SAVED_NAMES`` (router logits,
   the routings, q and k after RoPE, SwitchHead's V and O CVMM outputs, the weights in
   the compute dtype): 9.2 MiB, and recomputes the rest of the layer group in the
@@ -93,8 +94,9 @@ NAMES = SAVED_NAMES + (ATTENTION_V, ATTENTION_OUT)
 # kept: more memory, never a wrong value.)
 ELEMENTWISE_PRIMITIVES = frozenset({
     "convert_element_type", "reduce_precision", "bitcast_convert_type", "reshape",
-    "broadcast_in_dim", "squeeze", "expand_dims", "transpose", "slice", "concatenate", "pad",
-    "iota", "copy", "select_n", "clamp", "add", "sub", "mul", "div", "rem", "neg", "max", "min",
+    "broadcast_in_dim", "squeeze", "expand_dims", "transpose", "slice", "split", "concatenate",
+    "pad", "iota", "copy", "select_n", "clamp", "add", "sub", "mul", "div", "rem", "neg", "max",
+    "min",
     "abs", "sign", "floor", "ceil", "round", "exp", "expm1", "log", "log1p", "logistic",
     "tanh", "rsqrt", "sqrt", "integer_pow", "pow", "square", "sin", "cos", "eq", "ne", "lt",
     "le", "gt", "ge", "and", "or", "not", "xor", "shift_left", "shift_right_logical",
@@ -107,11 +109,11 @@ def _save_unless_elementwise(prim, *_, **__) -> bool:
 
 def _save_unless_cheap(prim, *_, **params) -> bool:
   """"lean": as "elementwise", but XLA's matrix products (the q|k projection, the
-  routers' products) and q and k after RoPE are made again too."""
+  routers' products), q and k after RoPE and the routers' logits are made again too."""
   if prim.name in ELEMENTWISE_PRIMITIVES or prim.name == "dot_general":
     return False
   if prim.name == "name":
-    return params["name"] != ATTENTION_QK
+    return params["name"] not in (ATTENTION_QK, ROUTER_LOGITS)
   return True
 
 
