@@ -84,8 +84,8 @@ def head_nll(h: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: ja
       axis sharded over devices stays so).
     kernel: [D, V], ``h``'s dtype. bias: [V], ``h``'s dtype, or None.
     labels: [..., T] integers in [0, V).
-    n_blocks: blocks of positions (T is padded to a multiple); None: enough that a
-      block's logits hold at most ``HEAD_BLOCK_VALUES`` values.
+    n_blocks: blocks of positions (at most T; T is padded to a multiple); None: enough
+      that a block's logits hold at most ``HEAD_BLOCK_VALUES`` values.
 
   Returns:
     [..., T] float32.
@@ -104,6 +104,8 @@ def head_nll(h: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: ja
   if bias.shape != (v,):
     raise ValueError(f"bias {bias.shape} must be [V] = [{v}]")
   b = math.prod(lead)
+  if n_blocks is not None and int(n_blocks) < 1:
+    raise ValueError(f"n_blocks={n_blocks} must be a positive integer or None")
   if n_blocks is None:
     n_blocks = max(1, math.ceil(b * t * v / HEAD_BLOCK_VALUES))
   n_blocks = max(1, min(int(n_blocks), t))

@@ -168,3 +168,5 @@ def test_head_nll_refuses_bad_inputs():
     head_nll(h, k.astype(jnp.bfloat16), b, jnp.zeros((2, 3), jnp.int32))
   with pytest.raises(ValueError, match="bias"):
     head_nll(h, k, jnp.zeros(6), jnp.zeros((2, 3), jnp.int32))
+  with pytest.raises(ValueError, match="n_blocks"):
+    head_nll(h, k, b, jnp.zeros((2, 3), jnp.int32), n_blocks=0)
