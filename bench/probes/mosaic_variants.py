@@ -46,7 +46,7 @@ VARIANTS = {
     "stored_o192_bn64": ("rows", dict(bn=64)),                         # 192 = 3 x 64
     "stored_o192_scale_ones": ("rows", dict(scale="ones")),            # scaled, stored
     "stored_o192_transposed_w": ("rows", dict(transpose=True)),        # W^T operand
-    "summed_o192_no_scale": ("rows", dict(out_rows=1)),                # TMA reduction path
+    "summed_o192_no_scale": ("rows", dict(out_rows=1)),                # added-rows path
     "stored_o72_i100_bn128": ("rows", dict(o=72, i=100)),               # odd widths
     # -- weight gradient (hypothesis 2)
     "gram_rand_bi128": ("gram", dict()),                               # the failing case
