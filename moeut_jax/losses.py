@@ -138,11 +138,10 @@ def _head_nll_fwd(h, kernel, bias, labels, width):
 
   def block(i, out):
     nll, lse = out
-    x = _logits(_block(h, i, width), kernel, bias).astype(jnp.float32)    # [B, W, V]
-    s = jax.nn.logsumexp(x, axis=-1)
-    picked = jnp.take_along_axis(x, _block(labels, i, width)[..., None], axis=-1)[..., 0]
-    nll = lax.dynamic_update_slice_in_dim(nll, s - picked, i * width, axis=1)
-    return nll, lax.dynamic_update_slice_in_dim(lse, s, i * width, axis=1)
+    logits = _logits(_block(h, i, width), kernel, bias)                    # [B, W, V]
+    nll_b, (_, _, lse_b) = _token_nll_fwd(logits, _block(labels, i, width))
+    return (lax.dynamic_update_slice_in_dim(nll, nll_b, i * width, axis=1),
+            lax.dynamic_update_slice_in_dim(lse, lse_b, i * width, axis=1))
 
   zeros = jnp.zeros([b, t], jnp.float32)
   nll, lse = lax.fori_loop(0, t // width, block, (zeros, zeros))
@@ -155,10 +154,9 @@ def _head_nll_bwd(width, res, g):
   def block(i, out):
     dh, dk, db = out
     hb = _block(h, i, width)
-    x = _logits(hb, kernel, bias).astype(jnp.float32)                      # [B, W, V]
-    p = jnp.exp(x - _block(lse, i, width)[..., None])
-    hot = jax.nn.one_hot(_block(labels, i, width), x.shape[-1], dtype=jnp.float32)
-    dx = (_block(g, i, width)[..., None] * (p - hot)).astype(h.dtype)
+    logits = _logits(hb, kernel, bias)                                     # [B, W, V]
+    dx, _ = _token_nll_bwd((logits, _block(labels, i, width), _block(lse, i, width)),
+                           _block(g, i, width))                            # h's dtype
     dhb = lax.dot_general(dx, kernel, (((2,), (1,)), ((), ())))            # [B, W, D]
     dk = dk + lax.dot_general(hb, dx, (((0, 1), (0, 1)), ((), ())),
                               preferred_element_type=jnp.float32)          # [D, V]
