@@ -154,9 +154,9 @@ class MoEUT(nn.Module):
   # what the backward pass keeps of each layer group (moeut_jax/remat.py): "none" (all it
   # reads), "elementwise" (all but what elementwise operations make: LayerNorms, casts,
   # residual sums, which it recomputes), "lean" (elementwise, and the q|k product, the
-  # routers' products and the σ-MoE's up projection run again), "save_projections" (router logits, routings,
-  # q/k, SwitchHead's CVMM outputs; the rest is recomputed) or "full" (only the group's
-  # input). Numerics are the same.
+  # routers' products and the σ-MoE's up projection run again), "save_projections"
+  # (router logits, routings, q/k, SwitchHead's CVMM outputs; the rest is recomputed) or
+  # "full" (only the group's input). Numerics are the same.
   remat: str = "none"
   # dtype of the routers' products, sigmoids and top-k (docs/semantics.md §7): float32
   # (ours), or the compute dtype to compute them as the original under autocast, where
@@ -358,15 +358,14 @@ class MoEUTLM(nn.Module):
     check_mesh_axes()
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise TypeError(f"tokens must be integers, got {tokens.dtype}")
-    if labels is not None:
-      if labels.shape != tokens.shape:
-        raise ValueError(f"labels {labels.shape} must have the tokens' shape {tokens.shape}")
-      if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(f"labels must be integers, got {labels.dtype}")
-    for what, ids in (("token ids", tokens), ("labels", labels)):
-      if ids is not None and _is_concrete(ids) and ids.size:
+    if labels is not None and labels.shape != tokens.shape:
+      raise ValueError(f"labels {labels.shape} must have the tokens' shape {tokens.shape}")
+    for name, what, ids in (("tokens", "token ids", tokens), ("labels", "labels", labels)):
+      if ids is None:
+        continue
+      if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"{name} must be integers, got {ids.dtype}")
+      if _is_concrete(ids) and ids.size:
         host = np.asarray(ids)
         lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= self.n_tokens:
@@ -380,4 +379,4 @@ class MoEUTLM(nn.Module):
                                                             causal=True)
     hn = LayerNorm(1e-5, self.param_dtype, name="out_norm")(out.outputs)
     head = LMHead(self.n_tokens, self.dtype, self.param_dtype, name="lm_head")
-    return out.replace(outputs=head(hn.astype(self.dtype), labels))
+    return out.replace(outputs=head(hn, labels))
