@@ -118,8 +118,8 @@ def gather_views(buf):
   return mma, rows
 
 
-GATHER_THREADS = 128   # one warpgroup issues a gather
-_PIECE = 16            # bytes of one cp.async
+WARPGROUP_THREADS = 128   # one warpgroup issues a gather, or stores a tile's rows
+_PIECE = 16               # bytes of one cp.async or 16-byte store
 
 
 def gather_rows(src, idx, dst, bar, limit=None):
@@ -190,11 +190,11 @@ def _cp_async_rows(limited: bool):
     row_bytes = width * elem
     if (row_bytes != SWIZZLE or dst_width != width or col_stride != 1
         or list(dst_strides) != [width, 1]
-        or n_rows % (GATHER_THREADS * _PIECE // row_bytes)):
+        or n_rows % (WARPGROUP_THREADS * _PIECE // row_bytes)):
       raise ValueError(f"gather_rows: {src_ty} rows into {dst_ty}")
     pieces = row_bytes // _PIECE                     # 8 threads a row
-    rows_per_pass = GATHER_THREADS // pieces         # 16 rows a pass
-    tid = arith.remui(mu.thread_idx(), c32(GATHER_THREADS))
+    rows_per_pass = WARPGROUP_THREADS // pieces         # 16 rows a pass
+    tid = arith.remui(mu.thread_idx(), c32(WARPGROUP_THREADS))
     piece = arith.andi(tid, c32(pieces - 1))
     row0 = arith.divui(tid, c32(pieces))
     src_base = llvm.addrspacecast(llvm.PointerType.get(address_space=1),
@@ -284,7 +284,6 @@ def store_rows(src, idx, dst, col0, *, add: bool):
   _thread_store_rows(add)(src, idx, dst, jnp.asarray(col0, jnp.int32))
 
 
-_STORE_THREADS = 128   # one warpgroup stores a tile's rows
 # The 16-byte global write of four 32-bit registers, by output dtype: stored, added.
 _ST_V4 = "st.global.v4.b32 [$0], {$1, $2, $3, $4};"
 _RED_V4 = {"float32": "red.global.add.v4.f32 [$0], {$1, $2, $3, $4};",
@@ -320,10 +319,10 @@ def _thread_store_rows(add: bool):
     per_piece = _PIECE // elem                      # values of a 16-byte piece
     if (src_ty.element_type != ety or list(src_strides) != [width, 1]
         or col_stride != 1 or (row_stride * elem) % _PIECE or n_cols % per_piece
-        or (n_rows * width) % (_STORE_THREADS * per_piece) or (add and dtype is None)):
+        or (n_rows * width) % (WARPGROUP_THREADS * per_piece) or (add and dtype is None)):
       raise ValueError(f"store_rows: {src_ty} rows into {dst_ty}, add={add}")
     pieces = width // per_piece                     # pieces of a row
-    tid = arith.remui(mu.thread_idx(), c32(_STORE_THREADS))
+    tid = arith.remui(mu.thread_idx(), c32(WARPGROUP_THREADS))
     col0 = col0.registers.item()
     src_base = mu.memref_ptr(src)
     dst_base = llvm.ptrtoint(i64, llvm.addrspacecast(llvm.PointerType.get(address_space=1),
@@ -335,8 +334,8 @@ def _thread_store_rows(add: bool):
     index = ir.IndexType.get()
     row_bytes = arith.constant(i64, ir.IntegerAttr.get(i64, row_stride * elem))
     mu.warpgroup_barrier()           # the warpgroup's writes of src are visible
-    for i in range(n_rows * pieces // _STORE_THREADS):
-      q = arith.addi(tid, c32(i * _STORE_THREADS))       # piece q of src, row-major
+    for i in range(n_rows * pieces // WARPGROUP_THREADS):
+      q = arith.addi(tid, c32(i * WARPGROUP_THREADS))       # piece q of src, row-major
       r, piece = arith.divui(q, c32(pieces)), arith.remui(q, c32(pieces))
       values = llvm.load(vec, mu.getelementptr(src_base, [arith.muli(q, c32(_PIECE))], i8),
                          alignment=_PIECE)
