@@ -1,23 +1,29 @@
 #!/bin/bash
 # The Pallas Mosaic GPU CVMM kernels (kernels/cvmm_mosaic/) on one Hopper GPU, in one
-# call of at most 9 minutes, from the repository root. Every step runs under its own
+# call of at most 10 minutes, from the repository root. Every step runs under its own
 # timeout and writes its log under $OUT (default bench/out), so a step that fails or
 # hangs leaves the others' results:
 #   environment.log     GPU, driver, jax / jaxlib / triton versions, commit, date
-#   probe.log           python3 -m bench.mosaic_probe: every kernel once on a small
-#                       problem against XLA, whole tracebacks of failures (~1-2 min)
+#   variants.log        bench/probes/mosaic_variants.py (summed and some stored): the row
+#                       kernel's stored and added outputs against XLA, each variant in
+#                       a process of its own (~1-2 min)
+#   check.log           python3 -m bench.mosaic_epilogue_check: the four projections at
+#                       MoEUT_244M, forward and gradients against XLA with the Triton
+#                       path's errors as yardstick, and both timed (~3 min)
 #   tests_fast.log      the mosaic GPU tests of the edge cases (bf16)
+#   step.log            bench/model.py: MoEUT_244M's training step (batch 64 x 1024, no
+#                       remat) with cvmm_impl auto (Triton) and mosaic
 #   cvmm.log            python3 -m bench.cvmm at MoEUT_244M: mosaic, triton and XLA's
 #                       dense matmul per projection, forward and forward+backward, and
 #                       the σ-MoE pair; the table last (cvmm.json: every figure)
-#   tests_full.log      every mosaic GPU test (65 at ec1b8cc; 40 of them took 150 s on an H100)
+#   tests_full.log      every mosaic GPU test (what time is left)
 # CVMM_AUTOTUNE=0 throughout: each kernel takes its first tile candidate (cached
 # choices in bench/autotune_cache.json still apply), no timing of candidates.
 #
 # On the device machine (nothing can be downloaded there; .whl/ carried):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && OUT=$OUT bash bench/mosaic_gpu.sh
-# BUDGET (seconds, default 530) bounds the whole run; each step gets its own limit
+# BUDGET (seconds, default 570) bounds the whole run; each step gets its own limit
 # within what is left.
 set -u
 OUT=${OUT:-bench/out}
@@ -27,7 +33,7 @@ export CVMM_AUTOTUNE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export CVMM_AUTOTUNE_CACHE=$OUT/autotune_cache.json
 cp bench/autotune_cache.json "$CVMM_AUTOTUNE_CACHE"
 START=$(date +%s)
-BUDGET=${BUDGET:-530}
+BUDGET=${BUDGET:-570}
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
@@ -53,10 +59,15 @@ step() {
 } > "$OUT/environment.log" 2>&1
 cat "$OUT/environment.log"
 
-TAIL=60 step probe 150 python3 -m bench.mosaic_probe
-step tests_fast 100 python3 -m pytest tests/test_cvmm_gpu.py -q -n 0 -rf --tb=long -p no:cacheprovider \
-  -k "mosaic and bf16 and (basic or k1 or empty_experts or odd_sizes or one_expert)"
-TAIL=40 step cvmm 200 python3 -m bench.cvmm --profiles MoEUT_244M --impls mosaic,triton --pair \
+TAIL=30 step variants 130 python3 bench/probes/mosaic_variants.py --jobs 3 \
+  --only summed stored_o1024 stored_o192_bn128 stored_o72
+TAIL=12 step check 220 python3 -m bench.mosaic_epilogue_check
+step tests_fast 120 python3 -m pytest tests/test_cvmm_gpu.py -q -n 0 -rf --tb=short -p no:cacheprovider \
+  -k "mosaic and bf16 and (basic or k1 or empty_experts or odd_sizes or one_expert or wide)"
+TAIL=4 step step 200 env -u XLA_PYTHON_CLIENT_PREALLOCATE python3 bench/model.py \
+  --profile MoEUT_244M --batch 64 --seq 1024 --steps 5 --warmup 2 --grad-clip 0.25 \
+  --remat none --impl auto mosaic
+TAIL=17 step cvmm 200 python3 -m bench.cvmm --profiles MoEUT_244M --impls mosaic,triton --pair \
   --json "$OUT/cvmm.json"
 step tests_full 260 python3 -m pytest tests/test_cvmm_gpu.py tests/test_cvmm_mosaic.py -q -n 0 -rf \
   --tb=short -p no:cacheprovider -k "mosaic and not interpreted"

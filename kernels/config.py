@@ -56,8 +56,8 @@ class CvmmConfig:
     "float16" (each output row scaled by a power of two, summed in float16, scaled
     back: half the traffic of float32 sums at about their accuracy), "float32", or
     "bfloat16" (Hopper; 2.3x the error of float32 sums). float32 calls and the other
-    implementations sum in float32, except "mosaic" with "bfloat16", whose vector
-    atomic adds then add in bfloat16.
+    implementations sum in float32, except "mosaic" with "bfloat16", whose TMA
+    reductions then add in bfloat16.
   f16_scales: how float16 sums choose each row's scale: "checked" (an estimate; the
     scale-back recomputes in float32 any row that overflowed or came out too small)
     or "bound" (a bound on the row's terms that no sum can exceed: two more passes

@@ -45,6 +45,10 @@ CASES = [
     ("all_one_expert", 190, 3, 1, 7, 64, 64, "one"),
     ("odd_sizes", 333, 5, 1, 9, 100, 72, "random"),
     ("switchhead_like", 256, 8, 4, 40, 128, 128, "random"),
+    # outputs of several column blocks, 16 slots a row: the σ-MoE pair's forward and dx
+    # shapes at MoEUT_244M, narrowed (the Mosaic kernel's thread-wise vector adds
+    # once lost rows only here)
+    ("wide_many_slots", 600, 16, 1, 16, 512, 1024, "random"),
 ]
 
 

@@ -48,6 +48,12 @@ VARIANTS = {
     "stored_o192_transposed_w": ("rows", dict(transpose=True)),        # W^T operand
     "summed_o192_no_scale": ("rows", dict(out_rows=1)),                # added-rows path
     "stored_o72_i100_bn128": ("rows", dict(o=72, i=100)),               # odd widths
+    # -- rows added into outputs of several column blocks, many slots a row (the σ-MoE
+    #    forward and dx at MoEUT_244M: o=1024, k=16)
+    "summed_o1024_k16": ("rows", dict(o=1024, k=16, out_rows=1)),
+    "summed_o1024_k16_bf16": ("rows", dict(o=1024, k=16, out_rows=1, sums="bfloat16")),
+    "summed_o128_k16": ("rows", dict(o=128, k=16, out_rows=1)),          # one column block
+    "stored_o1024_k16": ("rows", dict(o=1024, k=16)),
     # -- weight gradient (hypothesis 2)
     "gram_rand_bi128": ("gram", dict()),                               # the failing case
     "gram_rand_bi64": ("gram", dict(bi=64)),
@@ -85,7 +91,7 @@ def _child(name: str, interpret: bool, small: bool) -> dict:
     import mosaic_interpret  # noqa: PLC0415  (tests/mosaic_interpret.py)
     ctx = mosaic_interpret.interpret()
 
-  n, k, e = (p.get("n_small", 100) if small else p.get("n", 1000)), 4, 16
+  n, k, e = (p.get("n_small", 100) if small else p.get("n", 1000)), p.get("k", 4), 16
   i, o = p.get("i", 256), p.get("o", 192)
   ks = jax.random.split(jax.random.key(0), 6)
   if p.get("routing") == "cyclic":   # token t -> experts 4t..4t+3 mod 16: n*k/e pairs each
@@ -114,7 +120,8 @@ def _child(name: str, interpret: bool, small: bool) -> dict:
 
     def fn(x, wk):
       return rows_matmul(x, wk, r, a_rows=1, out_rows=out_rows, transpose_w=transpose,
-                         scale=scale, cfg=cfg)[0]
+                         scale=scale, sum_dtype=jnp.dtype(p.get("sums", "float32")),
+                         cfg=cfg)[0]
     args = (x, wk)
     info["cfg"] = f"{bm}x{bn} s{st}"
   else:

@@ -1,5 +1,5 @@
 """What the Mosaic GPU CVMM kernels share: availability, shared-memory layouts of gathered
-rows, rows stored by index, compiler parameters, the interpreter hook. Legend in
+rows, rows stored and added by index, compiler parameters, the interpreter hook. Legend in
 :mod:`kernels.routing`.
 
 Gathered rows. Hopper's TMA copies rectangles (no row gather; that is Blackwell's
@@ -23,18 +23,19 @@ Rows whose index is past the source's last row (padding rows of a tile) are fill
 with zeros (``cp.async`` with a source size of 0), so tiles need no masks and the
 weight gradient's sums over rows add zeros.
 
-Stored rows. The row kernel writes a tile's rows into their output rows by index
-(:func:`store_rows`): every thread of the warpgroup reads 16-byte pieces of the tile
-from shared memory and stores them (``st.global.v4``) or adds them (``red.global.add``
-of a 16-byte vector, sm_90) into global memory, consecutive threads taking consecutive
-pieces of a row; pieces in rows past the output's last (padding rows: row R of an
-[R, C] output) or in columns past its width are skipped.
+Stored and added rows. The row kernel writes a tile's rows into their output rows by
+index. Stored (:func:`store_rows`): every thread of the warpgroup reads 16-byte pieces of
+the tile from shared memory and stores them (``st.global.v4``), consecutive threads
+taking consecutive pieces of a row; pieces in rows past the output's last (padding rows:
+row R of an [R, C] output) or in columns past its width are skipped. Added
+(:func:`add_rows`): one TMA tensor reduction per row, whose engine drops what lies out
+of bounds.
 
 Pallas's Mosaic GPU interpreter (jax >= 0.11, CPU) runs no inline Mosaic GPU code and
 allocates every view of a union separately, so under it (:func:`interpreting`) a
 gather buffer is one swizzled [T, 64] buffer, rows are gathered by one TMA copy each
 into it (out-of-bounds rows read as zeros) and waited for at once, and rows are stored
-(or added) by one TMA copy each, whose engine drops them out of bounds; the pipeline
+by one TMA copy each, whose engine drops them out of bounds; the pipeline
 around them (barriers, arrivals) is the same.
 """
 from __future__ import annotations
@@ -249,50 +250,62 @@ def _cp_async_wait(pending: int):
   return wait
 
 
-def store_rows(src, idx, dst, col0, *, add: bool):
-  """``dst[idx[r], col0:col0 + C] = src[r]`` (``add``: ``+=``) for the T rows of ``src``
-  [T, C] (shared memory, no transforms), skipping rows ``idx[r]`` that are not rows of
-  ``dst`` [R, N] (a GMEM ref) and columns past its N; ``idx``: [T] int32 in shared
-  memory; ``col0``: an int32 scalar. Called by a whole warpgroup right after it wrote
-  ``src``; ``src`` may be written again once it returns.
+def store_rows(src, idx, dst, col0):
+  """``dst[idx[r], col0:col0 + C] = src[r]`` for the T rows of ``src`` [T, C] (shared
+  memory, no transforms), skipping rows ``idx[r]`` that are not rows of ``dst`` [R, N]
+  (a GMEM ref) and columns past its N; ``idx``: [T] int32 in shared memory; ``col0``: an
+  int32 scalar. Called by a whole warpgroup right after it wrote ``src``; ``src`` may be
+  written again once it returns.
 
   On the GPU every thread of the warpgroup moves 16-byte pieces: a row of C values is
   C * itemsize / 16 pieces, taken by consecutive threads (a warp reads consecutive bytes
   of ``src`` and writes consecutive bytes of a row of ``dst``): ``ld.shared.v4``, then
-  ``st.global.v4.b32`` or, adding, ``red.global.add`` of a 16-byte vector (sm_90, PTX ISA
-  8.1: ``.v4.f32``; ``.noftz.v4.bf16x2`` / ``.noftz.v4.f16x2`` for 16-bit outputs), all
-  pieces in flight at once (the reductions are relaxed, gpu-scoped atomics; nothing
-  waits for them). A warpgroup barrier before makes the warpgroup's writes of ``src``
-  visible to all its threads, one after keeps them from writing ``src`` again before
-  every thread has read it. A piece lies in one row and on one side of the column
-  bound: N and ``col0`` must be multiples of 16 bytes' values, rows of ``dst`` a multiple
-  of 16 bytes apart (checked at lowering, but for ``col0``). The interpreter copies each
-  row with one TMA copy (its engine drops rows and columns out of bounds) and waits."""
+  ``st.global.v4.b32``, all pieces in flight at once. A warpgroup barrier before makes
+  the warpgroup's writes of ``src`` visible to all its threads, one after keeps them
+  from writing ``src`` again before every thread has read it. A piece lies in one row and
+  on one side of the column bound: N and ``col0`` must be multiples of 16 bytes' values,
+  rows of ``dst`` a multiple of 16 bytes apart (checked at lowering, but for ``col0``).
+  The interpreter copies each row with one TMA copy (its engine drops rows and columns
+  out of bounds) and waits."""
   if interpreting():
-    plgpu.commit_smem()
-    width = src.shape[1]
-
-    def row(r, carry):
-      plgpu.copy_smem_to_gmem(src.at[pl.ds(r, 1)], dst.at[pl.ds(idx[r], 1), pl.ds(col0, width)],
-                              reduction_op="add" if add else None, commit_group=False)
-      return carry
-
-    lax.fori_loop(0, src.shape[0], row, 0)
-    plgpu.commit_smem_to_gmem_group()
+    _tma_rows(src, idx, dst, col0, add=False)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     return
-  _thread_store_rows(add)(src, idx, dst, jnp.asarray(col0, jnp.int32))
+  _thread_store_rows()(src, idx, dst, jnp.asarray(col0, jnp.int32))
 
 
-# The 16-byte global write of four 32-bit registers, by output dtype: stored, added.
-_ST_V4 = "st.global.v4.b32 [$0], {$1, $2, $3, $4};"
-_RED_V4 = {"float32": "red.global.add.v4.f32 [$0], {$1, $2, $3, $4};",
-           "bfloat16": "red.global.add.noftz.v4.bf16x2 [$0], {$1, $2, $3, $4};",
-           "float16": "red.global.add.noftz.v4.f16x2 [$0], {$1, $2, $3, $4};"}
+def add_rows(src, idx, dst, col0):
+  """``dst[idx[r], col0:col0 + C] += src[r]`` for the T rows of ``src`` [T, C] (shared
+  memory, no transforms; ``idx``, ``col0`` as in :func:`store_rows`): one TMA tensor
+  reduction per row, issued by one thread; the copy engine drops rows and columns out of
+  ``dst``'s bounds (padding rows). The copies are committed as one group and not waited
+  for: ``plgpu.wait_smem_to_gmem(0, wait_read_only=True)`` before ``src`` is written
+  again. (Every thread adding 16-byte pieces with ``red.global.add.v4`` instead gave
+  wrong sums on an H100 where an output row spans several column blocks, and took longer
+  with float32 sums: bench/RESULTS.md, 'Pallas Mosaic GPU kernels'.)"""
+  _tma_rows(src, idx, dst, col0, add=True)
+
+
+def _tma_rows(src, idx, dst, col0, *, add: bool):
+  """One TMA copy (or reduction) per row of ``src`` into row ``idx[r]`` of ``dst``,
+  committed as one group."""
+  plgpu.commit_smem()   # the warpgroup's writes of src, before the copy engine reads
+  width = src.shape[1]
+
+  def row(r, carry):
+    plgpu.copy_smem_to_gmem(src.at[pl.ds(r, 1)], dst.at[pl.ds(idx[r], 1), pl.ds(col0, width)],
+                            reduction_op="add" if add else None, commit_group=False)
+    return carry
+
+  lax.fori_loop(0, src.shape[0], row, 0)
+  plgpu.commit_smem_to_gmem_group()
+
+
+_ST_V4 = "st.global.v4.b32 [$0], {$1, $2, $3, $4};"   # a 16-byte store of four registers
 
 
 @functools.lru_cache(maxsize=None)
-def _thread_store_rows(add: bool):
+def _thread_store_rows():
   refs = (plgpu.RefType(), plgpu.RefType(), plgpu.RefType())
 
   @plgpu.inline_mgpu(arg_types=refs + (plgpu.Layout.WG_SPLAT(shape=()),))
@@ -302,35 +315,29 @@ def _thread_store_rows(add: bool):
     from jax._src.lib.mlir.dialects import arith, llvm, memref  # noqa: PLC0415
     from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
     i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
-    i8, f32 = ir.IntegerType.get_signless(8), ir.F32Type.get()
+    i8 = ir.IntegerType.get_signless(8)
 
     def c32(v):
       return arith.constant(i32, ir.IntegerAttr.get(i32, v))
 
     src_ty, dst_ty = ir.MemRefType(src.type), ir.MemRefType(dst.type)
-    ety = dst_ty.element_type
-    elem = mu.bitwidth(ety) // 8
-    dtype = next((name for name, ty in (("float32", ir.F32Type), ("bfloat16", ir.BF16Type),
-                                        ("float16", ir.F16Type)) if isinstance(ety, ty)), None)
+    elem = mu.bitwidth(dst_ty.element_type) // 8
     n_rows, width = src_ty.shape
     n_dst, n_cols = dst_ty.shape
     src_strides, _ = src_ty.get_strides_and_offset()
     (row_stride, col_stride), _ = dst_ty.get_strides_and_offset()
     per_piece = _PIECE // elem                      # values of a 16-byte piece
-    if (src_ty.element_type != ety or list(src_strides) != [width, 1]
+    if (src_ty.element_type != dst_ty.element_type or list(src_strides) != [width, 1]
         or col_stride != 1 or (row_stride * elem) % _PIECE or n_cols % per_piece
-        or (n_rows * width) % (WARPGROUP_THREADS * per_piece) or (add and dtype is None)):
-      raise ValueError(f"store_rows: {src_ty} rows into {dst_ty}, add={add}")
+        or (n_rows * width) % (WARPGROUP_THREADS * per_piece)):
+      raise ValueError(f"store_rows: {src_ty} rows into {dst_ty}")
     pieces = width // per_piece                     # pieces of a row
     tid = arith.remui(mu.thread_idx(), c32(WARPGROUP_THREADS))
     col0 = col0.registers.item()
     src_base = mu.memref_ptr(src)
     dst_base = llvm.ptrtoint(i64, llvm.addrspacecast(llvm.PointerType.get(address_space=1),
                                                      mu.memref_ptr(dst)))
-    # 32-bit registers: float32 values where float32 values are added, else raw bits
-    reg, constraint = (f32, "f") if add and dtype == "float32" else (i32, "r")
-    vec = ir.VectorType.get([4], reg)
-    asm = _RED_V4[dtype] if add else _ST_V4
+    vec = ir.VectorType.get([4], i32)
     index = ir.IndexType.get()
     row_bytes = arith.constant(i64, ir.IntegerAttr.get(i64, row_stride * elem))
     mu.warpgroup_barrier()           # the warpgroup's writes of src are visible
@@ -349,8 +356,7 @@ def _thread_store_rows(add: bool):
         llvm.inline_asm(ir.Type.parse("!llvm.void"),
                         [arith.addi(dst_base, offset)]
                         + [llvm.extractelement(values, c32(v)) for v in range(4)],
-                        asm, "l," + ",".join([constraint] * 4) + ",~{memory}",
-                        has_side_effects=True)
+                        _ST_V4, "l,r,r,r,r,~{memory}", has_side_effects=True)
     mu.warpgroup_barrier()           # every thread has read src
 
   return store

@@ -2,11 +2,11 @@
 gradient a Pallas kernel (:mod:`kernels.cvmm_mosaic.rows`, :mod:`kernels.cvmm_mosaic.gram`).
 
 Forward: one row-kernel launch (the gated sum over slots fused: rows are added into the
-[N, O] output by vector atomic adds). Backward: one row-kernel launch for dx (and, gated,
+[N, O] output by TMA reductions). Backward: one row-kernel launch for dx (and, gated,
 dgates from the same product) and one weight-gradient launch. As in the Triton path
 (kernels/cvmm_triton/ops.py) the gated weight gradient contracts rows pre-scaled by their
 gates (``gated_rows``) and the residuals are the inputs. Sums over slots are float32,
-or bfloat16 where the config's ``sum_dtype`` is "bfloat16" (atomic adds in bfloat16); the
+or bfloat16 where the config's ``sum_dtype`` is "bfloat16" (rows added in bfloat16); the
 Triton path's scaled float16 sums are not implemented here.
 """
 from __future__ import annotations

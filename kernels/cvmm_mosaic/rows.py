@@ -8,7 +8,7 @@ One kernel serves every CVMM product, as the Triton row kernel does
 forward (out [N, O]: the gated sum over the K slots, added), dx (W^T; added where
 several slots read one x row) and the gated dx with dgates[p] = <dout[n] @ W_e^T,
 x[arow(p)]> taken from the same product. Nothing of size [P, O] is written where rows
-are added: each tile adds its rows into the output with vector atomic adds.
+are added: each tile adds its rows into the output with TMA reductions.
 
 Structure (one CUDA block per multiprocessor, persistent): work items are (tile, column
 block) pairs of the used tiles, walked by every block in steps of the grid. Warpgroups:
@@ -22,11 +22,12 @@ block) pairs of the used tiles, walked by every block in steps of the grid. Warp
   landed, so that many steps of row copies are in flight;
   consumers (``block_m / 64`` of them, 64 rows each): per step they wait for the stage,
   issue the wgmma, and release the previous stage once its wgmma retired (one wgmma in
-  flight); the epilogue scales the rows by their gates, writes them to shared memory,
-  and every thread of the warpgroup stores (or adds) 16-byte pieces of them into their
-  output rows: ``st.global.v4`` or ``red.global.add`` of a 16-byte vector, padding
-  slots' rows and columns past the output skipped (kernels/cvmm_mosaic/common.py:
-  stored rows).
+  flight); the epilogue scales the rows by their gates and writes them to shared
+  memory; stored rows: every thread of the warpgroup stores 16-byte pieces of them into
+  their output rows (``st.global.v4``); added rows: one TMA reduction per row, read
+  from shared memory while the next item's main loop runs (kernels/cvmm_mosaic/
+  common.py: stored and added rows). Padding slots' rows and columns past the output
+  are skipped.
 ``num_stages`` stages of (rows, matrix block) are in flight.
 """
 from __future__ import annotations
@@ -42,15 +43,16 @@ from kernels.arrays import pad_to
 from kernels.autotune import TileConfig
 from kernels.cvmm_mosaic import slots
 from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, SMEM_BUDGET,
-                                        consumer_registers, gather_buffer, gather_commit,
-                                        gather_rows, gather_views, gathers_done, launch, load,
-                                        pl, plgpu, store_rows, tiled)
+                                        add_rows, consumer_registers, gather_buffer,
+                                        gather_commit, gather_rows, gather_views,
+                                        gathers_done, launch, load, pl, plgpu, store_rows,
+                                        tiled)
 from kernels.routing import Routing
 
-# The epilogue writes output rows in 16-byte pieces (common.store_rows): output widths
-# are padded to multiples of 8 (16 bytes of 16-bit values); the gathered inputs and the
-# matrices are padded to 64 columns (whole chunks; only odd shapes copy anything: the
-# model's widths are multiples of 64).
+# The epilogue stores output rows in 16-byte pieces and adds them by TMA, whose rows must
+# be 16 bytes apart: output widths are padded to multiples of 8 (16 bytes of 16-bit
+# values); the gathered inputs and the matrices are padded to 64 columns (whole chunks;
+# only odd shapes copy anything: the model's widths are multiples of 64).
 _ALIGN = 8
 
 
@@ -257,18 +259,21 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
 
         acc = pl.run_scoped(acc_scope, plgpu.ACC((ROWS_PER_WG, bn)))   # [64, BN] f32
         plgpu.barrier_wait(epi_bar.at[c_i])
+        if dgate or reduce:   # the last item's dgates and added rows have been read
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         if dgate:
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last item's dgates read
           _dgates(acc, c_i, nb, slot0)
         if has_scale:
           g = load(osc.at[c_i], plgpu.Layout.WGMMA.reduce(1))
           acc = acc * lax.broadcast_in_dim(g, acc.shape, [0])
         o_smem.at[c_i][...] = acc.astype(out_dtype)
-        # every thread writes (or adds) 16-byte pieces of the rows; padding slots' rows
-        # (row N * out_rows) and columns past the output's are skipped
-        store_rows(o_smem.at[c_i], oidx.at[c_i], out_g, nb * bn, add=reduce)
+        # padding slots' rows (row N * out_rows) and columns past the output's are skipped
+        if reduce:   # one TMA reduction a row, read while the next item's loop runs
+          add_rows(o_smem.at[c_i], oidx.at[c_i], out_g, nb * bn)
+        else:        # every thread stores 16-byte pieces of the rows
+          store_rows(o_smem.at[c_i], oidx.at[c_i], out_g, nb * bn)
 
-      plgpu.wait_smem_to_gmem(0)   # the dgates' stores (and the interpreter's row copies)
+      plgpu.wait_smem_to_gmem(0)   # the last dgates and added rows
 
     def _dgates(acc, c_i, nb, slot0):
       """dgates partials of this column block: <acc row, c row>, c gathered here."""
