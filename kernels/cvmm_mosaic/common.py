@@ -165,6 +165,20 @@ def gathers_done(pending: int):
   _cp_async_wait(pending)()
 
 
+def _mlir():
+  """What the inline Mosaic GPU bodies build with, imported when a kernel is lowered:
+  (ir, arith, llvm, memref, nvvm, mosaic_gpu.utils, i32 constant, i64 constant)."""
+  from jax._src.lib.mlir import ir  # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import arith, llvm, memref, nvvm  # noqa: PLC0415
+  from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
+
+  def constant(bits):
+    ty = ir.IntegerType.get_signless(bits)
+    return lambda v: arith.constant(ty, ir.IntegerAttr.get(ty, v))
+
+  return ir, arith, llvm, memref, nvvm, mu, constant(32), constant(64)
+
+
 @functools.lru_cache(maxsize=None)
 def _cp_async_rows(limited: bool):
   refs = (plgpu.RefType(), plgpu.RefType(), plgpu.RefType())
@@ -173,15 +187,8 @@ def _cp_async_rows(limited: bool):
   @plgpu.inline_mgpu(arg_types=refs + scalar)
   def gather(ctx, src, idx, dst, *limit):
     del ctx
-    from jax._src.lib.mlir import ir  # noqa: PLC0415
-    from jax._src.lib.mlir.dialects import arith, llvm, memref, nvvm  # noqa: PLC0415
-    from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
-    i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
-    i8 = ir.IntegerType.get_signless(8)
-
-    def c32(v):
-      return arith.constant(i32, ir.IntegerAttr.get(i32, v))
-
+    ir, arith, llvm, memref, nvvm, mu, c32, c64 = _mlir()
+    i32, i64, i8 = (ir.IntegerType.get_signless(bits) for bits in (32, 64, 8))
     src_ty, dst_ty = ir.MemRefType(src.type), ir.MemRefType(dst.type)
     elem = mu.bitwidth(src_ty.element_type) // 8
     n_src, width = src_ty.shape
@@ -213,9 +220,8 @@ def _cp_async_rows(limited: bool):
         lim = limit[0].registers.item()
         valid = arith.andi(valid, arith.cmpi(arith.CmpIPredicate.slt, r, lim))
       row = arith.select(valid, row, c32(0))
-      src_off = arith.addi(arith.muli(arith.extui(i64, row),
-                                      arith.constant(i64, ir.IntegerAttr.get(
-                                          i64, row_stride * elem))), src_piece)
+      src_off = arith.addi(arith.muli(arith.extui(i64, row), c64(row_stride * elem)),
+                           src_piece)
       src_ptr = mu.getelementptr(src_base, [src_off], i8)
       addr = arith.addi(dst_base, arith.addi(arith.muli(r, c32(row_bytes)), piece_off))
       # 128-byte swizzle: 16-byte piece bits 4..6 ^= 128-byte row bits 7..9
@@ -311,15 +317,8 @@ def _thread_store_rows():
   @plgpu.inline_mgpu(arg_types=refs + (plgpu.Layout.WG_SPLAT(shape=()),))
   def store(ctx, src, idx, dst, col0):
     del ctx
-    from jax._src.lib.mlir import ir  # noqa: PLC0415
-    from jax._src.lib.mlir.dialects import arith, llvm, memref  # noqa: PLC0415
-    from jax.experimental.mosaic.gpu import utils as mu  # noqa: PLC0415
-    i32, i64 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64)
-    i8 = ir.IntegerType.get_signless(8)
-
-    def c32(v):
-      return arith.constant(i32, ir.IntegerAttr.get(i32, v))
-
+    ir, arith, llvm, memref, _, mu, c32, c64 = _mlir()
+    i32, i64, i8 = (ir.IntegerType.get_signless(bits) for bits in (32, 64, 8))
     src_ty, dst_ty = ir.MemRefType(src.type), ir.MemRefType(dst.type)
     elem = mu.bitwidth(dst_ty.element_type) // 8
     n_rows, width = src_ty.shape
@@ -339,7 +338,7 @@ def _thread_store_rows():
                                                      mu.memref_ptr(dst)))
     vec = ir.VectorType.get([4], i32)
     index = ir.IndexType.get()
-    row_bytes = arith.constant(i64, ir.IntegerAttr.get(i64, row_stride * elem))
+    row_bytes = c64(row_stride * elem)
     mu.warpgroup_barrier()           # the warpgroup's writes of src are visible
     for i in range(n_rows * pieces // WARPGROUP_THREADS):
       q = arith.addi(tid, c32(i * WARPGROUP_THREADS))       # piece q of src, row-major
