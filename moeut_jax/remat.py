@@ -96,8 +96,7 @@ ELEMENTWISE_PRIMITIVES = frozenset({
     "convert_element_type", "reduce_precision", "bitcast_convert_type", "reshape",
     "broadcast_in_dim", "squeeze", "expand_dims", "transpose", "slice", "split", "concatenate",
     "pad", "iota", "copy", "select_n", "clamp", "add", "sub", "mul", "div", "rem", "neg", "max",
-    "min",
-    "abs", "sign", "floor", "ceil", "round", "exp", "expm1", "log", "log1p", "logistic",
+    "min", "abs", "sign", "floor", "ceil", "round", "exp", "expm1", "log", "log1p", "logistic",
     "tanh", "rsqrt", "sqrt", "integer_pow", "pow", "square", "sin", "cos", "eq", "ne", "lt",
     "le", "gt", "ge", "and", "or", "not", "xor", "shift_left", "shift_right_logical",
     "shift_right_arithmetic", "random_bits", "random_wrap", "random_unwrap", "random_fold_in"})
