@@ -24,7 +24,8 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && OUT=$OUT bash bench/mosaic_gpu.sh
 # BUDGET (seconds, default 570) bounds the whole run; each step gets its own limit
-# within what is left.
+# within what is left. STEPS (default all: "variants check tests_fast step cvmm
+# tests_full") names the steps to run.
 set -u
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
@@ -40,6 +41,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # step NAME SECONDS COMMAND...: runs COMMAND under min(SECONDS, time left) into $OUT/NAME.log
 step() {
   local name=$1 limit=$2; shift 2
+  [[ " ${STEPS:-variants check tests_fast step cvmm tests_full} " == *" $name "* ]] || return 0
   local rest; rest=$(left)
   (( rest < limit )) && limit=$rest
   if (( limit < 15 )); then echo "== $name: skipped, ${rest}s left"; return; fi
