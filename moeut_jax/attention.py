@@ -20,8 +20,8 @@ from jax.ad_checkpoint import checkpoint_name
 from kernels import DEFAULT, CvmmConfig, cvmm, expert_weights, make_head_routing
 from moeut_jax import initializers as init
 from moeut_jax.parallel import per_device
-from moeut_jax.remat import (ATTENTION_OUT, ATTENTION_QK, ATTENTION_V, ROUTER_LOGITS, ROUTING,
-                             SWITCHHEAD_CVMM, WEIGHTS)
+from moeut_jax.remat import (ATTENTION_OUT, ATTENTION_QK, ATTENTION_ROUTER_LOGITS, ATTENTION_V,
+                             ROUTING, SWITCHHEAD_CVMM, WEIGHTS)
 from moeut_jax.recompute import Cast, recompute_input
 from moeut_jax.rope import apply_rope, rotary_width
 from moeut_jax.routing import (gate_sigmoid, router_logits, sigmoid_topk,
@@ -137,7 +137,7 @@ class SwitchHeadRope(nn.Module):
       lo = upcast(router_logits(q_src, p["sel_o"], self.dtype, self.router_dtype, source))
     out = []
     for logits in (lv, lo):
-      logits = checkpoint_name(logits.reshape(shape), ROUTER_LOGITS)
+      logits = checkpoint_name(logits.reshape(shape), ATTENTION_ROUTER_LOGITS)
       drop = None
       if train and self.expert_dropout > 0:
         drop = jax.random.bernoulli(self.make_rng("dropout"), self.expert_dropout, shape)

@@ -153,8 +153,8 @@ class MoEUT(nn.Module):
   scan_unroll: Optional[int] = None
   # what the backward pass keeps of each layer group (moeut_jax/remat.py): "none" (all it
   # reads), "elementwise" (all but what elementwise operations make: LayerNorms, casts,
-  # residual sums, which it recomputes), "lean" (elementwise, and the q|k product, the
-  # routers' products and the σ-MoE's up projection run again), "save_projections"
+  # residual sums, which it recomputes), "lean" (elementwise, and the q|k product,
+  # SwitchHead's routers and the σ-MoE's up projection run again), "save_projections"
   # (router logits, routings, q/k, SwitchHead's CVMM outputs; the rest is recomputed) or
   # "full" (only the group's input). Numerics are the same.
   remat: str = "none"

@@ -28,12 +28,15 @@ cuDNN's fused attention keeps it on GPUs: q, k, v, its output and [B, H, T] stat
   (16-bit); no product, kernel or attention runs twice, the backward pass only adds
   passes over [N, D] arrays (LayerNorms and casts, each fused into its consumers).
 - ``"lean"``: as "elementwise", and the cheap products run again too: XLA's matrix
-  products (the q|k projection, the routers' products; on CPUs XLA's attention), q and
-  k after RoPE and the routers' float32 logits are not kept, and the σ-MoE's fused
+  products (the q|k projection and SwitchHead's routers; on CPUs XLA's attention), q
+  and k after RoPE and SwitchHead's router logits are not kept, and the σ-MoE's fused
   expert MLP keeps no [N·k, expert size] middle: its backward pass makes it again with
-  the up projection alone (``kernels.cvmm_pair(..., keep_middle=False)``): 7.6 MiB,
-  7.8 MiB less than "elementwise" for one more up projection, q|k product and router
-  products per layer (the σ-MoE router's three bf16 products: [N, D] x [D, Ef]).
+  the up projection alone (``kernels.cvmm_pair(..., keep_middle=False)``): 9.1 MiB,
+  6.3 MiB less than "elementwise" for one more up projection, q|k product and
+  SwitchHead router product per layer. The σ-MoE router's float32 logits (1.5 MiB) are
+  kept: making them again takes its three bf16 products ([N, D] x [D, Ef]) per layer,
+  and on an H100 keeping them took the step's cost from 10.9% to 8.5% of "none"'s
+  tokens/s for 1.6 GiB more at MoEUT_244M's batch of 64 (14.1 to 15.7 GiB).
 - ``"save_projections"``: keeps only the values named in ``SAVED_NAMES`` (router logits,
   the routings, q and k after RoPE, SwitchHead's V and O CVMM outputs, the weights in
   the compute dtype): 9.2 MiB, and recomputes the rest of the layer group in the
@@ -73,13 +76,14 @@ REMAT_POLICIES = ("none", "elementwise", "lean", "save_projections", "full")
 
 # Names given with ``jax.ad_checkpoint.checkpoint_name`` (in attention.py and
 # sigma_moe.py) to values that are worth keeping.
-ROUTER_LOGITS = "moeut_router_logits"     # σ-MoE [B, T, Ef] and SwitchHead [B, T, H, Ea] f32
+MOE_ROUTER_LOGITS = "moeut_moe_router_logits"  # σ-MoE's router [B, T, Ef] float32
+ATTENTION_ROUTER_LOGITS = "moeut_attention_router_logits"  # SwitchHead's [B, T, H, Ea] f32
 ROUTING = "moeut_routing"                 # gates and sorted token-expert pairs (top-k, sort)
 ATTENTION_QK = "moeut_attention_qk"       # q, k [B, T, H, Dh] after RoPE
 SWITCHHEAD_CVMM = "moeut_switchhead_cvmm"  # V's [N, H, Dh] (per-head sums) and O's [N, D] outputs
 WEIGHTS = "moeut_weights"                 # the parameters in the compute dtype
 # what "save_projections" keeps
-SAVED_NAMES = (ROUTER_LOGITS, ROUTING, ATTENTION_QK, SWITCHHEAD_CVMM, WEIGHTS)
+SAVED_NAMES = (MOE_ROUTER_LOGITS, ATTENTION_ROUTER_LOGITS, ROUTING, ATTENTION_QK, SWITCHHEAD_CVMM, WEIGHTS)
 # "elementwise" keeps these too (products it would otherwise keep in float32 and
 # cast again): v [B, T, H, Dh] as attention reads it, attention's output [B, T, H, Dh]
 ATTENTION_V = "moeut_attention_v"
@@ -107,12 +111,13 @@ def _save_unless_elementwise(prim, *_, **__) -> bool:
 
 
 def _save_unless_cheap(prim, *_, **params) -> bool:
-  """"lean": as "elementwise", but XLA's matrix products (the q|k projection, the
-  routers' products), q and k after RoPE and the routers' logits are made again too."""
+  """"lean": as "elementwise", but XLA's matrix products (the q|k projection,
+  SwitchHead's routers), q and k after RoPE and SwitchHead's router logits are made
+  again too; the σ-MoE router's logits are kept."""
   if prim.name in ELEMENTWISE_PRIMITIVES or prim.name == "dot_general":
     return False
   if prim.name == "name":
-    return params["name"] not in (ATTENTION_QK, ROUTER_LOGITS)
+    return params["name"] not in (ATTENTION_QK, ATTENTION_ROUTER_LOGITS)
   return True
 
 

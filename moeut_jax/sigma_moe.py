@@ -13,7 +13,7 @@ from kernels import DEFAULT, CvmmConfig, cvmm_pair, expert_weights, make_routing
 from moeut_jax import initializers as init
 from moeut_jax.parallel import per_device
 from moeut_jax.recompute import Cast, recompute_input
-from moeut_jax.remat import ROUTER_LOGITS, ROUTING, WEIGHTS
+from moeut_jax.remat import MOE_ROUTER_LOGITS, ROUTING, WEIGHTS
 from moeut_jax.routing import router_logits, sigmoid_topk, sigmoid_topk_balanced, upcast
 
 
@@ -57,7 +57,7 @@ class SigmaMoE(nn.Module):
 
     logits = router_logits(sel_input, expert_sel, self.dtype, self.router_dtype,
                            sel_source)                                # [B, T, Ef]
-    logits = checkpoint_name(logits, ROUTER_LOGITS)
+    logits = checkpoint_name(logits, MOE_ROUTER_LOGITS)
     drop = None
     if train and self.expert_dropout > 0:
       drop = jax.random.bernoulli(self.make_rng("dropout"), self.expert_dropout, logits.shape)

@@ -12,9 +12,9 @@ import pytest
 
 from moeut_jax import MoEUT, MoEUTLM
 from kernels import CvmmConfig
-from moeut_jax.remat import (ELEMENTWISE_PRIMITIVES, NAMES, REMAT_POLICIES, ROUTER_LOGITS,
-                             SAVED_NAMES, SWITCHHEAD_CVMM, WEIGHTS, checkpoint_policy,
-                             layer_group_residuals, nbytes)
+from moeut_jax.remat import (ATTENTION_ROUTER_LOGITS, ELEMENTWISE_PRIMITIVES, MOE_ROUTER_LOGITS,
+                             NAMES, REMAT_POLICIES, SAVED_NAMES, SWITCHHEAD_CVMM, WEIGHTS,
+                             checkpoint_policy, layer_group_residuals, nbytes)
 from moeut_jax.training import Config
 from moeut_jax.training.step import build_model
 
@@ -164,10 +164,11 @@ def test_elementwise_keeps_nothing_an_elementwise_operation_makes():
   assert size("full") < size("save_projections") < size("elementwise") < size("none")
 
 
-def test_lean_keeps_neither_the_experts_middle_nor_q_and_k_nor_router_logits():
+def test_lean_keeps_neither_the_experts_middle_nor_q_and_k_nor_switchhead_router_logits():
   """"lean" is "elementwise" with the σ-MoE's [N, k, expert size] middle, the q|k
-  product, q and k after RoPE and the routers' logits made again in the backward pass:
-  none of them is kept, and it keeps less than "elementwise"."""
+  product, q and k after RoPE and SwitchHead's router logits made again in the backward
+  pass: none of them is kept, the σ-MoE router's float32 logits are, and it keeps less
+  than "elementwise"."""
   es = 12                                          # unlike every other width of the layer
   stack = MoEUT(**dict(GROUP, ff_expert_size=es), dtype=jnp.bfloat16,
                 cvmm=CvmmConfig(impl="xla"))
@@ -181,15 +182,24 @@ def test_lean_keeps_neither_the_experts_middle_nor_q_and_k_nor_router_logits():
   assert middle("elementwise") and not middle("lean"), middle("lean")
   named_qk = lambda remat: [o for _, o in rows[remat] if "'moeut_attention_qk'" in o]  # noqa: E731
   assert named_qk("elementwise") and not named_qk("lean"), named_qk("lean")
-  # the routers' float32 logits: σ-MoE's [B, T, Ef], SwitchHead's [B, T, H * Ea] (and
-  # their split into V's and O's)
-  logit_widths = (GROUP["ff_n_experts"], GROUP["n_heads"] * GROUP["att_n_experts"])
-  logits = lambda remat: [o for v, o in rows[remat]  # noqa: E731
-                          if f"'{ROUTER_LOGITS}'" in o
-                          or (v.dtype == jnp.float32 and v.shape[:2] == (b, t)
-                              and math.prod(v.shape[2:]) in logit_widths
-                              and "argument" not in o and "'moeut_routing'" not in o)]
-  assert logits("elementwise") and not logits("lean"), logits("lean")
+
+  # float32 [B, T, width] values that are no argument and no routing, by their name
+  def logits(remat, width, name):
+    return [o for v, o in rows[remat]
+            if f"'{name}'" in o
+            or (v.dtype == jnp.float32 and v.shape[:2] == (b, t)
+                and math.prod(v.shape[2:]) == width
+                and "argument" not in o and "'moeut_routing'" not in o)]
+  # SwitchHead's [B, T, H * Ea] (and their split into V's and O's): made again
+  att = GROUP["n_heads"] * GROUP["att_n_experts"]
+  assert logits("elementwise", att, ATTENTION_ROUTER_LOGITS)
+  assert not logits("lean", att, ATTENTION_ROUTER_LOGITS), logits("lean", att,
+                                                                  ATTENTION_ROUTER_LOGITS)
+  # σ-MoE's [B, T, Ef]: kept, once per layer
+  moe = lambda remat: logits(remat, GROUP["ff_n_experts"], MOE_ROUTER_LOGITS)  # noqa: E731
+  assert len(moe("lean")) == len(moe("elementwise")) == GROUP["group_size"], moe("lean")
+  assert all(f"'{MOE_ROUTER_LOGITS}'" in o for o in moe("lean"))
+  # no other product of XLA's is kept
   assert not [o for _, o in rows["lean"] if "output of dot_general" in o]
   assert (sum(nbytes(v) for v, _ in rows["lean"])
           < sum(nbytes(v) for v, _ in rows["elementwise"]))
