@@ -49,6 +49,10 @@ CASES = [
     # shapes at MoEUT_244M, narrowed (the Mosaic kernel's thread-wise vector adds
     # once lost rows only here)
     ("wide_many_slots", 600, 16, 1, 16, 512, 1024, "random"),
+    # a contraction of two 64-column chunks (the σ-MoE down projection, up's dx) and many
+    # work items per block (the Mosaic producers' warps once ran apart by whole items
+    # here and gathered the next item's rows)
+    ("narrow_many_items", 8192, 16, 1, 16, 128, 1024, "random"),
 ]
 
 

@@ -54,9 +54,15 @@ VARIANTS = {
     "summed_o1024_k16_bf16": ("rows", dict(o=1024, k=16, out_rows=1, sums="bfloat16")),
     "summed_o128_k16": ("rows", dict(o=128, k=16, out_rows=1)),          # one column block
     "stored_o1024_k16": ("rows", dict(o=1024, k=16)),
+    # a contraction of two chunks (the σ-MoE down projection and up's dx: i = 128) and
+    # many items a block: the producers' warps run apart by whole items
+    "summed_o1024_k16_i128_n8000": ("rows", dict(o=1024, k=16, i=128, n=8000, out_rows=1)),
+    "stored_o1024_k16_i128_n8000": ("rows", dict(o=1024, k=16, i=128, n=8000)),
     # -- weight gradient (hypothesis 2)
     "gram_rand_bi128": ("gram", dict()),                               # the failing case
     "gram_rand_bi64": ("gram", dict(bi=64)),
+    # the σ-MoE up projection's weight gradient, narrowed: many steps an item
+    "gram_rand_n8000_k16_i1024_o128": ("gram", dict(n=8000, k=16, i=1024, o=128)),
     "gram_cnt250_bi128": ("gram", dict(routing="cyclic", n=1000, n_small=40)),  # 250 e
     "gram_cnt252_bi128": ("gram", dict(routing="cyclic", n=1008, n_small=48)),  # 252 e
     "gram_cnt252_bi64": ("gram", dict(routing="cyclic", n=1008, n_small=48, bi=64)),

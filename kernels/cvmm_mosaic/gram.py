@@ -116,6 +116,10 @@ def _launch(a, b, a_pos, b_pos, offsets, e, out_dtype, cfg):
 
         def kstep(kk, t):
           buf = t % 2
+          # every thread of this producer has issued step t - 1's gathers, whose row
+          # indices (buffer 1 - buf) the prefetch below overwrites (and step t - 2's,
+          # whose buffer the next item's first fetch overwrites)
+          plgpu.commit_smem()
           plgpu.barrier_wait(idx_bar.at[2 * p + buf])
 
           @pl.when(kk + 1 < n_k)

@@ -172,6 +172,11 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
         z, nb = lin // n_nb, lin % n_nb
         ex = tile_e_g[z]
         plgpu.barrier_wait(aidx_bar.at[2 * p + b])
+        # every thread of this producer has issued the last item's gathers, whose row
+        # indices (buffer 1 - b) the prefetch overwrites: the warps run apart by up to
+        # ``lag`` steps, and items of few steps (a contraction of one or two chunks)
+        # gathered rows of the next item's tile on an H100 without this barrier
+        plgpu.commit_smem()
 
         @pl.when(lin + nsm < items)
         def _():
