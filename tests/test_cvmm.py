@@ -16,6 +16,7 @@ from kernels import cvmm
 from kernels.autotune import Autotuner, TileConfig
 from kernels.cvmm_reference import cvmm_reference
 from cvmm_cases import TOL, inputs as _inputs, outputs as _outputs, rel_err as _rel
+from cvmm_cases import by_expert_reference
 from cvmm_cases import routing_of_kind as _routing
 
 # (name, N, K, M, E, I, O, routing kind)
@@ -61,6 +62,22 @@ def test_reference_definition():
   assert _rel(cvmm_reference(x, r, w), y) < 1e-6
   out = np.einsum("NK,NKO->NO", np.asarray(g, np.float64), y)
   assert _rel(cvmm_reference(x, r, w, g), out) < 1e-6
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("basic", "m_divisor",
+                                                               "empty_experts", "odd_sizes")],
+                         ids=lambda c: c[0])
+def test_by_expert_reference_matches_reference(case, gated):
+  """The GPU tests' memory-light reference of large cases (every row times every
+  expert's matrix, then each slot's taken) against the defining one, forward and every
+  gradient, float32."""
+  x, w, g, r, ct = _inputs(case, jnp.float32, gated)
+  got = _outputs(by_expert_reference, x, w, g, r, ct)
+  ref = _outputs(cvmm_reference, x, w, g, r, ct)
+  for name, a, b in zip(["out", "dx", "dw", "dgates"], got, ref):
+    assert a.shape == b.shape, (name, a.shape, b.shape)
+    assert _rel(a, b) < 1e-6, (case[0], name, _rel(a, b))
 
 
 @pytest.mark.parametrize("impl", ["xla", "reference"])

@@ -121,7 +121,8 @@ def _child(name: str, interpret: bool, small: bool) -> dict:
     scale = jnp.ones((n * k,), jnp.float32) if p.get("scale") == "ones" else None
     transpose = p.get("transpose", False)
     wk = jnp.swapaxes(w, 1, 2) if transpose else w                  # [e, o, i] used as W^T
-    y_ref = jnp.einsum("pi,pio->po", f32(x)[tok], f32(w)[ex], precision=hi)   # [P, O]
+    # every token times every expert ([n, e, o]), then each pair's: no [P, I, O] array
+    y_ref = jnp.einsum("ni,eio->neo", f32(x), f32(w), precision=hi)[tok, ex]   # [P, O]
     ref = y_ref if out_rows == k else y_ref.reshape(n, k, o).sum(1)
 
     def fn(x, wk):
@@ -134,8 +135,8 @@ def _child(name: str, interpret: bool, small: bool) -> dict:
     bi, bo = p.get("bi", 128), p.get("bo", 128)
     cfg = TileConfig(bi, bo, 64, 4, 4)
     dy = jax.random.normal(ks[4], (n * k, o)).astype(jnp.bfloat16)
-    ref = jnp.zeros((e, i, o)).at[ex].add(
-        jnp.einsum("pi,po->pio", f32(x)[tok], f32(dy), precision=hi))
+    ref = jnp.einsum("pi,pe,po->eio", f32(x)[tok], jax.nn.one_hot(ex, e), f32(dy),
+                     precision=hi)                                    # [e, i, o]
 
     def fn(x, dy):
       return expert_gram(x, dy, r, a_rows=1, b_rows=k, out_dtype=jnp.float32, cfg=cfg)
