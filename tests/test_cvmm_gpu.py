@@ -46,8 +46,7 @@ CASES = [
     ("odd_sizes", 333, 5, 1, 9, 100, 72, "random"),
     ("switchhead_like", 256, 8, 4, 40, 128, 128, "random"),
     # outputs of several column blocks, 16 slots a row: the σ-MoE pair's forward and dx
-    # shapes at MoEUT_244M, narrowed (the Mosaic kernel's thread-wise vector adds
-    # once lost rows only here)
+    # shapes at MoEUT_244M, narrowed
     ("wide_many_slots", 600, 16, 1, 16, 512, 1024, "random"),
     # a contraction of two 64-column chunks (the σ-MoE down projection, up's dx) and many
     # work items per block (the Mosaic producers' warps once ran apart by whole items

@@ -286,9 +286,8 @@ def add_rows(src, idx, dst, col0):
   reduction per row, issued by one thread; the copy engine drops rows and columns out of
   ``dst``'s bounds (padding rows). The copies are committed as one group and not waited
   for: ``plgpu.wait_smem_to_gmem(0, wait_read_only=True)`` before ``src`` is written
-  again. (Every thread adding 16-byte pieces with ``red.global.add.v4`` instead gave
-  wrong sums on an H100 where an output row spans several column blocks, and took longer
-  with float32 sums: bench/RESULTS.md, 'Pallas Mosaic GPU kernels'.)"""
+  again. (Every thread adding 16-byte pieces with ``red.global.add.v4`` instead took
+  longer with float32 sums on an H100: bench/RESULTS.md, 'Pallas Mosaic GPU kernels'.)"""
   _tma_rows(src, idx, dst, col0, add=True)
 
 
