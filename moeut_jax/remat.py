@@ -83,7 +83,8 @@ ATTENTION_QK = "moeut_attention_qk"       # q, k [B, T, H, Dh] after RoPE
 SWITCHHEAD_CVMM = "moeut_switchhead_cvmm"  # V's [N, H, Dh] (per-head sums) and O's [N, D] outputs
 WEIGHTS = "moeut_weights"                 # the parameters in the compute dtype
 # what "save_projections" keeps
-SAVED_NAMES = (MOE_ROUTER_LOGITS, ATTENTION_ROUTER_LOGITS, ROUTING, ATTENTION_QK, SWITCHHEAD_CVMM, WEIGHTS)
+SAVED_NAMES = (MOE_ROUTER_LOGITS, ATTENTION_ROUTER_LOGITS, ROUTING, ATTENTION_QK, SWITCHHEAD_CVMM,
+               WEIGHTS)
 # "elementwise" keeps these too (products it would otherwise keep in float32 and
 # cast again): v [B, T, H, Dh] as attention reads it, attention's output [B, T, H, Dh]
 ATTENTION_V = "moeut_attention_v"
