@@ -64,7 +64,7 @@ cat "$OUT/environment.log"
 TAIL=30 step variants 130 python3 bench/probes/mosaic_variants.py --jobs 3 \
   --only summed stored_o1024 stored_o192_bn128 stored_o72 gram_rand_n8000
 TAIL=12 step check 220 python3 -m bench.mosaic_epilogue_check
-step tests_fast 120 python3 -m pytest tests/test_cvmm_gpu.py -q -n 0 -rf --tb=short -p no:cacheprovider \
+step tests_fast 180 python3 -m pytest tests/test_cvmm_gpu.py -q -n 0 -rf --tb=short -p no:cacheprovider \
   -k "mosaic and bf16 and (basic or k1 or empty_experts or odd_sizes or one_expert or wide or narrow)"
 TAIL=4 step step 200 env -u XLA_PYTHON_CLIENT_PREALLOCATE python3 bench/model.py \
   --profile MoEUT_244M --batch 64 --seq 1024 --steps 5 --warmup 2 --grad-clip 0.25 \
