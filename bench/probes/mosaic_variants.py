@@ -92,6 +92,7 @@ def _child(name: str, interpret: bool, small: bool) -> dict:
   from kernels.autotune import TileConfig  # noqa: PLC0415
   from kernels.cvmm_mosaic.gram import expert_gram  # noqa: PLC0415
   from kernels.cvmm_mosaic.rows import rows_matmul  # noqa: PLC0415
+  from cvmm_cases import by_expert_reference  # noqa: PLC0415  (tests/cvmm_cases.py)
   ctx = contextlib.nullcontext()
   if interpret:
     import mosaic_interpret  # noqa: PLC0415  (tests/mosaic_interpret.py)
@@ -121,9 +122,8 @@ def _child(name: str, interpret: bool, small: bool) -> dict:
     scale = jnp.ones((n * k,), jnp.float32) if p.get("scale") == "ones" else None
     transpose = p.get("transpose", False)
     wk = jnp.swapaxes(w, 1, 2) if transpose else w                  # [e, o, i] used as W^T
-    # every token times every expert ([n, e, o]), then each pair's: no [P, I, O] array
-    y_ref = jnp.einsum("ni,eio->neo", f32(x), f32(w), precision=hi)[tok, ex]   # [P, O]
-    ref = y_ref if out_rows == k else y_ref.reshape(n, k, o).sum(1)
+    y_ref = by_expert_reference(f32(x)[:, None], r, f32(w))               # [n, k, o]
+    ref = y_ref.reshape(n * k, o) if out_rows == k else y_ref.sum(1)
 
     def fn(x, wk):
       return rows_matmul(x, wk, r, a_rows=1, out_rows=out_rows, transpose_w=transpose,
