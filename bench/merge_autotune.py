@@ -6,7 +6,8 @@ call's ``$OUT/autotune.json``) into ``bench/autotune_cache.json``.
 
 Prints every key it adds or (with ``--replace``) changes, old and new choice, so the
 commit that lands the merge can say what moved. Entries are validated as
-:class:`kernels.autotune.TileConfig` before anything is written.
+:class:`kernels.autotune.TileConfig` (tiles) or as an implementation's name ("auto"'s
+choices, ``{"impl": name}``) before anything is written.
 """
 from __future__ import annotations
 
@@ -16,11 +17,16 @@ import os
 import sys
 
 from kernels.autotune import TileConfig
+from kernels.config import IMPLEMENTATIONS
 
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "autotune_cache.json")
 
 
 def _fmt(d: dict) -> str:
+  if set(d) == {"impl"}:                    # "auto"'s choice of implementation
+    if d["impl"] not in IMPLEMENTATIONS or d["impl"] == "auto":
+      raise ValueError(f"not an implementation: {d}")
+    return f"impl {d['impl']}"
   c = TileConfig(**d)
   s = f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
   return (s + (f" S{c.splits}" if c.splits > 1 else "") + (" loopN" if c.loop_n else "")
@@ -32,7 +38,7 @@ def merge(new: dict, old: dict, replace: bool) -> tuple[dict, list[str]]:
   """(merged cache, one line per added or changed key)."""
   out, lines = dict(old), []
   for key, cfg in sorted(new.items()):
-    _fmt(cfg)                                 # refuses entries that are not TileConfigs
+    _fmt(cfg)                     # refuses entries that are neither tiles nor impls
     if key not in old:
       out[key] = cfg
       lines.append(f"+ {key}: {_fmt(cfg)}")

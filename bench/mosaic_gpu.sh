@@ -10,7 +10,8 @@
 #   check.log           python3 -m bench.mosaic_epilogue_check: the four projections at
 #                       MoEUT_244M, forward and gradients against XLA with the Triton
 #                       path's errors as yardstick, and both timed (~3 min)
-#   tests_fast.log      the mosaic GPU tests of the edge cases (bf16)
+#   tests_fast.log      the mosaic GPU tests of the edge cases (bf16), and "auto" timing
+#                       the two GPU paths
 #   step.log            bench/model.py: MoEUT_244M's training step (batch 64 x 1024, no
 #                       remat) with cvmm_impl auto (Triton) and mosaic
 #   cvmm.log            python3 -m bench.cvmm at MoEUT_244M: mosaic, triton and XLA's
@@ -65,7 +66,7 @@ TAIL=30 step variants 130 python3 bench/probes/mosaic_variants.py --jobs 3 \
   --only summed stored_o1024 stored_o192_bn128 stored_o72 gram_rand_n8000
 TAIL=12 step check 220 python3 -m bench.mosaic_epilogue_check
 step tests_fast 180 python3 -m pytest tests/test_cvmm_gpu.py -q -n 0 -rf --tb=short -p no:cacheprovider \
-  -k "mosaic and bf16 and (basic or k1 or empty_experts or odd_sizes or one_expert or wide or narrow)"
+  -k "(mosaic and bf16 and (basic or k1 or empty_experts or odd_sizes or one_expert or wide or narrow)) or auto_times"
 TAIL=4 step step 200 env -u XLA_PYTHON_CLIENT_PREALLOCATE python3 bench/model.py \
   --profile MoEUT_244M --batch 64 --seq 1024 --steps 5 --warmup 2 --grad-clip 0.25 \
   --remat none --impl auto mosaic

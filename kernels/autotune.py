@@ -156,13 +156,15 @@ def time_call(fn: Callable[[], object], *, warmup: int = 1, reps: int = 5,
 
 
 class Autotuner:
-  """Chooses a :class:`TileConfig` per (device, kernel, shape, dtype), timing once."""
+  """Chooses a :class:`TileConfig` per (device, kernel, shape, dtype), timing once; and,
+  for ``impl="auto"``, an implementation per operation (:meth:`choose_impl`)."""
 
   def __init__(self, cache_file: str | None = None):
     self.cache_file = cache_file if cache_file is not None else os.environ.get(
         "CVMM_AUTOTUNE_CACHE")
     self._lock = threading.Lock()
     self._mem: dict[str, TileConfig] = {}
+    self._impls: dict[str, str] = {}         # key -> implementation name
     self.log: list[str] = []
     # where each log line is also written as it is made (a file opened by a benchmark),
     # so that a run stopped by its time limit keeps the timings it got
@@ -170,7 +172,10 @@ class Autotuner:
     if self.cache_file and os.path.exists(self.cache_file):
       with open(self.cache_file) as f:
         for k, v in json.load(f).items():
-          self._mem[k] = TileConfig.from_json(v)
+          if set(v) == {"impl"}:
+            self._impls[k] = v["impl"]
+          else:
+            self._mem[k] = TileConfig.from_json(v)
 
   def _log(self, line: str) -> None:
     self.log.append(line)
@@ -227,6 +232,38 @@ class Autotuner:
       self._save()
     return best
 
+  def choose_impl(self, kernel: str, shape: Sequence[int], dtype, names: Sequence[str],
+                  bench: Callable[[str], float], config=None) -> str:
+    """The cached implementation for an operation, else the fastest of ``names`` by
+    ``bench`` (seconds), cached like the tiles. With autotuning off the first name is
+    returned, unmeasured and not cached; a name whose bench fails (it does not compile
+    for the shape) is left out, and if every one fails the first is returned."""
+    names = list(dict.fromkeys(names))
+    if not names:
+      raise ValueError(f"no implementations to choose from for {kernel}")
+    k = self.key(kernel, shape, dtype, config)
+    with self._lock:
+      if k in self._impls and self._impls[k] in names:
+        return self._impls[k]
+    if not self.enabled or len(names) == 1:
+      return names[0]
+    timed = []
+    for name in names:
+      try:
+        t = bench(name)
+      except Exception as err:  # noqa: BLE001  (the other implementation still runs)
+        self._log(f"{k} {name}: failed ({type(err).__name__}: {str(err)[:120]})")
+        continue
+      self._log(f"{k} {name}: {t * 1e3:.3f} ms")
+      timed.append((t, name))
+    if not timed:
+      return names[0]
+    best = min(timed, key=lambda tc: tc[0])[1]
+    with self._lock:
+      self._impls[k] = best
+      self._save()
+    return best
+
   def _save(self):
     if not self.cache_file:
       return
@@ -235,6 +272,7 @@ class Autotuner:
       with open(self.cache_file) as f:
         data = json.load(f)
     data.update({k: v.to_json() for k, v in self._mem.items()})
+    data.update({k: {"impl": v} for k, v in self._impls.items()})
     tmp = self.cache_file + ".tmp"
     with open(tmp, "w") as f:
       json.dump(data, f, indent=1, sort_keys=True)

@@ -20,11 +20,13 @@ Implementations are interchangeable and chosen by :class:`kernels.CvmmConfig`'s
                [N*K, O] intermediate (for comparison; not chosen by "auto")
   "mosaic"     Pallas on the Mosaic GPU backend (Hopper, sm90): kernels/cvmm_mosaic/, rows
                gathered by TMA, sums over slots fused (float32 or bfloat16); 16-bit
-               inputs only (not chosen by "auto": slower than "triton", RESULTS.md)
+               inputs only
   "original"   the official MoEUT's own Triton kernels and the numerics of its CVMM op,
                from the clone the config's ``original_path`` names
                (kernels/cvmm_original.py; for comparisons; not chosen by "auto")
-  "auto"       the fastest available for the default backend
+  "auto"       on GPUs the faster of "triton" and "mosaic" for each operation, timed
+               on its first trace (kernels/auto.py; with autotuning off, "triton"
+               where available); "xla" elsewhere
 
 :func:`cvmm_pair` is the σ-MoE MLP (up, ReLU, gated down) as one op: with "triton" it
 runs fused kernels that keep each tile's middle on chip; otherwise two cvmm calls.
@@ -43,6 +45,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from kernels import auto
 from kernels.config import DEFAULT, IMPLEMENTATIONS, CvmmConfig
 from kernels.routing import Routing
 
@@ -56,10 +59,9 @@ _IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "mosaic": ("kernels.cvmm_mosaic", "cvmm_mosaic"),
     "original": ("kernels.cvmm_original", "cvmm_original"),
 }
-# Preference order of "auto" on GPUs, fastest measured first (bench/RESULTS.md); on any
-# other backend "auto" is "xla". The Mosaic path is not among them: slower than Triton
-# on every operation (bench/RESULTS.md, 'Pallas Mosaic GPU').
-_AUTO_GPU_ORDER = ("triton", "xla")
+# What "auto" is on GPUs where it does not measure (:func:`resolve`): the first available
+# (kernels/auto.py's order, then the pure-JAX path); on any other backend "xla".
+_AUTO_GPU_ORDER = auto.GPU_ORDER + ("xla",)
 
 
 def _module(name: str):
@@ -85,7 +87,10 @@ def available_implementations() -> tuple[str, ...]:
 
 
 def resolve(impl: str) -> str:
-  """The concrete implementation that ``impl`` names here ("auto" resolved)."""
+  """The concrete implementation that ``impl`` names here. "auto" resolves to the first
+  available of Triton, Mosaic and XLA on GPUs (XLA elsewhere): what it takes where it
+  does not measure; each call under "auto" may take another GPU implementation, chosen
+  by timing (:mod:`kernels.auto`)."""
   if impl != "auto":
     if not is_available(impl):
       raise RuntimeError(
@@ -99,6 +104,17 @@ def resolve(impl: str) -> str:
           _warn_xla_on_gpu()
         return name
   return "xla"
+
+
+def _call_impl(config: CvmmConfig, choose: Callable[[], str | None]) -> str:
+  """``config.impl`` resolved for one call: under "auto" on a GPU, ``choose()``'s pick
+  among the GPU implementations (:mod:`kernels.auto`; None: none can run the call);
+  otherwise, and where it picks none, :func:`resolve`'s."""
+  if config.impl == "auto" and jax.default_backend() == "gpu":
+    name = choose()
+    if name is not None:
+      return name
+  return resolve(config.impl)
 
 
 _warned_xla_on_gpu = False
@@ -171,7 +187,7 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
     shape = (((0, o) if out_rows == 1 else (0, out_rows, o)) if gates is not None
              else (0, routing.k, o))
     return jnp.zeros(shape, x.dtype)
-  name = resolve(config.impl)
+  name = _call_impl(config, lambda: auto.choose_cvmm(config, x, routing, w, gates, out_rows))
   if out_rows != 1:
     return _grouped_sums(x, routing, w, gates, out_rows, config.replace(impl=name))
   if name in ("triton", "triton_unfused", "mosaic", "original"):
@@ -245,7 +261,7 @@ def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array
   """The σ-MoE expert MLP: ``cvmm(relu(cvmm(x, routing, w_up)), routing, w_down, gates)``.
 
   out[n] = sum_s gates[n, s] * relu(x[n] @ w_up[e]) @ w_down[e], e = expert of (n, s).
-  With ``impl`` "triton" (or "auto" resolving to it) one fused kernel does both
+  With ``impl`` "triton" (or "auto" choosing it) one fused kernel does both
   products per tile, forward and backward, keeping the [tile, H] middle on chip;
   every other implementation composes two :func:`cvmm` calls. Same numerics either
   way: the middle is rounded to x's dtype after the ReLU.
@@ -269,11 +285,13 @@ def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array
     raise ValueError(f"w_up {w_up.shape} and w_down {w_down.shape} do not chain "
                      "([E, D, H] then [E, H, O])")
   config = _config(config, impl)
-  name = resolve(config.impl)
+  _check(x[:, None], routing, w_up, gates)
+  name = (_call_impl(config, lambda: auto.choose_pair(config, x, routing, w_up, w_down,
+                                                      keep_middle))
+          if x.shape[0] > 0 else resolve(config.impl))
   if name == "triton" and x.shape[0] > 0:
     triton_mod = importlib.import_module("kernels.cvmm_triton")
     if triton_mod.pair_supported(x, w_up):
-      _check(x[:, None], routing, w_up, gates)
       return triton_mod.cvmm_triton_pair(x, routing, w_up, w_down, gates,
                                          keep_middle=keep_middle, config=config)
   config = config.replace(impl=name)

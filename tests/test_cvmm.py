@@ -3,6 +3,7 @@ every gradient; routing tiles, tile configs, the autotuner and the kernels' sett
 (The Triton kernels in Triton's CPU interpreter: tests/interpreter/.)"""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -519,16 +520,17 @@ def test_importing_jax_triton_keeps_triton_compile_cache(tmp_path, monkeypatch):
     assert os.environ.get("TRITON_CACHE_DIR") == value
 
 
-def test_auto_on_gpus_is_triton_then_xla(monkeypatch):
-  """On a GPU "auto" is Triton, else XLA: the measured order (bench/RESULTS.md; the
-  Mosaic path is slower than Triton on every operation and is never picked). Falling
-  back to XLA on a GPU warns once, saying why; on a CPU it is the path and says nothing."""
+def test_auto_on_gpus_is_triton_then_mosaic_then_xla(monkeypatch):
+  """Unmeasured, "auto" on a GPU is Triton, else Mosaic, else XLA. Falling back to XLA on
+  a GPU warns once, saying why; on a CPU it is the path and says nothing."""
   import importlib  # noqa: PLC0415
   kc = importlib.import_module("kernels.cvmm")     # the module, not the function
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(kc, "is_available", lambda name: True)
   assert kc.resolve("auto") == "triton"
   monkeypatch.setattr(kc, "is_available", lambda name: name != "triton")
+  assert kc.resolve("auto") == "mosaic"
+  monkeypatch.setattr(kc, "is_available", lambda name: name not in ("triton", "mosaic"))
   monkeypatch.setattr(kc, "_warned_xla_on_gpu", False)
   with pytest.warns(RuntimeWarning, match='runs the pure-JAX "xla" path on this GPU'):
     assert kc.resolve("auto") == "xla"
@@ -540,3 +542,108 @@ def test_auto_on_gpus_is_triton_then_xla(monkeypatch):
   with warnings.catch_warnings():          # the CPU's own path: nothing to say
     warnings.simplefilter("error")
     assert kc.resolve("auto") == "xla"
+
+
+def _auto_on_a_fake_gpu(monkeypatch, tmp_path, names, times):
+  """"auto" as on a GPU whose implementations are ``names`` (ones that run on the CPU),
+  with a fresh autotuner on a file in tmp_path whose timings return ``times`` in turn
+  (each timing still compiles the implementation's forward and backward pass)."""
+  import importlib  # noqa: PLC0415
+  from kernels import auto, autotune  # noqa: PLC0415
+  kc = importlib.import_module("kernels.cvmm")
+  monkeypatch.setattr(auto, "candidates", lambda dtype: list(names))
+  monkeypatch.setattr(kc.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setenv("CVMM_AUTOTUNE", "1")
+  tuner = Autotuner(str(tmp_path / "tune.json"))
+  monkeypatch.setattr(autotune, "_TUNER", tuner)
+  left = list(times)
+  timed = []
+
+  def fake_time(fn, **kw):
+    jax.block_until_ready(fn())           # the compiled step runs
+    timed.append(left[0])
+    return left.pop(0)
+
+  monkeypatch.setattr(autotune, "time_call", fake_time)
+  return tuner, timed
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_auto_times_each_implementation_once_and_takes_the_faster(monkeypatch, tmp_path,
+                                                                  gated):
+  """Under "auto" on a GPU each operation's implementation is chosen by timing its
+  forward and backward pass on random inputs of the call's shapes; the choice is cached
+  (in memory and in the autotuner's file) and the call runs the chosen implementation."""
+  x, w, g, r, _ = _inputs(CASES[0], jnp.bfloat16, gated)
+  want = cvmm(x, r, w, g, impl="xla")
+  tuner, timed = _auto_on_a_fake_gpu(monkeypatch, tmp_path, ["reference", "xla"],
+                                     [2e-3, 1e-3])
+  got = jax.jit(lambda x, r, w, g: cvmm(x, r, w, g))(x, r, w, g)
+  assert timed == [2e-3, 1e-3]                       # both timed, in order
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  shape = (x.shape[0], 1, r.k, w.shape[0], w.shape[1], w.shape[2], int(gated), 1, 0)
+  key = tuner.key("cvmm_impl", shape, jnp.bfloat16, cvmm_config_default())
+  with open(tmp_path / "tune.json") as f:
+    assert json.load(f) == {key: {"impl": "xla"}}
+  cvmm(x, r, w, g)                                   # cached: not timed again
+  assert len(timed) == 2
+  assert Autotuner(str(tmp_path / "tune.json")).choose_impl(
+      "cvmm_impl", shape, jnp.bfloat16, ["reference", "xla"], None,
+      cvmm_config_default()) == "xla"                 # read back from the file
+
+
+def test_auto_pair_is_one_choice_and_skips_an_implementation_that_fails(monkeypatch,
+                                                                       tmp_path):
+  """The σ-MoE pair is timed as one operation; an implementation whose timing fails is
+  left out; with autotuning off the first candidate runs unmeasured."""
+  from kernels import auto, cvmm_pair  # noqa: PLC0415
+  x, w, g, r, _ = _inputs(CASES[0], jnp.bfloat16, True)
+  x2 = x[:, 0]
+  w_down = jax.random.normal(jax.random.key(5), (w.shape[0], w.shape[2], 16), w.dtype)
+  want = cvmm_pair(x2, r, w, w_down, g, impl="xla")
+  tuner, timed = _auto_on_a_fake_gpu(monkeypatch, tmp_path, ["mosaic", "xla"], [1e-3])
+  # "mosaic" cannot run on the CPU: its timing fails and it is left out
+  got = cvmm_pair(x2, r, w, w_down, g)
+  assert timed == [1e-3]
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  assert list(tuner._impls.values()) == ["xla"]
+  assert "mosaic: failed" in "\n".join(tuner.log)
+  monkeypatch.setenv("CVMM_AUTOTUNE", "0")
+  monkeypatch.setattr(auto, "candidates", lambda dtype: ["reference", "xla"])
+  got = cvmm_pair(x2[:7], r_first(r, 7), w, w_down, g[:7])      # a new shape, unmeasured
+  assert len(timed) == 1
+  np.testing.assert_allclose(np.asarray(got, np.float32),
+                             np.asarray(cvmm_pair(x2[:7], r_first(r, 7), w, w_down, g[:7],
+                                                  impl="reference"), np.float32))
+
+
+def test_auto_keeps_mosaic_to_16_bit_inputs(monkeypatch):
+  from kernels import auto  # noqa: PLC0415
+  import importlib  # noqa: PLC0415
+  kc = importlib.import_module("kernels.cvmm")
+  monkeypatch.setattr(kc, "is_available", lambda name: name in ("triton", "mosaic"))
+  assert auto.candidates(jnp.bfloat16) == ["triton", "mosaic"]
+  assert auto.candidates(jnp.float16) == ["triton", "mosaic"]
+  assert auto.candidates(jnp.float32) == ["triton"]
+  monkeypatch.setattr(kc, "is_available", lambda name: name == "mosaic")
+  assert auto.candidates(jnp.float32) == []
+
+
+def test_merge_autotune_takes_implementation_choices():
+  from bench.merge_autotune import merge  # noqa: PLC0415
+  merged, lines = merge({"k": {"impl": "mosaic"}}, {}, replace=False)
+  assert merged == {"k": {"impl": "mosaic"}} and lines == ["+ k: impl mosaic"]
+  for bad in ({"impl": "auto"}, {"impl": "cuda"}):
+    with pytest.raises(ValueError):
+      merge({"k": bad}, {}, replace=False)
+
+
+def cvmm_config_default():
+  from kernels.config import DEFAULT  # noqa: PLC0415
+  return DEFAULT
+
+
+def r_first(routing, n):
+  """The routing of the first ``n`` tokens of ``routing``."""
+  from kernels.routing import make_routing  # noqa: PLC0415
+  return make_routing(routing.expert_index[:n], routing.n_experts)

@@ -1,0 +1,127 @@
+"""``impl="auto"`` on GPUs: each CVMM operation's implementation, chosen by measurement.
+
+Where more than one GPU implementation can run an operation (the Triton kernels and, on
+Hopper with 16-bit inputs, the Pallas Mosaic GPU ones), the first trace of that
+operation times each one's forward and backward pass on random inputs of its shapes and
+a random routing of its structure, and the autotuner (:mod:`kernels.autotune`) keeps the
+fastest per device, operation, shapes, dtype and the config's
+:meth:`~kernels.CvmmConfig.tune_key`: in memory, and across processes in the file
+``CVMM_AUTOTUNE_CACHE`` names. With autotuning off (``CVMM_AUTOTUNE=0``) the first of
+:data:`GPU_ORDER` that can run the operation is taken, unmeasured.
+
+The σ-MoE pair (:func:`kernels.cvmm_pair`) is one operation: Triton's fused pair against
+two Mosaic calls. An operation's forward and backward pass always run the same
+implementation (each implementation is its own custom_vjp).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels import autotune
+from kernels.config import CvmmConfig
+from kernels.routing import Routing, make_head_routing, synthetic_routing
+
+# The GPU implementations "auto" chooses between, in the order taken without measuring
+# (bench/RESULTS.md: Triton is the faster on most operations at MoEUT's shapes).
+GPU_ORDER = ("triton", "mosaic")
+
+
+def candidates(dtype) -> list[str]:
+  """The implementations of :data:`GPU_ORDER` that can run a call with inputs of
+  ``dtype`` here (the Mosaic kernels multiply 16-bit inputs only)."""
+  from kernels.cvmm import is_available  # noqa: PLC0415  (kernels.cvmm imports this module)
+  names = [n for n in GPU_ORDER if is_available(n)]
+  if "mosaic" in names and jnp.dtype(dtype).itemsize != 2:
+    names.remove("mosaic")
+  return names
+
+
+def choose_cvmm(config: CvmmConfig, x: jax.Array, routing: Routing, w: jax.Array,
+                gates: jax.Array | None, out_rows: int) -> str | None:
+  """The implementation of one :func:`kernels.cvmm` call (x [N, M, I]) under "auto" on a
+  GPU, or None where no GPU implementation can run it."""
+  names = candidates(x.dtype)
+  if len(names) <= 1:
+    return names[0] if names else None
+  n, m, i = x.shape
+  e, _, o = w.shape
+  gated = gates is not None
+  shape = (n, m, routing.k, e, i, o, int(gated), out_rows, _pairs_block(routing))
+
+  def bench(name: str) -> float:
+    from kernels.cvmm import cvmm  # noqa: PLC0415
+    cfg = config.replace(impl=name)
+    with jax.ensure_compile_time_eval():
+      r = _bench_routing(routing)
+      xs = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
+      ws = (jax.random.normal(jax.random.key(2), w.shape, jnp.float32)
+            * i ** -0.5).astype(w.dtype)
+      gs = (jax.random.uniform(jax.random.key(3), gates.shape, gates.dtype)
+            if gated else None)
+
+    def step(xs, ws, gs, r):
+      def f(xs, ws, gs):
+        return cvmm(xs, r, ws, gs, out_rows=out_rows, config=cfg)
+      out, pull = jax.vjp(f, xs, ws, gs)
+      return out, pull(jnp.ones_like(out))
+    return _time(step, xs, ws, gs, r)
+
+  return autotune.tuner().choose_impl("cvmm_impl", shape, x.dtype, names, bench, config)
+
+
+def choose_pair(config: CvmmConfig, x: jax.Array, routing: Routing, w_up: jax.Array,
+                w_down: jax.Array, keep_middle: bool) -> str | None:
+  """The implementation of one :func:`kernels.cvmm_pair` call (x [N, D]) under "auto" on
+  a GPU, or None where no GPU implementation can run it."""
+  names = candidates(x.dtype)
+  if len(names) <= 1:
+    return names[0] if names else None
+  n, d = x.shape
+  e, _, h = w_up.shape
+  o = w_down.shape[2]
+  shape = (n, routing.k, e, d, h, o, int(keep_middle))
+
+  def bench(name: str) -> float:
+    from kernels.cvmm import cvmm_pair  # noqa: PLC0415
+    cfg = config.replace(impl=name)
+    with jax.ensure_compile_time_eval():
+      r = _bench_routing(routing)
+      xs = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
+      wu = (jax.random.normal(jax.random.key(2), w_up.shape, jnp.float32)
+            * d ** -0.5).astype(w_up.dtype)
+      wd = (jax.random.normal(jax.random.key(3), w_down.shape, jnp.float32)
+            * h ** -0.5).astype(w_down.dtype)
+      gs = jax.random.uniform(jax.random.key(4), (n, routing.k), jnp.float32)
+
+    def step(xs, wu, wd, gs, r):
+      def f(xs, wu, wd, gs):
+        return cvmm_pair(xs, r, wu, wd, gs, keep_middle=keep_middle, config=cfg)
+      out, pull = jax.vjp(f, xs, wu, wd, gs)
+      return out, pull(jnp.ones_like(out))
+    return _time(step, xs, wu, wd, gs, r)
+
+  return autotune.tuner().choose_impl("cvmm_pair_impl", shape, x.dtype, names, bench,
+                                      config)
+
+
+def _pairs_block(routing: Routing) -> int:
+  """The experts per block of the routing's unit pairs (SwitchHead), 0 without them."""
+  return 0 if routing.pairs is None else routing.pairs.block
+
+
+def _bench_routing(routing: Routing) -> Routing:
+  """A random routing of ``routing``'s tokens, slots and experts, with unit pairs of the
+  same block where it has them (the kernels then take their unit-pair paths)."""
+  n, k, e = routing.n_tokens, routing.k, routing.n_experts
+  b = _pairs_block(routing)
+  if b:
+    idx = jax.lax.top_k(jax.random.normal(jax.random.key(0), (n, k // 2, b)), 2)[1]
+    return make_head_routing(idx, b, unit_pairs=True)
+  return synthetic_routing(n, k, e)
+
+
+def _time(step, *args) -> float:
+  """Seconds per call of ``step(*args)``, compiled for the concrete ``args``."""
+  f = autotune.compile_now(step, *args)
+  return autotune.time_call(lambda: f(*args))
