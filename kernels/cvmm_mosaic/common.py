@@ -165,6 +165,43 @@ def gathers_done(pending: int):
   _cp_async_wait(pending)()
 
 
+def pipeline_lag(stages: int) -> int:
+  """Steps of a producer's row copies that stay in flight after its newest step's are
+  issued, in a pipeline of ``stages`` buffers. The consumers release a stage one step
+  after it was filled, and a producer waits for that release ``stages`` steps on before
+  it tells that step's stage full: a lag of ``stages - 1`` would wait for itself."""
+  return max(0, stages - 2)
+
+
+def step_gathered(t, stages: int, full):
+  """A producer's part after issuing (and committing) step ``t``'s gathers: step
+  ``t - lag``'s rows have landed, so its stage is full (``full``: one barrier per stage)."""
+  lag = pipeline_lag(stages)
+
+  @pl.when(t >= lag)
+  def _():
+    gathers_done(lag)
+    plgpu.barrier_arrive(full.at[(t - lag) % stages])
+
+
+def producer_done(steps, stages: int, full, empty):
+  """A producer's end after its ``steps`` steps (a traced int32): the last ``lag``
+  steps' rows land and their stages are told full, then it waits for the consumers'
+  last release of every stage used (``empty``), so that no copy or barrier outlives
+  the kernel."""
+  lag = pipeline_lag(stages)
+  gathers_done(0)
+  for back in range(lag, 0, -1):
+    @pl.when(steps >= back)
+    def _():
+      plgpu.barrier_arrive(full.at[(steps - back) % stages])
+
+  for s in range(stages):
+    @pl.when(s < steps)
+    def _():
+      plgpu.barrier_wait(empty.at[s])
+
+
 def _mlir():
   """What the inline Mosaic GPU bodies build with, imported when a kernel is lowered:
   (ir, arith, llvm, memref, nvvm, mosaic_gpu.utils, i32 constant, i64 constant)."""

@@ -27,8 +27,8 @@ from kernels.autotune import TileConfig
 from kernels.cvmm_mosaic import slots
 from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, SMEM_BUDGET,
                                         consumer_registers, gather_buffer, gather_commit,
-                                        gather_rows, gather_views, gathers_done, launch, pl,
-                                        plgpu)
+                                        gather_rows, gather_views, launch, pl, plgpu,
+                                        producer_done, step_gathered)
 from kernels.routing import Routing
 
 STEP = 64          # rows contracted per pipeline step
@@ -74,11 +74,6 @@ def _launch(a, b, a_pos, b_pos, offsets, e, out_dtype, cfg):
   n_cons, n_bc, n_prod = bi // CHUNK, bo // CHUNK, cfg.producers
   cons_regs = consumer_registers(n_cons, n_prod)
   share = STEP // n_prod        # rows of a step each producer gathers
-  # Steps whose row copies stay in flight after the newest step's are issued. A stage
-  # is released by the consumers one step after it was filled, and a producer waits
-  # for that release ``stages`` steps on, before it tells that step's stage full: a lag
-  # of stages - 1 would wait for itself.
-  lag = max(0, stages - 2)
   n_ib, n_ob = -(-i // bi), -(-o // bo)
   n_items = e * n_ib * n_ob
   nsm = autotune.multiprocessor_count()
@@ -144,26 +139,12 @@ def _launch(a, b, a_pos, b_pos, offsets, e, out_dtype, cfg):
             gather_rows(b_g.at[:, pl.ds(oo * bo + ch * CHUNK, CHUNK)], idx.at[p, buf, 1, mine],
                         b_rows.at[s, ch, rows_mine], gather_bar.at[p], limit)
           gather_commit()
-
-          @pl.when(t >= lag)   # step t - lag's rows have landed: its stage is full
-          def _():
-            gathers_done(lag)
-            plgpu.barrier_arrive(full.at[(t - lag) % stages])
+          step_gathered(t, stages, full)
           return t + 1
 
         return lax.fori_loop(0, n_k, kstep, carry)
 
-      gathers_done(0)
-      for back in range(lag, 0, -1):    # the last lag steps' arrivals
-        @pl.when(steps >= back)
-        def _():
-          plgpu.barrier_arrive(full.at[(steps - back) % stages])
-
-      # Drain: wait for the consumers' last release of every stage used.
-      for s in range(stages):
-        @pl.when(s < steps)
-        def _():
-          plgpu.barrier_wait(empty.at[s])
+      producer_done(steps, stages, full, empty)
 
     def consumer(c_i: int):
       plgpu.set_max_registers(cons_regs, action="increase")

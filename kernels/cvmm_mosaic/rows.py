@@ -45,8 +45,8 @@ from kernels.cvmm_mosaic import slots
 from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, SMEM_BUDGET,
                                         add_rows, consumer_registers, gather_buffer,
                                         gather_commit, gather_rows, gather_views,
-                                        gathers_done, launch, load, pl, plgpu, store_rows,
-                                        tiled)
+                                        gathers_done, launch, load, pl, plgpu,
+                                        producer_done, step_gathered, store_rows, tiled)
 from kernels.routing import Routing
 
 # The epilogue stores output rows in 16-byte pieces and adds them by TMA, whose rows must
@@ -130,11 +130,6 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
   z_slots = a_idx.shape[0]
   cons_regs = consumer_registers(n_cons, n_prod)
   share = bm // n_prod          # rows each producer gathers
-  # Steps whose row copies stay in flight after the newest step's are issued. A stage
-  # is released by the consumers one step after it was filled, and a producer waits
-  # for that release ``stages`` steps on, before it tells that step's stage full: a lag
-  # of stages - 1 would wait for itself.
-  lag = max(0, stages - 2)
 
   def body(*refs):
     it = iter(refs)
@@ -174,7 +169,7 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
         plgpu.barrier_wait(aidx_bar.at[2 * p + b])
         # every thread of this producer has issued the last item's gathers, whose row
         # indices (buffer 1 - b) the prefetch overwrites: the warps run apart by up to
-        # ``lag`` steps, and items of few steps (a contraction of one or two chunks)
+        # pipeline_lag steps, and items of few steps (a contraction of one or two chunks)
         # gathered rows of the next item's tile on an H100 without this barrier
         plgpu.commit_smem()
 
@@ -200,28 +195,13 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
           gather_rows(a_g.at[:, pl.ds(kk * CHUNK, CHUNK)], aidx.at[2 * p + b, mine],
                       a_rows.at[s, mine], gather_bar.at[p])
           gather_commit()
-
-          @pl.when(t >= lag)   # step t - lag's rows have landed: its stage is full
-          def _():
-            gathers_done(lag)
-            plgpu.barrier_arrive(full.at[(t - lag) % stages])
+          step_gathered(t, stages, full)
           return carry
 
         lax.fori_loop(0, grid_k, kstep, 0)
 
       local_items = jnp.where(sm < items, (items - sm + nsm - 1) // nsm, 0)
-      steps = local_items * grid_k
-      gathers_done(0)
-      for back in range(lag, 0, -1):    # the last lag steps' arrivals
-        @pl.when(steps >= back)
-        def _():
-          plgpu.barrier_arrive(full.at[(steps - back) % stages])
-
-      # Drain: wait for the consumers' last release of every stage used.
-      for s in range(stages):
-        @pl.when(s < steps)
-        def _():
-          plgpu.barrier_wait(empty.at[s])
+      producer_done(local_items * grid_k, stages, full, empty)
 
     def consumer(c_i: int):
       plgpu.set_max_registers(cons_regs, action="increase")
