@@ -489,6 +489,27 @@ def test_bf16_sums_match_reference(case):
     assert err <= TOL[jnp.bfloat16], f"{case[0]} {name}: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in (
+    "basic", "m_divisor", "odd_sizes", "empty_experts", "wide_many_slots")], ids=lambda c: c[0])
+def test_mosaic_bf16_sums_match_reference(case, gated):
+  """The Mosaic path with sum_dtype="bfloat16": gated sums (forward) and the sums over
+  slots of dx add bf16 rows by every thread's 16-bit vector atomics into a bf16 output.
+  Same tolerance as every bf16 result."""
+  if not is_available("mosaic"):
+    pytest.skip("mosaic not available on this GPU")
+  x, w, g, r, ct = _inputs(case, jnp.bfloat16, gated)
+  got = _outputs(jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, config=_sums("bfloat16",
+                                                                          "mosaic"))),
+                 x, w, g, r, ct)
+  up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+  ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
+  for name, a, b in zip(["out", "dx", "dw", "dgates"], got, ref):
+    assert a.dtype == jnp.bfloat16, (name, a.dtype)
+    err = _rel(a, b)
+    assert err <= TOL[jnp.bfloat16], f"{case[0]} {name}: rel err {err:.2e}"
+
+
 @pytest.mark.parametrize("case", [c for c in PAIR_CASES if c[6] % 8 == 0],
                          ids=lambda c: c[0])
 def test_bf16_sums_fused_pair(case):
