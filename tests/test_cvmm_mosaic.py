@@ -83,6 +83,73 @@ def test_mosaic_refuses_float32():
     cvmm_mosaic(x, r, w, g)
 
 
+def _layers_in_a_scan(cvmm_fn, n_layers: int = 2):
+  """(value_and_grad of a loss through ``n_layers`` residual layers h + cvmm(h) in a
+  ``lax.scan``, its inputs): the shape of MoEUT's layer groups under jax.grad, the
+  routing and gates loop-invariant, the rows carried."""
+  from kernels import make_routing  # noqa: PLC0415
+  n, k, e, i = 64, 4, 5, 128
+  ks = jax.random.split(jax.random.key(0), 4)
+  r = make_routing(jax.lax.top_k(jax.random.normal(ks[0], (n, e)), k)[1], e)
+  x = (jax.random.normal(ks[1], (n, 1, i)) * 0.1).astype(jnp.bfloat16)
+  w = (jax.random.normal(ks[2], (e, i, i)) * 0.1).astype(jnp.bfloat16)
+  g = jax.random.uniform(ks[3], (n, k))
+
+  def loss(x, w):
+    def layer(h, _):
+      return h + cvmm_fn(h, r, w, g)[:, None, :], None
+    h, _ = jax.lax.scan(layer, x, None, length=n_layers)
+    return jnp.sum(h.astype(jnp.float32) ** 2)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (x, w)
+
+
+def test_mosaic_added_outputs_stay_in_a_differentiated_scan():
+  """Lowered for CUDA, the value and gradients of layers in a lax.scan (MoEUT's layer
+  groups under jax.grad): every Mosaic kernel that adds rows into an output adds into
+  a buffer made for that call, and its result is used. Before kernels/cvmm_mosaic/
+  common.py's zeros_after, JAX's partial evaluation hoisted the zeros and their read
+  out of the loop: the kernels' results went unused and the sums read as zeros."""
+  import re  # noqa: PLC0415
+  from kernels.cvmm_mosaic import cvmm_mosaic  # noqa: PLC0415
+  fn, args = _layers_in_a_scan(cvmm_mosaic)
+  text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  calls = 0
+  for body in re.split(r"\n  func\.func ", text):
+    for m in re.finditer(r"(%[\w]+)(?::\d+)? = stablehlo\.custom_call @mosaic_gpu\w*\("
+                         r"([^)]*)\)(.*)", body):
+      alias = re.search(r"operand_index = (\d+)", m.group(3))
+      if alias is None:
+        continue
+      calls += 1
+      result, operand = m.group(1), m.group(2).split(", ")[int(alias.group(1))]
+      assert re.search(re.escape(result) + r"(?![\w])", body[m.end():]), \
+          f"the result {result} of a kernel that adds rows is never used"
+      made = re.search(re.escape(operand.split("#")[0]) + r"(?::\d+)? = ([\w.]+)", body)
+      assert made is not None and made.group(1) == "stablehlo.optimization_barrier", \
+          f"a kernel adds into {operand}, made by {made and made.group(1)}"
+  assert calls >= 2, calls           # the forward's gated sum and the backward's dx
+
+
+@pytest.mark.skipif(not mosaic_interpret.SUPPORTED,
+                    reason="the Mosaic GPU interpreter of jax < 0.11 fills no out-of-bounds TMA reads")
+def test_mosaic_interpreted_in_a_differentiated_scan_matches_xla():
+  """The value and gradients of residual layers in a lax.scan under jax.grad, through
+  the Mosaic kernels in the interpreter, against the same through the XLA path. (The
+  training step of MoEUT_244M with impl="mosaic" stopped learning on an H100 while each
+  call alone was right: inside the layers' scan the gated sums read as zeros.)"""
+  from kernels import cvmm  # noqa: PLC0415
+  from kernels.cvmm_mosaic import cvmm_mosaic  # noqa: PLC0415
+  ref_fn, args = _layers_in_a_scan(lambda *a: cvmm(*a, impl="xla"))
+  want = ref_fn(*args)
+  fn, args = _layers_in_a_scan(cvmm_mosaic)
+  with mosaic_interpret.interpret():
+    got = fn(*args)
+  assert abs(float(got[0]) - float(want[0])) <= 1e-2 * abs(float(want[0]))
+  for name, a, b in zip(["dx", "dw"], got[1], want[1]):
+    err = _rel(a, b)
+    assert err <= 1e-2, f"{name}: rel err {err:.2e}"
+
+
 @pytest.mark.skipif(not mosaic_interpret.SUPPORTED,
                     reason="the Mosaic GPU interpreter of jax < 0.11 fills no out-of-bounds TMA reads")
 @pytest.mark.parametrize("sums", ["float32", "bfloat16"])

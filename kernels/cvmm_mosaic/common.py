@@ -424,6 +424,21 @@ def compiler_params():
                               unsafe_no_auto_barriers=True)
 
 
+def zeros_after(shape, dtype, inputs) -> jax.Array:
+  """Zeros of ``shape`` for a kernel to add into (a mutable array made from them), tied
+  to the kernel's other ``inputs`` by an optimization barrier.
+
+  Untied, the zeros depend on nothing, and JAX's partial evaluation (a ``lax.scan``
+  under ``jax.grad``: MoEUT's layer groups) takes the mutable array and its read after
+  the kernel as loop-invariant, known values while the kernel, which reads the loop's
+  carry, stays in the loop: the read is hoisted out of it and returns the zeros, and
+  every iteration adds into one buffer (on an H100 the training step's sums read as
+  zeros). Tied to the inputs, the array is made, written and read where the kernel
+  runs."""
+  zeros = jnp.zeros(shape, dtype)
+  return lax.optimization_barrier((zeros, *inputs))[0]
+
+
 def launch(body, inputs, out_types, scratch, n_blocks: int, n_threads: int):
   """Runs ``body(*input_refs, *output_refs, *scratch_refs)`` on ``n_blocks`` blocks
   (axis "sm") of ``n_threads`` warpgroups (axis "wg"). Mutable arrays among

@@ -47,7 +47,8 @@ from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, 
                                         add_rows, consumer_registers, gather_buffer,
                                         gather_commit, gather_rows, gather_views,
                                         gathers_done, launch, load, pl, plgpu,
-                                        producer_done, step_gathered, store_rows, tiled)
+                                        producer_done, step_gathered, store_rows, tiled,
+                                        zeros_after)
 from kernels.routing import Routing
 
 # The epilogue stores output rows in 16-byte pieces and adds them by TMA, whose rows must
@@ -300,7 +301,7 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
       [c_idx] if dgate else []) + [a, w] + ([c] if dgate else [])
   out_types = []
   if reduce:   # added into zeros: the output goes in as a mutable array
-    out_ref = jax.new_ref(jnp.zeros((n_out, no), out_dtype))
+    out_ref = jax.new_ref(zeros_after((n_out, no), out_dtype, inputs))
     inputs.append(out_ref)
   else:
     out_types.append(jax.ShapeDtypeStruct((n_out, no), out_dtype))
