@@ -494,8 +494,7 @@ def test_bf16_sums_match_reference(case):
     "basic", "m_divisor", "odd_sizes", "empty_experts", "wide_many_slots")], ids=lambda c: c[0])
 def test_mosaic_bf16_sums_match_reference(case, gated):
   """The Mosaic path with sum_dtype="bfloat16": gated sums (forward) and the sums over
-  slots of dx add bf16 rows by every thread's 16-bit vector atomics into a bf16 output.
-  Same tolerance as every bf16 result."""
+  slots of dx add bf16 rows into a bf16 output. Same tolerance as every bf16 result."""
   if not is_available("mosaic"):
     pytest.skip("mosaic not available on this GPU")
   x, w, g, r, ct = _inputs(case, jnp.bfloat16, gated)
