@@ -3,11 +3,12 @@
 Where more than one GPU implementation can run an operation (the Triton kernels and, on
 Hopper with 16-bit inputs, the Pallas Mosaic GPU ones), the first trace of that
 operation times each one's forward and backward pass on random inputs of its shapes and
-a random routing of its structure, and the autotuner (:mod:`kernels.autotune`) keeps the
-fastest per device, operation, shapes, dtype and the config's
-:meth:`~kernels.CvmmConfig.tune_key`: in memory, and across processes in the file
-``CVMM_AUTOTUNE_CACHE`` names. With autotuning off (``CVMM_AUTOTUNE=0``) the first of
-:data:`GPU_ORDER` that can run the operation is taken, unmeasured.
+a random routing of its structure, each with its kernels' cached or first tiles (one
+compile each; the winner's tiles are tuned when it runs), and the autotuner
+(:mod:`kernels.autotune`) keeps the fastest per device, operation, shapes, dtype and
+the config's :meth:`~kernels.CvmmConfig.tune_key`: in memory, and across processes in
+the file ``CVMM_AUTOTUNE_CACHE`` names. With autotuning off (``CVMM_AUTOTUNE=0``) the
+first of :data:`GPU_ORDER` that can run the operation is taken, unmeasured.
 
 The σ-MoE pair (:func:`kernels.cvmm_pair`) is one operation: Triton's fused pair against
 two Mosaic calls. An operation's forward and backward pass always run the same

@@ -17,6 +17,7 @@ device (:func:`multiprocessor_count`), never assumed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -163,6 +164,7 @@ class Autotuner:
     self.cache_file = cache_file if cache_file is not None else os.environ.get(
         "CVMM_AUTOTUNE_CACHE")
     self._lock = threading.Lock()
+    self._local = threading.local()
     self._mem: dict[str, TileConfig] = {}
     self._impls: dict[str, str] = {}         # key -> implementation name
     self.log: list[str] = []
@@ -195,6 +197,17 @@ class Autotuner:
   def enabled(self) -> bool:
     return os.environ.get("CVMM_AUTOTUNE", "1") != "0"
 
+  @contextlib.contextmanager
+  def first_tiles(self):
+    """Inside, :meth:`choose` times no tiles: it returns the cached choice, else the
+    first candidate (not cached). :meth:`choose_impl` times implementations this way, so
+    that comparing two costs one compile of each, not a tile search of each."""
+    self._local.first_tiles = getattr(self._local, "first_tiles", 0) + 1
+    try:
+      yield
+    finally:
+      self._local.first_tiles -= 1
+
   def cached(self, kernel: str, shape: Sequence[int], dtype, config=None) -> TileConfig | None:
     return self._mem.get(self.key(kernel, shape, dtype, config))
 
@@ -213,7 +226,8 @@ class Autotuner:
     candidates = list(dict.fromkeys(candidates))
     if not candidates:
       raise ValueError(f"no tile candidates for {k}")
-    if bench is None or not self.enabled or len(candidates) == 1:
+    if (bench is None or not self.enabled or len(candidates) == 1
+        or getattr(self._local, "first_tiles", 0)):
       return candidates[0]
     timed = []
     for c in candidates:
@@ -235,9 +249,11 @@ class Autotuner:
   def choose_impl(self, kernel: str, shape: Sequence[int], dtype, names: Sequence[str],
                   bench: Callable[[str], float], config=None) -> str:
     """The cached implementation for an operation, else the fastest of ``names`` by
-    ``bench`` (seconds), cached like the tiles. With autotuning off the first name is
-    returned, unmeasured and not cached; a name whose bench fails (it does not compile
-    for the shape) is left out, and if every one fails the first is returned."""
+    ``bench`` (seconds), cached like the tiles. Each implementation is timed with its
+    kernels' cached or first tiles (:meth:`first_tiles`); the winner's tiles are tuned
+    when it runs. With autotuning off the first name is returned, unmeasured and not
+    cached; a name whose bench fails (it does not compile for the shape) is left out,
+    and if every one fails the first is returned."""
     names = list(dict.fromkeys(names))
     if not names:
       raise ValueError(f"no implementations to choose from for {kernel}")
@@ -250,7 +266,8 @@ class Autotuner:
     timed = []
     for name in names:
       try:
-        t = bench(name)
+        with self.first_tiles():
+          t = bench(name)
       except Exception as err:  # noqa: BLE001  (the other implementation still runs)
         self._log(f"{k} {name}: failed ({type(err).__name__}: {str(err)[:120]})")
         continue

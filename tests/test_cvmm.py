@@ -647,3 +647,25 @@ def r_first(routing, n):
   """The routing of the first ``n`` tokens of ``routing``."""
   from kernels.routing import make_routing  # noqa: PLC0415
   return make_routing(routing.expert_index[:n], routing.n_experts)
+
+
+def test_implementations_are_timed_with_their_first_tiles(tmp_path, monkeypatch):
+  """choose_impl times each implementation with its kernels' cached or first tiles (one
+  compile each, no tile search inside); outside, tiles are timed again as usual."""
+  monkeypatch.setenv("CVMM_AUTOTUNE", "1")
+  t = Autotuner(str(tmp_path / "tune.json"))
+  cands = [TileConfig(64, 64, 32), TileConfig(64, 128, 32)]
+  tile_benches = []
+
+  def tile_bench(cfg):
+    tile_benches.append(cfg)
+    return 1.0 / cfg.block_n
+
+  def impl_bench(name):
+    assert t.choose("k", (1,), jnp.bfloat16, cands, tile_bench) == cands[0]
+    return {"a": 2.0, "b": 1.0}[name]
+
+  assert t.choose_impl("op", (1,), jnp.bfloat16, ["a", "b"], impl_bench) == "b"
+  assert tile_benches == [] and t.cached("k", (1,), jnp.bfloat16) is None
+  assert t.choose("k", (1,), jnp.bfloat16, cands, tile_bench) == cands[1]
+  assert len(tile_benches) == 2
