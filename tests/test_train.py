@@ -484,6 +484,14 @@ def test_run_header_names_the_cvmm_kernels_and_their_sums(monkeypatch):
   assert note(compute_dtype="float32") == ", CVMM triton"
   monkeypatch.setattr(kernels, "resolve", lambda impl: "mosaic")
   assert note(compute_dtype="bfloat16") == ", CVMM mosaic"
+  # "auto" on a Hopper GPU: the two paths, chosen per operation by timing
+  from kernels import auto  # noqa: PLC0415
+  monkeypatch.setattr(kernels, "resolve", lambda impl: "triton")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(auto, "candidates", lambda dtype: ["triton", "mosaic"])
+  assert (note(compute_dtype="bfloat16")
+          == ", CVMM triton or mosaic, timed per operation, float16 sums in triton")
+  assert note(compute_dtype="bfloat16", cvmm_impl="triton") == ", CVMM triton, float16 sums"
 
 
 def test_original_numerics_flags_reach_the_model(tmp_path):

@@ -28,18 +28,24 @@ _WATCHED = ("loss", "grad_norm", "param_norm")
 
 def _cvmm_note(config: Config, compute_dtype: np.dtype) -> str:
   """", CVMM triton, float16 sums" where the GPU kernels run (the sums' dtype matters
-  only to the Triton kernels' 16-bit calls); "" where the pure-JAX implementation does;
-  then ", bfloat16 routers" where the routers are not float32."""
+  only to the Triton kernels' 16-bit calls; "CVMM triton or mosaic, timed per
+  operation" where "auto" chooses between them); "" where the pure-JAX implementation
+  does; then ", bfloat16 routers" where the routers are not float32."""
   import kernels  # noqa: PLC0415
+  from kernels import auto  # noqa: PLC0415
   impl = kernels.resolve(config.cvmm_impl)
   routers = "" if config.router_dtype == "float32" else f", {config.router_dtype} routers"
   if config.rope_table_dtype != "float32":
     routers += f", {config.rope_table_dtype} RoPE angles"
   if impl in ("xla", "reference"):
     return routers
-  sums = (f", {config.cvmm_sum_dtype} sums"
-          if impl == "triton" and compute_dtype.itemsize == 2 else "")
-  return f", CVMM {impl}{sums}{routers}"
+  names = [impl]
+  if config.cvmm_impl == "auto" and jax.default_backend() == "gpu":
+    names = auto.candidates(compute_dtype) or names
+  sums = (f", {config.cvmm_sum_dtype} sums{' in triton' if len(names) > 1 else ''}"
+          if "triton" in names and compute_dtype.itemsize == 2 else "")
+  which = " or ".join(names) + (", timed per operation" if len(names) > 1 else "")
+  return f", CVMM {which}{sums}{routers}"
 
 
 def train_and_evaluate(config: Config, workdir: str, log=print) -> dict[str, Any]:
