@@ -16,6 +16,8 @@ implementation (each implementation is its own custom_vjp).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -42,68 +44,69 @@ def choose_cvmm(config: CvmmConfig, x: jax.Array, routing: Routing, w: jax.Array
                 gates: jax.Array | None, out_rows: int) -> str | None:
   """The implementation of one :func:`kernels.cvmm` call (x [N, M, I]) under "auto" on a
   GPU, or None where no GPU implementation can run it."""
-  names = candidates(x.dtype)
-  if len(names) <= 1:
-    return names[0] if names else None
   n, m, i = x.shape
   e, _, o = w.shape
   gated = gates is not None
-  shape = (n, m, routing.k, e, i, o, int(gated), out_rows, _pairs_block(routing))
 
-  def bench(name: str) -> float:
+  def args():
+    return (_normal(1, x.shape, x.dtype), _normal(2, w.shape, w.dtype, i ** -0.5),
+            jax.random.uniform(jax.random.key(3), gates.shape, gates.dtype) if gated
+            else None)
+
+  def call(cfg, r, xs, ws, gs):
     from kernels.cvmm import cvmm  # noqa: PLC0415
-    cfg = config.replace(impl=name)
-    with jax.ensure_compile_time_eval():
-      r = _bench_routing(routing)
-      xs = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
-      ws = (jax.random.normal(jax.random.key(2), w.shape, jnp.float32)
-            * i ** -0.5).astype(w.dtype)
-      gs = (jax.random.uniform(jax.random.key(3), gates.shape, gates.dtype)
-            if gated else None)
+    return cvmm(xs, r, ws, gs, out_rows=out_rows, config=cfg)
 
-    def step(xs, ws, gs, r):
-      def f(xs, ws, gs):
-        return cvmm(xs, r, ws, gs, out_rows=out_rows, config=cfg)
-      out, pull = jax.vjp(f, xs, ws, gs)
-      return out, pull(jnp.ones_like(out))
-    return _time(step, xs, ws, gs, r)
-
-  return autotune.tuner().choose_impl("cvmm_impl", shape, x.dtype, names, bench, config)
+  shape = (n, m, routing.k, e, i, o, int(gated), out_rows, _pairs_block(routing))
+  return _choose("cvmm_impl", shape, x.dtype, config, routing, args, call)
 
 
 def choose_pair(config: CvmmConfig, x: jax.Array, routing: Routing, w_up: jax.Array,
                 w_down: jax.Array, keep_middle: bool) -> str | None:
   """The implementation of one :func:`kernels.cvmm_pair` call (x [N, D]) under "auto" on
   a GPU, or None where no GPU implementation can run it."""
-  names = candidates(x.dtype)
-  if len(names) <= 1:
-    return names[0] if names else None
   n, d = x.shape
   e, _, h = w_up.shape
   o = w_down.shape[2]
+
+  def args():
+    return (_normal(1, x.shape, x.dtype), _normal(2, w_up.shape, w_up.dtype, d ** -0.5),
+            _normal(3, w_down.shape, w_down.dtype, h ** -0.5),
+            jax.random.uniform(jax.random.key(4), (n, routing.k), jnp.float32))
+
+  def call(cfg, r, xs, wu, wd, gs):
+    from kernels.cvmm import cvmm_pair  # noqa: PLC0415
+    return cvmm_pair(xs, r, wu, wd, gs, keep_middle=keep_middle, config=cfg)
+
   shape = (n, routing.k, e, d, h, o, int(keep_middle))
+  return _choose("cvmm_pair_impl", shape, x.dtype, config, routing, args, call)
+
+
+def _choose(kernel: str, shape: tuple, dtype, config: CvmmConfig, routing: Routing,
+            args: Callable[[], tuple], call: Callable) -> str | None:
+  """The autotuner's choice among :func:`candidates` for an operation ``call(config, r,
+  *args())``, each timed forward and backward on a random routing like ``routing``
+  (the arrays ``args()`` makes); None where no GPU implementation can run it."""
+  names = candidates(dtype)
+  if len(names) <= 1:
+    return names[0] if names else None
 
   def bench(name: str) -> float:
-    from kernels.cvmm import cvmm_pair  # noqa: PLC0415
     cfg = config.replace(impl=name)
     with jax.ensure_compile_time_eval():
-      r = _bench_routing(routing)
-      xs = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
-      wu = (jax.random.normal(jax.random.key(2), w_up.shape, jnp.float32)
-            * d ** -0.5).astype(w_up.dtype)
-      wd = (jax.random.normal(jax.random.key(3), w_down.shape, jnp.float32)
-            * h ** -0.5).astype(w_down.dtype)
-      gs = jax.random.uniform(jax.random.key(4), (n, routing.k), jnp.float32)
+      r, xs = _bench_routing(routing), args()
 
-    def step(xs, wu, wd, gs, r):
-      def f(xs, wu, wd, gs):
-        return cvmm_pair(xs, r, wu, wd, gs, keep_middle=keep_middle, config=cfg)
-      out, pull = jax.vjp(f, xs, wu, wd, gs)
+    def step(r, *xs):
+      out, pull = jax.vjp(lambda *a: call(cfg, r, *a), *xs)
       return out, pull(jnp.ones_like(out))
-    return _time(step, xs, wu, wd, gs, r)
+    f = autotune.compile_now(step, r, *xs)
+    return autotune.time_call(lambda: f(r, *xs))
 
-  return autotune.tuner().choose_impl("cvmm_pair_impl", shape, x.dtype, names, bench,
-                                      config)
+  return autotune.tuner().choose_impl(kernel, shape, dtype, names, bench, config)
+
+
+def _normal(seed: int, shape, dtype, scale: float = 1.0) -> jax.Array:
+  return (jax.random.normal(jax.random.key(seed), shape, jnp.float32) * scale).astype(dtype)
 
 
 def _pairs_block(routing: Routing) -> int:
@@ -120,9 +123,3 @@ def _bench_routing(routing: Routing) -> Routing:
     idx = jax.lax.top_k(jax.random.normal(jax.random.key(0), (n, k // 2, b)), 2)[1]
     return make_head_routing(idx, b, unit_pairs=True)
   return synthetic_routing(n, k, e)
-
-
-def _time(step, *args) -> float:
-  """Seconds per call of ``step(*args)``, compiled for the concrete ``args``."""
-  f = autotune.compile_now(step, *args)
-  return autotune.time_call(lambda: f(*args))
