@@ -12,6 +12,9 @@
 #                       path's errors as yardstick, and both timed (~3 min)
 #   tests_fast.log      the mosaic GPU tests of the edge cases (bf16), with bfloat16
 #                       sums, and "auto" timing the two GPU paths
+#   model.log           tests/test_model_gpu.py: the model's loss and gradients through the
+#                       Triton and the Mosaic path against XLA's (the layers' scan under
+#                       jax.grad)
 #   step.log            bench/model.py: MoEUT_244M's training step (batch 64 x 1024, no
 #                       remat) with cvmm_impl auto (Triton) and mosaic
 #   cvmm.log            python3 -m bench.cvmm at MoEUT_244M: mosaic, triton and XLA's
@@ -25,7 +28,7 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && OUT=$OUT bash bench/mosaic_gpu.sh
 # BUDGET (seconds, default 570) bounds the whole run; each step gets its own limit
-# within what is left. STEPS (default all: "variants check tests_fast step cvmm
+# within what is left. STEPS (default all: "variants check tests_fast model step cvmm
 # tests_full") names the steps to run, in the order they run.
 set -u
 OUT=${OUT:-bench/out}
@@ -69,6 +72,8 @@ run_step() {
     tests_fast) step tests_fast 180 python3 -m pytest tests/test_cvmm_gpu.py -q -n 0 -rf \
       --tb=short -p no:cacheprovider -k "(mosaic and bf16 and (basic or k1 or empty_experts or \
 odd_sizes or one_expert or wide or narrow)) or auto_times or mosaic_bf16_sums" ;;
+    model) step model 150 python3 -m pytest tests/test_model_gpu.py -q -n 0 -rA --tb=short \
+      -p no:cacheprovider -k gradients_through ;;
     step) TAIL=4 step step 200 env -u XLA_PYTHON_CLIENT_PREALLOCATE python3 bench/model.py \
       --profile MoEUT_244M --batch 64 --seq 1024 --steps 5 --warmup 2 --grad-clip 0.25 \
       --remat none --impl auto mosaic ;;
@@ -81,7 +86,7 @@ odd_sizes or one_expert or wide or narrow)) or auto_times or mosaic_bf16_sums" ;
   esac
 }
 
-for name in ${STEPS:-variants check tests_fast step cvmm tests_full}; do
+for name in ${STEPS:-variants check tests_fast model step cvmm tests_full}; do
   run_step "$name"
 done
 echo "== done after $(( $(date +%s) - START ))s"
