@@ -25,8 +25,8 @@ Implementations are interchangeable and chosen by :class:`kernels.CvmmConfig`'s
                from the clone the config's ``original_path`` names
                (kernels/cvmm_original.py; for comparisons; not chosen by "auto")
   "auto"       on GPUs the faster of "triton" and "mosaic" for each operation, timed
-               on its first trace (kernels/auto.py; with autotuning off, "triton"
-               where available); "xla" elsewhere
+               on its first trace (kernels/auto.py; "mosaic" only for 16-bit inputs
+               on Hopper; with autotuning off "triton" where available), else "xla"
 
 :func:`cvmm_pair` is the σ-MoE MLP (up, ReLU, gated down) as one op: with "triton" it
 runs fused kernels that keep each tile's middle on chip; otherwise two cvmm calls.
@@ -59,9 +59,10 @@ _IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "mosaic": ("kernels.cvmm_mosaic", "cvmm_mosaic"),
     "original": ("kernels.cvmm_original", "cvmm_original"),
 }
-# What "auto" is on GPUs where it does not measure (:func:`resolve`): the first available
-# (kernels/auto.py's order, then the pure-JAX path); on any other backend "xla".
-_AUTO_GPU_ORDER = auto.GPU_ORDER + ("xla",)
+# What :func:`resolve` answers for "auto" on GPUs: the first available, whatever the
+# dtype (the Mosaic path, 16-bit only, is chosen per call by kernels/auto.py); on any
+# other backend "xla".
+_AUTO_GPU_ORDER = ("triton", "xla")
 
 
 def _module(name: str):
@@ -87,10 +88,10 @@ def available_implementations() -> tuple[str, ...]:
 
 
 def resolve(impl: str) -> str:
-  """The concrete implementation that ``impl`` names here. "auto" resolves to the first
-  available of Triton, Mosaic and XLA on GPUs (XLA elsewhere): what it takes where it
-  does not measure; each call under "auto" may take another GPU implementation, chosen
-  by timing (:mod:`kernels.auto`)."""
+  """The concrete implementation that ``impl`` names here. "auto" resolves to Triton
+  on GPUs where it is available, else XLA: what every call takes where
+  :mod:`kernels.auto` has no GPU implementation for it; 16-bit calls may take the
+  Mosaic path instead, chosen by timing on Hopper (or as the only GPU path there)."""
   if impl != "auto":
     if not is_available(impl):
       raise RuntimeError(

@@ -520,17 +520,16 @@ def test_importing_jax_triton_keeps_triton_compile_cache(tmp_path, monkeypatch):
     assert os.environ.get("TRITON_CACHE_DIR") == value
 
 
-def test_auto_on_gpus_is_triton_then_mosaic_then_xla(monkeypatch):
-  """Unmeasured, "auto" on a GPU is Triton, else Mosaic, else XLA. Falling back to XLA on
-  a GPU warns once, saying why; on a CPU it is the path and says nothing."""
+def test_auto_on_gpus_is_triton_then_xla(monkeypatch):
+  """resolve("auto") on a GPU is Triton, else XLA (what calls take that no GPU path of
+  kernels/auto.py runs: the Mosaic path is 16-bit only). Falling back to XLA on a GPU
+  warns once, saying why; on a CPU it is the path and says nothing."""
   import importlib  # noqa: PLC0415
   kc = importlib.import_module("kernels.cvmm")     # the module, not the function
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(kc, "is_available", lambda name: True)
   assert kc.resolve("auto") == "triton"
   monkeypatch.setattr(kc, "is_available", lambda name: name != "triton")
-  assert kc.resolve("auto") == "mosaic"
-  monkeypatch.setattr(kc, "is_available", lambda name: name not in ("triton", "mosaic"))
   monkeypatch.setattr(kc, "_warned_xla_on_gpu", False)
   with pytest.warns(RuntimeWarning, match='runs the pure-JAX "xla" path on this GPU'):
     assert kc.resolve("auto") == "xla"
@@ -669,3 +668,18 @@ def test_implementations_are_timed_with_their_first_tiles(tmp_path, monkeypatch)
   assert tile_benches == [] and t.cached("k", (1,), jnp.bfloat16) is None
   assert t.choose("k", (1,), jnp.bfloat16, cands, tile_bench) == cands[1]
   assert len(tile_benches) == 2
+
+
+def test_auto_on_hopper_without_triton_runs_mosaic_for_16_bit_calls_only(monkeypatch):
+  """Where the Mosaic path is the only GPU path, "auto" gives it the 16-bit calls
+  (unmeasured: nothing to compare) and the float32 calls, which it cannot run, to XLA."""
+  import importlib  # noqa: PLC0415
+  from kernels import auto  # noqa: PLC0415
+  from kernels.config import DEFAULT  # noqa: PLC0415
+  kc = importlib.import_module("kernels.cvmm")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(kc, "is_available", lambda name: name in ("mosaic", "xla"))
+  monkeypatch.setattr(kc, "_warned_xla_on_gpu", True)        # (its warning: tested above)
+  for dtype, want in ((jnp.bfloat16, "mosaic"), (jnp.float32, "xla")):
+    x, w, g, r, _ = _inputs(CASES[0], dtype, True)
+    assert kc._call_impl(DEFAULT, lambda: auto.choose_cvmm(DEFAULT, x, r, w, g, 1)) == want
