@@ -229,18 +229,9 @@ class Autotuner:
     if (bench is None or not self.enabled or len(candidates) == 1
         or getattr(self._local, "first_tiles", 0)):
       return candidates[0]
-    timed = []
-    for c in candidates:
-      try:
-        t = bench(c)
-      except Exception as err:  # a candidate that does not compile (e.g. shared memory)
-        self._log(f"{k} {c}: failed ({type(err).__name__}: {str(err)[:120]})")
-        continue
-      self._log(f"{k} {c}: {t * 1e3:.3f} ms")
-      timed.append((t, c))
-    if not timed:
+    best = self._fastest(k, candidates, bench)
+    if best is None:
       raise RuntimeError(f"every tile candidate failed for {k}; see Autotuner.log")
-    best = min(timed, key=lambda tc: tc[0])[1]
     with self._lock:
       self._mem[k] = best
       self._save()
@@ -263,23 +254,32 @@ class Autotuner:
         return self._impls[k]
     if not self.enabled or len(names) == 1:
       return names[0]
-    timed = []
-    for name in names:
-      try:
-        with self.first_tiles():
-          t = bench(name)
-      except Exception as err:  # noqa: BLE001  (the other implementation still runs)
-        self._log(f"{k} {name}: failed ({type(err).__name__}: {str(err)[:120]})")
-        continue
-      self._log(f"{k} {name}: {t * 1e3:.3f} ms")
-      timed.append((t, name))
-    if not timed:
+
+    def bench_first_tiles(name):
+      with self.first_tiles():
+        return bench(name)
+    best = self._fastest(k, names, bench_first_tiles)
+    if best is None:
       return names[0]
-    best = min(timed, key=lambda tc: tc[0])[1]
     with self._lock:
       self._impls[k] = best
       self._save()
     return best
+
+  def _fastest(self, k: str, options: Sequence, bench: Callable[[object], float]):
+    """The option of least ``bench`` time (seconds; the first of equals), each timing
+    logged under key ``k``; options whose bench raises (a tile that does not compile,
+    e.g. for its shared memory) are logged and left out; None if every one does."""
+    timed = []
+    for option in options:
+      try:
+        t = bench(option)
+      except Exception as err:  # noqa: BLE001  (the other options still run)
+        self._log(f"{k} {option}: failed ({type(err).__name__}: {str(err)[:120]})")
+        continue
+      self._log(f"{k} {option}: {t * 1e3:.3f} ms")
+      timed.append((t, option))
+    return min(timed, key=lambda tc: tc[0])[1] if timed else None
 
   def _save(self):
     if not self.cache_file:
