@@ -492,6 +492,10 @@ def test_run_header_names_the_cvmm_kernels_and_their_sums(monkeypatch):
   assert (note(compute_dtype="bfloat16")
           == ", CVMM triton or mosaic, timed per operation, float16 sums in triton")
   assert note(compute_dtype="bfloat16", cvmm_impl="triton") == ", CVMM triton, float16 sums"
+  # a Hopper GPU without jax-triton: "auto" gives the 16-bit calls to Mosaic
+  monkeypatch.setattr(kernels, "resolve", lambda impl: "xla")
+  monkeypatch.setattr(auto, "candidates", lambda dtype: ["mosaic"])
+  assert note(compute_dtype="bfloat16") == ", CVMM mosaic"
 
 
 def test_original_numerics_flags_reach_the_model(tmp_path):

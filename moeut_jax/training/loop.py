@@ -33,15 +33,14 @@ def _cvmm_note(config: Config, compute_dtype: np.dtype) -> str:
   does; then ", bfloat16 routers" where the routers are not float32."""
   import kernels  # noqa: PLC0415
   from kernels import auto  # noqa: PLC0415
-  impl = kernels.resolve(config.cvmm_impl)
+  names = [kernels.resolve(config.cvmm_impl)]
+  if config.cvmm_impl == "auto" and jax.default_backend() == "gpu":
+    names = auto.candidates(compute_dtype) or names
   routers = "" if config.router_dtype == "float32" else f", {config.router_dtype} routers"
   if config.rope_table_dtype != "float32":
     routers += f", {config.rope_table_dtype} RoPE angles"
-  if impl in ("xla", "reference"):
+  if names[0] in ("xla", "reference"):
     return routers
-  names = [impl]
-  if config.cvmm_impl == "auto" and jax.default_backend() == "gpu":
-    names = auto.candidates(compute_dtype) or names
   sums = (f", {config.cvmm_sum_dtype} sums{' in triton' if len(names) > 1 else ''}"
           if "triton" in names and compute_dtype.itemsize == 2 else "")
   which = " or ".join(names) + (", timed per operation" if len(names) > 1 else "")
