@@ -16,18 +16,15 @@ import json
 import os
 import sys
 
-from kernels.autotune import TileConfig
-from kernels.config import IMPLEMENTATIONS
+from kernels.autotune import cache_entry
 
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "autotune_cache.json")
 
 
 def _fmt(d: dict) -> str:
-  if set(d) == {"impl"}:                    # "auto"'s choice of implementation
-    if d["impl"] not in IMPLEMENTATIONS or d["impl"] == "auto":
-      raise ValueError(f"not an implementation: {d}")
-    return f"impl {d['impl']}"
-  c = TileConfig(**d)
+  c = cache_entry(d)
+  if isinstance(c, str):                    # "auto"'s choice of implementation
+    return f"impl {c}"
   s = f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
   return (s + (f" S{c.splits}" if c.splits > 1 else "") + (" loopN" if c.loop_n else "")
           + (" gluon" if c.gluon else "") + (f" x{c.halves}" if c.halves > 1 else "")

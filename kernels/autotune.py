@@ -101,6 +101,18 @@ class TileConfig:
     return cls(**d)
 
 
+def cache_entry(value: dict) -> "TileConfig | str":
+  """One value of the autotune cache file: a :class:`TileConfig` (a kernel's tiles) or,
+  for ``{"impl": name}``, the name of the implementation "auto" chose for an operation.
+  Raises ``ValueError`` (or ``TypeError`` for unknown tile fields) on anything else."""
+  if set(value) == {"impl"}:
+    from kernels.config import IMPLEMENTATIONS
+    if value["impl"] not in IMPLEMENTATIONS or value["impl"] == "auto":
+      raise ValueError(f"not an implementation: {value}")
+    return value["impl"]
+  return TileConfig.from_json(value)
+
+
 def next_pow2(v: int) -> int:
   return 1 << max(0, (int(v) - 1).bit_length())
 
@@ -174,10 +186,11 @@ class Autotuner:
     if self.cache_file and os.path.exists(self.cache_file):
       with open(self.cache_file) as f:
         for k, v in json.load(f).items():
-          if set(v) == {"impl"}:
-            self._impls[k] = v["impl"]
+          entry = cache_entry(v)
+          if isinstance(entry, str):
+            self._impls[k] = entry
           else:
-            self._mem[k] = TileConfig.from_json(v)
+            self._mem[k] = entry
 
   def _log(self, line: str) -> None:
     self.log.append(line)

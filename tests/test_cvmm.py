@@ -637,6 +637,18 @@ def test_merge_autotune_takes_implementation_choices():
       merge({"k": bad}, {}, replace=False)
 
 
+def test_autotune_cache_file_is_read_through_the_same_validation(tmp_path):
+  """The autotuner's loader and bench/merge_autotune accept the same entries."""
+  good = tmp_path / "good.json"
+  good.write_text(json.dumps({"a": {"impl": "mosaic"}, "b": TileConfig(64, 64, 32).to_json()}))
+  t = Autotuner(str(good))
+  assert t._impls == {"a": "mosaic"} and t._mem == {"b": TileConfig(64, 64, 32)}
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"a": {"impl": "auto"}}))
+  with pytest.raises(ValueError, match="not an implementation"):
+    Autotuner(str(bad))
+
+
 def cvmm_config_default():
   from kernels.config import DEFAULT  # noqa: PLC0415
   return DEFAULT
