@@ -11,7 +11,8 @@
 #                       MoEUT_244M, forward and gradients against XLA with the Triton
 #                       path's errors as yardstick, and both timed (~3 min)
 #   tests_fast.log      the mosaic GPU tests of the edge cases (bf16), with bfloat16
-#                       sums, and "auto" timing the two GPU paths
+#                       sums, and "auto" timing the two GPU paths (TESTS_K: another
+#                       pytest -k selection of tests/test_cvmm_gpu.py)
 #   model.log           tests/test_model_gpu.py: the model's loss and gradients through the
 #                       Triton and the Mosaic path against XLA's (the layers' scan under
 #                       jax.grad)
@@ -21,15 +22,20 @@
 #                       dense matmul per projection, forward and forward+backward, and
 #                       the σ-MoE pair; the table last (cvmm.json: every figure)
 #   tests_full.log      every mosaic GPU test (what time is left)
-# CVMM_AUTOTUNE=0 throughout: each kernel takes its first tile candidate (cached
-# choices in bench/autotune_cache.json still apply), no timing of candidates.
+#   tune.log            python3 -m bench.cvmm as in cvmm, with CVMM_AUTOTUNE=1: every
+#                       kernel's tile candidates timed for this GPU (tune_timings.log: each
+#                       candidate's time), then the table with the tuned tiles;
+#                       $OUT/autotune_cache.json keeps the choices for the steps after
+#                       it and for bench/merge_autotune.py
+# CVMM_AUTOTUNE=0 elsewhere: each kernel takes its cached tile (bench/autotune_cache.json,
+# keyed by GPU, and what tune added), else its first candidate, without timing.
 #
 # On the device machine (nothing can be downloaded there; .whl/ carried):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && OUT=$OUT bash bench/mosaic_gpu.sh
 # BUDGET (seconds, default 570) bounds the whole run; each step gets its own limit
-# within what is left. STEPS (default all: "variants check tests_fast model step cvmm
-# tests_full") names the steps to run, in the order they run.
+# within what is left. STEPS (default: "variants check tests_fast model step cvmm
+# tests_full"; tune on request) names the steps to run, in the order they run.
 set -u
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
@@ -64,14 +70,17 @@ step() {
 } > "$OUT/environment.log" 2>&1
 cat "$OUT/environment.log"
 
+# the edge cases in bf16, "auto" and the bf16 sums; TESTS_K replaces this selection
+FAST_K="(mosaic and bf16 and (basic or k1 or empty_experts or odd_sizes or one_expert or \
+wide or narrow)) or auto_times or mosaic_bf16_sums"
+
 run_step() {
   case $1 in
     variants) TAIL=30 step variants 130 python3 bench/probes/mosaic_variants.py --jobs 3 \
       --only summed stored_o1024 stored_o192_bn128 stored_o72 gram_rand_n8000 ;;
     check) TAIL=12 step check 220 python3 -m bench.mosaic_epilogue_check ;;
     tests_fast) step tests_fast 180 python3 -m pytest tests/test_cvmm_gpu.py -q -n 0 -rf \
-      --tb=short -p no:cacheprovider -k "(mosaic and bf16 and (basic or k1 or empty_experts or \
-odd_sizes or one_expert or wide or narrow)) or auto_times or mosaic_bf16_sums" ;;
+      --tb=short -p no:cacheprovider -k "${TESTS_K:-$FAST_K}" ;;
     model) step model 150 python3 -m pytest tests/test_model_gpu.py -q -n 0 -rA --tb=short \
       -p no:cacheprovider -k gradients_through ;;
     step) TAIL=4 step step 200 env -u XLA_PYTHON_CLIENT_PREALLOCATE python3 bench/model.py \
@@ -79,6 +88,9 @@ odd_sizes or one_expert or wide or narrow)) or auto_times or mosaic_bf16_sums" ;
       --remat none --impl auto mosaic ;;
     cvmm) TAIL=17 step cvmm 200 python3 -m bench.cvmm --profiles MoEUT_244M \
       --impls mosaic,triton --pair --json "$OUT/cvmm.json" ;;
+    tune) TAIL=17 step tune 420 env CVMM_AUTOTUNE=1 python3 -m bench.cvmm \
+      --profiles MoEUT_244M --impls mosaic,triton --pair --json "$OUT/cvmm_tuned.json" \
+      --tune-log "$OUT/tune_timings.log" ;;
     tests_full) step tests_full 260 python3 -m pytest tests/test_cvmm_gpu.py \
       tests/test_cvmm_mosaic.py -q -n 0 -rf --tb=short -p no:cacheprovider \
       -k "mosaic and not interpreted" ;;
