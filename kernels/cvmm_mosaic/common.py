@@ -28,8 +28,8 @@ index. Stored (:func:`store_rows`): every thread of the warpgroup reads 16-byte 
 the tile from shared memory and stores them (``st.global.v4``), consecutive threads
 taking consecutive pieces of a row; pieces in rows past the output's last (padding rows:
 row R of an [R, C] output) or in columns past its width are skipped. Added
-(:func:`add_rows`): one TMA tensor reduction per row, whose engine drops what lies out
-of bounds.
+(:func:`add_rows`): float32 rows by one TMA tensor reduction per row, whose engine
+drops what lies out of bounds; 16-bit rows as stored ones, by 16-byte vector atomics.
 
 Pallas's Mosaic GPU interpreter (jax >= 0.11, CPU) runs no inline Mosaic GPU code and
 allocates every view of a union separately, so under it (:func:`interpreting`) a
@@ -314,18 +314,26 @@ def store_rows(src, idx, dst, col0):
     _tma_rows(src, idx, dst, col0, add=False)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     return
-  _thread_store_rows()(src, idx, dst, jnp.asarray(col0, jnp.int32))
+  _thread_rows(False)(src, idx, dst, jnp.asarray(col0, jnp.int32))
 
 
 def add_rows(src, idx, dst, col0):
   """``dst[idx[r], col0:col0 + C] += src[r]`` for the T rows of ``src`` [T, C] (shared
-  memory, no transforms; ``idx``, ``col0`` as in :func:`store_rows`): one TMA tensor
-  reduction per row, issued by one thread; the copy engine drops rows and columns out of
-  ``dst``'s bounds (padding rows). The copies are committed as one group and not waited
-  for: ``plgpu.wait_smem_to_gmem(0, wait_read_only=True)`` before ``src`` is written
-  again. (Every thread adding 16-byte pieces with ``red.global.add.v4`` instead took
-  longer with float32 sums on an H100: bench/RESULTS.md, 'Pallas Mosaic GPU kernels'.)"""
-  _tma_rows(src, idx, dst, col0, add=True)
+  memory, no transforms; ``idx``, ``col0`` as in :func:`store_rows`). Called by a whole
+  warpgroup; ``plgpu.wait_smem_to_gmem(0, wait_read_only=True)`` before ``src`` is
+  written again.
+
+  float32 rows: one TMA tensor reduction per row, issued by one thread; the copy engine
+  drops rows and columns out of ``dst``'s bounds (padding rows); committed as one group
+  and not waited for. 16-bit rows: every thread adds 16-byte pieces as
+  :func:`store_rows` stores them, with ``red.global.add.noftz.v4.bf16x2`` (or
+  ``.f16x2``; sm_90): relaxed atomics nothing waits for. On an H100 the threads' adds
+  took longer than TMA reductions in float32 and less time in bfloat16
+  (bench/RESULTS.md, 'Pallas Mosaic GPU kernels')."""
+  if interpreting() or jnp.dtype(dst.dtype).itemsize == 4:
+    _tma_rows(src, idx, dst, col0, add=True)
+  else:
+    _thread_rows(True)(src, idx, dst, jnp.asarray(col0, jnp.int32))
 
 
 def _tma_rows(src, idx, dst, col0, *, add: bool):
@@ -343,11 +351,16 @@ def _tma_rows(src, idx, dst, col0, *, add: bool):
   plgpu.commit_smem_to_gmem_group()
 
 
-_ST_V4 = "st.global.v4.b32 [$0], {$1, $2, $3, $4};"   # a 16-byte store of four registers
+# The 16-byte global write of four 32-bit registers: stored, or added by 16-bit dtype.
+_ST_V4 = "st.global.v4.b32 [$0], {$1, $2, $3, $4};"
+_RED_V4 = {2: {"bf16": "red.global.add.noftz.v4.bf16x2 [$0], {$1, $2, $3, $4};",
+               "f16": "red.global.add.noftz.v4.f16x2 [$0], {$1, $2, $3, $4};"}}
 
 
 @functools.lru_cache(maxsize=None)
-def _thread_store_rows():
+def _thread_rows(add: bool):
+  """The warpgroup's 16-byte stores (or, ``add``, 16-bit vector reductions) of rows:
+  :func:`store_rows`, :func:`add_rows`."""
   refs = (plgpu.RefType(), plgpu.RefType(), plgpu.RefType())
 
   @plgpu.inline_mgpu(arg_types=refs + (plgpu.Layout.WG_SPLAT(shape=()),))
@@ -362,10 +375,11 @@ def _thread_store_rows():
     src_strides, _ = src_ty.get_strides_and_offset()
     (row_stride, col_stride), _ = dst_ty.get_strides_and_offset()
     per_piece = _PIECE // elem                      # values of a 16-byte piece
+    asm = _RED_V4.get(elem, {}).get(str(dst_ty.element_type)) if add else _ST_V4
     if (src_ty.element_type != dst_ty.element_type or list(src_strides) != [width, 1]
         or col_stride != 1 or (row_stride * elem) % _PIECE or n_cols % per_piece
-        or (n_rows * width) % (WARPGROUP_THREADS * per_piece)):
-      raise ValueError(f"store_rows: {src_ty} rows into {dst_ty}")
+        or (n_rows * width) % (WARPGROUP_THREADS * per_piece) or asm is None):
+      raise ValueError(f"{'add' if add else 'store'}_rows: {src_ty} rows into {dst_ty}")
     pieces = width // per_piece                     # pieces of a row
     tid = arith.remui(mu.thread_idx(), c32(WARPGROUP_THREADS))
     col0 = col0.registers.item()
@@ -391,7 +405,7 @@ def _thread_store_rows():
         llvm.inline_asm(ir.Type.parse("!llvm.void"),
                         [arith.addi(dst_base, offset)]
                         + [llvm.extractelement(values, c32(v)) for v in range(4)],
-                        _ST_V4, "l,r,r,r,r,~{memory}", has_side_effects=True)
+                        asm, "l,r,r,r,r,~{memory}", has_side_effects=True)
     mu.warpgroup_barrier()           # every thread has read src
 
   return store

@@ -24,9 +24,10 @@ block) pairs of the used tiles, walked by every block in steps of the grid. Warp
   issue the wgmma, and release the previous stage once its wgmma retired (one wgmma in
   flight); the epilogue scales the rows by their gates and writes them to shared
   memory; stored rows: every thread of the warpgroup stores 16-byte pieces of them into
-  their output rows (``st.global.v4``); added rows: one TMA reduction per row, read
-  from shared memory while the next item's main loop runs (kernels/cvmm_mosaic/
-  common.py: stored and added rows). Padding slots' rows and columns past the output
+  their output rows (``st.global.v4``); added rows: float32 sums one TMA reduction per
+  row, read from shared memory while the next item's main loop runs, bfloat16 sums every
+  thread's 16-byte vector atomics (kernels/cvmm_mosaic/common.py: stored and added
+  rows). Padding slots' rows and columns past the output
   are skipped.
 ``num_stages`` stages of (rows, matrix block) are in flight.
 """
@@ -254,7 +255,7 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
           acc = acc * lax.broadcast_in_dim(g, acc.shape, [0])
         o_smem.at[c_i][...] = acc.astype(out_dtype)
         # padding slots' rows (row N * out_rows) and columns past the output's are skipped
-        if reduce:   # one TMA reduction a row, read while the next item's loop runs
+        if reduce:   # float32: TMA reductions, read while the next item's loop runs
           add_rows(o_smem.at[c_i], oidx.at[c_i], out_g, nb * bn)
         else:        # every thread stores 16-byte pieces of the rows
           store_rows(o_smem.at[c_i], oidx.at[c_i], out_g, nb * bn)
