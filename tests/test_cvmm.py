@@ -300,7 +300,7 @@ def test_float16_sum_row_scales_bound_every_row():
   shrink the rows that do not use it)."""
   from kernels import make_routing
   from kernels.cvmm_reference import cvmm_reference
-  from kernels.cvmm_triton.scales import f16_row_scales, max_l1, pow2_scale
+  from kernels.row_scales import f16_row_scales, max_l1, pow2_scale
   n, k, m, e, i, o = 50, 4, 2, 6, 32, 24
   ks = jax.random.split(jax.random.key(3), 4)
   r = make_routing(jax.random.randint(ks[0], (n, k), 0, e), e)

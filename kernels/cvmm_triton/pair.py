@@ -18,10 +18,10 @@ from kernels.autotune import TileConfig
 from kernels.config import DEFAULT, CvmmConfig
 from kernels.cvmm_triton.launch import dummy_f32, jit, launch, tl
 from kernels.cvmm_triton.primitives import gathered_matmul, mma, row_scale, rows_epilogue, sum_tiles
-from kernels.cvmm_triton.scales import (f16_row_scales, f16_unscale, half_sums, max_l1, red_width,
-                                        sum_out_dtype)
+from kernels.cvmm_triton.scales import f16_unscale, half_sums, red_width, sum_out_dtype
 from kernels.cvmm_triton.tuning import bench_or_none, sum_key, synthetic_routing
 from kernels.routing import Routing
+from kernels.row_scales import f16_row_scales, max_l1
 
 
 @jit

@@ -38,12 +38,13 @@ from kernels.cvmm_triton.gluon_pairs import gluon_pairs_sum, unit_pairs_config
 from kernels.cvmm_triton.gluon_rows import gluon_rows_candidates, gluon_rows_ok, gluon_rows_sum
 from kernels.cvmm_triton.launch import compute_capability, dummy_f32, hopper, jit, launch, tl
 from kernels.cvmm_triton.primitives import gathered_matmul, mma, row_scale, rows_epilogue, sum_tiles, w_layout
-from kernels.cvmm_triton.scales import (checked_scales_pay, f16_row_scales, f16_row_scales_checked,
-                                        f16_unscale, half_sums, max_l1, red_width, sum_out_dtype,
+from kernels.cvmm_triton.scales import (checked_scales_pay, f16_row_scales_checked, f16_unscale,
+                                        half_sums, red_width, sum_out_dtype,
                                         unscale_rows_checked)
 from kernels.cvmm_triton.tuning import bench_or_none, sum_key, synthetic_routing
 from kernels.cvmm_triton.units import choose_units_config, units_store, units_store_applies
 from kernels.routing import Routing
+from kernels.row_scales import f16_row_scales, max_l1
 
 
 @jit

@@ -12,7 +12,8 @@ Two ways to choose the scales (``CvmmConfig.f16_scales``):
   and lists those that overflowed or came out too small; a second kernel recomputes
   them in float32 (:func:`unscale_rows_checked`). Used where
   :func:`checked_scales_pay`; elsewhere the bound.
-- "bound": a bound on every row's terms that no sum can exceed (:func:`f16_row_scales`).
+- "bound": a bound on every row's terms that no sum can exceed
+  (:func:`kernels.row_scales.f16_row_scales`, plain JAX, shared with the Mosaic path).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from kernels.autotune import TileConfig
 from kernels.cvmm_triton.launch import compute_capability, dummy_f32, interpret, jit, launch, tl
 from kernels.cvmm_triton.primitives import w_layout
 from kernels.routing import Routing
+from kernels.row_scales import F16_BOUND_LOG2, pow2_scale, row_and_pair_scales
 
 
 def bf16_sums(dtype, o: int, sum_dtype: str) -> bool:
@@ -90,51 +92,6 @@ def sum_out_dtype(half: str | None):
   return jnp.dtype(half) if half is not None else jnp.dtype(jnp.float32)
 
 
-# float16 sums scale each output row so that the bound of its sum is below 2^14
-# (float16's largest finite value, 65504, is just under 2^16).
-_F16_BOUND_LOG2 = 14
-
-
-def pow2_scale(bound: jax.Array) -> jax.Array:
-  """float32 powers of two s with bound * s < 2^14 (s within [2^-126, 2^126]); 1 where
-  the bound is 0 (every term is 0) or not finite (inf/nan inputs give inf/nan)."""
-  bound = bound.astype(jnp.float32)
-  _, ex = jnp.frexp(bound)                  # bound = m * 2^ex, 0.5 <= m < 1
-  s = jnp.ldexp(jnp.ones_like(bound), jnp.clip(_F16_BOUND_LOG2 - ex, -126, 126))
-  return jnp.where(jnp.isfinite(bound) & (bound > 0), s, 1.0)
-
-
-def max_l1(w: jax.Array, axis: int) -> jax.Array:
-  """[E] float32: each expert's largest sum of absolute values along ``axis`` (the
-  contracted one) of w [E, ., .], a bound on |row @ W[e]| per unit of the row's
-  largest absolute value. Per expert, so that one expert's large weights do not push
-  the other experts' sums down towards float16's subnormals."""
-  return jnp.max(jnp.sum(jnp.abs(w).astype(jnp.float32), axis=axis), axis=1)
-
-
-def f16_row_scales(a, w_l1, routing: Routing, scale, a_rows: int, out_rows: int):
-  """Row scales of float16 sums for :func:`rows_matmul`: (s [N * out_rows] float32, the
-  per-pair scale [P] float32 to apply in the kernel: scale[p] * s[orow(p)]).
-
-  The bound of output row r is the sum over its pairs p of |scale[p]| *
-  max|a[arow(p)]| * w_l1[e(p)] (w_l1: :func:`max_l1`)."""
-  n, k = routing.n_tokens, routing.k
-  amax = jnp.max(jnp.abs(a), axis=1).astype(jnp.float32).reshape(n, a_rows)
-  terms = jnp.repeat(amax, k // a_rows, axis=1) * w_l1[routing.expert_index]  # [N, K]
-  sc = None if scale is None else scale.astype(jnp.float32).reshape(n, k)
-  if sc is not None:
-    terms = terms * jnp.abs(sc)
-  bound = terms.reshape(n, out_rows, k // out_rows).sum(axis=2)         # [N, out_rows]
-  return row_and_pair_scales(pow2_scale(bound), sc, k // out_rows)
-
-
-def row_and_pair_scales(s: jax.Array, sc, kr: int):
-  """(s [N * R], the per-pair scales [P] = sc[p] * s[orow(p)]) of row scales s [N, R]
-  with KR pairs a row and per-pair scales sc [N, K] float32 (None: ones)."""
-  pair_s = jnp.repeat(s, kr, axis=1)                                    # [N, K]
-  return s.reshape(-1), (pair_s if sc is None else sc * pair_s).reshape(-1)
-
-
 def checked_scales_pay(i: int, o: int, a_rows: int, out_rows: int) -> bool:
   """Whether checked float16 scales (``CvmmConfig.f16_scales`` "checked") replace bound ones for a
   sum whose tokens have a_rows input rows of I values and out_rows output rows of O:
@@ -191,7 +148,7 @@ def f16_row_scales_checked(a, w, transpose_w: bool, routing: Routing, scale, a_r
   sampled = est > 0
   est = jnp.where(sampled, est, jnp.max(est))
   hi = 15 - int(np.ceil(np.log2(kr)))
-  s = pow2_scale(est * 2.0 ** (_F16_BOUND_LOG2 - (hi - _CHECK_AIM_BELOW)))
+  s = pow2_scale(est * 2.0 ** (F16_BOUND_LOG2 - (hi - _CHECK_AIM_BELOW)))
   return row_and_pair_scales(s, sc, kr) + (sampled.reshape(-1).astype(jnp.int8),)
 
 
