@@ -9,9 +9,11 @@
 #                       a process of its own (~1-2 min)
 #   check.log           python3 -m bench.mosaic_epilogue_check: the four projections at
 #                       MoEUT_244M, forward and gradients against XLA with the Triton
-#                       path's errors as yardstick, and both timed (~3 min)
-#   tests_fast.log      the mosaic GPU tests of the edge cases (bf16), with bfloat16
-#                       sums, and "auto" timing the two GPU paths (TESTS_K: another
+#                       path's errors as yardstick, and both timed, for each sum dtype
+#                       (~90 s each; CHECK_ARGS: its arguments, e.g. --sums float16)
+#   tests_fast.log      the mosaic GPU tests of the edge cases (bf16, default scaled
+#                       float16 sums), with bfloat16 and float32 sums, with float16 sums
+#                       of huge and tiny inputs, and "auto" timing the two GPU paths (TESTS_K: another
 #                       pytest -k selection of tests/test_cvmm_gpu.py)
 #   model.log           tests/test_model_gpu.py: the model's loss and gradients through the
 #                       Triton and the Mosaic path against XLA's (the layers' scan under
@@ -72,13 +74,13 @@ cat "$OUT/environment.log"
 
 # the edge cases in bf16, "auto" and the bf16 sums; TESTS_K replaces this selection
 FAST_K="(mosaic and bf16 and (basic or k1 or empty_experts or odd_sizes or one_expert or \
-wide or narrow)) or auto_times or mosaic_bf16_sums"
+wide or narrow)) or auto_times or mosaic_sums or (float16_sums and mosaic)"
 
 run_step() {
   case $1 in
     variants) TAIL=30 step variants 130 python3 bench/probes/mosaic_variants.py --jobs 3 \
       --only summed stored_o1024 stored_o192_bn128 stored_o72 gram_rand_n8000 ;;
-    check) TAIL=12 step check 220 python3 -m bench.mosaic_epilogue_check ;;
+    check) TAIL=16 step check 300 python3 -m bench.mosaic_epilogue_check ${CHECK_ARGS:-} ;;
     tests_fast) step tests_fast 180 python3 -m pytest tests/test_cvmm_gpu.py -q -n 0 -rf \
       --tb=short -p no:cacheprovider -k "${TESTS_K:-$FAST_K}" ;;
     model) step model 150 python3 -m pytest tests/test_model_gpu.py -q -n 0 -rA --tb=short \

@@ -52,16 +52,16 @@ class CvmmConfig:
     (Pallas on Mosaic GPU, Hopper), "xla" (pure JAX), "reference" (tests) or "original"
     (the official MoEUT's own Triton kernels and its CVMM op's numerics, loaded from
     ``original_path``: kernels/cvmm_original.py; for comparisons with the original).
-  sum_dtype: dtype of the Triton kernels' sums over experts in 16-bit calls:
-    "float16" (each output row scaled by a power of two, summed in float16, scaled
-    back: half the traffic of float32 sums at about their accuracy), "float32", or
-    "bfloat16" (Hopper; 2.3x the error of float32 sums). float32 calls and the other
-    implementations sum in float32, except "mosaic" with "bfloat16", whose TMA
-    reductions then add in bfloat16.
-  f16_scales: how float16 sums choose each row's scale: "checked" (an estimate; the
-    scale-back recomputes in float32 any row that overflowed or came out too small)
-    or "bound" (a bound on the row's terms that no sum can exceed: two more passes
-    over the inputs, no row recomputed).
+  sum_dtype: dtype of the GPU kernels' sums over experts in 16-bit calls (Triton
+    and Mosaic): "float16" (each output row scaled by a power of two, summed in
+    float16, scaled back: half the traffic of float32 sums at about their accuracy),
+    "float32", or "bfloat16" (Hopper; 2.3x the error of float32 sums). float32 calls
+    and the other implementations sum in float32.
+  f16_scales: how the Triton kernels' float16 sums choose each row's scale: "checked"
+    (an estimate; the scale-back recomputes in float32 any row that overflowed or came
+    out too small) or "bound" (a bound on the row's terms that no sum can exceed: two
+    more passes over the inputs, no row recomputed). The Mosaic kernels always use
+    the bound.
   gluon: let the fused 16-bit sums run the Gluon kernels on Hopper (the autotuner
     chooses between them and the Triton ones); False keeps to Triton.
   unit_pairs: SwitchHead routings carry unit pairs (a head's two experts multiplied

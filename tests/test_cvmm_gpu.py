@@ -488,17 +488,19 @@ def test_bf16_sums_match_reference(case):
     assert err <= TOL[jnp.bfloat16], f"{case[0]} {name}: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("sums", ["bfloat16", "float32"])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in (
     "basic", "m_divisor", "odd_sizes", "empty_experts", "wide_many_slots")], ids=lambda c: c[0])
-def test_mosaic_bf16_sums_match_reference(case, gated):
-  """The Mosaic path with sum_dtype="bfloat16": gated sums (forward) and the sums over
-  slots of dx add bf16 rows into a bf16 output. Same tolerance as every bf16 result."""
+def test_mosaic_sums_match_reference(case, gated, sums):
+  """The Mosaic path with sum_dtype="bfloat16" (gated sums in the forward and the sums
+  over slots of dx add bf16 rows into a bf16 output) and "float32" (TMA reductions into
+  float32; the default scaled float16 sums: test_gpu_impl_matches_reference). Same
+  tolerance as every bf16 result."""
   if not is_available("mosaic"):
     pytest.skip("mosaic not available on this GPU")
   x, w, g, r, ct = _inputs(case, jnp.bfloat16, gated)
-  got = _outputs(jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, config=_sums("bfloat16",
-                                                                          "mosaic"))),
+  got = _outputs(jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, config=_sums(sums, "mosaic"))),
                  x, w, g, r, ct)
   up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
   ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
@@ -550,21 +552,22 @@ def _assert_half_sums_close(label, names, got, ref, f32s, finite=True):
       assert err <= 1.5 * _rel(c, b), (label, name, err, _rel(c, b))
 
 
-def _triton_sums(sum_dtype: str):
-  """cvmm through the Triton kernels with the fused sums in ``sum_dtype``."""
-  config = CvmmConfig(impl="triton", sum_dtype=sum_dtype)
+def _impl_sums(impl: str, sum_dtype: str):
+  """cvmm through ``impl``'s kernels with the fused sums in ``sum_dtype``."""
+  config = CvmmConfig(impl=impl, sum_dtype=sum_dtype)
   return lambda x, r, w, g: cvmm(x, r, w, g, config=config)
 
 
+@pytest.mark.parametrize("impl", ["triton", "mosaic"])
 @pytest.mark.parametrize("case", [c for c in CASES if c[2] > c[3]], ids=lambda c: c[0])
-def test_float16_sums_match_reference(case):
+def test_float16_sums_match_reference(case, impl):
   """sum_dtype="float16" (scaled float16 sums), bf16 inputs: every result within the
   bf16 tolerance, and the output and dx no more than 1.5x as far from the float32
   reference as with float32 sums (bf16 sums: about 2.3x, bench/RESULTS.md)."""
-  if not is_available("triton"):
-    pytest.skip("triton not available on this GPU")
+  if not is_available(impl):
+    pytest.skip(f"{impl} not available on this GPU")
   x, w, g, r, ct = _inputs(case, jnp.bfloat16, True)
-  fn = lambda sd: jax.jit(_triton_sums(sd))  # noqa: E731
+  fn = lambda sd: jax.jit(_impl_sums(impl, sd))  # noqa: E731
   assert _ran_float16_sums(fn("float16"), x, r, w, g)
   assert not _ran_float16_sums(fn("float32"), x, r, w, g)
   got = _outputs(fn("float16"), x, w, g, r, ct)
@@ -575,19 +578,21 @@ def test_float16_sums_match_reference(case):
                           finite=False)
 
 
+@pytest.mark.parametrize("impl", ["triton", "mosaic"])
 @pytest.mark.parametrize("mag", [1e-6, 1e4], ids=["tiny", "huge"])
 @pytest.mark.parametrize("case", [c for c in PAIR_CASES if c[0] in ("basic", "odd_sizes",
                                                                    "sigma_moe_like")],
                          ids=lambda c: c[0])
-def test_float16_sums_fused_pair(case, mag):
-  """The fused pair with float16 sums, inputs 1e-6 or 1e4 in magnitude (their sums
-  would underflow or overflow float16 unscaled; bf16 holds them): every result within
-  the bf16 tolerance, finite, and the output and dx within 1.5x the float32 sums' error."""
-  if not is_available("triton"):
-    pytest.skip("triton not available on this GPU")
-  got, ref = _pair_outputs(case, jnp.bfloat16, "float16", mag)
-  f32s, _ = _pair_outputs(case, jnp.bfloat16, "float32", mag)
-  _assert_half_sums_close(f"pair {case[0]} {mag}", PAIR_NAMES, got, ref, f32s)
+def test_float16_sums_pair(case, mag, impl):
+  """The σ-MoE pair (Triton: fused; Mosaic: two calls) with float16 sums, inputs 1e-6
+  or 1e4 in magnitude (their sums would underflow or overflow float16 unscaled; bf16
+  holds them): every result within the bf16 tolerance, finite, and the output and dx
+  within 1.5x the float32 sums' error."""
+  if not is_available(impl):
+    pytest.skip(f"{impl} not available on this GPU")
+  got, ref = _pair_outputs(case, jnp.bfloat16, "float16", mag, impl=impl)
+  f32s, _ = _pair_outputs(case, jnp.bfloat16, "float32", mag, impl=impl)
+  _assert_half_sums_close(f"pair {impl} {case[0]} {mag}", PAIR_NAMES, got, ref, f32s)
 
 
 # SwitchHead's projections with k = 2 per head, whose fused sums take the unit-pair
@@ -658,11 +663,11 @@ def test_unit_pairs_match_reference(case, gated, tile, monkeypatch):
   monkeypatch.setattr(rows_mod, "gluon_pairs_sum", spy)
   x, w, g, r, ct = _head_inputs(case, gated)
   assert r.pairs is not None
-  got = _outputs(_triton_sums("float16"), x, w, g, r, ct)
+  got = _outputs(_impl_sums("triton", "float16"), x, w, g, r, ct)
   assert len(calls) == (2 if gated else 1), calls   # O: two forwards; V: one dx
   if tile is not None:
     assert all((c.block_m, c.block_n, c.num_warps, c.num_stages) == tile for c in calls)
-  f32s = _outputs(_triton_sums("float32"), x, w, g, r, ct)
+  f32s = _outputs(_impl_sums("triton", "float32"), x, w, g, r, ct)
   up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
   ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
   _assert_half_sums_close(case[0], ["out", "dx", "dw", "dgates"], got, ref, f32s)
@@ -751,11 +756,11 @@ def test_unit_store_matches_reference(case, tile, monkeypatch):
     wrap = lambda *a, **kw: calls.append(cfg) or orig(*a[:5], cfg, *a[6:], **kw)  # noqa: E731
   monkeypatch.setattr(rows_mod, "units_store", wrap)
   x, w, g, r, ct = _head_inputs(case, True)
-  got = _outputs(_triton_sums("float16"), x, w, g, r, ct)
+  got = _outputs(_impl_sums("triton", "float16"), x, w, g, r, ct)
   assert len(calls) == 1, calls                        # O's dx
   plain = make_routing(r.expert_index, r.n_experts)    # no unit pairs: the row kernels
   assert plain.pairs is None
-  f32s = _outputs(_triton_sums("float32"), x, w, g, plain, ct)
+  f32s = _outputs(_impl_sums("triton", "float32"), x, w, g, plain, ct)
   assert len(calls) == 1, calls
   up = lambda a: a.astype(jnp.float32)  # noqa: E731
   ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)

@@ -5,9 +5,15 @@ Forward: one row-kernel launch (the gated sum over slots fused: rows are added i
 [N, O] output by TMA reductions). Backward: one row-kernel launch for dx (and, gated,
 dgates from the same product) and one weight-gradient launch. As in the Triton path
 (kernels/cvmm_triton/ops.py) the gated weight gradient contracts rows pre-scaled by their
-gates (``gated_rows``) and the residuals are the inputs. Sums over slots are float32,
-or bfloat16 where the config's ``sum_dtype`` is "bfloat16" (rows added in bfloat16); the
-Triton path's scaled float16 sums are not implemented here.
+gates (``gated_rows``) and the residuals are the inputs.
+
+Sums over slots (the gated forward, dx where several slots read one input row) add in
+the config's ``sum_dtype``: "float16" (the default) scales each output row by a power
+of two from a bound on its sum (:mod:`kernels.row_scales`: one pass over the product's
+input rows), adds in float16 and takes the scale back out in plain JAX, which XLA fuses
+with what reads the sum; "bfloat16" adds in bfloat16; "float32" in float32. The Triton
+path's estimated ("checked") float16 scales are not implemented here: the bound is used
+whatever ``f16_scales`` says.
 """
 from __future__ import annotations
 
@@ -22,11 +28,31 @@ from kernels.cvmm_mosaic.common import check_dtype
 from kernels.cvmm_mosaic.gram import expert_gram
 from kernels.cvmm_mosaic.rows import rows_matmul
 from kernels.routing import Routing
+from kernels.row_scales import f16_row_scales, max_l1, unscale
 
 
 def sum_dtype(config: CvmmConfig):
-  """The dtype the Mosaic kernels add rows in for ``config``."""
-  return jnp.bfloat16 if config.sum_dtype == "bfloat16" else jnp.float32
+  """The dtype the Mosaic kernels add rows in for ``config`` (float16: scaled rows)."""
+  return jnp.dtype(config.sum_dtype)
+
+
+def summed_rows(a, w, routing: Routing, *, a_rows: int, out_rows: int, out_dtype,
+                sums: str, transpose_w: bool = False, scale=None, dgate_rows=None,
+                c_rows: int = 1):
+  """:func:`~kernels.cvmm_mosaic.rows.rows_matmul` (same arguments) with its output in
+  ``out_dtype``, adding rows in ``sums`` where several pairs meet in an output row
+  (``out_rows`` < K): "float32", "bfloat16", or "float16" with each output row scaled
+  by its bound's power of two (:func:`kernels.row_scales.f16_row_scales`) in the
+  kernel's per-pair scale and unscaled after. dgates come from the unscaled product."""
+  kw = dict(a_rows=a_rows, out_rows=out_rows, transpose_w=transpose_w,
+            dgate_rows=dgate_rows, c_rows=c_rows)
+  if sums != "float16" or out_rows == routing.k:
+    out, dg = rows_matmul(a, w, routing, scale=scale, sum_dtype=sums, **kw)
+    return out.astype(out_dtype), dg
+  row_s, pair_s = f16_row_scales(a, max_l1(w, 2 if transpose_w else 1), routing, scale,
+                                 a_rows, out_rows)
+  out, dg = rows_matmul(a, w, routing, scale=pair_s, sum_dtype=jnp.float16, **kw)
+  return unscale(out, row_s, out_dtype), dg
 
 
 def cvmm_mosaic(x: jax.Array, routing: Routing, w: jax.Array,
@@ -36,7 +62,7 @@ def cvmm_mosaic(x: jax.Array, routing: Routing, w: jax.Array,
   Mosaic GPU interpreter (tests on a CPU)."""
   check_dtype(x.dtype)
   w = w.astype(x.dtype) if w.dtype != x.dtype else w
-  plain, gated = _ops(jnp.dtype(sum_dtype(config)).name)
+  plain, gated = _ops(sum_dtype(config).name)
   if gates is None:
     return plain(x, w, routing)
   return gated(x, w, gates, routing)
@@ -44,7 +70,8 @@ def cvmm_mosaic(x: jax.Array, routing: Routing, w: jax.Array,
 
 @functools.lru_cache(maxsize=None)
 def _ops(sums: str):
-  """The two custom_vjp ops (without and with gates) adding rows in ``sums``."""
+  """The two custom_vjp ops (without and with gates) adding rows in ``sums``
+  (:func:`summed_rows`)."""
 
   @jax.custom_vjp
   def plain(x, w, routing):
@@ -61,11 +88,11 @@ def _ops(sums: str):
     n, m, i = x.shape
     k = routing.k
     dy2 = dy.astype(x.dtype).reshape(n * k, w.shape[2])                      # [P, O]
-    dx, _ = rows_matmul(dy2, w, routing, a_rows=k, out_rows=m, transpose_w=True,
-                        sum_dtype=sums)                                     # [N*M, I]
+    dx, _ = summed_rows(dy2, w, routing, a_rows=k, out_rows=m, transpose_w=True,
+                        out_dtype=x.dtype, sums=sums)                       # [N*M, I]
     dw = expert_gram(x.reshape(n * m, i), dy2, routing, a_rows=m, b_rows=k,
                      out_dtype=w.dtype)                                      # [E, I, O]
-    return dx.reshape(n, m, i).astype(x.dtype), dw, None
+    return dx.reshape(n, m, i), dw, None
 
   plain.defvjp(_fwd, _bwd)
 
@@ -75,9 +102,9 @@ def _ops(sums: str):
 
   def _fwd_gated(x, w, gates, routing):
     n, m, i = x.shape
-    out, _ = rows_matmul(x.reshape(n * m, i), w, routing, a_rows=m, out_rows=1,
-                         scale=gates.reshape(-1), sum_dtype=sums)             # [N, O]
-    return out.astype(x.dtype), (x, w, gates, routing)
+    out, _ = summed_rows(x.reshape(n * m, i), w, routing, a_rows=m, out_rows=1,
+                         scale=gates.reshape(-1), out_dtype=x.dtype, sums=sums)  # [N, O]
+    return out, (x, w, gates, routing)
 
   def _bwd_gated(res, dout):
     x, w, gates, routing = res
@@ -87,12 +114,12 @@ def _ops(sums: str):
     n, m, i = x.shape
     x2 = x.reshape(n * m, i)
     dout = dout.astype(x.dtype)                                              # [N, O]
-    dx, dg = rows_matmul(dout, w, routing, a_rows=1, out_rows=m, transpose_w=True,
+    dx, dg = summed_rows(dout, w, routing, a_rows=1, out_rows=m, transpose_w=True,
                          scale=gates.reshape(-1), dgate_rows=x2, c_rows=m,
-                         sum_dtype=sums)                                     # [N*M, I], [P]
+                         out_dtype=x.dtype, sums=sums)                       # [N*M, I], [P]
     dw = expert_gram(gated_rows(x, gates), dout, routing, a_rows=routing.k, b_rows=1,
                      out_dtype=w.dtype)
-    return (dx.reshape(n, m, i).astype(x.dtype), dw,
+    return (dx.reshape(n, m, i), dw,
             dg.reshape(n, routing.k).astype(gates.dtype), None)
 
   gated.defvjp(_fwd_gated, _bwd_gated)

@@ -68,8 +68,9 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
   the product is a @ w[e]^T); scale: [P] (by pair) or None; dgate_rows: [N * c_rows, O]
   rows dotted with the unscaled product for dgates, or None.
   Returns (out [N * out_rows, O], dgates [P] float32 or None). Where several pairs meet
-  in one output row (out_rows < K) they are added in ``sum_dtype`` (float32 or
-  bfloat16) and out has that dtype; else out has a's dtype.
+  in one output row (out_rows < K) they are added in ``sum_dtype`` (float32, bfloat16
+  or float16: :func:`kernels.cvmm_mosaic.ops.summed_rows` scales float16 rows) and out
+  has that dtype; else out has a's dtype.
   """
   n, k = routing.n_tokens, routing.k
   e = w.shape[0]
