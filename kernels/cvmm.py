@@ -29,12 +29,13 @@ Implementations are interchangeable and chosen by :class:`kernels.CvmmConfig`'s
                on Hopper; with autotuning off "triton" where available), else "xla"
 
 :func:`cvmm_pair` is the σ-MoE MLP (up, ReLU, gated down) as one op: with "triton" it
-runs fused kernels that keep each tile's middle on chip; otherwise two cvmm calls.
+runs fused kernels that keep each tile's middle on chip, forward and backward; with
+"mosaic" the forward is one such kernel; otherwise two cvmm calls.
 
-The Triton kernels add the sums over slots with atomics (no [N*K, O] intermediate), in
-the dtype the config's ``sum_dtype`` names (16-bit calls only; float32 calls and the
-other implementations sum in float32): "float16" (default; scaled rows,
-kernels/cvmm_triton/scales.py), "float32" or "bfloat16".
+The GPU kernels add the sums over slots into their output rows (no [N*K, O]
+intermediate), in the dtype the config's ``sum_dtype`` names (16-bit calls only;
+float32 calls and the other implementations sum in float32): "float16" (default;
+scaled rows, kernels/row_scales.py), "float32" or "bfloat16".
 """
 from __future__ import annotations
 
@@ -263,8 +264,10 @@ def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array
 
   out[n] = sum_s gates[n, s] * relu(x[n] @ w_up[e]) @ w_down[e], e = expert of (n, s).
   With ``impl`` "triton" (or "auto" choosing it) one fused kernel does both
-  products per tile, forward and backward, keeping the [tile, H] middle on chip;
-  every other implementation composes two :func:`cvmm` calls. Same numerics either
+  products per tile, forward and backward, keeping the [tile, H] middle on chip; with
+  "mosaic" one kernel does the forward that way (H up to 256) and the backward is the
+  two projections' kernels; every other implementation composes two :func:`cvmm`
+  calls. Same numerics either
   way: the middle is rounded to x's dtype after the ReLU.
 
   Args:
@@ -294,6 +297,11 @@ def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array
     triton_mod = importlib.import_module("kernels.cvmm_triton")
     if triton_mod.pair_supported(x, w_up):
       return triton_mod.cvmm_triton_pair(x, routing, w_up, w_down, gates,
+                                         keep_middle=keep_middle, config=config)
+  if name == "mosaic" and x.shape[0] > 0:
+    mosaic_mod = importlib.import_module("kernels.cvmm_mosaic")
+    if mosaic_mod.pair_supported(w_up.shape[2]):
+      return mosaic_mod.cvmm_mosaic_pair(x, routing, w_up, w_down, gates,
                                          keep_middle=keep_middle, config=config)
   config = config.replace(impl=name)
 

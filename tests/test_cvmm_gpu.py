@@ -208,13 +208,15 @@ def test_fused_pair_remaking_the_middle_matches_reference(case, dtype):
   _assert_pair_matches(case, dtype, keep_middle=False)
 
 
+@pytest.mark.parametrize("keep_middle", [True, False], ids=["kept", "remade"])
 @pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
-def test_mosaic_pair_matches_reference(case):
-  """cvmm_pair through the Mosaic GPU kernels (two cvmm calls), bf16, against the float32
-  reference: output and every gradient."""
+def test_mosaic_pair_matches_reference(case, keep_middle):
+  """cvmm_pair through the Mosaic GPU kernels (the fused forward, the backward from the
+  row and weight-gradient kernels, the middle kept or made again), bf16, against the
+  float32 reference: output and every gradient."""
   if not is_available("mosaic"):
     pytest.skip("mosaic not available on this GPU")
-  _assert_pair_matches(case, jnp.bfloat16, impl="mosaic")
+  _assert_pair_matches(case, jnp.bfloat16, impl="mosaic", keep_middle=keep_middle)
 
 
 def _row_candidate_cases(i: int = 128, o: int = 200):

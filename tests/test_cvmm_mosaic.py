@@ -237,6 +237,92 @@ def test_mosaic_float16_sums_scale_rows_into_range(mag, monkeypatch):
     assert err <= 1e-2, f"{mag} {name}: rel err {err:.2e}"
 
 
+# (name, N, K, E, D, H, O, sums, producers, keep_middle): the σ-MoE pair's fused forward
+PAIR_CASES = [
+    ("f16_two_producers", 40, 4, 5, 64, 64, 72, "float16", 2, True),
+    ("f32_one_producer_remade", 40, 4, 5, 64, 64, 72, "float32", 1, False),
+    ("odd_sizes_bf16", 30, 2, 3, 100, 40, 36, "bfloat16", 1, True),
+]
+
+
+@pytest.mark.skipif(not mosaic_interpret.SUPPORTED,
+                    reason="the Mosaic GPU interpreter of jax < 0.11 fills no out-of-bounds TMA reads")
+@pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
+def test_mosaic_pair_interpreted_matches_reference(case, monkeypatch):
+  """The σ-MoE pair through the Mosaic path (its fused forward: up, ReLU and gated down
+  of a tile in one kernel, several tiles a block; the backward from the row and
+  weight-gradient kernels, the middle kept or made again) in the interpreter, bf16,
+  against the float32 reference: output and every gradient."""
+  from kernels import CvmmConfig, make_routing  # noqa: PLC0415
+  from kernels.cvmm_mosaic import cvmm_mosaic_pair, pair  # noqa: PLC0415
+  from kernels.cvmm_reference import cvmm_pair_reference  # noqa: PLC0415
+  name, n, k, e, d, h, o, sums, producers, keep = case
+  producers_only(monkeypatch, producers)
+  every = pair.pair_candidates
+  monkeypatch.setattr(pair, "pair_candidates", lambda *a, **kw: [
+      c for c in every(*a, **kw) if c.producers == producers])
+  ks = jax.random.split(jax.random.key(0), 6)
+  r = make_routing(jax.lax.top_k(jax.random.normal(ks[0], (n, e)), k)[1], e)
+  x = jax.random.normal(ks[1], (n, d)).astype(jnp.bfloat16)
+  wu = (jax.random.normal(ks[2], (e, d, h)) * d ** -0.5).astype(jnp.bfloat16)
+  wd = (jax.random.normal(ks[3], (e, h, o)) * h ** -0.5).astype(jnp.bfloat16)
+  g = jax.random.uniform(ks[4], (n, k)).astype(jnp.bfloat16)
+  ct = jax.random.normal(ks[5], (n, o))
+  config = CvmmConfig(impl="mosaic", sum_dtype=sums)
+
+  def outs(fn, *args):
+    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * ct)  # noqa: E731
+    return (fn(*args),) + tuple(jax.grad(loss, argnums=(0, 1, 2, 3))(*args))
+
+  with mosaic_interpret.interpret():
+    got = outs(lambda x, wu, wd, g: cvmm_mosaic_pair(x, r, wu, wd, g, keep_middle=keep,
+                                                     config=config), x, wu, wd, g)
+  ref = outs(lambda x, wu, wd, g: cvmm_pair_reference(x, r, wu, wd, g),
+             *(a.astype(jnp.float32) for a in (x, wu, wd, g)))
+  tol = 2e-2 if sums == "bfloat16" else 1e-2
+  for nm, a, b in zip(["out", "dx", "dw_up", "dw_down", "dgates"], got, ref):
+    assert a.dtype == jnp.bfloat16 and a.shape == b.shape, (nm, a.dtype, a.shape)
+    assert _rel(a, b) <= tol, f"{name} {nm}: rel err {_rel(a, b):.2e}"
+
+
+def test_mosaic_pair_forward_is_one_kernel_at_moeut_244m(monkeypatch):
+  """The σ-MoE pair of MoEUT_244M (65,536 tokens, abstract inputs) through the Mosaic
+  path lowers to CUDA with its first tile candidate, within sm90's shared memory: its
+  forward one kernel (no middle written by one and read by another), the forward and
+  backward five (the fused forward; the down projection's dx with its dgates, and its
+  weight gradient; the up projection's dx and its weight gradient). kernels.cvmm_pair
+  takes this path for impl="mosaic" (availability stood in for: no Mosaic GPU here)."""
+  import importlib  # noqa: PLC0415
+  from kernels import CvmmConfig, cvmm_pair, make_routing  # noqa: PLC0415
+  from kernels.cvmm_mosaic import pair  # noqa: PLC0415
+  from moeut_jax import profiles  # noqa: PLC0415
+  p = profiles.get("MoEUT_244M")
+  n, d, es, e, k = 65536, p["d_model"], p["ff_expert_size"], p["ff_n_experts"], p["ff_k"]
+  assert pair.pair_supported(es)
+  assert pair.smem_bytes(pair.pair_candidates(es, d, 2)[0], es, 2) <= pair.SMEM_BUDGET
+  r = jax.eval_shape(lambda i: make_routing(i, e, tile_blocks=()),
+                     jax.ShapeDtypeStruct((n, k), jnp.int32))
+  bf = jnp.bfloat16
+  args = (jax.ShapeDtypeStruct((n, d), bf), jax.ShapeDtypeStruct((e, d, es), bf),
+          jax.ShapeDtypeStruct((e, es, d), bf), jax.ShapeDtypeStruct((n, k), bf))
+  config = CvmmConfig(impl="mosaic")
+  kc = importlib.import_module("kernels.cvmm")
+  monkeypatch.setattr(kc, "is_available", lambda name: name in ("mosaic", "xla", "reference"))
+
+  def fwd(x, wu, wd, g, r):
+    return cvmm_pair(x, r, wu, wd, g, config=config)
+
+  def loss(x, wu, wd, g, r):
+    return jnp.sum(fwd(x, wu, wd, g, r).astype(jnp.float32))
+
+  kernel = "stablehlo.custom_call @mosaic_gpu"
+  text = jax.jit(fwd).trace(*args, r).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count(kernel) == 1
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(*args, r).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count(kernel) == 5
+
+
 def test_mosaic_one_producer_lowers_at_moeut_244m_up(monkeypatch):
   """The σ-MoE up projection of MoEUT_244M with one producer warpgroup (the autotuner's
   other tiles; the default's two in the next test) lowers to CUDA (forward and

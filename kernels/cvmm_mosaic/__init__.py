@@ -5,9 +5,11 @@ Modules, from the bottom up:
   slots    per-slot row maps of the tile lists, in plain JAX
   rows     the gathered row kernel (every product: forward, gated sums, dx, dgates)
   gram     the weight-gradient kernel (ragged contraction over each expert's rows)
-  ops      the custom_vjp ops: cvmm_mosaic
+  pair     the σ-MoE pair's fused forward (up, ReLU, gated down; the middle on chip)
+  ops      the custom_vjp ops: cvmm_mosaic, cvmm_mosaic_pair
 """
 from kernels.cvmm_mosaic.common import is_available
-from kernels.cvmm_mosaic.ops import cvmm_mosaic
+from kernels.cvmm_mosaic.ops import cvmm_mosaic, cvmm_mosaic_pair
+from kernels.cvmm_mosaic.pair import pair_supported
 
-__all__ = ["cvmm_mosaic", "is_available"]
+__all__ = ["cvmm_mosaic", "cvmm_mosaic_pair", "is_available", "pair_supported"]

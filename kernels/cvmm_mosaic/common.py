@@ -173,6 +173,45 @@ def pipeline_lag(stages: int) -> int:
   return max(0, stages - 2)
 
 
+def claim_stage(t, stages: int, empty):
+  """A producer's buffer for step ``t`` in a ring of ``stages``: from the ring's second
+  round on, waits until the consumers released it (``empty``: one barrier per stage).
+  Returns the stage, t % stages."""
+  s = t % stages
+
+  @pl.when(t >= stages)
+  def _():
+    plgpu.barrier_wait(empty.at[s])
+  return s
+
+
+def mma_steps(acc_ref, t0, n, stages: int, full, empty, mma):
+  """A consumer's main loop over the pipeline's steps ``t0 .. t0 + n - 1`` (``n`` a
+  traced or Python int): per step, waits until its stage is full, issues the step's
+  wgmma with ``mma(acc_ref, stage)`` and releases the previous step's stage (``empty``)
+  once that step's wgmma retired: one step in flight. The last stage is released after
+  the loop. Returns the accumulator's value."""
+  def step(kk, carry):
+    t = t0 + kk
+    s = t % stages
+    plgpu.barrier_wait(full.at[s])
+    mma(acc_ref, s)
+    plgpu.wgmma_wait(1)
+
+    @pl.when(kk > 0)
+    def _():
+      plgpu.barrier_arrive(empty.at[(t - 1) % stages])
+    return carry
+
+  lax.fori_loop(0, n, step, 0)
+  plgpu.wgmma_wait(0)
+
+  @pl.when(jnp.asarray(n) > 0)
+  def _():
+    plgpu.barrier_arrive(empty.at[(t0 + n - 1) % stages])
+  return acc_ref[...]
+
+
 def step_gathered(t, stages: int, full):
   """A producer's part after issuing (and committing) step ``t``'s gathers: step
   ``t - lag``'s rows have landed, so its stage is full (``full``: one barrier per stage)."""

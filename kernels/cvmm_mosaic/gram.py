@@ -26,9 +26,9 @@ from kernels.arrays import pad_to
 from kernels.autotune import TileConfig
 from kernels.cvmm_mosaic import slots
 from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, SMEM_BUDGET,
-                                        consumer_registers, gather_buffer, gather_commit,
-                                        gather_rows, gather_views, launch, pl, plgpu,
-                                        producer_done, step_gathered)
+                                        claim_stage, consumer_registers, gather_buffer,
+                                        gather_commit, gather_rows, gather_views, launch,
+                                        mma_steps, pl, plgpu, producer_done, step_gathered)
 from kernels.routing import Routing
 
 STEP = 64          # rows contracted per pipeline step
@@ -121,12 +121,7 @@ def _launch(a, b, a_pos, b_pos, offsets, e, out_dtype, cfg):
           def _():
             fetch(lo + (kk + 1) * STEP, 1 - buf)
 
-          s = t % stages
-
-          @pl.when(t >= stages)
-          def _():
-            plgpu.barrier_wait(empty.at[s])
-
+          s = claim_stage(t, stages, empty)
           pos0 = lo + kk * STEP
           shift = pos0 % IDX_ALIGN                  # where pos0 lies in the window
           mine = pl.ds(shift + p * share, share)
@@ -154,29 +149,15 @@ def _launch(a, b, a_pos, b_pos, offsets, e, out_dtype, cfg):
         (lin,) = info.index
         ex, ii, oo, lo, hi, n_k = item_of(lin)
 
-        def acc_scope(acc_ref):
-          def kstep(kk, t):
-            s = t % stages
-            plgpu.barrier_wait(full.at[s])
-            lhs = a_mma.at[s, c_i].transpose((1, 0))                     # [64 of I, 64 rows]
-            for ch in range(n_bc):
-              plgpu.wgmma(acc_ref.at[:, pl.ds(ch * CHUNK, CHUNK)], lhs, b_mma.at[s, ch])
-            plgpu.wgmma_wait(1)
+        def mma(acc_ref, s):
+          lhs = a_mma.at[s, c_i].transpose((1, 0))                       # [64 of I, 64 rows]
+          for ch in range(n_bc):
+            plgpu.wgmma(acc_ref.at[:, pl.ds(ch * CHUNK, CHUNK)], lhs, b_mma.at[s, ch])
 
-            @pl.when(kk > 0)
-            def _():
-              plgpu.barrier_arrive(empty.at[(t - 1) % stages])
-            return t + 1
-
-          t_end = lax.fori_loop(0, n_k, kstep, carry)
-          plgpu.wgmma_wait(0)
-
-          @pl.when(n_k > 0)
-          def _():
-            plgpu.barrier_arrive(empty.at[(t_end - 1) % stages])
-          return acc_ref[...], t_end
-
-        acc, t_end = pl.run_scoped(acc_scope, plgpu.ACC((ROWS_PER_WG, bo)))
+        acc = pl.run_scoped(lambda acc_ref: mma_steps(acc_ref, carry, n_k, stages, full,
+                                                      empty, mma),
+                            plgpu.ACC((ROWS_PER_WG, bo)))
+        t_end = carry + n_k
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last item's store read
         o_smem.at[c_i][...] = acc.astype(out_dtype)
         plgpu.commit_smem()

@@ -26,6 +26,7 @@ from kernels.arrays import gated_rows
 from kernels.config import DEFAULT, CvmmConfig
 from kernels.cvmm_mosaic.common import check_dtype
 from kernels.cvmm_mosaic.gram import expert_gram
+from kernels.cvmm_mosaic.pair import pair_forward, pair_supported
 from kernels.cvmm_mosaic.rows import rows_matmul
 from kernels.routing import Routing
 from kernels.row_scales import f16_row_scales, max_l1, unscale
@@ -68,6 +69,36 @@ def cvmm_mosaic(x: jax.Array, routing: Routing, w: jax.Array,
   return gated(x, w, gates, routing)
 
 
+def plain_grads(x, w, routing: Routing, dy, sums: str):
+  """(dx [N, M, I], dw [E, I, O]) of y = cvmm(x, routing, w) [N, K, O] for dy, dx's
+  sums over slots in ``sums``."""
+  n, m, i = x.shape
+  k = routing.k
+  dy2 = dy.astype(x.dtype).reshape(n * k, w.shape[2])                        # [P, O]
+  dx, _ = summed_rows(dy2, w, routing, a_rows=k, out_rows=m, transpose_w=True,
+                      out_dtype=x.dtype, sums=sums)                         # [N*M, I]
+  dw = expert_gram(x.reshape(n * m, i), dy2, routing, a_rows=m, b_rows=k,
+                   out_dtype=w.dtype)                                        # [E, I, O]
+  return dx.reshape(n, m, i), dw
+
+
+def gated_grads(x, w, gates, routing: Routing, dout, sums: str):
+  """(dx [N, M, I], dw [E, I, O], dgates [N, K]) of out = cvmm(x, routing, w, gates)
+  [N, O] for dout, dx's sums over slots in ``sums``."""
+  # tied to dout: gated_rows below reads only forward values, and XLA could otherwise
+  # compute it in the forward pass and keep it until here (kernels/cvmm_triton/ops.py)
+  x, gates, dout = jax.lax.optimization_barrier((x, gates, dout))
+  n, m, i = x.shape
+  x2 = x.reshape(n * m, i)
+  dout = dout.astype(x.dtype)                                                # [N, O]
+  dx, dg = summed_rows(dout, w, routing, a_rows=1, out_rows=m, transpose_w=True,
+                       scale=gates.reshape(-1), dgate_rows=x2, c_rows=m,
+                       out_dtype=x.dtype, sums=sums)                         # [N*M, I], [P]
+  dw = expert_gram(gated_rows(x, gates), dout, routing, a_rows=routing.k, b_rows=1,
+                   out_dtype=w.dtype)
+  return dx.reshape(n, m, i), dw, dg.reshape(n, routing.k).astype(gates.dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def _ops(sums: str):
   """The two custom_vjp ops (without and with gates) adding rows in ``sums``
@@ -85,14 +116,7 @@ def _ops(sums: str):
 
   def _bwd(res, dy):
     x, w, routing = res
-    n, m, i = x.shape
-    k = routing.k
-    dy2 = dy.astype(x.dtype).reshape(n * k, w.shape[2])                      # [P, O]
-    dx, _ = summed_rows(dy2, w, routing, a_rows=k, out_rows=m, transpose_w=True,
-                        out_dtype=x.dtype, sums=sums)                       # [N*M, I]
-    dw = expert_gram(x.reshape(n * m, i), dy2, routing, a_rows=m, b_rows=k,
-                     out_dtype=w.dtype)                                      # [E, I, O]
-    return dx.reshape(n, m, i), dw, None
+    return (*plain_grads(x, w, routing, dy, sums), None)
 
   plain.defvjp(_fwd, _bwd)
 
@@ -108,19 +132,60 @@ def _ops(sums: str):
 
   def _bwd_gated(res, dout):
     x, w, gates, routing = res
-    # tied to dout: gated_rows below reads only forward values, and XLA could otherwise
-    # compute it in the forward pass and keep it until here (kernels/cvmm_triton/ops.py)
-    x, gates, dout = jax.lax.optimization_barrier((x, gates, dout))
-    n, m, i = x.shape
-    x2 = x.reshape(n * m, i)
-    dout = dout.astype(x.dtype)                                              # [N, O]
-    dx, dg = summed_rows(dout, w, routing, a_rows=1, out_rows=m, transpose_w=True,
-                         scale=gates.reshape(-1), dgate_rows=x2, c_rows=m,
-                         out_dtype=x.dtype, sums=sums)                       # [N*M, I], [P]
-    dw = expert_gram(gated_rows(x, gates), dout, routing, a_rows=routing.k, b_rows=1,
-                     out_dtype=w.dtype)
-    return (dx.reshape(n, m, i), dw,
-            dg.reshape(n, routing.k).astype(gates.dtype), None)
+    return (*gated_grads(x, w, gates, routing, dout, sums), None)
 
   gated.defvjp(_fwd_gated, _bwd_gated)
   return plain, gated
+
+
+def cvmm_mosaic_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array,
+                     gates: jax.Array, *, keep_middle: bool = True,
+                     config: CvmmConfig = DEFAULT) -> jax.Array:
+  """The σ-MoE pair (:func:`kernels.cvmm_pair`) with its forward in one kernel
+  (:mod:`kernels.cvmm_mosaic.pair`: up, ReLU and the gated down projection of a tile,
+  the middle on chip); the backward pass is the row and weight-gradient kernels' of the
+  two projections, reading the stored middle (``keep_middle``) or making it again.
+  x [N, D] 16-bit; middles up to 256 wide (:func:`pair_supported`)."""
+  check_dtype(x.dtype)
+  w_up, w_down = (w if w.dtype == x.dtype else w.astype(x.dtype) for w in (w_up, w_down))
+  return _pair_op(sum_dtype(config).name, keep_middle)(x, w_up, w_down, gates, routing)
+
+
+def pair_sums(x, w1, w2, routing: Routing, gates, sums: str):
+  """(out [N, O] in x's dtype, the middle h [P, H]) of the fused forward, the gated
+  sums in ``sums``; float16 rows scaled by a bound through both matrices (the ReLU
+  does not grow a row: sum of |gate| * max|x[n]| * l1(W1[e]) * l1(W2[e]))."""
+  g = gates.reshape(-1).astype(jnp.float32)
+  if sums != "float16":
+    out, h = pair_forward(x, w1, w2, routing, g, sum_dtype=sums)
+    return out.astype(x.dtype), h
+  row_s, pair_s = f16_row_scales(x, max_l1(w1, 1) * max_l1(w2, 1), routing, g, 1, 1)
+  out, h = pair_forward(x, w1, w2, routing, pair_s, sum_dtype=jnp.float16)
+  return unscale(out, row_s, x.dtype), h
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_op(sums: str, keep_middle: bool):
+
+  @jax.custom_vjp
+  def pair(x, w1, w2, gates, routing):
+    return pair_sums(x, w1, w2, routing, gates, sums)[0]
+
+  def _fwd(x, w1, w2, gates, routing):
+    out, h = pair_sums(x, w1, w2, routing, gates, sums)
+    return out, (x, w1, w2, gates, routing, h if keep_middle else None)
+
+  def _bwd(res, dout):
+    x, w1, w2, gates, routing, h = res
+    n, k = routing.n_tokens, routing.k
+    if h is None:   # made again: relu(x @ W1[e]) as the forward rounded it
+      x, dout = jax.lax.optimization_barrier((x, dout))
+      h = jax.nn.relu(rows_matmul(x, w1, routing, a_rows=1, out_rows=k)[0])
+    u = h.reshape(n, k, w1.shape[2])                                         # [N, K, H]
+    du, dw2, dg = gated_grads(u, w2, gates, routing, dout, sums)
+    du = jnp.where(u > 0, du, jnp.zeros_like(du))                            # ReLU
+    dx, dw1 = plain_grads(x[:, None, :], w1, routing, du, sums)
+    return dx.reshape(x.shape), dw1, dw2, dg, None
+
+  pair.defvjp(_fwd, _bwd)
+  return pair

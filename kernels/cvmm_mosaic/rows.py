@@ -44,11 +44,11 @@ from kernels.arrays import pad_to
 from kernels.autotune import TileConfig
 from kernels.cvmm_mosaic import slots
 from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, SMEM_BUDGET,
-                                        add_rows, consumer_registers, gather_buffer,
-                                        gather_commit, gather_rows, gather_views,
-                                        gathers_done, launch, load, pl, plgpu,
-                                        producer_done, step_gathered, store_rows, tiled,
-                                        zeros_after)
+                                        add_rows, claim_stage, consumer_registers,
+                                        gather_buffer, gather_commit, gather_rows,
+                                        gather_views, gathers_done, launch, load, mma_steps,
+                                        pl, plgpu, producer_done, step_gathered, store_rows,
+                                        tiled, zeros_after)
 from kernels.routing import Routing
 
 # The epilogue stores output rows in 16-byte pieces and adds them by TMA, whose rows must
@@ -182,12 +182,7 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
 
         def kstep(kk, carry):
           t = j * grid_k + kk
-          s = t % stages
-
-          @pl.when(t >= stages)
-          def _():
-            plgpu.barrier_wait(empty.at[s])
-
+          s = claim_stage(t, stages, empty)
           if p == 0:
             if transpose_w:
               src = w_g.at[ex, pl.ds(nb * bn, bn), pl.ds(kk * CHUNK, CHUNK)]
@@ -226,26 +221,13 @@ def _launch(a, w, tile_e, n_used, a_idx, o_idx, sc, c_idx, c, n_out, kc, no, out
                                   aidx.at[2 * n_prod + c_i, pl.ds(0, ROWS_PER_WG)],
                                   epi_bar.at[c_i])
 
-        def acc_scope(acc_ref):
-          def kstep(kk, carry):
-            t = j * grid_k + kk
-            s = t % stages
-            plgpu.barrier_wait(full.at[s])
-            rhs = w_buf.at[s].transpose((1, 0)) if transpose_w else w_buf.at[s]
-            plgpu.wgmma(acc_ref, a_mma.at[s, pl.ds(c_i * ROWS_PER_WG, ROWS_PER_WG)], rhs)
-            plgpu.wgmma_wait(1)
+        def mma(acc_ref, s):
+          rhs = w_buf.at[s].transpose((1, 0)) if transpose_w else w_buf.at[s]
+          plgpu.wgmma(acc_ref, a_mma.at[s, pl.ds(c_i * ROWS_PER_WG, ROWS_PER_WG)], rhs)
 
-            @pl.when(kk > 0)
-            def _():
-              plgpu.barrier_arrive(empty.at[(t - 1) % stages])
-            return carry
-
-          lax.fori_loop(0, grid_k, kstep, 0)
-          plgpu.wgmma_wait(0)
-          plgpu.barrier_arrive(empty.at[(j * grid_k + grid_k - 1) % stages])
-          return acc_ref[...]
-
-        acc = pl.run_scoped(acc_scope, plgpu.ACC((ROWS_PER_WG, bn)))   # [64, BN] f32
+        acc = pl.run_scoped(lambda acc_ref: mma_steps(acc_ref, j * grid_k, grid_k, stages,
+                                                      full, empty, mma),
+                            plgpu.ACC((ROWS_PER_WG, bn)))                # [64, BN] f32
         plgpu.barrier_wait(epi_bar.at[c_i])
         if dgate or reduce:   # the last item's dgates and added rows have been read
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
