@@ -173,6 +173,19 @@ def pipeline_lag(stages: int) -> int:
   return max(0, stages - 2)
 
 
+def check_tiles(cfg):
+  """The tile constraints every Mosaic kernel with gathered rows shares: one or two
+  consumer warpgroups of ROWS_PER_WG rows, contraction steps of CHUNK columns, column
+  blocks of whole chunks up to 256 (a wgmma's widest)."""
+  if cfg.block_m % ROWS_PER_WG or cfg.block_m // ROWS_PER_WG not in (1, 2):
+    raise ValueError(f"block_m={cfg.block_m}: one or two consumer warpgroups of "
+                     f"{ROWS_PER_WG} rows")
+  if cfg.block_k != CHUNK:
+    raise ValueError(f"block_k={cfg.block_k}: the gathered rows come in {CHUNK} columns")
+  if cfg.block_n % CHUNK or cfg.block_n > 256:
+    raise ValueError(f"block_n={cfg.block_n} must be a multiple of {CHUNK} up to 256")
+
+
 def claim_stage(t, stages: int, empty):
   """A producer's buffer for step ``t`` in a ring of ``stages``: from the ring's second
   round on, waits until the consumers released it (``empty``: one barrier per stage).

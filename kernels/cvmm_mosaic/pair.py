@@ -32,7 +32,7 @@ from kernels.arrays import pad_to
 from kernels.autotune import TileConfig
 from kernels.cvmm_mosaic import slots
 from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, SMEM_BUDGET,
-                                        add_rows, claim_stage, consumer_registers,
+                                        add_rows, check_tiles, claim_stage, consumer_registers,
                                         gather_buffer, gather_commit, gather_rows,
                                         gather_views, gathers_done, launch, load,
                                         mma_steps, pipeline_lag, pl, plgpu, store_rows,
@@ -93,13 +93,7 @@ def smem_bytes(cfg: TileConfig, hp: int, out_itemsize: int, itemsize: int = 2) -
 
 
 def check_pair_config(cfg: TileConfig, hp: int, out_itemsize: int):
-  if cfg.block_m % ROWS_PER_WG or cfg.block_m // ROWS_PER_WG not in (1, 2):
-    raise ValueError(f"block_m={cfg.block_m}: one or two consumer warpgroups of "
-                     f"{ROWS_PER_WG} rows")
-  if cfg.block_k != CHUNK:
-    raise ValueError(f"block_k={cfg.block_k}: the gathered rows come in {CHUNK} columns")
-  if cfg.block_n % CHUNK or cfg.block_n > 256:
-    raise ValueError(f"block_n={cfg.block_n} must be a multiple of {CHUNK} up to 256")
+  check_tiles(cfg)
   if cfg.num_stages < 2:
     raise ValueError(f"num_stages={cfg.num_stages}: at least 2")
   if smem_bytes(cfg, hp, out_itemsize) > SMEM_BUDGET:

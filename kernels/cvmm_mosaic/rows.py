@@ -44,7 +44,7 @@ from kernels.arrays import pad_to
 from kernels.autotune import TileConfig
 from kernels.cvmm_mosaic import slots
 from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, SMEM_BUDGET,
-                                        add_rows, claim_stage, consumer_registers,
+                                        add_rows, check_tiles, claim_stage, consumer_registers,
                                         gather_buffer, gather_commit, gather_rows,
                                         gather_views, gathers_done, launch, load, mma_steps,
                                         pl, plgpu, producer_done, step_gathered, store_rows,
@@ -109,13 +109,7 @@ def rows_matmul(a: jax.Array, w: jax.Array, routing: Routing, *, a_rows: int,
 
 
 def check_rows_config(cfg: TileConfig, no: int, dgate: bool):
-  if cfg.block_m % ROWS_PER_WG or cfg.block_m // ROWS_PER_WG not in (1, 2):
-    raise ValueError(f"block_m={cfg.block_m}: one or two consumer warpgroups of "
-                     f"{ROWS_PER_WG} rows")
-  if cfg.block_k != CHUNK:
-    raise ValueError(f"block_k={cfg.block_k}: the gathered rows come in {CHUNK} columns")
-  if cfg.block_n % CHUNK or cfg.block_n > 256:
-    raise ValueError(f"block_n={cfg.block_n} must be a multiple of {CHUNK} up to 256")
+  check_tiles(cfg)
   if dgate and cfg.block_n != CHUNK:
     raise ValueError(f"block_n={cfg.block_n}: dgates take column blocks of {CHUNK}")
 
