@@ -11,11 +11,14 @@ the file ``CVMM_AUTOTUNE_CACHE`` names. With autotuning off (``CVMM_AUTOTUNE=0``
 first of :data:`GPU_ORDER` that can run the operation is taken, unmeasured.
 
 The σ-MoE pair (:func:`kernels.cvmm_pair`) is one operation: Triton's fused pair against
-two Mosaic calls. An operation's forward and backward pass always run the same
-implementation (each implementation is its own custom_vjp).
+Mosaic's. An operation's forward and backward pass always run the same implementation
+(each implementation is its own custom_vjp). The timing runs double as a check: an
+implementation whose output or gradients differ from the first one's on the same inputs
+(:func:`check_agreement`) is left out, with a warning.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import jax
@@ -91,6 +94,8 @@ def _choose(kernel: str, shape: tuple, dtype, config: CvmmConfig, routing: Routi
   if len(names) <= 1:
     return names[0] if names else None
 
+  first: list = []          # (name, results) of the first implementation that ran
+
   def bench(name: str) -> float:
     cfg = config.replace(impl=name)
     with jax.ensure_compile_time_eval():
@@ -100,9 +105,37 @@ def _choose(kernel: str, shape: tuple, dtype, config: CvmmConfig, routing: Routi
       out, pull = jax.vjp(lambda *a: call(cfg, r, *a), *xs)
       return out, pull(jnp.ones_like(out))
     f = autotune.compile_now(step, r, *xs)
+    got = f(r, *xs)
+    if first:
+      check_agreement(kernel, name, got, *first[0])
+    else:
+      first.append((name, got))
     return autotune.time_call(lambda: f(r, *xs))
 
   return autotune.tuner().choose_impl(kernel, shape, dtype, names, bench, config)
+
+
+# Largest relative difference (norm) between two implementations' results on the timing
+# inputs: two right ones differ by their roundings (16-bit results: below 1e-2); a wrong
+# one by about 1.
+AGREEMENT_TOL = 5e-2
+
+
+def check_agreement(kernel: str, name: str, got, ref_name: str, ref) -> None:
+  """Raises (and warns) where ``name``'s output or gradients on the timing inputs differ
+  from ``ref_name``'s by more than AGREEMENT_TOL: "auto" never chooses an
+  implementation that disagrees with the first one it ran (a kernel that is wrong on
+  this GPU is left out, not silently used)."""
+  for i, (a, b) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(ref))):
+    with jax.ensure_compile_time_eval():   # on the device, also while a jit traces
+      a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+      rel = float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
+    if not rel <= AGREEMENT_TOL:
+      msg = (f'CVMM impl="auto": {name}\'s results for {kernel} differ from {ref_name}\'s '
+             f"by {rel:.1e} (relative, result {i} of output and gradients); {name} is not "
+             "chosen for it. Please report this with the GPU and the shapes.")
+      warnings.warn(msg, RuntimeWarning, stacklevel=2)
+      raise RuntimeError(msg)
 
 
 def _normal(seed: int, shape, dtype, scale: float = 1.0) -> jax.Array:

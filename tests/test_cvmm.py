@@ -616,6 +616,31 @@ def test_auto_pair_is_one_choice_and_skips_an_implementation_that_fails(monkeypa
                                                   impl="reference"), np.float32))
 
 
+def test_auto_leaves_out_an_implementation_whose_results_disagree(monkeypatch, tmp_path):
+  """An implementation whose output on the timing inputs differs from the first one's
+  (here "xla" made 1.5x too large) is not chosen, faster or not, and the user is warned;
+  one that agrees is (the previous test)."""
+  import importlib  # noqa: PLC0415
+  kc = importlib.import_module("kernels.cvmm")
+  x, w, g, r, _ = _inputs(CASES[0], jnp.bfloat16, True)
+  want = cvmm(x, r, w, g, impl="reference")
+  get = kc._get
+
+  def wrong_xla(impl):
+    f = get(impl)
+    return (lambda *a, **kw: f(*a, **kw) * 1.5) if impl == "xla" else f
+
+  monkeypatch.setattr(kc, "_get", wrong_xla)
+  tuner, timed = _auto_on_a_fake_gpu(monkeypatch, tmp_path, ["reference", "xla"],
+                                     [2e-3, 1e-3])
+  with pytest.warns(RuntimeWarning, match="xla's results for cvmm_impl differ from reference"):
+    got = jax.jit(lambda x, r, w, g: cvmm(x, r, w, g))(x, r, w, g)
+  assert timed == [2e-3]                             # xla never timed
+  assert list(tuner._impls.values()) == ["reference"]
+  assert "xla: failed (RuntimeError" in "\n".join(tuner.log)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_auto_keeps_mosaic_to_16_bit_inputs(monkeypatch):
   from kernels import auto  # noqa: PLC0415
   import importlib  # noqa: PLC0415
