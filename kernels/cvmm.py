@@ -29,8 +29,8 @@ Implementations are interchangeable and chosen by :class:`kernels.CvmmConfig`'s
                on Hopper; with autotuning off "triton" where available), else "xla"
 
 :func:`cvmm_pair` is the σ-MoE MLP (up, ReLU, gated down) as one op: with "triton" it
-runs fused kernels that keep each tile's middle on chip, forward and backward; with
-"mosaic" the forward is one such kernel; otherwise two cvmm calls.
+and "mosaic" it runs fused kernels that keep each tile's middle on chip, forward and
+backward; otherwise two cvmm calls.
 
 The GPU kernels add the sums over slots into their output rows (no [N*K, O]
 intermediate), in the dtype the config's ``sum_dtype`` names (16-bit calls only;
@@ -264,10 +264,9 @@ def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array
 
   out[n] = sum_s gates[n, s] * relu(x[n] @ w_up[e]) @ w_down[e], e = expert of (n, s).
   With ``impl`` "triton" (or "auto" choosing it) one fused kernel does both
-  products per tile, forward and backward, keeping the [tile, H] middle on chip; with
-  "mosaic" one kernel does the forward that way (H up to 256) and the backward is the
-  two projections' kernels; every other implementation composes two :func:`cvmm`
-  calls. Same numerics either
+  products per tile, forward and backward, keeping the [tile, H] middle on chip; so do
+  the "mosaic" kernels (H up to 256); every other implementation composes two
+  :func:`cvmm` calls. Same numerics either
   way: the middle is rounded to x's dtype after the ReLU.
 
   Args:

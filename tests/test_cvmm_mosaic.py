@@ -250,17 +250,18 @@ PAIR_CASES = [
 @pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
 def test_mosaic_pair_interpreted_matches_reference(case, monkeypatch):
   """The σ-MoE pair through the Mosaic path (its fused forward: up, ReLU and gated down
-  of a tile in one kernel, several tiles a block; the backward from the row and
-  weight-gradient kernels, the middle kept or made again) in the interpreter, bf16,
-  against the float32 reference: output and every gradient."""
+  of a tile in one kernel, several tiles a block; its fused gradient of the inputs and
+  the weight-gradient kernels, the middle kept or made again) in the interpreter,
+  bf16, against the float32 reference: output and every gradient."""
   from kernels import CvmmConfig, make_routing  # noqa: PLC0415
-  from kernels.cvmm_mosaic import cvmm_mosaic_pair, pair  # noqa: PLC0415
+  from kernels.cvmm_mosaic import cvmm_mosaic_pair, pair, pair_bwd  # noqa: PLC0415
   from kernels.cvmm_reference import cvmm_pair_reference  # noqa: PLC0415
   name, n, k, e, d, h, o, sums, producers, keep = case
   producers_only(monkeypatch, producers)
-  every = pair.pair_candidates
-  monkeypatch.setattr(pair, "pair_candidates", lambda *a, **kw: [
-      c for c in every(*a, **kw) if c.producers == producers])
+  for mod, name in ((pair, "pair_candidates"), (pair_bwd, "pair_bwd_candidates")):
+    every = getattr(mod, name)
+    monkeypatch.setattr(mod, name, lambda *a, every=every, **kw: [
+        c for c in every(*a, **kw) if c.producers == producers])
   ks = jax.random.split(jax.random.key(0), 6)
   r = make_routing(jax.lax.top_k(jax.random.normal(ks[0], (n, e)), k)[1], e)
   x = jax.random.normal(ks[1], (n, d)).astype(jnp.bfloat16)
@@ -285,21 +286,24 @@ def test_mosaic_pair_interpreted_matches_reference(case, monkeypatch):
     assert _rel(a, b) <= tol, f"{name} {nm}: rel err {_rel(a, b):.2e}"
 
 
-def test_mosaic_pair_forward_is_one_kernel_at_moeut_244m(monkeypatch):
+def test_mosaic_pair_is_fused_at_moeut_244m(monkeypatch):
   """The σ-MoE pair of MoEUT_244M (65,536 tokens, abstract inputs) through the Mosaic
-  path lowers to CUDA with its first tile candidate, within sm90's shared memory: its
-  forward one kernel (no middle written by one and read by another), the forward and
-  backward five (the fused forward; the down projection's dx with its dgates, and its
-  weight gradient; the up projection's dx and its weight gradient). kernels.cvmm_pair
-  takes this path for impl="mosaic" (availability stood in for: no Mosaic GPU here)."""
+  path lowers to CUDA with its kernels' first tile candidates, within sm90's shared
+  memory: its forward one kernel, its forward and backward four (the fused forward, the
+  fused gradient of the inputs, the two weight gradients): no middle or middle's
+  gradient written by one kernel for another but the stored h and du the weight
+  gradients read. kernels.cvmm_pair takes this path for impl="mosaic" (availability
+  stood in for: no Mosaic GPU here)."""
   import importlib  # noqa: PLC0415
   from kernels import CvmmConfig, cvmm_pair, make_routing  # noqa: PLC0415
-  from kernels.cvmm_mosaic import pair  # noqa: PLC0415
+  from kernels.cvmm_mosaic import pair, pair_bwd  # noqa: PLC0415
+  from kernels.cvmm_mosaic.common import SMEM_BUDGET  # noqa: PLC0415
   from moeut_jax import profiles  # noqa: PLC0415
   p = profiles.get("MoEUT_244M")
   n, d, es, e, k = 65536, p["d_model"], p["ff_expert_size"], p["ff_n_experts"], p["ff_k"]
   assert pair.pair_supported(es)
-  assert pair.smem_bytes(pair.pair_candidates(es, d, 2)[0], es, 2) <= pair.SMEM_BUDGET
+  assert pair.smem_bytes(pair.pair_candidates(es, d, 2)[0], es, 2) <= SMEM_BUDGET
+  assert pair_bwd.smem_bytes(pair_bwd.pair_bwd_candidates(es, d, 2)[0], es, 2) <= SMEM_BUDGET
   r = jax.eval_shape(lambda i: make_routing(i, e, tile_blocks=()),
                      jax.ShapeDtypeStruct((n, k), jnp.int32))
   bf = jnp.bfloat16
@@ -320,7 +324,7 @@ def test_mosaic_pair_forward_is_one_kernel_at_moeut_244m(monkeypatch):
   assert text.count(kernel) == 1
   text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(*args, r).lower(
       lowering_platforms=("cuda",)).as_text()
-  assert text.count(kernel) == 5
+  assert text.count(kernel) == 4
 
 
 def test_mosaic_one_producer_lowers_at_moeut_244m_up(monkeypatch):

@@ -6,6 +6,7 @@ Modules, from the bottom up:
   rows     the gathered row kernel (every product: forward, gated sums, dx, dgates)
   gram     the weight-gradient kernel (ragged contraction over each expert's rows)
   pair     the σ-MoE pair's fused forward (up, ReLU, gated down; the middle on chip)
+  pair_bwd the σ-MoE pair's fused gradient of its inputs (the middle's gradient on chip)
   ops      the custom_vjp ops: cvmm_mosaic, cvmm_mosaic_pair
 """
 from kernels.cvmm_mosaic.common import is_available

@@ -173,10 +173,11 @@ def pipeline_lag(stages: int) -> int:
   return max(0, stages - 2)
 
 
-def check_tiles(cfg):
+def check_tiles(cfg, smem: int | None = None):
   """The tile constraints every Mosaic kernel with gathered rows shares: one or two
   consumer warpgroups of ROWS_PER_WG rows, contraction steps of CHUNK columns, column
-  blocks of whole chunks up to 256 (a wgmma's widest)."""
+  blocks of whole chunks up to 256 (a wgmma's widest); with ``smem`` (the bytes of
+  shared memory the tile needs) at least two stages within SMEM_BUDGET."""
   if cfg.block_m % ROWS_PER_WG or cfg.block_m // ROWS_PER_WG not in (1, 2):
     raise ValueError(f"block_m={cfg.block_m}: one or two consumer warpgroups of "
                      f"{ROWS_PER_WG} rows")
@@ -184,6 +185,23 @@ def check_tiles(cfg):
     raise ValueError(f"block_k={cfg.block_k}: the gathered rows come in {CHUNK} columns")
   if cfg.block_n % CHUNK or cfg.block_n > 256:
     raise ValueError(f"block_n={cfg.block_n} must be a multiple of {CHUNK} up to 256")
+  if smem is not None and cfg.num_stages < 2:
+    raise ValueError(f"num_stages={cfg.num_stages}: at least 2")
+  if smem is not None and smem > SMEM_BUDGET:
+    raise ValueError(f"{cfg} needs {smem} bytes of shared memory (budget {SMEM_BUDGET})")
+
+
+def fitting_tiles(raw, bn_max: int, smem) -> list:
+  """TileConfigs of ``raw`` (block_m, block_n, num_stages, producers), block_n cut to
+  ``bn_max``, in order and without repeats, those whose ``smem(cfg)`` (bytes of shared
+  memory) is within SMEM_BUDGET."""
+  from kernels.autotune import TileConfig  # noqa: PLC0415
+  out = []
+  for bm, bn, st, prod in raw:
+    cfg = TileConfig(bm, min(bn, bn_max), CHUNK, 4, st, producers=prod)
+    if smem(cfg) <= SMEM_BUDGET:
+      out.append(cfg)
+  return list(dict.fromkeys(out))
 
 
 def claim_stage(t, stages: int, empty):
@@ -203,7 +221,8 @@ def mma_steps(acc_ref, t0, n, stages: int, full, empty, mma):
   traced or Python int): per step, waits until its stage is full, issues the step's
   wgmma with ``mma(acc_ref, stage)`` and releases the previous step's stage (``empty``)
   once that step's wgmma retired: one step in flight. The last stage is released after
-  the loop. Returns the accumulator's value."""
+  the loop. Returns the accumulator's value (``acc_ref`` a tuple of accumulators: a
+  tuple of values)."""
   def step(kk, carry):
     t = t0 + kk
     s = t % stages
@@ -222,6 +241,8 @@ def mma_steps(acc_ref, t0, n, stages: int, full, empty, mma):
   @pl.when(jnp.asarray(n) > 0)
   def _():
     plgpu.barrier_arrive(empty.at[(t0 + n - 1) % stages])
+  if isinstance(acc_ref, tuple):
+    return tuple(r[...] for r in acc_ref)
   return acc_ref[...]
 
 

@@ -26,7 +26,8 @@ from kernels.arrays import gated_rows
 from kernels.config import DEFAULT, CvmmConfig
 from kernels.cvmm_mosaic.common import check_dtype
 from kernels.cvmm_mosaic.gram import expert_gram
-from kernels.cvmm_mosaic.pair import pair_forward, pair_supported
+from kernels.cvmm_mosaic.pair import pair_forward
+from kernels.cvmm_mosaic.pair_bwd import pair_backward
 from kernels.cvmm_mosaic.rows import rows_matmul
 from kernels.routing import Routing
 from kernels.row_scales import f16_row_scales, max_l1, unscale
@@ -143,9 +144,13 @@ def cvmm_mosaic_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: ja
                      config: CvmmConfig = DEFAULT) -> jax.Array:
   """The σ-MoE pair (:func:`kernels.cvmm_pair`) with its forward in one kernel
   (:mod:`kernels.cvmm_mosaic.pair`: up, ReLU and the gated down projection of a tile,
-  the middle on chip); the backward pass is the row and weight-gradient kernels' of the
-  two projections, reading the stored middle (``keep_middle``) or making it again.
-  x [N, D] 16-bit; middles up to 256 wide (:func:`pair_supported`)."""
+  the middle on chip) and the gradients of its inputs in another
+  (:mod:`kernels.cvmm_mosaic.pair_bwd`: through the down projection, the ReLU and the up
+  projection, the middle's gradient on chip), reading the stored middle
+  (``keep_middle``) or making it again with the row kernel; the weight gradients are
+  the weight-gradient kernel's.
+  x [N, D] 16-bit; middles up to 256 wide
+  (:func:`kernels.cvmm_mosaic.pair.pair_supported`)."""
   check_dtype(x.dtype)
   w_up, w_down = (w if w.dtype == x.dtype else w.astype(x.dtype) for w in (w_up, w_down))
   return _pair_op(sum_dtype(config).name, keep_middle)(x, w_up, w_down, gates, routing)
@@ -164,6 +169,23 @@ def pair_sums(x, w1, w2, routing: Routing, gates, sums: str):
   return unscale(out, row_s, x.dtype), h
 
 
+def pair_grads(dout, h, w1, w2, routing: Routing, gates, out_dtype, sums: str):
+  """(dx [N, D] in ``out_dtype``, du [P, H], dgates [P] float32) of the pair's backward
+  kernel (:mod:`kernels.cvmm_mosaic.pair_bwd`), dx summed in ``sums``; float16 rows
+  scaled by a bound through both matrices (sum of |gate| * max|dout[n]| *
+  l1(W2[e] along O) * l1(W1[e] along H))."""
+  g = gates.reshape(-1).astype(jnp.float32)
+  dout = dout.astype(h.dtype)
+  if sums != "float16":
+    dx, du, dg = pair_backward(dout, h, w1, w2, routing, g, jnp.ones_like(g),
+                               sum_dtype=sums)
+    return dx.astype(out_dtype), du, dg
+  row_s, _ = f16_row_scales(dout, max_l1(w2, 2) * max_l1(w1, 2), routing, g, 1, 1)
+  dx, du, dg = pair_backward(dout, h, w1, w2, routing, g, jnp.repeat(row_s, routing.k),
+                             sum_dtype=jnp.float16)
+  return unscale(dx, row_s, out_dtype), du, dg
+
+
 @functools.lru_cache(maxsize=None)
 def _pair_op(sums: str, keep_middle: bool):
 
@@ -177,15 +199,16 @@ def _pair_op(sums: str, keep_middle: bool):
 
   def _bwd(res, dout):
     x, w1, w2, gates, routing, h = res
+    # tied to dout: gated_rows below reads only forward values (as in gated_grads)
+    x, gates, dout = jax.lax.optimization_barrier((x, gates, dout))
     n, k = routing.n_tokens, routing.k
     if h is None:   # made again: relu(x @ W1[e]) as the forward rounded it
-      x, dout = jax.lax.optimization_barrier((x, dout))
       h = jax.nn.relu(rows_matmul(x, w1, routing, a_rows=1, out_rows=k)[0])
-    u = h.reshape(n, k, w1.shape[2])                                         # [N, K, H]
-    du, dw2, dg = gated_grads(u, w2, gates, routing, dout, sums)
-    du = jnp.where(u > 0, du, jnp.zeros_like(du))                            # ReLU
-    dx, dw1 = plain_grads(x[:, None, :], w1, routing, du, sums)
-    return dx.reshape(x.shape), dw1, dw2, dg, None
+    dx, du, dg = pair_grads(dout, h, w1, w2, routing, gates, x.dtype, sums)
+    dw1 = expert_gram(x, du, routing, a_rows=1, b_rows=k, out_dtype=w1.dtype)
+    dw2 = expert_gram(gated_rows(h.reshape(n, k, -1), gates), dout.astype(x.dtype), routing,
+                      a_rows=k, b_rows=1, out_dtype=w2.dtype)
+    return dx, dw1, dw2, dg.reshape(n, k).astype(gates.dtype), None
 
   pair.defvjp(_fwd, _bwd)
   return pair

@@ -31,12 +31,12 @@ from kernels import autotune
 from kernels.arrays import pad_to
 from kernels.autotune import TileConfig
 from kernels.cvmm_mosaic import slots
-from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, SMEM_BUDGET,
-                                        add_rows, check_tiles, claim_stage, consumer_registers,
-                                        gather_buffer, gather_commit, gather_rows,
-                                        gather_views, gathers_done, launch, load,
-                                        mma_steps, pipeline_lag, pl, plgpu, store_rows,
-                                        tiled, zeros_after)
+from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, add_rows,
+                                        check_tiles, claim_stage, consumer_registers,
+                                        fitting_tiles, gather_buffer, gather_commit,
+                                        gather_rows, gather_views, gathers_done, launch,
+                                        load, mma_steps, pipeline_lag, pl, plgpu,
+                                        store_rows, tiled, zeros_after)
 from kernels.routing import Routing
 
 _ALIGN = 8           # output widths padded to 16 bytes of 16-bit values (as rows.py)
@@ -66,21 +66,28 @@ def pair_forward(x: jax.Array, w1: jax.Array, w2: jax.Array, routing: Routing,
   if cfg is None:
     cfg = choose_pair_config(n, k, e, d, hp, o, x.dtype, sums.name)
   check_pair_config(cfg, hp, sums.itemsize)
-  bm = cfg.block_m
-  tiles = routing.ordered_tiles(bm, "token")                                   # [3, Z]
-  pairs = slots.slot_pairs(routing, tiles, bm)                                 # [Z*T]
-  x_idx = slots.slot_rows(pairs, routing, 1)      # x's rows and the output's: the token's
-  h_idx = slots.slot_rows(pairs, routing, k)      # the middle's: the pair's own
+  tiles, pairs, x_idx, h_idx, w1_p, w2_p = pair_operands(routing, cfg.block_m, w1, w2)
   sc = slots.slot_values(pairs, scale)
-  # zero columns of the middle (W1's padding) add nothing through W2's zero rows
   x_p = pad_to(x, 1, CHUNK)
-  w1_p = pad_to(pad_to(w1, 1, CHUNK), 2, CHUNK)
-  w2_p = pad_to(pad_to(w2, 1, CHUNK), 2, CHUNK)
   op = -(-o // _ALIGN) * _ALIGN
   out, hm = _launch(x_p, w1_p, w2_p, tiles[0], slots.used_tiles(tiles), x_idx, h_idx, sc,
                     n, n * k, x_p.shape[1], hp, op, sums, cfg)
   out = out[:, :o] if op != o else out
   return out, (hm[:, :h] if hp != h else hm)
+
+
+def pair_operands(routing: Routing, bm: int, w1, w2):
+  """What both pair kernels take (tiles of ``bm`` pairs): (tiles [3, Z], the slots'
+  pairs [Z*T], their token rows (the first phase's gathered rows and the second's
+  added rows), their own rows (the middle's), w1 and w2 padded to whole 64-column
+  chunks: the middle's zero columns through W1's padding meet W2's zero rows)."""
+  tiles = routing.ordered_tiles(bm, "token")                                   # [3, Z]
+  pairs = slots.slot_pairs(routing, tiles, bm)                                 # [Z*T]
+  x_idx = slots.slot_rows(pairs, routing, 1)
+  h_idx = slots.slot_rows(pairs, routing, routing.k)
+  w1_p = pad_to(pad_to(w1, 1, CHUNK), 2, CHUNK)
+  w2_p = pad_to(pad_to(w2, 1, CHUNK), 2, CHUNK)
+  return tiles, pairs, x_idx, h_idx, w1_p, w2_p
 
 
 def smem_bytes(cfg: TileConfig, hp: int, out_itemsize: int, itemsize: int = 2) -> int:
@@ -93,12 +100,7 @@ def smem_bytes(cfg: TileConfig, hp: int, out_itemsize: int, itemsize: int = 2) -
 
 
 def check_pair_config(cfg: TileConfig, hp: int, out_itemsize: int):
-  check_tiles(cfg)
-  if cfg.num_stages < 2:
-    raise ValueError(f"num_stages={cfg.num_stages}: at least 2")
-  if smem_bytes(cfg, hp, out_itemsize) > SMEM_BUDGET:
-    raise ValueError(f"{cfg} needs {smem_bytes(cfg, hp, out_itemsize)} bytes of shared "
-                     f"memory (budget {SMEM_BUDGET})")
+  check_tiles(cfg, smem_bytes(cfg, hp, out_itemsize))
 
 
 def pair_candidates(hp: int, o: int, out_itemsize: int) -> list[TileConfig]:
@@ -107,12 +109,7 @@ def pair_candidates(hp: int, o: int, out_itemsize: int) -> list[TileConfig]:
   bn_max = min(256, max(CHUNK, autotune.next_pow2(o)))
   raw = [(128, 128, 3, 2), (128, 64, 4, 2), (128, 64, 3, 2), (128, 128, 2, 2),
          (128, 128, 3, 1), (128, 64, 4, 1), (64, 128, 4, 1), (64, 64, 6, 1)]
-  out = []
-  for bm, bn, st, prod in raw:
-    cfg = TileConfig(bm, min(bn, bn_max), CHUNK, 4, st, producers=prod)
-    if smem_bytes(cfg, hp, out_itemsize) <= SMEM_BUDGET:
-      out.append(cfg)
-  return list(dict.fromkeys(out))
+  return fitting_tiles(raw, bn_max, lambda cfg: smem_bytes(cfg, hp, out_itemsize))
 
 
 def choose_pair_config(n, k, e, d, hp, o, dtype, sum_dtype: str) -> TileConfig:
@@ -140,6 +137,86 @@ def choose_pair_config(n, k, e, d, hp, o, dtype, sum_dtype: str) -> TileConfig:
                                  bench if is_available() else None)
 
 
+def tile_producer(p: int, n_items, tile_e_g, idx_g, rows_g, aidx, aidx_bar, a_rows,
+                  gather_bar, full, empty, empty2, copy_step, copy_block, *, bm: int,
+                  n_prod: int, grid_k: int, n_nb: int, stages: int, nsm: int):
+  """Producer warpgroup ``p`` of the fused pair kernels (here and
+  :mod:`kernels.cvmm_mosaic.pair_bwd`). Per tile: for each of the first phase's
+  ``grid_k`` steps, its share of the tile's rows of ``rows_g`` (row indices from
+  ``idx_g``, prefetched a tile ahead into its own double buffer in ``aidx``) gathered
+  into stage s, and, from the first producer, ``copy_step(expert, step, s)``'s TMA
+  copies of the step's matrix block; the stages are told full ``num_stages - 2`` steps
+  later and all at the tile's end. Then the first producer issues the second phase's
+  ``n_nb`` blocks, ``copy_block(expert, block, s2)`` into a ring of W2_STAGES whose
+  buffers the consumers release (``empty2``)."""
+  plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+  share = bm // n_prod
+  lag = pipeline_lag(stages)
+  sm = lax.axis_index("sm")
+
+  def fetch_idx(z, b):   # into this producer's own double buffer: rows 2p, 2p + 1
+    plgpu.copy_gmem_to_smem(idx_g.at[pl.ds(z * bm, bm)], aidx.at[2 * p + b],
+                            aidx_bar.at[2 * p + b])
+
+  @pl.when(sm < n_items)
+  def _():
+    fetch_idx(sm, 0)
+
+  @plgpu.nd_loop((n_items,), collective_axes="sm")
+  def _item(info):
+    (z,) = info.index
+    j = info.local_index
+    b = j % 2
+    ex = tile_e_g[z]
+    plgpu.barrier_wait(aidx_bar.at[2 * p + b])
+    plgpu.commit_smem()   # as in rows.py: the last tile's gathers are all issued
+
+    @pl.when(z + nsm < n_items)
+    def _():
+      fetch_idx(z + nsm, 1 - b)
+
+    def kstep(kk, carry):
+      t = j * grid_k + kk
+      s = claim_stage(t, stages, empty)
+      if p == 0:
+        copy_step(ex, kk, s)
+      mine = pl.ds(p * share, share)
+      gather_rows(rows_g.at[:, pl.ds(kk * CHUNK, CHUNK)], aidx.at[2 * p + b, mine],
+                  a_rows.at[s, mine], gather_bar.at[p])
+      gather_commit()
+
+      @pl.when(kk >= lag)
+      def _():
+        gathers_done(lag)
+        plgpu.barrier_arrive(full.at[(t - lag) % stages])
+      return carry
+
+    lax.fori_loop(0, grid_k, kstep, 0)
+    gathers_done(0)          # the tile's last steps: every stage of it is full
+    for back in range(lag, 0, -1):
+      @pl.when(grid_k >= back)
+      def _():
+        plgpu.barrier_arrive(full.at[(j * grid_k + grid_k - back) % stages])
+
+    if p == 0:               # the second phase's blocks
+      def nstep(nb, carry):
+        copy_block(ex, nb, claim_stage(j * n_nb + nb, W2_STAGES, empty2))
+        return carry
+
+      lax.fori_loop(0, n_nb, nstep, 0)
+
+  local = jnp.where(sm < n_items, (n_items - sm + nsm - 1) // nsm, 0)
+  for s in range(stages):    # no copy or barrier outlives the kernel
+    @pl.when(s < local * grid_k)
+    def _():
+      plgpu.barrier_wait(empty.at[s])
+  if p == 0:
+    for s2 in range(W2_STAGES):
+      @pl.when(s2 < local * n_nb)
+      def _():
+        plgpu.barrier_wait(empty2.at[s2])
+
+
 def _launch(x, w1, w2, tile_e, n_used, x_idx, h_idx, sc, n_out, n_mid, d, hp, o, sums, cfg):
   dtype = x.dtype
   bm, bn, stages = cfg.block_m, cfg.block_n, cfg.num_stages
@@ -149,8 +226,6 @@ def _launch(x, w1, w2, tile_e, n_used, x_idx, h_idx, sc, n_out, n_mid, d, hp, o,
   items = n_used.astype(jnp.int32)                                    # [1]
   nsm = autotune.multiprocessor_count()
   cons_regs = consumer_registers(n_cons, n_prod)
-  share = bm // n_prod          # rows each producer gathers
-  lag = pipeline_lag(stages)
 
   def body(n_items_g, tile_e_g, x_idx_g, h_idx_g, sc_g, x_g, w1_g, w2_g, out_g, h_g,
            a_buf, w1_buf, full, empty, w2_buf, full2, empty2, aidx, aidx_bar, oidx, hidx,
@@ -161,73 +236,17 @@ def _launch(x, w1, w2, tile_e, n_used, x_idx, h_idx, sc, n_out, n_mid, d, hp, o,
     n_items = n_items_g[0]
 
     def producer(p: int):
-      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+      def copy_step(ex, kk, s):
+        plgpu.copy_gmem_to_smem(w1_g.at[ex, pl.ds(kk * CHUNK, CHUNK), pl.ds(0, hp)],
+                                w1_buf.at[s], full.at[s])
 
-      def fetch_idx(z, b):   # into this producer's own double buffer: rows 2p, 2p + 1
-        plgpu.copy_gmem_to_smem(x_idx_g.at[pl.ds(z * bm, bm)], aidx.at[2 * p + b],
-                                aidx_bar.at[2 * p + b])
+      def copy_block(ex, nb, s2):
+        plgpu.copy_gmem_to_smem(w2_g.at[ex, pl.ds(0, hp), pl.ds(nb * bn, bn)],
+                                w2_buf.at[s2], full2.at[s2])
 
-      @pl.when(lax.axis_index("sm") < n_items)
-      def _():
-        fetch_idx(lax.axis_index("sm"), 0)
-
-      @plgpu.nd_loop((n_items,), collective_axes="sm")
-      def _item(info):
-        (z,) = info.index
-        j = info.local_index
-        b = j % 2
-        ex = tile_e_g[z]
-        plgpu.barrier_wait(aidx_bar.at[2 * p + b])
-        plgpu.commit_smem()   # as in rows.py: the last tile's gathers are all issued
-
-        @pl.when(z + nsm < n_items)
-        def _():
-          fetch_idx(z + nsm, 1 - b)
-
-        def kstep(kk, carry):
-          t = j * grid_k + kk
-          s = claim_stage(t, stages, empty)
-          if p == 0:
-            plgpu.copy_gmem_to_smem(w1_g.at[ex, pl.ds(kk * CHUNK, CHUNK), pl.ds(0, hp)],
-                                    w1_buf.at[s], full.at[s])
-          mine = pl.ds(p * share, share)
-          gather_rows(x_g.at[:, pl.ds(kk * CHUNK, CHUNK)], aidx.at[2 * p + b, mine],
-                      a_rows.at[s, mine], gather_bar.at[p])
-          gather_commit()
-
-          @pl.when(kk >= lag)
-          def _():
-            gathers_done(lag)
-            plgpu.barrier_arrive(full.at[(t - lag) % stages])
-          return carry
-
-        lax.fori_loop(0, grid_k, kstep, 0)
-        gathers_done(0)          # the tile's last steps: every stage of it is full
-        for back in range(lag, 0, -1):
-          @pl.when(grid_k >= back)
-          def _():
-            plgpu.barrier_arrive(full.at[(j * grid_k + grid_k - back) % stages])
-
-        if p == 0:               # W2's column blocks for the second phase
-          def nstep(nb, carry):
-            s2 = claim_stage(j * n_nb + nb, W2_STAGES, empty2)
-            plgpu.copy_gmem_to_smem(w2_g.at[ex, pl.ds(0, hp), pl.ds(nb * bn, bn)],
-                                    w2_buf.at[s2], full2.at[s2])
-            return carry
-
-          lax.fori_loop(0, n_nb, nstep, 0)
-
-      local = jnp.where(lax.axis_index("sm") < n_items,
-                        (n_items - lax.axis_index("sm") + nsm - 1) // nsm, 0)
-      for s in range(stages):    # no copy or barrier outlives the kernel
-        @pl.when(s < local * grid_k)
-        def _():
-          plgpu.barrier_wait(empty.at[s])
-      if p == 0:
-        for s2 in range(W2_STAGES):
-          @pl.when(s2 < local * n_nb)
-          def _():
-            plgpu.barrier_wait(empty2.at[s2])
+      tile_producer(p, n_items, tile_e_g, x_idx_g, x_g, aidx, aidx_bar, a_rows, gather_bar,
+                    full, empty, empty2, copy_step, copy_block, bm=bm, n_prod=n_prod,
+                    grid_k=grid_k, n_nb=n_nb, stages=stages, nsm=nsm)
 
     def consumer(c_i: int):
       plgpu.set_max_registers(cons_regs, action="increase")

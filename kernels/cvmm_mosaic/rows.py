@@ -43,12 +43,12 @@ from kernels import autotune
 from kernels.arrays import pad_to
 from kernels.autotune import TileConfig
 from kernels.cvmm_mosaic import slots
-from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, SMEM_BUDGET,
-                                        add_rows, check_tiles, claim_stage, consumer_registers,
-                                        gather_buffer, gather_commit, gather_rows,
-                                        gather_views, gathers_done, launch, load, mma_steps,
-                                        pl, plgpu, producer_done, step_gathered, store_rows,
-                                        tiled, zeros_after)
+from kernels.cvmm_mosaic.common import (CHUNK, PRODUCER_REGISTERS, ROWS_PER_WG, add_rows,
+                                        check_tiles, claim_stage, consumer_registers,
+                                        fitting_tiles, gather_buffer, gather_commit,
+                                        gather_rows, gather_views, gathers_done, launch,
+                                        load, mma_steps, pl, plgpu, producer_done,
+                                        step_gathered, store_rows, tiled, zeros_after)
 from kernels.routing import Routing
 
 # The epilogue stores output rows in 16-byte pieces and adds them by TMA, whose rows must
@@ -308,12 +308,7 @@ def rows_candidates(no: int, out_itemsize: int, dgate: bool) -> list[TileConfig]
   raw = [(128, 128, 4), (128, 256, 2), (128, 64, 6), (64, 128, 6), (128, 128, 3),
          (64, 256, 4), (64, 64, 8)]
   raw = [(*t, 2) for t in raw[:4]] + [(*t, 1) for t in raw]
-  out = []
-  for bm, bn, st, prod in raw:
-    cfg = TileConfig(bm, min(bn, bn_max), CHUNK, 4, st, producers=prod)
-    if smem_bytes(cfg, out_itemsize) <= SMEM_BUDGET:
-      out.append(cfg)
-  return list(dict.fromkeys(out))
+  return fitting_tiles(raw, bn_max, lambda cfg: smem_bytes(cfg, out_itemsize))
 
 
 def choose_rows_config(n, k, e, kc, no, dtype, a_rows, out_rows, has_scale, dgate,
