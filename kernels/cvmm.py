@@ -265,9 +265,9 @@ def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array
   out[n] = sum_s gates[n, s] * relu(x[n] @ w_up[e]) @ w_down[e], e = expert of (n, s).
   With ``impl`` "triton" (or "auto" choosing it) one fused kernel does both
   products per tile, forward and backward, keeping the [tile, H] middle on chip; so do
-  the "mosaic" kernels (H up to 256); every other implementation composes two
-  :func:`cvmm` calls. Same numerics either
-  way: the middle is rounded to x's dtype after the ReLU.
+  the "mosaic" kernels (H up to 256, 192 with float32 sums); every other
+  implementation composes two :func:`cvmm` calls. Same numerics either way: the middle
+  is rounded to x's dtype after the ReLU.
 
   Args:
     x: [N, D]. routing: over [N, K]. w_up: [E, D, H]. w_down: [E, H, O]. gates: [N, K].
@@ -299,7 +299,7 @@ def cvmm_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array
                                          keep_middle=keep_middle, config=config)
   if name == "mosaic" and x.shape[0] > 0:
     mosaic_mod = importlib.import_module("kernels.cvmm_mosaic")
-    if mosaic_mod.pair_supported(w_up.shape[2]):
+    if mosaic_mod.pair_supported(w_up.shape[2], config):
       return mosaic_mod.cvmm_mosaic_pair(x, routing, w_up, w_down, gates,
                                          keep_middle=keep_middle, config=config)
   config = config.replace(impl=name)

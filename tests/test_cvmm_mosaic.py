@@ -286,6 +286,28 @@ def test_mosaic_pair_interpreted_matches_reference(case, monkeypatch):
     assert _rel(a, b) <= tol, f"{name} {nm}: rel err {_rel(a, b):.2e}"
 
 
+@pytest.mark.parametrize("sums", ["float16", "bfloat16", "float32"])
+def test_mosaic_pair_takes_the_middles_it_has_tiles_for(sums):
+  """pair_supported says yes exactly where both fused kernels have a tile within shared
+  memory (checked by their own config checks) for the widest output blocks: every
+  profile's expert size (64, 128) with every sum dtype; 320 columns never (one wgmma
+  accumulator holds 256)."""
+  from kernels import CvmmConfig  # noqa: PLC0415
+  from kernels.cvmm_mosaic import pair, pair_bwd, pair_supported  # noqa: PLC0415
+  config = CvmmConfig(sum_dtype=sums)
+  itemsize = jnp.dtype(sums).itemsize
+  for h in (64, 100, 128, 192, 256, 320):
+    hp = -(-h // 64) * 64
+    fwd = pair.pair_candidates(hp, 256, itemsize) if hp <= 256 else []
+    bwd = pair_bwd.pair_bwd_candidates(hp, 256, itemsize) if hp <= 256 else []
+    for c in fwd:
+      pair.check_pair_config(c, hp, itemsize)
+    for c in bwd:
+      pair_bwd.check_pair_bwd_config(c, hp, itemsize)
+    assert pair_supported(h, config) == bool(fwd and bwd), (h, sums)
+  assert pair_supported(128, config) and not pair_supported(320, config)
+
+
 def test_mosaic_pair_is_fused_at_moeut_244m(monkeypatch):
   """The σ-MoE pair of MoEUT_244M (65,536 tokens, abstract inputs) through the Mosaic
   path lowers to CUDA with its kernels' first tile candidates, within sm90's shared
@@ -301,7 +323,7 @@ def test_mosaic_pair_is_fused_at_moeut_244m(monkeypatch):
   from moeut_jax import profiles  # noqa: PLC0415
   p = profiles.get("MoEUT_244M")
   n, d, es, e, k = 65536, p["d_model"], p["ff_expert_size"], p["ff_n_experts"], p["ff_k"]
-  assert pair.pair_supported(es)
+  assert pair.hidden_fits(es)
   assert pair.smem_bytes(pair.pair_candidates(es, d, 2)[0], es, 2) <= SMEM_BUDGET
   assert pair_bwd.smem_bytes(pair_bwd.pair_bwd_candidates(es, d, 2)[0], es, 2) <= SMEM_BUDGET
   r = jax.eval_shape(lambda i: make_routing(i, e, tile_blocks=()),

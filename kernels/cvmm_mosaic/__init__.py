@@ -10,7 +10,6 @@ Modules, from the bottom up:
   ops      the custom_vjp ops: cvmm_mosaic, cvmm_mosaic_pair
 """
 from kernels.cvmm_mosaic.common import is_available
-from kernels.cvmm_mosaic.ops import cvmm_mosaic, cvmm_mosaic_pair
-from kernels.cvmm_mosaic.pair import pair_supported
+from kernels.cvmm_mosaic.ops import cvmm_mosaic, cvmm_mosaic_pair, pair_supported
 
 __all__ = ["cvmm_mosaic", "cvmm_mosaic_pair", "is_available", "pair_supported"]

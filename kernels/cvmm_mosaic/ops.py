@@ -24,10 +24,10 @@ import jax.numpy as jnp
 
 from kernels.arrays import gated_rows
 from kernels.config import DEFAULT, CvmmConfig
-from kernels.cvmm_mosaic.common import check_dtype
+from kernels.cvmm_mosaic.common import CHUNK, check_dtype
 from kernels.cvmm_mosaic.gram import expert_gram
-from kernels.cvmm_mosaic.pair import pair_forward
-from kernels.cvmm_mosaic.pair_bwd import pair_backward
+from kernels.cvmm_mosaic.pair import hidden_fits, pair_candidates, pair_forward
+from kernels.cvmm_mosaic.pair_bwd import pair_backward, pair_bwd_candidates
 from kernels.cvmm_mosaic.rows import rows_matmul
 from kernels.routing import Routing
 from kernels.row_scales import f16_row_scales, max_l1, unscale
@@ -149,11 +149,23 @@ def cvmm_mosaic_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: ja
   projection, the middle's gradient on chip), reading the stored middle
   (``keep_middle``) or making it again with the row kernel; the weight gradients are
   the weight-gradient kernel's.
-  x [N, D] 16-bit; middles up to 256 wide
-  (:func:`kernels.cvmm_mosaic.pair.pair_supported`)."""
+  x [N, D] 16-bit; a middle width :func:`pair_supported` takes."""
   check_dtype(x.dtype)
   w_up, w_down = (w if w.dtype == x.dtype else w.astype(x.dtype) for w in (w_up, w_down))
   return _pair_op(sum_dtype(config).name, keep_middle)(x, w_up, w_down, gates, routing)
+
+
+def pair_supported(h: int, config: CvmmConfig = DEFAULT) -> bool:
+  """Whether the fused pair kernels take a middle of width ``h`` with ``config``'s sums:
+  it fits one accumulator and both kernels have a tile within shared memory (the
+  widest tiles' columns, the most memory; at most 192 columns a middle with float32
+  sums)."""
+  if not hidden_fits(h):
+    return False
+  hp = -(-h // CHUNK) * CHUNK
+  itemsize = sum_dtype(config).itemsize
+  return bool(pair_candidates(hp, 256, itemsize)) and bool(
+      pair_bwd_candidates(hp, 256, itemsize))
 
 
 def pair_sums(x, w1, w2, routing: Routing, gates, sums: str):

@@ -44,8 +44,8 @@ MAX_HIDDEN = 256     # the middle's width: one wgmma accumulator of [64, H]
 W2_STAGES = 2        # buffers of W2's column blocks
 
 
-def pair_supported(h: int) -> bool:
-  """Whether the fused forward takes a middle of width ``h`` (padded to 64 columns)."""
+def hidden_fits(h: int) -> bool:
+  """Whether a middle of width ``h`` (padded to 64 columns) fits one accumulator."""
   return -(-h // CHUNK) * CHUNK <= MAX_HIDDEN
 
 
@@ -59,7 +59,7 @@ def pair_forward(x: jax.Array, w1: jax.Array, w2: jax.Array, routing: Routing,
   n, k = routing.n_tokens, routing.k
   e, d, h = w1.shape
   o = w2.shape[2]
-  if not pair_supported(h):
+  if not hidden_fits(h):
     raise ValueError(f"pair_forward keeps a middle of at most {MAX_HIDDEN} columns, got {h}")
   hp = -(-h // CHUNK) * CHUNK
   sums = jnp.dtype(sum_dtype)
@@ -108,7 +108,8 @@ def pair_candidates(hp: int, o: int, out_itemsize: int) -> list[TileConfig]:
   shared memory: two consumer warpgroups and two producers first, as the row kernel."""
   bn_max = min(256, max(CHUNK, autotune.next_pow2(o)))
   raw = [(128, 128, 3, 2), (128, 64, 4, 2), (128, 64, 3, 2), (128, 128, 2, 2),
-         (128, 128, 3, 1), (128, 64, 4, 1), (64, 128, 4, 1), (64, 64, 6, 1)]
+         (128, 128, 3, 1), (128, 64, 4, 1), (64, 128, 4, 1), (64, 64, 6, 1), (128, 64, 2, 2),
+         (64, 64, 3, 1), (64, 64, 2, 1)]
   return fitting_tiles(raw, bn_max, lambda cfg: smem_bytes(cfg, hp, out_itemsize))
 
 

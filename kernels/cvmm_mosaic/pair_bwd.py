@@ -95,7 +95,7 @@ def pair_bwd_candidates(hp: int, d: int, out_itemsize: int) -> list[TileConfig]:
   shared memory."""
   bn_max = min(256, max(CHUNK, autotune.next_pow2(d)))
   raw = [(128, 64, 3, 2), (128, 128, 2, 2), (128, 64, 3, 1), (64, 128, 4, 1),
-         (64, 64, 6, 1)]
+         (64, 64, 6, 1), (128, 64, 2, 2), (64, 64, 3, 1), (64, 64, 2, 1)]
   return fitting_tiles(raw, bn_max, lambda cfg: smem_bytes(cfg, hp, out_itemsize))
 
 
