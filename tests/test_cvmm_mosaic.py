@@ -308,7 +308,8 @@ def test_mosaic_pair_takes_the_middles_it_has_tiles_for(sums):
   assert pair_supported(128, config) and not pair_supported(320, config)
 
 
-def test_mosaic_pair_is_fused_at_moeut_244m(monkeypatch):
+@pytest.mark.parametrize("sums", ["float16", "float32"])
+def test_mosaic_pair_is_fused_at_moeut_244m(sums, monkeypatch):
   """The σ-MoE pair of MoEUT_244M (65,536 tokens, abstract inputs) through the Mosaic
   path lowers to CUDA with its kernels' first tile candidates, within sm90's shared
   memory: its forward one kernel, its forward and backward four (the fused forward, the
@@ -324,14 +325,15 @@ def test_mosaic_pair_is_fused_at_moeut_244m(monkeypatch):
   p = profiles.get("MoEUT_244M")
   n, d, es, e, k = 65536, p["d_model"], p["ff_expert_size"], p["ff_n_experts"], p["ff_k"]
   assert pair.hidden_fits(es)
-  assert pair.smem_bytes(pair.pair_candidates(es, d, 2)[0], es, 2) <= SMEM_BUDGET
-  assert pair_bwd.smem_bytes(pair_bwd.pair_bwd_candidates(es, d, 2)[0], es, 2) <= SMEM_BUDGET
+  it = jnp.dtype(sums).itemsize
+  assert pair.smem_bytes(pair.pair_candidates(es, d, it)[0], es, it) <= SMEM_BUDGET
+  assert pair_bwd.smem_bytes(pair_bwd.pair_bwd_candidates(es, d, it)[0], es, it) <= SMEM_BUDGET
   r = jax.eval_shape(lambda i: make_routing(i, e, tile_blocks=()),
                      jax.ShapeDtypeStruct((n, k), jnp.int32))
   bf = jnp.bfloat16
   args = (jax.ShapeDtypeStruct((n, d), bf), jax.ShapeDtypeStruct((e, d, es), bf),
           jax.ShapeDtypeStruct((e, es, d), bf), jax.ShapeDtypeStruct((n, k), bf))
-  config = CvmmConfig(impl="mosaic")
+  config = CvmmConfig(impl="mosaic", sum_dtype=sums)
   kc = importlib.import_module("kernels.cvmm")
   monkeypatch.setattr(kc, "is_available", lambda name: name in ("mosaic", "xla", "reference"))
 
