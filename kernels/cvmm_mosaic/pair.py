@@ -218,6 +218,25 @@ def tile_producer(p: int, n_items, tile_e_g, idx_g, rows_g, aidx, aidx_bar, a_ro
         plgpu.barrier_wait(empty2.at[s2])
 
 
+def add_blocks(mma, row_scale, o_smem, oidx, out_g, full2, empty2, *, t0, n_nb: int,
+               bn: int):
+  """A consumer's second phase in the fused pair kernels: per output column block nb
+  (step t0 + nb of the W2_STAGES ring), ``mma(acc, stage)``'s [64, bn] product, its
+  rows times ``row_scale`` [64], added into rows ``oidx`` of ``out_g`` (columns nb * bn
+  on) through ``o_smem`` [64, bn] in the output's dtype."""
+  def nstep(nb, carry):
+    acc = pl.run_scoped(lambda acc_ref: mma_steps(acc_ref, t0 + nb, 1, W2_STAGES, full2,
+                                                  empty2, mma),
+                        plgpu.ACC((ROWS_PER_WG, bn)))
+    acc = acc * lax.broadcast_in_dim(row_scale, acc.shape, [0])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last block's reads
+    o_smem[...] = acc.astype(o_smem.dtype)
+    add_rows(o_smem, oidx, out_g, nb * bn)
+    return carry
+
+  lax.fori_loop(0, n_nb, nstep, 0)
+
+
 def _launch(x, w1, w2, tile_e, n_used, x_idx, h_idx, sc, n_out, n_mid, d, hp, o, sums, cfg):
   dtype = x.dtype
   bm, bn, stages = cfg.block_m, cfg.block_n, cfg.num_stages
@@ -282,17 +301,8 @@ def _launch(x, w1, w2, tile_e, n_used, x_idx, h_idx, sc, n_out, n_mid, d, hp, o,
         def down(acc_ref, s2):
           plgpu.wgmma(acc_ref, h_mma.at[c_i], w2_buf.at[s2])
 
-        def nstep(nb, carry):   # one step of the W2 ring per column block
-          acc = pl.run_scoped(lambda acc_ref: mma_steps(acc_ref, j * n_nb + nb, 1, W2_STAGES,
-                                                        full2, empty2, down),
-                              plgpu.ACC((ROWS_PER_WG, bn)))
-          acc = acc * lax.broadcast_in_dim(g, acc.shape, [0])
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last block's reads
-          o_smem.at[c_i][...] = acc.astype(sums)
-          add_rows(o_smem.at[c_i], oidx.at[c_i], out_g, nb * bn)
-          return carry
-
-        lax.fori_loop(0, n_nb, nstep, 0)
+        add_blocks(down, g, o_smem.at[c_i], oidx.at[c_i], out_g, full2, empty2,
+                   t0=j * n_nb, n_nb=n_nb, bn=bn)
 
       plgpu.wait_smem_to_gmem(0)   # the last added rows
 

@@ -29,12 +29,13 @@ from kernels import autotune
 from kernels.arrays import pad_to
 from kernels.autotune import TileConfig
 from kernels.cvmm_mosaic import slots
-from kernels.cvmm_mosaic.common import (CHUNK, ROWS_PER_WG, add_rows, check_tiles,
+from kernels.cvmm_mosaic.common import (CHUNK, ROWS_PER_WG, check_tiles,
                                         consumer_registers, fitting_tiles, gather_buffer,
                                         gather_commit, gather_rows, gather_views,
                                         gathers_done, launch, load, mma_steps, pl, plgpu,
                                         store_rows, tiled, zeros_after)
-from kernels.cvmm_mosaic.pair import MAX_HIDDEN, W2_STAGES, pair_operands, tile_producer
+from kernels.cvmm_mosaic.pair import (MAX_HIDDEN, W2_STAGES, add_blocks, pair_operands,
+                                      tile_producer)
 from kernels.routing import Routing
 
 _ALIGN = 8
@@ -215,17 +216,8 @@ def _launch(dout, h, w1, w2, tile_e, n_used, x_idx, h_idx, g, rs, n_out, n_mid, 
           for ch in range(n_hc):
             plgpu.wgmma(acc, du_mma.at[c_i, ch], w1_buf.at[s2, ch].transpose((1, 0)))
 
-        def nstep(nb, carry):
-          acc = pl.run_scoped(lambda acc_ref: mma_steps(acc_ref, j * n_nb + nb, 1,
-                                                        W1_STAGES, full2, empty2, back_x),
-                              plgpu.ACC((ROWS_PER_WG, bn)))
-          acc = acc * lax.broadcast_in_dim(rsv, acc.shape, [0])
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last block's reads
-          o_smem.at[c_i][...] = acc.astype(sums)
-          add_rows(o_smem.at[c_i], oidx.at[c_i], dx_g, nb * bn)
-          return carry
-
-        lax.fori_loop(0, n_nb, nstep, 0)
+        add_blocks(back_x, rsv, o_smem.at[c_i], oidx.at[c_i], dx_g, full2, empty2,
+                   t0=j * n_nb, n_nb=n_nb, bn=bn)
 
       plgpu.wait_smem_to_gmem(0)   # the last added rows and dgates
 
