@@ -55,6 +55,17 @@ CASES = [
 ]
 
 
+def _assert_bf16_results(label, got, x, w, g, r, ct):
+  """``got`` (a bf16 call's output and gradients, :func:`_outputs`) bf16, each within
+  the bf16 tolerance of the float32 reference's on the same inputs."""
+  up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+  ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
+  for name, a, b in zip(["out", "dx", "dw", "dgates"], got, ref):
+    assert a.dtype == jnp.bfloat16, (name, a.dtype)
+    err = _rel(a, b)
+    assert err <= TOL[jnp.bfloat16], f"{label} {name}: rel err {err:.2e}"
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -96,12 +107,7 @@ def test_mosaic_one_producer_matches_reference(case, gated, monkeypatch):
   producers_only(monkeypatch, 1)
   x, w, g, r, ct = _inputs(case, jnp.bfloat16, gated)
   got = _outputs(jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, impl="mosaic")), x, w, g, r, ct)
-  up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
-  ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
-  for name, a, b in zip(["out", "dx", "dw", "dgates"], got, ref):
-    assert a.dtype == jnp.bfloat16, (name, a.dtype)
-    err = _rel(a, b)
-    assert err <= TOL[jnp.bfloat16], f"{case[0]} {name}: rel err {err:.2e}"
+  _assert_bf16_results(case[0], got, x, w, g, r, ct)
 
 
 def test_auto_resolves_to_a_gpu_kernel():
@@ -482,12 +488,7 @@ def test_bf16_sums_match_reference(case):
   assert _ran_float16_sums(rows(CvmmConfig()), x, w, g)  # ... and are not the default
   got = _outputs(jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, config=bf16.replace(
       impl="triton"))), x, w, g, r, ct)
-  up = lambda a: a.astype(jnp.float32)  # noqa: E731
-  ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
-  for name, a, b in zip(["out", "dx", "dw", "dgates"], got, ref):
-    assert a.dtype == jnp.bfloat16, (name, a.dtype)
-    err = _rel(a, b)
-    assert err <= TOL[jnp.bfloat16], f"{case[0]} {name}: rel err {err:.2e}"
+  _assert_bf16_results(case[0], got, x, w, g, r, ct)
 
 
 @pytest.mark.parametrize("sums", ["bfloat16", "float32"])
@@ -504,12 +505,7 @@ def test_mosaic_sums_match_reference(case, gated, sums):
   x, w, g, r, ct = _inputs(case, jnp.bfloat16, gated)
   got = _outputs(jax.jit(lambda x, r, w, g: cvmm(x, r, w, g, config=_sums(sums, "mosaic"))),
                  x, w, g, r, ct)
-  up = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
-  ref = _outputs(cvmm_reference, up(x), up(w), up(g), r, ct)
-  for name, a, b in zip(["out", "dx", "dw", "dgates"], got, ref):
-    assert a.dtype == jnp.bfloat16, (name, a.dtype)
-    err = _rel(a, b)
-    assert err <= TOL[jnp.bfloat16], f"{case[0]} {name}: rel err {err:.2e}"
+  _assert_bf16_results(case[0], got, x, w, g, r, ct)
 
 
 @pytest.mark.parametrize("case", [c for c in PAIR_CASES if c[6] % 8 == 0],
