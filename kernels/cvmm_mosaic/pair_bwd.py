@@ -34,8 +34,8 @@ from kernels.cvmm_mosaic.common import (CHUNK, ROWS_PER_WG, check_tiles,
                                         gather_commit, gather_rows, gather_views,
                                         gathers_done, launch, load, mma_steps, pl, plgpu,
                                         store_rows, tiled, zeros_after)
-from kernels.cvmm_mosaic.pair import (MAX_HIDDEN, W2_STAGES, add_blocks, pair_operands,
-                                      tile_producer)
+from kernels.cvmm_mosaic.pair import (MAX_HIDDEN, W2_STAGES, add_blocks, hidden_fits,
+                                      pair_operands, tile_producer)
 from kernels.routing import Routing
 
 _ALIGN = 8
@@ -51,10 +51,10 @@ def pair_backward(dout: jax.Array, h: jax.Array, w1: jax.Array, w2: jax.Array,
   n, k = routing.n_tokens, routing.k
   e, d, hdim = w1.shape
   o = w2.shape[2]
-  hp = -(-hdim // CHUNK) * CHUNK
-  if hp > MAX_HIDDEN:
+  if not hidden_fits(hdim):
     raise ValueError(f"pair_backward keeps a middle of at most {MAX_HIDDEN} columns, "
                      f"got {hdim}")
+  hp = -(-hdim // CHUNK) * CHUNK
   sums = jnp.dtype(sum_dtype)
   if cfg is None:
     cfg = choose_pair_bwd_config(n, k, e, d, hp, o, dout.dtype, sums.name)
