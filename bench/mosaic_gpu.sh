@@ -39,6 +39,8 @@
 # BUDGET (seconds, default 570) bounds the whole run; each step gets its own limit
 # within what is left. STEPS (default: "variants check tests_fast model step cvmm
 # tests_full"; tune on request) names the steps to run, in the order they run.
+# STEP_IMPLS (default "auto mosaic"): the step's --impl values. The test steps print
+# each test's result as it ends.
 set -u
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
@@ -82,20 +84,20 @@ run_step() {
     variants) TAIL=30 step variants 130 python3 bench/probes/mosaic_variants.py --jobs 3 \
       --only summed stored_o1024 stored_o192_bn128 stored_o72 gram_rand_n8000 ;;
     check) TAIL=16 step check 300 python3 -m bench.mosaic_epilogue_check ${CHECK_ARGS:-} ;;
-    tests_fast) step tests_fast 180 python3 -m pytest tests/test_cvmm_gpu.py -q -n 0 -rf \
+    tests_fast) step tests_fast 180 python3 -m pytest tests/test_cvmm_gpu.py -v -n 0 -rf \
       --tb=short -p no:cacheprovider -k "${TESTS_K:-$FAST_K}" ;;
-    model) step model 150 python3 -m pytest tests/test_model_gpu.py -q -n 0 -rA --tb=short \
+    model) step model 150 python3 -m pytest tests/test_model_gpu.py -v -n 0 -rf --tb=short \
       -p no:cacheprovider -k gradients_through ;;
     step) TAIL=4 step step 200 env -u XLA_PYTHON_CLIENT_PREALLOCATE python3 bench/model.py \
       --profile MoEUT_244M --batch 64 --seq 1024 --steps 5 --warmup 2 --grad-clip 0.25 \
-      --remat none --impl auto mosaic ;;
+      --remat none --impl ${STEP_IMPLS:-auto mosaic} ;;
     cvmm) TAIL=17 step cvmm 200 python3 -m bench.cvmm --profiles MoEUT_244M \
       --impls mosaic,triton --pair --json "$OUT/cvmm.json" ;;
     tune) TAIL=17 step tune 420 env CVMM_AUTOTUNE=1 python3 -m bench.cvmm \
       --profiles MoEUT_244M --impls mosaic,triton --pair --json "$OUT/cvmm_tuned.json" \
       --tune-log "$OUT/tune_timings.log" ;;
     tests_full) step tests_full 260 python3 -m pytest tests/test_cvmm_gpu.py \
-      tests/test_cvmm_mosaic.py -q -n 0 -rf --tb=short -p no:cacheprovider \
+      tests/test_cvmm_mosaic.py -v -n 0 -rf --tb=short -p no:cacheprovider \
       -k "mosaic and not interpreted" ;;
     *) echo "== $1: no such step"; return 1 ;;
   esac
