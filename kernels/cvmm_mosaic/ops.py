@@ -1,19 +1,24 @@
 """The Mosaic GPU path's custom_vjp ops: CVMM forward and backward, every product and
-gradient a Pallas kernel (:mod:`kernels.cvmm_mosaic.rows`, :mod:`kernels.cvmm_mosaic.gram`).
+gradient a Pallas kernel (:mod:`kernels.cvmm_mosaic.rows`, :mod:`kernels.cvmm_mosaic.gram`,
+and for the σ-MoE pair :mod:`kernels.cvmm_mosaic.pair` and
+:mod:`kernels.cvmm_mosaic.pair_bwd`).
 
-Forward: one row-kernel launch (the gated sum over slots fused: rows are added into the
-[N, O] output by TMA reductions). Backward: one row-kernel launch for dx (and, gated,
-dgates from the same product) and one weight-gradient launch. As in the Triton path
-(kernels/cvmm_triton/ops.py) the gated weight gradient contracts rows pre-scaled by their
-gates (``gated_rows``) and the residuals are the inputs.
+A projection's forward is one row-kernel launch (the gated sum over slots fused: rows
+added into the [N, O] output). Its backward is one row-kernel launch for dx (and, gated,
+dgates from the same product) and one weight-gradient launch. The σ-MoE pair is one
+kernel forward and three backward (the inputs' gradients, then each weight's). As in
+the Triton path (kernels/cvmm_triton/ops.py) the gated weight gradient contracts rows
+pre-scaled by their gates (``gated_rows``) and the residuals are the inputs (and the
+pair's middle).
 
 Sums over slots (the gated forward, dx where several slots read one input row) add in
 the config's ``sum_dtype``: "float16" (the default) scales each output row by a power
 of two from a bound on its sum (:mod:`kernels.row_scales`: one pass over the product's
 input rows), adds in float16 and takes the scale back out in plain JAX, which XLA fuses
-with what reads the sum; "bfloat16" adds in bfloat16; "float32" in float32. The Triton
-path's estimated ("checked") float16 scales are not implemented here: the bound is used
-whatever ``f16_scales`` says.
+with what reads the sum; "bfloat16" adds in bfloat16; "float32" in float32. 16-bit rows
+are added by every thread's vector atomics, float32 rows by one TMA reduction each. The
+Triton path's estimated ("checked") float16 scales are not implemented here: the bound
+is used whatever ``f16_scales`` says.
 """
 from __future__ import annotations
 
