@@ -582,7 +582,7 @@ def test_float16_sums_match_reference(case, impl):
                                                                    "sigma_moe_like")],
                          ids=lambda c: c[0])
 def test_float16_sums_pair(case, mag, impl):
-  """The σ-MoE pair (Triton: fused; Mosaic: two calls) with float16 sums, inputs 1e-6
+  """The σ-MoE pair (fused on both paths) with float16 sums, inputs 1e-6
   or 1e4 in magnitude (their sums would underflow or overflow float16 unscaled; bf16
   holds them): every result within the bf16 tolerance, finite, and the output and dx
   within 1.5x the float32 sums' error."""

@@ -8,7 +8,7 @@ One kernel serves every CVMM product, as the Triton row kernel does
 forward (out [N, O]: the gated sum over the K slots, added), dx (W^T; added where
 several slots read one x row) and the gated dx with dgates[p] = <dout[n] @ W_e^T,
 x[arow(p)]> taken from the same product. Nothing of size [P, O] is written where rows
-are added: each tile adds its rows into the output with TMA reductions.
+are added: each tile adds its rows into the output (below).
 
 Structure (one CUDA block per multiprocessor, persistent): work items are (tile, column
 block) pairs of the used tiles, walked by every block in steps of the grid. Warpgroups:
@@ -25,7 +25,7 @@ block) pairs of the used tiles, walked by every block in steps of the grid. Warp
   flight); the epilogue scales the rows by their gates and writes them to shared
   memory; stored rows: every thread of the warpgroup stores 16-byte pieces of them into
   their output rows (``st.global.v4``); added rows: float32 sums one TMA reduction per
-  row, read from shared memory while the next item's main loop runs, bfloat16 sums every
+  row, read from shared memory while the next item's main loop runs, 16-bit sums every
   thread's 16-byte vector atomics (kernels/cvmm_mosaic/common.py: stored and added
   rows). Padding slots' rows and columns past the output
   are skipped.
