@@ -88,7 +88,7 @@ run_step() {
       --tb=short -p no:cacheprovider -k "${TESTS_K:-$FAST_K}" ;;
     model) step model 150 python3 -m pytest tests/test_model_gpu.py -v -n 0 -rf --tb=short \
       -p no:cacheprovider -k gradients_through ;;
-    step) TAIL=4 step step ${STEP_LIMIT:-200} env -u XLA_PYTHON_CLIENT_PREALLOCATE python3 bench/model.py \
+    step) TAIL=4 step step ${STEP_LIMIT:-330} env -u XLA_PYTHON_CLIENT_PREALLOCATE python3 bench/model.py \
       --profile MoEUT_244M --batch 64 --seq 1024 --steps 5 --warmup 2 --grad-clip 0.25 \
       --remat none --impl ${STEP_IMPLS:-auto mosaic} ;;
     cvmm) TAIL=17 step cvmm 200 python3 -m bench.cvmm --profiles MoEUT_244M \
