@@ -39,8 +39,9 @@
 # BUDGET (seconds, default 570) bounds the whole run; each step gets its own limit
 # within what is left. STEPS (default: "variants check tests_fast model step cvmm
 # tests_full"; tune on request) names the steps to run, in the order they run.
-# STEP_IMPLS (default "auto mosaic"): the step's --impl values (STEP_LIMIT: its seconds). The test steps print
-# each test's result as it ends.
+# STEP_IMPLS (default "auto mosaic"): the step's --impl values; STEP_LIMIT (default 330):
+# its seconds (each implementation's first call, mostly compilation, took about 100 s on
+# an H100). The test steps print each test's result as it ends.
 set -u
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
