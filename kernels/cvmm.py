@@ -19,7 +19,7 @@ Implementations are interchangeable and chosen by :class:`kernels.CvmmConfig`'s
   "triton_unfused"  the same kernels, but sums over slots go through a stored
                [N*K, O] intermediate (for comparison; not chosen by "auto")
   "mosaic"     Pallas on the Mosaic GPU backend (Hopper, sm90): kernels/cvmm_mosaic/, rows
-               gathered by TMA, sums over slots fused (float32 or bfloat16); 16-bit
+               gathered by cp.async, sums over slots fused (also per head); 16-bit
                inputs only
   "original"   the official MoEUT's own Triton kernels and the numerics of its CVMM op,
                from the clone the config's ``original_path`` names
@@ -28,7 +28,7 @@ Implementations are interchangeable and chosen by :class:`kernels.CvmmConfig`'s
                on its first trace (kernels/auto.py; "mosaic" only for 16-bit inputs
                on Hopper; with autotuning off "triton" where available), else "xla"
 
-:func:`cvmm_pair` is the σ-MoE MLP (up, ReLU, gated down) as one op: with "triton" it
+:func:`cvmm_pair` is the σ-MoE MLP (up, ReLU, gated down) as one op: with "triton"
 and "mosaic" it runs fused kernels that keep each tile's middle on chip, forward and
 backward; otherwise two cvmm calls.
 
@@ -198,13 +198,15 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
 
 
 def _grouped_sums(x, routing, w, gates, out_rows, config):
-  """The gated sums of :func:`cvmm` in ``out_rows`` groups of slots. The Triton kernels
-  add each group's rows themselves (no per-slot [N, K, O] products stored) where the
-  products are narrower than the input rows (SwitchHead V): their backward pass makes
-  the products again for the gates' gradient, cheap there. Otherwise, and with the
-  other implementations, the products are made and :func:`gated_sum` adds them."""
+  """The gated sums of :func:`cvmm` in ``out_rows`` groups of slots. The Mosaic kernels
+  add each group's rows themselves (no per-slot [N, K, O] products stored; the gates'
+  gradient comes from dx's product). So do the Triton kernels where the products are
+  narrower than the input rows (SwitchHead V): their backward pass makes the products
+  again for the gates' gradient, cheap there. Otherwise, and with the other
+  implementations, the products are made and :func:`gated_sum` adds them."""
   n, k, o = x.shape[0], routing.k, w.shape[2]
-  if config.impl in ("triton", "triton_unfused") and o < x.shape[2]:
+  if config.impl == "mosaic" or (config.impl in ("triton", "triton_unfused")
+                                 and o < x.shape[2]):
     return _get(config.impl)(x, routing, w, gates, out_rows=out_rows, config=config)
   y = cvmm(x, routing, w, config=config)                            # [N, K, O]
   return gated_sum(y.reshape(n, out_rows, k // out_rows, o),

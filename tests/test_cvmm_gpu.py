@@ -727,6 +727,34 @@ def test_head_sums_match_reference(case, dtype, units, monkeypatch):
       assert err <= 1.5 * _rel(c, b), (case[0], name, err, _rel(c, b))
 
 
+@pytest.mark.parametrize("case", UNIT_PAIR_CASES, ids=[c[0] for c in UNIT_PAIR_CASES])
+def test_mosaic_head_sums_match_reference(case):
+  """SwitchHead's V with its gated sum per head (cvmm's out_rows = heads) through the
+  Mosaic kernels, which add each head's rows in the row kernel and take dgates from
+  dx's product: forward and every gradient (x, w, gates) against the float32 reference
+  within bf16's tolerance, the output and dx with float16 sums (the default) no further
+  from it than 1.5x the float32 sums'."""
+  if not is_available("mosaic"):
+    pytest.skip("mosaic not available on this GPU")
+  x, w, _, r, _ = _head_inputs(case, False)
+  _, n, h, _, dh, _, _ = case
+  ks = jax.random.split(jax.random.key(n), 2)
+  g = jax.random.uniform(ks[0], (n, 2 * h)).astype(jnp.bfloat16)
+  ct = jax.random.normal(ks[1], (n, h, dh))
+
+  def sums(sum_dtype):
+    config = CvmmConfig(impl="mosaic", sum_dtype=sum_dtype)
+    return lambda x, r, w, g: cvmm(x, r, w, g, out_rows=h, config=config)
+
+  got = _outputs(sums("float16"), x, w, g, r, ct)
+  assert got[0].shape == (n, h, dh)
+  up = lambda a: a.astype(jnp.float32)  # noqa: E731
+  ref = _outputs(_grouped_reference(h), up(x), up(w), up(g), r, ct)
+  f32s = _outputs(sums("float32"), x, w, g, r, ct)
+  _assert_half_sums_close(f"mosaic heads {case[0]}", ["out", "dx", "dw", "dgates"], got,
+                          ref, f32s)
+
+
 # unit-store tiles: the autotuner's and every candidate (units_candidates' index)
 UNIT_STORE_TILES = [None, 0, 1, 2, 3]
 

@@ -237,6 +237,51 @@ def test_mosaic_float16_sums_scale_rows_into_range(mag, monkeypatch):
     assert err <= 1e-2, f"{mag} {name}: rel err {err:.2e}"
 
 
+@pytest.mark.skipif(not mosaic_interpret.SUPPORTED,
+                    reason="the Mosaic GPU interpreter of jax < 0.11 fills no out-of-bounds TMA reads")
+@pytest.mark.parametrize("sums", ["float16", "float32"])
+def test_mosaic_head_sums_interpreted_match_reference(sums, monkeypatch):
+  """SwitchHead's V with its gated sums per head (cvmm's out_rows = heads; 2 heads of 4
+  experts, 2 slots each) through kernels.cvmm with impl="mosaic": the row kernel adds
+  each head's two rows into the head's output row, and its backward takes dgates from
+  dx's product (dout's head row against W^T, dotted with x). Forward and every gradient
+  against the float32 reference, in the interpreter."""
+  import importlib  # noqa: PLC0415
+  from kernels import CvmmConfig, cvmm, make_head_routing  # noqa: PLC0415
+  from kernels.cvmm_mosaic import ops  # noqa: PLC0415
+  from kernels.cvmm_reference import cvmm_reference  # noqa: PLC0415
+  producers_only(monkeypatch, 1)
+  kc = importlib.import_module("kernels.cvmm")
+  monkeypatch.setattr(kc, "is_available", lambda name: name in ("mosaic", "xla", "reference"))
+  made = []
+  every = ops._gated_op
+  monkeypatch.setattr(ops, "_gated_op", lambda *a: made.append(a) or every(*a))
+  n, h, ea, d, dh = 40, 2, 4, 128, 72
+  ks = jax.random.split(jax.random.key(7), 5)
+  r = make_head_routing(jax.lax.top_k(jax.random.normal(ks[0], (n, h, ea)), 2)[1], ea,
+                        unit_pairs=False)
+  x = jax.random.normal(ks[1], (n, 1, d)).astype(jnp.bfloat16)
+  w = (jax.random.normal(ks[2], (h * ea, d, dh)) * d ** -0.5).astype(jnp.bfloat16)
+  g = jax.random.uniform(ks[3], (n, 2 * h)).astype(jnp.bfloat16)
+  ct = jax.random.normal(ks[4], (n, h, dh))
+  config = CvmmConfig(impl="mosaic", sum_dtype=sums)
+  with mosaic_interpret.interpret():
+    got = _outputs(lambda x, r, w, g: cvmm(x, r, w, g, out_rows=h, config=config),
+                   x, w, g, r, ct)
+  assert made and all(a == (sums, h) for a in made), made   # the sums in the kernel
+
+  def ref_fn(x, r, w, g):
+    y = cvmm_reference(x, r, w)                                       # [N, K, O]
+    return jnp.einsum("NHSO,NHS->NHO", y.reshape(n, h, 2, dh), g.reshape(n, h, 2),
+                      precision=jax.lax.Precision.HIGHEST)
+  up = lambda a: a.astype(jnp.float32)  # noqa: E731
+  ref = _outputs(ref_fn, up(x), up(w), up(g), r, ct)
+  for name, a, b in zip(["out", "dx", "dw", "dgates"], got, ref):
+    assert a.dtype == jnp.bfloat16 and a.shape == b.shape, (name, a.dtype, a.shape)
+    err = _rel(a, b)
+    assert err <= 1e-2, f"{sums} {name}: rel err {err:.2e}"
+
+
 # (name, N, K, E, D, H, O, sums, producers, keep_middle): the σ-MoE pair's fused forward
 PAIR_CASES = [
     ("f16_two_producers", 40, 4, 5, 64, 64, 72, "float16", 2, True),
@@ -376,11 +421,12 @@ def test_mosaic_one_producer_lowers_at_moeut_244m_up(monkeypatch):
   assert text.count("mosaic_gpu") >= 3
 
 
-@pytest.mark.parametrize("proj", ["up", "down", "V", "O"])
+@pytest.mark.parametrize("proj", ["up", "down", "V", "V_heads", "O"])
 def test_mosaic_lowers_at_moeut_244m(proj):
   """Every projection of MoEUT_244M (65,536 tokens), forward and gradients, lowers to
   CUDA with the kernels' first tile candidates (two producer warpgroups; abstract
-  inputs: nothing is computed), within sm90's shared memory."""
+  inputs: nothing is computed), within sm90's shared memory. V_heads: V with its gated
+  sums per head added in the kernels (three kernels: forward, dx with dgates, dw)."""
   from kernels import make_head_routing, make_routing  # noqa: PLC0415
   from kernels.cvmm_mosaic import cvmm_mosaic  # noqa: PLC0415
   from moeut_jax import profiles  # noqa: PLC0415
@@ -395,18 +441,20 @@ def test_mosaic_lowers_at_moeut_244m(proj):
   else:
     r = jax.eval_shape(lambda i: make_head_routing(i, ea, tile_blocks=(), unit_pairs=False),
                        jax.ShapeDtypeStruct((n, h, ka), jnp.int32))
-    m, i, o, ne, gated = (1, d, dh, h * ea, False) if proj == "V" else (h, dh, d, h * ea, True)
+    m, i, o, ne, gated = ((1, d, dh, h * ea, proj == "V_heads") if proj.startswith("V")
+                          else (h, dh, d, h * ea, True))
   x = jax.ShapeDtypeStruct((n, m, i), bf)
   w = jax.ShapeDtypeStruct((ne, i, o), bf)
   g = jax.ShapeDtypeStruct((n, r.k), bf) if gated else None
+  out_rows = h if proj == "V_heads" else 1
 
   def loss(x, w, g, r):
-    return jnp.sum(cvmm_mosaic(x, r, w, g).astype(jnp.float32))
+    return jnp.sum(cvmm_mosaic(x, r, w, g, out_rows=out_rows).astype(jnp.float32))
 
   argn = (0, 1, 2) if gated else (0, 1)
   text = jax.jit(jax.value_and_grad(loss, argnums=argn)).trace(x, w, g, r).lower(
       lowering_platforms=("cuda",)).as_text()
-  assert text.count("mosaic_gpu") >= 3
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 3
 
 
 def test_mosaic_kernels_write_whole_blocks_and_align_index_reads():

@@ -63,16 +63,23 @@ def summed_rows(a, w, routing: Routing, *, a_rows: int, out_rows: int, out_dtype
 
 
 def cvmm_mosaic(x: jax.Array, routing: Routing, w: jax.Array,
-                gates: jax.Array | None = None, *, config: CvmmConfig = DEFAULT) -> jax.Array:
+                gates: jax.Array | None = None, *, out_rows: int = 1,
+                config: CvmmConfig = DEFAULT) -> jax.Array:
   """See :func:`kernels.cvmm`. x [N, M, I], w [E, I, O], gates [N, K] or None; 16-bit
-  inputs (wgmma multiplies float32 only as tf32). Runs on Hopper GPUs and in Pallas's
-  Mosaic GPU interpreter (tests on a CPU)."""
+  inputs (wgmma multiplies float32 only as tf32). With gates, ``out_rows`` R sums of
+  K // R slots each per token, added in the kernel: [N, O] for R = 1, else [N, R, O]
+  (SwitchHead V's sums per head). Runs on Hopper GPUs and in Pallas's Mosaic GPU
+  interpreter (tests on a CPU)."""
   check_dtype(x.dtype)
   w = w.astype(x.dtype) if w.dtype != x.dtype else w
-  plain, gated = _ops(sum_dtype(config).name)
+  sums = sum_dtype(config).name
   if gates is None:
-    return plain(x, w, routing)
-  return gated(x, w, gates, routing)
+    if out_rows != 1:
+      raise ValueError("out_rows sums gated slots: it needs gates")
+    return _plain_op(sums)(x, w, routing)
+  if out_rows < 1 or routing.k % out_rows:
+    raise ValueError(f"out_rows={out_rows} must divide the slots per token k={routing.k}")
+  return _gated_op(sums, out_rows)(x, w, gates, routing)
 
 
 def plain_grads(x, w, routing: Routing, dy, sums: str):
@@ -89,25 +96,26 @@ def plain_grads(x, w, routing: Routing, dy, sums: str):
 
 
 def gated_grads(x, w, gates, routing: Routing, dout, sums: str):
-  """(dx [N, M, I], dw [E, I, O], dgates [N, K]) of out = cvmm(x, routing, w, gates)
-  [N, O] for dout, dx's sums over slots in ``sums``."""
+  """(dx [N, M, I], dw [E, I, O], dgates [N, K]) of out = cvmm(x, routing, w, gates,
+  out_rows=R) ([N, O] or [N, R, O]) for dout, dx's sums over slots in ``sums``."""
   # tied to dout: gated_rows below reads only forward values, and XLA could otherwise
   # compute it in the forward pass and keep it until here (kernels/cvmm_triton/ops.py)
   x, gates, dout = jax.lax.optimization_barrier((x, gates, dout))
   n, m, i = x.shape
+  r = 1 if dout.ndim == 2 else dout.shape[1]
   x2 = x.reshape(n * m, i)
-  dout = dout.astype(x.dtype)                                                # [N, O]
-  dx, dg = summed_rows(dout, w, routing, a_rows=1, out_rows=m, transpose_w=True,
+  dout = dout.astype(x.dtype).reshape(n * r, w.shape[2])                    # [N*R, O]
+  dx, dg = summed_rows(dout, w, routing, a_rows=r, out_rows=m, transpose_w=True,
                        scale=gates.reshape(-1), dgate_rows=x2, c_rows=m,
                        out_dtype=x.dtype, sums=sums)                         # [N*M, I], [P]
-  dw = expert_gram(gated_rows(x, gates), dout, routing, a_rows=routing.k, b_rows=1,
+  dw = expert_gram(gated_rows(x, gates), dout, routing, a_rows=routing.k, b_rows=r,
                    out_dtype=w.dtype)
   return dx.reshape(n, m, i), dw, dg.reshape(n, routing.k).astype(gates.dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _ops(sums: str):
-  """The two custom_vjp ops (without and with gates) adding rows in ``sums``
+def _plain_op(sums: str):
+  """The custom_vjp op of ungated products ([N, K, O] stored), dx's sums in ``sums``
   (:func:`summed_rows`)."""
 
   @jax.custom_vjp
@@ -125,23 +133,30 @@ def _ops(sums: str):
     return (*plain_grads(x, w, routing, dy, sums), None)
 
   plain.defvjp(_fwd, _bwd)
+  return plain
+
+
+@functools.lru_cache(maxsize=None)
+def _gated_op(sums: str, out_rows: int):
+  """The custom_vjp op of the gated sums, ``out_rows`` per token, added in ``sums``."""
 
   @jax.custom_vjp
   def gated(x, w, gates, routing):
-    return _fwd_gated(x, w, gates, routing)[0]
+    return _fwd(x, w, gates, routing)[0]
 
-  def _fwd_gated(x, w, gates, routing):
+  def _fwd(x, w, gates, routing):
     n, m, i = x.shape
-    out, _ = summed_rows(x.reshape(n * m, i), w, routing, a_rows=m, out_rows=1,
-                         scale=gates.reshape(-1), out_dtype=x.dtype, sums=sums)  # [N, O]
-    return out, (x, w, gates, routing)
+    out, _ = summed_rows(x.reshape(n * m, i), w, routing, a_rows=m, out_rows=out_rows,
+                         scale=gates.reshape(-1), out_dtype=x.dtype, sums=sums)  # [N*R, O]
+    shape = (n, w.shape[2]) if out_rows == 1 else (n, out_rows, w.shape[2])
+    return out.reshape(shape), (x, w, gates, routing)
 
-  def _bwd_gated(res, dout):
+  def _bwd(res, dout):
     x, w, gates, routing = res
     return (*gated_grads(x, w, gates, routing, dout, sums), None)
 
-  gated.defvjp(_fwd_gated, _bwd_gated)
-  return plain, gated
+  gated.defvjp(_fwd, _bwd)
+  return gated
 
 
 def cvmm_mosaic_pair(x: jax.Array, routing: Routing, w_up: jax.Array, w_down: jax.Array,
