@@ -6,11 +6,14 @@ first time that (device, kernel, shape, dtype) is seen. The winner is cached in 
 and, when ``CVMM_AUTOTUNE_CACHE`` names a JSON file (or a path is given), on disk, so
 a later process starts from the measured choice. Keys name the device, the kernel, the
 shape, the dtype and the kernels' settings that matter (:meth:`kernels.CvmmConfig.tune_key`).
+A cached tile that is not among the kernel's candidates now is timed again, not used.
 
 Environment (process-level tooling):
   CVMM_AUTOTUNE        "1" (default) times candidates; "0" takes the first valid
                        candidate (the heuristic choice) without timing.
-  CVMM_AUTOTUNE_CACHE  JSON file read at start and rewritten after every new choice.
+  CVMM_AUTOTUNE_CACHE  JSON file read at start and rewritten after every new choice;
+                       unset: :func:`default_cache_file` (per user, per version of the
+                       kernels' code), "" none: every process times again.
 
 The multiprocessor count, used to size split-K and persistent grids, is read from the
 device (:func:`multiprocessor_count`), never assumed.
@@ -20,11 +23,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
+import pathlib
 import statistics
 import threading
 import time
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import jax
@@ -113,6 +119,32 @@ def cache_entry(value: dict) -> "TileConfig | str":
   return TileConfig.from_json(value)
 
 
+def sources_hash(root) -> str:
+  """12 hex digits of a hash of every .py file under ``root``, with its path."""
+  root = pathlib.Path(root)
+  h = hashlib.sha256()
+  for f in sorted(root.rglob("*.py")):
+    h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+  return h.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_code_hash() -> str:
+  """:func:`sources_hash` of the kernels (this package): a cache of tile and
+  implementation choices made by other kernel code is not read (its tiles may no
+  longer compile, or no longer be the fastest)."""
+  return sources_hash(pathlib.Path(__file__).resolve().parent)
+
+
+def default_cache_file() -> str:
+  """Where the autotuner keeps its choices when ``CVMM_AUTOTUNE_CACHE`` is unset:
+  ``$XDG_CACHE_HOME/moeut_jax/autotune-<kernels_code_hash()>.json`` (``~/.cache``
+  without XDG_CACHE_HOME), so that a process starts from the choices an earlier one
+  measured with the same kernels."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "moeut_jax", f"autotune-{kernels_code_hash()}.json")
+
+
 def next_pow2(v: int) -> int:
   return 1 << max(0, (int(v) - 1).bit_length())
 
@@ -173,8 +205,13 @@ class Autotuner:
   for ``impl="auto"``, an implementation per operation (:meth:`choose_impl`)."""
 
   def __init__(self, cache_file: str | None = None):
-    self.cache_file = cache_file if cache_file is not None else os.environ.get(
-        "CVMM_AUTOTUNE_CACHE")
+    """``cache_file``: the JSON file of choices ("": none); None: ``CVMM_AUTOTUNE_CACHE``,
+    else :func:`default_cache_file`."""
+    if cache_file is None:
+      cache_file = os.environ.get("CVMM_AUTOTUNE_CACHE")
+      if cache_file is None:
+        cache_file = default_cache_file()
+    self.cache_file = cache_file
     self._lock = threading.Lock()
     self._local = threading.local()
     self._mem: dict[str, TileConfig] = {}
@@ -184,13 +221,18 @@ class Autotuner:
     # so that a run stopped by its time limit keeps the timings it got
     self.log_stream = None
     if self.cache_file and os.path.exists(self.cache_file):
-      with open(self.cache_file) as f:
-        for k, v in json.load(f).items():
-          entry = cache_entry(v)
-          if isinstance(entry, str):
-            self._impls[k] = entry
-          else:
-            self._mem[k] = entry
+      try:
+        with open(self.cache_file) as f:
+          entries = {k: cache_entry(v) for k, v in json.load(f).items()}
+      except (ValueError, TypeError) as err:
+        raise ValueError(f"CVMM autotune cache {self.cache_file!r} is not valid "
+                         f"({err}); delete it, or set CVMM_AUTOTUNE_CACHE to another "
+                         "file") from err
+      for k, entry in entries.items():
+        if isinstance(entry, str):
+          self._impls[k] = entry
+        else:
+          self._mem[k] = entry
 
   def _log(self, line: str) -> None:
     self.log.append(line)
@@ -233,12 +275,14 @@ class Autotuner:
     first is returned (and not written to the file: it was not measured).
     """
     k = self.key(kernel, shape, dtype, config)
-    with self._lock:
-      if k in self._mem:
-        return self._mem[k]
     candidates = list(dict.fromkeys(candidates))
     if not candidates:
       raise ValueError(f"no tile candidates for {k}")
+    with self._lock:
+      if self._mem.get(k) in candidates:
+        return self._mem[k]
+      if k in self._mem:
+        self._log(f"{k}: cached {self._mem[k]} is not a candidate now; timed again")
     if (bench is None or not self.enabled or len(candidates) == 1
         or getattr(self._local, "first_tiles", 0)):
       return candidates[0]
@@ -295,25 +339,37 @@ class Autotuner:
     return min(timed, key=lambda tc: tc[0])[1] if timed else None
 
   def _save(self):
+    """Merges the choices into the cache file (written whole, then renamed into place:
+    a process reading it never sees half a file). A file that cannot be written costs
+    only the next process's timings: a warning, once, and the run goes on."""
     if not self.cache_file:
       return
-    data = {}
-    if os.path.exists(self.cache_file):
-      with open(self.cache_file) as f:
-        data = json.load(f)
-    data.update({k: v.to_json() for k, v in self._mem.items()})
-    data.update({k: {"impl": v} for k, v in self._impls.items()})
-    tmp = self.cache_file + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, self.cache_file)
+    try:
+      data = {}
+      if os.path.exists(self.cache_file):
+        with open(self.cache_file) as f:
+          data = json.load(f)
+      data.update({k: v.to_json() for k, v in self._mem.items()})
+      data.update({k: {"impl": v} for k, v in self._impls.items()})
+      os.makedirs(os.path.dirname(os.path.abspath(self.cache_file)), exist_ok=True)
+      tmp = f"{self.cache_file}.{os.getpid()}.tmp"
+      with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+      os.replace(tmp, self.cache_file)
+    except (OSError, ValueError) as err:
+      if not getattr(self, "_save_warned", False):
+        self._save_warned = True
+        warnings.warn(f"CVMM autotune cache {self.cache_file!r} not written "
+                      f"({type(err).__name__}: {err}); choices are kept for this process "
+                      "only", RuntimeWarning, stacklevel=3)
 
 
 _TUNER: Autotuner | None = None
 
 
 def tuner() -> Autotuner:
-  """The process-wide autotuner (created on first use, reading CVMM_AUTOTUNE_CACHE)."""
+  """The process-wide autotuner (created on first use, reading its cache file: see
+  :class:`Autotuner`)."""
   global _TUNER
   if _TUNER is None:
     _TUNER = Autotuner()

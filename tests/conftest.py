@@ -33,6 +33,11 @@ if _cpu_only() and "--xla_backend_optimization_level" not in os.environ.get("XLA
                              + " --xla_backend_optimization_level=0").strip()
 
 
+# The tests read and write no user's autotune cache (kernels/autotune.py,
+# default_cache_file) unless CVMM_AUTOTUNE_CACHE names a file.
+os.environ.setdefault("CVMM_AUTOTUNE_CACHE", "")
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items):
   for item in items:

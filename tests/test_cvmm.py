@@ -205,6 +205,78 @@ def test_autotuner_caches_choice(tmp_path):
   assert t.choose("k", (1, 2), jnp.bfloat16, cands, None) == cands[1]
 
 
+def _wide_is_fast(calls):
+  def bench(cfg):
+    calls.append(cfg)
+    return 1.0 / cfg.block_n            # wider is "faster"
+  return bench
+
+
+def test_autotuner_keeps_choices_per_user_and_kernel_code_by_default(tmp_path, monkeypatch):
+  """With CVMM_AUTOTUNE_CACHE unset the choices go to
+  $XDG_CACHE_HOME/moeut_jax/autotune-<hash of the kernels' code>.json, which the next
+  process reads; CVMM_AUTOTUNE_CACHE="" keeps them in memory only. The hash follows
+  the code: one changed byte of a source changes it."""
+  from kernels import autotune
+  monkeypatch.delenv("CVMM_AUTOTUNE_CACHE", raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  want = tmp_path / "cache" / "moeut_jax" / f"autotune-{autotune.kernels_code_hash()}.json"
+  cands = [TileConfig(64, 64, 32), TileConfig(64, 128, 32)]
+  calls = []
+  t = Autotuner()
+  assert t.cache_file == str(want) and not want.exists()
+  assert t.choose("k", (1, 2), jnp.bfloat16, cands, _wide_is_fast(calls)) == cands[1]
+  assert want.exists() and len(calls) == 2
+  assert Autotuner().choose("k", (1, 2), jnp.bfloat16, cands, _wide_is_fast(calls)) == cands[1]
+  assert len(calls) == 2                                   # read back, not timed again
+  monkeypatch.setenv("CVMM_AUTOTUNE_CACHE", "")
+  t = Autotuner()
+  assert t.cache_file == ""
+  t.choose("k2", (1, 2), jnp.bfloat16, cands, _wide_is_fast(calls))
+  assert len(calls) == 4 and "k2" not in want.read_text()
+  src = tmp_path / "src"
+  (src / "sub").mkdir(parents=True)
+  (src / "a.py").write_text("x = 1\n")
+  (src / "sub" / "b.py").write_text("y = 2\n")
+  before = autotune.sources_hash(src)
+  assert len(before) == 12 and autotune.sources_hash(src) == before
+  (src / "sub" / "b.py").write_text("y = 3\n")
+  assert autotune.sources_hash(src) != before
+
+
+def test_autotuner_times_again_a_cached_tile_that_is_no_candidate(tmp_path):
+  """A cached tile that the kernel no longer offers (a file from other code, or edited)
+  is not used: the candidates are timed and the new choice replaces it on disk."""
+  path = tmp_path / "tune.json"
+  t = Autotuner(str(path))
+  stale = TileConfig(32, 32, 32)
+  path.write_text(json.dumps({t.key("k", (1, 2), jnp.bfloat16): stale.to_json()}))
+  cands = [TileConfig(64, 64, 32), TileConfig(64, 128, 32)]
+  calls = []
+  t = Autotuner(str(path))
+  assert t.cached("k", (1, 2), jnp.bfloat16) == stale
+  assert t.choose("k", (1, 2), jnp.bfloat16, cands, _wide_is_fast(calls)) == cands[1]
+  assert calls == cands
+  assert Autotuner(str(path)).cached("k", (1, 2), jnp.bfloat16) == cands[1]
+
+
+def test_autotuner_goes_on_where_its_cache_cannot_be_written(tmp_path):
+  """A cache file that cannot be written (here its folder is a file) costs a warning,
+  once, not the run: the choice is made and kept in memory. An invalid cache file is
+  an error that names it."""
+  blocker = tmp_path / "not_a_folder"
+  blocker.write_text("")
+  t = Autotuner(str(blocker / "tune.json"))
+  cands = [TileConfig(64, 64, 32), TileConfig(64, 128, 32)]
+  with pytest.warns(RuntimeWarning, match="not written"):
+    assert t.choose("k", (1, 2), jnp.bfloat16, cands, _wide_is_fast([])) == cands[1]
+  assert t.cached("k", (1, 2), jnp.bfloat16) == cands[1]
+  bad = tmp_path / "bad.json"
+  bad.write_text("{not json")
+  with pytest.raises(ValueError, match="bad.json"):
+    Autotuner(str(bad))
+
+
 def test_time_call_amortizes_sync_over_back_to_back_calls(monkeypatch):
   from kernels import autotune
   clock = [0.0]
