@@ -3,10 +3,10 @@
 Block sizes are not hard-coded: each kernel offers a short list of candidate
 :class:`TileConfig`s for a shape, and :class:`Autotuner` times them on the device the
 first time that (device, kernel, shape, dtype) is seen. The winner is cached in memory
-and, when ``CVMM_AUTOTUNE_CACHE`` names a JSON file (or a path is given), on disk, so
-a later process starts from the measured choice. Keys name the device, the kernel, the
+and on disk (a JSON file: below), so that a later process starts from the measured
+choice. Keys name the device, the kernel, the
 shape, the dtype and the kernels' settings that matter (:meth:`kernels.CvmmConfig.tune_key`).
-A cached tile that is not among the kernel's candidates now is timed again, not used.
+A cached tile that is not among the kernel's candidates now is not used.
 
 Environment (process-level tooling):
   CVMM_AUTOTUNE        "1" (default) times candidates; "0" takes the first valid
@@ -282,7 +282,7 @@ class Autotuner:
       if self._mem.get(k) in candidates:
         return self._mem[k]
       if k in self._mem:
-        self._log(f"{k}: cached {self._mem[k]} is not a candidate now; timed again")
+        self._log(f"{k}: cached {self._mem[k]} is not a candidate now; not used")
     if (bench is None or not self.enabled or len(candidates) == 1
         or getattr(self._local, "first_tiles", 0)):
       return candidates[0]
