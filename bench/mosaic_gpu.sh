@@ -13,8 +13,8 @@
 #                       (~90 s each; CHECK_ARGS: its arguments, e.g. --sums float16)
 #   tests_fast.log      the mosaic GPU tests of the edge cases (bf16, default scaled
 #                       float16 sums), with bfloat16 and float32 sums, with float16 sums
-#                       of huge and tiny inputs, the fused σ-MoE pair, and "auto" timing
-#                       the two GPU paths (TESTS_K: another
+#                       of huge and tiny inputs, the fused σ-MoE pair, SwitchHead V's
+#                       sums per head, and "auto" timing the two GPU paths (TESTS_K: another
 #                       pytest -k selection of tests/test_cvmm_gpu.py)
 #   model.log           tests/test_model_gpu.py: the model's loss and gradients through the
 #                       Triton and the Mosaic path against XLA's (the layers' scan under
@@ -78,7 +78,8 @@ cat "$OUT/environment.log"
 
 # the edge cases in bf16, "auto" and the bf16 sums; TESTS_K replaces this selection
 FAST_K="(mosaic and bf16 and (basic or k1 or empty_experts or odd_sizes or one_expert or \
-wide or narrow)) or auto_times or mosaic_sums or (float16_sums and mosaic) or mosaic_pair"
+wide or narrow)) or auto_times or mosaic_sums or (float16_sums and mosaic) or mosaic_pair \
+or mosaic_head_sums"
 
 run_step() {
   case $1 in
