@@ -48,7 +48,7 @@ import jax.numpy as jnp
 
 from kernels import auto
 from kernels.config import DEFAULT, IMPLEMENTATIONS, CvmmConfig
-from kernels.routing import Routing
+from kernels.routing import Routing, check_out_rows
 
 # name -> (module, function). A module also defines ``is_available() -> bool``.
 _IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
@@ -178,11 +178,7 @@ def cvmm(x: jax.Array, routing: Routing, w: jax.Array, gates: jax.Array | None =
   if x.ndim != 3:
     raise ValueError(f"x must be [N, M, I] or [N, I], got shape {x.shape}")
   _check(x, routing, w, gates)
-  if out_rows != 1:
-    if gates is None:
-      raise ValueError("out_rows sums gated slots: it needs gates")
-    if out_rows < 1 or routing.k % out_rows:
-      raise ValueError(f"out_rows={out_rows} must divide the slots per token k={routing.k}")
+  check_out_rows(out_rows, routing.k, gates is not None)
   n = x.shape[0]
   o = w.shape[2]
   if n == 0:

@@ -293,6 +293,17 @@ def token_ordered(tiles: jax.Array, routing: Routing) -> jax.Array:
   return tiles[:, _stable_order(key, routing.n_tokens + 1)]
 
 
+def check_out_rows(out_rows: int, k: int, gated: bool) -> None:
+  """Raises ``ValueError`` unless ``out_rows`` groups of slots can be summed: 1, or with
+  gates a divisor of the slots per token ``k`` (:func:`kernels.cvmm`'s ``out_rows``)."""
+  if out_rows == 1:
+    return
+  if not gated:
+    raise ValueError("out_rows sums gated slots: it needs gates")
+  if out_rows < 1 or k % out_rows:
+    raise ValueError(f"out_rows={out_rows} must divide the slots per token k={k}")
+
+
 def make_routing(expert_index: jax.Array, n_experts: int, *,
                  tile_blocks=None) -> Routing:
   """Sorts the (token, slot) pairs of ``expert_index`` [N, K] by expert.

@@ -187,14 +187,17 @@ def test_merge_autotune_adds_new_keys_and_replaces_only_when_asked():
     merge({"k4": dict(a, block_m=48)}, old, replace=False)
 
 
-def test_autotuner_caches_choice(tmp_path):
-  path = str(tmp_path / "tune.json")
-  calls = []
-
+def _wide_is_fast(calls):
   def bench(cfg):
     calls.append(cfg)
     return 1.0 / cfg.block_n            # wider is "faster"
+  return bench
 
+
+def test_autotuner_caches_choice(tmp_path):
+  path = str(tmp_path / "tune.json")
+  calls = []
+  bench = _wide_is_fast(calls)
   cands = [TileConfig(64, 64, 32), TileConfig(64, 128, 32)]
   t = Autotuner(path)
   assert t.choose("k", (1, 2), jnp.bfloat16, cands, bench) == cands[1]
@@ -203,13 +206,6 @@ def test_autotuner_caches_choice(tmp_path):
   assert len(calls) == 2                 # cached in memory
   assert Autotuner(path).cached("k", (1, 2), jnp.bfloat16) == cands[1]   # and on disk
   assert t.choose("k", (1, 2), jnp.bfloat16, cands, None) == cands[1]
-
-
-def _wide_is_fast(calls):
-  def bench(cfg):
-    calls.append(cfg)
-    return 1.0 / cfg.block_n            # wider is "faster"
-  return bench
 
 
 def test_autotuner_keeps_choices_per_user_and_kernel_code_by_default(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ from kernels.cvmm_mosaic.gram import expert_gram
 from kernels.cvmm_mosaic.pair import hidden_fits, pair_candidates, pair_forward
 from kernels.cvmm_mosaic.pair_bwd import pair_backward, pair_bwd_candidates
 from kernels.cvmm_mosaic.rows import rows_matmul
-from kernels.routing import Routing
+from kernels.routing import Routing, check_out_rows
 from kernels.row_scales import f16_row_scales, max_l1, unscale
 
 
@@ -73,12 +73,9 @@ def cvmm_mosaic(x: jax.Array, routing: Routing, w: jax.Array,
   check_dtype(x.dtype)
   w = w.astype(x.dtype) if w.dtype != x.dtype else w
   sums = sum_dtype(config).name
+  check_out_rows(out_rows, routing.k, gates is not None)
   if gates is None:
-    if out_rows != 1:
-      raise ValueError("out_rows sums gated slots: it needs gates")
     return _plain_op(sums)(x, w, routing)
-  if out_rows < 1 or routing.k % out_rows:
-    raise ValueError(f"out_rows={out_rows} must divide the slots per token k={routing.k}")
   return _gated_op(sums, out_rows)(x, w, gates, routing)
 
 
